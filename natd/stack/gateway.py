@@ -1,0 +1,205 @@
+"""The Gateway: natd's whole outside world as one sans-IO object.
+
+Frames from the guest go in through ``receive_frames``; host events go in through the engines'
+``on_host_*`` methods; timers through ``on_timer``. Everything natd wants done comes out of
+``outbox`` (see ``natd.stack.ops``). The Gateway itself only routes: it checks the Ethernet and
+IPv4 headers once, learns which MAC each guest address lives at, and hands the rest to the engine
+whose job it is. It never forwards or reflects a frame that was not addressed to it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from natd.stack.arp import ArpResponder
+from natd.stack.dhcp import DhcpServer
+from natd.stack.dns import DnsForwarder
+from natd.stack.icmp import IcmpResponder
+from natd.stack.link import NullLog
+from natd.stack.ops import HostOp, Outbox
+from natd.stack.ping import PingEngine
+from natd.stack.settings import GatewaySettings
+from natd.stack.tcp import TcpEngine
+from natd.stack.udp import UdpEngine
+from natd.wire import Malformed
+from natd.wire.arp import ARP_REQUEST, build_arp, parse_arp
+from natd.wire.ethernet import (
+    BROADCAST_MAC,
+    ETH_HLEN,
+    ETHERTYPE_ARP,
+    ETHERTYPE_IPV4,
+    build_ethernet,
+)
+from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, IPv4Header, build_ipv4, parse_ipv4
+
+_ZERO_IP = b"\x00\x00\x00\x00"
+_LIMITED_BROADCAST = b"\xff\xff\xff\xff"
+_LOOPBACK = "127.0.0.1"
+_DHCP_SERVER_PORT = 67
+_DNS_PORT = 53
+
+
+class Gateway:
+    """Routes guest frames to the ARP, DHCP, ICMP, TCP, UDP, DNS and ping engines."""
+
+    def __init__(self, settings: GatewaySettings, log: Any = None) -> None:
+        self.settings = settings
+        self.mac = settings.gateway_mac
+        self.outbox = Outbox()
+        self.counters: Counter[str] = Counter()
+        self.log: Any = log if log is not None else NullLog()
+        self.neighbors: dict[bytes, bytes] = {}
+        self._flow_ids = 0
+        self._broadcast = settings.broadcast
+        self.arp = ArpResponder(self)
+        self.dhcp = DhcpServer(self)
+        self.icmp = IcmpResponder(self)
+        self.tcp = TcpEngine(self)
+        self.udp = UdpEngine(self)
+        self.dns = DnsForwarder(self)
+        self.ping = PingEngine(self)
+        self._engines = (self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping)
+
+    # -- the Link interface engines use ------------------------------------------------------
+
+    def guest_mac(self, ip: bytes) -> bytes | None:
+        return self.neighbors.get(ip)
+
+    def send_frame(self, frame: bytes) -> None:
+        self.outbox.frames.append(frame)
+
+    def send_ipv4(
+        self, src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = 64
+    ) -> bool:
+        if dst == _LIMITED_BROADCAST or dst == self._broadcast:
+            mac = BROADCAST_MAC
+        else:
+            found = self.neighbors.get(dst)
+            if found is None:
+                self.counters["tx.no_neighbor"] += 1
+                self.solicit(dst)
+                return False
+            mac = found
+        packet = build_ipv4(src, dst, proto, payload, ttl=ttl)
+        self.outbox.frames.append(build_ethernet(mac, self.mac, ETHERTYPE_IPV4, packet))
+        return True
+
+    def solicit(self, ip: bytes) -> None:
+        """Ask the segment who has ``ip`` (used before natd can send to a silent guest)."""
+        request = build_arp(ARP_REQUEST, self.mac, self.settings.gateway_ip, bytes(6), ip)
+        self.outbox.frames.append(build_ethernet(BROADCAST_MAC, self.mac, ETHERTYPE_ARP, request))
+        self.counters["arp.solicit"] += 1
+
+    def new_flow_id(self) -> int:
+        self._flow_ids += 1
+        return self._flow_ids
+
+    def host_destination(self, dst: bytes, port: int) -> tuple[str, int] | None:
+        """Where a guest connection to ``dst``:``port`` is re-originated, or None if nowhere.
+
+        The gateway address means the host's loopback (unless disabled), the DNS address on
+        port 53 means the first upstream resolver, and the rest of the virtual network is not
+        re-originated at all.
+        """
+        s = self.settings
+        if dst == s.gateway_ip:
+            return (_LOOPBACK, port) if s.host_loopback else None
+        if dst == s.dns_ip:
+            if port == _DNS_PORT and s.dns_upstreams:
+                return s.dns_upstreams[0]
+            return None
+        if s.in_network(dst) or _is_special(dst):
+            return None
+        return str(ipaddress.IPv4Address(dst)), port
+
+    # -- input -------------------------------------------------------------------------------
+
+    def receive_frames(self, frames: Iterable[bytes | memoryview], now: float) -> None:
+        """Handle a batch of guest frames; nothing a guest sends raises out of here."""
+        counters = self.counters
+        for frame in frames:
+            counters["rx.frames"] += 1
+            try:
+                self._receive(frame, now)
+            except Malformed as exc:
+                counters["drop." + exc.reason] += 1
+
+    def _receive(self, frame: bytes | memoryview, now: float) -> None:
+        if len(frame) < ETH_HLEN:
+            raise Malformed("eth.short")
+        view = memoryview(frame)
+        dst_mac = bytes(view[0:6])
+        if dst_mac != self.mac and dst_mac != BROADCAST_MAC:
+            # Another guest's unicast, or multicast we do not serve: never forward or reflect.
+            self.counters["drop.eth.not_for_us" if not dst_mac[0] & 1 else "drop.eth.multicast"] += 1
+            return
+        src_mac = bytes(view[6:12])
+        if src_mac[0] & 1 or src_mac == self.mac:
+            raise Malformed("eth.bad_source")
+        ethertype = (view[12] << 8) | view[13]
+        if ethertype == ETHERTYPE_IPV4:
+            self._receive_ipv4(src_mac, dst_mac == BROADCAST_MAC, view[ETH_HLEN:], now)
+        elif ethertype == ETHERTYPE_ARP:
+            self.arp.on_arp(src_mac, parse_arp(view[ETH_HLEN:]), now)
+        else:
+            self.counters["drop.eth.ethertype"] += 1
+
+    def _receive_ipv4(
+        self, src_mac: bytes, l2_broadcast: bool, packet: memoryview, now: float
+    ) -> None:
+        ip, l4 = parse_ipv4(packet)
+        if ip.is_fragment:
+            self.counters["drop.ipv4.fragment"] += 1
+            return
+        proto = ip.proto
+        if proto == PROTO_UDP and len(l4) >= 4 and (l4[2] << 8 | l4[3]) == _DHCP_SERVER_PORT:
+            self.dhcp.on_dhcp(src_mac, ip, l4, now)
+            return
+        dst = ip.dst
+        if l2_broadcast or dst == _LIMITED_BROADCAST or dst == self._broadcast or dst[0] >= 224:
+            self.counters["drop.ipv4.broadcast"] += 1
+            return
+        if not self.settings.in_network(ip.src) or ip.src == self.settings.gateway_ip:
+            self.counters["drop.ipv4.bad_source"] += 1
+            return
+        self.neighbors[ip.src] = src_mac
+        if proto == PROTO_TCP:
+            self.tcp.on_guest_segment(ip, l4, now)
+        elif proto == PROTO_UDP:
+            if dst == self.settings.dns_ip and len(l4) >= 4 and (l4[2] << 8 | l4[3]) == _DNS_PORT:
+                self.dns.on_guest_query(ip, l4, now)
+            else:
+                self.udp.on_guest_datagram(ip, l4, now)
+        elif proto == PROTO_ICMP:
+            if dst == self.settings.gateway_ip or dst == self.settings.dns_ip:
+                self.icmp.on_icmp(ip, l4, now)
+            else:
+                self.ping.on_guest_icmp(ip, l4, now)
+        else:
+            self.counters["drop.ipv4.protocol"] += 1
+
+    # -- time and output ---------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest time any engine needs ``on_timer``; None when nothing is pending."""
+        deadlines = [d for d in (e.next_deadline() for e in self._engines) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def on_timer(self, now: float) -> None:
+        for engine in self._engines:
+            engine.on_timer(now)
+
+    def take_outbox(self) -> tuple[list[bytes], list[HostOp]]:
+        return self.outbox.take()
+
+
+def _is_special(ip: bytes) -> bool:
+    """Addresses natd never dials: this-network, loopback, multicast, reserved, broadcast."""
+    first = ip[0]
+    return first == 0 or first == 127 or first >= 224
+
+
+__all__ = ["Gateway", "IPv4Header"]

@@ -1,0 +1,136 @@
+"""Effects the sans-IO core asks the shell to perform.
+
+The core never touches a socket, the loop or the clock. Every effect it wants is appended to an
+``Outbox``: frames for the guest go into ``frames`` (complete Ethernet frames, checksums filled),
+everything else is an op in ``ops``. The shell drains the outbox after each event it fed in
+(a batch of TAP frames, host data, a timer tick), performs the ops in order, and feeds the results
+back through the engines' ``on_host_*`` methods.
+
+Flows are named by a plain ``int`` id chosen by the core, so the shell keeps a dict id → transport
+and never needs to understand addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TcpConnect:
+    """Open a host TCP connection for guest flow ``flow`` to ``host``:``port``.
+
+    The shell answers with ``TcpEngine.on_host_connected`` or ``on_host_connect_failed``.
+    """
+
+    flow: int
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSend:
+    """Write ``data`` (guest → host bytes, in order) to the flow's host socket."""
+
+    flow: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TcpShutdown:
+    """Half-close the host socket for writing (the guest sent FIN)."""
+
+    flow: int
+
+
+@dataclass(frozen=True, slots=True)
+class TcpClose:
+    """Close the host socket; ``abort`` resets it (SO_LINGER 0) instead of a graceful close."""
+
+    flow: int
+    abort: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TcpPause:
+    """Stop reading the host socket: the guest's window is full."""
+
+    flow: int
+
+
+@dataclass(frozen=True, slots=True)
+class TcpResume:
+    """Read the host socket again: the guest's window opened."""
+
+    flow: int
+
+
+@dataclass(frozen=True, slots=True)
+class UdpSend:
+    """Send one datagram from the flow's host socket (created on first use) to host:port."""
+
+    flow: int
+    host: str
+    port: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UdpClose:
+    """Close the flow's host UDP socket (idle timeout or eviction)."""
+
+    flow: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingSend:
+    """Send an ICMP echo request to ``host`` on the flow's ping socket."""
+
+    flow: int
+    host: str
+    ident: int
+    seq: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PingClose:
+    """Close the flow's ping socket."""
+
+    flow: int
+
+
+@dataclass(frozen=True, slots=True)
+class DnsQuery:
+    """Send a DNS query upstream; the answer comes back via ``DnsForwarder.on_upstream_*``.
+
+    ``query`` identifies this outstanding query in the core; ``transport`` is "udp" or "tcp".
+    """
+
+    query: int
+    host: str
+    port: int
+    payload: bytes
+    transport: str
+
+
+HostOp = (
+    TcpConnect | TcpSend | TcpShutdown | TcpClose | TcpPause | TcpResume
+    | UdpSend | UdpClose | PingSend | PingClose | DnsQuery
+)
+
+
+class Outbox:
+    """What the core wants done: guest frames and host ops, drained by the shell."""
+
+    __slots__ = ("frames", "ops")
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.ops: list[HostOp] = []
+
+    def take(self) -> tuple[list[bytes], list[HostOp]]:
+        """Hand everything queued so far to the shell and start empty."""
+        frames, ops = self.frames, self.ops
+        self.frames = []
+        self.ops = []
+        return frames, ops

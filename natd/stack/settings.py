@@ -1,0 +1,94 @@
+"""What the core needs to know about its virtual network, as plain values.
+
+The core imports only ``natd.wire``, so it does not read ``natd.config``; the daemon translates
+the validated config into these settings. Addresses are 4-byte ``bytes`` (hashable, cheap to
+compare and to pack into headers); MACs are 6-byte ``bytes``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class StaticLease:
+    """A DHCP reservation: this MAC always gets this address (and this hostname, option 12)."""
+
+    mac: bytes
+    ip: bytes
+    hostname: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what a guest can make natd hold (defaults are safe for a laptop)."""
+
+    max_tcp_flows: int = 65536
+    max_tcp_flows_per_guest: int = 16384
+    max_pending_connects: int = 1024
+    max_udp_flows: int = 4096
+    max_udp_flows_per_guest: int = 1024
+    udp_idle_timeout: float = 180.0
+    tcp_buffer_bytes: int = 4 * 1024 * 1024
+    max_leases: int = 1024
+    max_dns_pending: int = 1024
+
+
+def _mac_for(ip: bytes) -> bytes:
+    """A locally administered MAC derived from an address (the slirp 52:55:IP convention)."""
+    return b"\x52\x55" + ip
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """The virtual network natd serves and how it behaves."""
+
+    network: ipaddress.IPv4Network = ipaddress.IPv4Network("10.0.2.0/24")
+    gateway_ip: bytes = b"\x0a\x00\x02\x02"
+    dns_ip: bytes = b"\x0a\x00\x02\x03"
+    gateway_mac: bytes = b"\x52\x55\x0a\x00\x02\x02"
+    mtu: int = 1500
+    host_loopback: bool = True
+    pool_start: bytes = b"\x0a\x00\x02\x0f"
+    pool_end: bytes = b"\x0a\x00\x02\xfe"
+    lease_time: int = 86400
+    domain: str = "natd.internal"
+    static_leases: tuple[StaticLease, ...] = ()
+    dns_upstreams: tuple[tuple[str, int], ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def netmask(self) -> bytes:
+        return self.network.netmask.packed
+
+    @property
+    def broadcast(self) -> bytes:
+        return self.network.broadcast_address.packed
+
+    @property
+    def network_address(self) -> bytes:
+        return self.network.network_address.packed
+
+    def in_network(self, ip: bytes) -> bool:
+        """True for any address of the virtual network, including its broadcast."""
+        return int.from_bytes(ip, "big") & int(self.network.netmask) == int(
+            self.network.network_address
+        )
+
+    @classmethod
+    def for_cidr(cls, cidr: str, **overrides: object) -> GatewaySettings:
+        """Settings for ``cidr`` with gateway .2, DNS .3 and pool .15–.254 (the slirp layout)."""
+        net = ipaddress.IPv4Network(cidr, strict=True)
+        base = int(net.network_address)
+        gateway = ipaddress.IPv4Address(base + 2).packed
+        values: dict[str, object] = {
+            "network": net,
+            "gateway_ip": gateway,
+            "dns_ip": ipaddress.IPv4Address(base + 3).packed,
+            "gateway_mac": _mac_for(gateway),
+            "pool_start": ipaddress.IPv4Address(base + 15).packed,
+            "pool_end": ipaddress.IPv4Address(int(net.broadcast_address) - 1).packed,
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
