@@ -40,6 +40,7 @@ _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _LOOPBACK = "127.0.0.1"
 _DHCP_SERVER_PORT = 67
 _DNS_PORT = 53
+_MAX_NEIGHBORS = 65536  # bounds the table even on a /8 virtual network
 
 
 class Gateway:
@@ -67,6 +68,15 @@ class Gateway:
 
     def guest_mac(self, ip: bytes) -> bytes | None:
         return self.neighbors.get(ip)
+
+    def learn_neighbor(self, ip: bytes, mac: bytes) -> None:
+        s = self.settings
+        if not s.in_network(ip) or ip in (s.gateway_ip, s.dns_ip):
+            return
+        if ip not in self.neighbors and len(self.neighbors) >= _MAX_NEIGHBORS:
+            self.counters["drop.neighbors_full"] += 1
+            return
+        self.neighbors[ip] = mac
 
     def send_frame(self, frame: bytes) -> None:
         self.outbox.frames.append(frame)
@@ -126,6 +136,8 @@ class Gateway:
                 self._receive(frame, now)
             except Malformed as exc:
                 counters["drop." + exc.reason] += 1
+        # One cumulative ACK and one host write per flow per batch.
+        self.tcp.end_batch(now)
 
     def _receive(self, frame: bytes | memoryview, now: float) -> None:
         if len(frame) < ETH_HLEN:
@@ -134,7 +146,8 @@ class Gateway:
         dst_mac = bytes(view[0:6])
         if dst_mac != self.mac and dst_mac != BROADCAST_MAC:
             # Another guest's unicast, or multicast we do not serve: never forward or reflect.
-            self.counters["drop.eth.not_for_us" if not dst_mac[0] & 1 else "drop.eth.multicast"] += 1
+            reason = "drop.eth.multicast" if dst_mac[0] & 1 else "drop.eth.not_for_us"
+            self.counters[reason] += 1
             return
         src_mac = bytes(view[6:12])
         if src_mac[0] & 1 or src_mac == self.mac:
@@ -165,7 +178,8 @@ class Gateway:
         if not self.settings.in_network(ip.src) or ip.src == self.settings.gateway_ip:
             self.counters["drop.ipv4.bad_source"] += 1
             return
-        self.neighbors[ip.src] = src_mac
+        if self.neighbors.get(ip.src) != src_mac:
+            self.learn_neighbor(ip.src, src_mac)
         if proto == PROTO_TCP:
             self.tcp.on_guest_segment(ip, l4, now)
         elif proto == PROTO_UDP:

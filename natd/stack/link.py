@@ -20,16 +20,20 @@ class Link(Protocol):
     settings: GatewaySettings
     outbox: Outbox
     counters: Counter[str]
-    log: Any  # a structlog-style logger: .info(event, **kw), .warning, .debug, .bind(**kw)
+    log: Any  # structlog-style: .info(event, **kw), .warning, .debug, .bind(**kw)
 
     def guest_mac(self, ip: bytes) -> bytes | None:
         """The learned MAC of guest address ``ip``, or None if natd has not seen it."""
         ...
 
+    def learn_neighbor(self, ip: bytes, mac: bytes) -> None:
+        """Record that guest address ``ip`` lives at ``mac`` (from ARP or IPv4 traffic)."""
+        ...
+
     def send_ipv4(
         self, src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = 64
     ) -> bool:
-        """Frame ``payload`` (a full L4 segment, checksum filled) in IPv4 + Ethernet to guest ``dst``.
+        """Frame ``payload`` (a whole L4 segment, checksummed) in IPv4 + Ethernet to ``dst``.
 
         Returns False (and counts ``tx.no_neighbor``, and sends an ARP request) when the guest's
         MAC is unknown.
@@ -42,6 +46,10 @@ class Link(Protocol):
 
     def new_flow_id(self) -> int:
         """A flow id unique across all engines for this gateway's lifetime."""
+        ...
+
+    def host_destination(self, dst: bytes, port: int) -> tuple[str, int] | None:
+        """Where a guest flow to ``dst``:``port`` is re-originated on the host, or None."""
         ...
 
 
