@@ -1,0 +1,146 @@
+"""The hot-path decode: Ethernet + IPv4 (IHL 5, unfragmented) + TCP or UDP in one ``struct`` call.
+
+``decode_frame`` peeks the IPv4 protocol byte, then unpacks every fixed header field of the
+frame with one precompiled ``Struct.unpack_from`` (54 bytes for TCP, 42 for UDP) and returns a
+plain tuple: no dataclass, no memoryview, no per-layer calls. Anything that is not that common
+case returns None and goes to the slow path (``parse_ethernet`` → ``parse_ipv4`` → ``parse_tcp``
+/ ``parse_udp``), which also says *why* a frame is bad. None is returned for: a short frame,
+another ethertype (ARP, VLAN, IPv6), IPv4 options (IHL > 5), fragments, protocols other than
+TCP/UDP, lengths that do not fit, and a bad IPv4 header checksum. A frame that decodes here
+parses to the same values on the slow path (tests/wire/test_wire_fastpath.py checks it).
+
+TCP options are not parsed (nor validated) here: they are ``frame[54:PAYLOAD_START]``, for
+``parse_tcp_options`` when the caller needs them (SYNs, timestamps, SACK). The L4 checksum is
+*not* verified here either: with ``IFF_VNET_HDR`` the kernel usually vouches for it
+(``F_DATA_VALID``) or leaves it partial (``F_NEEDS_CSUM``). When it must be checked, call
+``l4_checksum_ok(frame, fields)``.
+
+The tuple (``FastFrame``), by index (the constants below name them)::
+
+    0  PROTO          6 (TCP) or 17 (UDP)
+    1  DST_MAC        6 bytes
+    2  SRC_MAC        6 bytes
+    3  SRC_IP         4 bytes
+    4  DST_IP         4 bytes
+    5  SPORT          int
+    6  DPORT          int
+    7  SEQ            TCP sequence number (0 for UDP)
+    8  ACK            TCP acknowledgment number (0 for UDP)
+    9  FLAGS          TCP flag byte, natd.wire.tcp.FIN ... CWR (0 for UDP)
+    10 WINDOW         TCP window field, unscaled (0 for UDP)
+    11 PAYLOAD_START  frame offset of the L4 payload (after TCP options / the UDP header)
+    12 PAYLOAD_END    frame offset where it ends (IPv4 total length; the UDP length for UDP)
+
+The L4 header always starts at ``L4_START`` (34); the L4 bytes a checksum covers are
+``frame[34:PAYLOAD_END]``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from natd.wire.checksum import Buf, transport_checksum
+
+FastFrame = tuple[int, bytes, bytes, bytes, bytes, int, int, int, int, int, int, int, int]
+
+PROTO: Final = 0
+DST_MAC: Final = 1
+SRC_MAC: Final = 2
+SRC_IP: Final = 3
+DST_IP: Final = 4
+SPORT: Final = 5
+DPORT: Final = 6
+SEQ: Final = 7
+ACK: Final = 8
+FLAGS: Final = 9
+WINDOW: Final = 10
+PAYLOAD_START: Final = 11
+PAYLOAD_END: Final = 12
+
+L4_START = 34
+TCP_FRAME_MIN = 54
+UDP_FRAME_MIN = 42
+
+# Fields natd does not use on the hot path are pad bytes ("x"), so unpacking makes no objects
+# for them: Ethernet | IPv4 ver/ihl, (tos), total length, (ident), flags/fragment, (ttl, proto,
+# checksum), src, dst | TCP ports, seq, ack, offset, flags, window, (checksum, urgent pointer).
+_TCP = struct.Struct("!6s6sHBxH2xH4x4s4sHHIIBBH4x")
+_UDP = struct.Struct("!6s6sHBxH2xH4x4s4sHHH2x")
+_PROTO_BYTE = 14 + 9
+_from_bytes = int.from_bytes
+_ETHERTYPE_IPV4 = 0x0800
+_VIHL_PLAIN = 0x45
+_FRAG_MASK = 0x3FFF  # MF flag and fragment offset; DF (and the reserved bit) may be set
+
+
+def decode_frame(frame: Buf) -> FastFrame | None:
+    """The common-case decode (see the module docstring), or None for the slow path."""
+    n = len(frame)
+    if n < UDP_FRAME_MIN:
+        return None
+    proto = frame[_PROTO_BYTE]
+    if proto == 6:
+        if n < TCP_FRAME_MIN:
+            return None
+        # fmt: off
+        (dst_mac, src_mac, ethertype,
+         vihl, total, frag, src, dst,
+         sport, dport, seq, ack, offset, flags, window) = _TCP.unpack_from(frame)
+        # fmt: on
+        if ethertype != _ETHERTYPE_IPV4 or vihl != _VIHL_PLAIN or frag & _FRAG_MASK:
+            return None
+        end = 14 + total
+        start = L4_START + ((offset >> 4) << 2)
+        if end > n or start > end or offset < 0x50:
+            return None
+        # A valid header sums to 0xFFFF, i.e. to 0 mod 0xFFFF (and never to 0: version is 4).
+        if _from_bytes(frame[14:34], "big") % 0xFFFF:
+            return None
+        return (6, dst_mac, src_mac, src, dst, sport, dport, seq, ack, flags, window, start, end)
+    if proto == 17:
+        # fmt: off
+        (dst_mac, src_mac, ethertype,
+         vihl, total, frag, src, dst,
+         sport, dport, length) = _UDP.unpack_from(frame)
+        # fmt: on
+        if ethertype != _ETHERTYPE_IPV4 or vihl != _VIHL_PLAIN or frag & _FRAG_MASK:
+            return None
+        if 14 + total > n or length < 8 or length > total - 20:
+            return None
+        if _from_bytes(frame[14:34], "big") % 0xFFFF:
+            return None
+        return (17, dst_mac, src_mac, src, dst, sport, dport, 0, 0, 0, 0, 42, L4_START + length)
+    return None
+
+
+def l4_checksum_ok(frame: Buf, fields: FastFrame) -> bool:
+    """Whether the TCP/UDP checksum of a decoded frame is right (a UDP checksum of 0 = none)."""
+    proto = fields[PROTO]
+    if proto == 17 and frame[40] == 0 and frame[41] == 0:
+        return True
+    segment = memoryview(frame)[L4_START : fields[PAYLOAD_END]]
+    return transport_checksum(fields[SRC_IP], fields[DST_IP], proto, segment) == 0
+
+
+__all__ = [
+    "ACK",
+    "DPORT",
+    "DST_IP",
+    "DST_MAC",
+    "FLAGS",
+    "L4_START",
+    "PAYLOAD_END",
+    "PAYLOAD_START",
+    "PROTO",
+    "SEQ",
+    "SPORT",
+    "SRC_IP",
+    "SRC_MAC",
+    "TCP_FRAME_MIN",
+    "UDP_FRAME_MIN",
+    "WINDOW",
+    "FastFrame",
+    "decode_frame",
+    "l4_checksum_ok",
+]

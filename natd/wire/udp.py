@@ -1,0 +1,42 @@
+"""UDP (RFC 768). A checksum field of 0 means "not computed" and is accepted; a computed
+checksum of 0 is therefore sent as 0xFFFF (its one's-complement twin)."""
+
+from __future__ import annotations
+
+import struct
+
+from natd.wire.checksum import Buf, ones_sum, pseudo_sum, transport_checksum
+from natd.wire.errors import Malformed
+
+UDP_HLEN = 8
+_PROTO_UDP = 17
+_HDR = struct.Struct("!HHHH")
+
+
+def parse_udp(
+    src: bytes, dst: bytes, data: Buf, verify: bool = True
+) -> tuple[int, int, memoryview]:
+    """Parse a datagram into (sport, dport, payload view trimmed to the UDP length field)."""
+    n = len(data)
+    if n < UDP_HLEN:
+        raise Malformed("udp.short")
+    sport, dport, length, csum = _HDR.unpack_from(data)
+    if length < UDP_HLEN or length > n:
+        raise Malformed("udp.bad_length")
+    view = memoryview(data)
+    if length != n:
+        view = view[:length]
+    if verify and csum and transport_checksum(src, dst, _PROTO_UDP, view) != 0:
+        raise Malformed("udp.bad_checksum")
+    return sport, dport, view[UDP_HLEN:]
+
+
+def build_udp(src: bytes, dst: bytes, sport: int, dport: int, payload: Buf) -> bytes:
+    """Header + payload, checksum filled in."""
+    length = UDP_HLEN + len(payload)
+    header = _HDR.pack(sport, dport, length, 0)
+    csum = ~ones_sum(payload, ones_sum(header, pseudo_sum(src, dst, _PROTO_UDP, length))) & 0xFFFF
+    return b"".join((_HDR.pack(sport, dport, length, csum or 0xFFFF), payload))
+
+
+__all__ = ["UDP_HLEN", "build_udp", "parse_udp"]
