@@ -1,0 +1,323 @@
+"""The ``natd`` command line: argument parsing and the ``ctl`` client, nothing else.
+
+::
+
+    natd run [options]          serve one virtual network (see INTERFACE.md)
+    natd check-config FILE      print the effective config (exit 0) or the error (exit 1)
+    natd ctl [--control PATH | --instance NAME] [--json] [--timeout S] COMMAND [ARG ...]
+    natd --version
+
+Exit statuses: 0 success; 1 runtime failure (``check-config``: invalid file; ``ctl``: cannot reach
+the daemon or the daemon refused); 2 usage or config error. Every error is one line on stderr.
+
+Control protocol (``natd ctl`` ↔ the daemon's ``--control`` unix stream socket)
+-------------------------------------------------------------------------------
+The client connects, sends ONE request as a single line of UTF-8 JSON terminated by ``\\n``, reads
+ONE response line, and closes::
+
+    request:  {"cmd": "forward", "args": ["add", "tcp::8080-:80"]}
+    success:  {"ok": true, "result": <any JSON value>}
+    failure:  {"ok": false, "error": "one-line message"}
+
+Commands (``cmd`` / ``args``): ``forward add SPEC``, ``forward remove SPEC``, ``forward list``,
+``leases``, ``flows``, ``stats``, ``reload`` (re-read the config file, like SIGHUP). SPEC is the
+``--forward`` hostfwd syntax. Results that are a list of objects (``forward list``, ``leases``,
+``flows``) print as a table, one row per object, columns in the key order of the objects; an
+object (``stats``, ``forward add``) prints as ``key  value`` lines (nested objects flattened
+with dots). ``--json`` prints ``result`` as JSON instead, for scripts. Without ``--control``
+the client uses ``/run/natd/natd.sock``; ``--instance NAME`` is short for the socket of the
+``natd@NAME`` systemd service, ``/run/natd/NAME/control.sock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from natd import __version__
+from natd.config import LOG_FORMATS, LOG_LEVELS, ConfigError, load_config, render_config
+
+DEFAULT_CONTROL_PATH = "/run/natd/natd.sock"
+INSTANCE_CONTROL_PATH = "/run/natd/{}/control.sock"  # systemd/natd@.service's --control
+DEFAULT_CTL_TIMEOUT = 10.0
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+
+# cmd → {subcommand: number of further args}; None = the command takes no arguments.
+CTL_COMMANDS: dict[str, dict[str, int] | None] = {
+    "forward": {"add": 1, "remove": 1, "list": 0},
+    "leases": None,
+    "flows": None,
+    "stats": None,
+    "reload": None,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), as INTERFACE.md promises."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="natd", description="User-space NAT for VM and container networks.")
+    parser.add_argument("--version", action="version", version=f"natd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run one virtual network in the foreground")
+    run.add_argument("--config", metavar="FILE", help="TOML config file")
+    run.add_argument("--netns", metavar="PATH", help="create the TAP inside this network namespace")
+    tap = run.add_mutually_exclusive_group()
+    tap.add_argument("--tap", metavar="NAME", help="TAP interface name (default tap0/natd0)")
+    tap.add_argument("--tap-fd", metavar="N", type=int, help="use this open TAP file descriptor")
+    run.add_argument("--cidr", metavar="CIDR", help="the virtual network (default 10.0.2.0/24)")
+    run.add_argument("--mtu", metavar="N", type=int, help="576-65520 (default 1500)")
+    run.add_argument(
+        "--forward",
+        metavar="SPEC",
+        action="append",
+        help="port forward tcp|udp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT (repeatable)",
+    )
+    run.add_argument(
+        "--dns-upstream",
+        metavar="ADDR[:PORT]",
+        action="append",
+        help="DNS upstream (repeatable; replaces resolv.conf)",
+    )
+    run.add_argument(
+        "--no-host-loopback",
+        action="store_true",
+        help="the gateway address does not reach the host's 127.0.0.1",
+    )
+    run.add_argument("--ready-fd", metavar="N", type=int, help="write 1 to fd N once ready")
+    run.add_argument("--control", metavar="PATH", help="unix socket for the control API")
+    run.add_argument("--log-format", choices=LOG_FORMATS, help="console (default) or json")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+
+    check = sub.add_parser("check-config", help="validate a config file and print it")
+    check.add_argument("file", metavar="FILE")
+
+    ctl = sub.add_parser("ctl", help="talk to a running daemon over its control socket")
+    where = ctl.add_mutually_exclusive_group()
+    where.add_argument(
+        "--control",
+        metavar="PATH",
+        default=DEFAULT_CONTROL_PATH,
+        help=f"the daemon's control socket (default {DEFAULT_CONTROL_PATH})",
+    )
+    where.add_argument(
+        "--instance",
+        metavar="NAME",
+        help=f"the natd@NAME systemd instance (= --control {INSTANCE_CONTROL_PATH})",
+    )
+    ctl.add_argument("--json", action="store_true", help="print the result as JSON")
+    ctl.add_argument(
+        "--timeout", metavar="S", type=float, default=DEFAULT_CTL_TIMEOUT, help="reply timeout"
+    )
+    ctl.add_argument("ctl_cmd", metavar="COMMAND", choices=sorted(CTL_COMMANDS))
+    ctl.add_argument("ctl_args", metavar="ARG", nargs="*")
+    return parser
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The command-line options that were given, as ``load_config`` overrides."""
+    given: dict[str, object] = {
+        "cidr": args.cidr,
+        "mtu": args.mtu,
+        "tap_name": args.tap,
+        "netns": args.netns,
+        "tap_fd": args.tap_fd,
+        "forwards": args.forward,
+        "dns_upstreams": args.dns_upstream,
+        "ready_fd": args.ready_fd,
+        "control": args.control,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if args.no_host_loopback:
+        overrides["host_loopback"] = False
+    return overrides
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, run_overrides(args))
+    except ConfigError as e:
+        print(f"natd: {e}", file=sys.stderr)
+        return 2
+    from natd.log import configure_logging
+
+    configure_logging(cfg.log_format, cfg.log_level)
+    from natd import daemon  # lazily: check-config and ctl must work even if the daemon does not
+
+    return daemon.run(cfg)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file, {})
+    except ConfigError as e:
+        print(f"natd: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render_config(cfg))
+    return 0
+
+
+# --------------------------------------------------------------------------- ctl
+
+
+class CtlError(Exception):
+    """A one-line ``natd ctl`` failure (exit 1)."""
+
+
+def build_request(cmd: str, args: Sequence[str]) -> dict[str, object]:
+    """Check a ctl command's shape and make its request object; ValueError says what is wrong."""
+    if cmd not in CTL_COMMANDS:
+        raise ValueError(f"unknown command {cmd!r} (one of {', '.join(sorted(CTL_COMMANDS))})")
+    subs = CTL_COMMANDS[cmd]
+    if subs is None:
+        if args:
+            raise ValueError(f"{cmd} takes no arguments")
+    else:
+        if not args or args[0] not in subs:
+            raise ValueError(f"{cmd} needs one of: {', '.join(subs)}")
+        want = subs[args[0]]
+        if len(args) - 1 != want:
+            what = "SPEC" if want == 1 else "no further arguments"
+            raise ValueError(f"{cmd} {args[0]} takes {what}")
+    return {"cmd": cmd, "args": list(args)}
+
+
+def request(path: str, req: dict[str, object], timeout: float = DEFAULT_CTL_TIMEOUT) -> object:
+    """Send one request line, read one response line; the ``result`` or CtlError."""
+    line = (json.dumps(req, separators=(",", ":")) + "\n").encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            raise CtlError(f"cannot connect to {path}: {e.strerror or e}") from None
+        buf = bytearray()
+        try:
+            sock.sendall(line)
+            while b"\n" not in buf:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > MAX_REPLY_BYTES:
+                    raise CtlError(f"{path}: reply larger than {MAX_REPLY_BYTES} bytes")
+        except TimeoutError:
+            raise CtlError(f"{path}: no reply within {timeout:g} s") from None
+        except OSError as e:
+            raise CtlError(f"{path}: {e.strerror or e}") from None
+    raw = bytes(buf).split(b"\n", 1)[0]
+    if not raw.strip():
+        raise CtlError(f"{path}: the daemon closed the connection without replying")
+    try:
+        reply = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CtlError(f"{path}: invalid reply: {e}") from None
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        raise CtlError(f"{path}: invalid reply: expected an object with a boolean 'ok'")
+    if not reply["ok"]:
+        error = reply.get("error")
+        raise CtlError(str(error) if error else "the daemon refused the request")
+    return reply.get("result")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(_cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value).replace("\n", " ")
+
+
+def _flatten(obj: dict[str, object], prefix: str = "") -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = []
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows += _flatten(value, f"{name}.")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def format_result(result: object) -> str:
+    """Human-readable text for a ctl result (see the module docstring); ends with a newline."""
+    if result is None or result is True:
+        return "ok\n"
+    if isinstance(result, list):
+        if not result:
+            return "(none)\n"
+        if all(isinstance(r, dict) for r in result):
+            columns: list[str] = []
+            for row in result:
+                columns += [k for k in row if k not in columns]
+            table = [[c.upper() for c in columns]]
+            table += [[_cell(row.get(c)) for c in columns] for row in result]
+            widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+            return "".join(
+                "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() + "\n"
+                for r in table
+            )
+        return "".join(_cell(r) + "\n" for r in result)
+    if isinstance(result, dict):
+        rows = _flatten(result)
+        if not rows:
+            return "(none)\n"
+        width = max(len(k) for k, _ in rows)
+        return "".join(f"{k.ljust(width)}  {_cell(v)}".rstrip() + "\n" for k, v in rows)
+    return _cell(result) + "\n"
+
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    try:
+        req = build_request(args.ctl_cmd, args.ctl_args)
+    except ValueError as e:
+        print(f"natd ctl: {e} (see 'natd ctl --help')", file=sys.stderr)
+        return 2
+    try:
+        path = INSTANCE_CONTROL_PATH.format(args.instance) if args.instance else args.control
+        result = request(path, req, args.timeout)
+    except CtlError as e:
+        print(f"natd ctl: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        sys.stdout.write(format_result(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``natd`` console script; returns the exit status (argparse exits are caught)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "check-config":
+            return _cmd_check_config(args)
+        return _cmd_ctl(args)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
