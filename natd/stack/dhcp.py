@@ -89,8 +89,14 @@ _IP_UDP_HLEN = 28
 _ZERO_IP = bytes(4)
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _TYPE_NAMES = {
-    DHCPDISCOVER: "discover", DHCPOFFER: "offer", DHCPREQUEST: "request", DHCPDECLINE: "decline",
-    DHCPACK: "ack", DHCPNAK: "nak", DHCPRELEASE: "release", DHCPINFORM: "inform",
+    DHCPDISCOVER: "discover",
+    DHCPOFFER: "offer",
+    DHCPREQUEST: "request",
+    DHCPDECLINE: "decline",
+    DHCPACK: "ack",
+    DHCPNAK: "nak",
+    DHCPRELEASE: "release",
+    DHCPINFORM: "inform",
 }
 # Options dropped, in this order, when a reply would exceed the client's maximum size.
 _DROPPABLE = (OPT_DOMAIN_SEARCH, OPT_BROADCAST, OPT_DOMAIN_NAME, OPT_HOSTNAME)
@@ -367,12 +373,16 @@ class DhcpServer:
             self._exhausted(now, "lease_limit")
             return None
         previous = self._history.get(key)
-        if previous is not None and self._in_pool(previous) and self._free_for(
-            key, mac, previous, now
+        if (
+            previous is not None
+            and self._in_pool(previous)
+            and self._free_for(key, mac, previous, now)
         ):
             return previous
-        if requested is not None and self._in_pool(requested) and self._free_for(
-            key, mac, requested, now
+        if (
+            requested is not None
+            and self._in_pool(requested)
+            and self._free_for(key, mac, requested, now)
         ):
             return requested
         lo, hi = self._pool
@@ -549,8 +559,13 @@ class DhcpServer:
         limit = min(limit, self.link.settings.mtu) - _IP_UDP_HLEN
         while True:
             payload = build_dhcp(
-                op=BOOTREPLY, xid=msg.xid, chaddr=msg.chaddr, flags=msg.flags, ciaddr=msg.ciaddr,
-                yiaddr=yiaddr, giaddr=msg.giaddr,
+                op=BOOTREPLY,
+                xid=msg.xid,
+                chaddr=msg.chaddr,
+                flags=msg.flags,
+                ciaddr=msg.ciaddr,
+                yiaddr=yiaddr,
+                giaddr=msg.giaddr,
                 options=options + [(c, config[c]) for c in chosen],
             )
             droppable = [c for c in _DROPPABLE if c in chosen]
@@ -571,7 +586,11 @@ class DhcpServer:
         """RFC 2131 4.3.2 / Table 3: NAK carries only type, server id and a message; it is
         always broadcast when giaddr is 0 (4.1)."""
         payload = build_dhcp(
-            op=BOOTREPLY, xid=msg.xid, chaddr=msg.chaddr, flags=msg.flags, giaddr=msg.giaddr,
+            op=BOOTREPLY,
+            xid=msg.xid,
+            chaddr=msg.chaddr,
+            flags=msg.flags,
+            giaddr=msg.giaddr,
             options=[
                 (OPT_MESSAGE_TYPE, bytes((DHCPNAK,))),
                 (OPT_SERVER_ID, self._server_id),

@@ -1,22 +1,347 @@
-"""STUB — DNS forwarder at the DNS address (to be replaced by its owner)."""
+"""The DNS forwarder at the DNS address (UDP port 53; TCP port 53 is the TCP engine's job).
+
+Theory of operation
+-------------------
+A guest query is validated (``natd.wire.dns.parse_dns`` walks every section; malformed input is
+dropped and counted as ``drop.dns.<reason>``), then either answered locally or forwarded:
+
+- Local names (class IN): ``host.<domain>`` → the gateway address; every static lease with a
+  hostname as ``<hostname>.<domain>`` and bare ``<hostname>`` → its address. A and ANY get the
+  A record, every other type of such a name NOERROR with no answers (so AAAA does not fall
+  through to an upstream that would say NXDOMAIN). The reverse names (``in-addr.arpa``) of those
+  addresses answer PTR.
+- Everything else is forwarded to ``settings.dns_upstreams`` in order: the guest's bytes as-is
+  (every type, EDNS, DNSSEC flags untouched) except the 16-bit id, which is replaced by a fresh
+  random id per upstream attempt (``random.SystemRandom``: unpredictable to an off-path spoofer,
+  and the guest's own id never reaches the upstream). An attempt that gets no answer within
+  ``timeout`` seconds moves to the next upstream; ``attempts`` tries in all (at least two, so a
+  single upstream is retried once). When all fail, or there is no upstream, or
+  ``limits.max_dns_pending`` queries are already outstanding, the guest gets SERVFAIL — never
+  silence.
+- An answer is accepted only if it comes from the upstream the attempt went to, carries that
+  attempt's id, is a response (QR) and has exactly the question that was asked (name compared
+  case-insensitively, RFC 4343). Anything else is dropped and counted
+  (``drop.dns.unexpected_source``, ``drop.dns.unknown_id``, ``drop.dns.question_mismatch``):
+  nobody can feed a guest an answer to a question it did not ask. The accepted answer goes to
+  the guest byte for byte with the guest's id restored; TC passes through so the guest retries
+  over TCP. An answer too big for one guest datagram (natd does not fragment) is replaced by a
+  header + question with TC set (RFC 1035 §4.2.1), which sends the guest to TCP as well.
+- A guest retransmission of a query that is still pending (same address, port, id and question)
+  is absorbed rather than forwarded again (``dns.duplicate``).
+
+Host events (called by ``natd.io.dns_upstream.DnsUpstream``)
+------------------------------------------------------------
+- ``on_upstream_answer(host, port, payload, now)``: a datagram (or a TCP-framed message) that
+  arrived from upstream ``host``:``port``.
+- ``on_upstream_failed(query, now)``: the ``DnsQuery`` op with that ``query`` id could not be
+  sent (or its TCP exchange failed): try the next upstream now instead of waiting for the
+  timeout. A report about an attempt that was already superseded is ignored.
+- ``on_upstream_unreachable(host, port, now)``: the upstream refused (ECONNREFUSED / ICMP port
+  unreachable on its socket): every attempt waiting on it moves on now.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import random
+from collections import OrderedDict
+
 from natd.stack.link import Link
-from natd.wire.ipv4 import IPv4Header
+from natd.stack.ops import DnsQuery
+from natd.wire import Malformed
+from natd.wire.dns import (
+    CLASS_IN,
+    DNS_HLEN,
+    FLAG_QR,
+    RCODE_FORMERR,
+    RCODE_NOERROR,
+    RCODE_NOTIMP,
+    RCODE_REFUSED,
+    RCODE_SERVFAIL,
+    TYPE_A,
+    TYPE_ANY,
+    TYPE_PTR,
+    DnsMessage,
+    Name,
+    build_name,
+    build_record,
+    build_response,
+    name_from_text,
+    name_key,
+    parse_dns,
+)
+from natd.wire.ipv4 import PROTO_UDP, IPv4Header
+from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
+
+_DNS_PORT = 53
+_LOCAL_TTL = 60
+_QNAME_PTR = b"\xc0\x0c"  # compression pointer to the question name at offset 12
+
+
+class _Pending:
+    """One guest query in flight to an upstream; ``qid`` names its current attempt."""
+
+    __slots__ = (
+        "attempt",
+        "deadline",
+        "guest_id",
+        "guest_ip",
+        "guest_port",
+        "qid",
+        "query",
+        "question",
+        "upstream",
+        "upstream_id",
+    )
+
+    def __init__(
+        self,
+        qid: int,
+        guest_ip: bytes,
+        guest_port: int,
+        guest_id: int,
+        question: tuple[Name, int, int],
+        query: bytes,
+    ) -> None:
+        self.qid = qid
+        self.guest_ip = guest_ip
+        self.guest_port = guest_port
+        self.guest_id = guest_id
+        self.question = question
+        self.query = query
+        self.attempt = 0
+        self.deadline = 0.0
+        self.upstream: tuple[str, int] = ("", 0)
+        self.upstream_id = 0
 
 
 class DnsForwarder:
-    """STUB."""
+    """Answers local names and forwards the rest to the upstream resolvers."""
 
-    def __init__(self, link: Link) -> None:
+    timeout = 2.0
+    """Seconds one upstream gets to answer before the next is tried."""
+
+    def __init__(self, link: Link, rng: random.Random | None = None) -> None:
         self.link = link
+        self.rng = rng if rng is not None else random.SystemRandom()
+        s = link.settings
+        self.upstreams: tuple[tuple[str, int], ...] = s.dns_upstreams
+        self.attempts = max(2, len(self.upstreams))
+        self.max_pending = s.limits.max_dns_pending
+        self._qids = 0
+        # In issue order == deadline order (every attempt gets the same timeout).
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._by_upstream: dict[tuple[str, int, int], _Pending] = {}
+        self._by_guest: dict[tuple[bytes, int, int], _Pending] = {}
+        self._names: dict[Name, bytes] = {}
+        self._reverse: dict[Name, Name] = {}
+        self._add_local(f"host.{s.domain}", s.gateway_ip)
+        for lease in s.static_leases:
+            if lease.hostname:
+                self._add_local(f"{lease.hostname}.{s.domain}", lease.ip)
+                self._add_local(lease.hostname, lease.ip, reverse=False)
+
+    def _add_local(self, text: str, ip: bytes, *, reverse: bool = True) -> None:
+        try:
+            name = name_from_text(text)
+        except (ValueError, UnicodeError):
+            self.link.log.warning("dns.bad_local_name", name=text)
+            return
+        if not name:
+            return
+        self._names[name_key(name)] = ip
+        if reverse:
+            arpa = ipaddress.IPv4Address(ip).reverse_pointer
+            self._reverse.setdefault(name_key(name_from_text(arpa)), name)
+
+    # -- guest side ---------------------------------------------------------------------------
 
     def on_guest_query(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
-        self.link.counters["drop.dns.unhandled"] += 1
+        """A UDP datagram to the DNS address, port 53. Malformed input raises to the gateway."""
+        counters = self.link.counters
+        sport, _dport, payload = parse_udp(ip.src, ip.dst, l4, verify=True)
+        if not payload:
+            raise Malformed("dns.empty")
+        msg = parse_dns(payload)
+        h = msg.header
+        if h.qr:
+            counters["drop.dns.not_query"] += 1
+            return
+        counters["dns.queries"] += 1
+        query = bytes(payload)
+        if h.opcode != 0:
+            self._reply(ip.src, sport, build_response(query, msg, RCODE_NOTIMP))
+            return
+        if h.qdcount != 1:
+            counters["dns.formerr"] += 1
+            self._reply(ip.src, sport, build_response(query, msg, RCODE_FORMERR))
+            return
+        q = msg.questions[0]
+        if q.qclass == CLASS_IN and self._answer_locally(ip.src, sport, query, msg):
+            return
+        guest_key = (ip.src, sport, h.id)
+        dup = self._by_guest.get(guest_key)
+        if dup is not None and dup.question == q.key:
+            counters["dns.duplicate"] += 1
+            return
+        if not self.upstreams:
+            counters["dns.servfail.no_upstream"] += 1
+            self._reply(ip.src, sport, build_response(query, msg, RCODE_SERVFAIL))
+            return
+        if len(self._pending) >= self.max_pending:
+            counters["dns.servfail.pending_full"] += 1
+            self._reply(ip.src, sport, build_response(query, msg, RCODE_SERVFAIL))
+            return
+        if dup is not None:  # same id reused for another question: the old one is abandoned
+            self._forget(dup)
+        p = _Pending(0, ip.src, sport, h.id, q.key, query)
+        self._by_guest[guest_key] = p
+        self._send_attempt(p, now)
+
+    def _answer_locally(self, guest: bytes, port: int, query: bytes, msg: DnsMessage) -> bool:
+        q = msg.questions[0]
+        key = name_key(q.name)
+        addr = self._names.get(key)
+        if addr is not None:
+            answers: tuple[bytes, ...] = ()
+            if q.qtype in (TYPE_A, TYPE_ANY):
+                answers = (build_record(TYPE_A, CLASS_IN, _LOCAL_TTL, addr, name=_QNAME_PTR),)
+        else:
+            target = self._reverse.get(key)
+            if target is None:
+                return False
+            answers = ()
+            if q.qtype in (TYPE_PTR, TYPE_ANY):
+                rdata = build_name(target)
+                answers = (build_record(TYPE_PTR, CLASS_IN, _LOCAL_TTL, rdata, name=_QNAME_PTR),)
+        self.link.counters["dns.local"] += 1
+        response = build_response(query, msg, RCODE_NOERROR, answers, authoritative=True)
+        self._reply(guest, port, response)
+        return True
+
+    # -- upstream side ------------------------------------------------------------------------
+
+    def _send_attempt(self, p: _Pending, now: float) -> None:
+        upstream = self.upstreams[p.attempt % len(self.upstreams)]
+        p.attempt += 1
+        for _ in range(16):
+            uid = self.rng.getrandbits(16)
+            if (upstream[0], upstream[1], uid) not in self._by_upstream:
+                break
+        else:  # pragma: no cover - 16 collisions in a row among <= max_pending ids
+            uid = next(i for i in range(65536) if (*upstream, i) not in self._by_upstream)
+        p.upstream = upstream
+        p.upstream_id = uid
+        p.deadline = now + self.timeout
+        self._by_upstream[(upstream[0], upstream[1], uid)] = p
+        # A fresh id per attempt, so a late failure report for an older attempt is ignored.
+        self._pending.pop(p.qid, None)
+        self._qids += 1
+        p.qid = self._qids
+        self._pending[p.qid] = p
+        payload = uid.to_bytes(2, "big") + p.query[2:]
+        self.link.outbox.ops.append(DnsQuery(p.qid, upstream[0], upstream[1], payload, "udp"))
+        self.link.counters["dns.upstream_queries"] += 1
+
+    def _retry_or_fail(self, p: _Pending, now: float, reason: str) -> None:
+        del self._by_upstream[(p.upstream[0], p.upstream[1], p.upstream_id)]
+        self.link.counters["dns.upstream_" + reason] += 1
+        if p.attempt < self.attempts:
+            self._send_attempt(p, now)
+            return
+        self._forget(p)
+        self.link.counters["dns.servfail.upstreams_failed"] += 1
+        self.link.log.info("dns.servfail", upstream=f"{p.upstream[0]}:{p.upstream[1]}")
+        self._reply(p.guest_ip, p.guest_port, self._servfail(p))
+
+    def _servfail(self, p: _Pending) -> bytes:
+        msg = parse_dns(p.query)  # validated when it arrived
+        return build_response(p.query, msg, RCODE_SERVFAIL)
+
+    def _forget(self, p: _Pending) -> None:
+        self._pending.pop(p.qid, None)
+        self._by_upstream.pop((p.upstream[0], p.upstream[1], p.upstream_id), None)
+        key = (p.guest_ip, p.guest_port, p.guest_id)
+        if self._by_guest.get(key) is p:
+            del self._by_guest[key]
+
+    def on_upstream_answer(self, host: str, port: int, payload: bytes, now: float) -> None:
+        """A message from an upstream resolver; only the exact answer to a pending query counts."""
+        counters = self.link.counters
+        if (host, port) not in self.upstreams:
+            counters["drop.dns.unexpected_source"] += 1
+            return
+        if len(payload) < DNS_HLEN:
+            counters["drop.upstream.dns.short"] += 1
+            return
+        uid = (payload[0] << 8) | payload[1]
+        p = self._by_upstream.get((host, port, uid))
+        if p is None:
+            counters["drop.dns.unknown_id"] += 1
+            return
+        try:
+            msg = parse_dns(payload)
+        except Malformed as exc:
+            counters["drop.upstream." + exc.reason] += 1
+            return
+        if not msg.header.flags & FLAG_QR or len(msg.questions) != 1:
+            counters["drop.dns.question_mismatch"] += 1
+            return
+        if msg.questions[0].key != p.question:
+            counters["drop.dns.question_mismatch"] += 1
+            return
+        last_upstream = p.attempt >= min(self.attempts, len(self.upstreams))
+        if msg.header.rcode == RCODE_REFUSED and not last_upstream:
+            self._retry_or_fail(p, now, "refused")
+            return
+        self._forget(p)
+        counters["dns.answers"] += 1
+        answer = p.guest_id.to_bytes(2, "big") + payload[2:]
+        self._reply(p.guest_ip, p.guest_port, answer, msg)
+
+    def on_upstream_failed(self, query: int, now: float) -> None:
+        """The host could not send attempt ``query`` or the upstream refused it: move on now."""
+        p = self._pending.get(query)
+        if p is not None:
+            self._retry_or_fail(p, now, "failed")
+
+    def on_upstream_unreachable(self, host: str, port: int, now: float) -> None:
+        """Upstream ``host``:``port`` refused (ICMP port unreachable): every attempt waiting on
+        it moves on now."""
+        waiting = [p for (h, pt, _uid), p in self._by_upstream.items() if (h, pt) == (host, port)]
+        for p in waiting:
+            self._retry_or_fail(p, now, "unreachable")
+
+    # -- output and time ----------------------------------------------------------------------
+
+    def _reply(
+        self, guest: bytes, port: int, response: bytes, parsed: DnsMessage | None = None
+    ) -> None:
+        s = self.link.settings
+        if len(response) > s.mtu - 20 - UDP_HLEN:
+            # natd does not fragment: send header + question with TC so the guest uses TCP.
+            msg = parsed if parsed is not None else parse_dns(response)
+            short = build_response(response, msg, msg.header.rcode, truncated=True)
+            response = response[:2] + short[2:]  # the id the guest expects
+            self.link.counters["dns.truncated_for_mtu"] += 1
+        segment = build_udp(s.dns_ip, guest, _DNS_PORT, port, response)
+        self.link.send_ipv4(s.dns_ip, guest, PROTO_UDP, segment)
 
     def next_deadline(self) -> float | None:
+        for p in self._pending.values():
+            return p.deadline
         return None
 
     def on_timer(self, now: float) -> None:
-        return None
+        while self._pending:
+            p = next(iter(self._pending.values()))
+            if p.deadline > now:
+                return
+            self._retry_or_fail(p, now, "timeout")
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+__all__ = ["DnsForwarder"]

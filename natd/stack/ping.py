@@ -1,22 +1,222 @@
-"""STUB — ICMP echo to the outside (to be replaced by its owner)."""
+"""Outbound ping: guest ICMP echo requests to outside addresses, re-originated by the host.
+
+Theory of operation
+-------------------
+Echo requests to the gateway and DNS addresses are answered by ``IcmpResponder``; everything
+else the guest pings comes here. A flow is one (guest address, guest echo identifier,
+destination); the host side gives each flow its own unprivileged ping socket
+(``SOCK_DGRAM``/``IPPROTO_ICMP``, where the kernel replaces the identifier with the socket's
+"port") or, as root without ping sockets, a raw-socket identifier of its own. Either way the
+reply belongs to the flow it arrived for, and the engine restores the guest's identifier; the
+sequence number and payload travel unchanged. Replies are shown from the destination pinged.
+
+Only echo requests go out (other types are dropped and counted ``drop.ping.type``);
+destinations natd does not re-originate (the rest of the virtual network, loopback, multicast)
+are dropped (``drop.ping.no_route``). Flows are bounded (``max_flows`` total, ``max_per_guest``
+per guest address, least-recently-used eviction counted as ``ping.evicted``) and closed after
+``idle_timeout`` seconds without a request or reply.
+
+Host events (called by ``natd.io.ping_host.PingHost``)
+------------------------------------------------------
+- ``on_host_echo_reply(flow, seq, payload, now)``: an echo reply arrived for the flow.
+- ``on_host_unreachable(flow, seq, payload, code, now)``: an ICMP error for the flow's request
+  ``seq`` (IP_RECVERR) or a send error; the guest gets destination unreachable quoting its
+  request.
+- ``on_host_failed(flow, seq, payload, now)``: the host cannot ping at all (no ping socket and
+  no raw socket permitted); the guest gets "communication administratively prohibited" and the
+  flow is forgotten.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+from collections import OrderedDict
+from typing import Any
+
 from natd.stack.link import Link
-from natd.wire.ipv4 import IPv4Header
+from natd.stack.ops import PingClose, PingSend
+from natd.wire.icmp import (
+    ICMP_DEST_UNREACH,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    UNREACH_ADMIN,
+    build_icmp_echo,
+    build_icmp_error,
+    parse_icmp,
+)
+from natd.wire.ipv4 import PROTO_ICMP, IPv4Header, build_ipv4
+
+PingKey = tuple[bytes, int, bytes]  # guest ip, guest ident, destination
+
+
+class PingFlow:
+    __slots__ = (
+        "dst",
+        "guest_ip",
+        "id",
+        "ident",
+        "key",
+        "last_active",
+        "log",
+        "replies",
+        "requests",
+    )
+
+    def __init__(self, flow_id: int, key: PingKey, now: float, log: Any) -> None:
+        self.id = flow_id
+        self.key = key
+        self.guest_ip, self.ident, self.dst = key
+        self.last_active = now
+        self.requests = 0
+        self.replies = 0
+        self.log = log
 
 
 class PingEngine:
-    """STUB."""
+    """The table of outbound echo flows."""
+
+    max_flows = 1024
+    max_per_guest = 256
+    idle_timeout = 60.0
 
     def __init__(self, link: Link) -> None:
         self.link = link
+        self._flows: OrderedDict[PingKey, PingFlow] = OrderedDict()
+        self._per_guest: dict[bytes, OrderedDict[PingKey, PingFlow]] = {}
+        self._by_id: dict[int, PingFlow] = {}
 
     def on_guest_icmp(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
-        self.link.counters["drop.ping.unhandled"] += 1
+        """ICMP from the guest to an address other than the gateway's and the DNS's."""
+        counters = self.link.counters
+        msg = parse_icmp(l4, verify=True)
+        if msg.type != ICMP_ECHO_REQUEST or msg.code != 0:
+            counters["drop.ping.type"] += 1
+            return
+        target = self.link.host_destination(ip.dst, 0)
+        if target is None:
+            counters["drop.ping.no_route"] += 1
+            return
+        key: PingKey = (ip.src, msg.ident, ip.dst)
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = self._open(key, now)
+        else:
+            self._touch(flow, now)
+        flow.requests += 1
+        counters["ping.tx"] += 1
+        self.link.outbox.ops.append(
+            PingSend(flow.id, target[0], msg.ident, msg.seq, bytes(msg.payload))
+        )
+
+    def _open(self, key: PingKey, now: float) -> PingFlow:
+        mine = self._per_guest.get(key[0])
+        if mine is not None and len(mine) >= self.max_per_guest:
+            self._close(next(iter(mine.values())), "evicted_per_guest")
+            self.link.counters["ping.evicted"] += 1
+        if len(self._flows) >= self.max_flows:
+            self._close(next(iter(self._flows.values())), "evicted")
+            self.link.counters["ping.evicted"] += 1
+        flow_id = self.link.new_flow_id()
+        log = self.link.log.bind(
+            flow=flow_id,
+            guest=str(ipaddress.IPv4Address(key[0])),
+            ident=key[1],
+            dst=str(ipaddress.IPv4Address(key[2])),
+        )
+        flow = PingFlow(flow_id, key, now, log)
+        self._flows[key] = flow
+        self._per_guest.setdefault(key[0], OrderedDict())[key] = flow
+        self._by_id[flow_id] = flow
+        self.link.counters["ping.flows_opened"] += 1
+        log.debug("ping.open")
+        return flow
+
+    def _touch(self, flow: PingFlow, now: float) -> None:
+        flow.last_active = now
+        self._flows.move_to_end(flow.key)
+        self._per_guest[flow.guest_ip].move_to_end(flow.key)
+
+    def _close(self, flow: PingFlow, reason: str, *, tell_host: bool = True) -> None:
+        del self._flows[flow.key]
+        del self._by_id[flow.id]
+        mine = self._per_guest[flow.guest_ip]
+        del mine[flow.key]
+        if not mine:
+            del self._per_guest[flow.guest_ip]
+        if tell_host:
+            self.link.outbox.ops.append(PingClose(flow.id))
+        log = flow.log.info if reason.startswith("evicted") else flow.log.debug
+        log("ping.close", reason=reason, requests=flow.requests, replies=flow.replies)
+
+    # -- host events ----------------------------------------------------------------------------
+
+    def on_host_echo_reply(self, flow: int, seq: int, payload: bytes, now: float) -> None:
+        f = self._by_id.get(flow)
+        if f is None:
+            self.link.counters["drop.ping.no_flow"] += 1
+            return
+        self._touch(f, now)
+        f.replies += 1
+        self.link.counters["ping.rx"] += 1
+        reply = build_icmp_echo(ICMP_ECHO_REPLY, f.ident, seq & 0xFFFF, payload)
+        self.link.send_ipv4(f.dst, f.guest_ip, PROTO_ICMP, reply)
+
+    def on_host_unreachable(
+        self, flow: int, seq: int, payload: bytes, code: int, now: float
+    ) -> None:
+        f = self._by_id.get(flow)
+        if f is None:
+            self.link.counters["drop.ping.no_flow"] += 1
+            return
+        self.link.counters["ping.unreachable"] += 1
+        self._send_error(f, seq, payload, code)
+
+    def on_host_failed(self, flow: int, seq: int, payload: bytes, now: float) -> None:
+        f = self._by_id.get(flow)
+        if f is None:
+            return
+        self.link.counters["ping.host_failed"] += 1
+        self._send_error(f, seq, payload, UNREACH_ADMIN)
+        self._close(f, "host_failed", tell_host=False)
+
+    def _send_error(self, f: PingFlow, seq: int, payload: bytes, code: int) -> None:
+        request = build_icmp_echo(ICMP_ECHO_REQUEST, f.ident, seq & 0xFFFF, payload)
+        original = build_ipv4(f.guest_ip, f.dst, PROTO_ICMP, request)
+        error = build_icmp_error(ICMP_DEST_UNREACH, code, original)
+        self.link.send_ipv4(self.link.settings.gateway_ip, f.guest_ip, PROTO_ICMP, error)
+
+    # -- time -----------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
+        for flow in self._flows.values():
+            return flow.last_active + self.idle_timeout
         return None
 
     def on_timer(self, now: float) -> None:
-        return None
+        while self._flows:
+            flow = next(iter(self._flows.values()))
+            if flow.last_active + self.idle_timeout > now:
+                return
+            self.link.counters["ping.idle_closed"] += 1
+            self._close(flow, "idle")
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def flows(self) -> list[dict[str, object]]:
+        """A snapshot for the control socket's ``flows`` command."""
+        return [
+            {
+                "proto": "icmp",
+                "id": f.id,
+                "guest": str(ipaddress.IPv4Address(f.guest_ip)),
+                "ident": f.ident,
+                "peer": str(ipaddress.IPv4Address(f.dst)),
+                "requests": f.requests,
+                "replies": f.replies,
+            }
+            for f in self._flows.values()
+        ]
+
+
+__all__ = ["PingEngine", "PingFlow"]

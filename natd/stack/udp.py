@@ -1,22 +1,293 @@
-"""STUB — UDP NAT (to be replaced by its owner)."""
+"""UDP NAT: guest datagrams re-originated from host UDP sockets, replies mapped back.
+
+Theory of operation
+-------------------
+A flow is one host UDP socket for one guest (address, port) and one destination policy:
+``loopback`` (the gateway address, which means the host's 127.0.0.1) or ``outside`` (any other
+address natd re-originates). Keeping the two apart means a socket that talks to the outside
+never hands the guest a datagram from a host-local process, and the host side can bind the
+loopback socket to 127.0.0.1 only. Within a flow the mapping is endpoint-independent (one host
+port whatever the guest talks to, RFC 4787 §4.1) and the filtering address-dependent (§5): a
+datagram from the host is delivered only if the guest has sent to that peer address (any port,
+so TFTP-style servers that answer from a new port work). Replies are shown to the guest from
+the address and port they really came from; 127.0.0.1 is shown as the gateway address.
+
+Destinations ``Gateway.host_destination`` will not re-originate are not dialled: the gateway
+and DNS addresses answer ICMP port unreachable (they are "hosts" natd emulates), everything
+else in the virtual network or special (loopback, multicast, broadcast) is dropped and
+counted (``drop.udp.no_route``). The gateway already drops guest broadcast/multicast.
+
+Bounds: ``limits.max_udp_flows`` in total and ``limits.max_udp_flows_per_guest`` per guest
+address, least-recently-used eviction (``udp.evicted``, logged); a flow idle (no datagram
+either way) for ``limits.udp_idle_timeout`` seconds is closed (``UdpClose``); at most
+``MAX_PEERS`` remembered peers per flow. Host datagrams larger than one guest frame
+(MTU - 28) are dropped and counted: natd does not fragment.
+
+Host events (called by ``natd.io.udp_host.UdpHost``)
+----------------------------------------------------
+- ``on_host_datagram(flow, host, port, payload, now)``: a datagram arrived on the flow's socket
+  from ``host`` (dotted quad) : ``port``.
+- ``on_host_unreachable(flow, host, port, payload, now, code=UNREACH_PORT, mtu=0)``: an ICMP
+  error (IP_RECVERR queue) or a send error said the datagram with ``payload`` to ``host``:``port``
+  could not be delivered; the guest gets ICMP destination unreachable quoting the datagram it
+  sent (rebuilt from the flow's addresses and ``payload``).
+- ``on_host_failed(flow, now)``: the host could not create the flow's socket (e.g. EMFILE); the
+  flow is forgotten.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+from collections import OrderedDict
+from typing import Any
+
 from natd.stack.link import Link
-from natd.wire.ipv4 import IPv4Header
+from natd.stack.ops import UdpClose, UdpSend
+from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_PORT, build_icmp_error
+from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, IPv4Header, build_ipv4
+from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
+
+MAX_PEERS = 64
+_LOOPBACK = b"\x7f\x00\x00\x01"
+
+FlowKey = tuple[bytes, int, bool]  # guest ip, guest port, loopback policy
+
+
+class UdpFlow:
+    """One guest (address, port) ↔ one host UDP socket."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "guest_ip",
+        "guest_port",
+        "id",
+        "key",
+        "last_active",
+        "log",
+        "loopback",
+        "peers",
+    )
+
+    def __init__(self, flow_id: int, key: FlowKey, now: float, log: Any) -> None:
+        self.id = flow_id
+        self.key = key
+        self.guest_ip, self.guest_port, self.loopback = key
+        self.last_active = now
+        self.peers: OrderedDict[bytes, None] = OrderedDict()  # guest-visible peer addresses
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.log = log
 
 
 class UdpEngine:
-    """STUB."""
+    """The UDP flow table."""
 
     def __init__(self, link: Link) -> None:
         self.link = link
+        limits = link.settings.limits
+        self.max_flows = limits.max_udp_flows
+        self.max_per_guest = limits.max_udp_flows_per_guest
+        self.idle_timeout = limits.udp_idle_timeout
+        # Least recently active first: eviction victim and next idle deadline are both at the front.
+        self._flows: OrderedDict[FlowKey, UdpFlow] = OrderedDict()
+        self._per_guest: dict[bytes, OrderedDict[FlowKey, UdpFlow]] = {}
+        self._by_id: dict[int, UdpFlow] = {}
+
+    # -- guest side ---------------------------------------------------------------------------
 
     def on_guest_datagram(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
-        self.link.counters["drop.udp.unhandled"] += 1
+        """A unicast UDP datagram from the guest (not DHCP, not DNS at the DNS address)."""
+        link = self.link
+        sport, dport, payload = parse_udp(ip.src, ip.dst, l4, verify=True)
+        dst = ip.dst
+        if dport == 0 or sport == 0:
+            link.counters["drop.udp.port_zero"] += 1
+            return
+        target = link.host_destination(dst, dport)
+        if target is None:
+            s = link.settings
+            if dst in (s.gateway_ip, s.dns_ip):
+                link.counters["udp.port_unreachable"] += 1
+                self._send_unreachable(ip.src, dst, sport, dport, payload, UNREACH_PORT, 0, dst)
+            else:
+                link.counters["drop.udp.no_route"] += 1
+            return
+        host, port = target
+        key: FlowKey = (ip.src, sport, host.startswith("127."))
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = self._open(key, now)
+        else:
+            self._touch(flow, now)
+        peers = flow.peers
+        if dst in peers:
+            peers.move_to_end(dst)
+        else:
+            peers[dst] = None
+            if len(peers) > MAX_PEERS:
+                peers.popitem(last=False)
+        flow.bytes_out += len(payload)
+        link.counters["udp.tx"] += 1
+        link.outbox.ops.append(UdpSend(flow.id, host, port, bytes(payload)))
+
+    def _open(self, key: FlowKey, now: float) -> UdpFlow:
+        guest = key[0]
+        mine = self._per_guest.get(guest)
+        if mine is not None and len(mine) >= self.max_per_guest:
+            self._close(next(iter(mine.values())), "evicted_per_guest")
+            self.link.counters["udp.evicted"] += 1
+        if len(self._flows) >= self.max_flows:
+            self._close(next(iter(self._flows.values())), "evicted")
+            self.link.counters["udp.evicted"] += 1
+        flow_id = self.link.new_flow_id()
+        log = self.link.log.bind(
+            flow=flow_id, guest=f"{ipaddress.IPv4Address(guest)}:{key[1]}", loopback=key[2]
+        )
+        flow = UdpFlow(flow_id, key, now, log)
+        self._flows[key] = flow
+        self._per_guest.setdefault(guest, OrderedDict())[key] = flow
+        self._by_id[flow_id] = flow
+        self.link.counters["udp.flows_opened"] += 1
+        log.debug("udp.open")
+        return flow
+
+    def _touch(self, flow: UdpFlow, now: float) -> None:
+        flow.last_active = now
+        self._flows.move_to_end(flow.key)
+        self._per_guest[flow.guest_ip].move_to_end(flow.key)
+
+    def _close(self, flow: UdpFlow, reason: str, *, tell_host: bool = True) -> None:
+        del self._flows[flow.key]
+        del self._by_id[flow.id]
+        mine = self._per_guest[flow.guest_ip]
+        del mine[flow.key]
+        if not mine:
+            del self._per_guest[flow.guest_ip]
+        if tell_host:
+            self.link.outbox.ops.append(UdpClose(flow.id))
+        log = flow.log.info if reason.startswith("evicted") else flow.log.debug
+        log("udp.close", reason=reason, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in)
+
+    # -- host side ----------------------------------------------------------------------------
+
+    def _visible(self, flow: UdpFlow, host: str) -> bytes | None:
+        """The address the guest is shown for host address ``host``, or None to drop."""
+        try:
+            addr = ipaddress.IPv4Address(host).packed
+        except ValueError:
+            return None
+        s = self.link.settings
+        if flow.loopback:
+            return s.gateway_ip if addr == _LOOPBACK else None
+        if addr[0] in (0, 127) or addr[0] >= 224 or s.in_network(addr):
+            return None
+        return addr
+
+    def on_host_datagram(self, flow: int, host: str, port: int, payload: bytes, now: float) -> None:
+        counters = self.link.counters
+        f = self._by_id.get(flow)
+        if f is None:
+            counters["drop.udp.no_flow"] += 1
+            return
+        src = self._visible(f, host)
+        if src is None:
+            counters["drop.udp.bad_host_source"] += 1
+            return
+        if src not in f.peers:
+            counters["drop.udp.unsolicited"] += 1
+            return
+        s = self.link.settings
+        if len(payload) > s.mtu - 20 - UDP_HLEN:
+            counters["drop.udp.too_big"] += 1
+            return
+        self._touch(f, now)
+        f.bytes_in += len(payload)
+        counters["udp.rx"] += 1
+        segment = build_udp(src, f.guest_ip, port, f.guest_port, payload)
+        self.link.send_ipv4(src, f.guest_ip, PROTO_UDP, segment)
+
+    def on_host_unreachable(
+        self,
+        flow: int,
+        host: str,
+        port: int,
+        payload: bytes,
+        now: float,
+        code: int = UNREACH_PORT,
+        mtu: int = 0,
+    ) -> None:
+        counters = self.link.counters
+        f = self._by_id.get(flow)
+        if f is None:
+            counters["drop.udp.no_flow"] += 1
+            return
+        dst = self._visible(f, host)
+        if dst is None or dst not in f.peers:
+            counters["drop.udp.unreachable_unknown_peer"] += 1
+            return
+        counters["udp.unreachable"] += 1
+        # The final host answers "port unreachable" from itself; anything else came from a
+        # router on the way, which the guest sees as its gateway.
+        origin = dst if code == UNREACH_PORT else self.link.settings.gateway_ip
+        self._send_unreachable(f.guest_ip, dst, f.guest_port, port, payload, code, mtu, origin)
+
+    def on_host_failed(self, flow: int, now: float) -> None:
+        f = self._by_id.get(flow)
+        if f is not None:
+            self.link.counters["udp.host_failed"] += 1
+            self._close(f, "host_failed", tell_host=False)
+
+    def _send_unreachable(
+        self,
+        guest: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        payload: bytes | memoryview,
+        code: int,
+        mtu: int,
+        origin: bytes,
+    ) -> None:
+        """ICMP destination unreachable to the guest, quoting (a rebuild of) its datagram."""
+        original = build_ipv4(guest, dst, PROTO_UDP, build_udp(guest, dst, sport, dport, payload))
+        icmp = build_icmp_error(ICMP_DEST_UNREACH, code, original, mtu=mtu)
+        self.link.send_ipv4(origin, guest, PROTO_ICMP, icmp)
+
+    # -- time ---------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
+        for flow in self._flows.values():
+            return flow.last_active + self.idle_timeout
         return None
 
     def on_timer(self, now: float) -> None:
-        return None
+        while self._flows:
+            flow = next(iter(self._flows.values()))
+            if flow.last_active + self.idle_timeout > now:
+                return
+            self.link.counters["udp.idle_closed"] += 1
+            self._close(flow, "idle")
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+    def flows(self) -> list[dict[str, object]]:
+        """A snapshot for the control socket's ``flows`` command."""
+        return [
+            {
+                "proto": "udp",
+                "id": f.id,
+                "guest": f"{ipaddress.IPv4Address(f.guest_ip)}:{f.guest_port}",
+                "loopback": f.loopback,
+                "peers": [str(ipaddress.IPv4Address(p)) for p in f.peers],
+                "bytes_out": f.bytes_out,
+                "bytes_in": f.bytes_in,
+            }
+            for f in self._flows.values()
+        ]
+
+
+__all__ = ["MAX_PEERS", "UdpEngine", "UdpFlow"]

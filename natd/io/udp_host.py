@@ -1,0 +1,211 @@
+"""Host UDP sockets for the UDP engine's flows.
+
+One non-blocking socket per flow, created on the flow's first ``UdpSend``: bound to
+127.0.0.1 for flows to the host's loopback (the gateway address) and to 0.0.0.0 otherwise, with
+an ephemeral port the kernel picks. Sockets are *not* connected (a guest port talks to many
+peers through one flow), so ICMP errors are collected with ``IP_RECVERR``: the error queue
+(``recvmsg(MSG_ERRQUEUE)``) gives the original destination, the quoted payload and the ICMP
+type/code, which the engine turns into a destination-unreachable for the guest
+(``UdpEngine.on_host_unreachable``). A pending error also fails the next ``sendto`` once
+(``sock_alloc_send_skb`` reports ``sk_err``); that send is retried after the queue is drained.
+
+Each readiness callback reads up to ``BATCH`` datagrams, hands each to
+``UdpEngine.on_host_datagram`` and kicks the shell once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import struct
+from typing import Any
+
+from natd.stack.gateway import Gateway
+from natd.stack.ops import HostOp, UdpClose, UdpSend
+from natd.wire.icmp import (
+    ICMP_DEST_UNREACH,
+    UNREACH_ADMIN,
+    UNREACH_FRAG_NEEDED,
+    UNREACH_HOST,
+    UNREACH_NET,
+    UNREACH_PORT,
+)
+
+BATCH = 64
+RECV_SIZE = 65535
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+SO_EE_ORIGIN_ICMP = 2
+_EXT_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
+
+# What a failed sendto means for the guest (errno → ICMP unreachable code).
+SEND_ERRNO_CODES = {
+    errno.ECONNREFUSED: UNREACH_PORT,
+    errno.EHOSTUNREACH: UNREACH_HOST,
+    errno.ENETUNREACH: UNREACH_NET,
+    errno.EACCES: UNREACH_ADMIN,
+    errno.EPERM: UNREACH_ADMIN,
+}
+
+
+def read_error_queue(
+    sock: socket.socket, limit: int = BATCH
+) -> list[tuple[Any, bytes, int, int, int]]:
+    """Drain ``IP_RECVERR`` destination-unreachable entries.
+
+    Each is (original destination address, quoted payload, ICMP code, info, origin); info is
+    the next-hop MTU for "fragmentation needed".
+    """
+    out: list[tuple[Any, bytes, int, int, int]] = []
+    for _ in range(limit):
+        try:
+            data, ancdata, _flags, address = sock.recvmsg(RECV_SIZE, 512, socket.MSG_ERRQUEUE)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        for level, kind, cdata in ancdata:
+            if level == socket.IPPROTO_IP and kind == IP_RECVERR and len(cdata) >= _EXT_ERR.size:
+                _errno, origin, ee_type, ee_code, _pad, info, _data = _EXT_ERR.unpack_from(cdata)
+                if origin == SO_EE_ORIGIN_ICMP and ee_type == ICMP_DEST_UNREACH:
+                    out.append((address, data, ee_code, info, origin))
+    return out
+
+
+class _Flow:
+    __slots__ = ("fd", "flow", "sock")
+
+    def __init__(self, flow: int, sock: socket.socket) -> None:
+        self.flow = flow
+        self.sock = sock
+        self.fd = sock.fileno()
+
+
+class UdpHost:
+    """Performs ``UdpSend``/``UdpClose`` and feeds host datagrams back into ``gateway.udp``."""
+
+    ops: tuple[type, ...] = (UdpSend, UdpClose)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, gateway: Gateway, shell: Any) -> None:
+        self.loop = loop
+        self.gateway = gateway
+        self.shell = shell
+        self.log: Any = gateway.log.bind(side="udp")
+        self._flows: dict[int, _Flow] = {}
+        self.send_dropped = 0
+        self.socket_failures = 0
+
+    def perform(self, op: HostOp) -> None:
+        if isinstance(op, UdpSend):
+            self._send(op)
+        elif isinstance(op, UdpClose):
+            self._close_flow(op.flow)
+
+    def _open(self, op: UdpSend) -> _Flow | None:
+        sock: socket.socket | None = None
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            sock.bind(("127.0.0.1" if op.host.startswith("127.") else "0.0.0.0", 0))
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            self.socket_failures += 1
+            if self.socket_failures % 1000 == 1:  # EMFILE storms must not flood the log
+                self.log.warning(
+                    "udp.socket_failed", flow=op.flow, error=str(exc), total=self.socket_failures
+                )
+            self.gateway.udp.on_host_failed(op.flow, self.shell.now())
+            self.shell.kick()
+            return None
+        f = _Flow(op.flow, sock)
+        self._flows[op.flow] = f
+        self.loop.add_reader(f.fd, self._on_readable, f)
+        return f
+
+    def _send(self, op: UdpSend) -> None:
+        f = self._flows.get(op.flow)
+        if f is None:
+            f = self._open(op)
+            if f is None:
+                return
+        for attempt in range(2):
+            try:
+                f.sock.sendto(op.payload, (op.host, op.port))
+                return
+            except (BlockingIOError, InterruptedError):
+                self.send_dropped += 1
+                self.gateway.counters["drop.udp.host_send_full"] += 1
+                return
+            except OSError as exc:
+                if exc.errno == errno.ECONNREFUSED and attempt == 0:
+                    # An earlier datagram's ICMP error, reported on this send: report that one
+                    # from the error queue, then retry this datagram.
+                    self._drain_errors(f)
+                    continue
+                code = SEND_ERRNO_CODES.get(exc.errno or 0)
+                now = self.shell.now()
+                if code is not None:
+                    self.gateway.udp.on_host_unreachable(
+                        op.flow, op.host, op.port, op.payload, now, code=code
+                    )
+                elif exc.errno == errno.EMSGSIZE:
+                    self.gateway.counters["drop.udp.host_too_big"] += 1
+                else:
+                    self.gateway.counters["drop.udp.host_send_error"] += 1
+                    self.log.debug("udp.send_failed", flow=op.flow, error=str(exc))
+                self.shell.kick()
+                return
+
+    def _on_readable(self, f: _Flow) -> None:
+        udp = self.gateway.udp
+        sock = f.sock
+        now = self.shell.now()
+        got_error = False
+        for i in range(BATCH):
+            try:
+                data, address = sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                if i == 0:
+                    got_error = True  # woken by EPOLLERR: the error queue has something
+                break
+            except OSError:
+                got_error = True  # sk_err (ECONNREFUSED...) consumed; details are queued
+                break
+            udp.on_host_datagram(f.flow, address[0], address[1], data, now)
+            if self._flows.get(f.flow) is not f:
+                break  # the engine closed the flow meanwhile
+        if got_error and self._flows.get(f.flow) is f:
+            self._drain_errors(f)
+        self.shell.kick()
+
+    def _drain_errors(self, f: _Flow) -> None:
+        now = self.shell.now()
+        for address, data, code, info, _origin in read_error_queue(f.sock):
+            if not isinstance(address, tuple):
+                continue
+            mtu = info if code == UNREACH_FRAG_NEEDED else 0
+            self.gateway.udp.on_host_unreachable(
+                f.flow, address[0], address[1], data, now, code=code, mtu=mtu
+            )
+
+    def _close_flow(self, flow: int) -> None:
+        f = self._flows.pop(flow, None)
+        if f is None:
+            return
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            self.loop.remove_reader(f.fd)
+        f.sock.close()
+
+    def close(self) -> None:
+        for flow in list(self._flows):
+            with contextlib.suppress(Exception):
+                self._close_flow(flow)
+
+    def __len__(self) -> int:
+        return len(self._flows)
+
+
+__all__ = ["UdpHost", "read_error_queue"]

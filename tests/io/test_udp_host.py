@@ -1,0 +1,340 @@
+"""UdpHost, DnsUpstream and PingHost with real loopback sockets and the real core."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+from collections.abc import Iterator
+
+import pytest
+from udpdns_pump import make
+
+from natd.io.dns_upstream import DnsUpstream
+from natd.io.ping_host import MODE_DGRAM, MODE_NONE, MODE_RAW, PingHost
+from natd.io.udp_host import UdpHost
+from natd.stack.ops import DnsQuery, PingSend, UdpClose, UdpSend
+from natd.stack.settings import GatewaySettings
+from natd.wire.dns import (
+    FLAG_QR,
+    RCODE_SERVFAIL,
+    TYPE_A,
+    build_query,
+    build_record,
+    parse_dns,
+)
+from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet, parse_ethernet
+from natd.wire.icmp import (
+    ICMP_DEST_UNREACH,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    UNREACH_ADMIN,
+    UNREACH_PORT,
+    build_icmp_echo,
+    parse_icmp,
+)
+from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, IPv4Header, build_ipv4, parse_ipv4
+from natd.wire.udp import build_udp, parse_udp
+
+GUEST_MAC = b"\x52\x54\x00\x12\x34\x56"
+GUEST = bytes((10, 0, 2, 15))
+GATEWAY = bytes((10, 0, 2, 2))
+DNS = bytes((10, 0, 2, 3))
+OUTSIDE = bytes((198, 51, 100, 10))
+GW_MAC = GatewaySettings().gateway_mac
+
+
+def udp_frame(dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
+    seg = build_udp(GUEST, dst, sport, dport, payload)
+    return build_ethernet(GW_MAC, GUEST_MAC, ETHERTYPE_IPV4, build_ipv4(GUEST, dst, PROTO_UDP, seg))
+
+
+def decode(frame: bytes) -> tuple[IPv4Header, bytes]:
+    _dst, _src, ethertype, payload = parse_ethernet(frame)
+    assert ethertype == ETHERTYPE_IPV4
+    header, l4 = parse_ipv4(payload)
+    return header, bytes(l4)
+
+
+def udp_of(frame: bytes) -> tuple[IPv4Header, int, int, bytes]:
+    header, l4 = decode(frame)
+    assert header.proto == PROTO_UDP
+    sport, dport, payload = parse_udp(header.src, header.dst, l4, verify=True)
+    return header, sport, dport, bytes(payload)
+
+
+@pytest.fixture
+def echo_server() -> Iterator[socket.socket]:
+    """A loopback UDP socket; tests drive it by hand (recvfrom/sendto)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2.0)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def closed_port() -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def test_udp_round_trip_via_gateway_address(echo_server: socket.socket) -> None:
+    gw, pump = make()
+    host = UdpHost(pump.loop, gw, pump)
+    pump.register(host)
+    try:
+        port = echo_server.getsockname()[1]
+        pump.feed([udp_frame(GATEWAY, 40000, port, b"hello")])
+        data, peer = await asyncio.to_thread(echo_server.recvfrom, 2048)
+        assert data == b"hello" and peer[0] == "127.0.0.1"
+        echo_server.sendto(b"HELLO", peer)
+        await pump.wait_for(lambda: len(pump.frames) == 1)
+        header, sport, dport, payload = udp_of(pump.frames[0])
+        assert (header.src, header.dst, sport, dport) == (GATEWAY, GUEST, port, 40000)
+        assert payload == b"HELLO"
+        # many datagrams, one flow, one socket; sizes up to the MTU
+        sizes = [1, 100, 1000, 1472] * 5
+        pump.feed([udp_frame(GATEWAY, 40000, port, bytes([i]) * n) for i, n in enumerate(sizes)])
+        got = [await asyncio.to_thread(echo_server.recvfrom, 2048) for _ in sizes]
+        assert [len(d) for d, _ in got] == sizes
+        assert {p for _d, p in got} == {peer}
+        assert len(host) == 1
+    finally:
+        pump.close()
+    assert len(host) == 0
+
+
+async def test_port_unreachable_reaches_guest_as_icmp() -> None:
+    gw, pump = make()
+    host = UdpHost(pump.loop, gw, pump)
+    pump.register(host)
+    try:
+        port = closed_port()
+        pump.feed([udp_frame(GATEWAY, 40001, port, b"anyone?")])
+        await pump.wait_for(lambda: len(pump.frames) >= 1)
+        header, l4 = decode(pump.frames[0])
+        assert (header.proto, header.src, header.dst) == (PROTO_ICMP, GATEWAY, GUEST)
+        msg = parse_icmp(l4)
+        assert (msg.type, msg.code) == (ICMP_DEST_UNREACH, UNREACH_PORT)
+        inner, inner_l4 = parse_ipv4(bytes(msg.payload))
+        assert (inner.src, inner.dst) == (GUEST, GATEWAY)
+        assert parse_udp(inner.src, inner.dst, inner_l4)[:2] == (40001, port)
+        # the socket survives the error and still works
+        assert len(host) == 1
+        assert gw.counters["udp.unreachable"] == 1
+    finally:
+        pump.close()
+
+
+async def test_udp_close_and_idle_timeout_close_socket(echo_server: socket.socket) -> None:
+    gw, pump = make(
+        GatewaySettings(limits=dataclasses.replace(GatewaySettings().limits, udp_idle_timeout=0.2))
+    )
+    host = UdpHost(pump.loop, gw, pump)
+    pump.register(host)
+    try:
+        pump.feed([udp_frame(GATEWAY, 40002, echo_server.getsockname()[1], b"x")])
+        assert len(host) == 1
+        await pump.wait_for(lambda: len(host) == 0, timeout=2.0)
+        assert any(isinstance(op, UdpClose) for op in pump.ops)
+        # a close for an unknown flow is harmless
+        host.perform(UdpClose(12345))
+    finally:
+        pump.close()
+
+
+async def test_udp_send_error_counted_not_raised() -> None:
+    gw, pump = make()
+    host = UdpHost(pump.loop, gw, pump)
+    pump.register(host)
+    try:
+        pump.feed([udp_frame(OUTSIDE, 40003, 7, b"x")])
+        (op,) = [op for op in pump.ops if isinstance(op, UdpSend)]
+        # make the engine's flow look unopened on the host, then fail its creation
+        host.perform(UdpClose(op.flow))
+        bad = dataclasses.replace(op, host="not-an-address")
+        host.perform(bad)  # sendto with a bad host: counted, nothing raised
+        assert gw.counters["drop.udp.host_send_error"] == 1
+    finally:
+        pump.close()
+
+
+# -- DNS upstream ------------------------------------------------------------------------------
+
+
+class FakeResolver:
+    """UDP and TCP on the same loopback port answering A queries with 192.0.2.7."""
+
+    def __init__(self) -> None:
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp.setblocking(False)
+        self.port: int = self.udp.getsockname()[1]
+        self.queries: list[bytes] = []
+        self.tcp_server: asyncio.Server | None = None
+
+    def answer(self, query: bytes) -> bytes:
+        self.queries.append(query)
+        msg = parse_dns(query)
+        rr = build_record(TYPE_A, 1, 60, bytes((192, 0, 2, 7)), name=b"\xc0\x0c")
+        head = (
+            query[:2] + (FLAG_QR | 0x0180).to_bytes(2, "big") + b"\x00\x01\x00\x01\x00\x00\x00\x00"
+        )
+        return head + query[12 : msg.question_end] + rr
+
+    def on_udp(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                data, peer = self.udp.recvfrom(4096)
+                self.udp.sendto(self.answer(data), peer)
+
+    async def on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        reply = self.answer(await reader.readexactly(size))
+        writer.write(len(reply).to_bytes(2, "big") + reply)
+        await writer.drain()
+        writer.close()
+
+    async def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.udp.fileno(), self.on_udp)
+        self.tcp_server = await asyncio.start_server(self.on_tcp, "127.0.0.1", self.port)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.udp.fileno())
+        self.udp.close()
+        if self.tcp_server is not None:
+            self.tcp_server.close()
+
+
+async def test_dns_forwarded_over_udp_and_tcp() -> None:
+    resolver = FakeResolver()
+    try:
+        await resolver.start()
+    except OSError:
+        resolver.close()
+        pytest.skip("loopback port taken for TCP")
+    gw, pump = make(GatewaySettings(dns_upstreams=(("127.0.0.1", resolver.port),)))
+    side = DnsUpstream(pump.loop, gw, pump)
+    pump.register(side)
+    try:
+        query = build_query(0x5151, "x.test")
+        pump.feed([udp_frame(DNS, 5353, 53, query)])
+        await pump.wait_for(lambda: len(pump.frames) == 1)
+        header, sport, dport, payload = udp_of(pump.frames[0])
+        assert (header.src, sport, dport) == (DNS, 53, 5353)
+        msg = parse_dns(payload)
+        assert msg.header.id == 0x5151 and len(msg.answers) == 1
+        assert resolver.queries[0][2:] == query[2:]
+        # a second copy of an answered attempt (here: the same query replayed over TCP) is
+        # dropped as unknown: answers only count for queries still pending
+        pump.feed([udp_frame(DNS, 5354, 53, build_query(0x5252, "y.test"))])
+        op = [op for op in pump.ops if isinstance(op, DnsQuery)][-1]
+        await pump.wait_for(lambda: len(pump.frames) == 2)
+        side.perform(dataclasses.replace(op, transport="tcp"))
+        await pump.wait_for(lambda: gw.counters["drop.dns.unknown_id"] == 1)
+    finally:
+        pump.close()
+        resolver.close()
+
+
+async def test_dns_tcp_transport_answers() -> None:
+    resolver = FakeResolver()
+    await resolver.start()
+    gw, pump = make(GatewaySettings(dns_upstreams=(("127.0.0.1", resolver.port),)))
+    side = DnsUpstream(pump.loop, gw, pump)
+    try:
+        pump.register(side)
+        # intercept the UDP op and perform it over TCP instead
+        pump.sides.pop(DnsQuery)
+        pump.feed([udp_frame(DNS, 5355, 53, build_query(0x6161, "z.test"))])
+        (op,) = [op for op in pump.ops if isinstance(op, DnsQuery)]
+        side.perform(dataclasses.replace(op, transport="tcp"))
+        await pump.wait_for(lambda: len(pump.frames) == 1)
+        assert parse_dns(udp_of(pump.frames[0])[3]).header.id == 0x6161
+    finally:
+        pump.close()
+        side.close()
+        resolver.close()
+
+
+async def test_dns_refused_upstream_gives_servfail_fast() -> None:
+    gw, pump = make(GatewaySettings(dns_upstreams=(("127.0.0.1", closed_port()),)))
+    pump.register(DnsUpstream(pump.loop, gw, pump))
+    try:
+        start = pump.loop.time()
+        pump.feed([udp_frame(DNS, 5356, 53, build_query(0x7171, "x.test"))])
+        await pump.wait_for(lambda: len(pump.frames) == 1, timeout=3.0)
+        assert pump.loop.time() - start < 1.0  # refused, not timed out
+        msg = parse_dns(udp_of(pump.frames[0])[3])
+        assert msg.header.id == 0x7171 and msg.header.rcode == RCODE_SERVFAIL
+    finally:
+        pump.close()
+
+
+# -- ping --------------------------------------------------------------------------------------
+
+
+def ping_frame(ident: int, seq: int, payload: bytes) -> bytes:
+    icmp = build_icmp_echo(ICMP_ECHO_REQUEST, ident, seq, payload)
+    packet = build_ipv4(GUEST, OUTSIDE, PROTO_ICMP, icmp)
+    return build_ethernet(GW_MAC, GUEST_MAC, ETHERTYPE_IPV4, packet)
+
+
+def dgram_ping_allowed() -> bool:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP).close()
+        return True
+    except OSError:
+        return False
+
+
+def raw_allowed() -> bool:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("mode", [MODE_DGRAM, MODE_RAW])
+async def test_ping_loopback_restores_ident(mode: str) -> None:
+    if mode == MODE_DGRAM and not dgram_ping_allowed():
+        pytest.skip("ping sockets not permitted here (net.ipv4.ping_group_range)")
+    if mode == MODE_RAW and not raw_allowed():
+        pytest.skip("raw sockets not permitted")
+    gw, pump = make()
+    side = PingHost(pump.loop, gw, pump, mode=mode)
+    try:
+        # the engine never pings loopback; send the engine's op to 127.0.0.1 by hand
+        pump.feed([ping_frame(0x4321, 7, b"natd-ping")])
+        (op,) = [op for op in pump.ops if isinstance(op, PingSend)]
+        side.perform(dataclasses.replace(op, host="127.0.0.1"))
+        await pump.wait_for(lambda: len(pump.frames) >= 1)
+        header, l4 = decode(pump.frames[0])
+        msg = parse_icmp(l4)
+        assert (header.src, header.dst) == (OUTSIDE, GUEST)
+        assert (msg.type, msg.ident, msg.seq) == (ICMP_ECHO_REPLY, 0x4321, 7)
+        assert bytes(msg.payload) == b"natd-ping"
+    finally:
+        side.close()
+        pump.close()
+
+
+async def test_ping_unavailable_answers_admin_prohibited() -> None:
+    gw, pump = make()
+    side = PingHost(pump.loop, gw, pump, mode=MODE_NONE)
+    pump.register(side)
+    try:
+        pump.feed([ping_frame(1, 1, b"x")])
+        await pump.wait_for(lambda: len(pump.frames) == 1)
+        header, l4 = decode(pump.frames[0])
+        msg = parse_icmp(l4)
+        assert (header.src, msg.type, msg.code) == (GATEWAY, ICMP_DEST_UNREACH, UNREACH_ADMIN)
+    finally:
+        pump.close()

@@ -1,0 +1,82 @@
+"""A minimal stand-in for the Shell: routes ops to host sides and collects guest frames.
+
+The host-side tests need the real loop and real sockets but no TAP; this keeps them about the
+host side under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from natd.stack.gateway import Gateway
+from natd.stack.ops import HostOp
+from natd.stack.settings import GatewaySettings
+
+
+class Pump:
+    def __init__(self, loop: asyncio.AbstractEventLoop, gateway: Gateway) -> None:
+        self.loop = loop
+        self.gateway = gateway
+        self.frames: list[bytes] = []
+        self.ops: list[HostOp] = []
+        self.sides: dict[type, Any] = {}
+        self.kicks = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def register(self, side: Any) -> None:
+        for op_type in side.ops:
+            self.sides[op_type] = side
+
+    def kick(self) -> None:
+        self.kicks += 1
+        self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        while True:
+            frames, ops = self.gateway.take_outbox()
+            if not frames and not ops:
+                break
+            self.frames.extend(frames)
+            for op in ops:
+                self.ops.append(op)
+                side = self.sides.get(type(op))
+                if side is not None:
+                    side.perform(op)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.gateway.next_deadline()
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.gateway.on_timer(self.loop.time())
+        self.flush()
+
+    def feed(self, frames: list[bytes]) -> None:
+        self.gateway.receive_frames(frames, self.now())
+        self.flush()
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float = 3.0) -> None:
+        deadline = self.loop.time() + timeout
+        while not pred():
+            if self.loop.time() > deadline:
+                raise AssertionError("condition not met in time")
+            await asyncio.sleep(0.005)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for side in set(self.sides.values()):
+            side.close()
+
+
+def make(settings: GatewaySettings | None = None) -> tuple[Gateway, Pump]:
+    gw = Gateway(settings or GatewaySettings())
+    return gw, Pump(asyncio.get_running_loop(), gw)

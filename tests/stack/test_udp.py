@@ -1,0 +1,255 @@
+"""UdpEngine: bytes in, ops and frames out, on a fake clock."""
+
+from __future__ import annotations
+
+from udpdns_helpers import (
+    DNS_IP,
+    GATEWAY_IP,
+    GUEST_IP,
+    GUEST_MAC,
+    OUTSIDE,
+    decode_ip,
+    decode_udp,
+    ip,
+    new_gateway,
+    udp_frame,
+)
+
+from natd.stack.ops import UdpClose, UdpSend
+from natd.stack.settings import Limits
+from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_HOST, UNREACH_PORT, parse_icmp
+from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, parse_ipv4
+from natd.wire.udp import parse_udp
+
+
+def test_datagram_to_outside_becomes_udp_send_and_reply_returns() -> None:
+    gw = new_gateway()
+    gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"hello")], now=1.0)
+    frames, ops = gw.take_outbox()
+    assert frames == []
+    assert len(ops) == 1
+    op = ops[0]
+    assert isinstance(op, UdpSend)
+    assert (op.host, op.port, op.payload) == ("198.51.100.10", 7, b"hello")
+
+    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, b"world", now=1.5)
+    frames, ops = gw.take_outbox()
+    assert ops == []
+    assert len(frames) == 1
+    header, sport, dport, payload = decode_udp(frames[0])
+    assert decode_ip(frames[0])[0] == GUEST_MAC
+    assert (header.src, header.dst, sport, dport, payload) == (
+        OUTSIDE,
+        GUEST_IP,
+        7,
+        40000,
+        b"world",
+    )
+
+
+def test_flow_reused_per_guest_port_and_policy() -> None:
+    gw = new_gateway()
+    other = ip("203.0.113.5")
+    gw.receive_frames(
+        [
+            udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"a"),
+            udp_frame(GUEST_IP, other, 40000, 9, b"b"),
+            udp_frame(GUEST_IP, GATEWAY_IP, 40000, 5353, b"c"),
+            udp_frame(GUEST_IP, OUTSIDE, 40001, 7, b"d"),
+        ],
+        now=0.0,
+    )
+    _, ops = gw.take_outbox()
+    sends = [op for op in ops if isinstance(op, UdpSend)]
+    assert [(s.host, s.port, s.payload) for s in sends] == [
+        ("198.51.100.10", 7, b"a"),
+        ("203.0.113.5", 9, b"b"),
+        ("127.0.0.1", 5353, b"c"),
+        ("198.51.100.10", 7, b"d"),
+    ]
+    # same guest port, two outside peers: one socket; loopback and another port: their own
+    assert sends[0].flow == sends[1].flow
+    assert len({sends[0].flow, sends[2].flow, sends[3].flow}) == 3
+    assert len(gw.udp) == 3
+
+
+def test_loopback_reply_shown_from_gateway_and_outside_peer_filtered() -> None:
+    gw = new_gateway()
+    gw.receive_frames([udp_frame(GUEST_IP, GATEWAY_IP, 40000, 5353, b"q")], now=0.0)
+    (op,) = gw.take_outbox()[1]
+    assert isinstance(op, UdpSend) and op.host == "127.0.0.1"
+    gw.udp.on_host_datagram(op.flow, "127.0.0.1", 5353, b"r", now=0.1)
+    (frame,) = gw.take_outbox()[0]
+    header, sport, _dport, payload = decode_udp(frame)
+    assert (header.src, sport, payload) == (GATEWAY_IP, 5353, b"r")
+    # a loopback flow never delivers a datagram from a non-loopback source
+    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 5353, b"x", now=0.2)
+    assert gw.take_outbox()[0] == []
+    assert gw.counters["drop.udp.bad_host_source"] == 1
+
+
+def test_unsolicited_and_in_network_sources_dropped() -> None:
+    gw = new_gateway()
+    gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"a")], now=0.0)
+    (op,) = gw.take_outbox()[1]
+    # a peer the guest never sent to (any port from the right address is fine: TFTP)
+    gw.udp.on_host_datagram(op.flow, "203.0.113.9", 7, b"x", now=0.1)
+    gw.udp.on_host_datagram(op.flow, "10.0.2.99", 7, b"x", now=0.1)
+    gw.udp.on_host_datagram(op.flow, "127.0.0.1", 7, b"x", now=0.1)
+    assert gw.take_outbox()[0] == []
+    assert gw.counters["drop.udp.unsolicited"] == 1
+    assert gw.counters["drop.udp.bad_host_source"] == 2
+    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 6969, b"ok", now=0.2)
+    (frame,) = gw.take_outbox()[0]
+    assert decode_udp(frame)[1] == 6969
+
+
+def test_idle_timeout_closes_flow() -> None:
+    gw = new_gateway(limits=Limits(udp_idle_timeout=30.0))
+    gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"a")], now=100.0)
+    (op,) = gw.take_outbox()[1]
+    assert gw.next_deadline() == 130.0
+    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, b"r", now=120.0)  # activity refreshes
+    gw.take_outbox()
+    assert gw.next_deadline() == 150.0
+    gw.on_timer(149.9)
+    assert gw.take_outbox()[1] == []
+    gw.on_timer(150.0)
+    assert gw.take_outbox()[1] == [UdpClose(op.flow)]
+    assert len(gw.udp) == 0 and gw.next_deadline() is None
+    # a late host datagram for the closed flow goes nowhere
+    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, b"r", now=151.0)
+    assert gw.take_outbox() == ([], [])
+    assert gw.counters["drop.udp.no_flow"] == 1
+
+
+def test_lru_eviction_per_guest_and_total() -> None:
+    gw = new_gateway(limits=Limits(max_udp_flows=5, max_udp_flows_per_guest=3))
+    flows = []
+    for i in range(4):
+        gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 1000 + i, 7, b"x")], now=float(i))
+        ops = gw.take_outbox()[1]
+        flows.append(ops[-1].flow)
+        if i == 3:  # the per-guest bound evicts the least recently used (port 1000)
+            assert ops[0] == UdpClose(flows[0])
+    assert len(gw.udp) == 3
+    # touching port 1001 makes 1002 the next victim
+    gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 1001, 7, b"x")], now=10.0)
+    gw.take_outbox()
+    gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 1004, 7, b"x")], now=11.0)
+    ops = gw.take_outbox()[1]
+    assert ops[0] == UdpClose(flows[2])
+    # the total bound across guests
+    other = ip("10.0.2.16")
+    mac2 = b"\x52\x54\x00\x00\x00\x02"
+    for i in range(3):
+        gw.receive_frames([udp_frame(other, OUTSIDE, 2000 + i, 7, b"x", mac=mac2)], now=20.0 + i)
+    assert len(gw.udp) == 5
+    assert gw.counters["udp.evicted"] == 3
+
+
+def test_port_unreachable_quotes_guest_datagram() -> None:
+    gw = new_gateway()
+    gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 9999, b"ping?")], now=0.0)
+    (op,) = gw.take_outbox()[1]
+    gw.udp.on_host_unreachable(op.flow, "198.51.100.10", 9999, b"ping?", now=0.1)
+    (frame,) = gw.take_outbox()[0]
+    _mac, header, l4 = decode_ip(frame)
+    assert header.proto == PROTO_ICMP and header.src == OUTSIDE and header.dst == GUEST_IP
+    msg = parse_icmp(l4, verify=True)
+    assert (msg.type, msg.code) == (ICMP_DEST_UNREACH, UNREACH_PORT)
+    quoted_ip, quoted_l4 = parse_ipv4(bytes(msg.payload))
+    assert (quoted_ip.src, quoted_ip.dst, quoted_ip.proto) == (GUEST_IP, OUTSIDE, PROTO_UDP)
+    assert parse_udp(GUEST_IP, OUTSIDE, quoted_l4) == (40000, 9999, memoryview(b"ping?"))
+    # other codes come from the gateway (a router on the way)
+    gw.udp.on_host_unreachable(op.flow, "198.51.100.10", 9999, b"ping?", now=0.2, code=UNREACH_HOST)
+    (frame,) = gw.take_outbox()[0]
+    assert decode_ip(frame)[1].src == GATEWAY_IP
+    # an error about a peer the guest never addressed is ignored
+    gw.udp.on_host_unreachable(op.flow, "203.0.113.1", 9999, b"x", now=0.3)
+    assert gw.take_outbox()[0] == []
+
+
+def test_zero_checksum_accepted_bad_checksum_dropped() -> None:
+    gw = new_gateway()
+    gw.receive_frames(
+        [udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"nocsum", zero_checksum=True)], now=0.0
+    )
+    (op,) = gw.take_outbox()[1]
+    assert isinstance(op, UdpSend) and op.payload == b"nocsum"
+    frame = bytearray(udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"corrupt"))
+    frame[-1] ^= 0xFF
+    gw.receive_frames([bytes(frame)], now=0.1)
+    assert gw.take_outbox() == ([], [])
+    assert sum(v for k, v in gw.counters.items() if k.startswith("drop.udp")) == 1
+
+
+def test_datagrams_up_to_the_mtu() -> None:
+    gw = new_gateway()
+    big = bytes(range(256)) * 5 + b"x" * (1472 - 1280)
+    gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, big)], now=0.0)
+    (op,) = gw.take_outbox()[1]
+    assert isinstance(op, UdpSend) and op.payload == big
+    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, big, now=0.1)
+    (frame,) = gw.take_outbox()[0]
+    assert len(frame) == 14 + 1500 and decode_udp(frame)[3] == big
+    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, big + b"!", now=0.2)
+    assert gw.take_outbox()[0] == []
+    assert gw.counters["drop.udp.too_big"] == 1
+
+
+def test_unroutable_destinations() -> None:
+    gw = new_gateway(host_loopback=False)
+    gw.receive_frames(
+        [
+            udp_frame(GUEST_IP, GATEWAY_IP, 40000, 5353, b"x"),  # loopback disabled
+            udp_frame(GUEST_IP, DNS_IP, 40000, 5353, b"x"),  # DNS address, not port 53
+            udp_frame(GUEST_IP, ip("10.0.2.77"), 40000, 7, b"x"),  # another in-network address
+            udp_frame(GUEST_IP, ip("127.0.0.1"), 40000, 7, b"x"),  # special
+            udp_frame(GUEST_IP, ip("224.0.0.251"), 40000, 5353, b"x"),  # multicast
+            udp_frame(GUEST_IP, ip("10.0.2.255"), 40000, 7, b"x"),  # subnet broadcast
+        ],
+        now=0.0,
+    )
+    frames, ops = gw.take_outbox()
+    assert ops == []
+    assert len(gw.udp) == 0
+    assert len(frames) == 2  # port unreachable from the gateway and the DNS address
+    sources = sorted(decode_ip(f)[1].src for f in frames)
+    assert sources == sorted([GATEWAY_IP, DNS_IP])
+    for f in frames:
+        assert parse_icmp(decode_ip(f)[2]).code == UNREACH_PORT
+    assert gw.counters["drop.udp.no_route"] == 2
+    assert gw.counters["drop.ipv4.broadcast"] == 2
+
+
+def test_flood_of_destinations_stays_bounded() -> None:
+    gw = new_gateway(limits=Limits(max_udp_flows=64, max_udp_flows_per_guest=16))
+    frames = [
+        udp_frame(GUEST_IP, bytes((198, 51, (i >> 8) & 0xFF, i & 0xFF)), 1024 + i % 100, 9, b"x")
+        for i in range(5000)
+    ]
+    gw.receive_frames(frames, now=0.0)
+    assert len(gw.udp) <= 16
+    for flow in gw.udp._flows.values():
+        assert len(flow.peers) <= 64
+    gw.take_outbox()
+
+
+def test_host_failed_forgets_flow() -> None:
+    gw = new_gateway()
+    gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"a")], now=0.0)
+    (op,) = gw.take_outbox()[1]
+    gw.udp.on_host_failed(op.flow, now=0.1)
+    assert len(gw.udp) == 0
+    assert gw.take_outbox() == ([], [])
+
+
+def test_flows_snapshot() -> None:
+    gw = new_gateway()
+    gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"abc")], now=0.0)
+    (op,) = gw.take_outbox()[1]
+    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, b"abcd", now=0.1)
+    (row,) = gw.udp.flows()
+    assert row["guest"] == "10.0.2.15:40000" and row["peers"] == ["198.51.100.10"]
+    assert (row["bytes_out"], row["bytes_in"], row["loopback"]) == (3, 4, False)
