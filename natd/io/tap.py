@@ -1,0 +1,212 @@
+"""The TAP link: frames between the guest's kernel and natd, through one non-blocking fd.
+
+The device is opened with ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`` from the start, so every frame
+read or written carries a 10-byte ``virtio_net_hdr`` in front. Offloads are off for now
+(``TUNSETOFFLOAD 0``), so the header natd writes is all zeros and the one it reads only says
+"nothing special"; turning on CSUM/TSO later changes what goes *into* the header, not the
+plumbing. An fd handed over with ``--tap-fd`` may or may not have ``IFF_VNET_HDR``:
+``TUNGETIFF`` tells, and both work.
+
+Reads are drained in batches by the shell; writes never block: a full queue drops the frame
+and counts it (``tx_dropped``) the way a NIC would. A TAP that disappears (device deleted,
+namespace torn down) shows up as a read error or end of file and raises ``TapGone`` once,
+so the daemon can shut down instead of spinning on a dead fd.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from typing import Any
+
+import pytun
+
+from natd.io.netns import entered_netns
+from natd.wire.vnet import VIRTIO_NET_HDR_LEN, VNET_HDR_NONE
+
+# ioctl numbers from <linux/if_tun.h> (_IOW/_IOR('T', n, int)).
+TUNSETIFF = 0x400454CA
+TUNGETIFF = 0x800454D2
+TUNSETOFFLOAD = 0x400454D0
+TUNGETVNETHDRSZ = 0x800454D7
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN = 0x0001
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+_IFREQ_SIZE = 40  # struct ifreq: 16-byte name + a 24-byte union; flags are a short at 16
+
+READ_SIZE = 65536 + 128  # the largest TAP frame (MTU 65535 + Ethernet) plus any header
+BATCH_LIMIT = 64
+
+
+class TapError(Exception):
+    """The TAP could not be opened or adopted; ``str()`` is the reason, for one line of output."""
+
+
+class TapGone(Exception):
+    """The TAP stopped working for good (device deleted, namespace gone, fd closed)."""
+
+
+class TapLink:
+    """One TAP fd: batched non-blocking reads, never-blocking writes, vnet header handling.
+
+    Works on any fd that keeps frame boundaries (a TAP, or a ``SOCK_DGRAM`` socketpair in
+    tests). ``vnet_hdr_len`` is 0 for a TAP without ``IFF_VNET_HDR``.
+    """
+
+    def __init__(
+        self, fd: int, name: str, vnet_hdr_len: int = VIRTIO_NET_HDR_LEN, owner: Any = None
+    ) -> None:
+        self.fd = fd
+        self.name = name
+        self.vnet_hdr_len = vnet_hdr_len
+        self._owner = owner  # the pytun device that owns ``fd``, kept alive until close()
+        self._tx_hdr = VNET_HDR_NONE + bytes(max(0, vnet_hdr_len - len(VNET_HDR_NONE)))
+        self.rx_frames = 0
+        self.rx_short = 0
+        self.tx_frames = 0
+        self.tx_dropped = 0
+        self.tx_errors = 0
+        self.last_tx_error: OSError | None = None
+        self.closed = False
+        os.set_blocking(fd, False)
+
+    def read_batch(self, limit: int = BATCH_LIMIT) -> list[bytes | memoryview]:
+        """Read up to ``limit`` frames without blocking; [] when nothing is waiting.
+
+        Raises TapGone on end of file or a read error other than EAGAIN: those never clear.
+        """
+        frames: list[bytes | memoryview] = []
+        fd = self.fd
+        hlen = self.vnet_hdr_len
+        while len(frames) < limit:
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                raise TapGone(exc.strerror or str(exc)) from exc
+            if not data:
+                raise TapGone("end of file")
+            if hlen:
+                if len(data) <= hlen:
+                    self.rx_short += 1
+                    continue
+                frames.append(memoryview(data)[hlen:])
+            else:
+                frames.append(data)
+        self.rx_frames += len(frames)
+        return frames
+
+    def write(self, frame: bytes | memoryview) -> bool:
+        """Send one frame to the guest; False (and counted) if it had to be dropped."""
+        try:
+            if self.vnet_hdr_len:
+                os.writev(self.fd, (self._tx_hdr, frame))
+            else:
+                os.write(self.fd, frame)
+        except BlockingIOError:
+            self.tx_dropped += 1
+            return False
+        except OSError as exc:
+            self.tx_errors += 1
+            self.last_tx_error = exc
+            return False
+        self.tx_frames += 1
+        return True
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the daemon's summary log and the control API."""
+        return {
+            "tap.rx_frames": self.rx_frames,
+            "tap.rx_short": self.rx_short,
+            "tap.tx_frames": self.tx_frames,
+            "tap.tx_dropped": self.tx_dropped,
+            "tap.tx_errors": self.tx_errors,
+        }
+
+    def close(self) -> None:
+        """Close the fd (idempotent); a non-persistent TAP disappears with it."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self._owner is not None:
+                self._owner.close()
+            else:
+                os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, pytun.Error) and exc.args:
+        return "; ".join(str(a) for a in exc.args)
+    return str(exc) or type(exc).__name__
+
+
+def _create(name: str, mtu: int | None) -> TapLink:
+    """Create or attach TAP ``name`` in the current namespace, set its MTU, bring it up."""
+    dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TAP | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
+    try:
+        fd = dev.fileno()
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VIRTIO_NET_HDR_LEN))
+        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+        # pytun makes its ioctl socket at call time, so these act in the namespace we are in.
+        if mtu is not None:
+            dev.mtu = mtu
+        dev.up()
+        return TapLink(fd, str(dev.name), VIRTIO_NET_HDR_LEN, owner=dev)
+    except BaseException:
+        dev.close()
+        raise
+
+
+def open_tap(name: str, *, netns: str | None = None, mtu: int | None = None) -> TapLink:
+    """Create (or attach to) TAP ``name``, inside the namespace at ``netns`` if given.
+
+    Must run before the event loop starts threads: ``setns`` moves only the calling thread.
+    Raises TapError with a short reason on any failure.
+    """
+    try:
+        if netns is None:
+            return _create(name, mtu)
+        with entered_netns(netns):
+            return _create(name, mtu)
+    except (OSError, pytun.Error) as exc:
+        raise TapError(_reason(exc)) from exc
+
+
+def adopt_tap_fd(fd: int) -> TapLink:
+    """Use an already-open TAP fd (``--tap-fd``), with or without ``IFF_VNET_HDR``.
+
+    TapError's message says what is wrong with the fd; the caller names the fd.
+    """
+    try:
+        ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ_SIZE))
+    except OSError as exc:
+        if exc.errno in (errno.EBADF,):
+            raise TapError("not open") from exc
+        raise TapError(f"not a TUN/TAP device ({_reason(exc)})") from exc
+    name = ifr[:16].split(b"\0", 1)[0].decode(errors="replace")
+    (flags,) = struct.unpack_from("H", ifr, 16)
+    if not flags & IFF_TAP:
+        raise TapError(f"{name} is a TUN device; natd needs a TAP")
+    if not flags & IFF_NO_PI:
+        raise TapError(f"{name} was opened without IFF_NO_PI")
+    hlen = 0
+    if flags & IFF_VNET_HDR:
+        try:
+            raw = fcntl.ioctl(fd, TUNGETVNETHDRSZ, struct.pack("i", 0))
+            (hlen,) = struct.unpack("i", raw)
+            fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+        except OSError as exc:
+            raise TapError(f"{name}: {_reason(exc)}") from exc
+        if hlen < VIRTIO_NET_HDR_LEN:
+            raise TapError(f"{name} has a {hlen}-byte vnet header; natd needs >= 10")
+    return TapLink(fd, name, hlen)

@@ -1,0 +1,311 @@
+"""The Shell on a socketpair stand-in TAP: batching, op routing, the one timer, TAP loss."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from natd.io.shell import Shell
+from natd.io.tap import TapLink
+from natd.stack.ops import DnsQuery, HostOp, TcpClose, TcpConnect, UdpSend
+from natd.wire.vnet import VNET_HDR_NONE
+
+
+class FakeGateway:
+    """Echoes every frame reversed, queues scripted ops, and has a settable deadline."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+        self.frames: list[bytes] = []
+        self.ops: list[HostOp] = []
+        self.deadline: float | None = None
+        self.timer_calls: list[float] = []
+        self.counters: Counter[str] = Counter()
+
+    def receive_frames(self, frames: list[bytes | memoryview], now: float) -> None:
+        batch = [bytes(f) for f in frames]
+        self.batches.append(batch)
+        self.frames.extend(f[::-1] for f in batch)
+
+    def on_timer(self, now: float) -> None:
+        self.timer_calls.append(now)
+        self.deadline = None
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def take_outbox(self) -> tuple[list[bytes], list[HostOp]]:
+        frames, ops = self.frames, self.ops
+        self.frames, self.ops = [], []
+        return frames, ops
+
+
+class RecordingLog:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def _record(self, level: str) -> Any:
+        def log(event: str, **kw: Any) -> None:
+            self.events.append((level, event, kw))
+
+        return log
+
+    def __getattr__(self, level: str) -> Any:
+        return self._record(level)
+
+    def bind(self, **_kw: Any) -> RecordingLog:
+        return self
+
+
+class Side:
+    def __init__(self, ops: tuple[type, ...], fail: bool = False) -> None:
+        self.ops = ops
+        self.performed: list[HostOp] = []
+        self.closed = 0
+        self.fail = fail
+
+    def perform(self, op: HostOp) -> None:
+        if self.fail:
+            raise RuntimeError("boom")
+        self.performed.append(op)
+
+    def close(self) -> None:
+        self.closed += 1
+        if self.fail:
+            raise RuntimeError("close boom")
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    natd_side, guest_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    guest_side.setblocking(False)
+    yield natd_side, guest_side
+    natd_side.close()
+    guest_side.close()
+
+
+def make_shell(
+    natd_side: socket.socket, **kw: Any
+) -> tuple[Shell, FakeGateway, RecordingLog, TapLink]:
+    gateway = FakeGateway()
+    log = RecordingLog()
+    tap = TapLink(natd_side.fileno(), "t0")
+    shell = Shell(asyncio.get_running_loop(), gateway, tap, log, **kw)  # type: ignore[arg-type]
+    return shell, gateway, log, tap
+
+
+async def recv_all(sock: socket.socket, count: int, timeout: float = 2.0) -> list[bytes]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    got: list[bytes] = []
+    while len(got) < count and loop.time() < deadline:
+        try:
+            got.append(sock.recv(70000))
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+    return got
+
+
+async def test_frames_in_batches_and_replies_out(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, guest = pair
+    shell, gateway, _log, _tap = make_shell(natd_side, batch_limit=8)
+    frames = [bytes([i]) * 60 for i in range(20)]
+    for f in frames:
+        guest.send(VNET_HDR_NONE + f)
+    shell.start()
+    try:
+        replies = await recv_all(guest, 20)
+    finally:
+        shell.stop()
+    assert replies == [VNET_HDR_NONE + f[::-1] for f in frames]
+    assert [len(b) for b in gateway.batches] == [8, 8, 4]
+
+
+async def test_ops_routed_by_type(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, _guest = pair
+    shell, gateway, log, _tap = make_shell(natd_side)
+    tcp = Side((TcpConnect, TcpClose))
+    udp = Side((UdpSend,))
+    shell.register(tcp)
+    shell.register(udp)
+    ops: list[HostOp] = [
+        TcpConnect(1, "127.0.0.1", 80),
+        UdpSend(2, "127.0.0.1", 53, b"x"),
+        TcpClose(1),
+        DnsQuery(3, "127.0.0.1", 53, b"q", "udp"),
+        DnsQuery(4, "127.0.0.1", 53, b"q", "udp"),
+    ]
+    gateway.ops.extend(ops)
+    shell.flush()
+    assert tcp.performed == [ops[0], ops[2]]
+    assert udp.performed == [ops[1]]
+    assert shell.unhandled_ops == Counter({"DnsQuery": 2})
+    warnings = [e for e in log.events if e[1] == "op.unhandled"]
+    assert len(warnings) == 1
+
+
+async def test_failing_side_does_not_stop_the_rest(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    natd_side, _guest = pair
+    shell, gateway, log, _tap = make_shell(natd_side)
+    bad = Side((TcpConnect,), fail=True)
+    good = Side((UdpSend,))
+    shell.register(bad)
+    shell.register(good)
+    gateway.ops.extend([TcpConnect(1, "h", 1), UdpSend(2, "h", 2, b"")])
+    shell.flush()
+    assert shell.errors == 1
+    assert len(good.performed) == 1
+    shell.stop()
+    assert bad.closed == 1 and good.closed == 1
+    assert any(e[1] == "host_side.close_failed" for e in log.events)
+
+
+async def test_one_timer_follows_next_deadline(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, _guest = pair
+    shell, gateway, _log, _tap = make_shell(natd_side)
+    loop = asyncio.get_running_loop()
+    gateway.deadline = loop.time() + 10.0
+    shell.flush()
+    early = loop.time() + 0.05
+    gateway.deadline = early  # an earlier deadline replaces the armed one
+    shell.flush()
+    await asyncio.sleep(0.2)
+    assert len(gateway.timer_calls) == 1
+    assert early <= gateway.timer_calls[0] < early + 0.15
+    shell.stop()
+
+
+async def test_past_deadline_does_not_spin(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, _guest = pair
+    shell, gateway, _log, _tap = make_shell(natd_side)
+    loop = asyncio.get_running_loop()
+
+    class Stuck(FakeGateway):
+        def on_timer(self, now: float) -> None:
+            self.timer_calls.append(now)  # never advances the deadline
+
+    stuck = Stuck()
+    stuck.deadline = loop.time() - 1.0
+    shell.gateway = stuck  # type: ignore[assignment]
+    shell.flush()
+    await asyncio.sleep(0.1)
+    shell.stop()
+    assert 1 <= len(stuck.timer_calls) <= 150
+    del gateway
+
+
+async def test_timer_cancelled_when_nothing_pending(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    natd_side, _guest = pair
+    shell, gateway, _log, _tap = make_shell(natd_side)
+    loop = asyncio.get_running_loop()
+    gateway.deadline = loop.time() + 0.05
+    shell.flush()
+    gateway.deadline = None
+    shell.flush()
+    await asyncio.sleep(0.15)
+    assert gateway.timer_calls == []
+
+
+async def test_kick_coalesces(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, guest = pair
+    shell, gateway, _log, _tap = make_shell(natd_side)
+    flushes = 0
+    real_flush = shell.flush
+
+    def counting_flush() -> None:
+        nonlocal flushes
+        flushes += 1
+        real_flush()
+
+    shell.flush = counting_flush  # type: ignore[method-assign]
+    gateway.frames.append(b"abc" * 20)
+    shell.kick()
+    shell.kick()
+    shell.kick()
+    await asyncio.sleep(0.05)
+    assert flushes == 1
+    assert await recv_all(guest, 1) == [VNET_HDR_NONE + b"abc" * 20]
+
+
+async def test_tap_gone_reported_once_and_reader_removed() -> None:
+    natd_side, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reasons: list[str] = []
+    try:
+        shell, _gateway, log, tap = make_shell(natd_side, on_tap_gone=reasons.append)
+        reads = 0
+        real_read = tap.read_batch
+
+        def counting_read(limit: int = 64) -> list[bytes | memoryview]:
+            nonlocal reads
+            reads += 1
+            return real_read(limit)
+
+        tap.read_batch = counting_read  # type: ignore[method-assign]
+        shell.start()
+        guest.close()
+        await asyncio.sleep(0.1)
+        shell.stop()
+        assert reasons == ["end of file"]
+        assert reads == 1
+        assert any(e[1] == "tap.gone" for e in log.events)
+    finally:
+        natd_side.close()
+
+
+async def test_real_gateway_answers_arp(pair: tuple[socket.socket, socket.socket]) -> None:
+    """The real core behind the shell: an ARP request for 10.0.2.2 comes back as a reply."""
+    from natd.stack.gateway import Gateway
+    from natd.stack.settings import GatewaySettings
+    from natd.wire.arp import ARP_REPLY, ARP_REQUEST, build_arp, parse_arp
+    from natd.wire.ethernet import BROADCAST_MAC, ETHERTYPE_ARP, build_ethernet, parse_ethernet
+
+    natd_side, guest = pair
+    settings = GatewaySettings.for_cidr("10.0.2.0/24")
+    gateway = Gateway(settings)
+    tap = TapLink(natd_side.fileno(), "t0")
+    shell = Shell(asyncio.get_running_loop(), gateway, tap, RecordingLog())
+    guest_mac = b"\x02\x00\x00\x00\x00\x01"
+    guest_ip = b"\x0a\x00\x02\x0f"
+    request = build_arp(ARP_REQUEST, guest_mac, guest_ip, bytes(6), settings.gateway_ip)
+    guest.send(VNET_HDR_NONE + build_ethernet(BROADCAST_MAC, guest_mac, ETHERTYPE_ARP, request))
+    shell.start()
+    try:
+        replies = await recv_all(guest, 1)
+    finally:
+        shell.stop()
+    assert len(replies) == 1
+    dst, src, ethertype, payload = parse_ethernet(replies[0][len(VNET_HDR_NONE) :])
+    assert (dst, src, ethertype) == (guest_mac, settings.gateway_mac, ETHERTYPE_ARP)
+    arp = parse_arp(payload)
+    assert (arp.op, arp.spa, arp.tpa) == (ARP_REPLY, settings.gateway_ip, guest_ip)
+
+
+async def test_due_deadline_served_within_the_flush(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """An engine due "now" (e.g. batch ACKs) is run by the flush itself, not a turn later."""
+    natd_side, guest = pair
+    shell, _gateway, _log, _tap = make_shell(natd_side)
+    loop = asyncio.get_running_loop()
+
+    class DueNow(FakeGateway):
+        def on_timer(self, now: float) -> None:
+            super().on_timer(now)
+            self.frames.append(b"ack" * 20)
+
+    due = DueNow()
+    due.deadline = loop.time()
+    shell.gateway = due  # type: ignore[assignment]
+    shell.flush()
+    assert len(due.timer_calls) == 1
+    assert guest.recv(2000) == VNET_HDR_NONE + b"ack" * 20
+    shell.stop()

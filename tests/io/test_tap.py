@@ -1,0 +1,136 @@
+"""TapLink on a socketpair: frame boundaries, vnet header, batching, drops, a vanished TAP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from natd.io.tap import TapError, TapGone, TapLink, adopt_tap_fd
+from natd.wire.vnet import VIRTIO_NET_HDR_LEN, VNET_HDR_NONE
+
+FRAME = bytes(range(60))
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    natd_side, guest_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    yield natd_side, guest_side
+    natd_side.close()
+    guest_side.close()
+
+
+def test_read_strips_vnet_header(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, guest = pair
+    link = TapLink(natd_side.fileno(), "t0")
+    guest.send(VNET_HDR_NONE + FRAME)
+    guest.send(VNET_HDR_NONE + FRAME[::-1])
+    frames = link.read_batch()
+    assert [bytes(f) for f in frames] == [FRAME, FRAME[::-1]]
+    assert link.read_batch() == []
+    assert link.rx_frames == 2
+
+
+def test_read_without_vnet_header(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, guest = pair
+    link = TapLink(natd_side.fileno(), "t0", vnet_hdr_len=0)
+    guest.send(FRAME)
+    assert [bytes(f) for f in link.read_batch()] == [FRAME]
+
+
+def test_short_read_is_counted_not_delivered(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, guest = pair
+    link = TapLink(natd_side.fileno(), "t0")
+    guest.send(bytes(VIRTIO_NET_HDR_LEN))
+    guest.send(VNET_HDR_NONE + FRAME)
+    assert [bytes(f) for f in link.read_batch()] == [FRAME]
+    assert link.rx_short == 1
+
+
+def test_batch_limit(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, guest = pair
+    link = TapLink(natd_side.fileno(), "t0")
+    for i in range(100):
+        guest.send(VNET_HDR_NONE + i.to_bytes(2, "big") + FRAME)
+    first = link.read_batch(64)
+    second = link.read_batch(64)
+    assert len(first) == 64 and len(second) == 36
+    order = [int.from_bytes(f[:2], "big") for f in first + second]
+    assert order == list(range(100))
+
+
+def test_write_prepends_header(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, guest = pair
+    link = TapLink(natd_side.fileno(), "t0")
+    assert link.write(FRAME)
+    assert link.write(memoryview(FRAME)[:20])
+    assert guest.recv(2000) == VNET_HDR_NONE + FRAME
+    assert guest.recv(2000) == VNET_HDR_NONE + FRAME[:20]
+    assert link.tx_frames == 2
+
+
+def test_write_without_header(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, guest = pair
+    link = TapLink(natd_side.fileno(), "t0", vnet_hdr_len=0)
+    assert link.write(FRAME)
+    assert guest.recv(2000) == FRAME
+
+
+def test_full_queue_drops_instead_of_blocking(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, _guest = pair
+    natd_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    link = TapLink(natd_side.fileno(), "t0")
+    started = time.monotonic()
+    results = [link.write(FRAME * 20) for _ in range(2000)]
+    assert time.monotonic() - started < 5
+    assert not all(results)
+    assert link.tx_dropped == results.count(False) > 0
+    assert link.tx_frames == results.count(True)
+
+
+def test_peer_gone_raises_tap_gone() -> None:
+    natd_side, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        link = TapLink(natd_side.fileno(), "t0")
+        guest.close()
+        with pytest.raises(TapGone):
+            link.read_batch()
+    finally:
+        natd_side.close()
+
+
+def test_closed_fd_raises_tap_gone() -> None:
+    natd_side, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    fd = natd_side.detach()
+    link = TapLink(fd, "t0")
+    os.close(fd)
+    try:
+        with pytest.raises(TapGone):
+            link.read_batch()
+    finally:
+        guest.close()
+
+
+def test_close_is_idempotent(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, _guest = pair
+    link = TapLink(os.dup(natd_side.fileno()), "t0")
+    link.close()
+    link.close()
+    assert link.closed
+
+
+def test_adopt_rejects_a_non_tap_fd(pair: tuple[socket.socket, socket.socket]) -> None:
+    natd_side, _guest = pair
+    with pytest.raises(TapError, match="not a TUN/TAP"):
+        adopt_tap_fd(natd_side.fileno())
+
+
+def test_adopt_rejects_a_closed_fd() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(TapError, match="not open"):
+        adopt_tap_fd(r)
