@@ -1,22 +1,740 @@
-"""STUB — TCP termination (to be replaced by its owner)."""
+"""TCP termination: every guest connection ends here and is re-originated as a host socket.
+
+Theory of operation
+-------------------
+natd answers the guest's SYN *as the destination*: it is a small TCP endpoint per flow
+(``natd.stack.tcp_flow.TcpFlow``) and, on the other side, an ordinary socket client that the
+shell (``natd.io.tcp_host.TcpHost``) runs with asyncio transports.
+
+Why a buffered TCP per flow and not passt-style translation: asyncio transports hand natd
+bytes (``data_received``) and accept bytes (``write``); there is no ``MSG_PEEK``/``SO_PEEK_OFF``
+and no way to leave data in the host socket until the guest ACKs it. So natd keeps what it
+sent the guest until it is ACKed (bounded by ``Limits.tcp_buffer_bytes``; reading the host
+socket pauses when the buffer is full), retransmits from that buffer, and copies in-order guest
+data out to the host socket. The price is one copy each way and up to ``limit`` bytes per
+direction per flow; the gain is a core that is testable bytes-in/bytes-out on a fake clock and
+a shell that is a thin pump.
+
+Life of a flow (RFC 9293 names toward the guest)::
+
+    guest SYN ──► CONNECTING ──TcpConnect──► host connect()
+                    │ on_host_connected            │ refused → RST,ACK to the guest
+                    ▼                              │ unreachable/timeout → ICMP unreachable
+                SYN-RECEIVED (SYN-ACK sent, retransmitted with backoff)
+                    │ guest ACK
+                    ▼
+               ESTABLISHED ── guest FIN → TcpShutdown (host SHUT_WR); host EOF → FIN to guest
+                    │ both FINs done: TcpClose; TIME-WAIT only if natd's FIN went first
+                    ▼
+                 CLOSED (every buffer and table entry freed)
+
+The guest never gets a SYN-ACK before the host ``connect()`` succeeded; a retransmitted SYN
+meanwhile is absorbed. Segments for no flow get the RFC 9293 3.10.7.1 answer (RST, never in
+reply to an RST). In a flow: sequence acceptability and challenge ACKs (RFC 5961), window
+scaling both ways and MSS from the MTU (RFC 7323, RFC 9293 3.7.1), RTO with backoff and
+Karn's rule (RFC 6298), slow start / fast retransmit / NewReno recovery (RFC 5681, RFC 6582),
+out-of-order data held within the advertised window, persist probes on a zero window, and
+keepalive probes toward a guest that went silent.
+
+Batching: in-order guest data and ACKs are coalesced per batch of frames. ``end_batch(now)``
+(called by the Gateway after each ``receive_frames``) turns the batch into one ``TcpSend`` and
+one cumulative ACK per flow; without that call ``next_deadline`` reports the pending flush so
+the shell's timer does it on the next turn.
+
+Host events (called by the shell's ``TcpHost``, which then calls ``shell.kick()``):
+
+* ``on_host_connected(flow, now)`` — connect() succeeded: SYN-ACK the guest.
+* ``on_host_connect_failed(flow, err, now)`` — ``err`` an errno (ETIMEDOUT for the timeout).
+  ECONNREFUSED → RST; ENETUNREACH → ICMP net unreachable; EHOSTUNREACH/ETIMEDOUT and the
+  other "no route" errors → ICMP host unreachable; anything else → RST.
+* ``on_host_data(flow, data, now)`` — bytes read from the host socket.
+* ``on_host_eof(flow, now)`` — the host half-closed; a FIN follows the buffered data.
+* ``on_host_error(flow, err, now)`` — the host socket failed or was reset: RST the guest.
+* ``on_host_accepted(flow, total, now)`` — the host kernel has taken ``total`` bytes of guest
+  data so far (bytes written minus the transport's write buffer); opens the window.
+
+Counters (``link.counters``): ``tcp.opened``, ``tcp.closed``, ``tcp.refused``,
+``tcp.unreachable``, ``tcp.reset`` (flows ended by a reset either way), ``tcp.rst_sent``,
+``tcp.retransmits``, ``tcp.fast_retransmits``, ``tcp.rto``, ``tcp.syn_absorbed``,
+``tcp.challenge_acks``, ``tcp.window_probes``, ``tcp.keepalive_probes`` and ``drop.tcp.<why>``.
+The open-flow gauge is ``TcpEngine.flow_count``.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import heapq
+import ipaddress
+import secrets
+
 from natd.stack.link import Link
-from natd.wire.ipv4 import IPv4Header
+from natd.stack.ops import TcpClose, TcpConnect
+from natd.stack.tcp_flow import (
+    ACK,
+    CLOSED,
+    CONNECTING,
+    ESTABLISHED,
+    FIN,
+    M32,
+    RST,
+    SYN,
+    SYN_RCVD,
+    SYN_SENT,
+    TIME_WAIT,
+    TcpFlow,
+)
+from natd.wire import Malformed
+from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_HOST, UNREACH_NET, build_icmp_error
+from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header, ipv4_header
+from natd.wire.tcp import build_tcp, build_tcp_options, parse_tcp_options
+
+_TCP_MIN_MSS = 88  # Linux's floor for a peer's MSS option
+_DEFAULT_MSS = 536  # RFC 9293 3.7.1: no MSS option
+_HDR_STRUCT_LEN = 20
+_UNREACH_HOST_ERRNOS = frozenset(
+    {errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
+)
+_UNREACH_NET_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN})
+
+
+_HOST_ACTIVE = frozenset({SYN_RCVD, ESTABLISHED, SYN_SENT})
+
+
+def _dotted(addr: bytes) -> str:
+    return str(ipaddress.IPv4Address(addr))
 
 
 class TcpEngine:
-    """STUB."""
+    """The flow table, the timers, and the replies for segments that belong to no flow."""
 
-    def __init__(self, link: Link) -> None:
+    # Tunables (class attributes so a test can shorten them on an instance).
+    connect_timeout = 30.0  # core-side guard; the shell times connect() out sooner (10 s)
+    time_wait = 30.0  # 2*MSL, short: the guest is one virtual hop away
+    keepalive_idle = 7200.0  # RFC 1122 4.2.3.6 / RFC 5382 REQ-5
+    keepalive_interval = 75.0
+    keepalive_count = 9
+    synack_retries = 5
+    max_retransmits = 12
+    zero_window_timeout = 600.0
+    challenge_ack_limit = 100  # per second, engine-wide (RFC 5961 7)
+    rx_budget = 1 << 20  # bytes all guest senders together may have in flight to natd
+    rx_epoch = 0.1  # seconds over which "flows receiving data" are counted
+
+    def __init__(self, link: Link, *, secret: bytes | None = None) -> None:
         self.link = link
+        self.counters = link.counters
+        limits = link.settings.limits
+        self.limits = limits
+        self.limit = limits.tcp_buffer_bytes
+        self.max_cwnd = 4 * self.limit + (1 << 20)
+        ws = 0
+        while ws < 14 and (0xFFFF << ws) < self.limit:
+            ws += 1
+        self.rcv_wscale = ws
+        self.our_mss = link.settings.mtu - 40
+        self._min_share = 2 * self.our_mss
+        self.flows: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
+        self.by_id: dict[int, TcpFlow] = {}
+        self.per_guest: dict[bytes, int] = {}
+        self.pending_connects = 0
+        self.time_waits: dict[int, TcpFlow] = {}  # insertion order = oldest first
+        self._heap: list[tuple[float, int]] = []
+        self._dirty: list[TcpFlow] = []
+        self._dirty_at = 0.0
+        self._secret = secret if secret is not None else secrets.token_bytes(16)
+        self._chack_second = -1
+        self._chack_count = 0
+        # Receive budget: the guest's TAP queue holds ~1000 frames; if every flow may have its
+        # full window in flight, many flows together overflow it and the guest's flows collapse
+        # into timeouts. So the window each flow advertises is capped by an even share of
+        # ``rx_budget`` among the flows that received data (or opened) recently.
+        self.rx_share = self.limit
+        self._rx_cur: set[int] = set()
+        self._rx_prev = 0
+        self._rx_epoch_end = 0.0
+
+    @property
+    def flow_count(self) -> int:
+        """Flows holding state (TIME-WAIT included)."""
+        return len(self.flows)
+
+    # -- guest segments ----------------------------------------------------------------------
 
     def on_guest_segment(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
-        self.link.counters["drop.tcp.unhandled"] += 1
+        n = len(l4)
+        if n < _HDR_STRUCT_LEN:
+            self.counters["drop.tcp.short"] += 1
+            return
+        sport = (l4[0] << 8) | l4[1]
+        dport = (l4[2] << 8) | l4[3]
+        hlen = (l4[12] >> 4) << 2
+        if hlen < _HDR_STRUCT_LEN or hlen > n:
+            self.counters["drop.tcp.bad_offset"] += 1
+            return
+        src = ip.src
+        dst = ip.dst
+        flow = self.flows.get((src, sport, dst, dport))
+        pseudo = (
+            flow.pseudo
+            if flow is not None
+            else ((src[0] << 8 | src[1]) + (src[2] << 8 | src[3]) + (dst[0] << 8 | dst[1])
+                  + (dst[2] << 8 | dst[3]) + PROTO_TCP)
+        )  # fmt: skip
+        total = int.from_bytes(l4, "big")
+        if n & 1:
+            total <<= 8
+        if (total + pseudo + n) % 0xFFFF:
+            self.counters["drop.tcp.bad_checksum"] += 1
+            return
+        seq = int.from_bytes(l4[4:8], "big")
+        ack = int.from_bytes(l4[8:12], "big")
+        flags = l4[13]
+        window = (l4[14] << 8) | l4[15]
+        if flow is None:
+            self._no_flow(ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
+            return
+        state = flow.state
+        if state in (ESTABLISHED, SYN_RCVD):
+            if flags & SYN and not flags & (ACK | RST) and state == SYN_RCVD:
+                self._syn_again(flow, seq, now)
+                return
+            flow.on_segment(seq, ack, flags, window, l4[hlen:], now)
+        elif state == CONNECTING:
+            self._while_connecting(flow, ip, l4, seq, flags, window, hlen, now)
+        elif state == SYN_SENT:
+            self._syn_sent(flow, l4, seq, ack, flags, window, hlen, now)
+        else:
+            self._in_time_wait(flow, ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
+
+    def _no_flow(
+        self,
+        ip: IPv4Header,
+        l4: memoryview,
+        sport: int,
+        dport: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        hlen: int,
+        now: float,
+    ) -> None:
+        """RFC 9293 3.10.7.1 (CLOSED) for everything but a clean SYN; a clean SYN opens a flow."""
+        counters = self.counters
+        if flags & RST:
+            counters["drop.tcp.rst_no_flow"] += 1  # never answer an RST
+            return
+        if flags & ACK or not flags & SYN:
+            counters["drop.tcp.no_flow"] += 1
+            self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
+            return
+        if flags & FIN:
+            counters["drop.tcp.syn_fin"] += 1
+            return
+        src = ip.src
+        dst = ip.dst
+        target = self.link.host_destination(dst, dport)
+        if target is None:
+            counters["tcp.not_reoriginated"] += 1
+            self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
+            return
+        limits = self.limits
+        if self.pending_connects >= limits.max_pending_connects:
+            counters["drop.tcp.pending_limit"] += 1
+            self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
+            return
+        if len(self.flows) >= limits.max_tcp_flows and not self._evict_time_wait():
+            counters["drop.tcp.flow_limit"] += 1
+            self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
+            return
+        if self.per_guest.get(src, 0) >= limits.max_tcp_flows_per_guest:
+            counters["drop.tcp.guest_flow_limit"] += 1
+            self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
+            return
+        try:
+            opts = parse_tcp_options(l4[_HDR_STRUCT_LEN:hlen])
+        except Malformed:
+            counters["drop.tcp.bad_option"] += 1
+            return
+        gmac = self.link.guest_mac(src)
+        if gmac is None:  # the Gateway learns it before calling us; be safe anyway
+            counters["drop.tcp.no_neighbor"] += 1
+            return
+        mss = opts.mss if opts.mss is not None else _DEFAULT_MSS
+        mss = max(_TCP_MIN_MSS, min(mss, self.our_mss))
+        key = (src, sport, dst, dport)
+        flow_id = self.link.new_flow_id()
+        guest = f"{_dotted(src)}:{sport}"
+        remote = f"{_dotted(dst)}:{dport}"
+        log = self.link.log.bind(flow=flow_id, guest=guest, remote=remote)
+        syn_packet = ipv4_header(
+            src, dst, PROTO_TCP, len(l4), ttl=ip.ttl, ident=ip.ident, tos=ip.tos,
+            df=ip.dont_fragment,
+        ) + bytes(l4)  # fmt: skip
+        flow = TcpFlow(
+            self, flow_id, key, gmac, seq, self._isn(key, now), mss, opts.wscale, window,
+            target, syn_packet, log, now,
+        )  # fmt: skip
+        self.flows[key] = flow
+        self.by_id[flow_id] = flow
+        self.per_guest[src] = self.per_guest.get(src, 0) + 1
+        self.pending_connects += 1
+        self.arm(flow, flow.deadline())
+        log.info("tcp.open", host=f"{target[0]}:{target[1]}", mss=mss, wscale=opts.wscale)
+        self.link.outbox.ops.append(TcpConnect(flow_id, target[0], target[1]))
+
+    def _refuse(
+        self,
+        ip: IPv4Header,
+        l4: memoryview,
+        sport: int,
+        dport: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        hlen: int,
+    ) -> None:
+        """The RST for a segment that has no connection (RFC 9293 3.10.7.1)."""
+        if flags & ACK:
+            self.send_rst_for(ip.dst, ip.src, dport, sport, ack, 0, RST)
+        else:
+            seg_len = len(l4) - hlen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+            self.send_rst_for(ip.dst, ip.src, dport, sport, 0, seq + seg_len, RST | ACK)
+
+    def _while_connecting(
+        self,
+        flow: TcpFlow,
+        ip: IPv4Header,
+        l4: memoryview,
+        seq: int,
+        flags: int,
+        window: int,
+        hlen: int,
+        now: float,
+    ) -> None:
+        """Before the SYN-ACK the guest may only repeat its SYN or give up with an RST."""
+        if flags & RST:
+            d = (seq - flow.rcv_nxt) & M32
+            if d < 0xFFFF:  # in the window the guest would have been given
+                self.counters["tcp.reset_by_guest"] += 1
+                self.close(flow, "guest_reset", now, host_abort=True)
+            else:
+                self.counters["drop.tcp.rst_out_of_window"] += 1
+            return
+        if flags & SYN and not flags & (ACK | FIN):
+            if seq == flow.irs:
+                self.counters["tcp.syn_absorbed"] += 1  # the connect is still in progress
+                return
+            # A new attempt on the same 4-tuple (the guest gave up on the old one).
+            flow.irs = seq
+            flow.rcv_nxt = flow.rcv_adv = seq + 1
+            flow.snd_wl1 = seq
+            flow.snd_wnd = flow.max_snd_wnd = window
+            self.counters["tcp.syn_absorbed"] += 1
+            return
+        self.counters["drop.tcp.before_handshake"] += 1
+
+    def _syn_again(self, flow: TcpFlow, seq: int, now: float) -> None:
+        """A SYN while our SYN-ACK is out: the same SYN → resend the SYN-ACK."""
+        if seq == flow.irs:
+            self.counters["tcp.syn_absorbed"] += 1
+            self.send_synack(flow)
+        else:
+            self.challenge_ack(flow, now)
+
+    def _in_time_wait(
+        self,
+        flow: TcpFlow,
+        ip: IPv4Header,
+        l4: memoryview,
+        sport: int,
+        dport: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        hlen: int,
+        now: float,
+    ) -> None:
+        """TIME-WAIT (RFC 9293 3.10.7.4, RFC 1337, RFC 6191)."""
+        if flags & RST:
+            self.counters["drop.tcp.rst_time_wait"] += 1  # RFC 1337: ignore
+            return
+        d = (seq - flow.rcv_nxt) & M32
+        if flags & SYN and not flags & ACK and 0 < d < 0x80000000:
+            # A new incarnation with a higher sequence number: reuse the 4-tuple now.
+            self.close(flow, "closed", now)
+            self._no_flow(ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
+            return
+        flow.send_ack()  # a retransmitted FIN (or anything else): re-ACK, restart the clock
+        if flags & FIN:
+            flow.tw_until = now + self.time_wait
+
+    # -- port forwards: natd opens the connection toward the guest ---------------------------
+
+    def open_inbound(
+        self, guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: int, now: float
+    ) -> int | None:
+        """A flow for a forward's client: natd SYNs ``guest_ip``:``guest_port`` from
+        ``src_ip``:``src_port`` (RFC 9293 active open). Its id, or None when the 4-tuple is
+        taken or a limit is reached (the caller resets the client).
+
+        The host side (the accepted socket) is the shell's; the flow then behaves like any
+        other. A guest RST or silence aborts it (``TcpClose(abort=True)``: the client is reset).
+        """
+        key = (guest_ip, guest_port, src_ip, src_port)
+        limits = self.limits
+        if key in self.flows:
+            self.counters["drop.tcp.inbound_collision"] += 1
+            return None
+        if len(self.flows) >= limits.max_tcp_flows and not self._evict_time_wait():
+            self.counters["drop.tcp.flow_limit"] += 1
+            return None
+        if self.per_guest.get(guest_ip, 0) >= limits.max_tcp_flows_per_guest:
+            self.counters["drop.tcp.guest_flow_limit"] += 1
+            return None
+        flow_id = self.link.new_flow_id()
+        log = self.link.log.bind(
+            flow=flow_id,
+            guest=f"{_dotted(guest_ip)}:{guest_port}",
+            remote=f"{_dotted(src_ip)}:{src_port}",
+            direction="in",
+        )
+        gmac = self.link.guest_mac(guest_ip) or b""
+        flow = TcpFlow(
+            self, flow_id, key, gmac, 0, self._isn(key, now), self.our_mss, None, 0,
+            ("forward", 0), b"", log, now,
+        )  # fmt: skip
+        flow.state = SYN_SENT
+        flow.snd_nxt = flow.snd_max = flow.iss + 1
+        self.flows[key] = flow
+        self.by_id[flow_id] = flow
+        self.per_guest[guest_ip] = self.per_guest.get(guest_ip, 0) + 1
+        log.info("tcp.open")
+        self.send_syn(flow)
+        flow.rtx_at = now + 1.0
+        self.arm(flow, flow.rtx_at)
+        return flow_id
+
+    def is_open(self, flow_id: int) -> bool:
+        """True while the flow carries (or may still carry) data: not TIME-WAIT, not gone."""
+        flow = self.by_id.get(flow_id)
+        return flow is not None and flow.state != TIME_WAIT
+
+    def send_syn(self, flow: TcpFlow) -> None:
+        options = build_tcp_options(mss=self.our_mss, wscale=self.rcv_wscale)
+        segment = build_tcp(
+            flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, flow.iss, 0, SYN,
+            min(self.limit, self.rx_share, 0xFFFF), options=options,
+        )  # fmt: skip
+        self.link.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+
+    def _syn_sent(
+        self,
+        flow: TcpFlow,
+        l4: memoryview,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        hlen: int,
+        now: float,
+    ) -> None:
+        """RFC 9293 3.10.7.3: the guest answers the SYN of a forwarded connection."""
+        if flags & ACK and ack != (flow.iss + 1) & M32:
+            if not flags & RST:
+                self.send_rst_for(flow.remote_ip, flow.guest_ip, flow.remote_port,
+                                  flow.guest_port, ack, 0, RST)  # fmt: skip
+            return
+        if flags & RST:
+            if flags & ACK:  # the guest refused: reset the forward's client
+                self.counters["tcp.refused_by_guest"] += 1
+                self.close(flow, "refused_by_guest", now, host_abort=True)
+            return
+        if not flags & SYN or not flags & ACK:
+            self.counters["drop.tcp.syn_sent"] += 1  # simultaneous open is not supported
+            return
+        try:
+            opts = parse_tcp_options(l4[_HDR_STRUCT_LEN:hlen])
+        except Malformed:
+            self.counters["drop.tcp.bad_option"] += 1
+            return
+        mss = opts.mss if opts.mss is not None else _DEFAULT_MSS
+        flow.mss = max(_TCP_MIN_MSS, min(mss, self.our_mss))
+        flow.cwnd = 10 * flow.mss
+        if opts.wscale is not None:
+            flow.snd_wscale = opts.wscale
+            flow.rcv_wscale = self.rcv_wscale
+        flow.irs = seq
+        flow.rcv_nxt = flow.rcv_adv = seq + 1
+        flow.snd_wnd = flow.max_snd_wnd = window  # a SYN's window is never scaled
+        flow.snd_wl1 = seq
+        flow.snd_wl2 = flow.iss + 1
+        flow.last_rx = now
+        self.counters["tcp.opened"] += 1
+        flow.established(now)
+        flow.send_ack()
+        flow.output(now)
+
+    # -- replies built the slow way (cold paths) ----------------------------------------------
+
+    def send_rst_for(
+        self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int
+    ) -> None:
+        segment = build_tcp(src, dst, sport, dport, seq, ack, flags, 0)
+        self.counters["tcp.rst_sent"] += 1
+        self.link.send_ipv4(src, dst, PROTO_TCP, segment)
+
+    def send_synack(self, flow: TcpFlow) -> None:
+        """SYN-ACK with our MSS (MTU - 40) and, if the guest offered scaling, our scale."""
+        wscale = flow.rcv_wscale if flow.snd_wscale or flow.rcv_wscale else None
+        options = build_tcp_options(mss=self.our_mss, wscale=wscale)
+        window = min(self.limit, self.rx_share, 0xFFFF)
+        flow.rcv_adv = flow.rcv_nxt + window
+        segment = build_tcp(
+            flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, flow.iss,
+            flow.rcv_nxt, SYN | ACK, window, options=options,
+        )  # fmt: skip
+        self.link.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+
+    def challenge_ack(self, flow: TcpFlow, now: float) -> None:
+        """RFC 5961 ACK, rate-limited engine-wide."""
+        second = int(now)
+        if second != self._chack_second:
+            self._chack_second = second
+            self._chack_count = 0
+        if self._chack_count >= self.challenge_ack_limit:
+            self.counters["drop.tcp.challenge_ack_limit"] += 1
+            return
+        self._chack_count += 1
+        self.counters["tcp.challenge_acks"] += 1
+        flow.send_ack()
+
+    def _isn(self, key: tuple[bytes, int, bytes, int], now: float) -> int:
+        """RFC 6528: a keyed hash of the 4-tuple plus a 4 µs clock."""
+        src, sport, dst, dport = key
+        material = src + dst + sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+        digest = hashlib.blake2b(material, key=self._secret, digest_size=4).digest()
+        return (int.from_bytes(digest, "big") + int(now * 250_000)) & M32
+
+    # -- host events -------------------------------------------------------------------------
+
+    def on_host_connected(self, flow_id: int, now: float) -> None:
+        flow = self.by_id.get(flow_id)
+        if flow is None or flow.state != CONNECTING:
+            return
+        self.pending_connects -= 1
+        self.counters["tcp.opened"] += 1
+        flow.state = SYN_RCVD
+        flow.snd_nxt = flow.snd_max = flow.iss + 1
+        flow.last_rx = now
+        self.note_receiver(flow_id, now)
+        self.send_synack(flow)
+        flow.rtx_at = now + 1.0
+        self.arm(flow, flow.rtx_at)
+
+    def on_host_connect_failed(self, flow_id: int, err: int, now: float) -> None:
+        flow = self.by_id.get(flow_id)
+        if flow is None or flow.state != CONNECTING:
+            return
+        self.connect_failed(flow, err, now)
+
+    def connect_failed(self, flow: TcpFlow, err: int | None, now: float) -> None:
+        """Tell the guest its SYN cannot be served: RST for refused, ICMP for unreachable."""
+        if err is None:
+            err = errno.ETIMEDOUT
+        code: int | None = None
+        if err in _UNREACH_NET_ERRNOS:
+            code = UNREACH_NET
+        elif err in _UNREACH_HOST_ERRNOS:
+            code = UNREACH_HOST
+        if code is None:
+            self.counters["tcp.refused"] += 1
+            self.send_rst_for(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
+                              0, flow.rcv_nxt, RST | ACK)  # fmt: skip
+            reason = "refused" if err == errno.ECONNREFUSED else f"connect_error:{err}"
+        else:
+            self.counters["tcp.unreachable"] += 1
+            settings = self.link.settings
+            icmp = build_icmp_error(ICMP_DEST_UNREACH, code, flow.syn_packet)
+            self.link.send_ipv4(settings.gateway_ip, flow.guest_ip, PROTO_ICMP, icmp)
+            reason = "net_unreachable" if code == UNREACH_NET else "host_unreachable"
+            if err == errno.ETIMEDOUT:
+                reason = "connect_timeout"
+        self.close(flow, reason, now)
+
+    def on_host_data(self, flow_id: int, data: bytes, now: float) -> None:
+        flow = self.by_id.get(flow_id)
+        if flow is not None and flow.state in _HOST_ACTIVE:
+            flow.on_host_data(data, now)
+
+    def on_host_eof(self, flow_id: int, now: float) -> None:
+        flow = self.by_id.get(flow_id)
+        if flow is not None and flow.state in _HOST_ACTIVE:
+            flow.on_host_eof(now)
+
+    def on_host_error(self, flow_id: int, err: int, now: float) -> None:
+        flow = self.by_id.get(flow_id)
+        if flow is None or flow.state == CLOSED:
+            return
+        if flow.state == CONNECTING:
+            self.connect_failed(flow, err, now)
+            return
+        if flow.state == TIME_WAIT:
+            return
+        self.counters["tcp.reset_by_host"] += 1
+        self.abort(flow, f"host_error:{errno.errorcode.get(err, err)}", now)
+
+    def on_host_accepted(self, flow_id: int, total: int, now: float) -> None:
+        flow = self.by_id.get(flow_id)
+        if flow is not None:
+            flow.on_host_accepted(total, now)
+
+    # -- ending flows ------------------------------------------------------------------------
+
+    def abort(self, flow: TcpFlow, reason: str, now: float) -> None:
+        """Reset both sides: RST to the guest, SO_LINGER-0 close of the host socket."""
+        if flow.state != CONNECTING:
+            seq = flow.snd_max
+            self.send_rst_for(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
+                              seq, flow.rcv_nxt, RST | ACK)  # fmt: skip
+        self.close(flow, reason, now, host_abort=True)
+
+    def enter_time_wait(self, flow: TcpFlow, now: float) -> None:
+        """natd closed first: free the host socket and buffers now, keep the 4-tuple a while."""
+        flow.state = TIME_WAIT
+        flow.rtx_at = 0.0
+        flow.tw_until = now + self.time_wait
+        flow.flush()
+        self.link.outbox.ops.append(TcpClose(flow.id))
+        flow.release()
+        self._forget_guest(flow)
+        self.time_waits[flow.id] = flow
+        self._log_close(flow, "time_wait", now)
+        self.arm(flow, flow.tw_until)
+
+    def close(self, flow: TcpFlow, reason: str, now: float, *, host_abort: bool = False) -> None:
+        """Remove a flow for good, telling the host side unless it already knows."""
+        state = flow.state
+        if state == CLOSED:
+            return
+        if state == CONNECTING:
+            self.pending_connects -= 1
+        if state != TIME_WAIT:
+            if not host_abort:
+                flow.flush()  # data the guest sent before its FIN still goes out first
+            self.link.outbox.ops.append(TcpClose(flow.id, abort=host_abort))
+            self._log_close(flow, reason, now)
+        else:
+            self.time_waits.pop(flow.id, None)
+        if state != TIME_WAIT:
+            self._forget_guest(flow)
+        if host_abort:
+            self.counters["tcp.reset"] += 1
+        flow.state = CLOSED
+        flow.release()
+        del self.flows[flow.key]
+        del self.by_id[flow.id]
+
+    def _forget_guest(self, flow: TcpFlow) -> None:
+        """The flow stops counting toward its guest's limit (TIME-WAIT flows do not count)."""
+        left = self.per_guest[flow.guest_ip] - 1
+        if left:
+            self.per_guest[flow.guest_ip] = left
+        else:
+            del self.per_guest[flow.guest_ip]
+
+    def _log_close(self, flow: TcpFlow, reason: str, now: float) -> None:
+        self.counters["tcp.closed"] += 1
+        flow.log.info(
+            "tcp.close",
+            reason=reason,
+            state=flow.state_name(),
+            bytes_to_host=flow.bytes_to_host,
+            bytes_to_guest=flow.bytes_to_guest,
+            duration=round(now - flow.opened_at, 3),
+        )
+
+    def _evict_time_wait(self) -> bool:
+        """Make room at the flow limit by dropping the oldest TIME-WAIT flow, if any."""
+        for flow in self.time_waits.values():
+            self.counters["tcp.time_wait_evicted"] += 1
+            self.close(flow, "closed", flow.tw_until)
+            return True
+        return False
+
+    # -- batching and time -------------------------------------------------------------------
+
+    def mark_dirty(self, flow: TcpFlow, now: float) -> None:
+        if not self._dirty:
+            self._dirty_at = now
+        flow.dirty = True
+        self._dirty.append(flow)
+        self.note_receiver(flow.id, now)
+
+    def note_receiver(self, flow_id: int, now: float) -> None:
+        """Count ``flow_id`` among the flows sharing the receive budget this epoch."""
+        cur = self._rx_cur
+        if now >= self._rx_epoch_end:
+            self._rx_prev = len(cur)
+            cur.clear()
+            self._rx_epoch_end = now + self.rx_epoch
+        if flow_id not in cur:
+            cur.add(flow_id)
+            active = max(len(cur), self._rx_prev)
+            self.rx_share = max(self._min_share, min(self.limit, self.rx_budget // active))
+
+    def end_batch(self, now: float) -> None:
+        """One TcpSend and one cumulative ACK per flow for the batch just received."""
+        if self._dirty:
+            dirty = self._dirty
+            self._dirty = []
+            for flow in dirty:
+                if flow.dirty and flow.state != CLOSED:
+                    flow.flush()
+
+    def arm(self, flow: TcpFlow, when: float) -> None:
+        """Make sure ``on_timer`` visits ``flow`` by ``when`` (lazy: later entries re-arm)."""
+        if when < flow.sched:
+            flow.sched = when
+            heapq.heappush(self._heap, (when, flow.id))
+            if len(self._heap) > 2 * len(self.by_id) + 64:
+                self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        heap = []
+        for flow in self.by_id.values():
+            if flow.sched != float("inf"):
+                heap.append((flow.sched, flow.id))
+        heapq.heapify(heap)
+        self._heap = heap
 
     def next_deadline(self) -> float | None:
-        return None
+        if self._dirty:
+            return self._dirty_at
+        return self._heap[0][0] if self._heap else None
 
     def on_timer(self, now: float) -> None:
-        return None
+        self.end_batch(now)
+        heap = self._heap
+        by_id = self.by_id
+        while heap and heap[0][0] <= now:
+            when, flow_id = heapq.heappop(heap)
+            flow = by_id.get(flow_id)
+            if flow is None or flow.sched != when:
+                continue
+            flow.sched = float("inf")
+            flow.on_timer(now)
+            if flow.state != CLOSED:
+                self.arm(flow, flow.deadline())
+        self.end_batch(now)
+
+
+def state_of(engine: TcpEngine, flow_id: int) -> str:
+    """The RFC state name of a flow (``CLOSED`` once it is gone), for tests and diagnostics."""
+    flow = engine.by_id.get(flow_id)
+    return "CLOSED" if flow is None else flow.state_name()
+
+
+__all__ = ["TcpEngine", "state_of"]

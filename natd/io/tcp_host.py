@@ -1,0 +1,241 @@
+"""Host TCP sockets for the TCP engine's flows: the shell half of every guest connection.
+
+One asyncio (uvloop) transport per flow. The core decides everything; this module only pumps:
+
+* ``TcpConnect`` → a non-blocking ``connect()`` bounded by ``CONNECT_TIMEOUT``; success is
+  reported from ``connection_made`` (before any ``data_received`` can run, so no byte can reach
+  the core ahead of the SYN-ACK), failure as an errno (``ETIMEDOUT`` for the timeout).
+* ``TcpSend`` → ``transport.write``. The write buffer limits are (0, 0): ``pause_writing``
+  fires as soon as anything stays buffered and ``resume_writing`` once it has all gone to the
+  kernel, so after each write and on each resume the core learns exactly how many guest bytes
+  the host kernel has taken (``on_host_accepted``) and opens the guest's window by that much.
+* ``TcpPause`` / ``TcpResume`` → ``pause_reading`` / ``resume_reading`` (the guest's side is
+  full / drained).
+* ``TcpShutdown`` → ``write_eof`` (shutdown(SHUT_WR) once the buffer is flushed).
+* ``TcpClose`` → ``close`` (graceful, flushes), or with ``abort`` an RST: SO_LINGER 0, then
+  ``abort``. The flow is forgotten first, so no event for it reaches the core afterwards.
+
+Host events go into the core as ``gateway.tcp.on_host_*`` calls followed by ``shell.kick()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import struct
+from typing import Any, cast
+
+from natd.stack.gateway import Gateway
+from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpPause, TcpResume, TcpSend, TcpShutdown
+
+CONNECT_TIMEOUT = 10.0
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class _Conn(asyncio.Protocol):
+    """The protocol of one connected host socket."""
+
+    __slots__ = (
+        "eof", "flow", "forgotten", "host", "inbound", "reported", "transport", "written",
+    )  # fmt: skip
+
+    def __init__(self, host: TcpHost, flow: int, inbound: bool = False) -> None:
+        self.host = host
+        self.flow = flow
+        self.inbound = inbound
+        self.transport: asyncio.Transport | None = None
+        self.written = 0
+        self.reported = 0
+        self.eof = False
+        self.forgotten = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they have its methods.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=0, low=0)
+        self.host.connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.forgotten:
+            host = self.host
+            host.engine.on_host_data(self.flow, data, host.shell.now())
+            host.shell.kick()
+
+    def eof_received(self) -> bool:
+        if not self.forgotten:
+            self.eof = True
+            host = self.host
+            host.engine.on_host_eof(self.flow, host.shell.now())
+            host.shell.kick()
+        return True  # keep the socket open for writing: TCP half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.forgotten:
+            return
+        host = self.host
+        host.forget(self.flow)
+        now = host.shell.now()
+        if exc is not None:
+            err = getattr(exc, "errno", None) or errno.ECONNRESET
+            host.engine.on_host_error(self.flow, err, now)
+        elif not self.eof:
+            host.engine.on_host_eof(self.flow, now)
+        host.shell.kick()
+
+    def resume_writing(self) -> None:
+        self.report()
+        self.host.shell.kick()
+
+    def report(self) -> None:
+        """Tell the core how many guest bytes the host kernel has taken so far."""
+        transport = self.transport
+        if transport is None or self.forgotten:
+            return
+        accepted = self.written - transport.get_write_buffer_size()
+        if accepted > self.reported:
+            self.reported = accepted
+            self.host.engine.on_host_accepted(self.flow, accepted, self.host.shell.now())
+
+
+class TcpHost:
+    """Performs the TCP ops of ``natd.stack.ops`` on real sockets (the ``HostSide`` protocol)."""
+
+    ops: tuple[type, ...] = (TcpConnect, TcpSend, TcpShutdown, TcpClose, TcpPause, TcpResume)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, gateway: Gateway, shell: Any) -> None:
+        self.loop = loop
+        self.gateway = gateway
+        self.engine = gateway.tcp
+        self.shell = shell
+        self.connect_timeout = CONNECT_TIMEOUT
+        self.conns: dict[int, _Conn] = {}
+        self.connecting: dict[int, asyncio.Task[None]] = {}
+
+    # -- the HostSide protocol ---------------------------------------------------------------
+
+    def perform(self, op: HostOp) -> None:
+        if isinstance(op, TcpSend):
+            conn = self.conns.get(op.flow)
+            if conn is not None and conn.transport is not None:
+                conn.transport.write(op.data)
+                conn.written += len(op.data)
+                conn.report()
+        elif isinstance(op, TcpConnect):
+            if op.flow not in self.conns and op.flow not in self.connecting:
+                task = self.loop.create_task(self._connect(op))
+                self.connecting[op.flow] = task
+        elif isinstance(op, TcpPause):
+            conn = self.conns.get(op.flow)
+            if conn is not None and conn.transport is not None and conn.transport.is_reading():
+                conn.transport.pause_reading()
+        elif isinstance(op, TcpResume):
+            conn = self.conns.get(op.flow)
+            if conn is not None and conn.transport is not None:
+                conn.transport.resume_reading()
+        elif isinstance(op, TcpShutdown):
+            conn = self.conns.get(op.flow)
+            if conn is not None and conn.transport is not None and conn.transport.can_write_eof():
+                with contextlib.suppress(OSError, RuntimeError):
+                    conn.transport.write_eof()
+        elif isinstance(op, TcpClose):
+            self._close(op.flow, op.abort)
+
+    def close(self) -> None:
+        """Shutdown: reset every host connection, cancel every connect."""
+        for flow in list(self.conns):
+            self._close(flow, abort=True)
+        for task in self.connecting.values():
+            task.cancel()
+        self.connecting.clear()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def connected(self, conn: _Conn) -> None:
+        """From ``connection_made``: register the flow and let the core SYN-ACK the guest."""
+        if self.connecting.pop(conn.flow, None) is None:  # closed while connecting
+            conn.forgotten = True
+            if conn.transport is not None:
+                conn.transport.abort()
+            return
+        self.conns[conn.flow] = conn
+        if not conn.inbound:
+            self.engine.on_host_connected(conn.flow, self.shell.now())
+            self.shell.kick()
+
+    def adopt(self, flow: int, sock: socket.socket) -> None:
+        """A port forward's accepted client becomes the host side of inbound ``flow``.
+
+        The engine has already sent the guest its SYN; bytes the client sends meanwhile are
+        held in the flow until the guest accepts (and the client is paused when that is full).
+        """
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError as exc:
+            sock.close()
+            self.engine.on_host_error(flow, exc.errno or errno.ECONNRESET, self.shell.now())
+            self.shell.kick()
+            return
+        self.connecting[flow] = self.loop.create_task(self._adopt(flow, sock))
+
+    async def _adopt(self, flow: int, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: _Conn(self, flow, inbound=True), sock=sock
+            )
+        except OSError as exc:
+            sock.close()
+            if self.connecting.pop(flow, None) is not None:
+                self.engine.on_host_error(flow, exc.errno or errno.ECONNRESET, self.shell.now())
+                self.shell.kick()
+
+    def forget(self, flow: int) -> _Conn | None:
+        conn = self.conns.pop(flow, None)
+        if conn is not None:
+            conn.forgotten = True
+        return conn
+
+    def _close(self, flow: int, abort: bool) -> None:
+        task = self.connecting.pop(flow, None)
+        if task is not None:
+            task.cancel()
+        conn = self.forget(flow)
+        if conn is None or conn.transport is None:
+            return
+        transport = conn.transport
+        if abort:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            transport.abort()
+        else:
+            transport.close()
+
+    async def _connect(self, op: TcpConnect) -> None:
+        family = socket.AF_INET6 if ":" in op.host else socket.AF_INET
+        err = 0
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            async with asyncio.timeout(self.connect_timeout):
+                await self.loop.sock_connect(sock, (op.host, op.port))
+            await self.loop.create_connection(lambda: _Conn(self, op.flow), sock=sock)
+        except TimeoutError:
+            err = errno.ETIMEDOUT
+        except OSError as exc:
+            err = exc.errno or errno.ECONNREFUSED
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        if err:
+            sock.close()
+            if self.connecting.pop(op.flow, None) is not None:
+                self.engine.on_host_connect_failed(op.flow, err, self.shell.now())
+                self.shell.kick()

@@ -1,0 +1,217 @@
+"""A fake guest TCP for the TcpEngine tests: builds segments, reads natd's replies with dpkt.
+
+Guest frames are built with natd.wire (itself tested against dpkt); natd's replies are parsed
+with dpkt and their IPv4 and TCP checksums recomputed independently (``helpers.inet_checksum``),
+which checks the engine's header-template fast path against an oracle.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import dpkt
+from helpers import RecordingLog, check_ipv4, transport_ok
+
+from natd.stack.gateway import Gateway
+from natd.stack.ops import HostOp
+from natd.stack.settings import GatewaySettings, Limits
+from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
+from natd.wire.ipv4 import PROTO_TCP, build_ipv4
+from natd.wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp, build_tcp_options
+
+GUEST_MAC = bytes.fromhex("525400123456")
+GUEST_IP = bytes((10, 0, 2, 15))
+GW_IP = bytes((10, 0, 2, 2))
+REMOTE_IP = bytes((198, 51, 100, 10))
+M32 = 0xFFFFFFFF
+
+__all__ = ["ACK", "FIN", "PSH", "RST", "SYN"]
+
+
+@dataclass
+class Seg:
+    """One TCP segment natd sent to the guest."""
+
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    payload: bytes
+    opts: dict[int, bytes]
+
+    def has(self, flags: int) -> bool:
+        return self.flags & flags == flags
+
+
+def parse_segment(frame: bytes) -> Seg | None:
+    """A TCP segment from one of natd's frames (None if the frame is not TCP)."""
+    eth, ip = check_ipv4(frame)
+    if ip.p != PROTO_TCP:
+        return None
+    assert eth.dst == GUEST_MAC
+    assert transport_ok(ip, PROTO_TCP), "bad TCP checksum from natd"
+    tcp = ip.data
+    assert isinstance(tcp, dpkt.tcp.TCP)
+    opts = {k: v for k, v in dpkt.tcp.parse_opts(tcp.opts)}
+    return Seg(
+        ip.src, ip.dst, tcp.sport, tcp.dport, tcp.seq, tcp.ack, tcp.flags, tcp.win,
+        bytes(tcp.data), opts,
+    )  # fmt: skip
+
+
+@dataclass
+class Out:
+    """What one step made natd do."""
+
+    segs: list[Seg]
+    frames: list[bytes]
+    ops: list[HostOp]
+
+    def only(self) -> Seg:
+        assert len(self.segs) == 1, self.segs
+        return self.segs[0]
+
+    def data(self) -> bytes:
+        return b"".join(s.payload for s in self.segs)
+
+    def ops_of(self, kind: type) -> list[Any]:
+        return [op for op in self.ops if isinstance(op, kind)]
+
+
+def new_gateway(buffer: int | None = None, **limits: Any) -> tuple[Gateway, RecordingLog]:
+    if buffer is not None:
+        limits["tcp_buffer_bytes"] = buffer
+    settings = GatewaySettings(limits=Limits(**limits)) if limits else GatewaySettings()
+    log = RecordingLog()
+    return Gateway(settings, log=log), log
+
+
+@dataclass
+class Guest:
+    """The guest end of one connection: tracks its own seq/ack so tests read like a trace."""
+
+    gw: Gateway
+    now: float = 100.0
+    sport: int = 40000
+    dst: bytes = REMOTE_IP
+    dport: int = 80
+    iss: int = 1_000_000
+    seq: int = 0  # next seq the guest sends (set by syn())
+    ack: int = 0  # next seq the guest expects from natd
+    mss: int = 1460
+    wscale: int | None = 7
+    window: int = 0xFFFF  # raw 16-bit field the guest advertises
+    natd_iss: int = 0
+    natd_wscale: int = 0
+    flow: int = 0
+    received: bytearray = field(default_factory=bytearray)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def frame(
+        self,
+        flags: int,
+        payload: bytes = b"",
+        *,
+        seq: int | None = None,
+        ack: int | None = None,
+        window: int | None = None,
+        options: bytes = b"",
+        corrupt: bool = False,
+    ) -> bytes:
+        seg = bytearray(
+            build_tcp(
+                GUEST_IP, self.dst, self.sport, self.dport,
+                self.seq if seq is None else seq, self.ack if ack is None else ack, flags,
+                self.window if window is None else window, payload, options,
+            )
+        )  # fmt: skip
+        if corrupt:
+            seg[16] ^= 0x55
+        packet = build_ipv4(GUEST_IP, self.dst, PROTO_TCP, bytes(seg))
+        return build_ethernet(self.gw.mac, GUEST_MAC, ETHERTYPE_IPV4, packet)
+
+    def feed(self, *frames: bytes) -> Out:
+        """Frames in as one batch, then what the shell would do: flush and run due timers."""
+        self.gw.receive_frames(list(frames), self.now)
+        return self.drain()
+
+    def drain(self) -> Out:
+        deadline = self.gw.next_deadline()
+        if deadline is not None and deadline <= self.now:
+            self.gw.on_timer(self.now)
+        frames, ops = self.gw.take_outbox()
+        segs = [s for s in (parse_segment(f) for f in frames) if s is not None]
+        return Out(segs, frames, ops)
+
+    def send(self, flags: int, payload: bytes = b"", **kw: Any) -> Out:
+        out = self.feed(self.frame(flags, payload, **kw))
+        if "seq" not in kw:
+            self.seq = (self.seq + len(payload) + (1 if flags & (SYN | FIN) else 0)) & M32
+        return out
+
+    def advance(self, seconds: float) -> Out:
+        """Move the fake clock and fire whatever timers are due."""
+        self.now += seconds
+        self.gw.on_timer(self.now)
+        return self.drain()
+
+    # -- handshakes --------------------------------------------------------------------------
+
+    def syn(self) -> Out:
+        self.seq = self.iss
+        options = build_tcp_options(mss=self.mss, wscale=self.wscale)
+        out = self.send(SYN, options=options)
+        ops = out.ops
+        if ops:
+            self.flow = getattr(ops[0], "flow", 0)
+        return out
+
+    def connected(self) -> Seg:
+        """The host connect succeeded: natd's SYN-ACK, checked."""
+        self.gw.tcp.on_host_connected(self.flow, self.now)
+        out = self.drain()
+        synack = out.only()
+        assert synack.has(SYN | ACK)
+        assert synack.ack == (self.iss + 1) & M32
+        self.natd_iss = synack.seq
+        self.ack = (synack.seq + 1) & M32
+        if 3 in synack.opts:
+            self.natd_wscale = synack.opts[3][0]
+        return synack
+
+    def establish(self) -> Seg:
+        """SYN, host connected, SYN-ACK, ACK: returns the SYN-ACK."""
+        self.syn()
+        synack = self.connected()
+        out = self.send(ACK)
+        assert out.segs == []
+        return synack
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def host_data(self, data: bytes) -> Out:
+        self.gw.tcp.on_host_data(self.flow, data, self.now)
+        return self.drain()
+
+    def take(self, out: Out) -> bytes:
+        """Accept natd's in-order data (as a receiving guest would) and move ``ack`` on."""
+        got = bytearray()
+        for s in out.segs:
+            if s.seq == self.ack and s.payload:
+                got += s.payload
+                self.ack = (self.ack + len(s.payload)) & M32
+            if s.flags & FIN and (s.seq + len(s.payload)) & M32 == self.ack:
+                self.ack = (self.ack + 1) & M32
+        self.received += got
+        return bytes(got)
+
+
+def mss_of(seg: Seg) -> int:
+    return int(struct.unpack("!H", seg.opts[2])[0])
