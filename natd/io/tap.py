@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import struct
 from typing import Any
 
@@ -37,6 +38,10 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 _IFREQ_SIZE = 40  # struct ifreq: 16-byte name + a 24-byte union; flags are a short at 16
+SIOCSIFTXQLEN = 0x8943
+# The guest → natd direction queues in the TAP's txqueue while natd is busy; the default 1000
+# frames overflow under many parallel flows (dropped ACKs, guest RTOs). 10000 absorbs bursts.
+TX_QUEUE_LEN = 10000
 
 READ_SIZE = 65536 + 128  # the largest TAP frame (MTU 65535 + Ethernet) plus any header
 BATCH_LIMIT = 64
@@ -160,11 +165,19 @@ def _create(name: str, mtu: int | None) -> TapLink:
         # pytun makes its ioctl socket at call time, so these act in the namespace we are in.
         if mtu is not None:
             dev.mtu = mtu
+        _set_txqueuelen(str(dev.name), TX_QUEUE_LEN)
         dev.up()
         return TapLink(fd, str(dev.name), VIRTIO_NET_HDR_LEN, owner=dev)
     except BaseException:
         dev.close()
         raise
+
+
+def _set_txqueuelen(name: str, qlen: int) -> None:
+    """Set the interface's txqueuelen (an ioctl on a socket of the current namespace)."""
+    ifreq = struct.pack("16si20x", name.encode(), qlen)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), SIOCSIFTXQLEN, ifreq)
 
 
 def open_tap(name: str, *, netns: str | None = None, mtu: int | None = None) -> TapLink:
