@@ -6,56 +6,77 @@ the TAP is opened first, on the main thread and before the event loop exists, be
 is a runtime failure: one line on stderr and exit status 1, no traceback. Once serving, natd
 signals readiness (``--ready-fd`` and ``sd_notify``) and runs until SIGTERM/SIGINT (exit 0)
 or until the TAP goes away (exit 1).
+
+Before readiness every listener is bound: the control socket and each configured port forward
+(``natd.io.forwards``); a forward whose port is taken is a runtime failure naming the forward
+(exit 1). SIGHUP and ``natd ctl reload`` re-read the config file (``Daemon.reload``): forwards,
+DHCP static leases, DNS upstreams and ``host_loopback`` change live, without touching
+established connections; other differences are logged as "restart required" and ignored; an
+invalid file changes nothing and is logged in one line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
+import dataclasses
 import os
+import resource
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 import uvloop
 
-from natd.config import Config
+from natd.config import (
+    Config,
+    ConfigError,
+    Forward,
+    forwards_overlap,
+    parse_forward,
+    reload_config,
+)
 from natd.io.control import (
     ControlError,
     ControlServer,
     ControlSocketError,
+    FlowInfo,
     Handler,
     LeaseInfo,
+    flows_result,
+    forward_handler,
     leases_result,
     no_args,
     stats_result,
 )
+from natd.io.dns_upstream import DnsUpstream
+from natd.io.forwards import ActiveForward, ForwardError, ForwardManager
 from natd.io.netns import netns_identity
+from natd.io.ping_host import PingHost
 from natd.io.sdnotify import notify
-from natd.io.shell import Shell
+from natd.io.shell import HostSide, Shell
 from natd.io.tap import TapError, TapLink, adopt_tap_fd, open_tap
+from natd.io.tcp_host import TcpHost
+from natd.io.udp_host import UdpHost
 from natd.stack.gateway import Gateway
 from natd.stack.settings import GatewaySettings, StaticLease
 from natd.wire.ethernet import mac_from_str
 
 NETNS_CHECK_INTERVAL = 1.0  # seconds between checks that the --netns namespace still exists
 
-# Host sides, by module and class; each is constructed as ``cls(loop, gateway, shell)``.
-# Guarded by find_spec while they are being written: a missing one is logged, not fatal.
-HOST_SIDES: tuple[tuple[str, str], ...] = (
-    ("natd.io.tcp_host", "TcpHost"),
-    ("natd.io.udp_host", "UdpHost"),
-    ("natd.io.dns_upstream", "DnsUpstream"),
-    ("natd.io.ping_host", "PingHost"),
-)
+# Every host side, constructed as ``cls(loop, gateway, shell)``; one that fails is fatal.
+HOST_SIDES: tuple[type[Any], ...] = (TcpHost, UdpHost, DnsUpstream, PingHost)
 
 
-def settings_from_config(cfg: Config) -> GatewaySettings:
-    """Translate the validated config into the core's plain-value settings."""
+def settings_from_config(cfg: Config, *, tso: bool = False) -> GatewaySettings:
+    """Translate the validated config into the core's plain-value settings.
+
+    ``tso``: the TAP accepted offloads (``TapLink.offloads``), so TCP to the guest may go out
+    as 64 KB GSO frames with partial checksums.
+    """
     static = tuple(
         StaticLease(mac=mac_from_str(s.mac), ip=s.ip.packed, hostname=s.hostname)
         for s in cfg.static_leases
@@ -70,6 +91,7 @@ def settings_from_config(cfg: Config) -> GatewaySettings:
         domain=cfg.domain,
         static_leases=static,
         dns_upstreams=tuple(cfg.dns_upstreams),
+        tso=tso,
     )
 
 
@@ -87,15 +109,42 @@ def open_link(cfg: Config) -> TapLink:
         raise TapError(f"cannot open TAP {cfg.tap_name}{where}: {exc}") from exc
 
 
+def raise_nofile_limit() -> tuple[int, int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit: every TCP, UDP and ping flow holds a socket.
+
+    Returns (soft before, soft now, hard). An unlimited hard limit cannot be a soft limit;
+    the kernel's ``fs.nr_open`` is the real ceiling then.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = soft
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target, hard
+        except (OSError, ValueError):
+            pass
+    return soft, soft, hard
+
+
 def run(cfg: Config) -> int:
     """Serve the virtual network described by ``cfg`` until a signal; the exit status."""
     log = structlog.get_logger("natd").bind(net=str(cfg.cidr))
     settings = settings_from_config(cfg)
+    before, now_soft, hard = raise_nofile_limit()
     try:
         tap = open_link(cfg)
     except TapError as exc:
         print(f"natd: {exc}", file=sys.stderr, flush=True)
         return 1
+    settings = dataclasses.replace(settings, tso=tap.offloads)
+    # Logged only now: a TAP failure must stay the one line on stderr.
+    log.info("rlimit.nofile", soft_before=before, soft=now_soft, hard=hard)
     netns_id = netns_identity(cfg.netns) if cfg.netns and cfg.tap_fd is None else None
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -104,60 +153,337 @@ def run(cfg: Config) -> int:
         tap.close()
 
 
+class HostSideError(RuntimeError):
+    """A host side could not be constructed: natd cannot serve (exit 1, one line)."""
+
+
 def register_host_sides(
     loop: asyncio.AbstractEventLoop, gateway: Gateway, shell: Shell, log: Any
-) -> list[str]:
-    """Construct and register every host side that exists; the names of those registered."""
-    names: list[str] = []
-    for module_name, class_name in HOST_SIDES:
-        if importlib.util.find_spec(module_name) is None:
-            log.warning("host_side.missing", module=module_name)
-            continue
+) -> dict[str, HostSide]:
+    """Construct and register every host side; raises HostSideError if one cannot start."""
+    sides: dict[str, HostSide] = {}
+    for side_class in HOST_SIDES:
+        name = side_class.__name__
         try:
-            side_class = getattr(importlib.import_module(module_name), class_name)
-            shell.register(side_class(loop, gateway, shell))
+            side: HostSide = side_class(loop, gateway, shell)
         except Exception as exc:
-            log.error("host_side.failed", side=class_name, error=repr(exc))
-            continue
-        names.append(class_name)
-    return names
+            log.error("host_side.failed", side=name, error=repr(exc))
+            raise HostSideError(f"cannot start the {name} host side: {exc}") from exc
+        shell.register(side)
+        sides[name] = side
+    return sides
 
 
-def control_handlers(gateway: Gateway, shell: Shell, started: float) -> dict[str, Handler]:
-    """The ``natd ctl`` commands this daemon answers today (a live dict: more can be added)."""
+def _split(addr_port: object) -> tuple[str, int]:
+    host, _, port = str(addr_port).rpartition(":")
+    return host, int(port) if port.isdigit() else 0
 
-    def stats() -> object:
-        counters = dict(gateway.counters)
-        counters.update(shell.tap.stats())
-        extra = {
-            "uptime": round(shell.now() - started, 1),
-            "tap": shell.tap.name,
-            "leases": len(gateway.dhcp.leases(shell.now())),
-        }
-        return stats_result(counters, extra=extra)
 
-    def leases() -> object:
-        now = shell.now()
-        rows = [
-            LeaseInfo(
-                mac=lease.mac,
-                ip=lease.ip,
-                hostname=lease.hostname,
-                expires=None if lease.static else lease.expiry,
-                static=lease.static,
+def flow_rows(gateway: Gateway) -> list[FlowInfo]:
+    """Every TCP and UDP flow as the control socket's ``flows`` shows it."""
+    rows: list[FlowInfo] = []
+    for f in list(gateway.tcp.by_id.values()):
+        rows.append(
+            FlowInfo(
+                proto="tcp",
+                guest_addr=f.guest_ip,
+                guest_port=f.guest_port,
+                remote_addr=f.remote_ip,
+                remote_port=f.remote_port,
+                state=f.state_name(),
+                bytes_out=f.bytes_to_host,
+                bytes_in=f.bytes_to_guest,
+                started=f.opened_at,
+                direction="in" if f.inbound else "out",
+                flow_id=f.id,
             )
-            for lease in gateway.dhcp.leases(now)
-        ]
-        return leases_result(rows, now)
+        )
+    for row in gateway.udp.flows():
+        guest, guest_port = _split(row["guest"])
+        started = row.get("started", 0.0)
+        when = float(started) if isinstance(started, int | float) else 0.0
+        out, into = row.get("bytes_out", 0), row.get("bytes_in", 0)
+        flow_id = row.get("id")
+        if row.get("direction") == "in":
+            remote, remote_port = _split(row["client"])
+            direction, state = "in", "open"
+        else:
+            peers = row.get("peers") or []
+            assert isinstance(peers, list)
+            remote = str(peers[-1]) if peers else "-"
+            remote_port = 0
+            direction = "out"
+            state = "open" if len(peers) <= 1 else f"open ({len(peers)} peers)"
+        rows.append(
+            FlowInfo(
+                proto="udp",
+                guest_addr=guest,
+                guest_port=guest_port,
+                remote_addr=remote,
+                remote_port=remote_port,
+                state=state,
+                bytes_out=out if isinstance(out, int) else 0,
+                bytes_in=into if isinstance(into, int) else 0,
+                started=when,
+                direction=direction,
+                flow_id=flow_id if isinstance(flow_id, int) else None,
+            )
+        )
+    return rows
 
-    def reload() -> object:
-        raise ControlError("reload not implemented yet")
 
-    return {
-        "stats": no_args("stats", stats),
-        "leases": no_args("leases", leases),
-        "reload": no_args("reload", reload),
-    }
+# Config fields a reload can apply live; any other difference needs a restart.
+LIVE_FIELDS = ("forwards", "static_leases", "dns_upstreams", "host_loopback")
+RESTART_FIELDS = (
+    "cidr",
+    "mtu",
+    "tap_name",
+    "netns",
+    "tap_fd",
+    "pool",
+    "lease_time",
+    "domain",
+    "control",
+    "log_format",
+    "log_level",
+)
+
+
+class Daemon:
+    """The running state behind the signals and the control socket: config, forwards."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        gateway: Gateway,
+        shell: Shell,
+        forwards: ForwardManager,
+        log: Any,
+        started: float,
+    ) -> None:
+        self.cfg = cfg
+        self.gateway = gateway
+        self.shell = shell
+        self.forwards = forwards
+        self.log = log
+        self.started = started
+
+    # -- forwards ----------------------------------------------------------------------------
+
+    def start_forwards(self) -> None:
+        """Bind every configured forward (startup); ForwardError names the first that fails."""
+        for fwd in self.cfg.forwards:
+            self.forwards.add(fwd, "config")
+
+    def _overlapping(self, fwd: Forward) -> ActiveForward | None:
+        for active in self.forwards.active:
+            if forwards_overlap(fwd, active.forward):
+                return active
+        return None
+
+    def forward_add(self, spec: str) -> object:
+        try:
+            fwd = parse_forward(spec, self.cfg.cidr, self.cfg.pool[0])
+        except ConfigError as exc:
+            raise ControlError(str(exc)) from exc
+        if self.forwards.find(fwd) is not None:
+            raise ControlError(f"forward {fwd.spec()} exists already")
+        other = self._overlapping(fwd)
+        if other is not None:
+            raise ControlError(
+                f"forward {fwd.spec()} overlaps forward {other.spec} ({other.source})"
+            )
+        try:
+            active = self.forwards.add(fwd, "runtime")
+        except ForwardError as exc:
+            raise ControlError(str(exc)) from exc
+        return self._row(active)
+
+    def forward_remove(self, spec: str) -> object:
+        try:
+            fwd = parse_forward(spec, self.cfg.cidr, self.cfg.pool[0])
+        except ConfigError as exc:
+            raise ControlError(str(exc)) from exc
+        for active in self.forwards.active:
+            bound = dataclasses.replace(active.forward, host_port=active.port)
+            if fwd in (active.forward, bound):
+                row = self._row(active)
+                self.forwards.remove(active)
+                return row
+        raise ControlError(f"no forward {fwd.spec()} (see natd ctl forward list)")
+
+    def forward_list(self) -> object:
+        return self.forwards.rows()
+
+    def _row(self, active: ActiveForward) -> dict[str, object]:
+        for row in self.forwards.rows():
+            if row["spec"] == active.spec and row["port"] == active.port:
+                return row
+        return {"spec": active.spec, "port": active.port}
+
+    # -- reload ------------------------------------------------------------------------------
+
+    def reload(self, trigger: str) -> dict[str, object]:
+        """Re-read the config file and apply what can change live; ConfigError if invalid.
+
+        An invalid file changes nothing. Established connections are never touched: removed
+        forwards only stop listening, settings swap under the engines.
+        """
+        notify(
+            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
+        try:
+            return self._reload(trigger)
+        finally:
+            notify("READY=1", self.status())
+
+    def _reload(self, trigger: str) -> dict[str, object]:
+        old = self.cfg
+        try:
+            new = reload_config(old)
+        except ConfigError as exc:
+            self.log.error("reload.failed", trigger=trigger, error=str(exc))
+            raise
+        restart = [name for name in RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
+        if restart:
+            self.log.warning(
+                "reload.restart_required", trigger=trigger, changed=restart, applied=False
+            )
+        applied: list[str] = []
+        fresh = settings_from_config(new)
+        current = self.gateway.settings
+        settings = dataclasses.replace(
+            current,
+            static_leases=fresh.static_leases,
+            dns_upstreams=fresh.dns_upstreams,
+            host_loopback=fresh.host_loopback,
+        )
+        if settings != current:
+            self.gateway.apply_settings(settings)
+            for name in ("static_leases", "dns_upstreams", "host_loopback"):
+                if getattr(settings, name) != getattr(current, name):
+                    applied.append(name)
+        removed, added, errors = self._reload_forwards(new.forwards)
+        self.cfg = dataclasses.replace(
+            old,
+            forwards=new.forwards,
+            static_leases=new.static_leases,
+            dns_upstreams=new.dns_upstreams,
+            host_loopback=new.host_loopback,
+        )
+        self.log.info(
+            "reload.done",
+            trigger=trigger,
+            changed=applied,
+            forwards_added=added,
+            forwards_removed=removed,
+            errors=errors,
+            restart_required=restart,
+        )
+        self.shell.kick()
+        return {
+            "changed": applied,
+            "forwards_added": added,
+            "forwards_removed": removed,
+            "errors": errors,
+            "restart_required": restart,
+        }
+
+    def _reload_forwards(
+        self, wanted: tuple[Forward, ...]
+    ) -> tuple[list[str], list[str], list[str]]:
+        removed: list[str] = []
+        added: list[str] = []
+        errors: list[str] = []
+        for active in list(self.forwards.active):
+            if active.source == "config" and active.forward not in wanted:
+                self.forwards.remove(active)
+                removed.append(active.spec)
+        for fwd in wanted:
+            existing = self.forwards.find(fwd)
+            if existing is not None:
+                continue
+            other = self._overlapping(fwd)
+            if other is not None:
+                msg = f"forward {fwd.spec()} overlaps forward {other.spec} ({other.source})"
+            else:
+                try:
+                    self.forwards.add(fwd, "config")
+                    added.append(fwd.spec())
+                    continue
+                except ForwardError as exc:
+                    msg = str(exc)
+            self.log.error("reload.forward_failed", forward=fwd.spec(), error=msg)
+            errors.append(msg)
+        return removed, added, errors
+
+    def on_sighup(self) -> None:
+        with contextlib.suppress(ConfigError):  # logged; the old config stays
+            self.reload("SIGHUP")
+
+    def ctl_reload(self) -> object:
+        try:
+            return self.reload("control")
+        except ConfigError as exc:
+            raise ControlError(f"reload failed, nothing changed: {exc}") from exc
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> str:
+        tcp = self.gateway.tcp.flow_count
+        udp = len(self.gateway.udp)
+        return (
+            f"STATUS=serving {self.cfg.cidr} on {self.shell.tap.name}: "
+            f"{len(self.forwards.active)} forwards, {tcp} tcp / {udp} udp flows"
+        )
+
+    def handlers(self) -> dict[str, Handler]:
+        """The ``natd ctl`` commands (a live dict handed to the control server)."""
+        gateway = self.gateway
+        shell = self.shell
+
+        def stats() -> object:
+            counters = dict(gateway.counters)
+            counters.update(shell.tap.stats())
+            extra = {
+                "uptime": round(shell.now() - self.started, 1),
+                "tap": shell.tap.name,
+                "leases": len(gateway.dhcp.leases(shell.now())),
+                "tcp_flows": gateway.tcp.flow_count,
+                "udp_flows": len(gateway.udp),
+                "forwards": len(self.forwards.active),
+            }
+            return stats_result(counters, extra=extra)
+
+        def leases() -> object:
+            now = shell.now()
+            rows = [
+                LeaseInfo(
+                    mac=lease.mac,
+                    ip=lease.ip,
+                    hostname=lease.hostname,
+                    expires=None if lease.static else lease.expiry,
+                    static=lease.static,
+                )
+                for lease in gateway.dhcp.leases(now)
+            ]
+            return leases_result(rows, now)
+
+        def flows() -> object:
+            return flows_result(flow_rows(gateway), shell.now())
+
+        return {
+            "stats": no_args("stats", stats),
+            "leases": no_args("leases", leases),
+            "flows": no_args("flows", flows),
+            "reload": no_args("reload", self.ctl_reload),
+            "forward": forward_handler(
+                self.forward_add,
+                self.forward_remove,
+                self.forward_list,
+                user_errors=(ConfigError, ForwardError, OSError),
+            ),
+        }
 
 
 def _signal_ready(fd: int | None, log: Any) -> None:
@@ -217,16 +543,45 @@ async def _serve(
             done.set_result((code, reason))
 
     shell = Shell(loop, gateway, tap, log, on_tap_gone=lambda why: finish(1, f"tap gone: {why}"))
-    sides = register_host_sides(loop, gateway, shell, log)
+    try:
+        sides = register_host_sides(loop, gateway, shell, log)
+    except HostSideError as exc:
+        shell.stop()
+        print(f"natd: {exc}", file=sys.stderr, flush=True)
+        return 1
+    tcp_host = sides.get("TcpHost")
+    udp_host = sides.get("UdpHost")
+    forwards = ForwardManager(
+        loop,
+        gateway,
+        shell,
+        tcp_host if isinstance(tcp_host, TcpHost) else None,
+        udp_host if isinstance(udp_host, UdpHost) else None,
+        log,
+    )
+    daemon = Daemon(cfg, gateway, shell, forwards, log, loop.time())
     control: ControlServer | None = None
+
+    async def abandon(message: str) -> int:
+        forwards.close()
+        if control is not None:
+            await control.close()
+        shell.stop()
+        print(f"natd: {message}", file=sys.stderr, flush=True)
+        return 1
+
     if cfg.control is not None:
-        control = ControlServer(cfg.control, control_handlers(gateway, shell, loop.time()), log)
+        control = ControlServer(cfg.control, daemon.handlers(), log)
         try:
             await control.start()
         except ControlSocketError as exc:
-            shell.stop()
-            print(f"natd: {exc}", file=sys.stderr, flush=True)
-            return 1
+            control = None
+            return await abandon(str(exc))
+    try:
+        daemon.start_forwards()
+    except ForwardError as exc:
+        log.error("forward.failed", error=str(exc))
+        return await abandon(str(exc))
     stop_watch: Callable[[], None] | None = None
     if cfg.netns is not None and netns_id is not None:
 
@@ -237,13 +592,9 @@ async def _serve(
         stop_watch = _watch_netns(loop, cfg.netns, netns_id, netns_gone)
     loop.add_signal_handler(signal.SIGTERM, finish, 0, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, finish, 0, "SIGINT")
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: log.warning("reload not implemented yet", signal="SIGHUP")
-    )
+    loop.add_signal_handler(signal.SIGHUP, daemon.on_sighup)
     try:
         shell.start()
-        if cfg.forwards:
-            log.warning("forwards.not_implemented", forwards=[f.spec() for f in cfg.forwards])
         log.info(
             "started",
             cidr=str(cfg.cidr),
@@ -251,11 +602,13 @@ async def _serve(
             netns=cfg.netns,
             mtu=cfg.mtu,
             vnet_hdr=tap.vnet_hdr_len,
-            host_sides=sides,
+            offloads=tap.offloads,
+            host_sides=list(sides),
+            forwards=[row["host"] for row in forwards.rows()],
             pid=os.getpid(),
         )
         _signal_ready(cfg.ready_fd, log)
-        notify("READY=1", f"STATUS=serving {cfg.cidr} on {tap.name}", f"MAINPID={os.getpid()}")
+        notify("READY=1", daemon.status(), f"MAINPID={os.getpid()}")
         code, reason = await done
     finally:
         notify("STOPPING=1")
@@ -263,6 +616,7 @@ async def _serve(
             stop_watch()
         if control is not None:
             await control.close()
+        forwards.close()
         shell.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

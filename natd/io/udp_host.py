@@ -11,6 +11,12 @@ type/code, which the engine turns into a destination-unreachable for the guest
 
 Each readiness callback reads up to ``BATCH`` datagrams, hands each to
 ``UdpEngine.on_host_datagram`` and kicks the shell once.
+
+Port forwards: a UDP forward's clients are inbound flows whose replies leave through the
+forward's listening socket, not a socket of their own. ``natd.io.forwards`` registers each with
+``attach_inbound(flow, sock, address, on_close)``; a ``UdpSend`` for such a flow is a
+``sendto`` on that socket, and ``UdpClose`` (idle timeout) just forgets it and tells the
+forward (``on_close``) so it drops its client mapping. The listening socket stays open.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import errno
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from natd.stack.gateway import Gateway
@@ -93,14 +100,48 @@ class UdpHost:
         self.shell = shell
         self.log: Any = gateway.log.bind(side="udp")
         self._flows: dict[int, _Flow] = {}
+        # Inbound (port forward) flows: flow → (listening socket, client address, on_close).
+        self._inbound: dict[int, tuple[socket.socket, tuple[str, int], Callable[[int], None]]] = {}
         self.send_dropped = 0
         self.socket_failures = 0
 
     def perform(self, op: HostOp) -> None:
         if isinstance(op, UdpSend):
-            self._send(op)
+            inbound = self._inbound.get(op.flow)
+            if inbound is not None:
+                self._send_inbound(op, inbound[0], inbound[1])
+            else:
+                self._send(op)
         elif isinstance(op, UdpClose):
-            self._close_flow(op.flow)
+            gone = self._inbound.pop(op.flow, None)
+            if gone is not None:
+                gone[2](op.flow)
+            else:
+                self._close_flow(op.flow)
+
+    def attach_inbound(
+        self,
+        flow: int,
+        sock: socket.socket,
+        address: tuple[str, int],
+        on_close: Callable[[int], None],
+    ) -> None:
+        """Route the inbound flow ``flow``'s datagrams out of ``sock`` to ``address``."""
+        self._inbound[flow] = (sock, address, on_close)
+
+    def detach_inbound(self, flow: int) -> None:
+        """The forward is closing: forget the flow without calling its ``on_close``."""
+        self._inbound.pop(flow, None)
+
+    def _send_inbound(self, op: UdpSend, sock: socket.socket, address: tuple[str, int]) -> None:
+        try:
+            sock.sendto(op.payload, address)
+        except (BlockingIOError, InterruptedError):
+            self.send_dropped += 1
+            self.gateway.counters["drop.udp.host_send_full"] += 1
+        except OSError as exc:
+            self.gateway.counters["drop.udp.forward_send_error"] += 1
+            self.log.debug("udp.forward_send_failed", flow=op.flow, error=str(exc))
 
     def _open(self, op: UdpSend) -> _Flow | None:
         sock: socket.socket | None = None
@@ -200,6 +241,7 @@ class UdpHost:
         f.sock.close()
 
     def close(self) -> None:
+        self._inbound.clear()  # the sockets belong to the forwards, which close them
         for flow in list(self._flows):
             with contextlib.suppress(Exception):
                 self._close_flow(flow)

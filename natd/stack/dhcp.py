@@ -38,6 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from natd.stack.link import Link
+from natd.stack.settings import GatewaySettings
 from natd.wire import Malformed
 from natd.wire.dhcp import (
     BOOTREPLY,
@@ -164,6 +165,34 @@ class DhcpServer:
         self._seq = 0
         self._last_exhausted_log = float("-inf")
         self._config = self._config_options(s.domain)
+
+    def apply_settings(self, s: GatewaySettings) -> None:
+        """Reload: new static leases. A lease that contradicts them is dropped, so its
+        client's next renewal is NAKed and it asks again (and gets its reservation)."""
+        static: dict[bytes, tuple[bytes, str | None]] = {}
+        reserved: dict[bytes, bytes] = {}
+        for lease in s.static_leases:
+            if not s.in_network(lease.ip) or lease.ip in self._owned or lease.ip in reserved:
+                self.link.log.warning(
+                    "dhcp.static_ignored", mac=lease.mac.hex(":"), ip=_dotted(lease.ip)
+                )
+                continue
+            static[lease.mac] = (lease.ip, lease.hostname)
+            reserved[lease.ip] = lease.mac
+        self._static = static
+        self._reserved = reserved
+        for held in list(self._by_key.values()):
+            mine = static.get(held.mac)
+            owner = reserved.get(held.ip)
+            if held.static and (mine is None or mine[0] != held.ip):
+                stale = True  # its reservation was removed or moved
+            else:
+                stale = not held.static and (
+                    mine is not None or (owner is not None and owner != held.mac)
+                )
+            if stale:
+                self.link.log.info("dhcp.lease_dropped", ip=_dotted(held.ip), reason="reload")
+                self._remove(held, remember=False)
 
     def _config_options(self, domain: str) -> dict[int, bytes]:
         """The network's configuration options (RFC 2132), computed once."""

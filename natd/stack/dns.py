@@ -48,6 +48,7 @@ from collections import OrderedDict
 
 from natd.stack.link import Link
 from natd.stack.ops import DnsQuery
+from natd.stack.settings import GatewaySettings
 from natd.wire import Malformed
 from natd.wire.dns import (
     CLASS_IN,
@@ -135,6 +136,19 @@ class DnsForwarder:
         self._by_guest: dict[tuple[bytes, int, int], _Pending] = {}
         self._names: dict[Name, bytes] = {}
         self._reverse: dict[Name, Name] = {}
+        self._add_local(f"host.{s.domain}", s.gateway_ip)
+        for lease in s.static_leases:
+            if lease.hostname:
+                self._add_local(f"{lease.hostname}.{s.domain}", lease.ip)
+                self._add_local(lease.hostname, lease.ip, reverse=False)
+
+    def apply_settings(self, s: GatewaySettings) -> None:
+        """Reload: new upstreams and static-lease names; queries in flight finish as they are."""
+        self.upstreams = s.dns_upstreams
+        # No upstream left: a pending query's next retry must fail rather than pick one.
+        self.attempts = max(2, len(self.upstreams)) if self.upstreams else 0
+        self._names.clear()
+        self._reverse.clear()
         self._add_local(f"host.{s.domain}", s.gateway_ip)
         for lease in s.static_leases:
             if lease.hostname:

@@ -23,6 +23,18 @@ either way) for ``limits.udp_idle_timeout`` seconds is closed (``UdpClose``); at
 ``MAX_PEERS`` remembered peers per flow. Host datagrams larger than one guest frame
 (MTU - 28) are dropped and counted: natd does not fragment.
 
+Port forwards (inbound)
+-----------------------
+A UDP port forward (``natd.io.forwards``) keeps one *inbound* flow per host client
+(address, port): ``open_inbound`` creates it, ``on_host_inbound`` delivers the client's
+datagram to the guest from the client's own address and port (a loopback, in-network or
+special client address is shown as the gateway address, as slirp does), and the guest's replies
+to that address and port come back as ``UdpSend(flow, client_host, client_port)``, which the
+host side sends from the forward's listening socket. Inbound flows idle out like outbound ones
+(``UdpClose``) and are bounded by ``limits.max_udp_flows`` on their own (LRU). A datagram for a
+guest whose MAC is not known yet triggers an ARP request (``send_ipv4`` does) and is kept and
+retried ``INBOUND_RETRIES`` times, ``INBOUND_RETRY`` seconds apart.
+
 Host events (called by ``natd.io.udp_host.UdpHost``)
 ----------------------------------------------------
 - ``on_host_datagram(flow, host, port, payload, now)``: a datagram arrived on the flow's socket
@@ -48,9 +60,49 @@ from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, IPv4Header, build_ipv4
 from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
 
 MAX_PEERS = 64
+INBOUND_RETRY = 0.25  # seconds between tries of a datagram for a guest not ARPed yet
+INBOUND_RETRIES = 8
 _LOOPBACK = b"\x7f\x00\x00\x01"
 
 FlowKey = tuple[bytes, int, bool]  # guest ip, guest port, loopback policy
+InboundKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, shown source ip, source port
+
+
+class UdpInbound:
+    """One host client of a UDP port forward ↔ one guest (address, port)."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "client_host",
+        "client_port",
+        "guest_ip",
+        "guest_port",
+        "id",
+        "key",
+        "last_active",
+        "log",
+        "pending",
+        "retries",
+        "retry_at",
+        "src_ip",
+        "started",
+    )
+
+    def __init__(
+        self, flow_id: int, key: InboundKey, client: tuple[str, int], now: float, log: Any
+    ) -> None:
+        self.id = flow_id
+        self.key = key
+        self.guest_ip, self.guest_port, self.src_ip, _ = key
+        self.client_host, self.client_port = client
+        self.last_active = self.started = now
+        self.bytes_in = 0  # client → guest
+        self.bytes_out = 0  # guest → client
+        self.pending: bytes | None = None  # a datagram waiting for the guest's MAC
+        self.retries = 0
+        self.retry_at = 0.0
+        self.log = log
 
 
 class UdpFlow:
@@ -67,13 +119,14 @@ class UdpFlow:
         "log",
         "loopback",
         "peers",
+        "started",
     )
 
     def __init__(self, flow_id: int, key: FlowKey, now: float, log: Any) -> None:
         self.id = flow_id
         self.key = key
         self.guest_ip, self.guest_port, self.loopback = key
-        self.last_active = now
+        self.last_active = self.started = now
         self.peers: OrderedDict[bytes, None] = OrderedDict()  # guest-visible peer addresses
         self.bytes_in = 0
         self.bytes_out = 0
@@ -93,6 +146,8 @@ class UdpEngine:
         self._flows: OrderedDict[FlowKey, UdpFlow] = OrderedDict()
         self._per_guest: dict[bytes, OrderedDict[FlowKey, UdpFlow]] = {}
         self._by_id: dict[int, UdpFlow] = {}
+        self._inbound: OrderedDict[InboundKey, UdpInbound] = OrderedDict()
+        self._inbound_by_id: dict[int, UdpInbound] = {}
 
     # -- guest side ---------------------------------------------------------------------------
 
@@ -104,6 +159,17 @@ class UdpEngine:
         if dport == 0 or sport == 0:
             link.counters["drop.udp.port_zero"] += 1
             return
+        if self._inbound:
+            inbound = self._inbound.get((ip.src, sport, dst, dport))
+            if inbound is not None:  # a reply to a port forward's client
+                self._inbound.move_to_end(inbound.key)
+                inbound.last_active = now
+                inbound.bytes_out += len(payload)
+                link.counters["udp.forward_tx"] += 1
+                link.outbox.ops.append(
+                    UdpSend(inbound.id, inbound.client_host, inbound.client_port, bytes(payload))
+                )
+                return
         target = link.host_destination(dst, dport)
         if target is None:
             s = link.settings
@@ -254,14 +320,133 @@ class UdpEngine:
         icmp = build_icmp_error(ICMP_DEST_UNREACH, code, original, mtu=mtu)
         self.link.send_ipv4(origin, guest, PROTO_ICMP, icmp)
 
+    # -- port forwards (inbound) ----------------------------------------------------------------
+
+    def shown_source(self, host: str) -> bytes:
+        """The address the guest sees for a forward's client at ``host``.
+
+        The real address, like slirp4netns and passt; but the host's loopback, addresses of the
+        virtual network itself and special ones are not reachable from the guest, so those
+        clients appear as the gateway address (where the guest's replies come back to natd).
+        """
+        s = self.link.settings
+        try:
+            addr = ipaddress.IPv4Address(host).packed
+        except ValueError:
+            return s.gateway_ip
+        if addr[0] in (0, 127) or addr[0] >= 224 or s.in_network(addr):
+            return s.gateway_ip
+        return addr
+
+    def open_inbound(
+        self, guest_ip: bytes, guest_port: int, client_host: str, client_port: int, now: float
+    ) -> int | None:
+        """A flow for a new client of a UDP forward to ``guest_ip``:``guest_port``; its id.
+
+        None when another client already shows up to the guest with the same address and port
+        (two loopback addresses, same port): the datagram is dropped, the client may retry.
+        """
+        key = (guest_ip, guest_port, self.shown_source(client_host), client_port)
+        old = self._inbound.get(key)
+        if old is not None:
+            if (old.client_host, old.client_port) == (client_host, client_port):
+                return old.id
+            self.link.counters["drop.udp.forward_collision"] += 1
+            return None
+        if len(self._inbound) >= self.max_flows:
+            self._close_inbound(next(iter(self._inbound.values())), "evicted")
+            self.link.counters["udp.evicted"] += 1
+        flow_id = self.link.new_flow_id()
+        log = self.link.log.bind(
+            flow=flow_id,
+            guest=f"{ipaddress.IPv4Address(guest_ip)}:{guest_port}",
+            client=f"{client_host}:{client_port}",
+        )
+        flow = UdpInbound(flow_id, key, (client_host, client_port), now, log)
+        self._inbound[key] = flow
+        self._inbound_by_id[flow_id] = flow
+        self.link.counters["udp.forward_flows_opened"] += 1
+        log.debug("udp.forward_open")
+        return flow_id
+
+    def on_host_inbound(self, flow: int, payload: bytes, now: float) -> bool:
+        """A forward's client sent ``payload``: deliver it to the guest. False: no such flow."""
+        f = self._inbound_by_id.get(flow)
+        if f is None:
+            return False
+        counters = self.link.counters
+        if len(payload) > self.link.settings.mtu - 20 - UDP_HLEN:
+            counters["drop.udp.too_big"] += 1
+            return True
+        self._inbound.move_to_end(f.key)
+        f.last_active = now
+        f.bytes_in += len(payload)
+        counters["udp.forward_rx"] += 1
+        if not self._deliver(f, payload):
+            f.pending = payload  # ARP is on its way; the newest datagram waits for it
+            f.retries = 0
+            f.retry_at = now + INBOUND_RETRY
+        return True
+
+    def has_inbound(self, flow: int) -> bool:
+        return flow in self._inbound_by_id
+
+    def close_inbound(self, flow: int) -> None:
+        """The forward went away (or the host side failed): forget the flow, no UdpClose."""
+        f = self._inbound_by_id.get(flow)
+        if f is not None:
+            self._close_inbound(f, "forward_closed", tell_host=False)
+
+    def _deliver(self, f: UdpInbound, payload: bytes) -> bool:
+        segment = build_udp(f.src_ip, f.guest_ip, f.client_port, f.guest_port, payload)
+        return self.link.send_ipv4(f.src_ip, f.guest_ip, PROTO_UDP, segment)
+
+    def _close_inbound(self, f: UdpInbound, reason: str, *, tell_host: bool = True) -> None:
+        del self._inbound[f.key]
+        del self._inbound_by_id[f.id]
+        if tell_host:
+            self.link.outbox.ops.append(UdpClose(f.id))
+        f.log.debug("udp.forward_close", reason=reason, bytes_in=f.bytes_in, bytes_out=f.bytes_out)
+
+    def _inbound_timer(self, now: float) -> None:
+        for f in [f for f in self._inbound.values() if f.pending is not None]:
+            if f.retry_at > now or f.pending is None:
+                continue
+            if self._deliver(f, f.pending):
+                f.pending = None
+            else:
+                f.retries += 1
+                if f.retries >= INBOUND_RETRIES:
+                    self.link.counters["drop.udp.forward_no_neighbor"] += 1
+                    f.pending = None
+                else:
+                    f.retry_at = now + INBOUND_RETRY
+        while self._inbound:
+            f = next(iter(self._inbound.values()))
+            if f.last_active + self.idle_timeout > now:
+                break
+            self.link.counters["udp.idle_closed"] += 1
+            self._close_inbound(f, "idle")
+
     # -- time ---------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
+        deadline: float | None = None
         for flow in self._flows.values():
-            return flow.last_active + self.idle_timeout
-        return None
+            deadline = flow.last_active + self.idle_timeout
+            break
+        for f in self._inbound.values():
+            idle = f.last_active + self.idle_timeout
+            deadline = idle if deadline is None else min(deadline, idle)
+            break
+        for f in self._inbound.values():
+            if f.pending is not None:
+                deadline = f.retry_at if deadline is None else min(deadline, f.retry_at)
+        return deadline
 
     def on_timer(self, now: float) -> None:
+        if self._inbound:
+            self._inbound_timer(now)
         while self._flows:
             flow = next(iter(self._flows.values()))
             if flow.last_active + self.idle_timeout > now:
@@ -272,7 +457,7 @@ class UdpEngine:
     # -- introspection ------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._flows)
+        return len(self._flows) + len(self._inbound)
 
     def flows(self) -> list[dict[str, object]]:
         """A snapshot for the control socket's ``flows`` command."""
@@ -285,9 +470,23 @@ class UdpEngine:
                 "peers": [str(ipaddress.IPv4Address(p)) for p in f.peers],
                 "bytes_out": f.bytes_out,
                 "bytes_in": f.bytes_in,
+                "started": f.started,
             }
             for f in self._flows.values()
+        ] + [
+            {
+                "proto": "udp",
+                "id": f.id,
+                "direction": "in",
+                "guest": f"{ipaddress.IPv4Address(f.guest_ip)}:{f.guest_port}",
+                "client": f"{f.client_host}:{f.client_port}",
+                "shown_as": f"{ipaddress.IPv4Address(f.src_ip)}:{f.client_port}",
+                "bytes_out": f.bytes_out,
+                "bytes_in": f.bytes_in,
+                "started": f.started,
+            }
+            for f in self._inbound.values()
         ]
 
 
-__all__ = ["MAX_PEERS", "UdpEngine", "UdpFlow"]
+__all__ = ["INBOUND_RETRIES", "INBOUND_RETRY", "MAX_PEERS", "UdpEngine", "UdpFlow", "UdpInbound"]

@@ -725,7 +725,8 @@ def test_inbound_flow_to_a_silent_guest_gives_up() -> None:
         syns += sum(1 for s in out.segs if s.flags == SYN)
         if out.ops_of(TcpClose):
             break
-    assert syns == g.gw.tcp.synack_retries
+    # SYN retransmits at 1, 3 and 7 s; natd gives up at inbound_syn_timeout (10 s).
+    assert syns == 3
     assert not g.gw.tcp.is_open(flow)
 
 

@@ -1,0 +1,329 @@
+"""Port forwards: host listeners whose clients are connected into the guest.
+
+One listening socket per forward, bound to exactly the address the forward names (127.0.0.1
+unless the user asked for another, 0.0.0.0 included). Host port 0 lets the kernel pick; the
+port actually bound is what ``forward.listening`` logs and ``natd ctl forward list`` shows.
+
+* TCP: each accepted connection becomes a flow the TCP engine opens *toward* the guest
+  (``TcpEngine.open_inbound``: natd sends the SYN, from the client's own address and port as
+  the guest should see it) and whose host side is the accepted socket
+  (``TcpHost.adopt``). From then on it is an ordinary flow: same buffers, same ops. If the guest
+  refuses or never answers, the engine aborts the flow and the client sees a reset.
+* UDP: each client (address, port) gets an inbound flow in the UDP engine
+  (``UdpEngine.open_inbound``); the guest's replies leave through the listening socket
+  (``UdpHost.attach_inbound``). Mappings end with the engine's idle timeout.
+
+The guest sees the real client address; a loopback (or otherwise unreachable-from-the-guest)
+client appears as the gateway address (``UdpEngine.shown_source``), as with slirp4netns and passt.
+
+Removing a forward closes its listener only: TCP connections that came through it carry on
+until they end. A UDP forward's client mappings cannot outlive the socket they reply through,
+so they end with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from natd.config import Forward
+from natd.io.tcp_host import TcpHost
+from natd.io.udp_host import UdpHost
+from natd.stack.gateway import Gateway
+
+ACCEPT_BATCH = 64
+RECV_BATCH = 64
+RECV_SIZE = 65535
+LISTEN_BACKLOG = 128
+EMFILE_BACKOFF = 0.5  # seconds an accept loop rests when natd is out of file descriptors
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+Source = Literal["config", "runtime"]
+
+
+class ForwardError(Exception):
+    """A forward cannot be set up; ``str(e)`` is the whole one-line message."""
+
+
+@dataclass(eq=False)
+class ActiveForward:
+    """A forward that is listening."""
+
+    forward: Forward
+    source: Source
+    sock: socket.socket
+    port: int  # the host port actually bound (differs from forward.host_port when that is 0)
+    guest_ip: bytes
+    flows: set[int] = field(default_factory=set)
+    clients: dict[tuple[str, int], int] = field(default_factory=dict)  # UDP: client → flow
+    accepted: int = 0
+    paused: Any = None  # TimerHandle while accepting rests after EMFILE
+
+    @property
+    def spec(self) -> str:
+        return self.forward.spec()
+
+
+def listen_error(fwd: Forward, exc: OSError) -> ForwardError:
+    why = exc.strerror or str(exc)
+    return ForwardError(
+        f"forward {fwd.spec()}: cannot listen on {fwd.host_addr}:{fwd.host_port}: {why}"
+    )
+
+
+class ForwardManager:
+    """The running forwards of one daemon: add, remove, list, close."""
+
+    def __init__(
+        self,
+        loop: Any,
+        gateway: Gateway,
+        shell: Any,
+        tcp_host: TcpHost | None,
+        udp_host: UdpHost | None,
+        log: Any,
+    ) -> None:
+        self.loop = loop
+        self.gateway = gateway
+        self.shell = shell
+        self.tcp_host = tcp_host
+        self.udp_host = udp_host
+        self.log = log
+        self.active: list[ActiveForward] = []
+
+    # -- the daemon's operations -------------------------------------------------------------
+
+    def add(self, fwd: Forward, source: Source) -> ActiveForward:
+        """Bind and start serving ``fwd``; raises ForwardError naming the forward."""
+        sock = self._bind(fwd)
+        port = int(sock.getsockname()[1])
+        guest_ip = ipaddress.IPv4Address(fwd.guest_addr).packed
+        active = ActiveForward(fwd, source, sock, port, guest_ip)
+        if fwd.proto == "tcp":
+            self.loop.add_reader(sock.fileno(), self._on_accept, active)
+        else:
+            self.loop.add_reader(sock.fileno(), self._on_datagram, active)
+        self.active.append(active)
+        self.log.info(
+            "forward.listening",
+            forward=fwd.spec(),
+            proto=fwd.proto,
+            host=f"{fwd.host_addr}:{port}",
+            port=port,
+            guest=f"{fwd.guest_addr}:{fwd.guest_port}",
+            source=source,
+        )
+        return active
+
+    def remove(self, active: ActiveForward) -> None:
+        """Stop listening; TCP connections that came through it are left alone."""
+        if active not in self.active:
+            return
+        self.active.remove(active)
+        self._stop_listening(active)
+        if active.forward.proto == "udp":
+            for flow in list(active.flows):
+                if self.udp_host is not None:
+                    self.udp_host.detach_inbound(flow)
+                self.gateway.udp.close_inbound(flow)
+            active.flows.clear()
+            active.clients.clear()
+        self.log.info(
+            "forward.removed",
+            forward=active.spec,
+            source=active.source,
+            connections=self.connections(active),
+        )
+        self.shell.kick()
+
+    def find(self, fwd: Forward) -> ActiveForward | None:
+        for active in self.active:
+            if active.forward == fwd:
+                return active
+        return None
+
+    def connections(self, active: ActiveForward) -> int:
+        """Connections (TCP) or client mappings (UDP) alive that came through ``active``."""
+        if active.forward.proto == "tcp":
+            alive = {f for f in active.flows if self.gateway.tcp.is_open(f)}
+        else:
+            alive = {f for f in active.flows if self.gateway.udp.has_inbound(f)}
+        active.flows = alive
+        return len(alive)
+
+    def rows(self) -> list[dict[str, object]]:
+        """What ``natd ctl forward list`` shows."""
+        return [
+            {
+                "proto": a.forward.proto,
+                "host": f"{a.forward.host_addr}:{a.port}",
+                "guest": f"{a.forward.guest_addr}:{a.forward.guest_port}",
+                "port": a.port,
+                "spec": a.spec,
+                "source": a.source,
+                "connections": self.connections(a),
+            }
+            for a in self.active
+        ]
+
+    def close(self) -> None:
+        """Shutdown: close every listener (the host sides close the connections)."""
+        for active in self.active:
+            self._stop_listening(active)
+        self.active.clear()
+
+    # -- listening ---------------------------------------------------------------------------
+
+    def _bind(self, fwd: Forward) -> socket.socket:
+        kind = socket.SOCK_STREAM if fwd.proto == "tcp" else socket.SOCK_DGRAM
+        sock = socket.socket(socket.AF_INET, kind | socket.SOCK_CLOEXEC)
+        try:
+            if fwd.proto == "tcp":
+                # Restarting natd must not wait out TIME-WAIT; this does not let two listeners
+                # share a port on Linux.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+            sock.bind((fwd.host_addr, fwd.host_port))
+            if fwd.proto == "tcp":
+                sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise listen_error(fwd, exc) from exc
+        return sock
+
+    def _stop_listening(self, active: ActiveForward) -> None:
+        if active.paused is not None:
+            active.paused.cancel()
+            active.paused = None
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            self.loop.remove_reader(active.sock.fileno())
+        active.sock.close()
+
+    # -- TCP ---------------------------------------------------------------------------------
+
+    def _on_accept(self, active: ActiveForward) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = active.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._rest(active, exc)
+                # ECONNABORTED and friends: that client is gone; the next may be fine.
+                break
+            active.accepted += 1
+            self._connect_inbound(active, conn, address)
+        self.shell.kick()
+
+    def _rest(self, active: ActiveForward, exc: OSError) -> None:
+        """Out of descriptors: stop accepting a moment instead of spinning on readiness."""
+        self.gateway.counters["forward.accept_failed"] += 1
+        self.log.warning("forward.accept_failed", forward=active.spec, error=exc.strerror)
+        with contextlib.suppress(OSError, ValueError):
+            self.loop.remove_reader(active.sock.fileno())
+
+        def again() -> None:
+            active.paused = None
+            if active in self.active:
+                self.loop.add_reader(active.sock.fileno(), self._on_accept, active)
+
+        active.paused = self.loop.call_later(EMFILE_BACKOFF, again)
+
+    def _connect_inbound(
+        self, active: ActiveForward, conn: socket.socket, address: tuple[str, int]
+    ) -> None:
+        client_host, client_port = str(address[0]), int(address[1])
+        fwd = active.forward
+        flow: int | None = None
+        if self.tcp_host is not None:
+            src = self.gateway.udp.shown_source(client_host)
+            flow = self.gateway.tcp.open_inbound(
+                active.guest_ip, fwd.guest_port, src, client_port, self.shell.now()
+            )
+        if flow is None:
+            self.gateway.counters["forward.refused"] += 1
+            _reset(conn)
+            return
+        active.flows.add(flow)
+        self.log.debug(
+            "forward.accepted",
+            forward=active.spec,
+            flow=flow,
+            client=f"{client_host}:{client_port}",
+        )
+        assert self.tcp_host is not None
+        self.tcp_host.adopt(flow, conn)
+
+    # -- UDP ---------------------------------------------------------------------------------
+
+    def _on_datagram(self, active: ActiveForward) -> None:
+        udp = self.gateway.udp
+        now = self.shell.now()
+        sock = active.sock
+        for _ in range(RECV_BATCH):
+            try:
+                data, address = sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue  # an ICMP error for an earlier reply (the client went away)
+            client = (str(address[0]), int(address[1]))
+            flow = active.clients.get(client)
+            if flow is None or not udp.on_host_inbound(flow, data, now):
+                if flow is not None:  # the engine forgot it (evicted): start afresh
+                    self._forget_client(active, client, flow)
+                flow = self._open_client(active, client, now)
+                if flow is not None:
+                    udp.on_host_inbound(flow, data, now)
+        self.shell.kick()
+
+    def _open_client(
+        self, active: ActiveForward, client: tuple[str, int], now: float
+    ) -> int | None:
+        fwd = active.forward
+        flow = self.gateway.udp.open_inbound(
+            active.guest_ip, fwd.guest_port, client[0], client[1], now
+        )
+        if flow is None:
+            return None
+        active.clients[client] = flow
+        active.flows.add(flow)
+        if self.udp_host is not None:
+            self.udp_host.attach_inbound(flow, active.sock, client, self._closer(active, client))
+        return flow
+
+    def _closer(self, active: ActiveForward, client: tuple[str, int]) -> Callable[[int], None]:
+        def on_close(flow: int) -> None:
+            if active.clients.get(client) == flow:
+                del active.clients[client]
+            active.flows.discard(flow)
+
+        return on_close
+
+    def _forget_client(self, active: ActiveForward, client: tuple[str, int], flow: int) -> None:
+        active.clients.pop(client, None)
+        active.flows.discard(flow)
+        if self.udp_host is not None:
+            self.udp_host.detach_inbound(flow)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close an accepted socket with an RST: the client must not think it got through."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    conn.close()
+
+
+__all__ = [
+    "ActiveForward",
+    "ForwardError",
+    "ForwardManager",
+    "listen_error",
+]
