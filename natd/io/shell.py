@@ -68,6 +68,12 @@ class Shell:
         self._kicked = False
         self._reading = False
         self._stopped = False
+        # The real Gateway hands out per-frame vnet headers (GSO) with its frames; a stand-in
+        # core with only ``take_outbox`` (tests) sends plain frames.
+        take_output = getattr(gateway, "take_output", None)
+        self._take_output: Callable[[], tuple[list[bytes], dict[int, bytes], list[HostOp]]] = (
+            take_output if take_output is not None else self._take_plain
+        )
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -94,12 +100,19 @@ class Shell:
     def _flush(self, timer_ran: bool) -> None:
         gateway = self.gateway
         tap = self.tap
+        take = self._take_output
         for _ in range(_MAX_FLUSH_ROUNDS):
-            frames, ops = gateway.take_outbox()
+            frames, vnet, ops = take()
             if frames or ops:
                 if not tap.closed:
-                    for frame in frames:
-                        tap.write(frame)
+                    write = tap.write
+                    if vnet:
+                        get = vnet.get
+                        for i, frame in enumerate(frames):
+                            write(frame, get(i))
+                    else:
+                        for frame in frames:
+                            write(frame)
                 for op in ops:
                     self._perform(op)
                 continue
@@ -115,6 +128,10 @@ class Shell:
         else:
             self.kick()  # still producing: continue next turn rather than starve the loop
         self._arm_timer()
+
+    def _take_plain(self) -> tuple[list[bytes], dict[int, bytes], list[HostOp]]:
+        frames, ops = self.gateway.take_outbox()
+        return frames, {}, ops
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -171,7 +188,11 @@ class Shell:
             return
         if frames:
             try:
-                self.gateway.receive_frames(frames, self.loop.time())
+                csum = self.tap.rx_csum
+                if csum is None:
+                    self.gateway.receive_frames(frames, self.loop.time())
+                else:
+                    self.gateway.receive_frames(frames, self.loop.time(), csum)
             except Exception:  # the core promises not to raise; if it does, keep serving
                 self.errors += 1
                 self.log.exception("gateway.receive_failed", frames=len(frames))

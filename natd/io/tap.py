@@ -1,11 +1,15 @@
 """The TAP link: frames between the guest's kernel and natd, through one non-blocking fd.
 
 The device is opened with ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`` from the start, so every frame
-read or written carries a 10-byte ``virtio_net_hdr`` in front. Offloads are off for now
-(``TUNSETOFFLOAD 0``), so the header natd writes is all zeros and the one it reads only says
-"nothing special"; turning on CSUM/TSO later changes what goes *into* the header, not the
-plumbing. An fd handed over with ``--tap-fd`` may or may not have ``IFF_VNET_HDR``:
-``TUNGETIFF`` tells, and both work.
+read or written carries a 10-byte ``virtio_net_hdr`` in front, and offloads are switched on
+(``TUNSETOFFLOAD`` CSUM|TSO4|TSO6): the guest's kernel then hands natd TCP segments of up to
+64 KB with partial checksums (``F_NEEDS_CSUM``: never verified, the bit is passed to the core
+per frame in ``rx_csum``), and natd may write 64 KB ``GSO_TCPV4`` frames that the kernel cuts
+and checksums. That is the whole speed story: a TAP read or write costs the same whatever its
+size, so fewer, bigger frames. ``offloads`` says whether the TAP took them (the daemon sets
+``GatewaySettings.tso`` from it); a TAP that refuses them, or an fd handed over with
+``--tap-fd`` without ``IFF_VNET_HDR`` (``TUNGETIFF`` tells), gets plain MSS-sized frames with
+full checksums, and both work.
 
 Reads are drained in batches by the shell; writes never block: a full queue drops the frame
 and counts it (``tx_dropped``) the way a NIC would. A TAP that disappears (device deleted,
@@ -15,6 +19,7 @@ so the daemon can shut down instead of spinning on a dead fd.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -25,7 +30,7 @@ from typing import Any
 import pytun
 
 from natd.io.netns import entered_netns
-from natd.wire.vnet import VIRTIO_NET_HDR_LEN, VNET_HDR_NONE
+from natd.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, VIRTIO_NET_HDR_LEN, VNET_HDR_NONE
 
 # ioctl numbers from <linux/if_tun.h> (_IOW/_IOR('T', n, int)).
 TUNSETIFF = 0x400454CA
@@ -37,6 +42,10 @@ IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01  # natd takes partial checksums (F_NEEDS_CSUM) from the guest
+TUN_F_TSO4 = 0x02  # ... and TCP/IPv4 segments bigger than the MTU
+TUN_F_TSO6 = 0x04
+TAP_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 _IFREQ_SIZE = 40  # struct ifreq: 16-byte name + a 24-byte union; flags are a short at 16
 SIOCSIFTXQLEN = 0x8943
 # The guest → natd direction queues in the TAP's txqueue while natd is busy; the default 1000
@@ -44,6 +53,7 @@ SIOCSIFTXQLEN = 0x8943
 TX_QUEUE_LEN = 10000
 
 READ_SIZE = 65536 + 128  # the largest TAP frame (MTU 65535 + Ethernet) plus any header
+_CSUM_FLAGS = F_NEEDS_CSUM | F_DATA_VALID
 BATCH_LIMIT = 64
 
 
@@ -59,15 +69,30 @@ class TapLink:
     """One TAP fd: batched non-blocking reads, never-blocking writes, vnet header handling.
 
     Works on any fd that keeps frame boundaries (a TAP, or a ``SOCK_DGRAM`` socketpair in
-    tests). ``vnet_hdr_len`` is 0 for a TAP without ``IFF_VNET_HDR``.
+    tests). ``vnet_hdr_len`` is 0 for a TAP without ``IFF_VNET_HDR``; ``offloads`` is True
+    only for a vnet_hdr TAP that accepted ``TAP_OFFLOADS``.
+
+    After each ``read_batch``, ``rx_csum`` is None when no frame of the batch came with a
+    checksum flag, else a list parallel to the frames of their vnet flags byte
+    (``F_NEEDS_CSUM``/``F_DATA_VALID``; 0 = verify as usual): what ``Gateway.receive_frames``
+    takes as ``csum_flags``.
     """
 
     def __init__(
-        self, fd: int, name: str, vnet_hdr_len: int = VIRTIO_NET_HDR_LEN, owner: Any = None
+        self,
+        fd: int,
+        name: str,
+        vnet_hdr_len: int = VIRTIO_NET_HDR_LEN,
+        owner: Any = None,
+        *,
+        offloads: bool = False,
     ) -> None:
         self.fd = fd
         self.name = name
         self.vnet_hdr_len = vnet_hdr_len
+        self.offloads = offloads and vnet_hdr_len >= VIRTIO_NET_HDR_LEN
+        self.rx_csum: list[int] | None = None
+        self._hdr_pad = bytes(max(0, vnet_hdr_len - VIRTIO_NET_HDR_LEN))
         self._owner = owner  # the pytun device that owns ``fd``, kept alive until close()
         self._tx_hdr = VNET_HDR_NONE + bytes(max(0, vnet_hdr_len - len(VNET_HDR_NONE)))
         self.rx_frames = 0
@@ -87,9 +112,12 @@ class TapLink:
         frames: list[bytes | memoryview] = []
         fd = self.fd
         hlen = self.vnet_hdr_len
+        flags: list[int] = []
+        trusted = 0
+        read = os.read
         while len(frames) < limit:
             try:
-                data = os.read(fd, READ_SIZE)
+                data = read(fd, READ_SIZE)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -101,16 +129,29 @@ class TapLink:
                     self.rx_short += 1
                     continue
                 frames.append(memoryview(data)[hlen:])
+                f = data[0] & _CSUM_FLAGS
+                flags.append(f)
+                trusted |= f
             else:
                 frames.append(data)
         self.rx_frames += len(frames)
+        self.rx_csum = flags if trusted else None
         return frames
 
-    def write(self, frame: bytes | memoryview) -> bool:
-        """Send one frame to the guest; False (and counted) if it had to be dropped."""
+    def write(self, frame: bytes | memoryview, vnet: bytes | None = None) -> bool:
+        """Send one frame to the guest; False (and counted) if it had to be dropped.
+
+        ``vnet`` is its virtio_net_hdr (GSO / partial checksum), only ever given by a core
+        that was told the TAP took offloads; None means "nothing special".
+        """
         try:
             if self.vnet_hdr_len:
-                os.writev(self.fd, (self._tx_hdr, frame))
+                if vnet is None:
+                    os.writev(self.fd, (self._tx_hdr, frame))
+                elif self._hdr_pad:
+                    os.writev(self.fd, (vnet, self._hdr_pad, frame))
+                else:
+                    os.writev(self.fd, (vnet, frame))
             else:
                 os.write(self.fd, frame)
         except BlockingIOError:
@@ -161,16 +202,27 @@ def _create(name: str, mtu: int | None) -> TapLink:
     try:
         fd = dev.fileno()
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VIRTIO_NET_HDR_LEN))
-        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+        offloads = _set_offloads(fd)
         # pytun makes its ioctl socket at call time, so these act in the namespace we are in.
         if mtu is not None:
             dev.mtu = mtu
         _set_txqueuelen(str(dev.name), TX_QUEUE_LEN)
         dev.up()
-        return TapLink(fd, str(dev.name), VIRTIO_NET_HDR_LEN, owner=dev)
+        return TapLink(fd, str(dev.name), VIRTIO_NET_HDR_LEN, owner=dev, offloads=offloads)
     except BaseException:
         dev.close()
         raise
+
+
+def _set_offloads(fd: int) -> bool:
+    """Ask for CSUM|TSO4|TSO6; False (offloads off, plain frames) if the TAP refuses."""
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TAP_OFFLOADS)
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+        return False
 
 
 def _set_txqueuelen(name: str, qlen: int) -> None:
@@ -213,13 +265,14 @@ def adopt_tap_fd(fd: int) -> TapLink:
     if not flags & IFF_NO_PI:
         raise TapError(f"{name} was opened without IFF_NO_PI")
     hlen = 0
+    offloads = False
     if flags & IFF_VNET_HDR:
         try:
             raw = fcntl.ioctl(fd, TUNGETVNETHDRSZ, struct.pack("i", 0))
             (hlen,) = struct.unpack("i", raw)
-            fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
         except OSError as exc:
             raise TapError(f"{name}: {_reason(exc)}") from exc
         if hlen < VIRTIO_NET_HDR_LEN:
             raise TapError(f"{name} has a {hlen}-byte vnet header; natd needs >= 10")
-    return TapLink(fd, name, hlen)
+        offloads = _set_offloads(fd)
+    return TapLink(fd, name, hlen, offloads=offloads)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from natd.stack.arp import ArpResponder
@@ -33,7 +33,9 @@ from natd.wire.ethernet import (
     ETHERTYPE_IPV4,
     build_ethernet,
 )
+from natd.wire.fastpath import decode_frame
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, IPv4Header, build_ipv4, parse_ipv4
+from natd.wire.udp import UDP_HLEN
 
 _ZERO_IP = b"\x00\x00\x00\x00"
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
@@ -55,6 +57,7 @@ class Gateway:
         self.neighbors: dict[bytes, bytes] = {}
         self._flow_ids = 0
         self._broadcast = settings.broadcast
+        self._not_guests = _not_guests(settings)
         self.arp = ArpResponder(self)
         self.dhcp = DhcpServer(self)
         self.icmp = IcmpResponder(self)
@@ -64,6 +67,19 @@ class Gateway:
         self.ping = PingEngine(self)
         self._engines = (self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping)
 
+    def apply_settings(self, settings: GatewaySettings) -> None:
+        """Swap in reloaded settings (SIGHUP / ``natd ctl reload``) without touching flows.
+
+        Only what can change live may differ (static leases, DNS upstreams, host_loopback,
+        limits); the daemon refuses the rest (network, MTU) as "restart required". Engines that
+        cache settings get ``apply_settings`` too; the others read ``link.settings`` as needed.
+        """
+        self.settings = settings
+        for engine in self._engines:
+            apply = getattr(engine, "apply_settings", None)
+            if apply is not None:
+                apply(settings)
+
     # -- the Link interface engines use ------------------------------------------------------
 
     def guest_mac(self, ip: bytes) -> bytes | None:
@@ -71,7 +87,7 @@ class Gateway:
 
     def learn_neighbor(self, ip: bytes, mac: bytes) -> None:
         s = self.settings
-        if not s.in_network(ip) or ip in (s.gateway_ip, s.dns_ip):
+        if not s.in_network(ip) or ip in self._not_guests:
             return
         if ip not in self.neighbors and len(self.neighbors) >= _MAX_NEIGHBORS:
             self.counters["drop.neighbors_full"] += 1
@@ -127,19 +143,54 @@ class Gateway:
 
     # -- input -------------------------------------------------------------------------------
 
-    def receive_frames(self, frames: Iterable[bytes | memoryview], now: float) -> None:
-        """Handle a batch of guest frames; nothing a guest sends raises out of here."""
+    def receive_frames(
+        self,
+        frames: Iterable[bytes | memoryview],
+        now: float,
+        csum_flags: Sequence[int] | None = None,
+    ) -> None:
+        """Handle a batch of guest frames; nothing a guest sends raises out of here.
+
+        ``csum_flags``, when given, is parallel to ``frames``: each frame's virtio_net_hdr
+        flags (``F_NEEDS_CSUM``: the L4 checksum is partial, ``F_DATA_VALID``: the kernel
+        checked it; 0: verify as usual). A flagged checksum is never verified.
+
+        The common frame (Ethernet + IPv4 without options + TCP, for an ESTABLISHED flow, from
+        a known neighbor) is decoded with one ``struct`` call (``natd.wire.fastpath``) and
+        handed to the TCP engine as plain values; everything else takes the slow path, which
+        checks and explains every header.
+        """
         counters = self.counters
+        tcp_frame = self.tcp.on_guest_frame
+        mac = self.mac
+        neighbors = self.neighbors
+        broadcast = self._broadcast
+        count = 0
         for frame in frames:
-            counters["rx.frames"] += 1
+            csum = csum_flags[count] if csum_flags is not None else 0
+            count += 1
             try:
-                self._receive(frame, now)
+                f = decode_frame(frame)
+                if (
+                    f is not None
+                    and f[0] == PROTO_TCP
+                    and f[1] == mac
+                    and neighbors.get(f[3]) == f[2]
+                    and not f[2][0] & 1
+                    and f[4][0] < 224
+                    and f[4] != broadcast
+                    and f[2] != mac
+                    and tcp_frame(frame, f, csum, now)
+                ):
+                    continue
+                self._receive(frame, now, csum)
             except Malformed as exc:
                 counters["drop." + exc.reason] += 1
+        counters["rx.frames"] += count
         # One cumulative ACK and one host write per flow per batch.
         self.tcp.end_batch(now)
 
-    def _receive(self, frame: bytes | memoryview, now: float) -> None:
+    def _receive(self, frame: bytes | memoryview, now: float, csum: int = 0) -> None:
         if len(frame) < ETH_HLEN:
             raise Malformed("eth.short")
         view = memoryview(frame)
@@ -154,20 +205,26 @@ class Gateway:
             raise Malformed("eth.bad_source")
         ethertype = (view[12] << 8) | view[13]
         if ethertype == ETHERTYPE_IPV4:
-            self._receive_ipv4(src_mac, dst_mac == BROADCAST_MAC, view[ETH_HLEN:], now)
+            self._receive_ipv4(src_mac, dst_mac == BROADCAST_MAC, view[ETH_HLEN:], now, csum)
         elif ethertype == ETHERTYPE_ARP:
             self.arp.on_arp(src_mac, parse_arp(view[ETH_HLEN:]), now)
         else:
             self.counters["drop.eth.ethertype"] += 1
 
     def _receive_ipv4(
-        self, src_mac: bytes, l2_broadcast: bool, packet: memoryview, now: float
+        self, src_mac: bytes, l2_broadcast: bool, packet: memoryview, now: float, csum: int = 0
     ) -> None:
         ip, l4 = parse_ipv4(packet)
         if ip.is_fragment:
             self.counters["drop.ipv4.fragment"] += 1
             return
         proto = ip.proto
+        if csum and proto == PROTO_UDP and len(l4) >= UDP_HLEN:
+            # The UDP engines verify checksums themselves; a partial one would fail. Checksum
+            # 0 means "none" in IPv4 (RFC 768), so a copy with the field zeroed says "trusted".
+            copy = bytearray(l4)
+            copy[6] = copy[7] = 0
+            l4 = memoryview(copy)
         if proto == PROTO_UDP and len(l4) >= 4 and (l4[2] << 8 | l4[3]) == _DHCP_SERVER_PORT:
             self.dhcp.on_dhcp(src_mac, ip, l4, now)
             return
@@ -175,13 +232,19 @@ class Gateway:
         if l2_broadcast or dst == _LIMITED_BROADCAST or dst == self._broadcast or dst[0] >= 224:
             self.counters["drop.ipv4.broadcast"] += 1
             return
-        if not self.settings.in_network(ip.src) or ip.src == self.settings.gateway_ip:
+        if not self.settings.in_network(ip.src) or ip.src in self._not_guests:
+            # Never learn natd's own, the network or the broadcast address as a guest: replies
+            # to it would go to natd itself or to every guest on the segment.
             self.counters["drop.ipv4.bad_source"] += 1
+            return
+        if ip.total_length > self.settings.mtu and proto != PROTO_TCP:
+            # Oversized TCP is legitimate under TSO; anything else would be echoed past the MTU.
+            self.counters["drop.ipv4.too_big"] += 1
             return
         if self.neighbors.get(ip.src) != src_mac:
             self.learn_neighbor(ip.src, src_mac)
         if proto == PROTO_TCP:
-            self.tcp.on_guest_segment(ip, l4, now)
+            self.tcp.on_guest_segment(ip, l4, now, csum)
         elif proto == PROTO_UDP:
             if dst == self.settings.dns_ip and len(l4) >= 4 and (l4[2] << 8 | l4[3]) == _DNS_PORT:
                 self.dns.on_guest_query(ip, l4, now)
@@ -208,6 +271,15 @@ class Gateway:
 
     def take_outbox(self) -> tuple[list[bytes], list[HostOp]]:
         return self.outbox.take()
+
+    def take_output(self) -> tuple[list[bytes], dict[int, bytes], list[HostOp]]:
+        """``take_outbox`` plus the per-frame vnet headers (GSO, partial checksums)."""
+        return self.outbox.take_all()
+
+
+def _not_guests(s: GatewaySettings) -> frozenset[bytes]:
+    """Addresses of the virtual network that no guest may use as its own."""
+    return frozenset((s.gateway_ip, s.dns_ip, s.network_address, s.broadcast))
 
 
 def _is_special(ip: bytes) -> bool:

@@ -120,17 +120,39 @@ HostOp = (
 
 
 class Outbox:
-    """What the core wants done: guest frames and host ops, drained by the shell."""
+    """What the core wants done: guest frames and host ops, drained by the shell.
 
-    __slots__ = ("frames", "ops")
+    ``vnet`` gives the frames that need a ``virtio_net_hdr`` other than "nothing special"
+    (``natd.wire.vnet``): index in ``frames`` → the 10 header bytes. Only a TAP that accepted
+    offloads gets such frames (``GatewaySettings.tso``): big TCP segments for the kernel to cut
+    (``GSO_TCPV4``) and partial checksums for it to finish (``F_NEEDS_CSUM``). A dict keyed by
+    position keeps ``frames`` a plain list of bytes and costs nothing when offloads are off.
+    """
+
+    __slots__ = ("frames", "ops", "vnet")
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self.ops: list[HostOp] = []
+        self.vnet: dict[int, bytes] = {}
+
+    def send_offloaded(self, frame: bytes, vnet_hdr: bytes) -> None:
+        """Queue a frame whose checksum/segmentation the TAP's kernel side finishes."""
+        frames = self.frames
+        self.vnet[len(frames)] = vnet_hdr
+        frames.append(frame)
 
     def take(self) -> tuple[list[bytes], list[HostOp]]:
-        """Hand everything queued so far to the shell and start empty."""
-        frames, ops = self.frames, self.ops
+        """Hand everything queued so far to the shell and start empty (vnet headers dropped:
+        for callers that never enabled offloads)."""
+        frames, _vnet, ops = self.take_all()
+        return frames, ops
+
+    def take_all(self) -> tuple[list[bytes], dict[int, bytes], list[HostOp]]:
+        """Like ``take`` with the per-frame vnet headers (what the shell uses)."""
+        frames, vnet, ops = self.frames, self.vnet, self.ops
         self.frames = []
         self.ops = []
-        return frames, ops
+        if vnet:
+            self.vnet = {}
+        return frames, vnet, ops

@@ -57,6 +57,10 @@ class GatewaySettings:
     static_leases: tuple[StaticLease, ...] = ()
     dns_upstreams: tuple[tuple[str, int], ...] = ()
     limits: Limits = field(default_factory=Limits)
+    # The TAP accepted offloads (``TUNSETOFFLOAD`` CSUM|TSO4|TSO6 on a vnet_hdr TAP): TCP to
+    # the guest goes out as up-to-64 KB GSO frames with partial checksums. Set by the daemon
+    # from what the TAP negotiated; False means plain MSS-sized frames with full checksums.
+    tso: bool = False
 
     @property
     def netmask(self) -> bytes:

@@ -76,6 +76,7 @@ from natd.stack.tcp_flow import (
     CONNECTING,
     ESTABLISHED,
     FIN,
+    INBOUND_TARGET,
     M32,
     RST,
     SYN,
@@ -85,6 +86,7 @@ from natd.stack.tcp_flow import (
     TcpFlow,
 )
 from natd.wire import Malformed
+from natd.wire.fastpath import FastFrame
 from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_HOST, UNREACH_NET, build_icmp_error
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header, ipv4_header
 from natd.wire.tcp import build_tcp, build_tcp_options, parse_tcp_options
@@ -115,6 +117,7 @@ class TcpEngine:
     keepalive_interval = 75.0
     keepalive_count = 9
     synack_retries = 5
+    inbound_syn_timeout = 10.0  # a forward's SYN toward a silent guest: reset the client after
     max_retransmits = 12
     zero_window_timeout = 600.0
     challenge_ack_limit = 100  # per second, engine-wide (RFC 5961 7)
@@ -133,6 +136,7 @@ class TcpEngine:
             ws += 1
         self.rcv_wscale = ws
         self.our_mss = link.settings.mtu - 40
+        self.tso = link.settings.tso  # segments to the guest up to 64 KB, partial checksums
         self._min_share = 2 * self.our_mss
         self.flows: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
         self.by_id: dict[int, TcpFlow] = {}
@@ -161,7 +165,36 @@ class TcpEngine:
 
     # -- guest segments ----------------------------------------------------------------------
 
-    def on_guest_segment(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
+    def on_guest_frame(
+        self, frame: bytes | memoryview, f: FastFrame, trusted: int, now: float
+    ) -> bool:
+        """The hot path: a frame ``natd.wire.fastpath.decode_frame`` decoded (``f``) for an
+        ESTABLISHED flow goes straight to it, without building header objects.
+
+        ``trusted``: the TAP said the checksum is partial or already checked (vnet flags):
+        never verify it. False means "not mine": the caller takes the slow path
+        (``on_guest_segment``), which handles every other state and every reply.
+        """
+        flow = self.flows.get((f[3], f[5], f[4], f[6]))
+        if flow is None or flow.state != ESTABLISHED:
+            return False
+        end = f[12]
+        if not trusted:
+            n = end - 34
+            total = int.from_bytes(frame[34:end], "big")
+            if n & 1:
+                total <<= 8
+            if (total + flow.pseudo + n) % 0xFFFF:
+                self.counters["drop.tcp.bad_checksum"] += 1
+                return True
+        flow.on_segment(f[7], f[8], f[9], f[10], memoryview(frame)[f[11] : end], now)
+        return True
+
+    def on_guest_segment(
+        self, ip: IPv4Header, l4: memoryview, now: float, trusted: int = 0
+    ) -> None:
+        """Any guest TCP segment (``l4`` = header + payload); ``trusted`` as in
+        ``on_guest_frame``."""
         n = len(l4)
         if n < _HDR_STRUCT_LEN:
             self.counters["drop.tcp.short"] += 1
@@ -181,12 +214,13 @@ class TcpEngine:
             else ((src[0] << 8 | src[1]) + (src[2] << 8 | src[3]) + (dst[0] << 8 | dst[1])
                   + (dst[2] << 8 | dst[3]) + PROTO_TCP)
         )  # fmt: skip
-        total = int.from_bytes(l4, "big")
-        if n & 1:
-            total <<= 8
-        if (total + pseudo + n) % 0xFFFF:
-            self.counters["drop.tcp.bad_checksum"] += 1
-            return
+        if not trusted:
+            total = int.from_bytes(l4, "big")
+            if n & 1:
+                total <<= 8
+            if (total + pseudo + n) % 0xFFFF:
+                self.counters["drop.tcp.bad_checksum"] += 1
+                return
         seq = int.from_bytes(l4[4:8], "big")
         ack = int.from_bytes(l4[8:12], "big")
         flags = l4[13]
@@ -404,7 +438,7 @@ class TcpEngine:
         gmac = self.link.guest_mac(guest_ip) or b""
         flow = TcpFlow(
             self, flow_id, key, gmac, 0, self._isn(key, now), self.our_mss, None, 0,
-            ("forward", 0), b"", log, now,
+            INBOUND_TARGET, b"", log, now,
         )  # fmt: skip
         flow.state = SYN_SENT
         flow.snd_nxt = flow.snd_max = flow.iss + 1

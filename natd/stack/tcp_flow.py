@@ -28,11 +28,13 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from natd.stack.ops import TcpClose, TcpPause, TcpResume, TcpSend, TcpShutdown
+from natd.wire.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4
 
 if TYPE_CHECKING:
     from natd.stack.tcp import TcpEngine
 
 M32 = 0xFFFFFFFF
+INBOUND_TARGET = ("forward", 0)  # the ``target`` of a port forward's flow (no host dial)
 _HALF = 0x80000000
 _WRAP = 0x100000000
 
@@ -59,6 +61,14 @@ CLOCK_G = 0.001
 
 # Ethernet + IPv4 (no options, DF, ident 0) + TCP (no options): one pack per segment.
 _FRAME = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIBBHHH")
+_FRAME_LEN = 54
+# Offloads (``eng.tso``): a data segment goes out with a virtio_net_hdr saying "checksum from
+# byte 34, field at +16" (the field holds the pseudo-header sum), and one bigger than the MSS
+# as GSO_TCPV4 cut at ``gso_size`` = MSS by the kernel. 65495 = the largest IPv4 payload
+# (65535) minus the IPv4 and TCP headers.
+_VNET = struct.Struct("<BBHHHH")
+_VNET_CSUM = _VNET.pack(F_NEEDS_CSUM, GSO_NONE, _FRAME_LEN, 0, 34, 16)
+GSO_MAX_PAYLOAD = 65535 - 40
 _ETH_IPV4 = 0x0800
 _PROTO_TCP = 6
 _TTL = 64
@@ -236,6 +246,11 @@ class TcpFlow:
 
     # -- names for logs and tests ------------------------------------------------------------
 
+    @property
+    def inbound(self) -> bool:
+        """A port forward's flow (natd opened it toward the guest)."""
+        return self.target == INBOUND_TARGET
+
     def state_name(self) -> str:
         """The RFC 9293 name of the state natd is in toward the guest."""
         if self.state == CONNECTING:
@@ -285,6 +300,9 @@ class TcpFlow:
     def xmit(self, seq: int, flags: int, payload: bytes | bytearray | memoryview = b"") -> None:
         """Send one option-less segment to the guest from the per-flow header template."""
         n = len(payload)
+        if n and self.eng.tso:
+            self._xmit_offloaded(seq, flags, payload, n)
+            return
         wnd = self.window_field() if not flags & RST else 0
         ack = self.rcv_nxt & M32
         seq &= M32
@@ -307,6 +325,33 @@ class TcpFlow:
         self.eng.link.send_frame(header + payload if n else header)
         self.ack_pending = False
 
+    def _xmit_offloaded(
+        self, seq: int, flags: int, payload: bytes | bytearray | memoryview, n: int
+    ) -> None:
+        """A data segment whose checksum (and, above one MSS, segmentation) the TAP's kernel
+        side does: the TCP checksum field holds only the pseudo-header sum (virtio §5.1.6.2)."""
+        wnd = self.window_field()
+        tcp_len = 20 + n
+        total = tcp_len + 20
+        c = self.pseudo + tcp_len
+        c = (c & 0xFFFF) + (c >> 16)
+        c = (c & 0xFFFF) + (c >> 16)
+        header = _FRAME.pack(
+            self.gmac, self.gwmac, _ETH_IPV4,
+            0x45, 0, total, 0, _IP_DF, _TTL, _PROTO_TCP,
+            0xFFFF - (self.ip_base + total) % 0xFFFF,
+            self.remote_ip, self.guest_ip,
+            self.remote_port, self.guest_port, seq & M32, self.rcv_nxt & M32, 0x50, flags, wnd,
+            c, 0,
+        )  # fmt: skip
+        mss = self.mss
+        if n > mss:
+            vnet = _VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, _FRAME_LEN, mss, 34, 16)
+        else:
+            vnet = _VNET_CSUM
+        self.eng.link.outbox.send_offloaded(header + payload, vnet)
+        self.ack_pending = False
+
     def send_ack(self) -> None:
         self.xmit(self.snd_nxt, ACK)
 
@@ -322,20 +367,25 @@ class TcpFlow:
         cwnd = self.cwnd
         edge = una + (wnd if wnd < cwnd else cwnd)
         mss = self.mss
+        # With offloads one segment carries as many whole MSS as fit in 64 KB (the kernel cuts).
+        seg = GSO_MAX_PAYLOAD - GSO_MAX_PAYLOAD % mss if self.eng.tso else mss
         sent = False
         if nxt < end and nxt < edge:
             view = memoryview(buf)
             while nxt < end and nxt < edge:
                 n = end - nxt
-                if n > mss:
-                    n = mss
+                if n > seg:
+                    n = seg
                 room = edge - nxt
                 if room < n:
+                    if room >= mss:
+                        n = room - room % mss  # whole MSS only: a GSO frame leaves no runt
                     # Sender SWS avoidance (RFC 9293 3.8.6.2.1): no runt segments while data is
                     # in flight and the window is small; the ACK that opens it clocks us again.
-                    if nxt > una and room < self.max_snd_wnd // 2:
+                    elif nxt > una and room < self.max_snd_wnd // 2:
                         break
-                    n = room
+                    else:
+                        n = room
                 off = nxt - una
                 flags = ACK | PSH if nxt + n == end else ACK
                 if nxt + n == end and self.host_eof and nxt + n == self.fin_seq and edge > end:
@@ -763,7 +813,12 @@ class TcpFlow:
     def _synack_timeout(self, now: float) -> None:
         eng = self.eng
         self.backoff += 1
-        if self.backoff > eng.synack_retries:
+        # A forward's client waits on the other end of natd's SYN: give up within a bound it
+        # will notice (``inbound_syn_timeout``), not after the whole backoff series.
+        give_up = (
+            self.opened_at + eng.inbound_syn_timeout if self.state == SYN_SENT else float("inf")
+        )
+        if self.backoff > eng.synack_retries or now >= give_up:
             eng.counters["tcp.handshake_timeout"] += 1
             eng.abort(self, "handshake_timeout", now)
             return
@@ -772,7 +827,7 @@ class TcpFlow:
             eng.send_syn(self)
         else:
             eng.send_synack(self)
-        self.rtx_at = now + min(INITIAL_RTO * (1 << self.backoff), MAX_RTO)
+        self.rtx_at = min(now + min(INITIAL_RTO * (1 << self.backoff), MAX_RTO), give_up)
         eng.arm(self, self.rtx_at)
 
     def _rto(self, now: float) -> None:
@@ -840,6 +895,7 @@ __all__ = [
     "CLOSED",
     "CONNECTING",
     "ESTABLISHED",
+    "INBOUND_TARGET",
     "SYN_RCVD",
     "SYN_SENT",
     "TIME_WAIT",
