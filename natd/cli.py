@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--instance",
         metavar="NAME",
-        help=f"the natd@NAME systemd instance (= --control {INSTANCE_CONTROL_PATH})",
+        help="the natd@NAME systemd instance (= --control /run/natd/NAME/control.sock)",
     )
     ctl.add_argument("--json", action="store_true", help="print the result as JSON")
     ctl.add_argument(
