@@ -18,6 +18,7 @@ strings, ``ready_fd`` int, ``control`` str, ``log_format`` str, ``log_level`` st
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -82,6 +83,62 @@ class StaticLeaseConfig:
     hostname: str | None = None
 
 
+PolicyAction = Literal["allow", "deny"]
+PolicyProto = Literal["tcp", "udp", "icmp", "any"]
+POLICY_ACTIONS = ("allow", "deny")
+POLICY_PROTOS = ("tcp", "udp", "icmp", "any")
+
+
+@dataclass(frozen=True)
+class PolicyRuleConfig:
+    """One ``[[policy.rule]]``: ``action`` for destinations in ``cidr`` (``ports`` inclusive)."""
+
+    action: PolicyAction
+    cidr: IPv4Network
+    ports: tuple[int, int] | None = None
+    proto: PolicyProto = "any"
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """``[policy]``: ordered rules (first match wins), ``default``, and slirp-style ``restrict``.
+
+    The semantics live in ``natd.stack.policy``; this is only the validated file form.
+    """
+
+    restrict: bool = False
+    default: PolicyAction = "allow"
+    rules: tuple[PolicyRuleConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``[limits]``: the bounds on what a guest can make natd hold.
+
+    Mirrors ``natd.stack.settings.Limits`` field for field, defaults included (a test keeps
+    them in step; config is a leaf and does not import the core).
+    """
+
+    max_tcp_flows: int = 65536
+    max_tcp_flows_per_guest: int = 16384
+    max_pending_connects: int = 1024
+    max_udp_flows: int = 4096
+    max_udp_flows_per_guest: int = 1024
+    udp_idle_timeout: float = 180.0
+    tcp_buffer_bytes: int = 4 * 1024 * 1024
+    max_leases: int = 1024
+    max_dns_pending: int = 1024
+    max_ping_flows: int = 1024
+    max_ping_flows_per_guest: int = 256
+
+
+# Validation bounds per limit: (minimum, maximum or None). tcp_buffer_bytes: the TCP window
+# scale tops out at 2**30 (RFC 7323), and below 64 KiB a flow cannot fill one segment burst.
+_LIMIT_BOUNDS: dict[str, tuple[int, int | None]] = {
+    "tcp_buffer_bytes": (65536, 1 << 30),
+    "udp_idle_timeout": (1, 7 * 86400),
+}
+
 _DEFAULT_NET = IPv4Network(DEFAULT_CIDR)
 
 
@@ -109,6 +166,8 @@ class Config:
     log_format: str = "console"
     log_level: str = "info"
     config_file: str | None = None
+    policy: PolicyConfig = PolicyConfig()
+    limits: LimitsConfig = LimitsConfig()
     # The command-line overrides this config was built with, so SIGHUP can re-read the file and
     # still let the command line win (see ``reload_config``).
     cli_overrides: tuple[tuple[str, object], ...] = field(default=(), compare=False)
@@ -432,7 +491,12 @@ _SCHEMA: dict[str, dict[str, str]] = {
     "dhcp": {"pool": "list[str]", "lease_time": "int", "domain": "str", "static": "tables"},
     "dns": {"upstream": "list[str]"},
     "forward": {},  # array of tables, see _FORWARD_KEYS
+    "policy": {"restrict": "bool", "default": "str", "rule": "tables"},
+    "limits": {
+        f.name: ("number" if f.type == "float" else "int") for f in dataclasses.fields(LimitsConfig)
+    },
 }
+_RULE_KEYS = {"action": "str", "cidr": "str", "ports": "port", "proto": "str"}
 _STATIC_KEYS = {"mac": "str", "ip": "str", "hostname": "str"}
 _FORWARD_KEYS = {"proto": "str", "host": "str", "guest": "str"}
 _ARTICLE = {
@@ -460,6 +524,17 @@ def _check_type(f: _File, path: _Path, value: object, kind: str) -> None:
         if _type_name(value) != want:
             raise ConfigError(
                 f"{f.label(path)}: expected {_ARTICLE[want]}, got {_type_name(value)}"
+            )
+        return
+    if kind == "number":  # seconds: a float or an integer
+        if _type_name(value) not in ("integer", "float"):
+            raise ConfigError(f"{f.label(path)}: expected a number, got {_type_name(value)}")
+        return
+    if kind == "port":  # "80", "1000-2000", or the integer 80
+        if _type_name(value) not in ("integer", "string"):
+            raise ConfigError(
+                f'{f.label(path)}: expected a port or a range like "1000-2000", '
+                f"got {_type_name(value)}"
             )
         return
     if kind == "list[str]":
@@ -511,6 +586,13 @@ def _read_file(f: _File) -> dict[str, _Value]:
         if not isinstance(body, dict):
             raise ConfigError(f"{f.label((section,))}: expected a table, got {_type_name(body)}")
         _check_table(f, (section,), body, _SCHEMA[section])
+        if section == "limits":
+            for key, value in body.items():
+                out["limits." + key] = _Value(value, f.label((section, key)))
+            continue
+        if section == "policy":
+            out.update(_read_policy(f, body))
+            continue
         for key, value in body.items():
             path: _Path = (section, key)
             name = {
@@ -543,6 +625,25 @@ def _read_file(f: _File) -> dict[str, _Value]:
                 )
             else:
                 out[name] = _Value(value, f.label(path))
+    return out
+
+
+def _read_policy(f: _File, body: Mapping[str, object]) -> dict[str, _Value]:
+    out: dict[str, _Value] = {}
+    for key in ("restrict", "default"):
+        if key in body:
+            out["policy." + key] = _Value(body[key], f.label(("policy", key)))
+    if "rule" in body:
+        rules = []
+        for i, rule in enumerate(cast(list[dict[str, object]], body["rule"])):
+            rpath: _Path = ("policy", "rule", i)
+            _check_table(f, rpath, rule, _RULE_KEYS)
+            for req in ("action", "cidr"):
+                if req not in rule:
+                    raise ConfigError(f"{f.label((*rpath, req))}: missing")
+            keys = {k: f.label((*rpath, k)) for k in _RULE_KEYS}
+            rules.append(_Value(rule, f.label(rpath), keys))
+        out["policy.rules"] = _Value(rules, f.label(("policy", "rule")))
     return out
 
 
@@ -690,6 +791,8 @@ def load_config(
 
     log_format = _choice(get("log_format"), LOG_FORMATS, "console")
     log_level = _choice(get("log_level"), LOG_LEVELS, "info")
+    policy = _check_policy(values)
+    limits = _check_limits(values)
 
     return Config(
         cidr=net,
@@ -709,6 +812,8 @@ def load_config(
         log_format=log_format,
         log_level=log_level,
         config_file=path,
+        policy=policy,
+        limits=limits,
         cli_overrides=tuple(
             (k, tuple(cast(Sequence[str], v)) if isinstance(v, list | tuple) else v)
             for k, v in overrides.items()
@@ -728,6 +833,85 @@ def _choice(v: _Value | None, choices: tuple[str, ...], default: str) -> str:
     if text not in choices:
         raise ConfigError(f"{v.label}: must be one of {', '.join(choices)}, got {text!r}")
     return text
+
+
+def parse_ports(text: str) -> tuple[int, int]:
+    """``"80"`` → (80, 80); ``"1000-2000"`` → (1000, 2000)."""
+    lo_text, dash, hi_text = text.partition("-")
+    parts = [p.strip() for p in ((lo_text, hi_text) if dash else (lo_text,))]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise _Invalid(f"{text!r} is not a port or a port range like 1000-2000")
+    lo, hi = int(parts[0]), int(parts[-1])
+    if hi > 65535:
+        raise _Invalid(f"{text!r} is out of range (0-65535)")
+    if lo > hi:
+        raise _Invalid(f"{text!r}: the low port must come first")
+    return lo, hi
+
+
+def _rule_cidr(text: str) -> IPv4Network:
+    """A rule's destination: ``198.51.100.0/24``, or a bare address for a /32."""
+    try:
+        return IPv4Network(text, strict=True)
+    except ValueError:
+        pass
+    try:
+        net = IPv4Network(text, strict=False)
+    except ValueError:
+        raise _Invalid(f"{text!r} is not an IPv4 network like 198.51.100.0/24") from None
+    raise _Invalid(f"{text!r} has host bits set (did you mean {net}?)")
+
+
+def _policy_rule(entry: Mapping[str, object]) -> PolicyRuleConfig:
+    def choice(key: str, choices: tuple[str, ...], default: str) -> str:
+        text = cast(str, entry.get(key, default))
+        if text not in choices:
+            raise _Invalid(f"must be one of {', '.join(choices)}, got {text!r}", key)
+        return text
+
+    action = choice("action", POLICY_ACTIONS, "allow")
+    proto = choice("proto", POLICY_PROTOS, "any")
+    cidr = _keyed("cidr", partial(_rule_cidr, cast(str, entry["cidr"])))
+    ports: tuple[int, int] | None = None
+    raw = entry.get("ports")
+    if raw is not None:
+        ports = _keyed("ports", partial(parse_ports, str(raw)))
+        if proto == "icmp":
+            raise _Invalid("ICMP has no ports: use proto tcp, udp or any", "ports")
+    return PolicyRuleConfig(cast(PolicyAction, action), cidr, ports, cast(PolicyProto, proto))
+
+
+def _check_policy(values: Mapping[str, _Value]) -> PolicyConfig:
+    restrict = False
+    if (v := values.get("policy.restrict")) is not None:
+        restrict = cast(bool, v.value)  # type-checked when the file was read
+    default = _choice(values.get("policy.default"), POLICY_ACTIONS, "allow")
+    rules: list[PolicyRuleConfig] = []
+    if (v := values.get("policy.rules")) is not None:
+        for item in cast(list[_Value], v.value):
+            entry = cast(dict[str, object], item.value)
+            rules.append(_check(item, partial(_policy_rule, entry)))
+    return PolicyConfig(restrict, cast(PolicyAction, default), tuple(rules))
+
+
+def _check_limits(values: Mapping[str, _Value]) -> LimitsConfig:
+    changes: dict[str, int | float] = {}
+    for f in dataclasses.fields(LimitsConfig):
+        v = values.get("limits." + f.name)
+        if v is None:
+            continue
+        lo, hi = _LIMIT_BOUNDS.get(f.name, (1, None))
+        if f.type == "float":
+            value = v.value
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigError(f"{v.label}: expected a number, got {_type_name(value)}")
+            if not lo <= value <= (hi if hi is not None else value):
+                rng = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+                raise ConfigError(f"{v.label}: must be {rng}, got {value}")
+            changes[f.name] = float(value)
+        else:
+            changes[f.name] = _int_in(v, lo, hi)
+    return LimitsConfig(**changes)  # type: ignore[arg-type]
 
 
 def _check_pool(v: _Value, net: IPv4Network) -> tuple[IPv4Address, IPv4Address]:
@@ -877,6 +1061,27 @@ def render_config(cfg: Config) -> str:
             f"host = {_toml_str(f'{fwd.host_addr}:{fwd.host_port}')}",
             f"guest = {_toml_str(f'{fwd.guest_addr}:{fwd.guest_port}')}",
         ]
+    lines += ["", "[limits]"]
+    for f in dataclasses.fields(LimitsConfig):
+        lines.append(f"{f.name} = {getattr(cfg.limits, f.name)!r}")
+    policy = cfg.policy
+    lines += [
+        "",
+        "[policy]",
+        f"restrict = {'true' if policy.restrict else 'false'}",
+        f"default = {_toml_str(policy.default)}",
+    ]
+    for rule in policy.rules:
+        lines += [
+            "",
+            "[[policy.rule]]",
+            f"action = {_toml_str(rule.action)}",
+            f"cidr = {_toml_str(str(rule.cidr))}",
+        ]
+        if rule.ports is not None:
+            lo, hi = rule.ports
+            lines.append(f"ports = {_toml_str(str(lo) if lo == hi else f'{lo}-{hi}')}")
+        lines.append(f"proto = {_toml_str(rule.proto)}")
     extras = [
         ("tap_fd", cfg.tap_fd),
         ("ready_fd", cfg.ready_fd),
@@ -892,12 +1097,16 @@ __all__ = [
     "Config",
     "ConfigError",
     "Forward",
+    "LimitsConfig",
+    "PolicyConfig",
+    "PolicyRuleConfig",
     "StaticLeaseConfig",
     "forwards_overlap",
     "load_config",
     "parse_cidr",
     "parse_forward",
     "parse_mac",
+    "parse_ports",
     "parse_upstream",
     "read_resolv_conf",
     "reload_config",

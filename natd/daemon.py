@@ -10,8 +10,9 @@ or until the TAP goes away (exit 1).
 Before readiness every listener is bound: the control socket and each configured port forward
 (``natd.io.forwards``); a forward whose port is taken is a runtime failure naming the forward
 (exit 1). SIGHUP and ``natd ctl reload`` re-read the config file (``Daemon.reload``): forwards,
-DHCP static leases, DNS upstreams and ``host_loopback`` change live, without touching
-established connections; other differences are logged as "restart required" and ignored; an
+DHCP static leases, DNS upstreams, ``host_loopback``, the egress ``[policy]`` and the
+``[limits]`` (all but ``tcp_buffer_bytes``) change live, without touching established
+connections; other differences are logged as "restart required" and ignored; an
 invalid file changes nothing and is logged in one line.
 """
 
@@ -62,7 +63,8 @@ from natd.io.tap import TapError, TapLink, adopt_tap_fd, open_tap
 from natd.io.tcp_host import TcpHost
 from natd.io.udp_host import UdpHost
 from natd.stack.gateway import Gateway
-from natd.stack.settings import GatewaySettings, StaticLease
+from natd.stack.policy import Policy, PolicyRule
+from natd.stack.settings import GatewaySettings, Limits, StaticLease
 from natd.wire.ethernet import mac_from_str
 
 NETNS_CHECK_INTERVAL = 1.0  # seconds between checks that the --netns namespace still exists
@@ -92,7 +94,16 @@ def settings_from_config(cfg: Config, *, tso: bool = False) -> GatewaySettings:
         static_leases=static,
         dns_upstreams=tuple(cfg.dns_upstreams),
         tso=tso,
+        limits=Limits(**dataclasses.asdict(cfg.limits)),
+        policy=policy_from_config(cfg),
     )
+
+
+def policy_from_config(cfg: Config) -> Policy:
+    """The ``[policy]`` section as the core's compiled matcher."""
+    p = cfg.policy
+    rules = tuple(PolicyRule(r.action, r.cidr, r.ports, r.proto) for r in p.rules)
+    return Policy(rules=rules, restrict=p.restrict, default=p.default)
 
 
 def open_link(cfg: Config) -> TapLink:
@@ -233,7 +244,7 @@ def flow_rows(gateway: Gateway) -> list[FlowInfo]:
 
 
 # Config fields a reload can apply live; any other difference needs a restart.
-LIVE_FIELDS = ("forwards", "static_leases", "dns_upstreams", "host_loopback")
+LIVE_FIELDS = ("forwards", "static_leases", "dns_upstreams", "host_loopback", "policy", "limits")
 RESTART_FIELDS = (
     "cidr",
     "mtu",
@@ -345,6 +356,10 @@ class Daemon:
             self.log.error("reload.failed", trigger=trigger, error=str(exc))
             raise
         restart = [name for name in RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
+        # Flows advertised window scales for the TCP buffer size: it cannot change live.
+        if new.limits.tcp_buffer_bytes != old.limits.tcp_buffer_bytes:
+            restart.append("limits.tcp_buffer_bytes")
+        new_limits = dataclasses.replace(new.limits, tcp_buffer_bytes=old.limits.tcp_buffer_bytes)
         if restart:
             self.log.warning(
                 "reload.restart_required", trigger=trigger, changed=restart, applied=False
@@ -357,10 +372,14 @@ class Daemon:
             static_leases=fresh.static_leases,
             dns_upstreams=fresh.dns_upstreams,
             host_loopback=fresh.host_loopback,
+            policy=fresh.policy,
+            limits=dataclasses.replace(
+                fresh.limits, tcp_buffer_bytes=current.limits.tcp_buffer_bytes
+            ),
         )
         if settings != current:
             self.gateway.apply_settings(settings)
-            for name in ("static_leases", "dns_upstreams", "host_loopback"):
+            for name in ("static_leases", "dns_upstreams", "host_loopback", "policy", "limits"):
                 if getattr(settings, name) != getattr(current, name):
                     applied.append(name)
         removed, added, errors = self._reload_forwards(new.forwards)
@@ -370,6 +389,8 @@ class Daemon:
             static_leases=new.static_leases,
             dns_upstreams=new.dns_upstreams,
             host_loopback=new.host_loopback,
+            policy=new.policy,
+            limits=new_limits,
         )
         self.log.info(
             "reload.done",
@@ -452,6 +473,8 @@ class Daemon:
                 "tcp_flows": gateway.tcp.flow_count,
                 "udp_flows": len(gateway.udp),
                 "forwards": len(self.forwards.active),
+                "limits": dataclasses.asdict(gateway.settings.limits),
+                "policy": gateway.settings.policy.summary(),
             }
             return stats_result(counters, extra=extra)
 

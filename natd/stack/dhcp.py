@@ -143,7 +143,7 @@ class DhcpServer:
         self._server_id = s.gateway_ip
         self._mac = s.gateway_mac
         self._lease_time = max(1, int(s.lease_time))
-        self._max_leases = s.limits.max_leases
+        self.max_leases = s.limits.max_leases
         self._pool = (int.from_bytes(s.pool_start, "big"), int.from_bytes(s.pool_end, "big"))
         self._owned = frozenset((s.gateway_ip, s.dns_ip, s.network_address, s.broadcast))
         self._static: dict[bytes, tuple[bytes, str | None]] = {}
@@ -353,7 +353,7 @@ class DhcpServer:
         self._remove(lease, remember=False)
         if lease.static:
             return  # a reservation stays; the operator must fix the conflict
-        if len(self._quarantine) >= self._max_leases:
+        if len(self._quarantine) >= self.max_leases:
             del self._quarantine[next(iter(self._quarantine))]
         until = now + DECLINE_HOLD
         self._quarantine[ip] = until
@@ -398,7 +398,7 @@ class DhcpServer:
         lease = self._by_key.get(key)
         if lease is not None:
             return lease.ip
-        if self._dynamic >= self._max_leases:
+        if self._dynamic >= self.max_leases:
             self._exhausted(now, "lease_limit")
             return None
         previous = self._history.get(key)
@@ -437,7 +437,7 @@ class DhcpServer:
         if lease is not None:
             return lease.ip == ip
         return (
-            self._dynamic < self._max_leases
+            self._dynamic < self.max_leases
             and self._in_pool(ip)
             and self._free_for(key, mac, ip, now)
         )
@@ -493,7 +493,7 @@ class DhcpServer:
         if remember:
             self._history[lease.key] = lease.ip
             self._history.move_to_end(lease.key)
-            while len(self._history) > self._max_leases:
+            while len(self._history) > self.max_leases:
                 self._history.popitem(last=False)
 
     def _ack(self, msg: DhcpMessage, key: bytes, mac: bytes, ip: bytes, now: float) -> None:

@@ -10,7 +10,7 @@ whose job it is. It never forwards or reflects a frame that was not addressed to
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,9 +19,10 @@ from natd.stack.dhcp import DhcpServer
 from natd.stack.dns import DnsForwarder
 from natd.stack.icmp import IcmpResponder
 from natd.stack.link import NullLog
-from natd.stack.ops import HostOp, Outbox
+from natd.stack.ops import HostOp, Offloaded, Outbox
 from natd.stack.ping import PingEngine
-from natd.stack.settings import GatewaySettings
+from natd.stack.policy import HOST, OUTSIDE, SERVICE
+from natd.stack.settings import GatewaySettings, Limits
 from natd.stack.tcp import TcpEngine
 from natd.stack.udp import UdpEngine
 from natd.wire import Malformed
@@ -34,8 +35,16 @@ from natd.wire.ethernet import (
     build_ethernet,
 )
 from natd.wire.fastpath import decode_frame
+from natd.wire.icmp import (
+    ICMP_DEST_UNREACH,
+    ICMP_ECHO_REQUEST,
+    UNREACH_ADMIN,
+    build_icmp_error,
+    parse_icmp,
+)
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, IPv4Header, build_ipv4, parse_ipv4
-from natd.wire.udp import UDP_HLEN
+from natd.wire.tcp import ACK, FIN, RST, SYN, TCP_HLEN, build_tcp, parse_tcp
+from natd.wire.udp import UDP_HLEN, parse_udp
 
 _ZERO_IP = b"\x00\x00\x00\x00"
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
@@ -43,6 +52,9 @@ _LOOPBACK = "127.0.0.1"
 _DHCP_SERVER_PORT = 67
 _DNS_PORT = 53
 _MAX_NEIGHBORS = 65536  # bounds the table even on a /8 virtual network
+_MAX_DENIALS_LOGGED = 4096  # distinct denied (guest, proto, dst, port) remembered for the log
+_MAX_DECISIONS = 8192  # cached policy verdicts per (proto, dst, port, kind); cleared when full
+_NEW_TCP_MASK = SYN | ACK | RST | FIN  # a SYN with none of the others opens a flow
 
 
 class Gateway:
@@ -66,6 +78,12 @@ class Gateway:
         self.dns = DnsForwarder(self)
         self.ping = PingEngine(self)
         self._engines = (self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping)
+        self._apply_limits(settings.limits)
+        # Denied flows already logged (LRU): a guest retrying a denied destination is counted
+        # every time but logged once.
+        self._denials_logged: OrderedDict[tuple[bytes, int, bytes, int], None] = OrderedDict()
+        # Verdicts of a policy with rules, so a UDP stream does not walk the rules per datagram.
+        self._decisions: dict[tuple[int, bytes, int, int], bool] = {}
 
     def apply_settings(self, settings: GatewaySettings) -> None:
         """Swap in reloaded settings (SIGHUP / ``natd ctl reload``) without touching flows.
@@ -74,11 +92,33 @@ class Gateway:
         limits); the daemon refuses the rest (network, MTU) as "restart required". Engines that
         cache settings get ``apply_settings`` too; the others read ``link.settings`` as needed.
         """
+        old = self.settings
         self.settings = settings
         for engine in self._engines:
             apply = getattr(engine, "apply_settings", None)
             if apply is not None:
                 apply(settings)
+        if settings.limits != old.limits:
+            self._apply_limits(settings.limits)
+        if settings.policy != old.policy:
+            self._decisions.clear()
+            self._denials_logged.clear()  # a new policy: its denials deserve a fresh log line
+
+    def _apply_limits(self, limits: Limits) -> None:
+        """Hand the bounds to the engines that cache them (at start and on reload).
+
+        A lower bound never touches existing flows: it only refuses (or, for the LRU tables,
+        evicts for) new work. ``tcp_buffer_bytes`` is the exception: flows have advertised
+        window scales for it, so it is fixed for the daemon's lifetime.
+        """
+        self.tcp.limits = limits
+        self.udp.max_flows = limits.max_udp_flows
+        self.udp.max_per_guest = limits.max_udp_flows_per_guest
+        self.udp.idle_timeout = limits.udp_idle_timeout
+        self.dns.max_pending = limits.max_dns_pending
+        self.dhcp.max_leases = limits.max_leases
+        self.ping.max_flows = limits.max_ping_flows
+        self.ping.max_per_guest = limits.max_ping_flows_per_guest
 
     # -- the Link interface engines use ------------------------------------------------------
 
@@ -243,6 +283,8 @@ class Gateway:
             return
         if self.neighbors.get(ip.src) != src_mac:
             self.learn_neighbor(ip.src, src_mac)
+        if self._egress_denied(ip, packet, l4, csum):
+            return
         if proto == PROTO_TCP:
             self.tcp.on_guest_segment(ip, l4, now, csum)
         elif proto == PROTO_UDP:
@@ -258,6 +300,103 @@ class Gateway:
         else:
             self.counters["drop.ipv4.protocol"] += 1
 
+    # -- egress policy -----------------------------------------------------------------------
+
+    def _egress_denied(self, ip: IPv4Header, packet: memoryview, l4: memoryview, csum: int) -> bool:
+        """Apply the egress policy to a guest packet that would open a new outbound flow.
+
+        True when denied (and answered: RST for TCP, ICMP administratively prohibited for UDP
+        and ICMP echo). Only flow-opening packets are asked about: a TCP SYN without ACK (so
+        the SYN-ACK of a port forward's inbound flow passes), any UDP datagram that is not a
+        reply to a forward's client, an ICMP echo request. Other guests' addresses are left to
+        the engines (nothing is re-originated for them).
+        """
+        proto = ip.proto
+        n = len(l4)
+        if proto == PROTO_TCP:
+            if n < TCP_HLEN or l4[13] & _NEW_TCP_MASK != SYN:
+                return False
+            port = l4[2] << 8 | l4[3]
+        elif proto == PROTO_UDP:
+            if n < UDP_HLEN:
+                return False
+            port = l4[2] << 8 | l4[3]
+        elif proto == PROTO_ICMP:
+            if n < 8 or l4[0] != ICMP_ECHO_REQUEST:
+                return False
+            port = 0
+        else:
+            return False
+        s = self.settings
+        dst = ip.dst
+        if dst == s.gateway_ip:
+            kind = SERVICE if proto == PROTO_ICMP else HOST
+        elif dst == s.dns_ip:
+            kind = SERVICE if proto == PROTO_ICMP or port == _DNS_PORT else HOST
+        elif s.in_network(dst):
+            return False
+        else:
+            kind = OUTSIDE
+        policy = s.policy
+        if policy.is_open:
+            allowed = policy.decide(proto, dst, port, kind)
+        else:
+            key = (proto, dst, port, kind)
+            cached = self._decisions.get(key)
+            if cached is None:
+                if len(self._decisions) >= _MAX_DECISIONS:
+                    self._decisions.clear()
+                cached = self._decisions[key] = policy.decide(proto, dst, port, kind)
+            allowed = cached
+        if allowed:
+            return False
+        if proto == PROTO_UDP and self.udp.is_inbound_reply(ip.src, l4[0] << 8 | l4[1], dst, port):
+            return False  # a reply on a flow natd opened inbound (a port forward)
+        self._deny(ip, packet, l4, csum, port, kind)
+        return True
+
+    def _deny(
+        self, ip: IPv4Header, packet: memoryview, l4: memoryview, csum: int, port: int, kind: int
+    ) -> None:
+        """Refuse a flow the policy denies, count it, and log it once per flow."""
+        src = ip.src
+        dst = ip.dst
+        proto = ip.proto
+        # Verify the checksum first (Malformed is counted by receive_frames): a corrupt
+        # packet is dropped, never answered.
+        if proto == PROTO_TCP:
+            seg = parse_tcp(src, dst, l4, verify=not csum)
+            name = "tcp"
+            ack = seg.seq + 1 + len(seg.payload)
+            rst = build_tcp(dst, src, seg.dport, seg.sport, 0, ack & 0xFFFFFFFF, RST | ACK, 0)
+            self.send_ipv4(dst, src, PROTO_TCP, rst)
+        else:
+            if proto == PROTO_UDP:
+                parse_udp(src, dst, l4, verify=True)
+                name = "udp"
+            else:
+                parse_icmp(l4, verify=True)
+                name = "icmp"
+            error = build_icmp_error(ICMP_DEST_UNREACH, UNREACH_ADMIN, packet[: ip.total_length])
+            self.send_ipv4(self.settings.gateway_ip, src, PROTO_ICMP, error)
+        self.counters["policy.denied." + name] += 1
+        key = (src, proto, dst, port)
+        logged = self._denials_logged
+        if key in logged:
+            logged.move_to_end(key)
+            return
+        logged[key] = None
+        if len(logged) > _MAX_DENIALS_LOGGED:
+            logged.popitem(last=False)
+        self.log.info(
+            "policy.denied",
+            guest=str(ipaddress.IPv4Address(src)),
+            proto=name,
+            dst=str(ipaddress.IPv4Address(dst)),
+            port=port if proto != PROTO_ICMP else None,
+            reason=self.settings.policy.explain(proto, dst, port, kind),
+        )
+
     # -- time and output ---------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
@@ -272,8 +411,9 @@ class Gateway:
     def take_outbox(self) -> tuple[list[bytes], list[HostOp]]:
         return self.outbox.take()
 
-    def take_output(self) -> tuple[list[bytes], dict[int, bytes], list[HostOp]]:
-        """``take_outbox`` plus the per-frame vnet headers (GSO, partial checksums)."""
+    def take_output(self) -> tuple[list[bytes], Offloaded, list[HostOp]]:
+        """``take_outbox`` for a TAP: frames needing a vnet header (GSO, partial checksums) come
+        as header-only entries plus (vnet header, payload) in the dict (``Outbox``)."""
         return self.outbox.take_all()
 
 

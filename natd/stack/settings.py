@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from natd.stack.policy import ALLOW_ALL, Policy
+
 
 @dataclass(frozen=True, slots=True)
 class StaticLease:
@@ -33,6 +35,8 @@ class Limits:
     tcp_buffer_bytes: int = 4 * 1024 * 1024
     max_leases: int = 1024
     max_dns_pending: int = 1024
+    max_ping_flows: int = 1024
+    max_ping_flows_per_guest: int = 256
 
 
 def _mac_for(ip: bytes) -> bytes:
@@ -57,6 +61,9 @@ class GatewaySettings:
     static_leases: tuple[StaticLease, ...] = ()
     dns_upstreams: tuple[tuple[str, int], ...] = ()
     limits: Limits = field(default_factory=Limits)
+    # Egress policy for new guest flows (natd.stack.policy); the default allows everything
+    # but link-local 169.254.0.0/16 (cloud metadata services).
+    policy: Policy = ALLOW_ALL
     # The TAP accepted offloads (``TUNSETOFFLOAD`` CSUM|TSO4|TSO6 on a vnet_hdr TAP): TCP to
     # the guest goes out as up-to-64 KB GSO frames with partial checksums. Set by the daemon
     # from what the TAP negotiated; False means plain MSS-sized frames with full checksums.

@@ -391,6 +391,14 @@ class UdpEngine:
     def has_inbound(self, flow: int) -> bool:
         return flow in self._inbound_by_id
 
+    def is_inbound_reply(self, guest_ip: bytes, guest_port: int, dst: bytes, dport: int) -> bool:
+        """True if a guest datagram with these addresses answers a port forward's client.
+
+        The Gateway asks before applying the egress policy: a reply on a flow natd opened
+        inbound is not a new outbound flow, so even ``restrict`` lets it through.
+        """
+        return (guest_ip, guest_port, dst, dport) in self._inbound
+
     def close_inbound(self, flow: int) -> None:
         """The forward went away (or the host side failed): forget the flow, no UdpClose."""
         f = self._inbound_by_id.get(flow)

@@ -1,0 +1,275 @@
+"""``[policy]`` and ``[limits]``: parsing, errors that name the key and line, rendering round
+trip, the daemon's translation into the core's settings, and live reload."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+import tomllib
+from ipaddress import IPv4Network
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from natd.config import (
+    Config,
+    ConfigError,
+    LimitsConfig,
+    PolicyConfig,
+    PolicyRuleConfig,
+    load_config,
+    render_config,
+)
+from natd.daemon import Daemon, settings_from_config
+from natd.stack.gateway import Gateway
+from natd.stack.policy import HOST, Policy, PolicyRule
+from natd.stack.settings import Limits
+
+NO_RESOLV = "/nonexistent/resolv.conf"
+
+POLICY = """
+[policy]
+restrict = false
+default = "deny"
+
+[[policy.rule]]
+action = "allow"
+cidr = "198.51.100.0/24"
+ports = "1000-2000"
+proto = "tcp"
+
+[[policy.rule]]
+action = "allow"
+cidr = "169.254.169.254"
+ports = 80
+
+[[policy.rule]]
+action = "deny"
+cidr = "10.0.2.2/32"
+proto = "icmp"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "natd.toml") -> str:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text).lstrip("\n"))
+    return str(p)
+
+
+def load(path: str) -> Config:
+    return load_config(path, {}, resolv_conf=NO_RESOLV)
+
+
+def error(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg.removeprefix(path)
+
+
+def test_defaults() -> None:
+    cfg = load_config(None, {}, resolv_conf=NO_RESOLV)
+    assert cfg.policy == PolicyConfig(restrict=False, default="allow", rules=())
+    assert cfg.limits == LimitsConfig()
+
+
+def test_limits_config_mirrors_the_core_limits_field_for_field() -> None:
+    ours = {f.name: f.default for f in dataclasses.fields(LimitsConfig)}
+    core = {f.name: f.default for f in dataclasses.fields(Limits)}
+    assert ours == core
+
+
+def test_policy_section_parses_in_order(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, POLICY))
+    assert cfg.policy == PolicyConfig(
+        restrict=False,
+        default="deny",
+        rules=(
+            PolicyRuleConfig("allow", IPv4Network("198.51.100.0/24"), (1000, 2000), "tcp"),
+            PolicyRuleConfig("allow", IPv4Network("169.254.169.254/32"), (80, 80), "any"),
+            PolicyRuleConfig("deny", IPv4Network("10.0.2.2/32"), None, "icmp"),
+        ),
+    )
+
+
+def test_rules_without_a_policy_table_and_restrict(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, '[[policy.rule]]\naction = "deny"\ncidr = "0.0.0.0/0"\n'))
+    assert cfg.policy.rules == (PolicyRuleConfig("deny", IPv4Network("0.0.0.0/0")),)
+    assert load(write(tmp_path, "[policy]\nrestrict = true\n")).policy.restrict
+
+
+def test_limits_section(tmp_path: Path) -> None:
+    cfg = load(
+        write(
+            tmp_path,
+            """
+            [limits]
+            max_tcp_flows = 100
+            max_udp_flows_per_guest = 8
+            udp_idle_timeout = 30
+            tcp_buffer_bytes = 131072
+            max_ping_flows = 4
+            """,
+        )
+    )
+    assert cfg.limits == LimitsConfig(
+        max_tcp_flows=100,
+        max_udp_flows_per_guest=8,
+        udp_idle_timeout=30.0,
+        tcp_buffer_bytes=131072,
+        max_ping_flows=4,
+    )
+    assert isinstance(cfg.limits.udp_idle_timeout, float)
+    assert (
+        load(write(tmp_path, "[limits]\nudp_idle_timeout = 2.5\n")).limits.udp_idle_timeout == 2.5
+    )
+
+
+RULE = "[[policy.rule]]\naction = 'deny'\ncidr = '0.0.0.0/0'\n"  # lines 1-3
+R0 = "policy.rule[0]"
+
+ERRORS = [
+    ("[limits]\nmax_tcp_flows = '10'\n", 2, "limits.max_tcp_flows",
+     "expected an integer, got string"),
+    ("[limits]\nmax_flows = 10\n", 2, "limits.max_flows", "unknown key"),
+    ("[limits]\nmax_leases = 0\n", 2, "limits.max_leases", "must be at least 1, got 0"),
+    ("[limits]\nudp_idle_timeout = true\n", 2, "limits.udp_idle_timeout",
+     "expected a number, got boolean"),
+    ("[limits]\nudp_idle_timeout = 0.5\n", 2, "limits.udp_idle_timeout",
+     "must be between 1 and 604800, got 0.5"),
+    ("[limits]\ntcp_buffer_bytes = 1000\n", 2, "limits.tcp_buffer_bytes",
+     "must be between 65536 and 1073741824, got 1000"),
+    ("limits = 3\n", 1, "limits", "expected a table, got integer"),
+    ("[policy]\nrestrict = 'yes'\n", 2, "policy.restrict", "expected a boolean, got string"),
+    ("[policy]\ndefault = 'block'\n", 2, "policy.default",
+     "must be one of allow, deny, got 'block'"),
+    ("[policy]\nmode = 'x'\n", 2, "policy.mode", "unknown key"),
+    ("[policy]\nrule = 'x'\n", 2, "policy.rule", "expected an array of tables, got string"),
+    ("[[policy.rule]]\ncidr = '10.0.0.0/8'\n", 1, f"{R0}.action", "missing"),
+    ("[[policy.rule]]\naction = 'deny'\n", 1, f"{R0}.cidr", "missing"),
+    ("[[policy.rule]]\naction = 'drop'\ncidr = '10.0.0.0/8'\n", 2, f"{R0}.action",
+     "must be one of allow, deny, got 'drop'"),
+    ("[[policy.rule]]\naction = 'deny'\ncidr = '10.0.0.1/8'\n", 3, f"{R0}.cidr",
+     "'10.0.0.1/8' has host bits set (did you mean 10.0.0.0/8?)"),
+    ("[[policy.rule]]\naction = 'deny'\ncidr = 'example.com'\n", 3, f"{R0}.cidr",
+     "'example.com' is not an IPv4 network like 198.51.100.0/24"),
+    (RULE + "ports = '2000-1000'\n", 4, f"{R0}.ports",
+     "'2000-1000': the low port must come first"),
+    (RULE + "ports = '70000'\n", 4, f"{R0}.ports", "'70000' is out of range (0-65535)"),
+    (RULE + "ports = 'http'\n", 4, f"{R0}.ports",
+     "'http' is not a port or a port range like 1000-2000"),
+    (RULE + "ports = [1, 2]\n", 4, f"{R0}.ports",
+     'expected a port or a range like "1000-2000", got array'),
+    (RULE + "proto = 'sctp'\n", 4, f"{R0}.proto",
+     "must be one of tcp, udp, icmp, any, got 'sctp'"),
+    (RULE + "ports = '7'\nproto = 'icmp'\n", 4, f"{R0}.ports",
+     "ICMP has no ports: use proto tcp, udp or any"),
+    (RULE + "[[policy.rule]]\naction = 'deny'\ncidr = 3\n", 6, "policy.rule[1].cidr",
+     "expected a string, got integer"),
+    (RULE + "port = 22\n", 4, f"{R0}.port", "unknown key"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "line", "key", "message"), ERRORS)
+def test_errors_name_the_key_and_line(
+    tmp_path: Path, text: str, line: int, key: str, message: str
+) -> None:
+    assert error(tmp_path, text) == f":{line}: key '{key}': {message}"
+
+
+def roundtrip(cfg: Config, tmp_path: Path) -> Config:
+    text = render_config(cfg)
+    tomllib.loads(text)
+    return load(write(tmp_path, text, "rendered.toml"))
+
+
+def test_render_round_trips_policy_and_limits(tmp_path: Path) -> None:
+    text = POLICY + "\n[limits]\nmax_udp_flows = 77\nudp_idle_timeout = 12.5\n"
+    cfg = load(write(tmp_path, text))
+    again = roundtrip(cfg, tmp_path)
+    assert again.policy == cfg.policy
+    assert again.limits == cfg.limits
+    data = tomllib.loads(render_config(cfg))
+    assert data["limits"]["max_udp_flows"] == 77
+    assert set(data["limits"]) == {f.name for f in dataclasses.fields(LimitsConfig)}
+    assert data["policy"]["default"] == "deny" and data["policy"]["restrict"] is False
+    assert data["policy"]["rule"][0] == {
+        "action": "allow",
+        "cidr": "198.51.100.0/24",
+        "ports": "1000-2000",
+        "proto": "tcp",
+    }
+    assert data["policy"]["rule"][1]["ports"] == "80"
+
+
+def test_render_round_trips_the_defaults(tmp_path: Path) -> None:
+    cfg = load_config(None, {}, resolv_conf=NO_RESOLV)
+    again = roundtrip(cfg, tmp_path)
+    assert (again.policy, again.limits) == (cfg.policy, cfg.limits)
+
+
+def test_settings_from_config_maps_policy_and_limits(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, POLICY + "\n[limits]\nmax_tcp_flows = 5\nmax_dns_pending = 9\n"))
+    s = settings_from_config(cfg)
+    assert s.limits == Limits(max_tcp_flows=5, max_dns_pending=9)
+    assert s.policy == Policy(
+        rules=(
+            PolicyRule("allow", IPv4Network("198.51.100.0/24"), (1000, 2000), "tcp"),
+            PolicyRule("allow", IPv4Network("169.254.169.254/32"), (80, 80), "any"),
+            PolicyRule("deny", IPv4Network("10.0.2.2/32"), None, "icmp"),
+        ),
+        restrict=False,
+        default="deny",
+    )
+    assert s.policy.decide(6, bytes((198, 51, 100, 1)), 1500)
+    assert not s.policy.decide(6, bytes((198, 51, 100, 1)), 80)
+    assert s.policy.decide(6, bytes((169, 254, 169, 254)), 80)
+    assert not s.policy.decide(6, s.gateway_ip, 80, HOST)
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def _record(self, event: str, **kw: Any) -> None:
+        self.events.append((event, kw))
+
+    info = warning = error = debug = _record
+
+
+def _daemon(cfg: Config) -> tuple[Daemon, Gateway]:
+    gw = Gateway(settings_from_config(cfg))
+    shell = SimpleNamespace(kick=lambda: None, tap=SimpleNamespace(name="tap0"))
+    forwards = SimpleNamespace(active=[], find=lambda _fwd: None)
+    return Daemon(cfg, gw, shell, forwards, _Log(), 0.0), gw  # type: ignore[arg-type]
+
+
+def test_reload_applies_policy_and_limits_live(tmp_path: Path) -> None:
+    path = write(tmp_path, "[dns]\nupstream = []\n")
+    daemon, gw = _daemon(load(path))
+    assert gw.settings.policy.is_open
+    write(tmp_path, "[dns]\nupstream = []\n" + POLICY + "\n[limits]\nmax_udp_flows = 3\n")
+    result = daemon.reload("test")
+    assert set(result["changed"]) == {"policy", "limits"}  # type: ignore[arg-type]
+    assert result["restart_required"] == []
+    assert gw.settings.policy.default == "deny" and len(gw.settings.policy.rules) == 3
+    assert gw.udp.max_flows == 3
+    assert daemon.cfg.policy.default == "deny" and daemon.cfg.limits.max_udp_flows == 3
+
+
+def test_reload_of_the_tcp_buffer_size_needs_a_restart(tmp_path: Path) -> None:
+    path = write(tmp_path, "[dns]\nupstream = []\n")
+    daemon, gw = _daemon(load(path))
+    write(
+        tmp_path, "[dns]\nupstream = []\n[limits]\ntcp_buffer_bytes = 131072\nmax_tcp_flows = 8\n"
+    )
+    result = daemon.reload("test")
+    assert result["restart_required"] == ["limits.tcp_buffer_bytes"]
+    assert result["changed"] == ["limits"]
+    assert gw.settings.limits.tcp_buffer_bytes == Limits().tcp_buffer_bytes
+    assert gw.settings.limits.max_tcp_flows == 8 and gw.tcp.limits.max_tcp_flows == 8
+    assert daemon.cfg.limits.tcp_buffer_bytes == Limits().tcp_buffer_bytes
