@@ -153,7 +153,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     from natd.log import configure_logging
 
-    configure_logging(cfg.log_format, cfg.log_level)
+    configure_logging(cfg.log_format, cfg.log_level, background=True)
     from natd import daemon  # lazily: check-config and ctl must work even if the daemon does not
 
     return daemon.run(cfg)

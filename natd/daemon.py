@@ -62,6 +62,7 @@ from natd.io.shell import HostSide, Shell
 from natd.io.tap import TapError, TapLink, adopt_tap_fd, open_tap
 from natd.io.tcp_host import TcpHost
 from natd.io.udp_host import UdpHost
+from natd.log import sink as log_sink
 from natd.stack.gateway import Gateway
 from natd.stack.policy import Policy, PolicyRule
 from natd.stack.settings import GatewaySettings, Limits, StaticLease
@@ -475,6 +476,7 @@ class Daemon:
                 "forwards": len(self.forwards.active),
                 "limits": dataclasses.asdict(gateway.settings.limits),
                 "policy": gateway.settings.policy.summary(),
+                "log": {"dropped": log_sink().dropped, "write_errors": log_sink().write_errors},
             }
             return stats_result(counters, extra=extra)
 

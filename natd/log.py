@@ -8,8 +8,12 @@ rendered the same way, so a json log never contains a stray plain-text line.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import queue
 import sys
+import threading
 from typing import Any, TextIO
 
 import structlog
@@ -24,13 +28,67 @@ LEVELS = {
 FORMATS = ("console", "json")
 
 
+class LogSink:
+    """Where rendered lines go: the *current* ``sys.stderr`` (so tests can capture it).
+
+    Logging must never stall or break the data path: a write error (a full disk, a closed
+    stderr) drops the line and counts it, and in ``background`` mode lines go through a bounded
+    queue that one writer thread drains, so a stderr nobody reads (a full pipe) costs dropped,
+    counted lines instead of a frozen event loop.
+    """
+
+    def __init__(self, background: bool = False, queue_size: int = 10000) -> None:
+        self.dropped = 0
+        self.write_errors = 0
+        self._queue: queue.Queue[str | None] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(queue_size)
+            self._thread = threading.Thread(target=self._drain, name="natd-log", daemon=True)
+            self._thread.start()
+
+    def write(self, line: str) -> None:
+        if self._queue is None:
+            self._write_now(line)
+            return
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Flush what is queued (waiting at most ``timeout``) and stop the writer thread."""
+        if self._queue is None or self._thread is None:
+            return
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+        self._queue = None
+        self._thread = None
+
+    def _drain(self) -> None:
+        q = self._queue
+        assert q is not None
+        while (line := q.get()) is not None:
+            self._write_now(line)
+
+    def _write_now(self, line: str) -> None:
+        try:
+            stream: TextIO = sys.stderr
+            stream.write(line + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            self.write_errors += 1
+
+
+_sink = LogSink()
+
+
 class _StderrLogger:
-    """Writes each rendered line to the *current* ``sys.stderr`` (so tests can capture it)."""
+    """structlog's logger object: hands each rendered line to the current sink."""
 
     def msg(self, message: str) -> None:
-        stream: TextIO = sys.stderr
-        stream.write(message + "\n")
-        stream.flush()
+        _sink.write(message)
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
@@ -39,16 +97,33 @@ def _stderr_logger_factory(*_args: Any) -> _StderrLogger:
     return _StderrLogger()
 
 
+def sink() -> LogSink:
+    """The sink in use (its ``dropped`` / ``write_errors`` counters feed ``ctl stats``)."""
+    return _sink
+
+
 class _CurrentStderrHandler(logging.StreamHandler[TextIO]):
     """A StreamHandler that follows ``sys.stderr`` being replaced (pytest capture, daemons)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
+        try:
+            _sink.write(self.format(record))
+        except Exception:
+            _sink.write_errors += 1
 
 
-def configure_logging(fmt: str = "console", level: str = "info") -> None:
-    """Configure structlog (and stdlib logging) once at start-up; safe to call again."""
+def configure_logging(
+    fmt: str = "console", level: str = "info", background: bool = False
+) -> None:
+    """Configure structlog (and stdlib logging) once at start-up; safe to call again.
+
+    ``background`` (the daemon) writes through a bounded queue and a writer thread.
+    """
+    global _sink
+    _sink.close()
+    _sink = LogSink(background=background)
+    if background:
+        atexit.register(_sink.close)
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if level not in LEVELS:
