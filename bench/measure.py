@@ -1,0 +1,278 @@
+"""One function per measurement. Each starts its own server and client, bounds them in time,
+stops them by PID, and returns numbers or raises ``BenchError`` with a short reason."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from engines import GUEST_PORT, Setup
+from procs import PROBES, BenchError, Runner, wait_listening
+
+PY = sys.executable
+_ports = itertools.count(20000)  # below the namespaces' ephemeral range (procs.add_ns)
+
+
+def fresh_port() -> int:
+    """A fresh port per test, so no test meets a previous one's TIME_WAIT or stuck server."""
+    port = next(_ports)
+    if port >= 28000:
+        raise BenchError("out of listening ports")
+    return port
+
+
+# -- CPU pinning ----------------------------------------------------------------------------------
+def _set_affinity(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` (taskset -a)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError as e:
+        raise BenchError(f"cannot pin PID {pid}: {e}") from None
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(tid, cpus)
+
+
+@contextlib.contextmanager
+def pinned(setup: Setup) -> Iterator[str]:
+    """Pin the engine to CPU 0 for the block; yields the taskset CPU list for the other two."""
+    if setup.pid is not None:
+        _set_affinity(setup.pid, {0})
+    try:
+        yield "0"
+    finally:
+        if setup.pid is not None:
+            with contextlib.suppress(BenchError):
+                _set_affinity(setup.pid, set(range(os.cpu_count() or 1)))
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def parse_json(out: str, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(out)
+    except json.JSONDecodeError:
+        raise BenchError(f"{what}: no JSON output ({out.strip()[:80]!r})") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"{what}: unexpected output")
+    return data
+
+
+def _iperf_error(data: dict[str, Any]) -> str | None:
+    err = data.get("error")
+    return str(err) if err else None
+
+
+def _read_line(p: subprocess.Popen[bytes], timeout: float, what: str) -> str:
+    """One line from a child's stdout within ``timeout`` seconds."""
+    assert p.stdout is not None
+    fd = p.stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{what}: no answer within {timeout:.0f}s")
+            if not sel.select(timeout=left):
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise BenchError(f"{what}: exited ({p.poll()})")
+            buf += chunk
+    return buf.split(b"\n", 1)[0].decode(errors="replace")
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of ``pid`` in MB (10^6 bytes)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError as e:
+        raise BenchError(f"cannot read RSS: {e}") from None
+    raise BenchError("no VmRSS line")
+
+
+def _server(runner: Runner, setup: Setup, argv: list[str], port: int, cpu: str | None = None,
+            udp: bool = False) -> subprocess.Popen[bytes]:
+    p = runner.spawn(argv, setup.host_ns, cpu)
+    try:
+        wait_listening(runner, setup.host_ns, port, udp=udp)
+    except BenchError:
+        runner.stop(p)
+        raise
+    return p
+
+
+# -- measurements ---------------------------------------------------------------------------------
+def smoke(runner: Runner, setup: Setup) -> None:
+    """A few 64-byte round trips guest → gateway → host loopback: does TCP work at all?"""
+    port = fresh_port()
+    srv = _server(runner, setup, [PY, PROBES, "echo-server", "--bind", setup.server_bind,
+                                  "--port", str(port)], port)
+    try:
+        r = runner.run([PY, PROBES, "rr-client", "--host", setup.dial, "--port", str(port),
+                        "--n", "20", "--warmup", "0", "--timeout", "5"],
+                       setup.guest_ns, timeout=15)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["?"])[-1]
+            raise BenchError(f"no TCP through the engine: {last[:120]}")
+    finally:
+        runner.stop(srv)
+
+
+def iperf_tcp(runner: Runner, setup: Setup, seconds: float, reverse: bool) -> float:
+    """iperf3 between the guest (client) and an iperf3 server on the host side; Gbit/s as seen
+    by the receiver. ``reverse`` = host→guest (-R)."""
+    port = fresh_port()
+    srv = _server(runner, setup, ["iperf3", "-s", "-1", "-B", setup.server_bind, "-p", str(port)],
+                  port)
+    try:
+        argv = ["iperf3", "-c", setup.dial, "-p", str(port), "-t", f"{seconds:g}", "-J",
+                "--connect-timeout", "5000"]
+        if reverse:
+            argv += ["-R", "--rcv-timeout", "5000"]
+        r = runner.run(argv, setup.guest_ns, timeout=seconds + 15)
+    except BenchError as e:
+        raise BenchError(f"stall ({e})") from None
+    finally:
+        runner.stop(srv)
+    data = parse_json(r.stdout, "iperf3")
+    err = _iperf_error(data)
+    if err:
+        raise BenchError(f"iperf3: {err}")
+    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def iperf_forward(runner: Runner, setup: Setup, seconds: float) -> float:
+    """Host→guest through the engine's port forward: iperf3 server in the guest on GUEST_PORT,
+    client on the host side dialing the forwarded host port; Gbit/s at the receiver."""
+    if setup.fwd is None:
+        raise BenchError("no port forward")
+    p = runner.spawn(["iperf3", "-s", "-1", "-p", str(GUEST_PORT)], setup.guest_ns)
+    try:
+        wait_listening(runner, setup.guest_ns, GUEST_PORT)
+        addr, hport = setup.fwd
+        r = runner.run(["iperf3", "-c", addr, "-p", str(hport), "-t", f"{seconds:g}", "-J",
+                        "--connect-timeout", "5000"], setup.host_ns, timeout=seconds + 15)
+    except BenchError as e:
+        raise BenchError(f"stall ({e})") from None
+    finally:
+        runner.stop(p)
+    data = parse_json(r.stdout, "iperf3")
+    err = _iperf_error(data)
+    if err:
+        raise BenchError(f"iperf3: {err}")
+    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def udp_loss(runner: Runner, setup: Setup, seconds: float, rate: str) -> tuple[float, float]:
+    """iperf3 -u guest→host at a fixed offered rate: (loss %, received Mbit/s)."""
+    port = fresh_port()
+    srv = _server(runner, setup, ["iperf3", "-s", "-1", "-B", setup.server_bind, "-p", str(port)],
+                  port)
+    try:
+        # 4 MB socket buffers: a receiver descheduled for a moment on a busy 2-core machine
+        # must not count as the engine's loss
+        r = runner.run(["iperf3", "-c", setup.dial, "-p", str(port), "-u", "-b", rate,
+                        "-l", "1400", "-w", "4M", "-t", f"{seconds:g}", "-J",
+                        "--connect-timeout", "5000"],
+                       setup.guest_ns, timeout=seconds + 15)
+    except BenchError as e:
+        raise BenchError(f"stall ({e})") from None
+    finally:
+        runner.stop(srv)
+    data = parse_json(r.stdout, "iperf3 -u")
+    err = _iperf_error(data)
+    if err:
+        raise BenchError(f"iperf3: {err}")
+    end = data["end"]
+    return float(end["sum"]["lost_percent"]), float(end["sum_received"]["bits_per_second"]) / 1e6
+
+
+def request_response(runner: Runner, setup: Setup, n: int, cpu: str | None) -> tuple[float, float]:
+    """64-byte ping-pong, guest client ↔ host echo server, ``n`` round trips: (p50, p99) in µs."""
+    port = fresh_port()
+    srv = _server(runner, setup, [PY, PROBES, "echo-server", "--bind", setup.server_bind,
+                                  "--port", str(port)], port, cpu)
+    try:
+        r = runner.run([PY, PROBES, "rr-client", "--host", setup.dial, "--port", str(port),
+                        "--n", str(n), "--seconds", "20"], setup.guest_ns, cpu, timeout=30)
+    finally:
+        runner.stop(srv)
+    if r.returncode != 0:
+        raise BenchError((r.stderr.strip().splitlines() or ["rr-client failed"])[-1][:120])
+    data = parse_json(r.stdout, "rr-client")
+    return float(data["p50_us"]), float(data["p99_us"])
+
+
+def conn_rate(runner: Runner, setup: Setup, seconds: float, cpu: str | None) -> float:
+    """Connections per second: connect, one byte each way, close, serially for ``seconds``."""
+    port = fresh_port()
+    srv = _server(runner, setup, [PY, PROBES, "cps-server", "--bind", setup.server_bind,
+                                  "--port", str(port)], port, cpu)
+    try:
+        r = runner.run([PY, PROBES, "cps-client", "--host", setup.dial, "--port", str(port),
+                        "--seconds", f"{seconds:g}"], setup.guest_ns, cpu, timeout=seconds + 20)
+    finally:
+        runner.stop(srv)
+    data = parse_json(r.stdout, "cps-client")
+    if data["conns"] == 0:
+        raise BenchError(f"no connection completed ({data['errors']} errors)")
+    return float(data["rate"])
+
+
+def idle_flows(runner: Runner, setup: Setup, n: int, seconds: float,
+               rr_n: int) -> dict[str, float | str]:
+    """Open up to ``n`` idle TCP connections guest → host within ``seconds`` and keep them: the
+    engine's RSS before and with them, how many the host side accepted, and the 64-byte RR p50
+    while they are open (per-packet cost should not grow with the flow count). A value that is
+    a string is the reason that figure could not be taken."""
+    out: dict[str, float | str] = {}
+    if setup.pid is not None:
+        out["rss_base"] = rss_mb(setup.pid)
+    port = fresh_port()
+    hold = runner.spawn([PY, PROBES, "hold-server", "--bind", setup.server_bind,
+                         "--port", str(port)], setup.host_ns,
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    client: subprocess.Popen[bytes] | None = None
+    try:
+        wait_listening(runner, setup.host_ns, port)
+        client = runner.spawn([PY, PROBES, "hold-client", "--host", setup.dial, "--port",
+                               str(port), "--n", str(n), "--seconds", f"{seconds:g}"],
+                              setup.guest_ns, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        opened = parse_json(_read_line(client, seconds + 15, "hold-client"), "hold-client")
+        # wait until the host side has accepted what the guest believes is open
+        accepted = 0
+        deadline = time.monotonic() + 10
+        assert hold.stdin is not None
+        while time.monotonic() < deadline:
+            hold.stdin.write(b"count\n")
+            hold.stdin.flush()
+            accepted = int(_read_line(hold, 10, "hold-server"))
+            if accepted >= int(opened["opened"]):
+                break
+            time.sleep(0.2)
+        out["flows_open"] = float(min(accepted, int(opened["opened"])))
+        if setup.pid is not None:
+            time.sleep(0.5)
+            out["rss_flows"] = rss_mb(setup.pid)
+        try:
+            out["rr_p50_flows"] = request_response(runner, setup, rr_n, None)[0]
+        except BenchError as e:
+            out["rr_p50_flows"] = str(e)
+    finally:
+        if client is not None:
+            runner.stop(client, grace=5)
+        runner.stop(hold, grace=5)
+    return out

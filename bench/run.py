@@ -1,0 +1,366 @@
+#!/usr/bin/env python3
+"""natd's benchmark: natd, slirp4netns, pasta and a kernel veth baseline side by side.
+
+    sudo python3 bench/run.py [--runs 3] [--quick] [--only natd,slirp4netns,pasta,kernel]
+                              [--seconds 5] [--out bench/RESULTS.md]
+
+Each engine serves a fresh guest namespace (see engines.py); the engines are interleaved and
+their order rotated every run; the table reports medians with min-max over the runs and natd's
+ratio to each peer (> 1 = natd better). Needs root, iperf3, ip, ss, taskset. Every namespace and
+process the bench creates is removed on exit, Ctrl-C included. Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import hotpath
+import measure
+import report
+from engines import ALL_ENGINES, Engine, Setup, last_error
+from procs import BenchError, Runner
+
+MTUS = (1500, 65520)
+FWD_PORT = 15201
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, runner: Runner, res: report.Results) -> None:
+        self.args = args
+        self.runner = runner
+        self.res = res
+        self.loads: list[float] = []
+
+    def _do(self, s: Setup, key: str, fn: Callable[[], float]) -> None:
+        try:
+            v = fn()
+        except BenchError as e:
+            self.res.fail(s.engine, key, str(e))
+            log(f"  {s.engine} {key}: FAILED {e}")
+            return
+        self.res.add(s.engine, key, v)
+        log(f"  {s.engine} {key}: {v:.4g} {report.BY_KEY[key].unit}")
+
+    def _do_many(self, s: Setup, keys: tuple[str, ...],
+                 fn: Callable[[], tuple[float, ...] | dict[str, float | str]]) -> None:
+        try:
+            out = fn()
+        except BenchError as e:
+            for k in keys:
+                self.res.fail(s.engine, k, str(e))
+            log(f"  {s.engine} {'/'.join(keys)}: FAILED {e}")
+            return
+        pairs = list(out.items() if isinstance(out, dict) else zip(keys, out, strict=True))
+        for k, v in pairs:
+            if isinstance(v, str):
+                self.res.fail(s.engine, k, v)
+            else:
+                self.res.add(s.engine, k, v)
+        log(f"  {s.engine} " + ", ".join(
+            f"{k}={v}" if isinstance(v, str) else f"{k}={v:.4g}" for k, v in pairs))
+
+    def setup_keys(self, mtu: int) -> list[str]:
+        keys = [f"g2h_{mtu}", f"h2g_{mtu}"]
+        if mtu == 1500:
+            keys += ["fwd_1500", "udp_loss", "udp_rx", "rr_p50", "rr_p99", "rr_p50_pin",
+                     "rr_p99_pin", "cps_pin"]
+            if not self.args.quick:
+                keys += ["rss_base", "flows_open", "rss_flows", "rr_p50_flows"]
+        return keys
+
+    def one(self, eng: Engine, mtu: int) -> None:
+        a, r = self.args, self.runner
+        try:
+            s = eng.start(r, mtu, FWD_PORT)
+        except BenchError as e:
+            log(f"  {eng.name} mtu {mtu}: setup failed: {e}")
+            for k in self.setup_keys(mtu):
+                self.res.fail(eng.name, k, f"{report.NA}setup: {e}")
+            return
+        try:
+            try:
+                measure.smoke(r, s)
+            except BenchError as e:
+                why = f"{e}" + (f" (engine log: {tail})" if (tail := last_error(r, s)) else "")
+                log(f"  {eng.name} mtu {mtu}: {why}")
+                for k in self.setup_keys(mtu):
+                    self.res.fail(eng.name, k, f"{report.NA}{why}")
+                return
+            self._do(s, f"g2h_{mtu}", lambda: measure.iperf_tcp(r, s, a.seconds, False))
+            self._do(s, f"h2g_{mtu}", lambda: measure.iperf_tcp(r, s, a.seconds, True))
+            if mtu != 1500:
+                return
+            self._do(s, "fwd_1500", lambda: measure.iperf_forward(r, s, a.seconds))
+            self._do_many(s, ("udp_loss", "udp_rx"),
+                          lambda: measure.udp_loss(r, s, a.udp_seconds, a.udp_rate))
+            self._do_many(s, ("rr_p50", "rr_p99"),
+                          lambda: measure.request_response(r, s, a.rr_n, None))
+            with measure.pinned(s) as cpu:
+                self._do_many(s, ("rr_p50_pin", "rr_p99_pin"),
+                              lambda: measure.request_response(r, s, a.rr_n, cpu))
+                self._do(s, "cps_pin", lambda: measure.conn_rate(r, s, a.cps_seconds, cpu))
+            if not a.quick:
+                keys = ("rss_base", "flows_open", "rss_flows", "rr_p50_flows")
+                self._do_many(s, keys, lambda: measure.idle_flows(
+                    r, s, a.flows, a.flows_seconds, max(200, a.rr_n // 4)))
+        finally:
+            eng.stop(r, s)
+
+    def run(self, engines: list[Engine]) -> None:
+        for run in range(self.args.runs):
+            k = run % len(engines)
+            order = engines[k:] + engines[:k]  # rotate: no engine always goes first
+            self.loads.append(background_cpu())
+            for mtu in MTUS:
+                for eng in order:
+                    log(f"run {run + 1}/{self.args.runs}, MTU {mtu}: {eng.name}")
+                    self.one(eng, mtu)
+
+
+def machine() -> dict[str, str]:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    return {"nproc": str(os.cpu_count()), "kernel": platform.release(), "cpu": cpu, "mem": mem,
+            "python": platform.python_version()}
+
+
+def background_cpu(seconds: float = 1.0) -> float:
+    """Busy share of all CPUs (%) over ``seconds`` while the bench itself is idle: what other
+    work on the machine takes from the measurements."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    b0, t0 = sample()
+    time.sleep(seconds)
+    b1, t1 = sample()
+    return 100.0 * (b1 - b0) / max(1, t1 - t0)
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (r.stdout.strip().splitlines() or ["?"])[0]
+
+
+def write_report(path: str, args: argparse.Namespace, res: report.Results,
+                 versions: dict[str, str], started: datetime.datetime, load0: str,
+                 elapsed: float, extra_notes: list[str], bench_loads: list[float],
+                 prof: str = "") -> str:
+    m = machine()
+    cmd = "python3 " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0]),
+                                                          *sys.argv[1:]])
+    lines = [
+        "# natd benchmark results",
+        "",
+        f"- command: `{cmd}`",
+        f"- date: {started.strftime('%Y-%m-%d %H:%M %Z').strip()} ({elapsed / 60:.1f} min)",
+        f"- machine: {m['nproc']} CPUs, {m['cpu']}, {m['mem']} RAM, Linux {m['kernel']}, "
+        f"Python {m['python']}",
+        f"- load average at start / end: {load0} / {loadavg()}",
+        "- other work's CPU share with the bench idle (1 s samples): "
+        + ", ".join(f"{x:.0f} %" for x in bench_loads),
+        f"- runs: {args.runs}; iperf3 TCP {args.seconds:g} s, UDP {args.udp_seconds:g} s at "
+        f"{args.udp_rate}bit/s; RR {args.rr_n} round trips; conn/s {args.cps_seconds:g} s; "
+        + ("idle flows skipped (--quick)" if args.quick
+           else f"{args.flows} idle flows asked, {args.flows_seconds:g} s allowed to open them"),
+        "- versions: " + "; ".join(f"{k}: {v}" for k, v in versions.items()),
+        "",
+        f"Medians over the runs, (min{report.DASH}max) when there is more than one run. "
+        "Ratios: natd ÷ peer, > 1 = natd better (inverted for latency and RSS).",
+        "",
+        report.table(res),
+        "",
+    ]
+    if "natd" in res.engines and "natd" not in res.unavailable:
+        lines += ["## Issue 6 targets", "", report.targets(res), ""]
+    notes = [f"- {e}: not measured — {why}" for e, why in res.unavailable.items()]
+    notes += [f"- {n}" for n in extra_notes]
+    notes += [
+        "- Topology: every engine runs in a fresh \"host\" namespace and serves a fresh guest "
+        "namespace; host-side servers listen on the host namespace's 127.0.0.1 and the guest "
+        "dials the gateway 10.0.2.2 (slirp4netns's guest is 10.0.2.100, the others 10.0.2.15).",
+        "- kernel = a veth pair, guest 10.0.2.15 ↔ host namespace 10.0.2.2, servers listening "
+        "on 10.0.2.2: plain kernel forwarding, no NAT, no loopback hop; its \"forwarded port\" "
+        "row dials the guest address directly. It is the ceiling, not a competitor.",
+        "- pasta's forwarded port goes through its splice shortcut (socket to socket in the "
+        "guest's loopback), not through its TAP; that is what pasta users get.",
+        "- 1 CPU rows pin the client, the server and the engine (all its threads) to CPU 0.",
+        "- conn/s = connect, one byte each way, close, serially; UDP = iperf3 -u -l 1400 -w 4M "
+        "guest→host, loss as seen by the receiver (the kernel row shows what the client and "
+        "receiver themselves manage on this machine).",
+    ]
+    lines += ["## Notes", "", *notes, ""]
+    fails = report.failures(res)
+    if fails:
+        lines += ["## Failures", "", fails, ""]
+    if prof:
+        lines += ["## Profile: where natd's time goes", "", prof, ""]
+    text = "\n".join(lines)
+    with open(path, "w") as f:
+        f.write(text)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump({"args": vars(args), "versions": versions, "machine": m, **res.to_json()}, f,
+                  indent=1, default=str)
+    return text
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--runs", type=int, default=3, help="repetitions per engine (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode: 1 run, 2 s transfers, no idle-flows test")
+    p.add_argument("--only", default=",".join(ALL_ENGINES),
+                   help="comma-separated engines (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=5.0, help="iperf3 TCP duration")
+    p.add_argument("--udp-seconds", type=float, default=3.0)
+    p.add_argument("--udp-rate", default="1G", help="iperf3 -b for the UDP loss test")
+    p.add_argument("--cps-seconds", type=float, default=3.0)
+    p.add_argument("--rr-n", type=int, default=2000, help="request/response round trips")
+    p.add_argument("--flows", type=int, default=10000, help="idle TCP flows for the RSS test")
+    p.add_argument("--flows-seconds", type=float, default=30.0,
+                   help="time allowed to open the idle flows (slow engines get fewer)")
+    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                   help="after the runs, sample natd with py-spy for SECONDS per load "
+                   "(iperf3 both ways, request/response) and add the summary to the report")
+    p.add_argument("--note", action="append", default=[], help="extra line for the notes")
+    p.add_argument("--out", help="markdown report (default bench/RESULTS.md, "
+                   "bench/RESULTS-quick.md with --quick); raw figures go next to it as .json")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.runs, a.seconds, a.udp_seconds, a.cps_seconds = 1, 2.0, 2.0, 2.0
+    if a.out is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        a.out = os.path.join(here, "RESULTS-quick.md" if a.quick else "RESULTS.md")
+    names = [n.strip() for n in a.only.split(",") if n.strip()]
+    bad = [n for n in names if n not in ALL_ENGINES]
+    if bad or not names:
+        p.error(f"--only: unknown engine(s) {', '.join(bad) or '(none)'}; "
+                f"choose from {', '.join(ALL_ENGINES)}")
+    a.engines = names
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/run.py needs root (namespaces, TAP devices)", file=sys.stderr)
+        return 2
+    missing = [t for t in ("ip", "ss", "iperf3", "taskset") if shutil.which(t) is None]
+    if missing:
+        print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    # the idle-flows test holds tens of thousands of sockets in the client, server and engine
+    want = max(65536, args.flows * 3)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    runner = Runner()
+    atexit.register(runner.cleanup)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # same path as Ctrl-C: clean up, write the partial report
+
+    signal.signal(signal.SIGINT, on_term)  # even if started with SIGINT ignored (nohup, &)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    started = datetime.datetime.now().astimezone()
+    load0 = loadavg()
+    t0 = time.monotonic()
+    res = report.Results(engines=list(args.engines))
+    versions: dict[str, str] = {}
+    engines: list[Engine] = []
+    for name in args.engines:
+        eng = ALL_ENGINES[name]()
+        why = eng.unavailable()
+        if why:
+            res.unavailable[name] = why
+            log(f"{name}: not available: {why}")
+            continue
+        versions[name] = eng.version()
+        engines.append(eng)
+    versions["iperf3"] = tool_version(["iperf3", "--version"]).split(" (")[0]
+    interrupted = False
+    prof = ""
+    bench = Bench(args, runner, res)
+    try:
+        if engines:
+            bench.run(engines)
+        if args.profile > 0 and any(e.name == "natd" for e in engines):
+            log(f"profiling natd for {args.profile:g} s per load")
+            prof = hotpath.profile_natd(runner, args.profile, FWD_PORT)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: cleaning up, then writing what was measured")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # cleanup is bounded; let it finish
+        runner.cleanup()
+    notes = list(args.note)
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if "pasta" in versions and not args.quick and nofile < 2 * args.flows + 100:
+        notes.append(f"pasta keeps two file descriptors per TCP flow (a socket and a timerfd); "
+                     f"this machine's hard RLIMIT_NOFILE is {nofile}, so pasta tops out just "
+                     f"below {nofile // 2} flows and new connections then time out")
+    bench.loads.append(background_cpu())
+    busy = max(bench.loads)
+    if busy > 10.0:
+        notes.append(f"other work was running on the machine: with the bench idle it took "
+                     f"{', '.join(f'{x:.0f}' for x in bench.loads)} % of all CPUs (sampled "
+                     "for 1 s before each run and at the end); figures are noisy — compare "
+                     "engines within one run, not with other machines")
+    if interrupted:
+        notes.append("the run was interrupted: partial figures")
+    text = write_report(args.out, args, res, versions, started, load0, time.monotonic() - t0,
+                        notes, bench.loads, prof)
+    print(text)
+    log(f"written {args.out}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
