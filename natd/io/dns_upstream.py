@@ -2,7 +2,11 @@
 
 UDP: one non-blocking socket per upstream, created on first use and *connected* to it, so the
 kernel only delivers datagrams from that address and port and reports ICMP port unreachable as
-``ECONNREFUSED`` (→ ``DnsForwarder.on_upstream_unreachable``). Answers go to
+``ECONNREFUSED`` (→ ``DnsForwarder.on_upstream_unreachable``). The sockets are watched
+through the shared ``natd.io.poller.DatagramPoller``: that ICMP error makes a connected
+socket report ``EPOLLERR``, which on uvloop would silently end a ``loop.add_reader`` watch
+for good (the forwarder never reading its upstream again after it was down once); the error
+callback reads ``SO_ERROR``, which reports and clears it. Answers go to
 ``DnsForwarder.on_upstream_answer`` with the upstream's address; the core matches them to
 queries by id and question (a fixed source port per upstream is fine because the core picks a
 fresh random id per attempt and checks the question; upstreams are usually on loopback).
@@ -16,9 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
+from functools import partial
 from typing import Any
 
+from natd.io.poller import DatagramPoller
 from natd.stack.gateway import Gateway
 from natd.stack.ops import DnsQuery, HostOp
 
@@ -49,6 +56,15 @@ class DnsUpstream:
         self._upstreams: dict[tuple[str, int], _Upstream] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._poller: DatagramPoller | None = None
+
+    @property
+    def poller(self) -> DatagramPoller:
+        """The loop's shared poller, acquired on first use (released by ``close``)."""
+        if self._poller is None:
+            gateway = self.gateway
+            self._poller = DatagramPoller.acquire(self.loop, gateway.log, gateway.counters)
+        return self._poller
 
     def perform(self, op: HostOp) -> None:
         if not isinstance(op, DnsQuery) or self._closed:
@@ -78,12 +94,12 @@ class DnsUpstream:
         try:
             sock.setblocking(False)
             sock.connect(address)
+            up = _Upstream(address, sock)
+            self.poller.register(sock, partial(self._on_readable, up), partial(self._on_error, up))
         except OSError:
             sock.close()
             raise
-        up = _Upstream(address, sock)
         self._upstreams[address] = up
-        self.loop.add_reader(up.fd, self._on_readable, up)
         self.log.debug("dns.upstream_socket", upstream=f"{address[0]}:{address[1]}")
         return up
 
@@ -104,6 +120,22 @@ class DnsUpstream:
                 break
             dns.on_upstream_answer(host, port, data, now)
         self.shell.kick()
+
+    def _on_error(self, up: _Upstream) -> None:
+        """``EPOLLERR``: the upstream's ICMP error; reading ``SO_ERROR`` reports and clears it."""
+        try:
+            err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            err = exc.errno or 0
+        if not err:
+            return
+        host, port = up.address
+        if err == errno.ECONNREFUSED:
+            self.gateway.dns.on_upstream_unreachable(host, port, self.shell.now())
+            self.shell.kick()
+        else:
+            why = errno.errorcode.get(err, str(err))
+            self.log.debug("dns.upstream_error", upstream=f"{host}:{port}", error=why)
 
     async def _tcp_query(self, op: DnsQuery) -> None:
         writer: asyncio.StreamWriter | None = None
@@ -129,11 +161,16 @@ class DnsUpstream:
 
     def close(self) -> None:
         self._closed = True
+        poller, self._poller = self._poller, None
         for up in self._upstreams.values():
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(up.fd)
-            up.sock.close()
+            if poller is not None:
+                poller.close_socket(up.sock)
+            else:
+                with contextlib.suppress(OSError):
+                    up.sock.close()
         self._upstreams.clear()
+        if poller is not None:
+            poller.release()
         for task in list(self._tasks):
             task.cancel()
 

@@ -11,7 +11,9 @@ port actually bound is what ``forward.listening`` logs and ``natd ctl forward li
   refuses or never answers, the engine aborts the flow and the client sees a reset.
 * UDP: each client (address, port) gets an inbound flow in the UDP engine
   (``UdpEngine.open_inbound``); the guest's replies leave through the listening socket
-  (``UdpHost.attach_inbound``). Mappings end with the engine's idle timeout.
+  (``UdpHost.attach_inbound``). Mappings end with the engine's idle timeout. The listener is
+  watched through the shared ``natd.io.poller.DatagramPoller`` like every host datagram
+  socket (uvloop ends a ``loop.add_reader`` watch on the first ``EPOLLERR``).
 
 The guest sees the real client address; a loopback (or otherwise unreachable-from-the-guest)
 client appears as the gateway address (``UdpEngine.shown_source``), as with slirp4netns and passt.
@@ -30,9 +32,11 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from natd.config import Forward
+from natd.io.poller import DatagramPoller
 from natd.io.tcp_host import TcpHost
 from natd.io.udp_host import UdpHost
 from natd.stack.gateway import Gateway
@@ -96,6 +100,22 @@ class ForwardManager:
         self.udp_host = udp_host
         self.log = log
         self.active: list[ActiveForward] = []
+        self._poller: DatagramPoller | None = None
+        self._udp_listeners = 0  # UDP forwards using the poller; the last one releases it
+
+    def _acquire_poller(self) -> DatagramPoller:
+        if self._poller is None:
+            gateway = self.gateway
+            self._poller = DatagramPoller.acquire(self.loop, gateway.log, gateway.counters)
+        self._udp_listeners += 1
+        return self._poller
+
+    def _release_poller(self) -> None:
+        self._udp_listeners -= 1
+        if self._udp_listeners <= 0 and self._poller is not None:
+            self._udp_listeners = 0
+            self._poller.release()
+            self._poller = None
 
     # -- the daemon's operations -------------------------------------------------------------
 
@@ -108,7 +128,12 @@ class ForwardManager:
         if fwd.proto == "tcp":
             self.loop.add_reader(sock.fileno(), self._on_accept, active)
         else:
-            self.loop.add_reader(sock.fileno(), self._on_datagram, active)
+            try:
+                self._acquire_poller().register(sock, partial(self._on_datagram, active))
+            except OSError as exc:
+                self._release_poller()
+                sock.close()
+                raise listen_error(fwd, exc) from exc
         self.active.append(active)
         self.log.info(
             "forward.listening",
@@ -201,6 +226,13 @@ class ForwardManager:
         if active.paused is not None:
             active.paused.cancel()
             active.paused = None
+        if active.forward.proto == "udp":
+            if self._poller is not None:
+                self._poller.close_socket(active.sock)
+                self._release_poller()
+            else:
+                active.sock.close()
+            return
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             self.loop.remove_reader(active.sock.fileno())
         active.sock.close()

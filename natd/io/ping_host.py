@@ -12,6 +12,10 @@ the default "1 0" allows nobody). Without it, natd falls back to one shared raw 
 and errors by (source, identifier). With neither, every request is answered with
 "communication administratively prohibited" and the log says which sysctl fixes it.
 
+All sockets are watched through the shared ``natd.io.poller.DatagramPoller`` (not
+``loop.add_reader``: on uvloop the first ``EPOLLERR`` an ICMP error raises would end the watch
+for good); the dgram sockets' error callback drains the error queue and clears ``sk_err``.
+
 Engine entry points used: ``PingEngine.on_host_echo_reply``, ``on_host_unreachable``,
 ``on_host_failed``.
 """
@@ -23,8 +27,10 @@ import contextlib
 import itertools
 import random
 import socket
+from functools import partial
 from typing import Any
 
+from natd.io.poller import DatagramPoller
 from natd.io.udp_host import IP_RECVERR, read_error_queue
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, PingClose, PingSend
@@ -83,6 +89,15 @@ class PingHost:
         self._raw_ids = itertools.count(random.randrange(1, 0xFFFF))
         self._raw_by_flow: dict[int, tuple[str, int]] = {}
         self._raw_by_key: dict[tuple[str, int], int] = {}
+        self._poller: DatagramPoller | None = None
+
+    @property
+    def poller(self) -> DatagramPoller:
+        """The loop's shared poller, acquired on first use (released by ``close``)."""
+        if self._poller is None:
+            gateway = self.gateway
+            self._poller = DatagramPoller.acquire(self.loop, gateway.log, gateway.counters)
+        return self._poller
 
     # -- mode ----------------------------------------------------------------------------------
 
@@ -110,9 +125,13 @@ class PingHost:
     def _open_raw(self) -> socket.socket:
         if self._raw is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-            sock.setblocking(False)
+            try:
+                sock.setblocking(False)
+                self.poller.register(sock, self._on_raw_readable)  # errors: the poller clears
+            except OSError:
+                sock.close()
+                raise
             self._raw = sock
-            self.loop.add_reader(sock.fileno(), self._on_raw_readable)
         return self._raw
 
     # -- ops -----------------------------------------------------------------------------------
@@ -133,9 +152,19 @@ class PingHost:
     def _send_dgram(self, op: PingSend) -> None:
         f = self._dgram.get(op.flow)
         if f is None:
+            sock = None
             try:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+                sock.setblocking(False)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+                f = _DgramFlow(op.flow, sock)
+                self.poller.register(
+                    sock, partial(self._on_dgram_readable, f), partial(self._on_dgram_error, f)
+                )
             except OSError as exc:
+                if sock is not None:
+                    sock.close()
                 self.socket_failures += 1
                 if self.socket_failures % 1000 == 1:  # EMFILE storms must not flood the log
                     self.log.warning(
@@ -147,12 +176,7 @@ class PingHost:
                 self.gateway.ping.on_host_failed(op.flow, op.seq, op.payload, self.shell.now())
                 self.shell.kick()
                 return
-            sock.setblocking(False)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-            f = _DgramFlow(op.flow, sock)
             self._dgram[op.flow] = f
-            self.loop.add_reader(f.fd, self._on_dgram_readable, f)
         request = build_icmp_echo(ICMP_ECHO_REQUEST, 0, op.seq, op.payload)  # kernel sets ident
         self._sendto(f.sock, request, op)
 
@@ -185,11 +209,10 @@ class PingHost:
         ping = self.gateway.ping
         now = self.shell.now()
         got_error = False
-        for i in range(BATCH):
+        for _ in range(BATCH):
             try:
                 data = f.sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
-                got_error = i == 0
                 break
             except OSError:
                 got_error = True
@@ -201,11 +224,22 @@ class PingHost:
             if msg.type == ICMP_ECHO_REPLY:
                 ping.on_host_echo_reply(f.flow, msg.seq, bytes(msg.payload), now)
         if got_error and self._dgram.get(f.flow) is f:
-            for _address, quoted, code, _info, _origin in read_error_queue(f.sock):
-                if len(quoted) >= 8 and quoted[0] == ICMP_ECHO_REQUEST:
-                    seq = int.from_bytes(quoted[6:8], "big")
-                    ping.on_host_unreachable(f.flow, seq, quoted[8:], code, now)
+            self._drain_dgram_errors(f, now)
         self.shell.kick()
+
+    def _on_dgram_error(self, f: _DgramFlow) -> None:
+        """``EPOLLERR``: report the queued ICMP errors; this also clears the condition."""
+        self._drain_dgram_errors(f, self.shell.now())
+        with contextlib.suppress(OSError):
+            f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # an error not queued
+        self.shell.kick()
+
+    def _drain_dgram_errors(self, f: _DgramFlow, now: float) -> None:
+        ping = self.gateway.ping
+        for _address, quoted, code, _info, _origin in read_error_queue(f.sock):
+            if len(quoted) >= 8 and quoted[0] == ICMP_ECHO_REQUEST:
+                seq = int.from_bytes(quoted[6:8], "big")
+                ping.on_host_unreachable(f.flow, seq, quoted[8:], code, now)
 
     def _on_raw_readable(self) -> None:
         sock = self._raw
@@ -248,9 +282,10 @@ class PingHost:
     def _close_flow(self, flow: int) -> None:
         f = self._dgram.pop(flow, None)
         if f is not None:
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(f.fd)
-            f.sock.close()
+            if self._poller is not None:
+                self._poller.close_socket(f.sock)
+            else:
+                f.sock.close()
         key = self._raw_by_flow.pop(flow, None)
         if key is not None:
             self._raw_by_key.pop(key, None)
@@ -262,10 +297,14 @@ class PingHost:
         self._raw_by_flow.clear()
         self._raw_by_key.clear()
         if self._raw is not None:
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self._raw.fileno())
-            self._raw.close()
+            if self._poller is not None:
+                self._poller.close_socket(self._raw)
+            else:
+                self._raw.close()
             self._raw = None
+        if self._poller is not None:
+            self._poller.release()
+            self._poller = None
 
 
 __all__ = ["MODE_DGRAM", "MODE_NONE", "MODE_RAW", "SYSCTL_HINT", "PingHost"]

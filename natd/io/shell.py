@@ -9,8 +9,11 @@ It pumps three kinds of events into the ``Gateway`` and drains what comes out:
 * Host events: host sides (TCP, UDP, DNS upstream, ping) feed results into the engines
   themselves and call ``kick()``, which coalesces into one flush on the next loop turn.
 
-``flush()`` sends the outbox's frames to the TAP and routes each op, by its type, to the host
-side registered for it. An op nobody handles is counted (``unhandled_ops``) and logged once per
+``flush()`` sends the outbox's frames to the TAP (an offloaded frame — GSO, partial checksum —
+as one ``writev`` of its vnet header, its header bytes and its payload, a view of the flow's
+send buffer) and routes each op, by its type, to the host side registered for it. The vnet
+flags of the frames read (``TapLink.rx_csum``) go into ``receive_frames`` with them.
+An op nobody handles is counted (``unhandled_ops``) and logged once per
 type: a missing host side must not take the daemon down.
 """
 
@@ -24,8 +27,10 @@ from typing import Any, Protocol
 
 from natd.io.tap import BATCH_LIMIT, TapGone, TapLink
 from natd.stack.gateway import Gateway
-from natd.stack.ops import HostOp
+from natd.stack.ops import HostOp, Offloaded
 
+# frames, {index: (vnet header, payload)} for offloaded frames, ops (``natd.stack.ops.Outbox``)
+_Output = tuple[list[bytes], Offloaded, list[HostOp]]
 _MAX_FLUSH_ROUNDS = 16  # ops performed synchronously may queue more output; bound the chase
 _MIN_TIMER_DELAY = 0.001  # a deadline already past still waits this long: never spin
 
@@ -71,7 +76,7 @@ class Shell:
         # The real Gateway hands out per-frame vnet headers (GSO) with its frames; a stand-in
         # core with only ``take_outbox`` (tests) sends plain frames.
         take_output = getattr(gateway, "take_output", None)
-        self._take_output: Callable[[], tuple[list[bytes], dict[int, bytes], list[HostOp]]] = (
+        self._take_output: Callable[[], _Output] = (
             take_output if take_output is not None else self._take_plain
         )
 
@@ -102,14 +107,18 @@ class Shell:
         tap = self.tap
         take = self._take_output
         for _ in range(_MAX_FLUSH_ROUNDS):
-            frames, vnet, ops = take()
+            frames, offloaded, ops = take()
             if frames or ops:
                 if not tap.closed:
                     write = tap.write
-                    if vnet:
-                        get = vnet.get
+                    if offloaded:
+                        get = offloaded.get
                         for i, frame in enumerate(frames):
-                            write(frame, get(i))
+                            extra = get(i)
+                            if extra is None:
+                                write(frame)
+                            else:
+                                write(frame, extra[0], extra[1])
                     else:
                         for frame in frames:
                             write(frame)
@@ -129,7 +138,7 @@ class Shell:
             self.kick()  # still producing: continue next turn rather than starve the loop
         self._arm_timer()
 
-    def _take_plain(self) -> tuple[list[bytes], dict[int, bytes], list[HostOp]]:
+    def _take_plain(self) -> _Output:
         frames, ops = self.gateway.take_outbox()
         return frames, {}, ops
 

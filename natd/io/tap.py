@@ -138,20 +138,28 @@ class TapLink:
         self.rx_csum = flags if trusted else None
         return frames
 
-    def write(self, frame: bytes | memoryview, vnet: bytes | None = None) -> bool:
+    def write(
+        self,
+        frame: bytes | memoryview,
+        vnet: bytes | None = None,
+        payload: bytes | bytearray | memoryview = b"",
+    ) -> bool:
         """Send one frame to the guest; False (and counted) if it had to be dropped.
 
         ``vnet`` is its virtio_net_hdr (GSO / partial checksum), only ever given by a core
-        that was told the TAP took offloads; None means "nothing special".
+        that was told the TAP took offloads; None means "nothing special". ``payload``, if
+        any, is the rest of the frame, gathered by the same ``writev`` (no copy).
         """
         try:
             if self.vnet_hdr_len:
                 if vnet is None:
-                    os.writev(self.fd, (self._tx_hdr, frame))
+                    os.writev(self.fd, (self._tx_hdr, frame, payload))
                 elif self._hdr_pad:
-                    os.writev(self.fd, (vnet, self._hdr_pad, frame))
+                    os.writev(self.fd, (vnet, self._hdr_pad, frame, payload))
                 else:
-                    os.writev(self.fd, (vnet, frame))
+                    os.writev(self.fd, (vnet, frame, payload))
+            elif payload:
+                os.writev(self.fd, (frame, payload))
             else:
                 os.write(self.fd, frame)
         except BlockingIOError:

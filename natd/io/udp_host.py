@@ -9,8 +9,11 @@ type/code, which the engine turns into a destination-unreachable for the guest
 (``UdpEngine.on_host_unreachable``). A pending error also fails the next ``sendto`` once
 (``sock_alloc_send_skb`` reports ``sk_err``); that send is retried after the queue is drained.
 
-Each readiness callback reads up to ``BATCH`` datagrams, hands each to
-``UdpEngine.on_host_datagram`` and kicks the shell once.
+The sockets are watched through the shared ``natd.io.poller.DatagramPoller``, never with
+``loop.add_reader``: uvloop silently stops reading a socket once it reports ``EPOLLERR``,
+which one ICMP error does (see the poller). Each readiness callback reads up to ``BATCH``
+datagrams, hands each to ``UdpEngine.on_host_datagram`` and kicks the shell once; an error
+callback drains the error queue and clears ``sk_err``.
 
 Port forwards: a UDP forward's clients are inbound flows whose replies leave through the
 forward's listening socket, not a socket of their own. ``natd.io.forwards`` registers each with
@@ -27,8 +30,10 @@ import errno
 import socket
 import struct
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+from natd.io.poller import DatagramPoller
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, UdpClose, UdpSend
 from natd.wire.icmp import (
@@ -104,6 +109,15 @@ class UdpHost:
         self._inbound: dict[int, tuple[socket.socket, tuple[str, int], Callable[[int], None]]] = {}
         self.send_dropped = 0
         self.socket_failures = 0
+        self._poller: DatagramPoller | None = None
+
+    @property
+    def poller(self) -> DatagramPoller:
+        """The loop's shared poller, acquired on first use (released by ``close``)."""
+        if self._poller is None:
+            gateway = self.gateway
+            self._poller = DatagramPoller.acquire(self.loop, gateway.log, gateway.counters)
+        return self._poller
 
     def perform(self, op: HostOp) -> None:
         if isinstance(op, UdpSend):
@@ -150,7 +164,9 @@ class UdpHost:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
             sock.bind(("127.0.0.1" if op.host.startswith("127.") else "0.0.0.0", 0))
-        except OSError as exc:
+            f = _Flow(op.flow, sock)
+            self.poller.register(sock, partial(self._on_readable, f), partial(self._on_error, f))
+        except OSError as exc:  # EMFILE, or the epoll is out of watches (max_user_watches)
             if sock is not None:
                 sock.close()
             self.socket_failures += 1
@@ -161,9 +177,7 @@ class UdpHost:
             self.gateway.udp.on_host_failed(op.flow, self.shell.now())
             self.shell.kick()
             return None
-        f = _Flow(op.flow, sock)
         self._flows[op.flow] = f
-        self.loop.add_reader(f.fd, self._on_readable, f)
         return f
 
     def _send(self, op: UdpSend) -> None:
@@ -205,12 +219,10 @@ class UdpHost:
         sock = f.sock
         now = self.shell.now()
         got_error = False
-        for i in range(BATCH):
+        for _ in range(BATCH):
             try:
                 data, address = sock.recvfrom(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
-                if i == 0:
-                    got_error = True  # woken by EPOLLERR: the error queue has something
                 break
             except OSError:
                 got_error = True  # sk_err (ECONNREFUSED...) consumed; details are queued
@@ -220,6 +232,15 @@ class UdpHost:
                 break  # the engine closed the flow meanwhile
         if got_error and self._flows.get(f.flow) is f:
             self._drain_errors(f)
+        self.shell.kick()
+
+    def _on_error(self, f: _Flow) -> None:
+        """``EPOLLERR``: report the queued ICMP errors; this also clears the condition."""
+        self._drain_errors(f)
+        with contextlib.suppress(OSError):
+            # The queue is empty now; an error whose queue entry did not fit is still in
+            # sk_err (level-triggered EPOLLERR would repeat): read it away.
+            f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self.shell.kick()
 
     def _drain_errors(self, f: _Flow) -> None:
@@ -236,15 +257,19 @@ class UdpHost:
         f = self._flows.pop(flow, None)
         if f is None:
             return
-        with contextlib.suppress(OSError, ValueError, RuntimeError):
-            self.loop.remove_reader(f.fd)
-        f.sock.close()
+        if self._poller is not None:
+            self._poller.close_socket(f.sock)
+        else:
+            f.sock.close()
 
     def close(self) -> None:
         self._inbound.clear()  # the sockets belong to the forwards, which close them
         for flow in list(self._flows):
             with contextlib.suppress(Exception):
                 self._close_flow(flow)
+        if self._poller is not None:
+            self._poller.release()
+            self._poller = None
 
     def __len__(self) -> int:
         return len(self._flows)

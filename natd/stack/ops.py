@@ -119,40 +119,54 @@ HostOp = (
 )
 
 
+Payload = bytes | bytearray | memoryview
+Offloaded = dict[int, tuple[bytes, Payload]]
+"""Frame index → (virtio_net_hdr, payload) for frames the TAP's kernel side finishes."""
+
+
 class Outbox:
     """What the core wants done: guest frames and host ops, drained by the shell.
 
-    ``vnet`` gives the frames that need a ``virtio_net_hdr`` other than "nothing special"
-    (``natd.wire.vnet``): index in ``frames`` → the 10 header bytes. Only a TAP that accepted
-    offloads gets such frames (``GatewaySettings.tso``): big TCP segments for the kernel to cut
-    (``GSO_TCPV4``) and partial checksums for it to finish (``F_NEEDS_CSUM``). A dict keyed by
-    position keeps ``frames`` a plain list of bytes and costs nothing when offloads are off.
+    ``offloaded`` holds the frames that need a ``virtio_net_hdr`` other than "nothing special"
+    (``natd.wire.vnet``): index in ``frames`` → (the 10 header bytes, the payload). Such a
+    frame's entry in ``frames`` is only its Ethernet/IPv4/TCP header; the payload (a view of
+    the flow's send buffer, up to 64 KB) follows it in the same ``writev``, never copied in
+    Python. Only a TAP that accepted offloads gets such frames (``GatewaySettings.tso``): big
+    TCP segments for the kernel to cut (``GSO_TCPV4``) and partial checksums for it to finish
+    (``F_NEEDS_CSUM``). A dict keyed by position keeps ``frames`` a plain list of bytes and
+    costs nothing when offloads are off.
     """
 
-    __slots__ = ("frames", "ops", "vnet")
+    __slots__ = ("frames", "offloaded", "ops")
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self.ops: list[HostOp] = []
-        self.vnet: dict[int, bytes] = {}
+        self.offloaded: Offloaded = {}
 
-    def send_offloaded(self, frame: bytes, vnet_hdr: bytes) -> None:
-        """Queue a frame whose checksum/segmentation the TAP's kernel side finishes."""
+    def send_offloaded(self, header: bytes, payload: Payload, vnet_hdr: bytes) -> None:
+        """Queue a frame whose checksum/segmentation the TAP's kernel side finishes.
+
+        ``payload`` must stay unchanged until the shell has written it (send buffer chunks are
+        immutable or only ever appended to).
+        """
         frames = self.frames
-        self.vnet[len(frames)] = vnet_hdr
-        frames.append(frame)
+        self.offloaded[len(frames)] = (vnet_hdr, payload)
+        frames.append(header)
 
     def take(self) -> tuple[list[bytes], list[HostOp]]:
-        """Hand everything queued so far to the shell and start empty (vnet headers dropped:
-        for callers that never enabled offloads)."""
-        frames, _vnet, ops = self.take_all()
+        """Hand everything queued so far over and start empty: whole frames, vnet headers
+        dropped (for callers that do not write to a TAP, e.g. tests)."""
+        frames, offloaded, ops = self.take_all()
+        for i, (_vnet, payload) in offloaded.items():
+            frames[i] = frames[i] + payload
         return frames, ops
 
-    def take_all(self) -> tuple[list[bytes], dict[int, bytes], list[HostOp]]:
-        """Like ``take`` with the per-frame vnet headers (what the shell uses)."""
-        frames, vnet, ops = self.frames, self.vnet, self.ops
+    def take_all(self) -> tuple[list[bytes], Offloaded, list[HostOp]]:
+        """What the shell uses: ``frames``, ``offloaded`` (see above) and ``ops``."""
+        frames, offloaded, ops = self.frames, self.offloaded, self.ops
         self.frames = []
         self.ops = []
-        if vnet:
-            self.vnet = {}
-        return frames, vnet, ops
+        if offloaded:
+            self.offloaded = {}
+        return frames, offloaded, ops

@@ -41,6 +41,13 @@ Batching: in-order guest data and ACKs are coalesced per batch of frames. ``end_
 one cumulative ACK per flow; without that call ``next_deadline`` reports the pending flush so
 the shell's timer does it on the next turn.
 
+Speed (issue 6): with ``GatewaySettings.tso`` (the TAP took offloads) host data goes to the
+guest as segments of up to 64 KB — whole MSS, bounded by the guest's window and cwnd — that
+the kernel cuts at the guest's MSS (``GSO_TCPV4``) and checksums (``F_NEEDS_CSUM``), and guest
+segments the TAP flags as partial/checked are never verified. ``on_guest_frame`` is the hot
+path for ESTABLISHED flows: the Gateway's one-``struct`` decode goes straight to the flow,
+no header objects; every other segment takes ``on_guest_segment``.
+
 Host events (called by the shell's ``TcpHost``, which then calls ``shell.kick()``):
 
 * ``on_host_connected(flow, now)`` — connect() succeeded: SYN-ACK the guest.

@@ -12,7 +12,7 @@ bits only when a header is packed.
 
 Buffers and what bounds them (``limit`` = ``Limits.tcp_buffer_bytes``):
 
-* guest → host: in-order data is ACKed once it is copied into ``to_host`` (handed to the shell
+* guest → host: in-order data is ACKed once it is in ``to_host`` (joined and handed to the shell
   as one ``TcpSend`` per batch). Bytes ACKed but not yet taken by the host kernel
   (``issued - accepted``) count against the window natd advertises, so the advertised right
   edge never exceeds what natd promised to hold: ``limit`` bytes. Out-of-order segments are
@@ -24,6 +24,7 @@ Buffers and what bounds them (``limit`` = ``Limits.tcp_buffer_bytes``):
 from __future__ import annotations
 
 import bisect
+import collections
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,89 @@ _ETH_IPV4 = 0x0800
 _PROTO_TCP = 6
 _TTL = 64
 _IP_DF = 0x4000
+_SMALL_CHUNK = 16384  # host chunks below this are packed together in the send buffer
+
+
+class SendBuffer:
+    """Host → guest bytes from ``snd_una`` on, kept as the chunks the host handed over.
+
+    A ``bytearray`` that grows at the tail and is cut at the head copies its whole live
+    content whenever it has to grow (CPython reallocates a buffer whose start moved by
+    copying it): at megabytes in flight that was half of natd's time host → guest. Here a big
+    chunk is kept as is (no copy in), small ones are packed into a ``bytearray`` tail so a
+    trickle of tiny writes does not become millions of objects, and a segment is a zero-copy
+    view when it lies in one chunk (a join only where it straddles two).
+    """
+
+    __slots__ = ("chunks", "head", "size")
+
+    def __init__(self) -> None:
+        self.chunks: collections.deque[bytes | bytearray] = collections.deque()
+        self.head = 0  # bytes of chunks[0] already acknowledged
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.chunks)[self.head :]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SendBuffer | bytes | bytearray | memoryview):
+            return bytes(self) == bytes(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if not n:
+            return
+        self.size += n
+        chunks = self.chunks
+        if n >= _SMALL_CHUNK and type(data) is bytes:
+            chunks.append(data)
+            return
+        if chunks:
+            tail = chunks[-1]
+            if type(tail) is bytearray and len(tail) < _SMALL_CHUNK:
+                try:
+                    tail += data
+                    return
+                except BufferError:  # a view of it is still alive somewhere: start anew
+                    pass
+        chunks.append(bytearray(data))
+
+    def consume(self, n: int) -> None:
+        """Forget the first ``n`` bytes (the guest acknowledged them)."""
+        self.size -= n
+        chunks = self.chunks
+        head = self.head + n
+        while chunks and head >= len(chunks[0]):
+            head -= len(chunks.popleft())
+        self.head = head if chunks else 0
+
+    def slice(self, off: int, n: int) -> bytes | memoryview:
+        """Bytes ``[off, off + n)`` counted from ``snd_una``: a view when contiguous."""
+        off += self.head
+        parts: list[bytes | bytearray | memoryview] = []
+        for chunk in self.chunks:
+            size = len(chunk)
+            if not parts:
+                if off >= size:
+                    off -= size
+                    continue
+                if off + n <= size:
+                    return memoryview(chunk)[off : off + n]
+                parts.append(memoryview(chunk)[off:])
+                n -= size - off
+            elif n <= size:
+                parts.append(memoryview(chunk)[:n])
+                break
+            else:
+                parts.append(chunk)
+                n -= size
+        return b"".join(parts)
 
 
 def _words(b: bytes) -> int:
@@ -194,7 +278,7 @@ class TcpFlow:
         self.rcv_wscale = 0
         self.ooo: list[tuple[int, bytes, bool]] = []
         self.ooo_bytes = 0
-        self.to_host: list[bytes] = []
+        self.to_host: list[bytes | memoryview] = []
         self.issued = 0
         self.accepted = 0
         self.guest_fin = False
@@ -211,7 +295,7 @@ class TcpFlow:
         self.snd_wl2 = iss
         self.snd_wscale = 0
         self.mss = mss
-        self.sndbuf = bytearray()
+        self.sndbuf = SendBuffer()
         self.host_eof = False
         self.host_paused = False
         self.fin_seq = 0
@@ -349,7 +433,7 @@ class TcpFlow:
             vnet = _VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, _FRAME_LEN, mss, 34, 16)
         else:
             vnet = _VNET_CSUM
-        self.eng.link.outbox.send_offloaded(header + payload, vnet)
+        self.eng.link.outbox.send_offloaded(header, payload, vnet)
         self.ack_pending = False
 
     def send_ack(self) -> None:
@@ -371,7 +455,6 @@ class TcpFlow:
         seg = GSO_MAX_PAYLOAD - GSO_MAX_PAYLOAD % mss if self.eng.tso else mss
         sent = False
         if nxt < end and nxt < edge:
-            view = memoryview(buf)
             while nxt < end and nxt < edge:
                 n = end - nxt
                 if n > seg:
@@ -392,14 +475,13 @@ class TcpFlow:
                     flags |= FIN
                     if not self.guest_fin:
                         self.fin_first = True
-                self.xmit(nxt, flags, view[off : off + n])
+                self.xmit(nxt, flags, buf.slice(off, n))
                 if not self.rtt_seq and not self.rtx_count:
                     self.rtt_seq = nxt + n
                     self.rtt_at = now
                 nxt += n
                 if flags & FIN:
                     nxt += 1
-            view.release()
             self.snd_nxt = nxt
             sent = True
         if self.host_eof and nxt == self.fin_seq and nxt == end and edge > end:
@@ -583,7 +665,7 @@ class TcpFlow:
         buf = self.sndbuf
         data = acked if acked <= len(buf) else len(buf)
         if data:
-            del buf[:data]
+            buf.consume(data)
             self.bytes_to_guest += data
         self.snd_una = seg_ack
         if self.snd_nxt < seg_ack:
@@ -662,7 +744,7 @@ class TcpFlow:
             flags = ACK
             if self.host_eof and una + n == self.fin_seq and self.snd_max > self.fin_seq:
                 flags |= FIN
-            self.xmit(una, flags, bytes(buf[:n]))
+            self.xmit(una, flags, bytes(buf.slice(0, n)))
         elif self.host_eof and self.snd_max > self.fin_seq:
             self.xmit(self.fin_seq, ACK | FIN)
 
@@ -678,7 +760,9 @@ class TcpFlow:
             if n <= 0:
                 return
             data = data[:n]
-        self.to_host.append(bytes(data))
+        # A view, not a copy: ``to_host`` is joined and emptied by ``flush`` at the end of the
+        # batch (``end_batch``), while the frame it points into is still alive and unchanged.
+        self.to_host.append(data)
         self.issued += n
         self.rcv_nxt += n
         self.bytes_to_host += n
@@ -725,7 +809,7 @@ class TcpFlow:
         self.dirty = False
         if self.to_host:
             chunks = self.to_host
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            data = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
             self.to_host = []
             self.eng.link.outbox.ops.append(TcpSend(self.id, data))
         if self.ack_pending and self.state != CLOSED:
@@ -736,7 +820,7 @@ class TcpFlow:
     def on_host_data(self, data: bytes, now: float) -> None:
         if self.host_eof:
             return
-        self.sndbuf += data
+        self.sndbuf.append(data)
         if not self.host_paused and len(self.sndbuf) >= self.eng.limit:
             self.host_paused = True
             self.eng.link.outbox.ops.append(TcpPause(self.id))
@@ -884,7 +968,7 @@ class TcpFlow:
 
     def release(self) -> None:
         """Drop every buffer (TIME-WAIT keeps only sequence numbers)."""
-        self.sndbuf = bytearray()
+        self.sndbuf = SendBuffer()
         self.ooo = []
         self.ooo_bytes = 0
         self.to_host = []

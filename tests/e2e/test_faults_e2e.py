@@ -276,11 +276,6 @@ def test_upstream_dns_blackhole_servfail(
         hole.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HOSTILE_FINDINGS.md H1: the upstream's connected UDP socket got ICMP port "
-    "unreachable while it was down; uvloop stopped reading it, so answers are never read",
-)
 def test_upstream_dns_recovers(dns_down: tuple[Served, int]) -> None:
     """The upstream comes back: resolution works again without restarting natd."""
     served, port = dns_down

@@ -696,11 +696,6 @@ except OSError as e:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HOSTILE_FINDINGS.md H1: after one ICMP error on a UDP flow's host socket, "
-    "uvloop (libuv uv_poll) stops the socket's reader on EPOLLERR; the flow never receives again",
-)
 def test_udp_flow_receives_after_icmp_error(served: Served) -> None:
     """One unreachable peer must not deafen a UDP flow to its other peers."""
     echo, _ = served.servers.peer("udpecho")
