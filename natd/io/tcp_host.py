@@ -252,7 +252,15 @@ class TcpHost:
     async def _connect(self, op: TcpConnect) -> None:
         family = socket.AF_INET6 if ":" in op.host else socket.AF_INET
         err = 0
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: refuse this flow (RST), keep serving
+            if self.connecting.pop(op.flow, None) is not None:
+                self.engine.on_host_connect_failed(
+                    op.flow, exc.errno or errno.EMFILE, self.shell.now()
+                )
+                self.shell.kick()
+            return
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

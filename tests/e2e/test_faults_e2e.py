@@ -431,11 +431,6 @@ def test_emfile_natd_survives_and_recovers(few_fds: tuple[Served, int, Path]) ->
     assert served.natd.alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HOSTILE_FINDINGS.md H2: socket() failing with EMFILE in TcpHost._connect escapes "
-    "(it is outside the try); the flow stays CONNECTING, the guest's SYNs are absorbed, no RST",
-)
 def test_emfile_excess_is_refused(few_fds: tuple[Served, int, Path]) -> None:
     """The connections natd has no descriptor for are refused at once (RST), and counted."""
     served, port, crowd = few_fds
