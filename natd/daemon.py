@@ -163,6 +163,7 @@ def run(cfg: Config) -> int:
             return runner.run(_serve(cfg, settings, tap, log, netns_id))
     finally:
         tap.close()
+        log_sink().flush(timeout=1.0)
 
 
 class HostSideError(RuntimeError):
@@ -515,6 +516,7 @@ def _signal_ready(fd: int | None, log: Any) -> None:
     """The slirp4netns convention: write "1" to the ready fd and close it."""
     if fd is None:
         return
+    log_sink().flush(timeout=1.0)  # the start-up lines are in the log before anyone is told
     try:
         os.write(fd, b"1")
     except OSError as exc:

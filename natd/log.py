@@ -56,6 +56,18 @@ class LogSink:
         except queue.Full:
             self.dropped += 1
 
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Wait (at most ``timeout``) until every queued line is written; True if it was.
+
+        The daemon calls it before announcing readiness, so whoever waits for the ready fd
+        finds the start-up lines already in the log.
+        """
+        q = self._queue
+        if q is None:
+            return True
+        with q.all_tasks_done:
+            return q.all_tasks_done.wait_for(lambda: q.unfinished_tasks == 0, timeout)
+
     def close(self, timeout: float = 1.0) -> None:
         """Flush what is queued (waiting at most ``timeout``) and stop the writer thread."""
         if self._queue is None or self._thread is None:
@@ -71,6 +83,8 @@ class LogSink:
         assert q is not None
         while (line := q.get()) is not None:
             self._write_now(line)
+            q.task_done()
+        q.task_done()
 
     def _write_now(self, line: str) -> None:
         try:

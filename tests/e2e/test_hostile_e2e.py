@@ -681,6 +681,7 @@ import socket, sys
 gw, closed, echo = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(2)
+s.setsockopt(socket.IPPROTO_IP, 11, 1)  # IP_RECVERR: an unconnected socket sees ICMP errors
 s.sendto(b"one", (gw, echo))
 print(s.recvfrom(100)[0].decode())
 s.sendto(b"x", (gw, closed))      # ICMP port unreachable back, through natd
