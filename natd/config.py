@@ -491,6 +491,8 @@ _SCHEMA: dict[str, dict[str, str]] = {
     "dhcp": {"pool": "list[str]", "lease_time": "int", "domain": "str", "static": "tables"},
     "dns": {"upstream": "list[str]"},
     "forward": {},  # array of tables, see _FORWARD_KEYS
+    "control": {"path": "str"},
+    "log": {"format": "str", "level": "str"},
     "policy": {"restrict": "bool", "default": "str", "rule": "tables"},
     "limits": {
         f.name: ("number" if f.type == "float" else "int") for f in dataclasses.fields(LimitsConfig)
@@ -606,6 +608,9 @@ def _read_file(f: _File) -> dict[str, _Value]:
                 ("dhcp", "domain"): "domain",
                 ("dhcp", "static"): "static_leases",
                 ("dns", "upstream"): "dns_upstreams",
+                ("control", "path"): "control",
+                ("log", "format"): "log_format",
+                ("log", "level"): "log_level",
             }[(section, key)]
             if name == "static_leases":
                 leases = []
@@ -1082,14 +1087,17 @@ def render_config(cfg: Config) -> str:
             lo, hi = rule.ports
             lines.append(f"ports = {_toml_str(str(lo) if lo == hi else f'{lo}-{hi}')}")
         lines.append(f"proto = {_toml_str(rule.proto)}")
-    extras = [
-        ("tap_fd", cfg.tap_fd),
-        ("ready_fd", cfg.ready_fd),
-        ("control", cfg.control),
+    if cfg.control is not None:
+        lines += ["", "[control]", f"path = {_toml_str(cfg.control)}"]
+    lines += [
+        "",
+        "[log]",
+        f"format = {_toml_str(cfg.log_format)}",
+        f"level = {_toml_str(cfg.log_level)}",
     ]
-    cli_only = [f"# {k} = {v}" for k, v in extras if v is not None]
-    cli_only += [f"# log_format = {cfg.log_format}", f"# log_level = {cfg.log_level}"]
-    lines += ["", "# command line only:", *cli_only]
+    fds = [(k, v) for k, v in (("tap_fd", cfg.tap_fd), ("ready_fd", cfg.ready_fd)) if v is not None]
+    if fds:  # descriptors belong to one process: command line only
+        lines += ["", "# command line only:", *(f"# {k} = {v}" for k, v in fds)]
     return "\n".join(lines) + "\n"
 
 

@@ -662,8 +662,20 @@ def test_render_round_trips_a_full_config(tmp_path: Path) -> None:
     again = roundtrip(cfg, tmp_path)
     assert file_part(again) == file_part(cfg)
     text = render_config(cfg)
-    assert "# tap_fd = 4" in text and "# control = /run/x.sock" in text
-    assert "# log_level = debug" in text
+    assert "# tap_fd = 4" in text  # a descriptor is per-process: command line only
+    data = tomllib.loads(text)
+    assert data["control"] == {"path": "/run/x.sock"}
+    assert data["log"] == {"format": "console", "level": "debug"}
+    assert (again.control, again.log_level) == ("/run/x.sock", "debug")
+
+
+def test_control_and_log_in_the_file_with_command_line_precedence(tmp_path: Path) -> None:
+    path = write(tmp_path, '[control]\npath = "/run/a.sock"\n[log]\nformat = "json"\nlevel = "debug"\n')
+    cfg = load_config(path, {"log_level": "warning"})
+    assert (cfg.control, cfg.log_format, cfg.log_level) == ("/run/a.sock", "json", "warning")
+    bad = write(tmp_path, '[log]\nformat = "xml"\n')
+    with pytest.raises(ConfigError, match=r":2: key 'log.format'"):
+        load_config(bad, {})
 
 
 def test_render_round_trips_defaults_and_odd_strings(tmp_path: Path, resolv: str) -> None:
