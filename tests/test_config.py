@@ -670,7 +670,8 @@ def test_render_round_trips_a_full_config(tmp_path: Path) -> None:
 
 
 def test_control_and_log_in_the_file_with_command_line_precedence(tmp_path: Path) -> None:
-    path = write(tmp_path, '[control]\npath = "/run/a.sock"\n[log]\nformat = "json"\nlevel = "debug"\n')
+    text = '[control]\npath = "/run/a.sock"\n[log]\nformat = "json"\nlevel = "debug"\n'
+    path = write(tmp_path, text)
     cfg = load_config(path, {"log_level": "warning"})
     assert (cfg.control, cfg.log_format, cfg.log_level) == ("/run/a.sock", "json", "warning")
     bad = write(tmp_path, '[log]\nformat = "xml"\n')
