@@ -106,6 +106,7 @@ class Shell:
         gateway = self.gateway
         tap = self.tap
         take = self._take_output
+        deadline: float | None = None
         for _ in range(_MAX_FLUSH_ROUNDS):
             frames, offloaded, ops = take()
             if frames or ops:
@@ -125,18 +126,24 @@ class Shell:
                 for op in ops:
                     self._perform(op)
                 continue
-            if not timer_ran and not self._stopped:
+            # One deadline per flush, used twice (several flushes per TCP connection).
+            deadline = gateway.next_deadline()
+            if (
+                not timer_ran
+                and deadline is not None
+                and not self._stopped
+                and deadline <= self.loop.time()
+            ):
                 # An engine that is due already (e.g. "flush this batch's ACKs now") is served
                 # here, once per flush, instead of a loop turn later.
-                deadline = gateway.next_deadline()
-                if deadline is not None and deadline <= self.loop.time():
-                    timer_ran = True
-                    self._run_timer()
-                    continue
+                timer_ran = True
+                self._run_timer()
+                continue
             break
         else:
             self.kick()  # still producing: continue next turn rather than starve the loop
-        self._arm_timer()
+            deadline = gateway.next_deadline()
+        self._arm_timer(deadline)
 
     def _take_plain(self) -> _Output:
         frames, ops = self.gateway.take_outbox()
@@ -227,11 +234,14 @@ class Shell:
             self.errors += 1
             self.log.exception("gateway.timer_failed")
 
-    def _arm_timer(self) -> None:
-        if self._stopped:
+    def _arm_timer(self, deadline: float | None) -> None:
+        if self._stopped or deadline == self._timer_at:
             return
-        deadline = self.gateway.next_deadline()
-        if deadline == self._timer_at:
+        at = self._timer_at
+        if at is not None and deadline is not None and deadline > at:
+            # The armed timer fires no later than needed: keep it (an early wake-up only runs
+            # ``on_timer`` and re-arms), instead of a cancel and a new timer on every flush in
+            # which a flow's deadline moved.
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -33,6 +33,10 @@ from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpPause, TcpResume, TcpSend, TcpShutdown
 
 CONNECT_TIMEOUT = 10.0
+# The ACK of a small guest segment waits up to this long for the host's reply to carry it: a
+# host socket answers a request within microseconds, so a request/response round trip costs
+# one TAP write instead of two (``TcpEngine.delayed_ack``).
+DELAYED_ACK = 0.001
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # glibc mallopt parameters (<malloc.h>)
 _M_TRIM_THRESHOLD = -1
@@ -141,10 +145,11 @@ class TcpHost:
         self.loop = loop
         self.gateway = gateway
         self.engine = gateway.tcp
+        self.engine.delayed_ack = DELAYED_ACK
         self.shell = shell
         self.connect_timeout = CONNECT_TIMEOUT
         self.conns: dict[int, _Conn] = {}
-        self.connecting: dict[int, asyncio.Task[None]] = {}
+        self.connecting: dict[int, _Pending] = {}
         tune_allocator()
 
     # -- the HostSide protocol ---------------------------------------------------------------
@@ -158,8 +163,7 @@ class TcpHost:
                 conn.report()
         elif isinstance(op, TcpConnect):
             if op.flow not in self.conns and op.flow not in self.connecting:
-                task = self.loop.create_task(self._connect(op))
-                self.connecting[op.flow] = task
+                self._connect(op)
         elif isinstance(op, TcpPause):
             conn = self.conns.get(op.flow)
             if conn is not None and conn.transport is not None and conn.transport.is_reading():
@@ -180,8 +184,8 @@ class TcpHost:
         """Shutdown: reset every host connection, cancel every connect."""
         for flow in list(self.conns):
             self._close(flow, abort=True)
-        for task in self.connecting.values():
-            task.cancel()
+        for pending in self.connecting.values():
+            self._cancel(pending)
         self.connecting.clear()
 
     # -- internals ---------------------------------------------------------------------------
@@ -213,7 +217,7 @@ class TcpHost:
             self.engine.on_host_error(flow, exc.errno or errno.ECONNRESET, self.shell.now())
             self.shell.kick()
             return
-        self.connecting[flow] = self.loop.create_task(self._adopt(flow, sock))
+        self.connecting[flow] = _Pending(task=self.loop.create_task(self._adopt(flow, sock)))
 
     async def _adopt(self, flow: int, sock: socket.socket) -> None:
         try:
@@ -233,9 +237,9 @@ class TcpHost:
         return conn
 
     def _close(self, flow: int, abort: bool) -> None:
-        task = self.connecting.pop(flow, None)
-        if task is not None:
-            task.cancel()
+        pending = self.connecting.pop(flow, None)
+        if pending is not None:
+            self._cancel(pending)
         conn = self.forget(flow)
         if conn is None or conn.transport is None:
             return
@@ -249,34 +253,139 @@ class TcpHost:
         else:
             transport.close()
 
-    async def _connect(self, op: TcpConnect) -> None:
+    def _connect(self, op: TcpConnect) -> None:
+        """A non-blocking ``connect()``; no task, no future, no loop turn when it can be helped.
+
+        On loopback the handshake is over before ``connect()`` returns (the peer's SYN-ACK is
+        processed as the call releases the socket), so the socket is checked at once and, if
+        connected, handed to the transport straight away; otherwise one writer callback and
+        one timer wait for it. Per connection this replaced a task, an ``asyncio.timeout``, a
+        ``sock_connect`` future and two loop turns (conn/s was bounded by that overhead).
+        """
+        flow = op.flow
         family = socket.AF_INET6 if ":" in op.host else socket.AF_INET
-        err = 0
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: refuse this flow (RST), keep serving
-            if self.connecting.pop(op.flow, None) is not None:
-                self.engine.on_host_connect_failed(
-                    op.flow, exc.errno or errno.EMFILE, self.shell.now()
-                )
-                self.shell.kick()
+            self._connect_failed(flow, exc.errno or errno.EMFILE)
             return
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            async with asyncio.timeout(self.connect_timeout):
-                await self.loop.sock_connect(sock, (op.host, op.port))
-            await self.loop.create_connection(lambda: _Conn(self, op.flow), sock=sock)
-        except TimeoutError:
-            err = errno.ETIMEDOUT
+            err = sock.connect_ex((op.host, op.port))
+            if err in _IN_PROGRESS:
+                err = _connect_state(sock)
         except OSError as exc:
             err = exc.errno or errno.ECONNREFUSED
+        if err == 0:
+            self._open_transport(flow, sock)
+        elif err in _IN_PROGRESS:
+            pending = _Pending(sock=sock)
+            self.connecting[flow] = pending
+            try:
+                self.loop.add_writer(sock.fileno(), self._on_connect_ready, flow)
+            except (OSError, ValueError) as exc:
+                del self.connecting[flow]
+                sock.close()
+                self._connect_failed(flow, getattr(exc, "errno", None) or errno.EBADF)
+                return
+            pending.timer = self.loop.call_later(
+                self.connect_timeout, self._on_connect_timeout, flow
+            )
+        else:
+            sock.close()
+            self._connect_failed(flow, err)
+
+    def _on_connect_ready(self, flow: int) -> None:
+        pending = self.connecting.get(flow)
+        if pending is None or pending.sock is None:
+            return
+        sock = pending.sock
+        try:
+            err = _connect_state(sock)
+        except OSError as exc:
+            err = exc.errno or errno.ECONNREFUSED
+        if err in _IN_PROGRESS:
+            return  # spurious wake-up: keep waiting
+        del self.connecting[flow]
+        self._cancel(pending, close=False)
+        if err:
+            sock.close()
+            self._connect_failed(flow, err)
+        else:
+            self._open_transport(flow, sock)
+
+    def _on_connect_timeout(self, flow: int) -> None:
+        pending = self.connecting.get(flow)
+        if pending is None or pending.sock is None:
+            return
+        del self.connecting[flow]
+        pending.timer = None
+        self._cancel(pending)
+        self._connect_failed(flow, errno.ETIMEDOUT)
+
+    def _open_transport(self, flow: int, sock: socket.socket) -> None:
+        """Wrap a connected socket in a transport; ``connection_made`` reports success."""
+        self.connecting[flow] = _Pending(task=self.loop.create_task(self._transport(flow, sock)))
+
+    async def _transport(self, flow: int, sock: socket.socket) -> None:
+        try:
+            await self.loop.create_connection(lambda: _Conn(self, flow), sock=sock)
+        except OSError as exc:
+            sock.close()
+            if self.connecting.pop(flow, None) is not None:
+                self._connect_failed(flow, exc.errno or errno.ECONNREFUSED)
         except asyncio.CancelledError:
             sock.close()
             raise
-        if err:
-            sock.close()
-            if self.connecting.pop(op.flow, None) is not None:
-                self.engine.on_host_connect_failed(op.flow, err, self.shell.now())
-                self.shell.kick()
+
+    def _connect_failed(self, flow: int, err: int) -> None:
+        self.connecting.pop(flow, None)
+        self.engine.on_host_connect_failed(flow, err, self.shell.now())
+        self.shell.kick()
+
+    def _cancel(self, pending: _Pending, close: bool = True) -> None:
+        """Stop waiting for a connect: its timer, its writer callback, its task or socket."""
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+        if pending.task is not None:
+            pending.task.cancel()  # the task closes its socket
+            return
+        sock = pending.sock
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.loop.remove_writer(sock.fileno())
+            if close:
+                sock.close()
+
+
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN)
+
+
+def _connect_state(sock: socket.socket) -> int:
+    """0 once a non-blocking connect has succeeded, its errno if it failed, else EINPROGRESS."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        return err
+    try:
+        sock.getpeername()  # ENOTCONN while the SYN is still out
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return errno.EINPROGRESS
+        raise
+    return 0
+
+
+class _Pending:
+    """A connect in progress: the socket and timer while it waits, or the task wrapping it."""
+
+    __slots__ = ("sock", "task", "timer")
+
+    def __init__(
+        self, sock: socket.socket | None = None, task: asyncio.Task[None] | None = None
+    ) -> None:
+        self.sock = sock
+        self.task = task
+        self.timer: asyncio.TimerHandle | None = None

@@ -202,6 +202,7 @@ class Gateway:
         """
         counters = self.counters
         tcp_frame = self.tcp.on_guest_frame
+        udp_frame = self.udp.on_guest_frame
         mac = self.mac
         neighbors = self.neighbors
         broadcast = self._broadcast
@@ -213,14 +214,17 @@ class Gateway:
                 f = decode_frame(frame)
                 if (
                     f is not None
-                    and f[0] == PROTO_TCP
                     and f[1] == mac
                     and neighbors.get(f[3]) == f[2]
                     and not f[2][0] & 1
                     and f[4][0] < 224
                     and f[4] != broadcast
                     and f[2] != mac
-                    and tcp_frame(frame, f, csum, now)
+                    and (
+                        tcp_frame(frame, f, csum, now)
+                        if f[0] == PROTO_TCP
+                        else udp_frame(frame, f, csum, now)
+                    )
                 ):
                     continue
                 self._receive(frame, now, csum)
@@ -401,8 +405,14 @@ class Gateway:
 
     def next_deadline(self) -> float | None:
         """The earliest time any engine needs ``on_timer``; None when nothing is pending."""
-        deadlines = [d for d in (e.next_deadline() for e in self._engines) if d is not None]
-        return min(deadlines) if deadlines else None
+        # Called at least once per flush (several times per TCP connection): a plain loop, no
+        # generator or list per call.
+        best: float | None = None
+        for engine in self._engines:
+            d = engine.next_deadline()
+            if d is not None and (best is None or d < best):
+                best = d
+        return best
 
     def on_timer(self, now: float) -> None:
         for engine in self._engines:

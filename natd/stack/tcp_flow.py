@@ -174,6 +174,7 @@ class TcpFlow:
         "bytes_to_guest",
         "bytes_to_host",
         "cwnd",
+        "delack_at",
         "dirty",
         "dupacks",
         "eng",
@@ -283,6 +284,7 @@ class TcpFlow:
         self.accepted = 0
         self.guest_fin = False
         self.ack_pending = False
+        self.delack_at = 0.0  # a small segment's ACK waits until then for the host's reply
         self.dirty = False
         # host → guest
         self.iss = iss
@@ -408,6 +410,7 @@ class TcpFlow:
         )  # fmt: skip
         self.eng.link.send_frame(header + payload if n else header)
         self.ack_pending = False
+        self.delack_at = 0.0
 
     def _xmit_offloaded(
         self, seq: int, flags: int, payload: bytes | bytearray | memoryview, n: int
@@ -435,6 +438,7 @@ class TcpFlow:
             vnet = _VNET_CSUM
         self.eng.link.outbox.send_offloaded(header, payload, vnet)
         self.ack_pending = False
+        self.delack_at = 0.0
 
     def send_ack(self) -> None:
         self.xmit(self.snd_nxt, ACK)
@@ -798,22 +802,44 @@ class TcpFlow:
         """The guest finished sending: pass the EOF on (shutdown SHUT_WR), ACK it at once."""
         self.rcv_nxt += 1
         self.guest_fin = True
+        self.ack_pending = False  # the one ACK below covers the data and the FIN
         self.flush()
         self.eng.link.outbox.ops.append(TcpShutdown(self.id))
         self.send_ack()
         if self.host_eof and self.fin_acked:
             self.eng.enter_time_wait(self, now)  # FIN-WAIT-2 → TIME-WAIT
 
-    def flush(self) -> None:
-        """End of batch: hand the batch's in-order bytes to the host, send one cumulative ACK."""
+    def flush(self, now: float | None = None) -> None:
+        """End of batch: hand the batch's in-order bytes to the host, send one cumulative ACK.
+
+        Delayed ACK (RFC 9293 3.8.6.3), for the request/response case only: when the batch
+        brought one small segment (< MSS) and nothing of ours is in flight, the ACK waits up
+        to ``eng.delayed_ack`` for the host's answer to carry it (one TAP write per round trip
+        instead of two). A second such batch, or any larger one, is ACKed at once.
+        """
         self.dirty = False
+        small = False
         if self.to_host:
             chunks = self.to_host
             data = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
             self.to_host = []
             self.eng.link.outbox.ops.append(TcpSend(self.id, data))
+            small = len(data) < self.mss
         if self.ack_pending and self.state != CLOSED:
-            self.send_ack()
+            delay = self.eng.delayed_ack
+            if (
+                small
+                and delay
+                and now is not None
+                and not self.delack_at
+                and self.state == ESTABLISHED
+                and self.snd_nxt == self.snd_una
+                and not self.guest_fin
+            ):
+                self.delack_at = now + delay
+                self.eng.arm(self, self.delack_at)
+            else:
+                self.send_ack()
 
     # -- host events -------------------------------------------------------------------------
 
@@ -862,7 +888,9 @@ class TcpFlow:
         else:
             ka = self.last_rx + eng.keepalive_idle
         rtx = self.rtx_at
-        return rtx if rtx and rtx < ka else ka
+        at = rtx if rtx and rtx < ka else ka
+        delack = self.delack_at
+        return delack if delack and delack < at else at
 
     def on_timer(self, now: float) -> None:
         eng = self.eng
@@ -874,6 +902,10 @@ class TcpFlow:
             if now >= self.opened_at + eng.connect_timeout:
                 eng.connect_failed(self, None, now)
             return
+        if self.delack_at and now >= self.delack_at:
+            self.delack_at = 0.0
+            if self.ack_pending:
+                self.send_ack()
         if self.rtx_at and now >= self.rtx_at:
             self.rtx_at = 0.0
             if self.state == SYN_RCVD or self.state == SYN_SENT:

@@ -55,11 +55,14 @@ from typing import Any
 
 from natd.stack.link import Link
 from natd.stack.ops import UdpClose, UdpSend
+from natd.wire.fastpath import DPORT, DST_IP, PAYLOAD_END, SPORT, SRC_IP, FastFrame, l4_checksum_ok
 from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_PORT, build_icmp_error
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, IPv4Header, build_ipv4
 from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
 
 MAX_PEERS = 64
+FAST_MAX = 4096  # 4-tuples remembered for the fast path (then it starts over)
+_UDP_PAYLOAD = 42  # Ethernet + IPv4 without options + UDP header
 INBOUND_RETRY = 0.25  # seconds between tries of a datagram for a guest not ARPed yet
 INBOUND_RETRIES = 8
 _LOOPBACK = b"\x7f\x00\x00\x01"
@@ -148,8 +151,51 @@ class UdpEngine:
         self._by_id: dict[int, UdpFlow] = {}
         self._inbound: OrderedDict[InboundKey, UdpInbound] = OrderedDict()
         self._inbound_by_id: dict[int, UdpInbound] = {}
+        # The fast path (``on_guest_frame``): 4-tuples the slow path has already routed to a
+        # flow — past the DHCP/DNS/broadcast/source/egress-policy checks — with where they go.
+        # Emptied whenever one of those answers could change (a flow closes, an inbound flow
+        # opens, settings are reloaded).
+        self._fast: dict[tuple[bytes, int, bytes, int], tuple[UdpFlow, str, int]] = {}
 
     # -- guest side ---------------------------------------------------------------------------
+
+    def apply_settings(self, settings: object) -> None:
+        """A reload may change the policy or host_loopback: route every 4-tuple afresh."""
+        self._fast.clear()
+
+    def on_guest_frame(
+        self, frame: bytes | memoryview, f: FastFrame, csum: int, now: float
+    ) -> bool:
+        """A decoded UDP frame (``natd.wire.fastpath``) for a 4-tuple seen before; False: use
+        the slow path (which counts and explains whatever is wrong with the datagram).
+
+        At 1 Gbit/s of 1400-byte datagrams natd has ~11 µs per datagram; the slow path's
+        header objects, policy and routing took twice that.
+        """
+        entry = self._fast.get((f[SRC_IP], f[SPORT], f[DST_IP], f[DPORT]))
+        if entry is None or len(frame) - 14 > self.link.settings.mtu:
+            return False
+        if not csum and (frame[40] or frame[41]) and not l4_checksum_ok(frame, f):
+            return False
+        flow, host, port = entry
+        payload = bytes(frame[_UDP_PAYLOAD : f[PAYLOAD_END]])
+        flow.last_active = now
+        key = flow.key
+        self._flows.move_to_end(key)
+        self._per_guest[flow.guest_ip].move_to_end(key)
+        peers = flow.peers
+        dst = f[DST_IP]
+        if dst in peers:
+            peers.move_to_end(dst)
+        else:
+            peers[dst] = None
+            if len(peers) > MAX_PEERS:
+                peers.popitem(last=False)
+        flow.bytes_out += len(payload)
+        link = self.link
+        link.counters["udp.tx"] += 1
+        link.outbox.ops.append(UdpSend(flow.id, host, port, payload))
+        return True
 
     def on_guest_datagram(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
         """A unicast UDP datagram from the guest (not DHCP, not DNS at the DNS address)."""
@@ -196,6 +242,10 @@ class UdpEngine:
         flow.bytes_out += len(payload)
         link.counters["udp.tx"] += 1
         link.outbox.ops.append(UdpSend(flow.id, host, port, bytes(payload)))
+        fast = self._fast
+        if len(fast) >= FAST_MAX:
+            fast.clear()
+        fast[(ip.src, sport, dst, dport)] = (flow, host, port)
 
     def _open(self, key: FlowKey, now: float) -> UdpFlow:
         guest = key[0]
@@ -224,6 +274,8 @@ class UdpEngine:
         self._per_guest[flow.guest_ip].move_to_end(flow.key)
 
     def _close(self, flow: UdpFlow, reason: str, *, tell_host: bool = True) -> None:
+        if self._fast:
+            self._fast.clear()
         del self._flows[flow.key]
         del self._by_id[flow.id]
         mine = self._per_guest[flow.guest_ip]
@@ -363,6 +415,7 @@ class UdpEngine:
             client=f"{client_host}:{client_port}",
         )
         flow = UdpInbound(flow_id, key, (client_host, client_port), now, log)
+        self._fast.clear()  # its guest's replies must now take the slow path's inbound check
         self._inbound[key] = flow
         self._inbound_by_id[flow_id] = flow
         self.link.counters["udp.forward_flows_opened"] += 1
