@@ -40,6 +40,7 @@ from typing import NoReturn
 
 from natd import __version__
 from natd.config import LOG_FORMATS, LOG_LEVELS, ConfigError, load_config, render_config
+from natd.log import error_line
 
 DEFAULT_CONTROL_PATH = "/run/natd/natd.sock"
 INSTANCE_CONTROL_PATH = "/run/natd/{}/control.sock"  # systemd/natd@.service's --control
@@ -149,7 +150,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, run_overrides(args))
     except ConfigError as e:
-        print(f"natd: {e}", file=sys.stderr)
+        error_line(f"natd: {e}")
         return 2
     from natd.log import configure_logging
 
@@ -163,7 +164,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file, {})
     except ConfigError as e:
-        print(f"natd: {e}", file=sys.stderr)
+        error_line(f"natd: {e}")
         return 1
     sys.stdout.write(render_config(cfg))
     return 0

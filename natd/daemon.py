@@ -24,7 +24,6 @@ import dataclasses
 import os
 import resource
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +61,7 @@ from natd.io.shell import HostSide, Shell
 from natd.io.tap import TapError, TapLink, adopt_tap_fd, open_tap
 from natd.io.tcp_host import TcpHost
 from natd.io.udp_host import UdpHost
+from natd.log import error_line
 from natd.log import sink as log_sink
 from natd.stack.gateway import Gateway
 from natd.stack.policy import Policy, PolicyRule
@@ -152,7 +152,7 @@ def run(cfg: Config) -> int:
     try:
         tap = open_link(cfg)
     except TapError as exc:
-        print(f"natd: {exc}", file=sys.stderr, flush=True)
+        error_line(f"natd: {exc}")
         return 1
     settings = dataclasses.replace(settings, tso=tap.offloads)
     # Logged only now: a TAP failure must stay the one line on stderr.
@@ -574,7 +574,7 @@ async def _serve(
         sides = register_host_sides(loop, gateway, shell, log)
     except HostSideError as exc:
         shell.stop()
-        print(f"natd: {exc}", file=sys.stderr, flush=True)
+        error_line(f"natd: {exc}")
         return 1
     tcp_host = sides.get("TcpHost")
     udp_host = sides.get("UdpHost")
@@ -594,7 +594,7 @@ async def _serve(
         if control is not None:
             await control.close()
         shell.stop()
-        print(f"natd: {message}", file=sys.stderr, flush=True)
+        error_line(f"natd: {message}")
         return 1
 
     if cfg.control is not None:

@@ -191,3 +191,14 @@ def _is_tty(stream: TextIO) -> bool:
 def get_logger(**initial: Any) -> Any:
     """A structlog logger with ``initial`` bound (typed ``Any`` like structlog's own)."""
     return structlog.get_logger(**initial)
+
+
+def error_line(text: str) -> None:
+    """Print a one-line error for a person on stderr, after every queued log line.
+
+    Waiting for the log writer first keeps the line whole: it never lands in the middle of a
+    JSON log line that the writer thread is still emitting.
+    """
+    _sink.flush(timeout=1.0)
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
