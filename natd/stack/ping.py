@@ -30,9 +30,9 @@ Host events (called by ``natd.io.ping_host.PingHost``)
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from typing import Any
 
+from natd.stack.flowtable import FlowTable, TableBound
 from natd.stack.link import Link
 from natd.stack.ops import PingClose, PingSend
 from natd.wire.icmp import (
@@ -75,15 +75,14 @@ class PingFlow:
 class PingEngine:
     """The table of outbound echo flows."""
 
-    max_flows = 1024
-    max_per_guest = 256
+    max_flows = TableBound()
+    max_per_guest = TableBound()
     idle_timeout = 60.0
 
     def __init__(self, link: Link) -> None:
         self.link = link
-        self._flows: OrderedDict[PingKey, PingFlow] = OrderedDict()
-        self._per_guest: dict[bytes, OrderedDict[PingKey, PingFlow]] = {}
-        self._by_id: dict[int, PingFlow] = {}
+        self._table: FlowTable[PingKey, PingFlow] = FlowTable(1024, 256)
+
 
     def on_guest_icmp(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
         """ICMP from the guest to an address other than the gateway's and the DNS's."""
@@ -97,7 +96,7 @@ class PingEngine:
             counters["drop.ping.no_route"] += 1
             return
         key: PingKey = (ip.src, msg.ident, ip.dst)
-        flow = self._flows.get(key)
+        flow = self._table.get(key)
         if flow is None:
             flow = self._open(key, now)
         else:
@@ -109,12 +108,8 @@ class PingEngine:
         )
 
     def _open(self, key: PingKey, now: float) -> PingFlow:
-        mine = self._per_guest.get(key[0])
-        if mine is not None and len(mine) >= self.max_per_guest:
-            self._close(next(iter(mine.values())), "evicted_per_guest")
-            self.link.counters["ping.evicted"] += 1
-        if len(self._flows) >= self.max_flows:
-            self._close(next(iter(self._flows.values())), "evicted")
+        while (victim := self._table.victim(key[0])) is not None:
+            self._close(*victim)
             self.link.counters["ping.evicted"] += 1
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
@@ -124,25 +119,16 @@ class PingEngine:
             dst=str(ipaddress.IPv4Address(key[2])),
         )
         flow = PingFlow(flow_id, key, now, log)
-        self._flows[key] = flow
-        self._per_guest.setdefault(key[0], OrderedDict())[key] = flow
-        self._by_id[flow_id] = flow
+        self._table.add(flow)
         self.link.counters["ping.flows_opened"] += 1
         log.debug("ping.open")
         return flow
 
     def _touch(self, flow: PingFlow, now: float) -> None:
-        flow.last_active = now
-        self._flows.move_to_end(flow.key)
-        self._per_guest[flow.guest_ip].move_to_end(flow.key)
+        self._table.touch(flow, now)
 
     def _close(self, flow: PingFlow, reason: str, *, tell_host: bool = True) -> None:
-        del self._flows[flow.key]
-        del self._by_id[flow.id]
-        mine = self._per_guest[flow.guest_ip]
-        del mine[flow.key]
-        if not mine:
-            del self._per_guest[flow.guest_ip]
+        self._table.remove(flow)
         if tell_host:
             self.link.outbox.ops.append(PingClose(flow.id))
         log = flow.log.info if reason.startswith("evicted") else flow.log.debug
@@ -151,7 +137,7 @@ class PingEngine:
     # -- host events ----------------------------------------------------------------------------
 
     def on_host_echo_reply(self, flow: int, seq: int, payload: bytes, now: float) -> None:
-        f = self._by_id.get(flow)
+        f = self._table.get_id(flow)
         if f is None:
             self.link.counters["drop.ping.no_flow"] += 1
             return
@@ -164,7 +150,7 @@ class PingEngine:
     def on_host_unreachable(
         self, flow: int, seq: int, payload: bytes, code: int, now: float
     ) -> None:
-        f = self._by_id.get(flow)
+        f = self._table.get_id(flow)
         if f is None:
             self.link.counters["drop.ping.no_flow"] += 1
             return
@@ -172,7 +158,7 @@ class PingEngine:
         self._send_error(f, seq, payload, code)
 
     def on_host_failed(self, flow: int, seq: int, payload: bytes, now: float) -> None:
-        f = self._by_id.get(flow)
+        f = self._table.get_id(flow)
         if f is None:
             return
         self.link.counters["ping.host_failed"] += 1
@@ -188,20 +174,18 @@ class PingEngine:
     # -- time -----------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        for flow in self._flows.values():
-            return flow.last_active + self.idle_timeout
-        return None
+        oldest = self._table.oldest()
+        return None if oldest is None else oldest.last_active + self.idle_timeout
 
     def on_timer(self, now: float) -> None:
-        while self._flows:
-            flow = next(iter(self._flows.values()))
+        while (flow := self._table.oldest()) is not None:
             if flow.last_active + self.idle_timeout > now:
                 return
             self.link.counters["ping.idle_closed"] += 1
             self._close(flow, "idle")
 
     def __len__(self) -> int:
-        return len(self._flows)
+        return len(self._table)
 
     def flows(self) -> list[dict[str, object]]:
         """A snapshot for the control socket's ``flows`` command."""
@@ -215,7 +199,7 @@ class PingEngine:
                 "requests": f.requests,
                 "replies": f.replies,
             }
-            for f in self._flows.values()
+            for f in self._table.values()
         ]
 
 

@@ -53,6 +53,7 @@ import ipaddress
 from collections import OrderedDict
 from typing import Any
 
+from natd.stack.flowtable import FlowTable, TableBound
 from natd.stack.link import Link
 from natd.stack.ops import UdpClose, UdpSend
 from natd.wire.fastpath import DPORT, DST_IP, PAYLOAD_END, SPORT, SRC_IP, FastFrame, l4_checksum_ok
@@ -139,16 +140,16 @@ class UdpFlow:
 class UdpEngine:
     """The UDP flow table."""
 
+    max_flows = TableBound()
+    max_per_guest = TableBound()
+
     def __init__(self, link: Link) -> None:
         self.link = link
         limits = link.settings.limits
-        self.max_flows = limits.max_udp_flows
-        self.max_per_guest = limits.max_udp_flows_per_guest
         self.idle_timeout = limits.udp_idle_timeout
-        # Least recently active first: eviction victim and next idle deadline are both at the front.
-        self._flows: OrderedDict[FlowKey, UdpFlow] = OrderedDict()
-        self._per_guest: dict[bytes, OrderedDict[FlowKey, UdpFlow]] = {}
-        self._by_id: dict[int, UdpFlow] = {}
+        self._table: FlowTable[FlowKey, UdpFlow] = FlowTable(
+            limits.max_udp_flows, limits.max_udp_flows_per_guest
+        )
         self._inbound: OrderedDict[InboundKey, UdpInbound] = OrderedDict()
         self._inbound_by_id: dict[int, UdpInbound] = {}
         # The fast path (``on_guest_frame``): 4-tuples the slow path has already routed to a
@@ -156,6 +157,7 @@ class UdpEngine:
         # Emptied whenever one of those answers could change (a flow closes, an inbound flow
         # opens, settings are reloaded).
         self._fast: dict[tuple[bytes, int, bytes, int], tuple[UdpFlow, str, int]] = {}
+
 
     # -- guest side ---------------------------------------------------------------------------
 
@@ -179,10 +181,7 @@ class UdpEngine:
             return False
         flow, host, port = entry
         payload = bytes(frame[_UDP_PAYLOAD : f[PAYLOAD_END]])
-        flow.last_active = now
-        key = flow.key
-        self._flows.move_to_end(key)
-        self._per_guest[flow.guest_ip].move_to_end(key)
+        self._table.touch(flow, now)
         peers = flow.peers
         dst = f[DST_IP]
         if dst in peers:
@@ -227,7 +226,7 @@ class UdpEngine:
             return
         host, port = target
         key: FlowKey = (ip.src, sport, host.startswith("127."))
-        flow = self._flows.get(key)
+        flow = self._table.get(key)
         if flow is None:
             flow = self._open(key, now)
         else:
@@ -249,39 +248,26 @@ class UdpEngine:
 
     def _open(self, key: FlowKey, now: float) -> UdpFlow:
         guest = key[0]
-        mine = self._per_guest.get(guest)
-        if mine is not None and len(mine) >= self.max_per_guest:
-            self._close(next(iter(mine.values())), "evicted_per_guest")
-            self.link.counters["udp.evicted"] += 1
-        if len(self._flows) >= self.max_flows:
-            self._close(next(iter(self._flows.values())), "evicted")
+        while (victim := self._table.victim(guest)) is not None:
+            self._close(*victim)
             self.link.counters["udp.evicted"] += 1
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id, guest=f"{ipaddress.IPv4Address(guest)}:{key[1]}", loopback=key[2]
         )
         flow = UdpFlow(flow_id, key, now, log)
-        self._flows[key] = flow
-        self._per_guest.setdefault(guest, OrderedDict())[key] = flow
-        self._by_id[flow_id] = flow
+        self._table.add(flow)
         self.link.counters["udp.flows_opened"] += 1
         log.debug("udp.open")
         return flow
 
     def _touch(self, flow: UdpFlow, now: float) -> None:
-        flow.last_active = now
-        self._flows.move_to_end(flow.key)
-        self._per_guest[flow.guest_ip].move_to_end(flow.key)
+        self._table.touch(flow, now)
 
     def _close(self, flow: UdpFlow, reason: str, *, tell_host: bool = True) -> None:
         if self._fast:
             self._fast.clear()
-        del self._flows[flow.key]
-        del self._by_id[flow.id]
-        mine = self._per_guest[flow.guest_ip]
-        del mine[flow.key]
-        if not mine:
-            del self._per_guest[flow.guest_ip]
+        self._table.remove(flow)
         if tell_host:
             self.link.outbox.ops.append(UdpClose(flow.id))
         log = flow.log.info if reason.startswith("evicted") else flow.log.debug
@@ -304,7 +290,7 @@ class UdpEngine:
 
     def on_host_datagram(self, flow: int, host: str, port: int, payload: bytes, now: float) -> None:
         counters = self.link.counters
-        f = self._by_id.get(flow)
+        f = self._table.get_id(flow)
         if f is None:
             counters["drop.udp.no_flow"] += 1
             return
@@ -336,7 +322,7 @@ class UdpEngine:
         mtu: int = 0,
     ) -> None:
         counters = self.link.counters
-        f = self._by_id.get(flow)
+        f = self._table.get_id(flow)
         if f is None:
             counters["drop.udp.no_flow"] += 1
             return
@@ -351,7 +337,7 @@ class UdpEngine:
         self._send_unreachable(f.guest_ip, dst, f.guest_port, port, payload, code, mtu, origin)
 
     def on_host_failed(self, flow: int, now: float) -> None:
-        f = self._by_id.get(flow)
+        f = self._table.get_id(flow)
         if f is not None:
             self.link.counters["udp.host_failed"] += 1
             self._close(f, "host_failed", tell_host=False)
@@ -493,9 +479,8 @@ class UdpEngine:
 
     def next_deadline(self) -> float | None:
         deadline: float | None = None
-        for flow in self._flows.values():
-            deadline = flow.last_active + self.idle_timeout
-            break
+        if (oldest := self._table.oldest()) is not None:
+            deadline = oldest.last_active + self.idle_timeout
         for f in self._inbound.values():
             idle = f.last_active + self.idle_timeout
             deadline = idle if deadline is None else min(deadline, idle)
@@ -508,8 +493,7 @@ class UdpEngine:
     def on_timer(self, now: float) -> None:
         if self._inbound:
             self._inbound_timer(now)
-        while self._flows:
-            flow = next(iter(self._flows.values()))
+        while (flow := self._table.oldest()) is not None:
             if flow.last_active + self.idle_timeout > now:
                 return
             self.link.counters["udp.idle_closed"] += 1
@@ -518,7 +502,7 @@ class UdpEngine:
     # -- introspection ------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._flows) + len(self._inbound)
+        return len(self._table) + len(self._inbound)
 
     def flows(self) -> list[dict[str, object]]:
         """A snapshot for the control socket's ``flows`` command."""
@@ -533,7 +517,7 @@ class UdpEngine:
                 "bytes_in": f.bytes_in,
                 "started": f.started,
             }
-            for f in self._flows.values()
+            for f in self._table.values()
         ] + [
             {
                 "proto": "udp",

@@ -231,7 +231,7 @@ def test_flood_of_destinations_stays_bounded() -> None:
     ]
     gw.receive_frames(frames, now=0.0)
     assert len(gw.udp) <= 16
-    for flow in gw.udp._flows.values():
+    for flow in gw.udp._table.values():
         assert len(flow.peers) <= 64
     gw.take_outbox()
 
