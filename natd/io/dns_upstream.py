@@ -25,7 +25,7 @@ import socket
 from functools import partial
 from typing import Any
 
-from natd.io.poller import DatagramPoller
+from natd.io.poller import DatagramPoller, PollerLease
 from natd.stack.gateway import Gateway
 from natd.stack.ops import DnsQuery, HostOp
 
@@ -56,15 +56,12 @@ class DnsUpstream:
         self._upstreams: dict[tuple[str, int], _Upstream] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._poller: DatagramPoller | None = None
+        self._lease = PollerLease(loop, gateway.log, gateway.counters)
 
     @property
     def poller(self) -> DatagramPoller:
         """The loop's shared poller, acquired on first use (released by ``close``)."""
-        if self._poller is None:
-            gateway = self.gateway
-            self._poller = DatagramPoller.acquire(self.loop, gateway.log, gateway.counters)
-        return self._poller
+        return self._lease.get()
 
     def perform(self, op: HostOp) -> None:
         if not isinstance(op, DnsQuery) or self._closed:
@@ -161,7 +158,7 @@ class DnsUpstream:
 
     def close(self) -> None:
         self._closed = True
-        poller, self._poller = self._poller, None
+        poller = self._lease.current
         for up in self._upstreams.values():
             if poller is not None:
                 poller.close_socket(up.sock)
@@ -169,8 +166,7 @@ class DnsUpstream:
                 with contextlib.suppress(OSError):
                     up.sock.close()
         self._upstreams.clear()
-        if poller is not None:
-            poller.release()
+        self._lease.release()
         for task in list(self._tasks):
             task.cancel()
 

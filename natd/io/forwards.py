@@ -36,7 +36,7 @@ from functools import partial
 from typing import Any, Literal
 
 from natd.config import Forward
-from natd.io.poller import DatagramPoller
+from natd.io.poller import DatagramPoller, PollerLease
 from natd.io.tcp_host import TcpHost
 from natd.io.udp_host import UdpHost
 from natd.stack.gateway import Gateway
@@ -100,22 +100,18 @@ class ForwardManager:
         self.udp_host = udp_host
         self.log = log
         self.active: list[ActiveForward] = []
-        self._poller: DatagramPoller | None = None
+        self._lease = PollerLease(loop, gateway.log, gateway.counters)
         self._udp_listeners = 0  # UDP forwards using the poller; the last one releases it
 
     def _acquire_poller(self) -> DatagramPoller:
-        if self._poller is None:
-            gateway = self.gateway
-            self._poller = DatagramPoller.acquire(self.loop, gateway.log, gateway.counters)
         self._udp_listeners += 1
-        return self._poller
+        return self._lease.get()
 
     def _release_poller(self) -> None:
         self._udp_listeners -= 1
-        if self._udp_listeners <= 0 and self._poller is not None:
+        if self._udp_listeners <= 0:
             self._udp_listeners = 0
-            self._poller.release()
-            self._poller = None
+            self._lease.release()
 
     # -- the daemon's operations -------------------------------------------------------------
 
@@ -227,8 +223,8 @@ class ForwardManager:
             active.paused.cancel()
             active.paused = None
         if active.forward.proto == "udp":
-            if self._poller is not None:
-                self._poller.close_socket(active.sock)
+            if self._lease.current is not None:
+                self._lease.current.close_socket(active.sock)
                 self._release_poller()
             else:
                 active.sock.close()

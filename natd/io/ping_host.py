@@ -30,7 +30,7 @@ import socket
 from functools import partial
 from typing import Any
 
-from natd.io.poller import DatagramPoller
+from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
 from natd.io.udp_host import IP_RECVERR, read_error_queue
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, PingClose, PingSend
@@ -56,15 +56,6 @@ MODE_RAW = "raw"
 MODE_NONE = "none"
 
 
-class _DgramFlow:
-    __slots__ = ("fd", "flow", "sock")
-
-    def __init__(self, flow: int, sock: socket.socket) -> None:
-        self.flow = flow
-        self.sock = sock
-        self.fd = sock.fileno()
-
-
 class PingHost:
     """Performs ``PingSend``/``PingClose`` and feeds replies back into ``gateway.ping``."""
 
@@ -84,20 +75,17 @@ class PingHost:
         self.log: Any = gateway.log.bind(side="ping")
         self.mode = mode  # decided on first use unless forced (tests)
         self.socket_failures = 0
-        self._dgram: dict[int, _DgramFlow] = {}
+        self._dgram: dict[int, FlowSocket] = {}
         self._raw: socket.socket | None = None
         self._raw_ids = itertools.count(random.randrange(1, 0xFFFF))
         self._raw_by_flow: dict[int, tuple[str, int]] = {}
         self._raw_by_key: dict[tuple[str, int], int] = {}
-        self._poller: DatagramPoller | None = None
+        self._lease = PollerLease(loop, gateway.log, gateway.counters)
 
     @property
     def poller(self) -> DatagramPoller:
         """The loop's shared poller, acquired on first use (released by ``close``)."""
-        if self._poller is None:
-            gateway = self.gateway
-            self._poller = DatagramPoller.acquire(self.loop, gateway.log, gateway.counters)
-        return self._poller
+        return self._lease.get()
 
     # -- mode ----------------------------------------------------------------------------------
 
@@ -158,7 +146,7 @@ class PingHost:
                 sock.setblocking(False)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-                f = _DgramFlow(op.flow, sock)
+                f = FlowSocket(op.flow, sock)
                 self.poller.register(
                     sock, partial(self._on_dgram_readable, f), partial(self._on_dgram_error, f)
                 )
@@ -205,7 +193,7 @@ class PingHost:
 
     # -- replies -------------------------------------------------------------------------------
 
-    def _on_dgram_readable(self, f: _DgramFlow) -> None:
+    def _on_dgram_readable(self, f: FlowSocket) -> None:
         ping = self.gateway.ping
         now = self.shell.now()
         got_error = False
@@ -227,14 +215,14 @@ class PingHost:
             self._drain_dgram_errors(f, now)
         self.shell.kick()
 
-    def _on_dgram_error(self, f: _DgramFlow) -> None:
+    def _on_dgram_error(self, f: FlowSocket) -> None:
         """``EPOLLERR``: report the queued ICMP errors; this also clears the condition."""
         self._drain_dgram_errors(f, self.shell.now())
         with contextlib.suppress(OSError):
             f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # an error not queued
         self.shell.kick()
 
-    def _drain_dgram_errors(self, f: _DgramFlow, now: float) -> None:
+    def _drain_dgram_errors(self, f: FlowSocket, now: float) -> None:
         ping = self.gateway.ping
         for _address, quoted, code, _info, _origin in read_error_queue(f.sock):
             if len(quoted) >= 8 and quoted[0] == ICMP_ECHO_REQUEST:
@@ -282,8 +270,8 @@ class PingHost:
     def _close_flow(self, flow: int) -> None:
         f = self._dgram.pop(flow, None)
         if f is not None:
-            if self._poller is not None:
-                self._poller.close_socket(f.sock)
+            if self._lease.current is not None:
+                self._lease.current.close_socket(f.sock)
             else:
                 f.sock.close()
         key = self._raw_by_flow.pop(flow, None)
@@ -297,14 +285,12 @@ class PingHost:
         self._raw_by_flow.clear()
         self._raw_by_key.clear()
         if self._raw is not None:
-            if self._poller is not None:
-                self._poller.close_socket(self._raw)
+            if self._lease.current is not None:
+                self._lease.current.close_socket(self._raw)
             else:
                 self._raw.close()
             self._raw = None
-        if self._poller is not None:
-            self._poller.release()
-            self._poller = None
+        self._lease.release()
 
 
 __all__ = ["MODE_DGRAM", "MODE_NONE", "MODE_RAW", "SYSCTL_HINT", "PingHost"]

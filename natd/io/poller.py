@@ -89,6 +89,41 @@ _SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DatagramPoller] = 
 )
 
 
+class PollerLease:
+    """A host side's share of the loop's poller: acquired on first use, released once."""
+
+    __slots__ = ("_counters", "_log", "_loop", "current")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, log: Any, counters: Counter[str] | None
+    ) -> None:
+        self._loop = loop
+        self._log = log
+        self._counters = counters
+        self.current: DatagramPoller | None = None
+
+    def get(self) -> DatagramPoller:
+        if self.current is None:
+            self.current = DatagramPoller.acquire(self._loop, self._log, self._counters)
+        return self.current
+
+    def release(self) -> None:
+        poller, self.current = self.current, None
+        if poller is not None:
+            poller.release()
+
+
+class FlowSocket:
+    """A host socket that serves one flow of the core (the UDP and ping host sides keep these)."""
+
+    __slots__ = ("fd", "flow", "sock")
+
+    def __init__(self, flow: int, sock: socket.socket) -> None:
+        self.flow = flow
+        self.sock = sock
+        self.fd = sock.fileno()
+
+
 class DatagramPoller:
     """Level-triggered epoll multiplexer for datagram sockets, watched as one loop reader."""
 
@@ -303,4 +338,4 @@ class DatagramPoller:
             self.log.error("poller.socket_dropped", fd=entry.fd, reason="error not clearable")
 
 
-__all__ = ["DatagramPoller", "clear_socket_error"]
+__all__ = ["DatagramPoller", "FlowSocket", "PollerLease", "clear_socket_error"]

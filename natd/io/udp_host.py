@@ -33,7 +33,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from natd.io.poller import DatagramPoller
+from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, UdpClose, UdpSend
 from natd.wire.icmp import (
@@ -85,15 +85,6 @@ def read_error_queue(
     return out
 
 
-class _Flow:
-    __slots__ = ("fd", "flow", "sock")
-
-    def __init__(self, flow: int, sock: socket.socket) -> None:
-        self.flow = flow
-        self.sock = sock
-        self.fd = sock.fileno()
-
-
 class UdpHost:
     """Performs ``UdpSend``/``UdpClose`` and feeds host datagrams back into ``gateway.udp``."""
 
@@ -104,20 +95,17 @@ class UdpHost:
         self.gateway = gateway
         self.shell = shell
         self.log: Any = gateway.log.bind(side="udp")
-        self._flows: dict[int, _Flow] = {}
+        self._flows: dict[int, FlowSocket] = {}
         # Inbound (port forward) flows: flow → (listening socket, client address, on_close).
         self._inbound: dict[int, tuple[socket.socket, tuple[str, int], Callable[[int], None]]] = {}
         self.send_dropped = 0
         self.socket_failures = 0
-        self._poller: DatagramPoller | None = None
+        self._lease = PollerLease(loop, gateway.log, gateway.counters)
 
     @property
     def poller(self) -> DatagramPoller:
         """The loop's shared poller, acquired on first use (released by ``close``)."""
-        if self._poller is None:
-            gateway = self.gateway
-            self._poller = DatagramPoller.acquire(self.loop, gateway.log, gateway.counters)
-        return self._poller
+        return self._lease.get()
 
     def perform(self, op: HostOp) -> None:
         if isinstance(op, UdpSend):
@@ -157,14 +145,14 @@ class UdpHost:
             self.gateway.counters["drop.udp.forward_send_error"] += 1
             self.log.debug("udp.forward_send_failed", flow=op.flow, error=str(exc))
 
-    def _open(self, op: UdpSend) -> _Flow | None:
+    def _open(self, op: UdpSend) -> FlowSocket | None:
         sock: socket.socket | None = None
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
             sock.bind(("127.0.0.1" if op.host.startswith("127.") else "0.0.0.0", 0))
-            f = _Flow(op.flow, sock)
+            f = FlowSocket(op.flow, sock)
             self.poller.register(sock, partial(self._on_readable, f), partial(self._on_error, f))
         except OSError as exc:  # EMFILE, or the epoll is out of watches (max_user_watches)
             if sock is not None:
@@ -214,7 +202,7 @@ class UdpHost:
                 self.shell.kick()
                 return
 
-    def _on_readable(self, f: _Flow) -> None:
+    def _on_readable(self, f: FlowSocket) -> None:
         udp = self.gateway.udp
         sock = f.sock
         now = self.shell.now()
@@ -234,7 +222,7 @@ class UdpHost:
             self._drain_errors(f)
         self.shell.kick()
 
-    def _on_error(self, f: _Flow) -> None:
+    def _on_error(self, f: FlowSocket) -> None:
         """``EPOLLERR``: report the queued ICMP errors; this also clears the condition."""
         self._drain_errors(f)
         with contextlib.suppress(OSError):
@@ -243,7 +231,7 @@ class UdpHost:
             f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self.shell.kick()
 
-    def _drain_errors(self, f: _Flow) -> None:
+    def _drain_errors(self, f: FlowSocket) -> None:
         now = self.shell.now()
         for address, data, code, info, _origin in read_error_queue(f.sock):
             if not isinstance(address, tuple):
@@ -257,8 +245,8 @@ class UdpHost:
         f = self._flows.pop(flow, None)
         if f is None:
             return
-        if self._poller is not None:
-            self._poller.close_socket(f.sock)
+        if self._lease.current is not None:
+            self._lease.current.close_socket(f.sock)
         else:
             f.sock.close()
 
@@ -267,9 +255,7 @@ class UdpHost:
         for flow in list(self._flows):
             with contextlib.suppress(Exception):
                 self._close_flow(flow)
-        if self._poller is not None:
-            self._poller.release()
-            self._poller = None
+        self._lease.release()
 
     def __len__(self) -> int:
         return len(self._flows)

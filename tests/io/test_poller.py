@@ -467,7 +467,7 @@ def test_udp_flow_on_uvloop_hears_after_a_closed_port(sockets: list[socket.socke
             assert len(host) == 1
         finally:
             pump.close()
-        assert host._poller is None  # released on close
+        assert host._lease.current is None  # released on close
 
     run("uvloop", main)
 
