@@ -182,8 +182,12 @@ class UdpEngine:
         flow, host, port = entry
         payload = bytes(frame[_UDP_PAYLOAD : f[PAYLOAD_END]])
         self._table.touch(flow, now)
+        self._send(flow, f[DST_IP], host, port, payload)
+        return True
+
+    def _send(self, flow: UdpFlow, dst: bytes, host: str, port: int, payload: bytes) -> None:
+        """One guest datagram out of ``flow``; ``dst`` becomes a peer replies may come from."""
         peers = flow.peers
-        dst = f[DST_IP]
         if dst in peers:
             peers.move_to_end(dst)
         else:
@@ -191,10 +195,8 @@ class UdpEngine:
             if len(peers) > MAX_PEERS:
                 peers.popitem(last=False)
         flow.bytes_out += len(payload)
-        link = self.link
-        link.counters["udp.tx"] += 1
-        link.outbox.ops.append(UdpSend(flow.id, host, port, payload))
-        return True
+        self.link.counters["udp.tx"] += 1
+        self.link.outbox.ops.append(UdpSend(flow.id, host, port, payload))
 
     def on_guest_datagram(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
         """A unicast UDP datagram from the guest (not DHCP, not DNS at the DNS address)."""
@@ -231,16 +233,7 @@ class UdpEngine:
             flow = self._open(key, now)
         else:
             self._touch(flow, now)
-        peers = flow.peers
-        if dst in peers:
-            peers.move_to_end(dst)
-        else:
-            peers[dst] = None
-            if len(peers) > MAX_PEERS:
-                peers.popitem(last=False)
-        flow.bytes_out += len(payload)
-        link.counters["udp.tx"] += 1
-        link.outbox.ops.append(UdpSend(flow.id, host, port, bytes(payload)))
+        self._send(flow, dst, host, port, bytes(payload))
         fast = self._fast
         if len(fast) >= FAST_MAX:
             fast.clear()
