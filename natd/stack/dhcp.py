@@ -323,14 +323,21 @@ class DhcpServer:
         else:
             self._nak(msg, "lease not renewable")
 
-    def _init_reboot_verdict(self, key: bytes, mac: bytes, ip: bytes, now: float) -> bool | None:
-        """True: ACK; False: NAK (someone else's address); None: no record → silence."""
+    def _claim(self, key: bytes, mac: bytes, ip: bytes) -> bool | None:
+        """Is ``ip`` this client's by reservation or current lease? None: it has neither."""
         static = self._static.get(mac)
         if static is not None:
             return ip == static[0]
         lease = self._by_key.get(key)
         if lease is not None:
             return lease.ip == ip
+        return None
+
+    def _init_reboot_verdict(self, key: bytes, mac: bytes, ip: bytes, now: float) -> bool | None:
+        """True: ACK; False: NAK (someone else's address); None: no record → silence."""
+        known = self._claim(key, mac, ip)
+        if known is not None:
+            return known
         if self._history.get(key) == ip and self._free_for(key, mac, ip, now):
             return True
         if not self._free_for(key, mac, ip, now) or not self._in_pool(ip):
@@ -430,12 +437,9 @@ class DhcpServer:
 
     def _may_bind(self, key: bytes, mac: bytes, ip: bytes, now: float) -> bool:
         """May this client be bound to ``ip`` now (its lease, its reservation, or a free one)?"""
-        static = self._static.get(mac)
-        if static is not None:
-            return ip == static[0]
-        lease = self._by_key.get(key)
-        if lease is not None:
-            return lease.ip == ip
+        known = self._claim(key, mac, ip)
+        if known is not None:
+            return known
         return (
             self._dynamic < self.max_leases
             and self._in_pool(ip)
