@@ -126,9 +126,7 @@ class _CurrentStderrHandler(logging.StreamHandler[TextIO]):
             _sink.write_errors += 1
 
 
-def configure_logging(
-    fmt: str = "console", level: str = "info", background: bool = False
-) -> None:
+def configure_logging(fmt: str = "console", level: str = "info", background: bool = False) -> None:
     """Configure structlog (and stdlib logging) once at start-up; safe to call again.
 
     ``background`` (the daemon) writes through a bounded queue and a writer thread.

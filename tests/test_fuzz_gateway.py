@@ -124,8 +124,12 @@ def test_f1_guest_with_broadcast_source_is_not_answered_by_broadcast() -> None:
     src = bytes((10, 0, 2, 255))
     query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + fuzz.dns_name(
         "host.natd.internal") + struct.pack("!HH", 1, 1)  # fmt: skip
-    frame = fuzz.ether(fuzz.GW_MAC, b"\x02\x00\x00\x00\x00\x10", 0x0800,
-                       fuzz.ipv4(src, fuzz.DNS_IP, 17, fuzz.udp(src, fuzz.DNS_IP, 5353, 53, query)))
+    frame = fuzz.ether(
+        fuzz.GW_MAC,
+        b"\x02\x00\x00\x00\x00\x10",
+        0x0800,
+        fuzz.ipv4(src, fuzz.DNS_IP, 17, fuzz.udp(src, fuzz.DNS_IP, 5353, 53, query)),
+    )
     fz.gw.receive_frames([frame], 0.0)
     out, _ops = fz.gw.take_outbox()
     assert all(f[0:6] != fuzz.BROADCAST_MAC for f in out)
@@ -134,8 +138,9 @@ def test_f1_guest_with_broadcast_source_is_not_answered_by_broadcast() -> None:
 def test_f2_no_frame_larger_than_the_mtu_for_an_oversized_echo() -> None:
     fz = fuzz.Fuzzer(0)
     mac, gip = b"\x02\x00\x00\x00\x00\x10", bytes((10, 0, 2, 15))
-    request = fuzz.ether(fuzz.GW_MAC, mac, 0x0800,
-                         fuzz.ipv4(gip, fuzz.GW_IP, 1, fuzz.icmp_echo(1, 1, bytes(1480))))
+    request = fuzz.ether(
+        fuzz.GW_MAC, mac, 0x0800, fuzz.ipv4(gip, fuzz.GW_IP, 1, fuzz.icmp_echo(1, 1, bytes(1480)))
+    )
     fz.gw.receive_frames([request], 0.0)
     out, _ops = fz.gw.take_outbox()
     assert all(len(f) <= 14 + fz.settings.mtu for f in out)
@@ -166,8 +171,13 @@ def ipv4_frames(draw: st.DrawFn) -> bytes:
         dport = draw(st.sampled_from([53, 67, 123, 9]))
         l4 = fuzz.udp(src, dst, draw(st.sampled_from([68, 5353, 40000])), dport, payload)
     else:
-        l4 = fuzz.icmp_echo(draw(st.integers(0, 65535)), draw(st.integers(0, 65535)), payload,
-                            draw(st.sampled_from([0, 3, 8, 8, 13])), draw(st.integers(0, 3)))
+        l4 = fuzz.icmp_echo(
+            draw(st.integers(0, 65535)),
+            draw(st.integers(0, 65535)),
+            payload,
+            draw(st.sampled_from([0, 3, 8, 8, 13])),
+            draw(st.integers(0, 3)),
+        )
     ip = fuzz.ipv4(src, dst, proto, l4, ttl=draw(st.integers(0, 255)),
                    df=draw(st.booleans()), options=draw(st.binary(max_size=40)))  # fmt: skip
     frame = bytearray(fuzz.ether(draw(_dst_macs), _GUEST_MAC, 0x0800, ip))
@@ -180,9 +190,7 @@ def ipv4_frames(draw: st.DrawFn) -> bytes:
     return bytes(frame)
 
 
-_dhcp_options = st.lists(
-    st.tuples(st.integers(1, 254), st.binary(max_size=20)), max_size=12
-)
+_dhcp_options = st.lists(st.tuples(st.integers(1, 254), st.binary(max_size=20)), max_size=12)
 
 
 @st.composite
@@ -190,10 +198,17 @@ def dhcp_frames(draw: st.DrawFn) -> bytes:
     """DHCP with arbitrary option lists (message type usually sensible) and raw option tails."""
     kind = draw(st.sampled_from([1, 3, 4, 7, 8, 0, 9, 255]))
     options = [(53, bytes((kind,))), *draw(_dhcp_options)]
-    msg = bytearray(fuzz.build_dhcp(op=draw(st.sampled_from([1, 2])), xid=draw(
-        st.integers(0, 2**32 - 1)), chaddr=draw(st.sampled_from([_GUEST_MAC, bytes(6)])),
-        options=options, ciaddr=draw(st.sampled_from([bytes(4), _GUEST_IP])),
-        hlen=draw(st.sampled_from([6, 16, 17, 0])), flags=draw(st.sampled_from([0, 0x8000]))))
+    msg = bytearray(
+        fuzz.build_dhcp(
+            op=draw(st.sampled_from([1, 2])),
+            xid=draw(st.integers(0, 2**32 - 1)),
+            chaddr=draw(st.sampled_from([_GUEST_MAC, bytes(6)])),
+            options=options,
+            ciaddr=draw(st.sampled_from([bytes(4), _GUEST_IP])),
+            hlen=draw(st.sampled_from([6, 16, 17, 0])),
+            flags=draw(st.sampled_from([0, 0x8000])),
+        )
+    )
     msg += draw(st.binary(max_size=60))  # past END: junk, or options if END got removed
     if draw(st.booleans()):
         end = msg.index(255, 240)
@@ -211,11 +226,18 @@ def dns_frames(draw: st.DrawFn) -> bytes:
         st.integers(0, 0x3FFF).map(lambda p: struct.pack("!H", 0xC000 | p)),
         st.sampled_from([b"\x40", b"\x80", b"\xff"]),
     ), max_size=8))  # fmt: skip
-    body = b"".join(labels) + b"\0" + struct.pack("!HH", draw(st.integers(0, 65535)),
-                                                  draw(st.sampled_from([1, 3, 255])))
+    body = (
+        b"".join(labels)
+        + b"\0"
+        + struct.pack("!HH", draw(st.integers(0, 65535)), draw(st.sampled_from([1, 3, 255])))
+    )
     counts = [draw(st.sampled_from([0, 1, 1, 2, 0xFFFF])) for _ in range(4)]
-    msg = struct.pack("!HH", draw(st.integers(0, 65535)), draw(st.integers(0, 65535))) + \
-        struct.pack("!HHHH", *counts) + body + draw(st.binary(max_size=40))
+    msg = (
+        struct.pack("!HH", draw(st.integers(0, 65535)), draw(st.integers(0, 65535)))
+        + struct.pack("!HHHH", *counts)
+        + body
+        + draw(st.binary(max_size=40))
+    )
     ip = fuzz.ipv4(_GUEST_IP, fuzz.DNS_IP, 17, fuzz.udp(_GUEST_IP, fuzz.DNS_IP, 5353, 53, msg))
     return bytes(fuzz.ether(fuzz.GW_MAC, _GUEST_MAC, 0x0800, ip))
 
@@ -230,7 +252,10 @@ _arp_frames = st.builds(
 _any_frame = st.one_of(
     st.binary(max_size=1600),
     st.binary(max_size=200).map(lambda b: fuzz.GW_MAC + _GUEST_MAC + b),
-    ipv4_frames(), dhcp_frames(), dns_frames(), _arp_frames,
+    ipv4_frames(),
+    dhcp_frames(),
+    dns_frames(),
+    _arp_frames,
 )
 
 

@@ -15,8 +15,20 @@ import natd
 
 PACKAGE = Path(natd.__file__).resolve().parent
 FORBIDDEN = (
-    "asyncio", "socket", "os", "time", "select", "selectors", "subprocess", "threading",
-    "structlog", "uvloop", "pytun", "natd.io", "natd.config", "natd.daemon",
+    "asyncio",
+    "socket",
+    "os",
+    "time",
+    "select",
+    "selectors",
+    "subprocess",
+    "threading",
+    "structlog",
+    "uvloop",
+    "pytun",
+    "natd.io",
+    "natd.config",
+    "natd.daemon",
 )
 ALLOWED_INTERNAL = {"wire": ("natd.wire",), "stack": ("natd.wire", "natd.stack")}
 
@@ -71,8 +83,9 @@ def test_core_imports_nothing_from_the_shell(path: Path) -> None:
     assert "__import__" not in names, f"{module} imports dynamically"
     internal = {n for n in names if _matches(n, "natd")}
     stray = sorted(
-        n for n in internal if not any(_matches(n, ok) for ok in ALLOWED_INTERNAL[layer])
-        and n != "natd"
+        n
+        for n in internal
+        if not any(_matches(n, ok) for ok in ALLOWED_INTERNAL[layer]) and n != "natd"
     )
     assert not stray, f"{module} reaches outside its layer: {stray}"
 

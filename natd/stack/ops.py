@@ -114,8 +114,17 @@ class DnsQuery:
 
 
 HostOp = (
-    TcpConnect | TcpSend | TcpShutdown | TcpClose | TcpPause | TcpResume
-    | UdpSend | UdpClose | PingSend | PingClose | DnsQuery
+    TcpConnect
+    | TcpSend
+    | TcpShutdown
+    | TcpClose
+    | TcpPause
+    | TcpResume
+    | UdpSend
+    | UdpClose
+    | PingSend
+    | PingClose
+    | DnsQuery
 )
 
 

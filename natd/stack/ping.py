@@ -83,7 +83,6 @@ class PingEngine:
         self.link = link
         self._table: FlowTable[PingKey, PingFlow] = FlowTable(1024, 256)
 
-
     def on_guest_icmp(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
         """ICMP from the guest to an address other than the gateway's and the DNS's."""
         counters = self.link.counters

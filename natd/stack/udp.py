@@ -158,7 +158,6 @@ class UdpEngine:
         # opens, settings are reloaded).
         self._fast: dict[tuple[bytes, int, bytes, int], tuple[UdpFlow, str, int]] = {}
 
-
     # -- guest side ---------------------------------------------------------------------------
 
     def apply_settings(self, settings: object) -> None:

@@ -150,8 +150,22 @@ def parse_dhcp(data: bytes | memoryview) -> DhcpMessage:
     if bytes(view[BOOTP_HLEN:_OPTIONS_AT]) != MAGIC_COOKIE:
         # Plain BOOTP (RFC 951) is not served.
         raise Malformed("dhcp.no_cookie")
-    (op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr, chaddr, sname,
-     file) = _HEADER.unpack_from(view, 0)
+    (
+        op,
+        htype,
+        hlen,
+        hops,
+        xid,
+        secs,
+        flags,
+        ciaddr,
+        yiaddr,
+        siaddr,
+        giaddr,
+        chaddr,
+        sname,
+        file,
+    ) = _HEADER.unpack_from(view, 0)
     options = parse_options(view[_OPTIONS_AT:])
     overload = options.pop(OPT_OVERLOAD, None)
     if overload is not None:
@@ -167,9 +181,21 @@ def parse_dhcp(data: bytes | memoryview) -> DhcpMessage:
     if hlen > 16:
         raise Malformed("dhcp.bad_hlen")
     return DhcpMessage(
-        op=op, htype=htype, hlen=hlen, hops=hops, xid=xid, secs=secs, flags=flags,
-        ciaddr=ciaddr, yiaddr=yiaddr, siaddr=siaddr, giaddr=giaddr, chaddr=chaddr,
-        sname=sname, file=file, options=options,
+        op=op,
+        htype=htype,
+        hlen=hlen,
+        hops=hops,
+        xid=xid,
+        secs=secs,
+        flags=flags,
+        ciaddr=ciaddr,
+        yiaddr=yiaddr,
+        siaddr=siaddr,
+        giaddr=giaddr,
+        chaddr=chaddr,
+        sname=sname,
+        file=file,
+        options=options,
     )
 
 
@@ -208,8 +234,20 @@ def build_dhcp(
 ) -> bytes:
     """A complete DHCP message (UDP payload), padded with zeros to ``min_size``."""
     header = _HEADER.pack(
-        op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr, giaddr,
-        chaddr.ljust(16, b"\x00")[:16], bytes(64), bytes(128),
+        op,
+        htype,
+        hlen,
+        hops,
+        xid,
+        secs,
+        flags,
+        ciaddr,
+        yiaddr,
+        siaddr,
+        giaddr,
+        chaddr.ljust(16, b"\x00")[:16],
+        bytes(64),
+        bytes(128),
     )
     message = header + MAGIC_COOKIE + encode_options(options)
     if len(message) < min_size:

@@ -35,8 +35,14 @@ def test_request_for_owned_address_is_answered_with_gateway_mac(target: bytes) -
     assert (arp.hrd, arp.pro, arp.hln, arp.pln, arp.op) == (1, 0x0800, 6, 4, REPLY)
     assert (arp.sha, arp.spa, arp.tha, arp.tpa) == (GW_MAC, target, GUEST_MAC, GUEST_IP)
     assert out[0] == (
-        GUEST_MAC + GW_MAC + b"\x08\x06" + bytes.fromhex("0001080006040002")
-        + GW_MAC + target + GUEST_MAC + GUEST_IP
+        GUEST_MAC
+        + GW_MAC
+        + b"\x08\x06"
+        + bytes.fromhex("0001080006040002")
+        + GW_MAC
+        + target
+        + GUEST_MAC
+        + GUEST_IP
     )
     assert gw.neighbors[GUEST_IP] == GUEST_MAC  # the requester is learned (RFC 826 merge)
     assert gw.counters["arp.reply"] == 1

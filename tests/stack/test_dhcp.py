@@ -494,7 +494,8 @@ def _check_outcome(gw: Gateway, frame: bytes, now: float) -> None:
     before = dict(gw.counters)
     out = exchange(gw, [frame], now)
     changed = {
-        k for k, v in gw.counters.items()
+        k
+        for k, v in gw.counters.items()
         if v != before.get(k, 0) and not k.startswith(("rx.", "dhcp.rx."))
     }
     for reply_frame in out:

@@ -37,7 +37,10 @@ def dpkt_message(opts: list[tuple[int, bytes]], **kw: object) -> bytes:
 def test_parse_matches_dpkt_fields() -> None:
     raw = dpkt_message(
         [(53, b"\x01"), (61, b"\x01" + MAC), (55, bytes([1, 3, 6])), (12, b"guest")],
-        secs=7, flags=0x8000, ciaddr=0x0A00020F, hops=1,
+        secs=7,
+        flags=0x8000,
+        ciaddr=0x0A00020F,
+        hops=1,
     )
     msg = parse_dhcp(raw)
     oracle = dpkt.dhcp.DHCP(raw)
@@ -51,7 +54,10 @@ def test_parse_matches_dpkt_fields() -> None:
 
 def test_build_is_read_by_dpkt() -> None:
     raw = build_dhcp(
-        op=BOOTREPLY, xid=0x01020304, chaddr=MAC, flags=FLAG_BROADCAST,
+        op=BOOTREPLY,
+        xid=0x01020304,
+        chaddr=MAC,
+        flags=FLAG_BROADCAST,
         yiaddr=bytes([10, 0, 2, 15]),
         options=[(53, bytes([DHCPOFFER])), (54, bytes([10, 0, 2, 2]))],
     )
@@ -131,7 +137,8 @@ def test_domain_search_encoding() -> None:
     assert encode_domain_search(["natd.internal"]) == b"\x04natd\x08internal\x00"
     assert encode_domain_search(["a.b.", "c"]) == b"\x01a\x01b\x00\x01c\x00"
     assert decode_domain_search(encode_domain_search(["x.example", "example"])) == [
-        "x.example", "example",
+        "x.example",
+        "example",
     ]
     # RFC 3397 section 2's compressed example: eng.apple.com, marketing.apple.com.
     compressed = b"\x03eng\x05apple\x03com\x00\x09marketing\xc0\x04"
