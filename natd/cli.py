@@ -73,11 +73,34 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one virtual network in the foreground")
     run.add_argument("--config", metavar="FILE", help="TOML config file")
     run.add_argument("--netns", metavar="PATH", help="create the TAP inside this network namespace")
-    tap = run.add_mutually_exclusive_group()
-    tap.add_argument("--tap", metavar="NAME", help="TAP interface name (default tap0/natd0)")
-    tap.add_argument("--tap-fd", metavar="N", type=int, help="use this open TAP file descriptor")
+    link = run.add_mutually_exclusive_group()
+    link.add_argument("--tap", metavar="NAME", help="TAP interface name (default tap0/natd0)")
+    link.add_argument("--tap-fd", metavar="N", type=int, help="use this open TAP file descriptor")
+    link.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="listen on a unix stream socket (QEMU -netdev stream; 4-byte length + frame)",
+    )
+    link.add_argument(
+        "--socket-dgram",
+        metavar="PATH",
+        help="a unix datagram socket at PATH, one frame per datagram (QEMU -netdev dgram)",
+    )
+    link.add_argument(
+        "--fd", metavar="N", type=int, help="an inherited connected socket (stream or datagram)"
+    )
+    run.add_argument(
+        "--one-off", action="store_true", help="exit 0 when the --socket peer disconnects"
+    )
+    run.add_argument("--bridge", metavar="NAME", help="put the TAP on this Linux bridge")
+    run.add_argument(
+        "--persist", action="store_true", help="keep a TAP natd created when natd stops"
+    )
+    run.add_argument("--pid", metavar="FILE", help="write natd's PID to FILE")
     run.add_argument("--cidr", metavar="CIDR", help="the virtual network (default 10.0.2.0/24)")
-    run.add_argument("--mtu", metavar="N", type=int, help="576-65520 (default 1500)")
+    run.add_argument(
+        "--mtu", metavar="N", type=int, help="576-65520 (default 1500 on a TAP, 65520 on a socket)"
+    )
     run.add_argument(
         "--forward",
         metavar="SPEC",
@@ -133,6 +156,11 @@ def run_overrides(args: argparse.Namespace) -> dict[str, object]:
         "tap_name": args.tap,
         "netns": args.netns,
         "tap_fd": args.tap_fd,
+        "socket": args.socket,
+        "socket_dgram": args.socket_dgram,
+        "link_fd": args.fd,
+        "bridge": args.bridge,
+        "pid_file": args.pid,
         "forwards": args.forward,
         "dns_upstreams": args.dns_upstream,
         "ready_fd": args.ready_fd,
@@ -143,6 +171,10 @@ def run_overrides(args: argparse.Namespace) -> dict[str, object]:
     overrides = {k: v for k, v in given.items() if v is not None}
     if args.no_host_loopback:
         overrides["host_loopback"] = False
+    if args.one_off:
+        overrides["one_off"] = True
+    if args.persist:
+        overrides["persist"] = True
     return overrides
 
 

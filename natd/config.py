@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from functools import partial
 from ipaddress import IPv4Address, IPv4Network
-from typing import Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 DEFAULT_CIDR = "10.0.2.0/24"
 DEFAULT_MTU = 1500
+SOCKET_MTU = 65520  # a socket link has no offloads: big frames are its speed
 DEFAULT_LEASE_TIME = 86400
 DEFAULT_DOMAIN = "natd.internal"
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
@@ -152,6 +153,13 @@ class Config:
     tap_name: str = "natd0"
     netns: str | None = None
     tap_fd: int | None = None
+    bridge: str | None = None  # put the TAP on this Linux bridge
+    persist: bool = False  # a TAP natd creates outlives natd (TUNSETPERSIST)
+    socket: str | None = None  # --socket PATH: unix stream server, length-prefixed frames
+    socket_dgram: str | None = None  # --socket-dgram PATH: unix datagram socket
+    link_fd: int | None = None  # --fd N: inherited connected socket
+    one_off: bool = False  # exit 0 when the --socket peer goes (always so for --fd)
+    pid_file: str | None = None
     pool: tuple[IPv4Address, IPv4Address] = (
         IPv4Address("10.0.2.15"),
         IPv4Address("10.0.2.254"),
@@ -662,6 +670,13 @@ _OPTION_NAMES = {
     "tap_name": "--tap",
     "netns": "--netns",
     "tap_fd": "--tap-fd",
+    "bridge": "--bridge",
+    "persist": "--persist",
+    "socket": "--socket",
+    "socket_dgram": "--socket-dgram",
+    "link_fd": "--fd",
+    "one_off": "--one-off",
+    "pid_file": "--pid",
     "forwards": "--forward",
     "dns_upstreams": "--dns-upstream",
     "ready_fd": "--ready-fd",
@@ -734,7 +749,10 @@ def load_config(
         text = _str(v)
         net = _check(v, partial(parse_cidr, text))
 
-    mtu = _int_in(v, MTU_MIN, MTU_MAX) if (v := get("mtu")) is not None else DEFAULT_MTU
+    link = _check_link(values)
+    on_socket = any(link[n] is not None for n in ("socket", "socket_dgram", "link_fd"))
+    default_mtu = SOCKET_MTU if on_socket else DEFAULT_MTU
+    mtu = _int_in(v, MTU_MIN, MTU_MAX) if (v := get("mtu")) is not None else default_mtu
 
     host_loopback = True
     if (v := get("host_loopback")) is not None:
@@ -807,6 +825,7 @@ def load_config(
         netns=netns,
         tap_fd=tap_fd,
         pool=pool,
+        **link,
         lease_time=lease_time,
         domain=domain,
         static_leases=static,
@@ -824,6 +843,40 @@ def load_config(
             for k, v in overrides.items()
         ),
     )
+
+
+def _check_link(values: Mapping[str, _Value]) -> dict[str, Any]:
+    """The socket-link and bridge options: exactly one link, and only options that fit it."""
+    out: dict[str, Any] = {}
+    for name in ("socket", "socket_dgram", "bridge", "pid_file"):
+        text: str | None = None
+        if (v := values.get(name)) is not None:
+            text = _str(v)
+            if not text:
+                raise ConfigError(f"{v.label}: must not be empty")
+        out[name] = text
+    v = values.get("link_fd")
+    out["link_fd"] = _int_in(v, 0, None) if v is not None else None
+    for name in ("persist", "one_off"):
+        flag = False
+        if (v := values.get(name)) is not None:
+            if not isinstance(v.value, bool):
+                raise ConfigError(f"{v.label}: expected a boolean, got {_type_name(v.value)}")
+            flag = v.value
+        out[name] = flag
+    sockets = [n for n in ("socket", "socket_dgram", "link_fd") if out[n] is not None]
+    taps = [n for n in ("tap_fd",) if n in values]
+    if len(sockets) + len(taps) > 1:
+        names = " and ".join(values[n].label for n in sockets + taps)
+        raise ConfigError(f"{names}: exactly one link option per natd run")
+    if sockets:
+        for name in ("netns", "bridge", "persist", "tap_name"):
+            v = values.get(name)
+            if v is not None and v.value not in (None, False):
+                raise ConfigError(f"{v.label}: needs a TAP link, not {values[sockets[0]].label}")
+    if out["one_off"] and out["socket"] is None and out["link_fd"] is None:
+        raise ConfigError(f"{values['one_off'].label}: needs --socket or --fd")
+    return out
 
 
 def reload_config(cfg: Config, *, resolv_conf: str = DEFAULT_RESOLV_CONF) -> Config:

@@ -54,11 +54,20 @@ from natd.io.control import (
 )
 from natd.io.dns_upstream import DnsUpstream
 from natd.io.forwards import ActiveForward, ForwardError, ForwardManager
-from natd.io.netns import netns_identity
+from natd.io.links import (
+    DgramLink,
+    Link,
+    LinkError,
+    StreamServer,
+    adopt_fd,
+    adopt_tap_fd,
+    open_tap,
+)
+from natd.io.links.tap import set_master
+from natd.io.netns import entered_netns, netns_identity
 from natd.io.ping_host import PingHost
 from natd.io.sdnotify import notify
 from natd.io.shell import HostSide, Shell
-from natd.io.tap import TapError, TapLink, adopt_tap_fd, open_tap
 from natd.io.tcp_host import TcpHost
 from natd.io.udp_host import UdpHost
 from natd.log import error_line
@@ -107,18 +116,62 @@ def policy_from_config(cfg: Config) -> Policy:
     return Policy(rules=rules, restrict=p.restrict, default=p.default)
 
 
-def open_link(cfg: Config) -> TapLink:
-    """Open the TAP the config names; TapError's message is the whole one-line diagnosis."""
+def open_link(cfg: Config) -> Link | StreamServer:
+    """Open the one guest link the config names; LinkError's message is the one-line diagnosis.
+
+    ``--socket`` gives a server whose connections become links later; every other option
+    gives the link itself.
+    """
+    if cfg.socket is not None:
+        return StreamServer(cfg.socket)
+    if cfg.socket_dgram is not None:
+        return DgramLink.bind(cfg.socket_dgram)
+    if cfg.link_fd is not None:
+        try:
+            return adopt_fd(cfg.link_fd)
+        except LinkError as exc:
+            raise LinkError(f"cannot use socket fd {cfg.link_fd}: {exc}") from exc
     if cfg.tap_fd is not None:
         try:
-            return adopt_tap_fd(cfg.tap_fd)
-        except TapError as exc:
-            raise TapError(f"cannot use TAP fd {cfg.tap_fd}: {exc}") from exc
+            tap = adopt_tap_fd(cfg.tap_fd)
+            if cfg.bridge is not None:
+                _bridge(tap.name, cfg.bridge, cfg.netns)
+            return tap
+        except LinkError as exc:
+            raise LinkError(f"cannot use TAP fd {cfg.tap_fd}: {exc}") from exc
     where = f" in {cfg.netns}" if cfg.netns else ""
     try:
-        return open_tap(cfg.tap_name, netns=cfg.netns, mtu=cfg.mtu)
-    except TapError as exc:
-        raise TapError(f"cannot open TAP {cfg.tap_name}{where}: {exc}") from exc
+        return open_tap(
+            cfg.tap_name, netns=cfg.netns, mtu=cfg.mtu, bridge=cfg.bridge, persist=cfg.persist
+        )
+    except LinkError as exc:
+        raise LinkError(f"cannot open TAP {cfg.tap_name}{where}: {exc}") from exc
+
+
+def _bridge(port: str, bridge: str, netns: str | None) -> None:
+    try:
+        if netns is None:
+            set_master(port, bridge)
+        else:
+            with entered_netns(netns):
+                set_master(port, bridge)
+    except OSError as exc:
+        raise LinkError(exc.strerror or str(exc)) from exc
+
+
+def write_pid_file(path: str) -> None:
+    """Write our PID into ``path``, replacing what is there (a launcher may have created it)."""
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove ``path`` if it still holds our PID (a successor's file stays)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            mine = int(f.read().strip() or 0) == os.getpid()
+        if mine:
+            os.unlink(path)
 
 
 def raise_nofile_limit() -> tuple[int, int, int]:
@@ -144,25 +197,33 @@ def raise_nofile_limit() -> tuple[int, int, int]:
     return soft, soft, hard
 
 
-def run(cfg: Config) -> int:
-    """Serve the virtual network described by ``cfg`` until a signal; the exit status."""
+def run(cfg: Config, *, on_ready: Callable[[], None] | None = None) -> int:
+    """Serve the virtual network described by ``cfg`` until a signal; the exit status.
+
+    ``on_ready`` runs once natd serves (after ``--ready-fd`` and the PID file): natd-passt
+    uses it to let go of its launcher's stderr.
+    """
     log = structlog.get_logger("natd").bind(net=str(cfg.cidr))
     settings = settings_from_config(cfg)
     before, now_soft, hard = raise_nofile_limit()
     try:
-        tap = open_link(cfg)
-    except TapError as exc:
+        link = open_link(cfg)
+    except LinkError as exc:
         error_line(f"natd: {exc}")
         return 1
-    settings = dataclasses.replace(settings, tso=tap.offloads)
-    # Logged only now: a TAP failure must stay the one line on stderr.
+    # A socket link has no offloads: the core must never emit GSO frames or partial checksums.
+    offloads = not isinstance(link, StreamServer) and link.offloads
+    settings = dataclasses.replace(settings, tso=offloads)
+    # Logged only now: a link failure must stay the one line on stderr.
     log.info("rlimit.nofile", soft_before=before, soft=now_soft, hard=hard)
     netns_id = netns_identity(cfg.netns) if cfg.netns and cfg.tap_fd is None else None
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_serve(cfg, settings, tap, log, netns_id))
+            return runner.run(_serve(cfg, settings, link, log, netns_id, on_ready))
     finally:
-        tap.close()
+        link.close()
+        if cfg.pid_file is not None:
+            remove_pid_file(cfg.pid_file)
         log_sink().flush(timeout=1.0)
 
 
@@ -253,6 +314,13 @@ RESTART_FIELDS = (
     "tap_name",
     "netns",
     "tap_fd",
+    "bridge",
+    "persist",
+    "socket",
+    "socket_dgram",
+    "link_fd",
+    "one_off",
+    "pid_file",
     "pool",
     "lease_time",
     "domain",
@@ -273,7 +341,9 @@ class Daemon:
         forwards: ForwardManager,
         log: Any,
         started: float,
+        server: StreamServer | None = None,
     ) -> None:
+        self.server = server
         self.cfg = cfg
         self.gateway = gateway
         self.shell = shell
@@ -452,11 +522,32 @@ class Daemon:
 
     # -- status ------------------------------------------------------------------------------
 
+    def link_name(self) -> str:
+        cfg = self.cfg
+        link = self.shell.link
+        if link is not None:
+            return link.name
+        return cfg.socket or cfg.socket_dgram or cfg.tap_name
+
+    def link_kind(self) -> str:
+        link = self.shell.link
+        return link.kind if link is not None else "socket"
+
+    def link_stats(self) -> dict[str, int]:
+        """The link's counters; a ``--socket`` server keeps them across connections."""
+        link = self.shell.link
+        counters = dict(link.stats()) if link is not None else {}
+        if self.server is not None:
+            counters.update(self.server.counters)
+        if self.shell.no_peer:
+            counters["link.no_peer"] = self.shell.no_peer
+        return counters
+
     def status(self) -> str:
         tcp = self.gateway.tcp.flow_count
         udp = len(self.gateway.udp)
         return (
-            f"STATUS=serving {self.cfg.cidr} on {self.shell.tap.name}: "
+            f"STATUS=serving {self.cfg.cidr} on {self.link_name()}: "
             f"{len(self.forwards.active)} forwards, {tcp} tcp / {udp} udp flows"
         )
 
@@ -467,10 +558,11 @@ class Daemon:
 
         def stats() -> object:
             counters = dict(gateway.counters)
-            counters.update(shell.tap.stats())
+            counters.update(self.link_stats())
             extra = {
                 "uptime": round(shell.now() - self.started, 1),
-                "tap": shell.tap.name,
+                "link": self.link_name(),
+                **({"tap": self.link_name()} if self.link_kind() == "tap" else {}),
                 "leases": len(gateway.dhcp.leases(shell.now())),
                 "tcp_flows": gateway.tcp.flow_count,
                 "udp_flows": len(gateway.udp),
@@ -557,19 +649,40 @@ def _watch_netns(
 async def _serve(
     cfg: Config,
     settings: GatewaySettings,
-    tap: TapLink,
+    opened: Link | StreamServer,
     log: Any,
     netns_id: tuple[int, int] | None,
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     gateway = Gateway(settings, log=log)
     done: asyncio.Future[tuple[int, str]] = loop.create_future()
+    server = opened if isinstance(opened, StreamServer) else None
+    first_link = None if isinstance(opened, StreamServer) else opened
 
     def finish(code: int, reason: str) -> None:
         if not done.done():
             done.set_result((code, reason))
 
-    shell = Shell(loop, gateway, tap, log, on_tap_gone=lambda why: finish(1, f"tap gone: {why}"))
+    def link_gone(link: Link, why: str) -> None:
+        if server is not None:
+            log.info("socket.disconnected", socket=cfg.socket, reason=why)
+            server.release(link)  # type: ignore[arg-type]
+            if cfg.one_off:
+                finish(0, f"peer gone ({why}), --one-off")
+        elif link.kind == "tap":
+            log.error("tap.gone", tap=link.name, reason=why)
+            finish(1, f"tap gone: {why}")
+        else:  # --fd or --socket-dgram: the peer was the whole link
+            log.info("link.peer_gone", link=link.name, reason=why)
+            finish(0, f"peer gone: {why}")
+
+    def connected(link: Link) -> None:
+        log.info("socket.connected", socket=cfg.socket)
+        shell.attach(link)
+        shell.flush()
+
+    shell = Shell(loop, gateway, first_link, log, on_link_gone=link_gone)
     try:
         sides = register_host_sides(loop, gateway, shell, log)
     except HostSideError as exc:
@@ -586,7 +699,7 @@ async def _serve(
         udp_host if isinstance(udp_host, UdpHost) else None,
         log,
     )
-    daemon = Daemon(cfg, gateway, shell, forwards, log, loop.time())
+    daemon = Daemon(cfg, gateway, shell, forwards, log, loop.time(), server)
     control: ControlServer | None = None
 
     async def abandon(message: str) -> int:
@@ -622,20 +735,30 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, daemon.on_sighup)
     try:
         shell.start()
+        if server is not None:
+            server.start(loop, connected)
         log.info(
             "started",
             cidr=str(cfg.cidr),
-            tap=tap.name,
+            link=daemon.link_name(),
+            link_kind=daemon.link_kind(),
             netns=cfg.netns,
             mtu=cfg.mtu,
-            vnet_hdr=tap.vnet_hdr_len,
-            offloads=tap.offloads,
+            vnet_hdr=getattr(first_link, "vnet_hdr_len", 0),
+            offloads=settings.tso,
             host_sides=list(sides),
             forwards=[row["host"] for row in forwards.rows()],
             pid=os.getpid(),
         )
+        if cfg.pid_file is not None:
+            try:
+                write_pid_file(cfg.pid_file)
+            except OSError as exc:
+                return await abandon(f"cannot write PID file {cfg.pid_file}: {exc.strerror}")
         _signal_ready(cfg.ready_fd, log)
         notify("READY=1", daemon.status(), f"MAINPID={os.getpid()}")
+        if on_ready is not None:
+            on_ready()
         code, reason = await done
     finally:
         notify("STOPPING=1")
@@ -647,9 +770,13 @@ async def _serve(
         shell.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        tap.close()
+        link_counters = daemon.link_stats()
+        if server is not None:
+            server.close()
+        if shell.link is not None:
+            shell.link.close()
     counters: dict[str, int] = dict(sorted(gateway.counters.items()))
-    counters.update(tap.stats())
+    counters.update(link_counters)
     counters.update({f"shell.unhandled.{k}": v for k, v in shell.unhandled_ops.items()})
     if shell.errors:
         counters["shell.errors"] = shell.errors

@@ -2,19 +2,26 @@
 
 It pumps three kinds of events into the ``Gateway`` and drains what comes out:
 
-* TAP readiness: one reader callback drains up to a batch of frames, hands them to
-  ``gateway.receive_frames`` in one call, then flushes once (one ACK per flow per batch).
+* Link readiness: one reader callback drains up to a batch of frames from the guest link (a
+  TAP or a socket: ``natd.io.links``), hands them to ``gateway.receive_frames`` in one call,
+  then flushes once (one ACK per flow per batch).
 * Time: exactly one loop timer, always armed at ``gateway.next_deadline()``; a deadline that
   is already due when a flush ends is served inside that flush (once: never a busy loop).
 * Host events: host sides (TCP, UDP, DNS upstream, ping) feed results into the engines
   themselves and call ``kick()``, which coalesces into one flush on the next loop turn.
 
-``flush()`` sends the outbox's frames to the TAP (an offloaded frame — GSO, partial checksum —
-as one ``writev`` of its vnet header, its header bytes and its payload, a view of the flow's
-send buffer) and routes each op, by its type, to the host side registered for it. The vnet
-flags of the frames read (``TapLink.rx_csum``) go into ``receive_frames`` with them.
-An op nobody handles is counted (``unhandled_ops``) and logged once per
-type: a missing host side must not take the daemon down.
+``flush()`` writes the outbox's frames to the link (an offloaded frame — GSO, partial checksum —
+with its vnet header and its payload, a view of the flow's send buffer; only a link with
+``offloads`` ever gets those), lets the link send them (one ``sendmsg`` of many frames on a
+stream socket; what the socket cannot take waits for it to become writable) and routes each op,
+by its type, to the host side registered for it. The vnet flags of the frames read
+(``link.rx_csum``) go into ``receive_frames`` with them. An op nobody handles is counted
+(``unhandled_ops``) and logged once per type: a missing host side must not take the daemon down.
+
+Frames pass in through ``_on_readable`` and out through ``_write_frames``, and nowhere else.
+The link can change under a running core (``attach``/``detach``: a ``--socket`` peer that
+reconnects); with no link attached, frames for the guest are dropped and counted
+(``link.no_peer``).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from natd.io.tap import BATCH_LIMIT, TapGone, TapLink
+from natd.io.links.base import READ_BATCH_LIMIT, Link, LinkGone
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, Offloaded
 
@@ -46,27 +53,29 @@ class HostSide(Protocol):
 
 
 class Shell:
-    """Connects one Gateway to one TAP link and the host sides, on one event loop."""
+    """Connects one Gateway to one guest link and the host sides, on one event loop."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         gateway: Gateway,
-        tap: TapLink,
+        link: Link | None,
         log: Any,
         *,
-        on_tap_gone: Callable[[str], None] | None = None,
-        batch_limit: int = BATCH_LIMIT,
+        on_link_gone: Callable[[Link, str], None] | None = None,
+        batch_limit: int = READ_BATCH_LIMIT,
     ) -> None:
         self.loop = loop
         self.gateway = gateway
-        self.tap = tap
+        self.link = link
         self.log = log
-        self.on_tap_gone = on_tap_gone
+        self.on_link_gone = on_link_gone
         self.batch_limit = batch_limit
         self.sides: list[HostSide] = []
         self.unhandled_ops: Counter[str] = Counter()
+        self.no_peer = 0  # frames for the guest while no link was attached
         self.errors = 0
+        self._writing = False
         self._routes: dict[type, HostSide] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -104,25 +113,13 @@ class Shell:
 
     def _flush(self, timer_ran: bool) -> None:
         gateway = self.gateway
-        tap = self.tap
         take = self._take_output
         deadline: float | None = None
         for _ in range(_MAX_FLUSH_ROUNDS):
             frames, offloaded, ops = take()
             if frames or ops:
-                if not tap.closed:
-                    write = tap.write
-                    if offloaded:
-                        get = offloaded.get
-                        for i, frame in enumerate(frames):
-                            extra = get(i)
-                            if extra is None:
-                                write(frame)
-                            else:
-                                write(frame, extra[0], extra[1])
-                    else:
-                        for frame in frames:
-                            write(frame)
+                if frames:
+                    self._write_frames(frames, offloaded)
                 for op in ops:
                     self._perform(op)
                 continue
@@ -145,6 +142,45 @@ class Shell:
             deadline = gateway.next_deadline()
         self._arm_timer(deadline)
 
+    def _write_frames(self, frames: list[bytes], offloaded: Offloaded) -> None:
+        """Every frame for the guest passes here: to the link, then one send of them all."""
+        link = self.link
+        if link is None or link.closed:
+            self.no_peer += len(frames)
+            return
+        write = link.write
+        if offloaded:
+            get = offloaded.get
+            for i, frame in enumerate(frames):
+                extra = get(i)
+                if extra is None:
+                    write(frame)
+                else:
+                    write(frame, extra[0], extra[1])
+        else:
+            for frame in frames:
+                write(frame)
+        self._send_queued(link)
+
+    def _send_queued(self, link: Link) -> None:
+        try:
+            link.flush()
+        except LinkGone as exc:
+            self._link_gone(link, str(exc))
+            return
+        want = link.want_write
+        if want != self._writing:
+            self._writing = want
+            if want:
+                self.loop.add_writer(link.fileno(), self._on_writable)
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    self.loop.remove_writer(link.fileno())
+
+    def _on_writable(self) -> None:
+        if self.link is not None:
+            self._send_queued(self.link)
+
     def _take_plain(self) -> _Output:
         frames, ops = self.gateway.take_outbox()
         return frames, {}, ops
@@ -152,10 +188,24 @@ class Shell:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start reading the TAP and arm the timer."""
-        self.loop.add_reader(self.tap.fd, self._on_readable)
-        self._reading = True
+        """Start reading the link (if one is attached yet) and arm the timer."""
+        if self.link is not None:
+            self.attach(self.link)
         self.flush()
+
+    def attach(self, link: Link) -> None:
+        """Serve ``link`` from now on (a new ``--socket`` peer): the core's state carries on."""
+        if self.link is not None and self.link is not link:
+            self.detach()
+        self.link = link
+        if not self._stopped:
+            self.loop.add_reader(link.fileno(), self._on_readable)
+            self._reading = True
+
+    def detach(self) -> None:
+        """Stop serving the current link (it is the caller's to close)."""
+        self._stop_reading()
+        self.link = None
 
     def stop(self) -> None:
         """Stop reading, cancel the timer, close every host side (never raises)."""
@@ -188,23 +238,37 @@ class Shell:
             self.log.exception("op.failed", op=type(op).__name__)
 
     def _stop_reading(self) -> None:
+        link = self.link
+        if link is None:
+            return
         if self._reading:
             self._reading = False
             with contextlib.suppress(OSError, ValueError):
-                self.loop.remove_reader(self.tap.fd)
+                self.loop.remove_reader(link.fileno())
+        if self._writing:
+            self._writing = False
+            with contextlib.suppress(OSError, ValueError):
+                self.loop.remove_writer(link.fileno())
+
+    def _link_gone(self, link: Link, reason: str) -> None:
+        if link is not self.link:
+            return
+        self.detach()
+        if self.on_link_gone is not None:
+            self.on_link_gone(link, reason)
 
     def _on_readable(self) -> None:
+        link = self.link
+        if link is None:
+            return
         try:
-            frames = self.tap.read_batch(self.batch_limit)
-        except TapGone as exc:
-            self._stop_reading()
-            self.log.error("tap.gone", tap=self.tap.name, reason=str(exc))
-            if self.on_tap_gone is not None:
-                self.on_tap_gone(str(exc))
+            frames = link.read_batch(self.batch_limit)
+        except LinkGone as exc:
+            self._link_gone(link, str(exc))
             return
         if frames:
             try:
-                csum = self.tap.rx_csum
+                csum = link.rx_csum
                 if csum is None:
                     self.gateway.receive_frames(frames, self.loop.time())
                 else:

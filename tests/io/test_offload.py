@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from natd.io.shell import Shell
-from natd.io.tap import TapLink
+from natd.io.links.tap import TapLink
 from natd.stack.gateway import Gateway
 from natd.stack.ops import TcpSend
 from natd.stack.settings import GatewaySettings

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from natd.io.tap import TapError, TapGone, TapLink, adopt_tap_fd
+from natd.io.links.tap import TapError, TapGone, TapLink, adopt_tap_fd
 from natd.wire.vnet import VIRTIO_NET_HDR_LEN, VNET_HDR_NONE
 
 FRAME = bytes(range(60))
