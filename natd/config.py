@@ -677,6 +677,8 @@ _OPTION_NAMES = {
     "link_fd": "--fd",
     "one_off": "--one-off",
     "pid_file": "--pid",
+    "pool": "--address",
+    "domain": "--search",
     "forwards": "--forward",
     "dns_upstreams": "--dns-upstream",
     "ready_fd": "--ready-fd",
