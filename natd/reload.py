@@ -19,6 +19,8 @@ from natd.wiring import forward_spec, settings_from_config
 
 # Config fields a reload can apply live; any other difference needs a restart.
 LIVE_FIELDS = ("forwards", "static_leases", "dns_upstreams", "host_loopback", "policy", "limits")
+# The core settings swapped as they are (``limits`` too, but keeping ``tcp_buffer_bytes``).
+LIVE_SETTINGS = ("static_leases", "dns_upstreams", "host_loopback", "policy")
 RESTART_FIELDS = (
     "cidr",
     "mtu",
@@ -55,27 +57,17 @@ def apply_reload(
     current = gateway.settings
     settings = dataclasses.replace(
         current,
-        static_leases=fresh.static_leases,
-        dns_upstreams=fresh.dns_upstreams,
-        host_loopback=fresh.host_loopback,
-        policy=fresh.policy,
+        **{name: getattr(fresh, name) for name in LIVE_SETTINGS},
         limits=dataclasses.replace(fresh.limits, tcp_buffer_bytes=current.limits.tcp_buffer_bytes),
     )
     if settings != current:
         gateway.apply_settings(settings)
-        for name in ("static_leases", "dns_upstreams", "host_loopback", "policy", "limits"):
+        for name in (*LIVE_SETTINGS, "limits"):
             if getattr(settings, name) != getattr(current, name):
                 applied.append(name)
     removed, added, errors = reload_forwards(forwards, new.forwards, log)
-    cfg = dataclasses.replace(
-        old,
-        forwards=new.forwards,
-        static_leases=new.static_leases,
-        dns_upstreams=new.dns_upstreams,
-        host_loopback=new.host_loopback,
-        policy=new.policy,
-        limits=new_limits,
-    )
+    live = {name: getattr(new, name) for name in LIVE_FIELDS}
+    cfg = dataclasses.replace(old, **{**live, "limits": new_limits})
     log.info(
         "reload.done",
         trigger=trigger,
