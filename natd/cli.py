@@ -39,7 +39,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from natd import __version__
-from natd.config import LOG_FORMATS, LOG_LEVELS, ConfigError, load_config, render_config
+from natd.config.load import load_config
+from natd.config.model import LOG_FORMATS, LOG_LEVELS, ConfigError
+from natd.config.render import render_config
 from natd.log import error_line
 
 DEFAULT_CONTROL_PATH = "/run/natd/natd.sock"

@@ -16,16 +16,16 @@ import pytest
 from natd.config import (
     Config,
     ConfigError,
-    LimitsConfig,
     PolicyConfig,
     PolicyRuleConfig,
     load_config,
     render_config,
 )
-from natd.daemon import Daemon, settings_from_config
+from natd.daemon import Daemon
 from natd.stack.gateway import Gateway
 from natd.stack.policy import HOST, Policy, PolicyRule
 from natd.stack.settings import Limits
+from natd.wiring import settings_from_config
 
 NO_RESOLV = "/nonexistent/resolv.conf"
 
@@ -74,13 +74,14 @@ def error(tmp_path: Path, text: str) -> str:
 def test_defaults() -> None:
     cfg = load_config(None, {}, resolv_conf=NO_RESOLV)
     assert cfg.policy == PolicyConfig(restrict=False, default="allow", rules=())
-    assert cfg.limits == LimitsConfig()
+    assert cfg.limits == Limits()
 
 
-def test_limits_config_mirrors_the_core_limits_field_for_field() -> None:
-    ours = {f.name: f.default for f in dataclasses.fields(LimitsConfig)}
-    core = {f.name: f.default for f in dataclasses.fields(Limits)}
-    assert ours == core
+def test_config_limits_are_the_core_limits_type() -> None:
+    """One type, not a mirror: what the config holds is what the core enforces."""
+    cfg = load_config(None, {}, resolv_conf=NO_RESOLV)
+    assert type(cfg.limits) is Limits
+    assert settings_from_config(cfg).limits is cfg.limits
 
 
 def test_policy_section_parses_in_order(tmp_path: Path) -> None:
@@ -116,7 +117,7 @@ def test_limits_section(tmp_path: Path) -> None:
             """,
         )
     )
-    assert cfg.limits == LimitsConfig(
+    assert cfg.limits == Limits(
         max_tcp_flows=100,
         max_udp_flows_per_guest=8,
         udp_idle_timeout=30.0,
@@ -195,7 +196,7 @@ def test_render_round_trips_policy_and_limits(tmp_path: Path) -> None:
     assert again.limits == cfg.limits
     data = tomllib.loads(render_config(cfg))
     assert data["limits"]["max_udp_flows"] == 77
-    assert set(data["limits"]) == {f.name for f in dataclasses.fields(LimitsConfig)}
+    assert set(data["limits"]) == {f.name for f in dataclasses.fields(Limits)}
     assert data["policy"]["default"] == "deny" and data["policy"]["restrict"] is False
     assert data["policy"]["rule"][0] == {
         "action": "allow",
@@ -243,7 +244,7 @@ class _Log:
 
 def _daemon(cfg: Config) -> tuple[Daemon, Gateway]:
     gw = Gateway(settings_from_config(cfg))
-    shell = SimpleNamespace(kick=lambda: None, tap=SimpleNamespace(name="tap0"))
+    shell = SimpleNamespace(kick=lambda: None, link_name=lambda: ("tap0", "tap"))
     forwards = SimpleNamespace(active=[], find=lambda _fwd: None)
     return Daemon(cfg, gw, shell, forwards, _Log(), 0.0), gw  # type: ignore[arg-type]
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
-from natd.config import Forward
 from natd.io.poller import DatagramPoller, PollerLease
 from natd.io.tcp_host import TcpHost
 from natd.io.udp_host import UdpHost
@@ -51,6 +50,23 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 Source = Literal["config", "runtime"]
 
 
+@dataclass(frozen=True)
+class ForwardSpec:
+    """One forward in plain values, so the shell does not depend on ``natd.config``.
+
+    The daemon maps each config ``Forward`` to one (``natd.wiring.forward_spec``). ``label`` is
+    how logs, errors and ``forward list`` name it; it takes no part in equality, so a spec with
+    its bound port filled in still compares by the socket it describes.
+    """
+
+    proto: Literal["tcp", "udp"]
+    host_addr: str
+    host_port: int
+    guest_addr: str
+    guest_port: int
+    label: str = field(compare=False)
+
+
 class ForwardError(Exception):
     """A forward cannot be set up; ``str(e)`` is the whole one-line message."""
 
@@ -59,7 +75,7 @@ class ForwardError(Exception):
 class ActiveForward:
     """A forward that is listening."""
 
-    forward: Forward
+    forward: ForwardSpec
     source: Source
     sock: socket.socket
     port: int  # the host port actually bound (differs from forward.host_port when that is 0)
@@ -71,13 +87,13 @@ class ActiveForward:
 
     @property
     def spec(self) -> str:
-        return self.forward.spec()
+        return self.forward.label
 
 
-def listen_error(fwd: Forward, exc: OSError) -> ForwardError:
+def listen_error(fwd: ForwardSpec, exc: OSError) -> ForwardError:
     why = exc.strerror or str(exc)
     return ForwardError(
-        f"forward {fwd.spec()}: cannot listen on {fwd.host_addr}:{fwd.host_port}: {why}"
+        f"forward {fwd.label}: cannot listen on {fwd.host_addr}:{fwd.host_port}: {why}"
     )
 
 
@@ -115,7 +131,7 @@ class ForwardManager:
 
     # -- the daemon's operations -------------------------------------------------------------
 
-    def add(self, fwd: Forward, source: Source) -> ActiveForward:
+    def add(self, fwd: ForwardSpec, source: Source) -> ActiveForward:
         """Bind and start serving ``fwd``; raises ForwardError naming the forward."""
         sock = self._bind(fwd)
         port = int(sock.getsockname()[1])
@@ -133,7 +149,7 @@ class ForwardManager:
         self.active.append(active)
         self.log.info(
             "forward.listening",
-            forward=fwd.spec(),
+            forward=fwd.label,
             proto=fwd.proto,
             host=f"{fwd.host_addr}:{port}",
             port=port,
@@ -163,7 +179,7 @@ class ForwardManager:
         )
         self.shell.kick()
 
-    def find(self, fwd: Forward) -> ActiveForward | None:
+    def find(self, fwd: ForwardSpec) -> ActiveForward | None:
         for active in self.active:
             if active.forward == fwd:
                 return active
@@ -201,7 +217,7 @@ class ForwardManager:
 
     # -- listening ---------------------------------------------------------------------------
 
-    def _bind(self, fwd: Forward) -> socket.socket:
+    def _bind(self, fwd: ForwardSpec) -> socket.socket:
         kind = socket.SOCK_STREAM if fwd.proto == "tcp" else socket.SOCK_DGRAM
         sock = socket.socket(socket.AF_INET, kind | socket.SOCK_CLOEXEC)
         try:
@@ -353,5 +369,6 @@ __all__ = [
     "ActiveForward",
     "ForwardError",
     "ForwardManager",
+    "ForwardSpec",
     "listen_error",
 ]

@@ -76,6 +76,7 @@ class Shell:
         self.no_peer = 0  # frames for the guest while no link was attached
         self.errors = 0
         self._writing = False
+        self._last_link: Link | None = link  # what stats show while no link is attached
         self._routes: dict[type, HostSide] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -205,7 +206,22 @@ class Shell:
     def detach(self) -> None:
         """Stop serving the current link (it is the caller's to close)."""
         self._stop_reading()
+        if self.link is not None:
+            self._last_link = self.link
         self.link = None
+
+    def link_stats(self) -> dict[str, int]:
+        """The link's counters (the last one's while none is attached), frames with no link."""
+        link = self.link or self._last_link
+        counters = dict(link.stats()) if link is not None else {}
+        if self.no_peer:
+            counters["link.no_peer"] = self.no_peer
+        return counters
+
+    def link_name(self) -> tuple[str, str]:
+        """(name, kind) of the link served now, or last; ("", "socket") before the first."""
+        link = self.link or self._last_link
+        return (link.name, link.kind) if link is not None else ("", "socket")
 
     def stop(self) -> None:
         """Stop reading, cancel the timer, close every host side (never raises)."""

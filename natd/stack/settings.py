@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from natd.stack.limits import Limits as Limits  # re-exported: the core's name for it
 from natd.stack.policy import ALLOW_ALL, Policy
 
 
@@ -20,23 +21,6 @@ class StaticLease:
     mac: bytes
     ip: bytes
     hostname: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Bounds on what a guest can make natd hold (defaults are safe for a laptop)."""
-
-    max_tcp_flows: int = 65536
-    max_tcp_flows_per_guest: int = 16384
-    max_pending_connects: int = 1024
-    max_udp_flows: int = 4096
-    max_udp_flows_per_guest: int = 1024
-    udp_idle_timeout: float = 180.0
-    tcp_buffer_bytes: int = 4 * 1024 * 1024
-    max_leases: int = 1024
-    max_dns_pending: int = 1024
-    max_ping_flows: int = 1024
-    max_ping_flows_per_guest: int = 256
 
 
 def _mac_for(ip: bytes) -> bytes:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from harness import FIRST_LEASE, GATEWAY, NATD_MAIN, Guest, Natd, Netns, unique_name
 
-from natd.io.netns import entered_netns
 from natd.io.links.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF
+from natd.io.netns import entered_netns
 
 
 def _event(natd: Natd, name: str) -> dict[str, object]:

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from harness import GATEWAY, Guest, Natd
 
-from natd.io.netns import entered_netns
 from natd.io.links.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF
+from natd.io.netns import entered_netns
 
 SIZE = 16 * 1024 * 1024
 MSS = 1460

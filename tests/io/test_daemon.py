@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from natd import daemon
+from natd import daemon, wiring
 from natd.config import load_config
 from natd.io.netns import entered_netns, netns_identity
 from natd.io.sdnotify import notify
@@ -24,7 +24,7 @@ def test_settings_follow_the_config(tmp_path: Path) -> None:
         '[[dhcp.static]]\nmac = "52:54:00:12:34:56"\nip = "10.0.3.20"\nhostname = "web"\n'
         '[dns]\nupstream = ["127.0.0.1:5353"]\n'
     )
-    s = daemon.settings_from_config(load_config(str(conf), {}))
+    s = wiring.settings_from_config(load_config(str(conf), {}))
     assert s.network == ipaddress.IPv4Network("10.0.3.0/24")
     assert s.gateway_ip == bytes([10, 0, 3, 2]) and s.dns_ip == bytes([10, 0, 3, 3])
     assert s.gateway_mac == b"\x52\x55\x0a\x00\x03\x02"
@@ -39,7 +39,7 @@ def test_settings_follow_the_config(tmp_path: Path) -> None:
 def test_default_settings_are_the_slirp_layout(tmp_path: Path) -> None:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.53\n")
-    s = daemon.settings_from_config(load_config(None, {}, resolv_conf=str(resolv)))
+    s = wiring.settings_from_config(load_config(None, {}, resolv_conf=str(resolv)))
     assert s.gateway_ip == bytes([10, 0, 2, 2]) and s.pool_start == bytes([10, 0, 2, 15])
     assert (s.mtu, s.lease_time, s.host_loopback) == (1500, 86400, True)
     assert s.dns_upstreams == (("127.0.0.53", 53),)

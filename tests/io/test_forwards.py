@@ -13,7 +13,7 @@ import pytest
 from udpdns_pump import Pump
 
 from natd.config import ConfigError, Forward, load_config
-from natd.daemon import Daemon, settings_from_config
+from natd.daemon import Daemon
 from natd.io.control import ControlError
 from natd.io.forwards import ForwardError, ForwardManager
 from natd.io.udp_host import UdpHost
@@ -21,6 +21,7 @@ from natd.stack.gateway import Gateway
 from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet, parse_ethernet
 from natd.wire.ipv4 import PROTO_UDP, build_ipv4, parse_ipv4
 from natd.wire.udp import build_udp, parse_udp
+from natd.wiring import forward_spec, settings_from_config
 
 GUEST_MAC = b"\x52\x54\x00\x12\x34\x56"
 GUEST = bytes((10, 0, 2, 15))
@@ -45,15 +46,12 @@ class Events:
         return [kw for name, kw in self.seen if name == event]
 
 
-class FakeTap:
-    name = "tap-test"
-
-    def stats(self) -> dict[str, int]:
-        return {}
-
-
 class DaemonShell(Pump):
-    tap = FakeTap()
+    def link_name(self) -> tuple[str, str]:
+        return "tap-test", "tap"
+
+    def link_stats(self) -> dict[str, int]:
+        return {}
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -94,7 +92,7 @@ async def wait_for(pred: Any, timeout: float = 2.0) -> None:
 async def test_udp_forward_port_zero_is_reported_and_carries_a_request_and_reply() -> None:
     loop = asyncio.get_running_loop()
     gw, pump, fm, log = manager(loop)
-    active = fm.add(Forward("udp", "127.0.0.1", 0, "10.0.2.15", 5353), "config")
+    active = fm.add(forward_spec(Forward("udp", "127.0.0.1", 0, "10.0.2.15", 5353)), "config")
     try:
         assert active.port != 0
         (listening,) = log.named("forward.listening")
@@ -136,7 +134,7 @@ async def test_udp_forward_port_zero_is_reported_and_carries_a_request_and_reply
 
 async def test_port_taken_is_one_line_naming_the_forward(taken_port: int) -> None:
     _gw, _pump, fm, _log = manager(asyncio.get_running_loop())
-    fwd = Forward("tcp", "127.0.0.1", taken_port, "10.0.2.15", 80)
+    fwd = forward_spec(Forward("tcp", "127.0.0.1", taken_port, "10.0.2.15", 80))
     with pytest.raises(ForwardError) as exc_info:
         fm.add(fwd, "config")
     assert str(exc_info.value) == (
@@ -148,20 +146,20 @@ async def test_port_taken_is_one_line_naming_the_forward(taken_port: int) -> Non
 
 async def test_removed_forward_stops_listening_and_frees_the_port() -> None:
     _gw, _pump, fm, _log = manager(asyncio.get_running_loop())
-    active = fm.add(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 80), "runtime")
+    active = fm.add(forward_spec(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 80)), "runtime")
     port = active.port
     fm.remove(active)
     assert fm.active == []
     with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
         probe.connect(("127.0.0.1", port))
-    again = fm.add(Forward("tcp", "127.0.0.1", port, "10.0.2.15", 80), "runtime")
+    again = fm.add(forward_spec(Forward("tcp", "127.0.0.1", port, "10.0.2.15", 80)), "runtime")
     assert again.port == port
     fm.close()
 
 
 async def test_only_the_named_address_is_bound() -> None:
     _gw, _pump, fm, _log = manager(asyncio.get_running_loop())
-    active = fm.add(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 80), "config")
+    active = fm.add(forward_spec(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 80)), "config")
     try:
         assert active.sock.getsockname()[0] == "127.0.0.1"
         # The same port on another loopback address is still free.
@@ -248,7 +246,9 @@ async def test_reload_applies_forward_and_settings_changes(tmp_path: Path) -> No
     write_config(conf, [f"tcp::{keep}-:80", f"tcp::{drop}-:81"])
     loop = asyncio.get_running_loop()
     with running_daemon(loop, conf) as (daemon, gw, _log):
-        kept = daemon.forwards.find(Forward("tcp", "127.0.0.1", keep, "10.0.2.15", 80))
+        kept = daemon.forwards.find(
+            forward_spec(Forward("tcp", "127.0.0.1", keep, "10.0.2.15", 80))
+        )
         assert kept is not None
         write_config(
             conf,
@@ -352,7 +352,7 @@ async def test_tcp_forward_connects_the_client_into_the_guest_both_ways_then_res
     tcp_host = TcpHost(loop, gw, pump)
     pump.register(tcp_host)
     fm = ForwardManager(loop, gw, pump, tcp_host, None, log)
-    active = fm.add(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080), "config")
+    active = fm.add(forward_spec(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080)), "config")
     client = socket.socket()
     client.setblocking(False)
     try:

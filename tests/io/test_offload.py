@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from natd.io.shell import Shell
 from natd.io.links.tap import TapLink
+from natd.io.shell import Shell
 from natd.stack.gateway import Gateway
 from natd.stack.ops import TcpSend
 from natd.stack.settings import GatewaySettings

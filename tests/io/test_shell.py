@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from natd.io.shell import Shell
 from natd.io.links.tap import TapLink
+from natd.io.shell import Shell
 from natd.stack.ops import DnsQuery, HostOp, TcpClose, TcpConnect, UdpSend
 from natd.wire.vnet import VNET_HDR_NONE
 

@@ -1,0 +1,451 @@
+"""Building a ``Config``: defaults ← file ← command line, every value validated.
+
+``load_config`` overrides (what the CLI passes; absent key = not given on the command line):
+``cidr`` str, ``mtu`` int, ``host_loopback`` bool, ``tap_name`` str, ``netns`` str, ``tap_fd`` int,
+``bridge`` str, ``persist`` bool, ``socket`` str, ``socket_dgram`` str, ``link_fd`` int,
+``one_off`` bool, ``pid_file`` str, ``pool`` [first, last] (natd-passt's ``--address``),
+``domain`` str, ``forwards`` sequence of hostfwd spec strings, ``dns_upstreams`` sequence of
+``ADDR[:PORT]`` strings, ``ready_fd`` int, ``control`` str, ``log_format`` str, ``log_level`` str.
+Exactly one link: a TAP (``tap_name``/``netns``, or ``tap_fd``) or one socket option; the MTU
+defaults to 1500 on a TAP and 65520 on a socket.
+``reload_config`` re-reads the file for SIGHUP with the same overrides winning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, TypeVar, cast
+
+from natd.config.model import (
+    DEFAULT_CIDR,
+    DEFAULT_DOMAIN,
+    DEFAULT_LEASE_TIME,
+    DEFAULT_MTU,
+    DEFAULT_RESOLV_CONF,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MTU_MAX,
+    MTU_MIN,
+    POLICY_ACTIONS,
+    POLICY_PROTOS,
+    SOCKET_MTU,
+    Config,
+    ConfigError,
+    Forward,
+    Invalid,
+    PolicyAction,
+    PolicyConfig,
+    PolicyProto,
+    PolicyRuleConfig,
+    StaticLeaseConfig,
+)
+from natd.config.tomlfile import TomlFile, Value, read_file, type_name
+from natd.config.values import (
+    check_dns_name,
+    check_guest_addr,
+    check_tap_name,
+    default_pool,
+    forward_from_spec,
+    forwards_overlap,
+    keyed,
+    make_forward,
+    parse_cidr,
+    parse_ipv4,
+    parse_mac,
+    parse_ports,
+    parse_rule_cidr,
+    parse_upstream,
+    read_resolv_conf,
+)
+from natd.stack.limits import Limits
+
+_T = TypeVar("_T")
+
+# Validation bounds per limit: (minimum, maximum or None). tcp_buffer_bytes: the TCP window
+# scale tops out at 2**30 (RFC 7323), and below 64 KiB a flow cannot fill one segment burst.
+_LIMIT_BOUNDS: dict[str, tuple[int, int | None]] = {
+    "tcp_buffer_bytes": (65536, 1 << 30),
+    "udp_idle_timeout": (1, 7 * 86400),
+}
+
+
+_OPTION_NAMES = {
+    "cidr": "--cidr",
+    "mtu": "--mtu",
+    "host_loopback": "--no-host-loopback",
+    "tap_name": "--tap",
+    "netns": "--netns",
+    "tap_fd": "--tap-fd",
+    "bridge": "--bridge",
+    "persist": "--persist",
+    "socket": "--socket",
+    "socket_dgram": "--socket-dgram",
+    "link_fd": "--fd",
+    "one_off": "--one-off",
+    "pid_file": "--pid",
+    "pool": "--address",
+    "domain": "--search",
+    "forwards": "--forward",
+    "dns_upstreams": "--dns-upstream",
+    "ready_fd": "--ready-fd",
+    "control": "--control",
+    "log_format": "--log-format",
+    "log_level": "--log-level",
+}
+
+
+def _from_overrides(overrides: Mapping[str, object]) -> dict[str, Value]:
+    out: dict[str, Value] = {}
+    for name, value in overrides.items():
+        if name not in _OPTION_NAMES:
+            raise ConfigError(f"unknown override {name!r}")
+        label = f"option {_OPTION_NAMES[name]}"
+        if name == "forwards":
+            specs = cast(Sequence[str], value)
+            out[name] = Value([Value(s, f"{label} {s!r}") for s in specs], label)
+        elif name == "dns_upstreams":
+            ups = cast(Sequence[str], value)
+            out[name] = Value([Value(s, f"{label} {s!r}") for s in ups], label)
+        else:
+            out[name] = Value(value, label)
+    return out
+
+
+def _check(v: Value, fn: Callable[[], _T]) -> _T:
+    """Run a validator, turning its problem into a ConfigError that names the value's source."""
+    try:
+        return fn()
+    except Invalid as e:
+        label = v.key_labels.get(e.key, v.label) if e.key else v.label
+        raise ConfigError(f"{label}: {e}") from None
+
+
+def _int_in(v: Value, lo: int, hi: int | None) -> int:
+    value = v.value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{v.label}: expected an integer, got {type_name(value)}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(f"{v.label}: must be {rng}, got {value}")
+    return value
+
+
+def _str(v: Value) -> str:
+    if not isinstance(v.value, str):
+        raise ConfigError(f"{v.label}: expected a string, got {type_name(v.value)}")
+    return v.value
+
+
+def load_config(
+    path: str | None,
+    overrides: Mapping[str, object],
+    *,
+    resolv_conf: str = DEFAULT_RESOLV_CONF,
+) -> Config:
+    """Defaults ← file ← command line, validated; raises ConfigError with a one-line message."""
+    values: dict[str, Value] = {}
+    if path is not None:
+        values.update(read_file(TomlFile(path)))
+    values.update(_from_overrides(overrides))
+    get = values.get
+
+    net = IPv4Network(DEFAULT_CIDR)
+    if (v := get("cidr")) is not None:
+        text = _str(v)
+        net = _check(v, partial(parse_cidr, text))
+
+    link = _check_link(values)
+    on_socket = any(link[n] is not None for n in ("socket", "socket_dgram", "link_fd"))
+    default_mtu = SOCKET_MTU if on_socket else DEFAULT_MTU
+    mtu = _int_in(v, MTU_MIN, MTU_MAX) if (v := get("mtu")) is not None else default_mtu
+
+    host_loopback = True
+    if (v := get("host_loopback")) is not None:
+        if not isinstance(v.value, bool):
+            raise ConfigError(f"{v.label}: expected a boolean, got {type_name(v.value)}")
+        host_loopback = v.value
+
+    netns: str | None = None
+    if (v := get("netns")) is not None:
+        netns = _str(v)
+        if not netns:
+            raise ConfigError(f"{v.label}: must not be empty")
+    tap_name = "tap0" if netns is not None else "natd0"
+    if (v := get("tap_name")) is not None:
+        name_text = _str(v)
+        tap_name = _check(v, partial(check_tap_name, name_text))
+    tap_fd = _int_in(v, 0, None) if (v := get("tap_fd")) is not None else None
+    ready_fd = _int_in(v, 0, None) if (v := get("ready_fd")) is not None else None
+
+    pool = default_pool(net)
+    if (v := get("pool")) is not None:
+        pool = _check_pool(v, net)
+
+    lease_time = DEFAULT_LEASE_TIME
+    if (v := get("lease_time")) is not None:
+        lease_time = _int_in(v, 1, None)
+
+    domain = DEFAULT_DOMAIN
+    if (v := get("domain")) is not None:
+        domain_text = _str(v)
+        domain = _check(v, partial(check_dns_name, domain_text, "domain"))
+
+    static = (
+        _check_static(cast(list[Value], v.value), net)
+        if (v := get("static_leases")) is not None
+        else ()
+    )
+
+    if (v := get("dns_upstreams")) is not None:
+        ups: list[tuple[str, int]] = []
+        for item in cast(list[Value], v.value):
+            text = _str(item)
+            ups.append(_check(item, partial(parse_upstream, text)))
+        dns_upstreams = tuple(ups)
+    else:
+        dns_upstreams = read_resolv_conf(resolv_conf)
+
+    forwards = (
+        _check_forwards(cast(list[Value], v.value), net, pool[0])
+        if (v := get("forwards")) is not None
+        else ()
+    )
+
+    control: str | None = None
+    if (v := get("control")) is not None:
+        control = _str(v)
+        if not control:
+            raise ConfigError(f"{v.label}: must not be empty")
+
+    log_format = _choice(get("log_format"), LOG_FORMATS, "console")
+    log_level = _choice(get("log_level"), LOG_LEVELS, "info")
+    policy = _check_policy(values)
+    limits = _check_limits(values)
+
+    return Config(
+        cidr=net,
+        mtu=mtu,
+        host_loopback=host_loopback,
+        tap_name=tap_name,
+        netns=netns,
+        tap_fd=tap_fd,
+        pool=pool,
+        **link,
+        lease_time=lease_time,
+        domain=domain,
+        static_leases=static,
+        dns_upstreams=dns_upstreams,
+        forwards=forwards,
+        ready_fd=ready_fd,
+        control=control,
+        log_format=log_format,
+        log_level=log_level,
+        config_file=path,
+        policy=policy,
+        limits=limits,
+        cli_overrides=tuple(
+            (k, tuple(cast(Sequence[str], v)) if isinstance(v, list | tuple) else v)
+            for k, v in overrides.items()
+        ),
+    )
+
+
+def reload_config(cfg: Config, *, resolv_conf: str = DEFAULT_RESOLV_CONF) -> Config:
+    """Re-read ``cfg.config_file`` (SIGHUP) with the same command-line overrides winning."""
+    return load_config(cfg.config_file, dict(cfg.cli_overrides), resolv_conf=resolv_conf)
+
+
+def _choice(v: Value | None, choices: tuple[str, ...], default: str) -> str:
+    if v is None:
+        return default
+    text = _str(v)
+    if text not in choices:
+        raise ConfigError(f"{v.label}: must be one of {', '.join(choices)}, got {text!r}")
+    return text
+
+
+def _policy_rule(entry: Mapping[str, object]) -> PolicyRuleConfig:
+    def choice(key: str, choices: tuple[str, ...], default: str) -> str:
+        text = cast(str, entry.get(key, default))
+        if text not in choices:
+            raise Invalid(f"must be one of {', '.join(choices)}, got {text!r}", key)
+        return text
+
+    action = choice("action", POLICY_ACTIONS, "allow")
+    proto = choice("proto", POLICY_PROTOS, "any")
+    cidr = keyed("cidr", partial(parse_rule_cidr, cast(str, entry["cidr"])))
+    ports: tuple[int, int] | None = None
+    raw = entry.get("ports")
+    if raw is not None:
+        ports = keyed("ports", partial(parse_ports, str(raw)))
+        if proto == "icmp":
+            raise Invalid("ICMP has no ports: use proto tcp, udp or any", "ports")
+    return PolicyRuleConfig(cast(PolicyAction, action), cidr, ports, cast(PolicyProto, proto))
+
+
+def _check_policy(values: Mapping[str, Value]) -> PolicyConfig:
+    restrict = False
+    if (v := values.get("policy.restrict")) is not None:
+        restrict = cast(bool, v.value)  # type-checked when the file was read
+    default = _choice(values.get("policy.default"), POLICY_ACTIONS, "allow")
+    rules: list[PolicyRuleConfig] = []
+    if (v := values.get("policy.rules")) is not None:
+        for item in cast(list[Value], v.value):
+            entry = cast(dict[str, object], item.value)
+            rules.append(_check(item, partial(_policy_rule, entry)))
+    return PolicyConfig(restrict, cast(PolicyAction, default), tuple(rules))
+
+
+def _check_limits(values: Mapping[str, Value]) -> Limits:
+    changes: dict[str, int | float] = {}
+    for f in dataclasses.fields(Limits):
+        v = values.get("limits." + f.name)
+        if v is None:
+            continue
+        lo, hi = _LIMIT_BOUNDS.get(f.name, (1, None))
+        if f.type == "float":
+            value = v.value
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigError(f"{v.label}: expected a number, got {type_name(value)}")
+            if not lo <= value <= (hi if hi is not None else value):
+                rng = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+                raise ConfigError(f"{v.label}: must be {rng}, got {value}")
+            changes[f.name] = float(value)
+        else:
+            changes[f.name] = _int_in(v, lo, hi)
+    return Limits(**changes)  # type: ignore[arg-type]
+
+
+def _check_pool(v: Value, net: IPv4Network) -> tuple[IPv4Address, IPv4Address]:
+    raw = v.value
+    if (
+        not isinstance(raw, list | tuple)
+        or len(raw) != 2
+        or not all(isinstance(x, str) for x in raw)
+    ):
+        raise ConfigError(f'{v.label}: expected ["FIRST", "LAST"] (two addresses)')
+
+    def validate() -> tuple[IPv4Address, IPv4Address]:
+        start = parse_ipv4(raw[0], "pool start")
+        end = parse_ipv4(raw[1], "pool end")
+        for ip, what in ((start, "pool start"), (end, "pool end")):
+            if ip not in net:
+                raise Invalid(f"{what} {ip} is outside the network {net}")
+        if start > end:
+            raise Invalid(f"pool start {start} is after pool end {end}")
+        if start == net.network_address:
+            raise Invalid(f"the pool must not include the network address {start}")
+        if end == net.broadcast_address:
+            raise Invalid(f"the pool must not include the broadcast address {end}")
+        return start, end
+
+    return _check(v, validate)
+
+
+def _check_static(items: list[Value], net: IPv4Network) -> tuple[StaticLeaseConfig, ...]:
+    leases: list[StaticLeaseConfig] = []
+    by_mac: dict[str, str] = {}
+    by_ip: dict[IPv4Address, str] = {}
+    for item in items:
+        entry = cast(dict[str, str], item.value)
+        lease = _check(item, partial(_static_lease, entry, net))
+        if lease.mac in by_mac:
+            label = item.key_labels.get("mac", item.label)
+            raise ConfigError(f"{label}: MAC {lease.mac} is already used by {by_mac[lease.mac]}")
+        if lease.ip in by_ip:
+            label = item.key_labels.get("ip", item.label)
+            raise ConfigError(f"{label}: ip {lease.ip} is already used by {by_ip[lease.ip]}")
+        by_mac[lease.mac] = by_ip[lease.ip] = _short(item.label)
+        leases.append(lease)
+    return tuple(leases)
+
+
+def _static_lease(entry: Mapping[str, str], net: IPv4Network) -> StaticLeaseConfig:
+    mac = keyed("mac", partial(parse_mac, entry["mac"]))
+    ip = keyed("ip", partial(parse_ipv4, entry["ip"], "ip"))
+    keyed("ip", partial(check_guest_addr, ip, net, "ip"))
+    hostname = entry.get("hostname")
+    if hostname is not None:
+        hostname = keyed("hostname", partial(check_dns_name, hostname, "hostname"))
+    return StaticLeaseConfig(mac, ip, hostname)
+
+
+def _short(label: str) -> str:
+    """``FILE:12: key 'forward[0]'`` → ``forward[0] (line 12)``; options stay as they are."""
+    m = re.fullmatch(r".*:(\d+): key '([^']*)'", label)
+    return f"{m.group(2)} at line {m.group(1)}" if m else label
+
+
+def _check_forwards(
+    items: list[Value], net: IPv4Network, default_guest: IPv4Address
+) -> tuple[Forward, ...]:
+    out: list[tuple[Forward, Value]] = []
+    for item in items:
+        if isinstance(item.value, str):
+            fwd = _check(item, partial(forward_from_spec, item.value, net, default_guest))
+        else:
+            e = cast(dict[str, str], item.value)
+            make = partial(make_forward, e["proto"], e["host"], e["guest"], net, default_guest)
+            fwd = _check(item, make)
+        for other, other_item in out:
+            if forwards_overlap(fwd, other):
+                raise ConfigError(
+                    f"{item.key_labels.get('host', item.label)}: "
+                    f"{fwd.proto} {fwd.host_addr}:{fwd.host_port} overlaps "
+                    f"{_short(other_item.label)} ({other.spec()})"
+                )
+        out.append((fwd, item))
+    return tuple(f for f, _ in out)
+
+
+_LINK_STRINGS = ("socket", "socket_dgram", "bridge", "pid_file")
+_LINK_FLAGS = ("persist", "one_off")
+_SOCKET_LINKS = ("socket", "socket_dgram", "link_fd")
+
+
+def _check_link(values: Mapping[str, Value]) -> dict[str, Any]:
+    """The socket-link, bridge and PID-file settings: exactly one link, options that fit it.
+
+    A socket link given on the command line replaces a socket link of the file (the command
+    line wins); TAP settings beside a socket link are an error naming both.
+    """
+    out: dict[str, Any] = {}
+    for name in _LINK_STRINGS:
+        text: str | None = None
+        if (v := values.get(name)) is not None:
+            text = _str(v)
+            if not text:
+                raise ConfigError(f"{v.label}: must not be empty")
+        out[name] = text
+    v = values.get("link_fd")
+    out["link_fd"] = _int_in(v, 0, None) if v is not None else None
+    for name in _LINK_FLAGS:
+        flag = False
+        if (v := values.get(name)) is not None:
+            if not isinstance(v.value, bool):
+                raise ConfigError(f"{v.label}: expected a boolean, got {type_name(v.value)}")
+            flag = v.value
+        out[name] = flag
+    given = [n for n in _SOCKET_LINKS if out[n] is not None]
+    from_cli = [n for n in given if values[n].label.startswith("option ")]
+    if from_cli and len(given) > len(from_cli):
+        for name in given:
+            if name not in from_cli:
+                out[name] = None
+        given = from_cli
+    links = given + [n for n in ("tap_fd",) if n in values]
+    if len(links) > 1:
+        names = " and ".join(values[n].label for n in links)
+        raise ConfigError(f"{names}: exactly one link option per natd run")
+    if given:
+        for name in ("tap_name", "netns", "bridge", "persist"):
+            v = values.get(name)
+            if v is not None and v.value not in (None, False):
+                raise ConfigError(f"{v.label}: needs a TAP link, not {values[given[0]].label}")
+    if out["one_off"] and out["socket"] is None and out["link_fd"] is None:
+        raise ConfigError(f"{values['one_off'].label}: needs --socket (or --fd)")
+    return out

@@ -1,0 +1,264 @@
+"""Parsers of single values: networks, addresses, ports, forwards, MACs, names, upstreams.
+
+Each raises ``Invalid`` (message without a source); ``load`` adds which option or file key the
+value came from. ``parse_forward`` is also what the control socket's ``forward add`` uses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import partial
+from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol, TypeVar, cast
+
+from natd.config.model import (
+    DEFAULT_RESOLV_CONF,
+    MAX_PREFIX,
+    ConfigError,
+    Forward,
+    Invalid,
+    Proto,
+)
+
+_T = TypeVar("_T")
+
+
+def parse_ipv4(text: str, what: str) -> IPv4Address:
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise Invalid(f"{what} {text!r} is not an IPv4 address") from None
+
+
+def _port(text: str, what: str, *, allow_zero: bool) -> int:
+    lo = 0 if allow_zero else 1
+    if not text.isascii() or not text.isdigit():
+        raise Invalid(f"{what} {text!r} is not a port number ({lo}-65535)")
+    port = int(text)
+    if not lo <= port <= 65535:
+        raise Invalid(f"{what} {port} is out of range ({lo}-65535)")
+    return port
+
+
+def parse_cidr(text: str) -> IPv4Network:
+    """The virtual network: an IPv4 network written with its prefix and its host bits zero."""
+    if "/" not in text:
+        raise Invalid(f"{text!r} has no prefix length (write e.g. 10.0.2.0/24)")
+    try:
+        net = IPv4Network(text, strict=False)
+    except ValueError:
+        raise Invalid(f"{text!r} is not an IPv4 network like 10.0.2.0/24") from None
+    try:
+        IPv4Network(text, strict=True)
+    except ValueError:
+        raise Invalid(f"{text!r} has host bits set (did you mean {net}?)") from None
+    if net.prefixlen > MAX_PREFIX:
+        raise Invalid(
+            f"{text!r} is too small: the prefix must be /{MAX_PREFIX} or shorter "
+            "(gateway .2, DNS .3 and at least one guest address)"
+        )
+    return net
+
+
+def default_pool(net: IPv4Network) -> tuple[IPv4Address, IPv4Address]:
+    """.15 to broadcast-1, or .4 onwards in networks too small to reach .15."""
+    base = net.network_address
+    end = net.broadcast_address - 1
+    start = base + 15 if base + 15 <= end else base + 4
+    return start, end
+
+
+def parse_upstream(text: str) -> tuple[str, int]:
+    """``ADDR[:PORT]`` → (addr, port); port defaults to 53. IPv4 only for now."""
+    if text.count(":") > 1 or text.startswith("["):
+        raise Invalid("IPv6 upstreams are not supported yet")
+    addr, sep, port_text = text.partition(":")
+    ip = parse_ipv4(addr, "upstream address")
+    port = _port(port_text, "upstream port", allow_zero=False) if sep else 53
+    return str(ip), port
+
+
+def read_resolv_conf(path: str = DEFAULT_RESOLV_CONF) -> tuple[tuple[str, int], ...]:
+    """The IPv4 ``nameserver`` lines of resolv.conf (IPv6 and junk skipped; missing file → ())."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return ()
+    found: list[tuple[str, int]] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "nameserver":
+            continue
+        try:
+            ip = IPv4Address(words[1])
+        except ValueError:
+            continue  # IPv6 or garbage: not an error, there may be others
+        if (str(ip), 53) not in found:
+            found.append((str(ip), 53))
+    return tuple(found)
+
+
+def _split_addr_port(text: str) -> tuple[str, str]:
+    """``[ADDR]:PORT`` or bare ``PORT`` → (addr or "", port text)."""
+    addr, sep, port = text.rpartition(":")
+    if not sep:
+        return "", text
+    return addr, port
+
+
+def check_guest_addr(ip: IPv4Address, net: IPv4Network, what: str) -> None:
+    if ip not in net:
+        raise Invalid(f"{what} {ip} is outside the network {net}")
+    special = {
+        net.network_address: "the network address",
+        net.broadcast_address: "the broadcast address",
+        net.network_address + 2: "the gateway",
+        net.network_address + 3: "the DNS forwarder",
+    }
+    if ip in special:
+        raise Invalid(f"{what} {ip} is {special[ip]}")
+
+
+def keyed(key: str, fn: Callable[[], _T]) -> _T:
+    """Tag a validator's problem with the sub-key it is about (see ``Invalid.key``)."""
+    try:
+        return fn()
+    except Invalid as e:
+        raise Invalid(str(e), key) from None
+
+
+def _host_side(host: str) -> tuple[IPv4Address, int]:
+    addr, port = _split_addr_port(host)
+    ip = parse_ipv4(addr, "host address") if addr else IPv4Address("127.0.0.1")
+    return ip, _port(port, "host port", allow_zero=True)
+
+
+def _guest_side(
+    guest: str, net: IPv4Network, default_guest: IPv4Address
+) -> tuple[IPv4Address, int]:
+    addr, port = _split_addr_port(guest)
+    ip = parse_ipv4(addr, "guest address") if addr else default_guest
+    guest_port = _port(port, "guest port", allow_zero=False)
+    check_guest_addr(ip, net, "guest address")
+    return ip, guest_port
+
+
+def make_forward(
+    proto_text: str,
+    host: str,
+    guest: str,
+    net: IPv4Network,
+    default_guest: IPv4Address,
+) -> Forward:
+    proto = proto_text.lower() or "tcp"
+    if proto not in ("tcp", "udp"):
+        raise Invalid(f"protocol {proto_text!r} is not tcp or udp", "proto")
+    host_ip, host_port = keyed("host", partial(_host_side, host))
+    guest_ip, guest_port = keyed("guest", partial(_guest_side, guest, net, default_guest))
+    return Forward(cast(Proto, proto), str(host_ip), host_port, str(guest_ip), guest_port)
+
+
+_FORWARD_SYNTAX = "expected tcp|udp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT"
+
+
+def forward_from_spec(spec: str, net: IPv4Network, default_guest: IPv4Address) -> Forward:
+    proto, sep, rest = spec.partition(":")
+    host, dash, guest = rest.partition("-")
+    if not sep or not dash or not host or not guest:
+        raise Invalid(_FORWARD_SYNTAX)
+    return make_forward(proto, host, guest, net, default_guest)
+
+
+def parse_forward(spec: str, cidr: IPv4Network, default_guest: IPv4Address) -> Forward:
+    """Parse a QEMU hostfwd spec (``tcp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT``).
+
+    Empty HOSTADDR is 127.0.0.1 (never all interfaces unless asked with 0.0.0.0); empty GUESTADDR
+    is ``default_guest`` (the first DHCP address); empty protocol is tcp, as in QEMU. Host port 0
+    means "let the kernel pick one". The control server uses this for ``forward add``.
+    """
+    try:
+        return forward_from_spec(spec, cidr, default_guest)
+    except Invalid as e:
+        raise ConfigError(f"forward {spec!r}: {e}") from None
+
+
+class HostSocket(Protocol):
+    """What names a forward's host socket: a config ``Forward`` or the shell's ``ForwardSpec``."""
+
+    @property
+    def proto(self) -> str: ...
+    @property
+    def host_addr(self) -> str: ...
+    @property
+    def host_port(self) -> int: ...
+
+
+def forwards_overlap(a: HostSocket, b: HostSocket) -> bool:
+    """True if both would listen on the same host socket (0.0.0.0 covers every address)."""
+    if a.proto != b.proto or a.host_port != b.host_port or a.host_port == 0:
+        return False
+    return a.host_addr == b.host_addr or "0.0.0.0" in (a.host_addr, b.host_addr)
+
+
+def parse_mac(text: str) -> str:
+    """A unicast MAC as ``aa:bb:cc:dd:ee:ff`` (``-`` separators accepted)."""
+    parts = re.split(r"[:-]", text)
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9A-Fa-f]{2}", p) for p in parts):
+        raise Invalid(f"{text!r} is not a MAC address like 52:54:00:12:34:56")
+    octets = bytes(int(p, 16) for p in parts)
+    if octets[0] & 1:
+        raise Invalid(f"{text!r} is a multicast MAC address, not a unicast one")
+    if octets == bytes(6):
+        raise Invalid(f"{text!r} is the all-zero MAC address")
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def check_dns_name(text: str, what: str) -> str:
+    name = text.rstrip(".")
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(p) for p in name.split(".")):
+        raise Invalid(f"{what} {text!r} is not a valid DNS name")
+    return name
+
+
+def check_tap_name(text: str) -> str:
+    # Linux IFNAMSIZ is 16 including the NUL; '/', ':' and whitespace are refused by the kernel.
+    if (
+        not text
+        or len(text) > 15
+        or text in (".", "..")
+        or any(c in "/:" or c.isspace() for c in text)
+    ):
+        raise Invalid(f"{text!r} is not a valid interface name (1-15 chars, no '/', ':', space)")
+    return text
+
+
+def parse_ports(text: str) -> tuple[int, int]:
+    """``"80"`` → (80, 80); ``"1000-2000"`` → (1000, 2000)."""
+    lo_text, dash, hi_text = text.partition("-")
+    parts = [p.strip() for p in ((lo_text, hi_text) if dash else (lo_text,))]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise Invalid(f"{text!r} is not a port or a port range like 1000-2000")
+    lo, hi = int(parts[0]), int(parts[-1])
+    if hi > 65535:
+        raise Invalid(f"{text!r} is out of range (0-65535)")
+    if lo > hi:
+        raise Invalid(f"{text!r}: the low port must come first")
+    return lo, hi
+
+
+def parse_rule_cidr(text: str) -> IPv4Network:
+    """A rule's destination: ``198.51.100.0/24``, or a bare address for a /32."""
+    try:
+        return IPv4Network(text, strict=True)
+    except ValueError:
+        pass
+    try:
+        net = IPv4Network(text, strict=False)
+    except ValueError:
+        raise Invalid(f"{text!r} is not an IPv4 network like 198.51.100.0/24") from None
+    raise Invalid(f"{text!r} has host bits set (did you mean {net}?)")
