@@ -64,11 +64,13 @@ def recv_stream(sock: socket.socket, deadline: float) -> bytes:
     return exactly(length)
 
 
-def dhcp_over_stream(sock: socket.socket, timeout: float = 15.0) -> tuple[str, dict[int, bytes]]:
+def dhcp_over_stream(
+    sock: socket.socket, timeout: float = 15.0, mac: bytes = GUEST_MAC
+) -> tuple[str, dict[int, bytes]]:
     """DISCOVER until an OFFER comes back over a stream link (natd may still be starting)."""
     deadline = time.monotonic() + timeout
     while True:
-        send_stream(sock, dhcp_discover())
+        send_stream(sock, dhcp_discover(mac))
         try:
             while True:
                 got = dhcp_offer(recv_stream(sock, min(deadline, time.monotonic() + 1.0)))

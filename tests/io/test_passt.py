@@ -1,0 +1,209 @@
+"""natd-passt: passt's options mapped onto natd, and launched the way QEMU 10.1 and libvirt do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from linkpeer import dhcp_over_stream
+
+from natd.config import load_config
+from natd.passt import UsageError, build_parser, main, overrides_from
+
+PASST = [sys.executable, "-m", "natd.passt"]
+LOOPBACK_DNS = ["-D", "127.0.0.1"]  # never the host's resolvers from a test
+
+
+def mapped(*argv: str) -> dict[str, object]:
+    return overrides_from(build_parser().parse_args(list(argv)))
+
+
+def test_fd_implies_one_off_and_socket_mtu() -> None:
+    o = mapped("--quiet", "--pid", "/run/x.pid", "--fd", "3")
+    assert o["link_fd"] == 3 and o["pid_file"] == "/run/x.pid" and o["log_level"] == "warning"
+    cfg = load_config(None, o, resolv_conf="/dev/null")
+    assert cfg.link_fd == 3 and cfg.mtu == 65520  # a socket link: told by DHCP option 26
+
+
+def test_short_and_long_forms_agree() -> None:
+    short = mapped("-1", "-s", "/tmp/s", "-P", "/tmp/p", "-m", "9000", "-d", "-t", "2222:22")
+    long = mapped(
+        "--one-off", "--socket", "/tmp/s", "--pid", "/tmp/p", "--mtu", "9000", "--debug",
+        "--tcp-ports", "2222:22",
+    )  # fmt: skip
+    assert short == long
+    assert short["one_off"] is True and short["mtu"] == 9000 and short["log_level"] == "debug"
+    assert short["forwards"] == ["tcp::2222-:22"]
+
+
+def test_port_specs() -> None:
+    o = mapped("-s", "/tmp/s", "-t", "22,80-82:8080-8082,~81", "-u", "0.0.0.0/53", "-t", "none")
+    assert o["forwards"] == [
+        "tcp::22-:22",
+        "tcp::80-:8080",
+        "tcp::82-:8082",
+        "udp:0.0.0.0:53-:53",
+    ]
+    cfg = load_config(None, o, resolv_conf="/dev/null")
+    assert [f.spec() for f in cfg.forwards][:1] == ["tcp:127.0.0.1:22-10.0.2.15:22"]
+
+
+def test_addresses_default_to_natds_and_follow_a() -> None:
+    cfg = load_config(None, mapped("-s", "/tmp/s"), resolv_conf="/dev/null")
+    assert str(cfg.cidr) == "10.0.2.0/24" and str(cfg.pool[0]) == "10.0.2.15"
+    o = mapped("-s", "/tmp/s", "-a", "192.168.7.20", "-n", "255.255.255.0", "-g", "192.168.7.2")
+    cfg = load_config(None, o, resolv_conf="/dev/null")
+    assert str(cfg.cidr) == "192.168.7.0/24" and str(cfg.pool[0]) == "192.168.7.20"
+    o = mapped("-s", "/tmp/s", "-D", "127.0.0.1", "-S", "example.test", "--no-map-gw")
+    cfg = load_config(None, o, resolv_conf="/dev/null")
+    assert cfg.dns_upstreams == (("127.0.0.1", 53),)
+    assert cfg.domain == "example.test" and cfg.host_loopback is False
+    assert (
+        mapped("-s", "/tmp/s", "-i", "eth0", "-4", "--no-ra", "--map-host-loopback", "none")[
+            "host_loopback"
+        ]
+        is False
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--vhost-user"], "--vhost-user"),
+        (["--bogus"], "--bogus"),
+        (["-t", "all"], "-t/--tcp-ports all"),
+        (["-g", "10.0.2.1"], "-g/--gateway 10.0.2.1"),
+        (["-6"], "-6/--ipv6-only"),
+        (["--no-tcp"], "--no-tcp"),
+        (["-M", "52:54:00:00:00:01"], "-M"),
+        (["-t", "70000"], "-t/--tcp-ports 70000"),
+    ],
+)
+def test_refused_options_exit_2_with_one_line(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["-s", "/tmp/natd-passt-never", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("natd-passt: ") and named in err
+
+
+def test_bad_mapping_raises_usage_error() -> None:
+    with pytest.raises(UsageError, match="exactly one link"):
+        mapped("--fd", "3", "--socket", "/tmp/s")
+
+
+# -- launched like QEMU 10.1 and libvirt launch passt -----------------------------------------
+
+
+def wait_gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if _zombie(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def served() -> Iterator[list[int]]:
+    pids: list[int] = []
+    yield pids
+    for pid in pids:  # a failed test must not leave a natd behind
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        wait_gone(pid)
+
+
+def test_qemu_style_launch(tmp_path: Path, served: list[int]) -> None:
+    """QEMU 10.1: PID file created empty, ``--quiet --pid FILE --fd 3``, wait for exit 0, read the
+    PID, use the socketpair, SIGTERM the PID when the VM goes."""
+    pid_file = tmp_path / "passt.pid"
+    pid_file.write_text("")
+    vm, natd_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = natd_end.fileno()
+    try:
+        launcher = subprocess.run(
+            ["bash", "-c", f'exec "$@" 3<&{fd}', "bash", *PASST, "--quiet", *LOOPBACK_DNS,
+             "--pid", str(pid_file), "--fd", "3"],
+            pass_fds=(fd,), capture_output=True, timeout=60,
+        )  # fmt: skip
+        natd_end.close()
+        assert launcher.returncode == 0, launcher.stderr
+        pid = int(pid_file.read_text())
+        served.append(pid)
+        assert pid != os.getpid() and not wait_gone(pid, 0.2)  # the server outlives its launcher
+        address, options = dhcp_over_stream(vm)
+        assert address == "10.0.2.15"
+        assert options[26] == (65520).to_bytes(2, "big")
+        os.kill(pid, signal.SIGTERM)
+        assert wait_gone(pid)
+    finally:
+        vm.close()
+
+
+def test_fd_peer_gone_ends_natd(tmp_path: Path, served: list[int]) -> None:
+    pid_file = tmp_path / "passt.pid"
+    vm, natd_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = natd_end.fileno()
+    launcher = subprocess.run(
+        [*PASST, "-q", *LOOPBACK_DNS, "-P", str(pid_file), "-F", str(fd)],
+        pass_fds=(fd,), capture_output=True, timeout=60,
+    )  # fmt: skip
+    natd_end.close()
+    assert launcher.returncode == 0, launcher.stderr
+    pid = int(pid_file.read_text())
+    served.append(pid)
+    dhcp_over_stream(vm)
+    vm.close()  # the VM went: --fd implies --one-off
+    assert wait_gone(pid)
+
+
+def test_libvirt_style_launch(tmp_path: Path, served: list[int]) -> None:
+    """libvirt: ``--one-off --socket S --pid P``; connect once, leave, natd goes."""
+    sock_path, pid_file = tmp_path / "passt.sock", tmp_path / "passt.pid"
+    launcher = subprocess.run(
+        [*PASST, "--one-off", "--socket", str(sock_path), "--pid", str(pid_file), *LOOPBACK_DNS],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert launcher.returncode == 0, launcher.stderr
+    pid = int(pid_file.read_text())
+    served.append(pid)
+    vm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    vm.connect(str(sock_path))  # listening already: the launcher exited only then
+    try:
+        assert dhcp_over_stream(vm)[0] == "10.0.2.15"
+    finally:
+        vm.close()
+    assert wait_gone(pid)
+    assert not sock_path.exists()
+
+
+def test_launch_failure_is_the_launchers_status(tmp_path: Path) -> None:
+    """natd cannot serve (the socket's directory is missing): the launcher says so, exit 1."""
+    launcher = subprocess.run(
+        [*PASST, "--socket", str(tmp_path / "no" / "such.sock"), *LOOPBACK_DNS],
+        capture_output=True, timeout=60, text=True,
+    )  # fmt: skip
+    assert launcher.returncode == 1
+    assert "such.sock" in launcher.stderr
