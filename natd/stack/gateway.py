@@ -241,7 +241,9 @@ class Gateway:
         dst_mac = bytes(view[0:6])
         if dst_mac != self.mac and dst_mac != BROADCAST_MAC:
             # Another guest's unicast, or multicast we do not serve: never forward or reflect.
-            reason = "drop.eth.multicast" if dst_mac[0] & 1 else "drop.eth.not_for_us"
+            # Multicast (IGMP/MLD reports, IPv6 ND, a bridge's STP) is normal on any segment:
+            # counted as ignored, not as a drop that alarms anyone reading ``ctl stats``.
+            reason = "ignored.eth.multicast" if dst_mac[0] & 1 else "drop.eth.not_for_us"
             self.counters[reason] += 1
             return
         src_mac = bytes(view[6:12])
@@ -273,7 +275,10 @@ class Gateway:
             self.dhcp.on_dhcp(src_mac, ip, l4, now)
             return
         dst = ip.dst
-        if l2_broadcast or dst == _LIMITED_BROADCAST or dst == self._broadcast or dst[0] >= 224:
+        if dst[0] >= 224 and dst != _LIMITED_BROADCAST:
+            self.counters["ignored.ipv4.multicast"] += 1
+            return
+        if l2_broadcast or dst == _LIMITED_BROADCAST or dst == self._broadcast:
             self.counters["drop.ipv4.broadcast"] += 1
             return
         if not self.settings.in_network(ip.src) or ip.src in self._not_guests:

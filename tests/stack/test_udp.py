@@ -220,7 +220,24 @@ def test_unroutable_destinations() -> None:
     for f in frames:
         assert parse_icmp(decode_ip(f)[2]).code == UNREACH_PORT
     assert gw.counters["drop.udp.no_route"] == 2
-    assert gw.counters["drop.ipv4.broadcast"] == 2
+    assert gw.counters["drop.ipv4.broadcast"] == 1
+    assert gw.counters["ignored.ipv4.multicast"] == 1  # normal on a segment: not a drop
+
+
+def test_segment_multicast_is_ignored_not_dropped() -> None:
+    """IGMP and MLD reports, IPv6 ND and a bridge's STP BPDUs arrive on any bridged segment."""
+    gw = new_gateway()
+    src = bytes.fromhex("525400123456")
+    frames = [
+        bytes.fromhex("01005e000016") + src + b"\x08\x00" + bytes(32),  # IGMPv3 report
+        bytes.fromhex("333300000016") + src + b"\x86\xdd" + bytes(56),  # MLDv2 report
+        bytes.fromhex("3333ff123456") + src + b"\x86\xdd" + bytes(64),  # ND solicitation
+        bytes.fromhex("0180c2000000") + src + b"\x00\x26" + bytes(38),  # STP BPDU
+    ]
+    gw.receive_frames(frames, now=0.0)
+    assert gw.take_outbox() == ([], [])
+    assert gw.counters["ignored.eth.multicast"] == 4
+    assert not [name for name in gw.counters if name.startswith("drop.")]
 
 
 def test_flood_of_destinations_stays_bounded() -> None:
