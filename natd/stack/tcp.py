@@ -92,6 +92,7 @@ from natd.stack.tcp_flow import (
     TcpFlow,
 )
 from natd.wire import Malformed
+from natd.wire.checksum import word_sum
 from natd.wire.fastpath import FastFrame
 from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_HOST, UNREACH_NET, build_icmp_error
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header, ipv4_header
@@ -193,10 +194,7 @@ class TcpEngine:
         end = f[12]
         if not trusted:
             n = end - 34
-            total = int.from_bytes(frame[34:end], "big")
-            if n & 1:
-                total <<= 8
-            if (total + flow.pseudo + n) % 0xFFFF:
+            if (word_sum(frame[34:end]) + flow.pseudo + n) % 0xFFFF:
                 self.counters["drop.tcp.bad_checksum"] += 1
                 return True
         flow.on_segment(f[7], f[8], f[9], f[10], memoryview(frame)[f[11] : end], now)
@@ -226,13 +224,9 @@ class TcpEngine:
             else ((src[0] << 8 | src[1]) + (src[2] << 8 | src[3]) + (dst[0] << 8 | dst[1])
                   + (dst[2] << 8 | dst[3]) + PROTO_TCP)
         )  # fmt: skip
-        if not trusted:
-            total = int.from_bytes(l4, "big")
-            if n & 1:
-                total <<= 8
-            if (total + pseudo + n) % 0xFFFF:
-                self.counters["drop.tcp.bad_checksum"] += 1
-                return
+        if not trusted and (word_sum(l4) + pseudo + n) % 0xFFFF:
+            self.counters["drop.tcp.bad_checksum"] += 1
+            return
         seq = int.from_bytes(l4[4:8], "big")
         ack = int.from_bytes(l4[8:12], "big")
         flags = l4[13]

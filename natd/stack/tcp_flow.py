@@ -29,6 +29,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from natd.stack.ops import TcpClose, TcpPause, TcpResume, TcpSend, TcpShutdown
+from natd.wire.checksum import word_sum
 from natd.wire.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4
 
 if TYPE_CHECKING:
@@ -398,7 +399,7 @@ class TcpFlow:
             + (0x5000 | flags) + wnd
         )  # fmt: skip
         if n:
-            s += int.from_bytes(payload, "big") << 8 if n & 1 else int.from_bytes(payload, "big")
+            s += word_sum(payload)
         total = tcp_len + 20
         header = _FRAME.pack(
             self.gmac, self.gwmac, _ETH_IPV4,

@@ -8,6 +8,10 @@ in C, far faster than any Python loop over words. Two corrections make it exact:
 * zero: end-around-carry arithmetic only yields 0x0000 when every word is zero, and otherwise
   yields 0xFFFF where ``% 0xFFFF`` yields 0. So a non-zero total with remainder 0 folds to 0xFFFF.
 
+A 64 KB payload spells a 64 KB integer whose ``% 0xFFFF`` costs more than its conversion;
+``word_sum`` adds the integers of 4 KiB pieces instead (each piece starts at an even offset, so
+its words weigh the same as in the whole) and leaves a 4 KiB integer to reduce: half the time.
+
 ``ones_sum`` returns that folded sum (not complemented) so sums can be chained: the ``initial``
 of one call is the result of another (a pseudo-header, a header, then a payload), as long as
 every piece but the last has even length.
@@ -25,6 +29,23 @@ _from_bytes = int.from_bytes
 _PSEUDO = struct.Struct("!4s4sxBH")
 
 
+_PIECE = 4096  # even, so every piece starts on a 16-bit word boundary
+
+
+def word_sum(data: Buf) -> int:
+    """An integer congruent modulo 0xFFFF to the 16-bit word sum of ``data`` (an odd length
+    padded with a zero byte, RFC 1071): ``int.from_bytes`` for small data, pieces for big."""
+    n = len(data)
+    if n <= 2 * _PIECE:
+        total = _from_bytes(data, "big")
+        return total << 8 if n & 1 else total
+    view = memoryview(data)
+    last = (n - 1) // _PIECE * _PIECE
+    total = sum([_from_bytes(view[i : i + _PIECE], "big") for i in range(0, last, _PIECE)])
+    tail = _from_bytes(view[last:], "big")
+    return total + (tail << 8 if n & 1 else tail)
+
+
 def _fold(total: int) -> int:
     """Reduce a non-negative sum of 16-bit words to its end-around-carry value in 0..0xFFFF."""
     if not total:
@@ -34,9 +55,7 @@ def _fold(total: int) -> int:
 
 def ones_sum(data: Buf, initial: int = 0) -> int:
     """The folded 16-bit one's-complement sum of ``data`` plus ``initial`` (not complemented)."""
-    if len(data) & 1:
-        return _fold((_from_bytes(data, "big") << 8) + initial)
-    return _fold(_from_bytes(data, "big") + initial)
+    return _fold(word_sum(data) + initial)
 
 
 def checksum(data: Buf, initial: int = 0) -> int:
@@ -71,4 +90,5 @@ __all__ = [
     "pseudo_header",
     "pseudo_sum",
     "transport_checksum",
+    "word_sum",
 ]

@@ -40,7 +40,7 @@ from natd.io.links.base import (
 
 _LEN = struct.Struct(">I")
 READ_BUFFER = 256 * 1024 + MAX_FRAME + _LEN.size  # room for many frames plus one partial
-QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued toward the guest before frames are dropped
+QUEUE_LIMIT = 32 * 1024 * 1024  # bytes queued toward the guest before frames are dropped
 _IOV_MAX = 1024  # sendmsg's iovec limit (UIO_MAXIOV)
 _PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
 
