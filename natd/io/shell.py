@@ -156,8 +156,8 @@ class Shell:
                 extra = get(i)
                 if extra is None:
                     write(frame)
-                else:
-                    write(frame, extra[0], extra[1])
+                else:  # an empty vnet header: only gathered, nothing for a kernel to finish
+                    write(frame, extra[0] or None, extra[1])
         else:
             for frame in frames:
                 write(frame)

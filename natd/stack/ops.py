@@ -130,7 +130,8 @@ HostOp = (
 
 Payload = bytes | bytearray | memoryview
 Offloaded = dict[int, tuple[bytes, Payload]]
-"""Frame index → (virtio_net_hdr, payload) for frames the TAP's kernel side finishes."""
+"""Frame index → (virtio_net_hdr, payload) for frames the TAP's kernel side finishes; an empty
+header means a complete frame only gathered from two pieces (no copy of a big payload)."""
 
 
 class Outbox:
@@ -161,6 +162,14 @@ class Outbox:
         """
         frames = self.frames
         self.offloaded[len(frames)] = (vnet_hdr, payload)
+        frames.append(header)
+
+    def send_gathered(self, header: bytes, payload: Payload) -> None:
+        """Queue a complete frame (checksums done) as its header and a view of its payload, so
+        a 64 KB segment on a link without offloads is written without being copied in Python.
+        Same lifetime rule for ``payload`` as ``send_offloaded``."""
+        frames = self.frames
+        self.offloaded[len(frames)] = (b"", payload)
         frames.append(header)
 
     def take(self) -> tuple[list[bytes], list[HostOp]]:

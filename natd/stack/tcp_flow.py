@@ -62,6 +62,7 @@ MAX_RTO = 60.0  # RFC 6298 2.5
 CLOCK_G = 0.001
 
 # Ethernet + IPv4 (no options, DF, ident 0) + TCP (no options): one pack per segment.
+_GATHER_MIN = 4096  # payloads this big go out as header + view, never concatenated
 _FRAME = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIBBHHH")
 _FRAME_LEN = 54
 # Offloads (``eng.tso``): a data segment goes out with a virtio_net_hdr saying "checksum from
@@ -409,7 +410,12 @@ class TcpFlow:
             self.remote_port, self.guest_port, seq, ack, 0x50, flags, wnd,
             0xFFFF - s % 0xFFFF, 0,
         )  # fmt: skip
-        self.eng.link.send_frame(header + payload if n else header)
+        if n >= _GATHER_MIN:
+            self.eng.link.outbox.send_gathered(header, payload)
+        elif n:
+            self.eng.link.send_frame(header + payload)
+        else:
+            self.eng.link.send_frame(header)
         self.ack_pending = False
         self.delack_at = 0.0
 
