@@ -97,6 +97,22 @@ def _guest_static(runner: Runner, g: str, dev: str, ip: str, mtu: int) -> None:
     runner.check(["ip", "-n", g, "route", "add", "default", "via", "10.0.2.2"])
 
 
+def host_gateway(runner: Runner, h: str, dev: str) -> None:
+    """H's end of a kernel-forwarded baseline: 10.0.2.2/24 on ``dev``, up."""
+    runner.check(["ip", "-n", h, "addr", "add", "10.0.2.2/24", "dev", dev])
+    runner.check(["ip", "-n", h, "link", "set", dev, "up"])
+
+
+def dead_end_uplink(runner: Runner, h: str) -> None:
+    """pasta and passt refuse to start without a routable "external" interface to copy: give H
+    a veth pair whose both ends stay in H, with a default route to nowhere."""
+    runner.check(["ip", "-n", h, "link", "add", "hx0", "type", "veth", "peer", "name", "hx1"])
+    runner.check(["ip", "-n", h, "addr", "add", "192.0.2.1/24", "dev", "hx0"])
+    runner.check(["ip", "-n", h, "link", "set", "hx0", "up"])
+    runner.check(["ip", "-n", h, "link", "set", "hx1", "up"])
+    runner.check(["ip", "-n", h, "route", "add", "default", "via", "192.0.2.254"])
+
+
 class Engine:
     """Base: ``name``, ``unavailable()`` (reason or None), ``version()``, ``start()``."""
 
@@ -253,14 +269,7 @@ class Pasta(Engine):
                   ("127.0.0.1", fwd_port),
                   fwd_note="pasta splices loopback forwards socket-to-socket, bypassing its TAP")
         try:
-            # pasta refuses to start without a routable "external" interface to copy: give H a
-            # veth pair whose both ends stay in H, with a default route to nowhere.
-            runner.check(["ip", "-n", h, "link", "add", "hx0", "type", "veth", "peer", "name",
-                          "hx1"])
-            runner.check(["ip", "-n", h, "addr", "add", "192.0.2.1/24", "dev", "hx0"])
-            runner.check(["ip", "-n", h, "link", "set", "hx0", "up"])
-            runner.check(["ip", "-n", h, "link", "set", "hx1", "up"])
-            runner.check(["ip", "-n", h, "route", "add", "default", "via", "192.0.2.254"])
+            dead_end_uplink(runner, h)
             log = s.log = f"pasta-{h}.log"
             p = runner.spawn(
                 ["pasta", "-f", "--runas", "0:0", "--config-net", "-m", str(mtu),
@@ -307,8 +316,7 @@ class Kernel(Engine):
             # created from inside H; the peer is moved straight into G
             runner.check(["ip", "-n", h, "link", "add", "kv0", "mtu", str(mtu), "type", "veth",
                           "peer", "name", "tap0", "netns", g])
-            runner.check(["ip", "-n", h, "addr", "add", "10.0.2.2/24", "dev", "kv0"])
-            runner.check(["ip", "-n", h, "link", "set", "kv0", "up"])
+            host_gateway(runner, h, "kv0")
             _guest_static(runner, g, "tap0", s.guest_ip, mtu)
         except BaseException:
             self.stop(runner, s)

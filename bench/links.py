@@ -32,17 +32,28 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import measure
-from engines import Engine, Natd, Setup, Slirp4netns, _guest_static, _wait_ready
+from engines import (
+    Engine,
+    Natd,
+    Setup,
+    Slirp4netns,
+    _guest_static,
+    _wait_ready,
+    dead_end_uplink,
+    host_gateway,
+)
 from procs import REPO_DIR, BenchError, Runner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RELAY_SRC = os.path.join(HERE, "tap_relay.c")
 BEGIN, END = "<!-- links.py begin -->", "<!-- links.py end -->"
+FWD_PORT = 15201  # slirp4netns's setup adds a forward; nothing here uses it
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 
@@ -68,31 +79,15 @@ def plain_tap_in(ns: str) -> int:
     return fd
 
 
-def wait_line(runner: Runner, log_name: str, text: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with open(runner.path(log_name), errors="replace") as f:
-                if text in f.read():
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise BenchError(f"{log_name}: exited {proc.returncode} before '{text}'")
-        time.sleep(0.02)
-    raise BenchError(f"{log_name}: no '{text}' in 20s")
-
-
 def relay(runner: Runner, s: Setup, exe: str, ns: str, tap: str, mode: str, path: str) -> None:
     name = f"relay-{ns}-{tap}.log"
-    p = runner.spawn([exe, tap, "stream", mode, path], ns, stdout=None, log=name)
+    p = runner.spawn([exe, tap, "stream", mode, path], ns, log=name)
     s.procs.append(p)
-    # the relay prints to stdout; stderr (the log) gets perror lines: poll the socket instead
-    wait_line_or_socket(runner, p, path if mode == "listen" else None, ns, tap)
+    wait_relay(p, path if mode == "listen" else None, ns, tap)
 
 
-def wait_line_or_socket(runner: Runner, p: subprocess.Popen[bytes], path: str | None,
-                        ns: str, tap: str) -> None:
+def wait_relay(p: subprocess.Popen[bytes], path: str | None, ns: str, tap: str) -> None:
+    """Until the relay's TAP exists (and, listening, its socket file)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if p.poll() is not None:
@@ -104,36 +99,46 @@ def wait_line_or_socket(runner: Runner, p: subprocess.Popen[bytes], path: str | 
     raise BenchError("relay not up in 20s")
 
 
-class NatdPlain(Natd):
-    name = "natd plain --tap-fd"
+class NatdLink(Natd):
+    """natd in H serving G through ``link_args`` (a plain TAP fd, or a socket + the relay)."""
 
-    def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
-        h, g = runner.add_ns("h"), runner.add_ns("g")
-        s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15", None)
-        tap = plain_tap_in(g)
+    def _serve(self, runner: Runner, s: Setup, link_args: list[str], fds: tuple[int, ...],
+               then: Callable[[], None]) -> Setup:
         rfd, wfd = os.pipe()
-        s.log = f"natdplain-{h}.log"
+        s.log = f"natd-{s.host_ns}.log"
         try:
             p = runner.spawn(
-                [*self._argv(), "run", "--tap-fd", str(tap), "--ready-fd", str(wfd), "--mtu",
-                 str(mtu), "--dns-upstream", "127.0.0.1", "--log-level", "warning"],
-                h, pass_fds=(wfd, tap), env=self._env(), log=s.log,
+                [*self._argv(), "run", *link_args, "--ready-fd", str(wfd), "--mtu", str(s.mtu),
+                 "--dns-upstream", "127.0.0.1", "--log-level", "warning"],
+                s.host_ns, pass_fds=(wfd, *fds), env=self._env(), log=s.log,
             )  # fmt: skip
         finally:
             os.close(wfd)
-            os.close(tap)
+            for fd in fds:
+                os.close(fd)
         s.procs.append(p)
         s.pid = p.pid
         try:
             _wait_ready(rfd, p, 20.0, "natd")
-            _guest_static(runner, g, "tap0", s.guest_ip, mtu)
+            then()
+            _guest_static(runner, s.guest_ns, "tap0", s.guest_ip, s.mtu)
         except BaseException:
             self.stop(runner, s)
             raise
         return s
 
 
-class NatdSocket(Natd):
+class NatdPlain(NatdLink):
+    name = "natd plain --tap-fd"
+
+    def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
+        h, g = runner.add_ns("h"), runner.add_ns("g")
+        s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15", None)
+        tap = plain_tap_in(g)
+        return self._serve(runner, s, ["--tap-fd", str(tap)], (tap,), lambda: None)
+
+
+class NatdSocket(NatdLink):
     name = "natd --socket"
 
     def __init__(self, relay_exe: str) -> None:
@@ -143,26 +148,8 @@ class NatdSocket(Natd):
         h, g = runner.add_ns("h"), runner.add_ns("g")
         s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15", None)
         path = runner.path(f"natd-{h}.sock")
-        rfd, wfd = os.pipe()
-        s.log = f"natdsock-{h}.log"
-        try:
-            p = runner.spawn(
-                [*self._argv(), "run", "--socket", path, "--ready-fd", str(wfd), "--mtu",
-                 str(mtu), "--dns-upstream", "127.0.0.1", "--log-level", "warning"],
-                h, pass_fds=(wfd,), env=self._env(), log=s.log,
-            )  # fmt: skip
-        finally:
-            os.close(wfd)
-        s.procs.append(p)
-        s.pid = p.pid
-        try:
-            _wait_ready(rfd, p, 20.0, "natd")
-            relay(runner, s, self.relay, g, "tap0", "connect", path)
-            _guest_static(runner, g, "tap0", s.guest_ip, mtu)
-        except BaseException:
-            self.stop(runner, s)
-            raise
-        return s
+        return self._serve(runner, s, ["--socket", path], (),
+                           lambda: relay(runner, s, self.relay, g, "tap0", "connect", path))
 
 
 class PasstSocket(Engine):
@@ -184,14 +171,7 @@ class PasstSocket(Engine):
         s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15", None)
         path = runner.path(f"passt-{h}.sock")
         try:
-            # passt copies a routable host interface: a veth whose ends both stay in H, with a
-            # default route to nowhere (nothing leaves the namespace).
-            runner.check(["ip", "-n", h, "link", "add", "hx0", "type", "veth", "peer", "name",
-                          "hx1"])  # fmt: skip
-            runner.check(["ip", "-n", h, "addr", "add", "192.0.2.1/24", "dev", "hx0"])
-            runner.check(["ip", "-n", h, "link", "set", "hx0", "up"])
-            runner.check(["ip", "-n", h, "link", "set", "hx1", "up"])
-            runner.check(["ip", "-n", h, "route", "add", "default", "via", "192.0.2.254"])
+            dead_end_uplink(runner, h)
             s.log = f"passt-{h}.log"
             p = runner.spawn(
                 ["passt", "-f", "--runas", "0:0", "-s", path, "-m", str(mtu), "-a", s.guest_ip,
@@ -234,8 +214,7 @@ class RelayCeiling(Engine):
             relay(runner, s, self.relay, h, "kt0", "listen", path)
             relay(runner, s, self.relay, g, "tap0", "connect", path)
             runner.check(["ip", "-n", h, "link", "set", "kt0", "mtu", str(mtu)])
-            runner.check(["ip", "-n", h, "addr", "add", "10.0.2.2/24", "dev", "kt0"])
-            runner.check(["ip", "-n", h, "link", "set", "kt0", "up"])
+            host_gateway(runner, h, "kt0")
             _guest_static(runner, g, "tap0", s.guest_ip, mtu)
         except BaseException:
             self.stop(runner, s)
@@ -290,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 for eng in engines[k:] + engines[:k]:
                     log(f"run {run + 1}/{args.runs} MTU {mtu}: {eng.name}")
                     try:
-                        s = eng.start(runner, mtu, 0)
+                        s = eng.start(runner, mtu, FWD_PORT)
                     except BenchError as e:
                         errors.append(f"{eng.name} MTU {mtu}: setup: {e}")
                         continue

@@ -135,6 +135,17 @@ def served() -> Iterator[list[int]]:
         wait_gone(pid)
 
 
+def launch(argv: list[str], pid_file: Path, served: list[int], fd: int | None = None) -> int:
+    """Run natd-passt as its launchers do; wait for exit 0; the PID it left in ``pid_file``."""
+    launcher = subprocess.run(
+        argv, pass_fds=() if fd is None else (fd,), capture_output=True, timeout=60
+    )
+    assert launcher.returncode == 0, launcher.stderr
+    pid = int(pid_file.read_text())
+    served.append(pid)
+    return pid
+
+
 def test_qemu_style_launch(tmp_path: Path, served: list[int]) -> None:
     """QEMU 10.1: PID file created empty, ``--quiet --pid FILE --fd 3``, wait for exit 0, read the
     PID, use the socketpair, SIGTERM the PID when the VM goes."""
@@ -143,15 +154,12 @@ def test_qemu_style_launch(tmp_path: Path, served: list[int]) -> None:
     vm, natd_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fd = natd_end.fileno()
     try:
-        launcher = subprocess.run(
+        pid = launch(
             ["bash", "-c", f'exec "$@" 3<&{fd}', "bash", *PASST, "--quiet", *LOOPBACK_DNS,
              "--pid", str(pid_file), "--fd", "3"],
-            pass_fds=(fd,), capture_output=True, timeout=60,
+            pid_file, served, fd,
         )  # fmt: skip
         natd_end.close()
-        assert launcher.returncode == 0, launcher.stderr
-        pid = int(pid_file.read_text())
-        served.append(pid)
         assert pid != os.getpid() and not wait_gone(pid, 0.2)  # the server outlives its launcher
         address, options = dhcp_over_stream(vm)
         assert address == "10.0.2.15"
@@ -166,14 +174,9 @@ def test_fd_peer_gone_ends_natd(tmp_path: Path, served: list[int]) -> None:
     pid_file = tmp_path / "passt.pid"
     vm, natd_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fd = natd_end.fileno()
-    launcher = subprocess.run(
-        [*PASST, "-q", *LOOPBACK_DNS, "-P", str(pid_file), "-F", str(fd)],
-        pass_fds=(fd,), capture_output=True, timeout=60,
-    )  # fmt: skip
+    pid = launch([*PASST, "-q", *LOOPBACK_DNS, "-P", str(pid_file), "-F", str(fd)], pid_file,
+                 served, fd)  # fmt: skip
     natd_end.close()
-    assert launcher.returncode == 0, launcher.stderr
-    pid = int(pid_file.read_text())
-    served.append(pid)
     dhcp_over_stream(vm)
     vm.close()  # the VM went: --fd implies --one-off
     assert wait_gone(pid)
@@ -182,13 +185,11 @@ def test_fd_peer_gone_ends_natd(tmp_path: Path, served: list[int]) -> None:
 def test_libvirt_style_launch(tmp_path: Path, served: list[int]) -> None:
     """libvirt: ``--one-off --socket S --pid P``; connect once, leave, natd goes."""
     sock_path, pid_file = tmp_path / "passt.sock", tmp_path / "passt.pid"
-    launcher = subprocess.run(
+    pid = launch(
         [*PASST, "--one-off", "--socket", str(sock_path), "--pid", str(pid_file), *LOOPBACK_DNS],
-        capture_output=True, timeout=60,
-    )  # fmt: skip
-    assert launcher.returncode == 0, launcher.stderr
-    pid = int(pid_file.read_text())
-    served.append(pid)
+        pid_file,
+        served,
+    )
     vm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     vm.connect(str(sock_path))  # listening already: the launcher exited only then
     try:
@@ -197,6 +198,24 @@ def test_libvirt_style_launch(tmp_path: Path, served: list[int]) -> None:
         vm.close()
     assert wait_gone(pid)
     assert not sock_path.exists()
+
+
+def test_foreground_serves_in_the_launched_process(tmp_path: Path) -> None:
+    """``-f``: no fork; the PID file holds the launched process's own PID."""
+    pid_file = tmp_path / "passt.pid"
+    vm, natd_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = natd_end.fileno()
+    proc = subprocess.Popen(
+        [*PASST, "-f", "-q", *LOOPBACK_DNS, "-P", str(pid_file), "-F", str(fd)],
+        pass_fds=(fd,), stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    natd_end.close()
+    try:
+        assert dhcp_over_stream(vm)[0] == "10.0.2.15"
+        assert int(pid_file.read_text()) == proc.pid
+    finally:
+        vm.close()
+    assert proc.wait(timeout=30) == 0
 
 
 def test_launch_failure_is_the_launchers_status(tmp_path: Path) -> None:
