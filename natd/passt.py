@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import sys
@@ -277,7 +278,7 @@ def _daemonize(cfg: Config, log_file: str | None) -> int:
         code = 1
         try:
             os.setsid()
-            child = Config(**{**cfg.__dict__, "ready_fd": w})
+            child = dataclasses.replace(cfg, ready_fd=w)
             code = _serve(child, lambda: _detach_stdio(log_file))
         except BaseException:
             with contextlib.suppress(Exception):

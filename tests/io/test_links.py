@@ -208,6 +208,14 @@ def test_dgram_peer_learned_from_first_datagram(tmp_path: Path) -> None:
         assert link.counters["socket.other_peer"] == 1
         assert link.write(frame(4))
         assert vm.recv(2000) == frame(4)
+        vm.close()  # the VM goes; it comes back on another path
+        os.unlink(tmp_path / "vm.sock")
+        assert not link.write(frame(5))
+        assert link.counters["socket.peer_lost"] == 1
+        other.sendto(frame(6), path)
+        assert read_all(link) == [frame(6)]  # the next sender is the peer now
+        assert link.write(frame(7))
+        assert other.recv(2000) == frame(7)
     finally:
         link.close()
         vm.close()

@@ -2,7 +2,8 @@
 
 ``--socket-dgram PATH``: natd binds PATH and learns its peer from the first datagram (the
 address the VMM bound its own end to); datagrams from any other address afterwards are dropped
-and counted (``socket.other_peer``), so one guest cannot be hijacked by a second sender.
+and counted (``socket.other_peer``), so one guest cannot be hijacked by a second sender. Once a
+send to the peer fails because its socket is gone, the next sender is learned instead.
 ``--fd N`` with a datagram socket: already connected, every datagram is the peer's.
 
 Reads fill one preallocated bytearray, one datagram after the other, and hand out views; a
@@ -25,6 +26,7 @@ from natd.io.links.stream import listen_unix, remove_socket_file
 _SLOT = MAX_FRAME + 1  # one byte more than the largest frame: a longer datagram shows as such
 READ_BUFFER = 64 * _SLOT
 _PEER_GONE = (errno.ECONNREFUSED, errno.ENOTCONN)
+_LEARNED_PEER_GONE = (errno.ECONNREFUSED, errno.ENOENT)
 
 
 class DgramLink:
@@ -124,6 +126,11 @@ class DgramLink:
             counters["socket.tx_errors"] += 1
             if self.connected and exc.errno in _PEER_GONE:
                 self._gone = exc.strerror or "peer gone"
+            elif not self.connected and exc.errno in _LEARNED_PEER_GONE:
+                # The VM went (its socket file is gone or nobody reads it): the next sender,
+                # e.g. the same VM restarted on another path, becomes the peer.
+                self.peer = None
+                counters["socket.peer_lost"] += 1
             return False
         counters["socket.tx_frames"] += 1
         return True
