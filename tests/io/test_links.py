@@ -23,6 +23,7 @@ from natd.io.links import (
     StreamServer,
     adopt_fd,
 )
+from natd.wire.vnet import F_DATA_VALID
 
 
 def framed(*frames: bytes) -> bytes:
@@ -59,6 +60,7 @@ def test_many_frames_in_one_read(stream_pair: tuple[StreamLink, socket.socket]) 
     assert len(got) == 200  # one recv, every frame: none left behind unsignalled
     assert [bytes(f) for f in got] == frames
     assert link.counters["socket.rx_frames"] == 200
+    assert link.rx_csum == [F_DATA_VALID] * 200  # memory only: checksums not verified again
 
 
 def test_frame_split_across_reads(stream_pair: tuple[StreamLink, socket.socket]) -> None:

@@ -8,7 +8,10 @@ learns which one it runs on:
 
 * ``read_batch(limit)`` → the frames waiting (views valid until the next ``read_batch``; the
   core consumes a batch before returning), with ``rx_csum`` the per-frame checksum facts a
-  vnet header gave, or None. Raises ``LinkGone`` when the peer is gone for good.
+  vnet header gave, or None. A socket link reports ``F_DATA_VALID`` for every frame: its
+  frames crossed only memory with complete checksums (no offloads exist there to leave them
+  partial), so, as Linux treats frames from a veth or loopback (``CHECKSUM_UNNECESSARY``),
+  they are not verified again. Raises ``LinkGone`` when the peer is gone for good.
 * ``write(frame, vnet, payload)`` queues or sends one frame; ``vnet`` (GSO / partial checksum)
   only ever comes when ``offloads`` is True. Never blocks: a full link drops and counts.
 * ``flush()`` sends what ``write`` queued (one ``sendmsg`` of many frames on a stream);

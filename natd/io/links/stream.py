@@ -37,6 +37,7 @@ from natd.io.links.base import (
     LinkGone,
     RxFrame,
 )
+from natd.wire.vnet import F_DATA_VALID
 
 _LEN = struct.Struct(">I")
 READ_BUFFER = 256 * 1024 + MAX_FRAME + _LEN.size  # room for many frames plus one partial
@@ -54,7 +55,7 @@ class StreamLink:
     kind = "socket"
     offloads = False
     default_mtu = SOCKET_MTU
-    rx_csum: list[int] | None = None  # nothing on a socket says a checksum was checked
+    rx_csum: list[int] | None = None
 
     def __init__(
         self,
@@ -123,6 +124,7 @@ class StreamLink:
             start = stop
         self._start, self._end = start, end
         self.counters["socket.rx_frames"] += len(frames)
+        self.rx_csum = [F_DATA_VALID] * len(frames)  # memory only: see links.base
         return frames
 
     def _lost(self, reason: str, detail: str) -> None:
