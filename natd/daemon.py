@@ -253,6 +253,14 @@ def _watch_netns(
     return cancel
 
 
+def _link_fields(cfg: Config, shell: Shell, server: StreamServer | None) -> dict[str, object]:
+    """How the ``started`` line names the link (``tap`` too for a TAP: scripts read it)."""
+    name, kind = shell.link_name()
+    if server is not None:
+        return {"link": cfg.socket, "link_kind": "socket"}
+    return {"link": name, "link_kind": kind, **({"tap": name} if kind == "tap" else {})}
+
+
 def _on_link_gone(
     cfg: Config, server: StreamServer | None, log: Any, finish: Callable[[int, str], None]
 ) -> Callable[[Link, str], None]:
@@ -361,8 +369,7 @@ async def _serve(
         log.info(
             "started",
             cidr=str(cfg.cidr),
-            link=cfg.socket or shell.link_name()[0],
-            link_kind="socket" if server is not None else shell.link_name()[1],
+            **_link_fields(cfg, shell, server),
             netns=cfg.netns,
             mtu=cfg.mtu,
             vnet_hdr=getattr(opened, "vnet_hdr_len", 0),
