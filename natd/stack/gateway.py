@@ -17,6 +17,7 @@ from typing import Any
 from natd.stack.arp import ArpResponder
 from natd.stack.dhcp import DhcpServer
 from natd.stack.dns import DnsForwarder
+from natd.stack.events import FlowEvents
 from natd.stack.icmp import IcmpResponder
 from natd.stack.link import NullLog
 from natd.stack.ops import HostOp, Offloaded, Outbox
@@ -66,6 +67,7 @@ class Gateway:
         self.outbox = Outbox()
         self.counters: Counter[str] = Counter()
         self.log: Any = log if log is not None else NullLog()
+        self.events = FlowEvents(self.log)
         self.neighbors: dict[bytes, bytes] = {}
         self._flow_ids = 0
         self._broadcast = settings.broadcast
@@ -77,7 +79,9 @@ class Gateway:
         self.udp = UdpEngine(self)
         self.dns = DnsForwarder(self)
         self.ping = PingEngine(self)
-        self._engines = (self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping)
+        self._engines = (
+            self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping, self.events,
+        )  # fmt: skip
         self._apply_limits(settings.limits)
         # Denied flows already logged (LRU): a guest retrying a denied destination is counted
         # every time but logged once.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Protocol
 
+from natd.stack.events import FlowEvents
 from natd.stack.ops import Outbox
 from natd.stack.settings import GatewaySettings
 
@@ -21,6 +22,7 @@ class Link(Protocol):
     outbox: Outbox
     counters: Counter[str]
     log: Any  # structlog-style: .info(event, **kw), .warning, .debug, .bind(**kw)
+    events: FlowEvents  # flow.open / flow.close: each engine reports its flows here
 
     def guest_mac(self, ip: bytes) -> bytes | None:
         """The learned MAC of guest address ``ip``, or None if natd has not seen it."""

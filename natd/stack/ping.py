@@ -51,6 +51,8 @@ PingKey = tuple[bytes, int, bytes]  # guest ip, guest ident, destination
 
 class PingFlow:
     __slots__ = (
+        "bytes_in",
+        "bytes_out",
         "dst",
         "guest_ip",
         "id",
@@ -60,14 +62,16 @@ class PingFlow:
         "log",
         "replies",
         "requests",
+        "started",
     )
 
     def __init__(self, flow_id: int, key: PingKey, now: float, log: Any) -> None:
         self.id = flow_id
         self.key = key
         self.guest_ip, self.ident, self.dst = key
-        self.last_active = now
+        self.last_active = self.started = now
         self.requests = 0
+        self.bytes_out = self.bytes_in = 0  # echo payload bytes each way
         self.replies = 0
         self.log = log
 
@@ -101,6 +105,7 @@ class PingEngine:
         else:
             self._touch(flow, now)
         flow.requests += 1
+        flow.bytes_out += len(msg.payload)
         counters["ping.tx"] += 1
         self.link.outbox.ops.append(
             PingSend(flow.id, target[0], msg.ident, msg.seq, bytes(msg.payload))
@@ -121,6 +126,7 @@ class PingEngine:
         self._table.add(flow)
         self.link.counters["ping.flows_opened"] += 1
         log.debug("ping.open")
+        self.link.events.flow_open("icmp", flow_id, key[0], None, key[2], None, now)
         return flow
 
     def _touch(self, flow: PingFlow, now: float) -> None:
@@ -132,6 +138,11 @@ class PingEngine:
             self.link.outbox.ops.append(PingClose(flow.id))
         log = flow.log.info if reason.startswith("evicted") else flow.log.debug
         log("ping.close", reason=reason, requests=flow.requests, replies=flow.replies)
+        # Closed at its last echo (idle, evicted or failed): duration = first to last echo.
+        self.link.events.flow_close(
+            "icmp", flow.id, flow.guest_ip, None, flow.dst, None, flow.last_active,
+            opened_at=flow.started, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in, reason=reason,
+        )  # fmt: skip
 
     # -- host events ----------------------------------------------------------------------------
 
@@ -142,6 +153,7 @@ class PingEngine:
             return
         self._touch(f, now)
         f.replies += 1
+        f.bytes_in += len(payload)
         self.link.counters["ping.rx"] += 1
         reply = build_icmp_echo(ICMP_ECHO_REPLY, f.ident, seq & 0xFFFF, payload)
         self.link.send_ipv4(f.dst, f.guest_ip, PROTO_ICMP, reply)

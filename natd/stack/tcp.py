@@ -521,6 +521,7 @@ class TcpEngine:
         flow.snd_wl2 = flow.iss + 1
         flow.last_rx = now
         self.counters["tcp.opened"] += 1
+        self._log_open(flow, now)
         flow.established(now)
         flow.send_ack()
         flow.output(now)
@@ -574,6 +575,7 @@ class TcpEngine:
             return
         self.pending_connects -= 1
         self.counters["tcp.opened"] += 1
+        self._log_open(flow, now)
         flow.state = SYN_RCVD
         flow.snd_nxt = flow.snd_max = flow.iss + 1
         flow.last_rx = now
@@ -693,9 +695,20 @@ class TcpEngine:
         else:
             del self.per_guest[flow.guest_ip]
 
+    def _log_open(self, flow: TcpFlow, now: float) -> None:
+        self.link.events.flow_open(
+            "tcp", flow.id, flow.guest_ip, flow.guest_port, flow.remote_ip, flow.remote_port,
+            now, direction="in" if flow.inbound else "out",
+        )  # fmt: skip
+
     def _log_close(self, flow: TcpFlow, reason: str, now: float) -> None:
         self.counters["tcp.closed"] += 1
-        flow.log.info(
+        self.link.events.flow_close(
+            "tcp", flow.id, flow.guest_ip, flow.guest_port, flow.remote_ip, flow.remote_port, now,
+            opened_at=flow.opened_at, bytes_out=flow.bytes_to_host, bytes_in=flow.bytes_to_guest,
+            reason=reason, direction="in" if flow.inbound else "out",
+        )  # fmt: skip
+        flow.log.debug(
             "tcp.close",
             reason=reason,
             state=flow.state_name(),

@@ -230,6 +230,7 @@ class UdpEngine:
         flow = self._table.get(key)
         if flow is None:
             flow = self._open(key, now)
+            link.events.flow_open("udp", flow.id, ip.src, sport, dst, dport, now, host=host)
         else:
             self._touch(flow, now)
         self._send(flow, dst, host, port, bytes(payload))
@@ -264,6 +265,12 @@ class UdpEngine:
             self.link.outbox.ops.append(UdpClose(flow.id))
         log = flow.log.info if reason.startswith("evicted") else flow.log.debug
         log("udp.close", reason=reason, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in)
+        # Closed at its last datagram (idle, evicted, failed): duration = first to last.
+        remote = next(reversed(flow.peers), b"") if flow.peers else "-"
+        self.link.events.flow_close(
+            "udp", flow.id, flow.guest_ip, flow.guest_port, remote, None, flow.last_active,
+            opened_at=flow.started, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in, reason=reason,
+        )  # fmt: skip
 
     # -- host side ----------------------------------------------------------------------------
 
@@ -398,6 +405,9 @@ class UdpEngine:
         self._inbound_by_id[flow_id] = flow
         self.link.counters["udp.forward_flows_opened"] += 1
         log.debug("udp.forward_open")
+        self.link.events.flow_open(
+            "udp", flow_id, guest_ip, guest_port, client_host, client_port, now, direction="in"
+        )
         return flow_id
 
     def on_host_inbound(self, flow: int, payload: bytes, now: float) -> bool:
@@ -446,6 +456,11 @@ class UdpEngine:
         if tell_host:
             self.link.outbox.ops.append(UdpClose(f.id))
         f.log.debug("udp.forward_close", reason=reason, bytes_in=f.bytes_in, bytes_out=f.bytes_out)
+        self.link.events.flow_close(
+            "udp", f.id, f.guest_ip, f.guest_port, f.client_host, f.client_port, f.last_active,
+            opened_at=f.started, bytes_out=f.bytes_out, bytes_in=f.bytes_in, reason=reason,
+            direction="in",
+        )  # fmt: skip
 
     def _inbound_timer(self, now: float) -> None:
         for f in [f for f in self._inbound.values() if f.pending is not None]:
