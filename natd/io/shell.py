@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from natd.io.pcap import Capture
 from natd.io.tap import BATCH_LIMIT, TapGone, TapLink
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, Offloaded
@@ -67,6 +68,7 @@ class Shell:
         self.sides: list[HostSide] = []
         self.unhandled_ops: Counter[str] = Counter()
         self.errors = 0
+        self.capture: Capture | None = None  # ``natd.io.pcap``: sees every frame read or sent
         self._routes: dict[type, HostSide] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -109,6 +111,8 @@ class Shell:
         deadline: float | None = None
         for _ in range(_MAX_FLUSH_ROUNDS):
             frames, offloaded, ops = take()
+            if frames and self.capture is not None:
+                self.capture.frames_out(frames, offloaded)
             if frames or ops:
                 if not tap.closed:
                     write = tap.write
@@ -203,6 +207,8 @@ class Shell:
                 self.on_tap_gone(str(exc))
             return
         if frames:
+            if self.capture is not None:
+                self.capture.frames_in(frames)
             try:
                 csum = self.tap.rx_csum
                 if csum is None:
