@@ -116,6 +116,18 @@ class LeaseInfo:
     client_id: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """A bound dynamic lease as a lease file keeps it: ``remaining`` seconds from ``now``."""
+
+    key: bytes  # the client's identity (``_key``: b"i" + client id, or b"h" + MAC)
+    mac: bytes
+    ip: bytes
+    remaining: float
+    hostname: str | None = None
+    client_id: bytes | None = None
+
+
 class _Lease:
     __slots__ = ("bound", "client_id", "expiry", "hostname", "ip", "key", "mac", "static")
 
@@ -663,6 +675,43 @@ class DhcpServer:
             for lease in sorted(self._by_ip.values(), key=lambda x: x.ip)
         ]
 
+    def export_leases(self, now: float) -> list[LeaseRow]:
+        """Every bound dynamic lease, for the lease file (static ones come from the config)."""
+        return [
+            LeaseRow(x.key, x.mac, x.ip, x.expiry - now, x.hostname, x.client_id)
+            for x in self._by_key.values()
+            if x.bound and not x.static and x.expiry > now
+        ]
+
+    def restore_leases(self, rows: list[LeaseRow], now: float) -> list[LeaseRow]:
+        """Bind leases read back at start (before any guest speaks); returns those refused.
+
+        A lease is restored only where the server would grant it now: a pool address that no
+        reservation, other lease or quarantine holds, for a client without a static lease,
+        within ``max_leases``. An expired one only remembers its address for the client.
+        """
+        refused = []
+        for row in rows:
+            if row.remaining <= 0:
+                self._history[row.key] = row.ip
+                continue
+            if (
+                row.key in self._by_key
+                or row.mac in self._static
+                or not self._may_bind(row.key, row.mac, row.ip, now)
+            ):
+                refused.append(row)
+                continue
+            lease = self._put(row.key, row.mac, row.ip)
+            lease.bound = True
+            lease.hostname = row.hostname
+            lease.client_id = row.client_id
+            self._arm(lease, now + row.remaining)
+            self.link.learn_neighbor(row.ip, row.mac)
+        while len(self._history) > self.max_leases:
+            self._history.popitem(last=False)
+        return refused
+
     def quarantined(self, now: float) -> list[bytes]:
         """Addresses withheld after a DECLINE, until their hold ends."""
         self._expire(now)
@@ -675,4 +724,4 @@ def _printable(raw: bytes) -> str:
     return "".join(ch if ch.isprintable() and ch != "\ufffd" else "?" for ch in text)[:63]
 
 
-__all__ = ["DhcpServer", "LeaseInfo"]
+__all__ = ["DhcpServer", "LeaseInfo", "LeaseRow"]
