@@ -23,7 +23,7 @@ def main() -> None:
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 20
     gw = gateway_with_flows(n)
     assert gw.tcp.flow_count == n, gw.tcp.flow_count
-    server = MetricsServer("127.0.0.1:0", make_registry(sources(gw)), _NoLog())
+    server = MetricsServer(("127.0.0.1", 0), make_registry(sources(gw)), _NoLog())
     times = []
     body = b""
     for _ in range(repeats):

@@ -50,9 +50,11 @@ from natd.config.values import (
     make_forward,
     parse_cidr,
     parse_ipv4,
+    parse_listen,
     parse_mac,
     parse_ports,
     parse_rule_cidr,
+    parse_runas,
     parse_upstream,
     read_resolv_conf,
 )
@@ -81,6 +83,9 @@ _OPTION_NAMES = {
     "control": "--control",
     "log_format": "--log-format",
     "log_level": "--log-level",
+    "metrics": "--metrics",
+    "pcap": "--pcap",
+    "runas": "--runas",
 }
 
 
@@ -208,6 +213,13 @@ def load_config(
     log_level = _choice(get("log_level"), LOG_LEVELS, "info")
     policy = _check_policy(values)
     limits = _check_limits(values)
+    metrics = _nonempty(get("metrics"))
+    if metrics is not None:
+        _check(cast(Value, get("metrics")), partial(parse_listen, metrics))
+    runas_text = _nonempty(get("runas"))
+    runas = None
+    if runas_text is not None:
+        runas = _check(cast(Value, get("runas")), partial(parse_runas, runas_text))
 
     return Config(
         cidr=net,
@@ -229,6 +241,10 @@ def load_config(
         config_file=path,
         policy=policy,
         limits=limits,
+        metrics=metrics,
+        pcap=_nonempty(get("pcap")),
+        lease_file=_nonempty(get("lease_file")),
+        runas=runas,
         cli_overrides=tuple(
             (k, tuple(cast(Sequence[str], v)) if isinstance(v, list | tuple) else v)
             for k, v in overrides.items()
@@ -239,6 +255,16 @@ def load_config(
 def reload_config(cfg: Config, *, resolv_conf: str = DEFAULT_RESOLV_CONF) -> Config:
     """Re-read ``cfg.config_file`` (SIGHUP) with the same command-line overrides winning."""
     return load_config(cfg.config_file, dict(cfg.cli_overrides), resolv_conf=resolv_conf)
+
+
+def _nonempty(v: Value | None) -> str | None:
+    """An optional string value that, when given, must not be empty."""
+    if v is None:
+        return None
+    text = _str(v)
+    if not text:
+        raise ConfigError(f"{v.label}: must not be empty")
+    return text
 
 
 def _choice(v: Value | None, choices: tuple[str, ...], default: str) -> str:

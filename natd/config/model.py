@@ -94,6 +94,18 @@ class PolicyConfig:
     rules: tuple[PolicyRuleConfig, ...] = ()
 
 
+@dataclass(frozen=True)
+class RunAs:
+    """``--runas USER[:GROUP]`` resolved to numbers (``values.parse_runas``)."""
+
+    user: str
+    uid: int
+    gid: int
+
+    def __str__(self) -> str:
+        return f"{self.user} (uid {self.uid}, gid {self.gid})"
+
+
 _DEFAULT_NET = IPv4Network(DEFAULT_CIDR)
 
 
@@ -123,6 +135,10 @@ class Config:
     config_file: str | None = None
     policy: PolicyConfig = PolicyConfig()
     limits: Limits = Limits()
+    metrics: str | None = None  # ``--metrics`` / ``[metrics] listen``: HOST:PORT or unix:PATH
+    pcap: str | None = None  # ``--pcap`` / ``[pcap] file``: capture from the start
+    lease_file: str | None = None  # ``[dhcp] lease_file``
+    runas: RunAs | None = None  # ``--runas`` / ``[process] runas``
     # The command-line overrides this config was built with, so SIGHUP can re-read the file and
     # still let the command line win (see ``reload_config``).
     cli_overrides: tuple[tuple[str, object], ...] = field(default=(), compare=False)

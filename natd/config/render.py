@@ -53,6 +53,8 @@ def render_config(cfg: Config) -> str:
         f"lease_time = {cfg.lease_time}",
         f"domain = {_toml_str(cfg.domain)}",
     ]
+    if cfg.lease_file is not None:
+        lines.append(f"lease_file = {_toml_str(cfg.lease_file)}")
     for lease in cfg.static_leases:
         lines += ["", "[[dhcp.static]]", f"mac = {_toml_str(lease.mac)}"]
         lines.append(f"ip = {_toml_str(str(lease.ip))}")
@@ -94,6 +96,13 @@ def render_config(cfg: Config) -> str:
         lines.append(f"proto = {_toml_str(rule.proto)}")
     if cfg.control is not None:
         lines += ["", "[control]", f"path = {_toml_str(cfg.control)}"]
+    if cfg.metrics is not None:
+        lines += ["", "[metrics]", f"listen = {_toml_str(cfg.metrics)}"]
+    if cfg.pcap is not None:
+        lines += ["", "[pcap]", f"file = {_toml_str(cfg.pcap)}"]
+    if cfg.runas is not None:
+        runas = f"{cfg.runas.uid}:{cfg.runas.gid}"
+        lines += ["", "[process]", f"runas = {_toml_str(runas)}  # {cfg.runas.user}"]
     lines += [
         "",
         "[log]",

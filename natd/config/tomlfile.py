@@ -117,11 +117,20 @@ class TomlFile:
 _SCHEMA: dict[str, dict[str, str]] = {
     "network": {"cidr": "str", "mtu": "int", "host_loopback": "bool"},
     "tap": {"name": "str", "netns": "str"},
-    "dhcp": {"pool": "list[str]", "lease_time": "int", "domain": "str", "static": "tables"},
+    "dhcp": {
+        "pool": "list[str]",
+        "lease_time": "int",
+        "domain": "str",
+        "static": "tables",
+        "lease_file": "str",
+    },
     "dns": {"upstream": "list[str]"},
     "forward": {},  # array of tables, see _FORWARD_KEYS
     "control": {"path": "str"},
     "log": {"format": "str", "level": "str"},
+    "metrics": {"listen": "str"},
+    "pcap": {"file": "str"},
+    "process": {"runas": "str"},
     "policy": {"restrict": "bool", "default": "str", "rule": "tables"},
     "limits": {
         f.name: ("number" if f.type == "float" else "int") for f in dataclasses.fields(Limits)
@@ -238,6 +247,10 @@ def read_file(f: TomlFile) -> dict[str, Value]:
                 ("control", "path"): "control",
                 ("log", "format"): "log_format",
                 ("log", "level"): "log_level",
+                ("dhcp", "lease_file"): "lease_file",
+                ("metrics", "listen"): "metrics",
+                ("pcap", "file"): "pcap",
+                ("process", "runas"): "runas",
             }[(section, key)]
             if name == "static_leases":
                 leases = []

@@ -260,26 +260,15 @@ def make_registry(sources: Sources) -> CollectorRegistry:
 # -- the HTTP side ----------------------------------------------------------------------------
 
 
-def parse_listen(spec: str) -> tuple[str, int] | str:
-    """``HOST:PORT`` (IPv6 as ``[ADDR]:PORT``) or ``unix:PATH``; ValueError says what is wrong."""
-    if spec.startswith("unix:"):
-        path = spec[5:]
-        if not path:
-            raise ValueError(f"metrics address {spec!r}: unix: needs a path")
-        return path
-    host, sep, port = spec.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"metrics address {spec!r}: expected HOST:PORT or unix:PATH")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
 class MetricsServer:
-    """``GET /metrics`` over HTTP/1.0 on natd's loop (TCP or a unix socket)."""
+    """``GET /metrics`` over HTTP/1.0 on natd's loop (TCP or a unix socket).
 
-    def __init__(self, listen: str, registry: CollectorRegistry, log: Any) -> None:
-        self.listen = listen
+    ``where`` is (host, port) or a unix socket path (``natd.config.values.parse_listen``).
+    """
+
+    def __init__(self, where: tuple[str, int] | str, registry: CollectorRegistry, log: Any) -> None:
+        self.where = where
+        self.listen = f"unix:{where}" if isinstance(where, str) else _hostport(*where)
         self.registry = registry
         self.log = log
         self.scrapes = 0
@@ -295,15 +284,11 @@ class MetricsServer:
         name = self._server.sockets[0].getsockname()
         if isinstance(name, str):
             return f"unix:{name}"
-        host, port = name[0], name[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return _hostport(name[0], name[1])
 
     async def start(self) -> None:
         """Bind and listen; MetricsError (one line) when the address cannot be used."""
-        try:
-            where = parse_listen(self.listen)
-        except ValueError as exc:
-            raise MetricsError(str(exc)) from exc
+        where = self.where
         try:
             if isinstance(where, str):
                 sock = _unix_listener(where)
@@ -371,6 +356,10 @@ class MetricsServer:
             self.log.exception("metrics.scrape_failed")
             return "500 Internal Server Error", "text/plain", f"{exc!r}\n".encode()
         return "200 OK", CONTENT_TYPE_LATEST, body if parts[0] == b"GET" else b""
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _unix_listener(path: str) -> socket.socket:

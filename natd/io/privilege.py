@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import grp
 import os
-import pwd
-from dataclasses import dataclass
 
 CAP_NET_BIND_SERVICE = 10
 CAP_NET_RAW = 13
@@ -43,38 +40,6 @@ _CAP_VERSION_3 = 0x20080522
 
 class PrivilegeError(Exception):
     """Dropping privileges failed; ``str()`` is the one-line reason (natd stops: exit 1)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RunAs:
-    """The user (and group) natd switches to."""
-
-    user: str
-    uid: int
-    gid: int
-
-    def __str__(self) -> str:
-        return f"{self.user} (uid {self.uid}, gid {self.gid})"
-
-
-def parse_runas(spec: str) -> RunAs:
-    """``USER[:GROUP]`` (names or numbers) → RunAs; ValueError names what is unknown."""
-    user, _, group = spec.partition(":")
-    if not user:
-        raise ValueError(f"--runas {spec!r}: expected USER[:GROUP]")
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
-    except KeyError:
-        if not user.isdigit():
-            raise ValueError(f"--runas {spec!r}: no user {user!r}") from None
-        uid, gid, name = int(user), int(user), user
-    if group:
-        try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ValueError(f"--runas {spec!r}: no group {group!r}") from None
-    return RunAs(name, uid, gid)
 
 
 def _read_sysctl(path: str) -> str | None:
@@ -106,13 +71,13 @@ def unprivileged_port_start() -> int:
         return 1024
 
 
-def needed_capabilities(runas: RunAs, *, runtime_binds: bool) -> frozenset[int]:
+def needed_capabilities(gid: int, *, runtime_binds: bool) -> frozenset[int]:
     """What natd keeps: see the module docstring. ``runtime_binds``: forwards may be added
     after the drop (a control socket or a config file to reload)."""
     keep = set()
     if runtime_binds and unprivileged_port_start() > 1:
         keep.add(CAP_NET_BIND_SERVICE)
-    if not ping_sockets_allowed(runas.gid):
+    if not ping_sockets_allowed(gid):
         keep.add(CAP_NET_RAW)
     return frozenset(keep)
 
@@ -159,24 +124,26 @@ def _last_cap() -> int:
         return 40
 
 
-def drop_privileges(runas: RunAs, keep: frozenset[int]) -> dict[str, object]:
-    """Become ``runas`` with only ``keep``; returns what ``/proc/self/status`` then says.
+def drop_privileges(uid: int, gid: int, keep: frozenset[int]) -> dict[str, object]:
+    """Become ``uid``:``gid`` with only ``keep``; returns what ``/proc/self/status`` then says.
 
     Irreversible. Raises PrivilegeError (one line) when a step fails, e.g. natd is not root.
     """
     if os.geteuid() != 0:
-        raise PrivilegeError(f"--runas {runas.user}: natd is not running as root")
+        raise PrivilegeError("--runas: natd is not running as root, so it has nothing to drop")
     libc = _libc()
     for cap in range(_last_cap() + 1):
         if cap not in keep:
             _prctl(libc, _PR_CAPBSET_DROP, cap, f"bounding set drop of {cap}")
     _prctl(libc, _PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")
     try:
-        os.setgroups([runas.gid])
-        os.setresgid(runas.gid, runas.gid, runas.gid)
-        os.setresuid(runas.uid, runas.uid, runas.uid)
+        os.setgroups([gid])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
     except OSError as exc:
-        raise PrivilegeError(f"cannot switch to {runas}: {exc.strerror or exc}") from exc
+        raise PrivilegeError(
+            f"cannot switch to uid {uid} gid {gid}: {exc.strerror or exc}"
+        ) from exc
     _capset(libc, keep)
     _prctl(libc, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "clearing ambient capabilities")
     _prctl(libc, _PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS", quiet=True)
@@ -204,10 +171,8 @@ __all__ = [
     "CAP_NET_BIND_SERVICE",
     "CAP_NET_RAW",
     "PrivilegeError",
-    "RunAs",
     "cap_names",
     "drop_privileges",
     "needed_capabilities",
-    "parse_runas",
     "process_status",
 ]

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from natd.io.metrics import MetricsError, MetricsServer, Sources, make_registry, parse_listen
+from natd.config.model import Invalid
+from natd.config.values import parse_listen
+from natd.io.metrics import MetricsError, MetricsServer, Sources, make_registry
 from natd.stack.gateway import Gateway
 from natd.stack.settings import GatewaySettings, Limits
 from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
@@ -76,7 +78,7 @@ def test_scrape_parses_with_help_and_types() -> None:
     gw.counters["policy.denied.udp"] += 2
     gw.counters["dns.queries"] += 9
     text = make_registry(sources(gw))
-    body = MetricsServer("127.0.0.1:0", text, _NoLog()).render().decode()
+    body = MetricsServer(("127.0.0.1", 0), text, _NoLog()).render().decode()
     families = {f.name: f for f in text_string_to_metric_families(body)}
     for name, kind in {
         "natd_flows": "gauge",
@@ -110,7 +112,7 @@ def test_limit_refusals_are_counted_from_the_engines() -> None:
     gw = gateway_with_flows(20)
     gw.tcp.limits = Limits(max_tcp_flows=20, max_tcp_flows_per_guest=1000)
     gw.receive_frames(syn_frames(gw, [30000, 30001]), 3.0)
-    got = samples(MetricsServer("x:1", make_registry(sources(gw)), _NoLog()).render().decode())
+    got = samples(MetricsServer(("x", 1), make_registry(sources(gw)), _NoLog()).render().decode())
     assert got["natd_limit_refusals_total", (("limit", "max_tcp_flows"),)] == 2
     assert got["natd_drops_total", (("reason", "tcp.flow_limit"),)] == 2
 
@@ -125,7 +127,7 @@ async def _http_get(host: str, port: int, path: str) -> bytes:
 
 async def test_served_over_tcp_from_the_loop() -> None:
     gw = gateway_with_flows(10)
-    server = MetricsServer("127.0.0.1:0", make_registry(sources(gw)), _NoLog())
+    server = MetricsServer(("127.0.0.1", 0), make_registry(sources(gw)), _NoLog())
     await server.start()
     try:
         host, port = server.address.rsplit(":", 1)
@@ -147,7 +149,7 @@ async def test_served_over_tcp_from_the_loop() -> None:
 async def test_served_on_a_unix_socket_and_a_taken_port_is_one_line(tmp_path: Path) -> None:
     gw = gateway_with_flows(1)
     path = tmp_path / "metrics.sock"
-    server = MetricsServer(f"unix:{path}", make_registry(sources(gw)), _NoLog())
+    server = MetricsServer(str(path), make_registry(sources(gw)), _NoLog())
     await server.start()
     try:
         reader, writer = await asyncio.open_unix_connection(str(path))
@@ -155,7 +157,7 @@ async def test_served_on_a_unix_socket_and_a_taken_port_is_one_line(tmp_path: Pa
         reply = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         assert b"natd_build_info{" in reply
-        second = MetricsServer(f"unix:{path}", make_registry(sources(gw)), _NoLog())
+        second = MetricsServer(str(path), make_registry(sources(gw)), _NoLog())
         with pytest.raises(MetricsError, match="in use"):
             await second.start()
     finally:
@@ -166,11 +168,11 @@ async def test_served_on_a_unix_socket_and_a_taken_port_is_one_line(tmp_path: Pa
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(MetricsError, match=f"127.0.0.1:{port}: address already in use"):
-            await MetricsServer(f"127.0.0.1:{port}", make_registry(sources(gw)), _NoLog()).start()
+            await MetricsServer(("127.0.0.1", port), make_registry(sources(gw)), _NoLog()).start()
 
 
 @pytest.mark.parametrize("spec", ["", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", "unix:"])
 def test_bad_listen_specs(spec: str) -> None:
-    with pytest.raises(ValueError, match="metrics address"):
+    with pytest.raises(Invalid, match=r"HOST:PORT or unix:PATH|needs a path"):
         parse_listen(spec)
     assert parse_listen("[::1]:9100") == ("::1", 9100)

@@ -10,25 +10,21 @@ import textwrap
 
 import pytest
 
-from natd.io.privilege import (
-    CAP_NET_BIND_SERVICE,
-    CAP_NET_RAW,
-    RunAs,
-    needed_capabilities,
-    parse_runas,
-)
+from natd.config.model import Invalid, RunAs
+from natd.config.values import parse_runas
+from natd.io.privilege import CAP_NET_BIND_SERVICE, CAP_NET_RAW, needed_capabilities
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 CHILD = textwrap.dedent(
     """
     import json, socket, sys, threading
-    from natd.io.privilege import RunAs, drop_privileges
+    from natd.io.privilege import drop_privileges
     keep = frozenset(json.loads(sys.argv[1]))
     held = socket.socket(); held.bind(("127.0.0.1", 0)); held.listen()  # bound before
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait); worker.start()  # like the log writer
-    status = drop_privileges(RunAs("nobody", 65534, 65534), keep)
+    status = drop_privileges(65534, 65534, keep)
     with open(f"/proc/self/task/{worker.native_id}/status") as f:
         worker_eff = [l.split()[1] for l in f if l.startswith("CapEff")][0]
     low = None
@@ -88,16 +84,16 @@ def test_parse_runas() -> None:
     assert parse_runas("nobody") == RunAs("nobody", 65534, 65534)
     assert parse_runas("nobody:0").gid == 0
     assert parse_runas("4242:4243") == RunAs("4242", 4242, 4243)
-    with pytest.raises(ValueError, match="no user 'no-such-user-x'"):
+    with pytest.raises(Invalid, match="no user 'no-such-user-x'"):
         parse_runas("no-such-user-x")
-    with pytest.raises(ValueError, match="no group 'no-such-group-x'"):
+    with pytest.raises(Invalid, match="no group 'no-such-group-x'"):
         parse_runas("nobody:no-such-group-x")
-    with pytest.raises(ValueError, match="expected USER"):
+    with pytest.raises(Invalid, match="expected USER"):
         parse_runas(":x")
 
 
 def test_needed_capabilities_follow_the_sysctls() -> None:
-    nobody = RunAs("nobody", 65534, 65534)
+    nobody = 65534
     with open("/proc/sys/net/ipv4/ping_group_range") as f:
         lo, hi = (int(x) for x in f.read().split())
     with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
