@@ -50,7 +50,9 @@ from natd.io.tcp_host import TcpHost
 from natd.io.udp_host import UdpHost
 from natd.log import error_line
 from natd.log import sink as log_sink
+from natd.observability import LeaseFileError, Observability, StartError, read_leases
 from natd.reload import apply_reload
+from natd.stack.dhcp import LeaseRow
 from natd.stack.gateway import Gateway
 from natd.stack.settings import GatewaySettings
 from natd.views import flows_view, leases_view, stats_view
@@ -92,6 +94,11 @@ def run(cfg: Config) -> int:
     """Serve the virtual network described by ``cfg`` until a signal; the exit status."""
     log = structlog.get_logger("natd").bind(net=str(cfg.cidr))
     settings = settings_from_config(cfg)
+    try:
+        lease_rows = read_leases(cfg)
+    except LeaseFileError as exc:
+        error_line(f"natd: {exc}")
+        return 2
     before, now_soft, hard = raise_nofile_limit()
     try:
         tap = open_link(cfg)
@@ -104,7 +111,7 @@ def run(cfg: Config) -> int:
     netns_id = netns_identity(cfg.netns) if cfg.netns and cfg.tap_fd is None else None
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_serve(cfg, settings, tap, log, netns_id))
+            return runner.run(_serve(cfg, settings, tap, log, netns_id, lease_rows))
     finally:
         tap.close()
         log_sink().flush(timeout=1.0)
@@ -247,6 +254,7 @@ async def _serve(
     tap: TapLink,
     log: Any,
     netns_id: tuple[int, int] | None,
+    lease_rows: list[LeaseRow],
 ) -> int:
     loop = asyncio.get_running_loop()
     gateway = Gateway(settings, log=log)
@@ -274,18 +282,20 @@ async def _serve(
         log,
     )
     daemon = Daemon(cfg, gateway, shell, forwards, log, loop.time())
+    extras = Observability(cfg, gateway, shell, log)
     control: ControlServer | None = None
 
     async def abandon(message: str) -> int:
         forwards.close()
         if control is not None:
             await control.close()
+        await extras.close()
         shell.stop()
         error_line(f"natd: {message}")
         return 1
 
     if cfg.control is not None:
-        control = ControlServer(cfg.control, daemon.handlers(), log)
+        control = ControlServer(cfg.control, daemon.handlers() | extras.handlers(), log)
         try:
             await control.start()
         except ControlSocketError as exc:
@@ -295,6 +305,12 @@ async def _serve(
         daemon.start_forwards()
     except ForwardError as exc:
         log.error("forward.failed", error=str(exc))
+        return await abandon(str(exc))
+    try:
+        await extras.start(lease_rows)
+        extras.drop_privileges()  # last: the link is open and every listener is bound
+    except StartError as exc:
+        log.error("start.failed", error=str(exc))
         return await abandon(str(exc))
     stop_watch: Callable[[], None] | None = None
     if cfg.netns is not None and netns_id is not None:
@@ -332,6 +348,7 @@ async def _serve(
             await control.close()
         forwards.close()
         shell.stop()
+        await extras.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         tap.close()

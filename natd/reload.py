@@ -33,6 +33,10 @@ RESTART_FIELDS = (
     "control",
     "log_format",
     "log_level",
+    "metrics",
+    "pcap",  # a capture can be started and stopped with ``natd ctl pcap`` instead
+    "lease_file",
+    "runas",
 )
 
 
