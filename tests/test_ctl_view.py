@@ -5,28 +5,16 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
+import test_cli
 from test_cli import Capsys, FakeDaemon, Reply, ok
 
 from natd.cli import main
 from natd.ctl_view import duration, readable, sort_rows, watch_stats
 
-
-@pytest.fixture
-def fake() -> Iterator[Callable[[Reply], FakeDaemon]]:
-    """A fake daemon answering every request with ``reply`` (closed at teardown)."""
-    made: list[FakeDaemon] = []
-
-    def make(reply: Reply) -> FakeDaemon:
-        made.append(FakeDaemon(reply))
-        return made[-1]
-
-    yield make
-    for d in made:
-        d.close()
-
+daemon_replies = test_cli.daemon_replies  # the fixture, shared
 
 FLOWS = [
     {"id": 1, "proto": "tcp", "guest": "10.0.2.15:1", "bytes_out": 10, "bytes_in": 5, "age": 3.0},
@@ -59,9 +47,9 @@ def test_leases_show_expiry_and_static() -> None:
 
 
 def test_ctl_flows_sorted_by_bytes_as_a_table(
-    fake: Callable[[Reply], FakeDaemon], capsys: Capsys
+    daemon_replies: Callable[[Reply], FakeDaemon], capsys: Capsys
 ) -> None:
-    d = fake(ok(FLOWS))
+    d = daemon_replies(ok(FLOWS))
     assert main(["ctl", "--control", d.path, "flows", "--sort", "bytes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["ID", "PROTO", "GUEST", "BYTES_OUT", "BYTES_IN", "AGE"]
@@ -72,9 +60,9 @@ def test_ctl_flows_sorted_by_bytes_as_a_table(
 
 
 def test_ctl_pcap_start_sends_an_absolute_path(
-    fake: Callable[[Reply], FakeDaemon], capsys: Capsys
+    daemon_replies: Callable[[Reply], FakeDaemon], capsys: Capsys
 ) -> None:
-    d = fake(ok({"file": "x"}))
+    d = daemon_replies(ok({"file": "x"}))
     argv = ["ctl", "--control", d.path, "pcap", "start", "cap.pcap", "--max-bytes", "1000"]
     assert main(argv) == 0
     (request,) = [json.loads(r) for r in d.requests]
@@ -87,9 +75,9 @@ def test_ctl_pcap_start_sends_an_absolute_path(
 
 
 def test_ctl_refuses_another_protocol_version(
-    fake: Callable[[Reply], FakeDaemon], capsys: Capsys
+    daemon_replies: Callable[[Reply], FakeDaemon], capsys: Capsys
 ) -> None:
-    d = fake(lambda _r: b'{"v": 2, "ok": true, "result": {}}\n')
+    d = daemon_replies(lambda _r: b'{"v": 2, "ok": true, "result": {}}\n')
     assert main(["ctl", "--control", d.path, "version"]) == 1
     assert "speaks control protocol 2; this natd ctl speaks 1" in capsys.readouterr().err
 

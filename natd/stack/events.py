@@ -118,17 +118,9 @@ class FlowEvents:
     ) -> None:
         """A flow started carrying traffic (TCP: the handshake's host side succeeded)."""
         self.opened[proto] += 1
-        if not self._admit(now):
-            return
-        self.log.info(
-            "flow.open",
-            flow=flow_id,
-            proto=proto,
-            direction=direction,
-            guest=endpoint(guest, guest_port),
-            remote=endpoint(remote, remote_port),
-            host=host,
-        )
+        if self._admit(now):
+            where = (endpoint(guest, guest_port), endpoint(remote, remote_port))
+            self._emit("flow.open", proto, flow_id, direction, where, host=host)
 
     def flow_close(
         self,
@@ -150,20 +142,23 @@ class FlowEvents:
         self.closed[proto, reason_class(reason)] += 1
         self.closed_bytes_out[proto] += bytes_out
         self.closed_bytes_in[proto] += bytes_in
-        if not self._admit(now):
-            return
+        if self._admit(now):
+            where = (endpoint(guest, guest_port), endpoint(remote, remote_port))
+            self._emit(
+                "flow.close", proto, flow_id, direction, where, bytes_out=bytes_out,
+                bytes_in=bytes_in, duration=round(max(0.0, now - opened_at), 3), reason=reason,
+            )  # fmt: skip
+
+    def _emit(
+        self, event: str, proto: str, flow_id: int, direction: str, where: tuple[str, str],
+        **detail: object,
+    ) -> None:  # fmt: skip
+        """One event line: the same leading fields, in the same order, for opens and closes."""
+        guest, remote = where
         self.log.info(
-            "flow.close",
-            flow=flow_id,
-            proto=proto,
-            direction=direction,
-            guest=endpoint(guest, guest_port),
-            remote=endpoint(remote, remote_port),
-            bytes_out=bytes_out,
-            bytes_in=bytes_in,
-            duration=round(max(0.0, now - opened_at), 3),
-            reason=reason,
-        )
+            event, flow=flow_id, proto=proto, direction=direction, guest=guest, remote=remote,
+            **detail,
+        )  # fmt: skip
 
 
 __all__ = ["IN", "OUT", "FlowEvents", "endpoint", "reason_class"]
