@@ -10,7 +10,8 @@ few milliseconds once per scrape interval (bench/RESULTS.md).
 
 Families (all ``natd_…``, each with HELP):
 
-* ``natd_link_frames_total{direction}``, ``natd_link_errors_total{kind}``: the guest link.
+* ``natd_link_frames_total{direction}``, ``natd_link_errors_total{kind}``,
+  ``natd_link_events_total{event}``: the guest link's own counters.
 * ``natd_flow_bytes_total{proto,direction}``: payload bytes, ``out`` guest → remote, ``in``
   remote → guest (closed flows' totals plus the open flows' counts).
 * ``natd_flows{proto,state}``, ``natd_flow_opens_total{proto}``,
@@ -64,7 +65,7 @@ LIMIT_COUNTERS = {
     "dhcp.pool_exhausted": "pool",
     "drop.neighbors_full": "neighbors",
 }
-_LINK_ERRORS = ("rx_short", "tx_dropped", "tx_errors")
+_LINK_ERROR_WORDS = ("error", "dropped", "short", "too_big")
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 5.0
 _MAX_CLIENTS = 16
@@ -148,28 +149,36 @@ class NatdCollector(Collector):
 
     @staticmethod
     def _link(stats: Mapping[str, int]) -> Iterator[Metric]:
-        def get(key: str) -> int:
-            for name, value in stats.items():
-                if name.endswith("." + key):
-                    return value
-            return 0
-
+        """The link's own counters (``tap.rx_frames``, ``socket.tx_dropped`` …) by what they
+        count: frames each way, problems, and the rest (connections of a socket link …)."""
         frames = CounterMetricFamily(
             "natd_link_frames",
             "Frames on the guest link, rx = from the guest",
             labels=["direction"],
         )
-        frames.add_metric(["rx"], get("rx_frames"))
-        frames.add_metric(["tx"], get("tx_frames"))
-        yield frames
         errors = CounterMetricFamily(
             "natd_link_errors",
-            "Guest link problems: short reads, frames dropped on a full queue, write errors",
+            "Guest link problems: short or oversized reads, frames dropped on a full queue, "
+            "write errors",
             labels=["kind"],
         )
-        for kind in _LINK_ERRORS:
-            errors.add_metric([kind], get(kind))
+        other = CounterMetricFamily(
+            "natd_link_events", "Other guest link counters", labels=["event"]
+        )
+        seen = {"rx": 0, "tx": 0}
+        for name, value in sorted(stats.items()):
+            kind = name.split(".", 1)[-1]
+            if kind in ("rx_frames", "tx_frames"):
+                seen[kind[:2]] += value
+            elif any(word in kind for word in _LINK_ERROR_WORDS):
+                errors.add_metric([kind], value)
+            else:
+                other.add_metric([kind], value)
+        for direction, value in seen.items():
+            frames.add_metric([direction], value)
+        yield frames
         yield errors
+        yield other
 
     @staticmethod
     def _flows(gw: Gateway) -> Iterator[Metric]:
@@ -339,6 +348,8 @@ class MetricsServer:
             pass  # a client that does not send a whole request gets nothing
         except ConnectionError:
             pass
+        except Exception:  # a bug here must not become an unhandled task error
+            self.log.exception("metrics.client_failed")
         finally:
             self._clients -= 1
             writer.close()
