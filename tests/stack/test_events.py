@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from helpers import RecordingLog
-from tcp_helpers import ACK, FIN, REMOTE_IP, Guest, new_gateway
+from tcp_helpers import ACK, FIN, GW_IP, M32, REMOTE_IP, RST, SYN, Guest, new_gateway
 from udpdns_helpers import OUTSIDE, icmp_frame, udp_frame
 
 from natd.stack.events import FlowEvents, endpoint, reason_class
@@ -118,3 +118,25 @@ def test_gateway_timer_writes_the_summary() -> None:
     assert deadline is not None
     gw.on_timer(deadline)
     assert [kw["suppressed"] for kw in _events(log, "flow.events_suppressed")] == [4]
+
+
+def test_tcp_forward_flow_is_reported_inbound_once_the_guest_accepts() -> None:
+    gw, log = new_gateway()
+    g = Guest(gw, dst=GW_IP, dport=45678, sport=8080)
+    g.feed(g.frame(RST, seq=1))  # natd learns the guest's MAC
+    flow = gw.tcp.open_inbound(GUEST, 8080, GW_IP, 45678, g.now)
+    assert flow is not None
+    g.flow = flow
+    (syn,) = [s for s in g.drain().segs if s.flags & SYN]
+    assert not _events(log, "flow.open")  # not before the guest accepted
+    g.seq, g.ack = 5000, (syn.seq + 1) & M32
+    g.send(SYN | ACK)
+    (opened,) = _events(log, "flow.open")
+    assert opened["direction"] == "in" and opened["guest"] == "10.0.2.15:8080"
+    assert opened["remote"] == "10.0.2.2:45678"
+    g.send(ACK, b"0123456789")
+    g.now += 1.0
+    g.send(RST | ACK)
+    (closed,) = _events(log, "flow.close")
+    assert closed["direction"] == "in" and closed["bytes_out"] == 10
+    assert closed["reason"] == "guest_reset" and closed["duration"] == 1.0
