@@ -696,9 +696,11 @@ class TcpEngine:
             del self.per_guest[flow.guest_ip]
 
     def _log_open(self, flow: TcpFlow, now: float) -> None:
+        inbound = flow.inbound
+        host = None if inbound else f"{flow.target[0]}:{flow.target[1]}"  # where natd dialled
         self.link.events.flow_open(
             "tcp", flow.id, flow.guest_ip, flow.guest_port, flow.remote_ip, flow.remote_port,
-            now, direction="in" if flow.inbound else "out",
+            now, direction="in" if inbound else "out", host=host,
         )  # fmt: skip
 
     def _log_close(self, flow: TcpFlow, reason: str, now: float) -> None:

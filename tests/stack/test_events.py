@@ -42,6 +42,7 @@ def test_tcp_flow_open_and_close_carry_bytes_duration_reason() -> None:
     assert opened["proto"] == "tcp" and opened["direction"] == "out"
     assert opened["guest"] == f"10.0.2.15:{g.sport}"
     assert opened["remote"] == f"{endpoint(REMOTE_IP, None)}:80"
+    assert opened["host"] == f"{endpoint(REMOTE_IP, None)}:80"  # re-originated as is
     (closed,) = _events(log, "flow.close")
     assert closed["flow"] == opened["flow"] == g.flow
     assert closed["bytes_out"] == len(b"request")
