@@ -55,7 +55,16 @@ def apply_reload(
         restart.append("limits.tcp_buffer_bytes")
     new_limits = dataclasses.replace(new.limits, tcp_buffer_bytes=old.limits.tcp_buffer_bytes)
     if restart:
-        log.warning("reload.restart_required", trigger=trigger, changed=restart, applied=False)
+        # After --runas natd could not apply these even if it tried: say where the way back is.
+        why = (
+            None
+            if old.runas is None
+            else f"natd runs as {old.runas.user} (--runas); "
+            + ("a new TAP, namespace or network needs root, which only a restart brings back")
+        )
+        log.warning(
+            "reload.restart_required", trigger=trigger, changed=restart, applied=False, why=why
+        )
     applied: list[str] = []
     fresh = settings_from_config(new)
     current = gateway.settings

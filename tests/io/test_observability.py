@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_forwards import running_daemon, write_config
 
 from natd import __version__
 from natd.config.model import Config
@@ -101,3 +103,13 @@ async def test_a_taken_metrics_port_is_a_start_error(tmp_path: Path) -> None:
     with pytest.raises(StartError, match="cannot write capture"):
         await obs.start([])
     await obs.close()  # nothing started: closing is a no-op, not an error
+
+
+async def test_a_reload_after_runas_says_why_it_needs_a_restart(tmp_path: Path) -> None:
+    conf = tmp_path / "net.toml"
+    write_config(conf, [], extra='[process]\nrunas = "nobody"\n')
+    with running_daemon(asyncio.get_running_loop(), conf) as (daemon, _gw, log):
+        write_config(conf, [], extra='[process]\nrunas = "nobody"\n[network]\nmtu = 1400\n')
+        assert daemon.reload("test")["restart_required"] == ["mtu"]
+        (warning,) = log.named("reload.restart_required")
+        assert "natd runs as nobody (--runas)" in warning["why"]
