@@ -87,6 +87,8 @@ def stats_view(gateway: Gateway, shell: Shell, forwards: ForwardManager, started
         "tap": shell.tap.name,
         "leases": len(gateway.dhcp.leases(shell.now())),
         "tcp_flows": gateway.tcp.flow_count,
+        "tcp_time_wait": len(gateway.tcp.time_wait_table),
+        "memory": gateway.tcp.budget.summary(),
         "udp_flows": len(gateway.udp),
         "forwards": len(forwards.active),
         "limits": dataclasses.asdict(gateway.settings.limits),

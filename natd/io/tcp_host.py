@@ -10,10 +10,12 @@ One asyncio (uvloop) transport per flow. The core decides everything; this modul
   kernel, so after each write and on each resume the core learns exactly how many guest bytes
   the host kernel has taken (``on_host_accepted``) and opens the guest's window by that much.
 * ``TcpPause`` / ``TcpResume`` → ``pause_reading`` / ``resume_reading`` (the guest's side is
-  full / drained).
+  full / drained, or the memory budget is spent / has room again).
 * ``TcpShutdown`` → ``write_eof`` (shutdown(SHUT_WR) once the buffer is flushed).
 * ``TcpClose`` → ``close`` (graceful, flushes), or with ``abort`` an RST: SO_LINGER 0, then
   ``abort``. The flow is forgotten first, so no event for it reaches the core afterwards.
+  Once what the memory budget holds has fallen well below its high-water mark (flows closed
+  after a burst), freed heap memory is handed back to the system (``natd.io.memory.Trimmer``).
 
 Host events go into the core as ``gateway.tcp.on_host_*`` calls followed by ``shell.kick()``.
 """
@@ -29,6 +31,7 @@ import socket
 import struct
 from typing import Any, cast
 
+from natd.io.memory import Trimmer
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpPause, TcpResume, TcpSend, TcpShutdown
 
@@ -37,6 +40,7 @@ CONNECT_TIMEOUT = 10.0
 # host socket answers a request within microseconds, so a request/response round trip costs
 # one TAP write instead of two (``TcpEngine.delayed_ack``).
 DELAYED_ACK = 0.001
+TRIM_DELAY = 0.05  # after a burst of closes, give memory back this much later (once)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # glibc mallopt parameters (<malloc.h>)
 _M_TRIM_THRESHOLD = -1
@@ -150,6 +154,8 @@ class TcpHost:
         self.connect_timeout = CONNECT_TIMEOUT
         self.conns: dict[int, _Conn] = {}
         self.connecting: dict[int, _Pending] = {}
+        self.trimmer = Trimmer(self.engine.budget)
+        self._trim_handle: asyncio.Handle | None = None
         tune_allocator()
 
     # -- the HostSide protocol ---------------------------------------------------------------
@@ -179,9 +185,19 @@ class TcpHost:
                     conn.transport.write_eof()
         elif isinstance(op, TcpClose):
             self._close(op.flow, op.abort)
+            if self._trim_handle is None and self.trimmer.due():
+                # After this flush, when the closed transports have let go of their buffers.
+                self._trim_handle = self.loop.call_later(TRIM_DELAY, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        self.trimmer.trim()
 
     def close(self) -> None:
         """Shutdown: reset every host connection, cancel every connect."""
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
         for flow in list(self.conns):
             self._close(flow, abort=True)
         for pending in self.connecting.values():

@@ -25,13 +25,14 @@ FALLBACK_PER_GUEST = FALLBACK_TOTAL // 4
 class Budget:
     """One global and one per-guest byte budget (guests keyed by address ``bytes``)."""
 
-    __slots__ = ("by_guest", "pauses", "peak", "per_guest", "squeezes", "total", "used")
+    __slots__ = ("by_guest", "mark", "pauses", "peak", "per_guest", "squeezes", "total", "used")
 
     def __init__(self, total: int, per_guest: int) -> None:
         self.total = total if total > 0 else FALLBACK_TOTAL
         self.per_guest = per_guest if per_guest > 0 else min(FALLBACK_PER_GUEST, self.total)
         self.used = 0
         self.peak = 0
+        self.mark = 0  # high-water mark since the shell last gave memory back (``note_trim``)
         self.by_guest: dict[bytes, int] = {}
         self.pauses = 0  # host sockets paused because the budget was spent
         self.squeezes = 0  # windows advertised smaller than the flow could take, for the budget
@@ -44,8 +45,10 @@ class Budget:
     def charge(self, guest: bytes, n: int) -> None:
         used = self.used + n
         self.used = used
-        if used > self.peak:
-            self.peak = used
+        if used > self.mark:
+            self.mark = used
+            if used > self.peak:
+                self.peak = used
         by_guest = self.by_guest
         by_guest[guest] = by_guest.get(guest, 0) + n
 
@@ -68,6 +71,10 @@ class Budget:
 
     def over(self, guest: bytes) -> bool:
         return self.room(guest) <= 0
+
+    def note_trim(self) -> None:
+        """The shell handed freed memory back to the system: start a new high-water mark."""
+        self.mark = self.used
 
     def held_by(self, guest: bytes) -> int:
         return self.by_guest.get(guest, 0)

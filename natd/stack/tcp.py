@@ -573,7 +573,7 @@ class TcpEngine:
         options = build_tcp_options(mss=self.our_mss, wscale=self.rcv_wscale)
         segment = build_tcp(
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, flow.iss, 0, SYN,
-            min(self.limit, self.rx_share, 0xFFFF), options=options,
+            self._syn_window(flow.guest_ip), options=options,
         )  # fmt: skip
         self.link.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
 
@@ -638,13 +638,17 @@ class TcpEngine:
         """SYN-ACK with our MSS (MTU - 40) and, if the guest offered scaling, our scale."""
         wscale = flow.rcv_wscale if flow.snd_wscale or flow.rcv_wscale else None
         options = build_tcp_options(mss=self.our_mss, wscale=wscale)
-        window = min(self.limit, self.rx_share, 0xFFFF)
+        window = self._syn_window(flow.guest_ip)
         flow.rcv_adv = flow.rcv_nxt + window
         segment = build_tcp(
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, flow.iss,
             flow.rcv_nxt, SYN | ACK, window, options=options,
         )  # fmt: skip
         self.link.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+
+    def _syn_window(self, guest: bytes) -> int:
+        """The (unscaled) window of a SYN or SYN-ACK: what one flow may have, in the budget."""
+        return min(self.limit, self.rx_share, 0xFFFF, self.budget.room(guest))
 
     def challenge_ack(self, flow: TcpFlow, now: float) -> None:
         """RFC 5961 ACK, rate-limited engine-wide."""
