@@ -13,6 +13,7 @@ from typing import Any
 from natd.config import Config, Forward
 from natd.io.dns_upstream import DnsUpstream
 from natd.io.forwards import ForwardSpec
+from natd.io.memory import resolve_limits
 from natd.io.ping_host import PingHost
 from natd.io.shell import HostSide, Shell
 from natd.io.tap import TapError, TapLink, adopt_tap_fd, open_tap
@@ -48,7 +49,7 @@ def settings_from_config(cfg: Config, *, tso: bool = False) -> GatewaySettings:
         static_leases=static,
         dns_upstreams=tuple(cfg.dns_upstreams),
         tso=tso,
-        limits=cfg.limits,
+        limits=resolve_limits(cfg.limits),
         policy=policy_from_config(cfg),
     )
 

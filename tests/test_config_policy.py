@@ -22,6 +22,7 @@ from natd.config import (
     render_config,
 )
 from natd.daemon import Daemon
+from natd.io.memory import resolve_limits
 from natd.stack.gateway import Gateway
 from natd.stack.policy import HOST, Policy, PolicyRule
 from natd.stack.settings import Limits
@@ -81,7 +82,9 @@ def test_config_limits_are_the_core_limits_type() -> None:
     """One type, not a mirror: what the config holds is what the core enforces."""
     cfg = load_config(None, {}, resolv_conf=NO_RESOLV)
     assert type(cfg.limits) is Limits
-    assert settings_from_config(cfg).limits is cfg.limits
+    limits = settings_from_config(cfg).limits
+    # the same values, with the memory budget's "auto" (0) sized from the machine
+    assert limits == resolve_limits(cfg.limits) and limits.memory_budget > 0
 
 
 def test_policy_section_parses_in_order(tmp_path: Path) -> None:
@@ -216,7 +219,8 @@ def test_render_round_trips_the_defaults(tmp_path: Path) -> None:
 def test_settings_from_config_maps_policy_and_limits(tmp_path: Path) -> None:
     cfg = load(write(tmp_path, POLICY + "\n[limits]\nmax_tcp_flows = 5\nmax_dns_pending = 9\n"))
     s = settings_from_config(cfg)
-    assert s.limits == Limits(max_tcp_flows=5, max_dns_pending=9)
+    assert s.limits == resolve_limits(Limits(max_tcp_flows=5, max_dns_pending=9))
+    assert s.limits.memory_budget > 0  # 0 in the file: sized from the machine
     assert s.policy == Policy(
         rules=(
             PolicyRule("allow", IPv4Network("198.51.100.0/24"), (1000, 2000), "tcp"),

@@ -67,6 +67,9 @@ _T = TypeVar("_T")
 _LIMIT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "tcp_buffer_bytes": (65536, 1 << 30),
     "udp_idle_timeout": (1, 7 * 86400),
+    # bytes natd may buffer for flows, in all / per guest; 0 = sized from the machine
+    "memory_budget": (0, None),
+    "memory_budget_per_guest": (0, None),
 }
 
 
