@@ -170,9 +170,10 @@ class TcpEngine:
         # 4-tuple → (expiry, natd's next seq, natd's rcv_nxt, old flow id); insertion order =
         # expiry order (every entry lives ``time_wait``; a re-armed one is re-inserted).
         self.time_wait_table: dict[tuple[bytes, int, bytes, int], tuple[float, int, int, int]] = {}
-        # Flows the budget holds back (host reads paused, or window squeezed), by id, oldest
-        # first; ``wake`` revisits them when bytes are given back.
-        self._starved: dict[int, TcpFlow] = {}
+        # Flows the budget holds back (host reads paused, or window squeezed), per guest, by
+        # id, oldest first; ``wake`` revisits them when bytes are given back, skipping a guest
+        # without room at once (a hog's thousands of flows cost nothing per credit).
+        self._starved: dict[bytes, dict[int, TcpFlow]] = {}
         self._wake_at = 0.0
         self._heap: list[tuple[float, int]] = []
         self._dirty: list[TcpFlow] = []
@@ -214,14 +215,24 @@ class TcpEngine:
 
     def starve(self, flow: TcpFlow) -> None:
         """``flow`` waits for budget room (its host reads are paused or its window squeezed)."""
-        self._starved[flow.id] = flow
+        waiting = self._starved.get(flow.guest_ip)
+        if waiting is None:
+            self._starved[flow.guest_ip] = {flow.id: flow}
+        else:
+            waiting[flow.id] = flow
+
+    def _unstarve(self, flow: TcpFlow) -> None:
+        waiting = self._starved.get(flow.guest_ip)
+        if waiting is not None and waiting.pop(flow.id, None) is not None and not waiting:
+            del self._starved[flow.guest_ip]
 
     def squeezed(self, flow: TcpFlow) -> None:
         """``flow`` advertised less window than it could take, for the budget."""
-        if flow.id not in self._starved:
+        waiting = self._starved.get(flow.guest_ip)
+        if waiting is None or flow.id not in waiting:
             self.budget.squeezes += 1
             self.counters["tcp.budget_window_squeezes"] += 1
-            self._starved[flow.id] = flow
+            self.starve(flow)
 
     def resume_room(self) -> int:
         """Room a guest needs before a paused host socket is read again (about one read)."""
@@ -231,35 +242,38 @@ class TcpEngine:
         """``flow``'s own buffer drained: read its host socket again if the budget allows."""
         if self.budget.room(flow.guest_ip) >= self.resume_room():
             flow.host_paused = False
-            self._starved.pop(flow.id, None)
+            self._unstarve(flow)
             self.link.outbox.ops.append(TcpResume(flow.id))
         else:
-            self._starved[flow.id] = flow
+            self.starve(flow)
 
     def wake(self, now: float) -> None:
         """Bytes were given back: resume paused host reads and reopen squeezed windows, oldest
         first, as far as the room goes (one read's worth per resumed socket)."""
         self._wake_at = 0.0
         budget = self.budget
-        need = step = self.resume_room()
+        step = self.resume_room()
         half = self.limit // 2
-        for flow_id, flow in list(self._starved.items()):
-            if budget.total - budget.used < need:
+        free = budget.total - budget.used
+        ops = self.link.outbox.ops
+        for guest, waiting in list(self._starved.items()):
+            if free < step:
                 break
-            if flow.state == CLOSED:
-                del self._starved[flow_id]
-                continue
-            room = budget.room(flow.guest_ip)
-            if room < need:
-                continue
-            del self._starved[flow_id]
-            # (a socket paused for its own full buffer is resumed by its ACKs: ``try_resume``)
-            if flow.host_paused and len(flow.sndbuf) <= half:
-                flow.host_paused = False
-                self.link.outbox.ops.append(TcpResume(flow_id))
-                need += step  # the next one needs room for its own read as well
-            if flow.state == ESTABLISHED and not flow.guest_fin:
-                flow.send_ack()  # a window update: the budget has room again
+            room = min(free, budget.per_guest - budget.by_guest.get(guest, 0))
+            for flow_id, flow in list(waiting.items()):
+                if room < step:
+                    break
+                del waiting[flow_id]
+                # (a socket paused for its own full buffer is resumed by its ACKs)
+                if flow.host_paused and len(flow.sndbuf) <= half:
+                    flow.host_paused = False
+                    ops.append(TcpResume(flow_id))
+                    room -= step  # the next one needs room for its own read as well
+                    free -= step
+                if flow.state == ESTABLISHED and not flow.guest_fin:
+                    flow.send_ack()  # a window update: the budget has room again
+            if not waiting:
+                del self._starved[guest]
 
     # -- guest segments ----------------------------------------------------------------------
 
@@ -777,7 +791,7 @@ class TcpEngine:
             self.counters["tcp.reset"] += 1
         flow.state = CLOSED
         flow.release(now)
-        self._starved.pop(flow.id, None)
+        self._unstarve(flow)
         del self.flows[flow.key]
         del self.by_id[flow.id]
 
