@@ -101,7 +101,12 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.forgotten:
             host = self.host
-            host.engine.on_host_data(self.flow, data, host.shell.now())
+            engine = host.engine
+            engine.on_host_data(self.flow, data, host.shell.now())
+            if engine.host_paused(self.flow) and self.transport is not None:
+                # Now, not at the flush: libuv reads a readable socket up to 32 times in a
+                # row, so a pause that waits for the TcpPause op lets megabytes more in.
+                self.transport.pause_reading()
             host.shell.kick()
 
     def eof_received(self) -> bool:

@@ -736,6 +736,11 @@ class TcpEngine:
         if flow is not None and flow.state in _HOST_ACTIVE:
             flow.on_host_data(data, now)
 
+    def host_paused(self, flow_id: int) -> bool:
+        """True when the flow's host socket must not be read (buffer full or budget spent)."""
+        flow = self.by_id.get(flow_id)
+        return flow is not None and flow.host_paused
+
     def on_host_eof(self, flow_id: int, now: float) -> None:
         flow = self.by_id.get(flow_id)
         if flow is not None and flow.state in _HOST_ACTIVE:

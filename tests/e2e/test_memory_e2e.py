@@ -15,6 +15,7 @@ servers and forwards are on this namespace's 127.0.0.1. Conditions are polled wi
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -28,8 +29,10 @@ from test_forwards_e2e import configure, ctl, free_port, listening_ports, start_
 from test_tcp_e2e import wait_listening
 
 MiB = 1 << 20
-BUDGET = 32 * MiB
+# The budget configured for the test; bench/ROBUSTNESS.md also ran it at other sizes.
+BUDGET = int(os.environ.get("NATD_TEST_BUDGET_MIB", "32")) * MiB
 FLOWS = 50
+READ = 256 * 1024  # one host read (uvloop's buffer): what a flow may take past the budget
 
 # Host server: every connection gets 1 MiB blocks as fast as the kernel takes them, until the
 # peer goes away.
@@ -120,9 +123,7 @@ def poll(what: str, check: Callable[[], Any], timeout: float) -> Any:
 def _natd_with_budget(start_guest: Callable[..., Guest], tmp_path: Path) -> tuple[Guest, str]:
     control = str(tmp_path / "ctl.sock")
     config = tmp_path / "natd.toml"
-    config.write_text(
-        f"[limits]\nmemory_budget = {BUDGET}\nmemory_budget_per_guest = {BUDGET}\n"
-    )
+    config.write_text(f"[limits]\nmemory_budget = {BUDGET}\nmemory_budget_per_guest = {BUDGET}\n")
     guest = start_guest("--config", str(config), "--control", control)
     guest.configure_static()
     return guest, control
@@ -166,10 +167,10 @@ def test_50_stalled_downloads_stay_within_the_budget_and_memory_comes_back(
         stats = ctl(control, "stats")
         memory = stats["memory"]
         assert stats["tcp_flows"] == FLOWS
-        # one host read (256 KiB) per flow may land after the budget is crossed
-        assert memory["peak"] <= BUDGET + FLOWS * 256 * 1024, memory
+        # each flow still reading when the budget is crossed may bring one more read
+        assert memory["peak"] <= BUDGET + FLOWS * READ, memory
         during = peak - before
-        assert during <= BUDGET + 24 * MiB, (before, peak)
+        assert during <= BUDGET + FLOWS * READ + 16 * MiB, (before, peak)
         # the guest goes away: every flow closes, the budget empties, memory is given back
         stall.stdin.write("close\n")
         stall.stdin.flush()
