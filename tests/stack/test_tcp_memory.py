@@ -5,6 +5,7 @@ Fake clock, bytes in, frames and ops out (``tcp_helpers``).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from tcp_helpers import ACK, FIN, GUEST_IP, M32, REMOTE_IP, RST, SYN, Guest, new_gateway
@@ -274,3 +275,32 @@ def test_forward_client_reusing_its_port_in_time_wait_gets_a_new_connection() ->
         g.advance(1.3)
     assert gw.counters["tcp.time_wait_reused"] == 2
     assert "drop.tcp.inbound_collision" not in gw.counters
+
+
+def test_zero_window_under_budget_pressure_is_aborted_after_the_timeout() -> None:
+    # The guest answers every probe, but it holds its whole budget hostage: after the timeout
+    # that one is reset (counted), unlike the same flow with room to spare (test_tcp.py).
+    limits = {"memory_budget": 256 * KIB, "memory_budget_per_guest": 256 * KIB}
+    g = _stalled(limits, 40000)
+    gw = g.gw
+    g.host_data(b"z" * 256 * KIB)
+    assert gw.tcp.budget.over(GUEST_IP)
+    closed = None
+    for _ in range(100):
+        out = g.advance(30.0)
+        if any(s.payload == b"" and s.seq == (g.ack - 1) & M32 for s in out.segs):
+            g.send(ACK)
+        if out.ops_of(TcpClose):
+            closed = out
+            break
+    assert closed is not None and closed.ops_of(TcpClose)[0].abort
+    assert gw.counters["tcp.zero_window_abort.budget"] == 1
+    assert gw.tcp.budget.used == 0
+
+
+def test_a_reload_resizes_the_budget() -> None:
+    gw, _ = new_gateway(memory_budget=1 << 20, memory_budget_per_guest=1 << 19)
+    assert (gw.tcp.budget.total, gw.tcp.budget.per_guest) == (1 << 20, 1 << 19)
+    limits = dataclasses.replace(gw.settings.limits, memory_budget=4 << 20)
+    gw.apply_settings(dataclasses.replace(gw.settings, limits=limits))
+    assert gw.tcp.budget.total == 4 << 20
