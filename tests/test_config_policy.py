@@ -147,6 +147,9 @@ ERRORS = [
      "must be between 1 and 604800, got 0.5"),
     ("[limits]\ntcp_buffer_bytes = 1000\n", 2, "limits.tcp_buffer_bytes",
      "must be between 65536 and 1073741824, got 1000"),
+    ("[limits]\nmemory_budget = -1\n", 2, "limits.memory_budget", "must be at least 0, got -1"),
+    ("[limits]\nmemory_budget_per_guest = 1.5\n", 2, "limits.memory_budget_per_guest",
+     "expected an integer, got float"),
     ("limits = 3\n", 1, "limits", "expected a table, got integer"),
     ("[policy]\nrestrict = 'yes'\n", 2, "policy.restrict", "expected a boolean, got string"),
     ("[policy]\ndefault = 'block'\n", 2, "policy.default",
@@ -278,3 +281,12 @@ def test_reload_of_the_tcp_buffer_size_needs_a_restart(tmp_path: Path) -> None:
     assert gw.settings.limits.tcp_buffer_bytes == Limits().tcp_buffer_bytes
     assert gw.settings.limits.max_tcp_flows == 8 and gw.tcp.limits.max_tcp_flows == 8
     assert daemon.cfg.limits.tcp_buffer_bytes == Limits().tcp_buffer_bytes
+
+
+def test_memory_budget_keys_reach_the_core(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "[limits]\nmemory_budget = 67108864\n"))
+    limits = settings_from_config(cfg).limits
+    # per guest left at 0 ("auto"): a quarter of the configured global budget
+    assert (limits.memory_budget, limits.memory_budget_per_guest) == (64 << 20, 16 << 20)
+    gw = Gateway(settings_from_config(cfg))
+    assert (gw.tcp.budget.total, gw.tcp.budget.per_guest) == (64 << 20, 16 << 20)
