@@ -29,7 +29,7 @@ when other flows give bytes back. Nothing acknowledged or read is ever dropped f
 Zero window (RFC 9293 3.8.6.1, RFC 1122 4.2.2.17): a guest that keeps answering the persist
 probes keeps its connection however long its window stays shut. After
 ``zero_window_timeout`` the flow is aborted only if the host side has finished (natd holds the
-rest only for a guest that will not take it: an orphan) or the guest's budget is spent.
+rest only for a guest that will not take it: an orphan) or the guest's budget is (all but) spent.
 """
 
 from __future__ import annotations
@@ -772,15 +772,26 @@ class TcpFlow:
     # -- guest data in -----------------------------------------------------------------------
 
     def _deliver(self, data: memoryview, now: float) -> None:
-        """Take in-order bytes: hold them for the host, advance ``rcv_nxt``."""
+        """Take in-order bytes: hold them for the host, advance ``rcv_nxt``.
+
+        Beyond what natd promised and can hold, the segment is trimmed; over budget even
+        promised bytes are (they are not acknowledged yet: the guest sends them again). The
+        promises of many flows together could otherwise exceed the budget.
+        """
         n = len(data)
         eng = self.eng
-        free = eng.limit - (self.issued - self.accepted)
+        rcv_nxt = self.rcv_nxt
         room = eng.budget.room(self.guest_ip)
-        limit_edge = self.rcv_nxt + (free if free < room else room)
-        edge = self.rcv_adv if self.rcv_adv > limit_edge else limit_edge
-        if self.rcv_nxt + n > edge:  # beyond what we promised and can hold: trim
-            n = edge - self.rcv_nxt
+        if n > room:
+            eng.counters["drop.tcp.over_budget"] += 1
+            n = room
+        free = eng.limit - (self.issued - self.accepted)
+        edge = rcv_nxt + free
+        if edge < self.rcv_adv:
+            edge = self.rcv_adv
+        if rcv_nxt + n > edge:
+            n = edge - rcv_nxt
+        if n < len(data):
             if n <= 0:
                 return
             data = data[:n]
@@ -803,6 +814,9 @@ class TcpFlow:
             end = self.rcv_adv
             data = data[: end - start]
             fin = False
+        if end - start > self.eng.budget.room(self.guest_ip):
+            self.eng.counters["drop.tcp.over_budget"] += 1  # not acknowledged: resent later
+            return
         if fin:
             self.ooo_fin = end
         if end <= start:
@@ -1079,8 +1093,8 @@ class TcpFlow:
             why = ""
             if self.host_eof:
                 why = "orphan"
-            elif eng.budget.over(self.guest_ip):
-                why = "budget"
+            elif eng.budget.room(self.guest_ip) < eng.resume_room():
+                why = "budget"  # under pressure: not even one host read's room is left
             if why:
                 eng.counters["tcp.zero_window_abort." + why] += 1
                 eng.abort(self, "zero_window_" + why, now)

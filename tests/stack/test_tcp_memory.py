@@ -304,3 +304,26 @@ def test_a_reload_resizes_the_budget() -> None:
     limits = dataclasses.replace(gw.settings.limits, memory_budget=4 << 20)
     gw.apply_settings(dataclasses.replace(gw.settings, limits=limits))
     assert gw.tcp.budget.total == 4 << 20
+
+
+def test_promised_window_is_not_taken_over_budget_until_room_returns() -> None:
+    # The upload flow was promised a window while the budget had room; then a download to a
+    # guest that does not read took it all. The promised bytes are not ACKed (the guest sends
+    # them again), so the promises of many flows cannot add up past the budget.
+    limits = {"memory_budget": 256 * KIB, "memory_budget_per_guest": 256 * KIB}
+    up = Guest(new_gateway(**limits)[0], sport=40001)
+    gw = up.gw
+    synack = up.establish()
+    assert synack.window >= 16 * KIB
+    hog = _stalled({}, 40000, gw)
+    hog.host_data(b"h" * 256 * KIB)
+    s0 = up.seq
+    out = up.send(ACK, b"u" * 2000)
+    assert out.ops == [] and out.only().ack == s0  # dropped, not acknowledged
+    assert gw.counters["drop.tcp.over_budget"] == 1
+    out = up.feed(up.frame(ACK, b"v" * 1000, seq=(s0 + 3000) & M32))  # out of order: same
+    assert gw.counters["drop.tcp.over_budget"] == 2 and gw.tcp.by_id[up.flow].ooo_bytes == 0
+    hog.send(RST, seq=hog.seq)
+    out = up.send(ACK, b"u" * 2000, seq=s0)  # the guest's retransmission
+    assert out.ops == [TcpSend(up.flow, b"u" * 2000)]
+    assert out.only().ack == (s0 + 2000) & M32
