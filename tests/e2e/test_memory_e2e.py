@@ -151,19 +151,19 @@ def test_50_stalled_downloads_stay_within_the_budget_and_memory_comes_back(
         )  # fmt: skip
         assert stall.stdout is not None and stall.stdin is not None
         assert stall.stdout.readline().strip() == "open"
-        # natd fills the budget, then pauses the host reads: the figures settle.
+        # natd fills the budget, then pauses the host reads: the figures settle (the same
+        # bytes held at two readings in a row, the RSS sampled at every reading).
         peak = 0
+        last = -1
 
-        def settled() -> dict[str, Any] | None:
-            nonlocal peak
+        def settled() -> bool:
+            nonlocal peak, last
             peak = max(peak, rss(natd.pid))
             memory: dict[str, Any] = ctl(control, "stats")["memory"]
-            return memory if memory["used"] >= BUDGET * 3 // 4 and memory["pauses"] else None
+            used, last = last, memory["used"]
+            return used == last and used >= BUDGET * 3 // 4 and memory["pauses"] > 0
 
-        memory = poll("the budget to fill", settled, 30)
-        for _ in range(20):  # a while longer at the limit: nothing more is read
-            peak = max(peak, rss(natd.pid))
-            time.sleep(0.1)
+        poll("the budget to fill and natd to stop reading", settled, 30)
         stats = ctl(control, "stats")
         memory = stats["memory"]
         assert stats["tcp_flows"] == FLOWS
