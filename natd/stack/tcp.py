@@ -70,11 +70,16 @@ Host events (called by the shell's ``TcpHost``, which then calls ``shell.kick()`
 * ``on_host_error(flow, err, now)`` — the host socket failed or was reset: RST the guest.
 * ``on_host_accepted(flow, total, now)`` — the host kernel has taken ``total`` bytes of guest
   data so far (bytes written minus the transport's write buffer); opens the window.
+* ``host_paused(flow)`` — asked by the shell right after ``on_host_data``: stop reading this
+  host socket now (its buffer is full or the budget is spent), not only at the next flush.
 
 Counters (``link.counters``): ``tcp.opened``, ``tcp.closed``, ``tcp.refused``,
 ``tcp.unreachable``, ``tcp.reset`` (flows ended by a reset either way), ``tcp.rst_sent``,
 ``tcp.retransmits``, ``tcp.fast_retransmits``, ``tcp.rto``, ``tcp.syn_absorbed``,
-``tcp.challenge_acks``, ``tcp.window_probes``, ``tcp.keepalive_probes`` and ``drop.tcp.<why>``.
+``tcp.challenge_acks``, ``tcp.window_probes``, ``tcp.keepalive_probes``, the memory budget's
+``tcp.budget_pauses`` and ``tcp.budget_window_squeezes``, ``tcp.zero_window_abort.<orphan|budget>``,
+``tcp.time_wait_reused``, ``tcp.time_wait_evicted``, ``tcp.ooo_duplicate`` and
+``drop.tcp.<why>`` (``drop.tcp.over_budget``: a guest segment not taken, so not acknowledged).
 The open-flow gauge is ``TcpEngine.flow_count``.
 """
 
