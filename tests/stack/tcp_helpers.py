@@ -15,7 +15,7 @@ import dpkt
 from helpers import RecordingLog, check_ipv4, transport_ok
 
 from natd.stack.gateway import Gateway
-from natd.stack.ops import HostOp
+from natd.stack.ops import HostOp, TcpClose
 from natd.stack.settings import GatewaySettings, Limits
 from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
 from natd.wire.ipv4 import PROTO_TCP, build_ipv4
@@ -161,6 +161,22 @@ class Guest:
         self.now += seconds
         self.gw.on_timer(self.now)
         return self.drain()
+
+    def answer_probes(self, seconds: float, *, answer: bool = True) -> tuple[Out | None, int]:
+        """Run the clock on in 30 s steps, ACKing every window probe natd sends (``answer``),
+        until natd closes the flow or ``seconds`` have passed: (the closing step, probes seen).
+        """
+        probes = 0
+        end = self.now + seconds
+        while self.now < end:
+            out = self.advance(30.0)
+            seen = sum(1 for s in out.segs if s.payload == b"" and s.seq == (self.ack - 1) & M32)
+            probes += seen
+            if seen and answer:
+                self.send(ACK)  # the guest answers the probe: its window is still shut
+            if out.ops_of(TcpClose):
+                return out, probes
+        return None, probes
 
     # -- handshakes --------------------------------------------------------------------------
 

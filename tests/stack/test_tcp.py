@@ -16,7 +16,6 @@ from tcp_helpers import (
     RST,
     SYN,
     Guest,
-    Out,
     Seg,
     mss_of,
     new_gateway,
@@ -470,33 +469,14 @@ def test_zero_window_is_probed_with_backoff_and_data_resumes() -> None:
     assert sum(len(s.payload) for s in out.segs) == 3000
 
 
-def _zero_window_flow(hours: float, *, answer: bool = True) -> tuple[Guest, Out | None, int]:
-    """A guest that never opens its window; ``answer``: it ACKs every persist probe.
-
-    Runs the fake clock ``hours`` on (or until natd closes the flow): the close's step and how
-    many probes the guest saw.
-    """
+def test_zero_window_answered_keeps_the_connection_far_beyond_the_old_timeout() -> None:
+    # RFC 9293 3.8.6.1 / RFC 1122 4.2.2.17: as long as the guest answers the probes, the
+    # connection stays, however long its window is shut (the old code reset it after 600 s).
     g = established()
     g.window = 0
     g.send(ACK)
     g.host_data(b"W" * 10)
-    probes = 0
-    end = g.now + hours * 3600
-    while g.now < end:
-        out = g.advance(30.0)
-        seen = sum(1 for s in out.segs if s.payload == b"" and s.seq == (g.ack - 1) & M32)
-        probes += seen
-        if seen and answer:
-            g.send(ACK)  # the guest answers the probe: still zero
-        if out.ops_of(TcpClose):
-            return g, out, probes
-    return g, None, probes
-
-
-def test_zero_window_answered_keeps_the_connection_far_beyond_the_old_timeout() -> None:
-    # RFC 9293 3.8.6.1 / RFC 1122 4.2.2.17: as long as the guest answers the probes, the
-    # connection stays, however long its window is shut (the old code reset it after 600 s).
-    g, closed, probes = _zero_window_flow(3.0)
+    closed, probes = g.answer_probes(3 * 3600)
     assert closed is None
     assert state_of(g.gw.tcp, g.flow) == "ESTABLISHED"
     assert probes >= 3 * 60  # probed all along, backoff capped at 60 s
@@ -514,14 +494,7 @@ def test_zero_window_orphan_is_aborted_after_the_timeout() -> None:
     g.host_data(b"W" * 10)
     g.gw.tcp.on_host_eof(g.flow, g.now)  # the host side is done: only the guest holds it open
     g.drain()
-    closed = None
-    for _ in range(100):
-        out = g.advance(30.0)
-        if any(s.payload == b"" and s.seq == (g.ack - 1) & M32 for s in out.segs):
-            g.send(ACK)
-        if out.ops_of(TcpClose):
-            closed = out
-            break
+    closed, _probes = g.answer_probes(3000)
     assert closed is not None and closed.ops_of(TcpClose)[0].abort
     assert any(s.has(RST) for s in closed.segs)
     assert g.now - 100.0 >= g.gw.tcp.zero_window_timeout
