@@ -8,7 +8,19 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from tcp_helpers import ACK, FIN, GUEST_IP, M32, REMOTE_IP, RST, SYN, Guest, new_gateway
+from tcp_helpers import (
+    ACK,
+    FIN,
+    GUEST_IP,
+    M32,
+    OTHER_IP,
+    OTHER_MAC,
+    REMOTE_IP,
+    RST,
+    SYN,
+    Guest,
+    new_gateway,
+)
 
 from natd.stack.budget import Budget
 from natd.stack.ops import TcpClose, TcpConnect, TcpPause, TcpResume, TcpSend
@@ -320,3 +332,18 @@ def test_promised_window_is_not_taken_over_budget_until_room_returns() -> None:
     out = up.send(ACK, b"u" * 2000, seq=s0)  # the guest's retransmission
     assert out.ops == [TcpSend(up.flow, b"u" * 2000)]
     assert out.only().ack == (s0 + 2000) & M32
+
+
+def test_a_guest_over_its_budget_does_not_squeeze_another_guest() -> None:
+    limits = {"memory_budget": 1 << 20, "memory_budget_per_guest": 256 * KIB}
+    hog = _stalled(limits, 40000)
+    gw = hog.gw
+    out = hog.host_data(b"h" * 300 * KIB)
+    assert out.ops == [TcpPause(hog.flow)]  # the hog's guest is over its own budget
+    other = Guest(gw, ip=OTHER_IP, mac=OTHER_MAC, sport=40000)
+    synack = other.establish()
+    assert synack.window == 0xFFFF  # the other guest still gets a full window
+    out = other.host_data(b"o" * 200 * KIB)
+    assert out.ops_of(TcpPause) == []  # and its downloads are read on
+    assert other.take(out) and gw.tcp.budget.held_by(OTHER_IP) == 200 * KIB
+    assert gw.tcp.budget.held_by(GUEST_IP) == 300 * KIB
