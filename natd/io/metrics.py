@@ -50,7 +50,6 @@ from prometheus_client.registry import Collector
 
 from natd import __version__
 from natd.stack.gateway import Gateway
-from natd.stack.tcp_flow import TIME_WAIT
 
 # Counter prefixes with a family of their own: ``tcp.retransmits`` → natd_tcp_events_total.
 _EVENT_FAMILIES = ("tcp", "udp", "ping", "arp", "icmp", "forward", "dhcp", "dns", "tx", "poller")
@@ -187,9 +186,10 @@ class NatdCollector(Collector):
         open_in: Counter[str] = Counter()
         for f in list(gw.tcp.by_id.values()):
             states["tcp", f.state_name()] += 1
-            if f.state != TIME_WAIT:  # a TIME-WAIT flow's bytes are in the closed totals
-                open_out["tcp"] += f.bytes_to_host
-                open_in["tcp"] += f.bytes_to_guest
+            open_out["tcp"] += f.bytes_to_host
+            open_in["tcp"] += f.bytes_to_guest
+        if gw.tcp.time_wait_table:  # 4-tuples, not flows: their bytes are in the closed totals
+            states["tcp", "TIME-WAIT"] += len(gw.tcp.time_wait_table)
         for row in gw.udp.flows():
             states["udp", "forward" if row.get("direction") == "in" else "open"] += 1
             out, into = row.get("bytes_out", 0), row.get("bytes_in", 0)
