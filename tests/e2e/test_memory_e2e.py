@@ -29,8 +29,10 @@ from test_forwards_e2e import configure, ctl, free_port, listening_ports, start_
 from test_tcp_e2e import wait_listening
 
 MiB = 1 << 20
-# The budget configured for the test; bench/ROBUSTNESS.md also ran it at other sizes.
-BUDGET = int(os.environ.get("NATD_TEST_BUDGET_MIB", "32")) * MiB
+# The budget configured for the test; bench/ROBUSTNESS.md also ran it at other sizes. At 24 MiB
+# the memory freed after the burst stays below glibc's own 32 MB trim threshold, so the test
+# also shows that natd hands it back itself (``natd.io.memory.Trimmer``).
+BUDGET = int(os.environ.get("NATD_TEST_BUDGET_MIB", "24")) * MiB
 FLOWS = 50
 READ = 256 * 1024  # one host read (uvloop's buffer): what a flow may take past the budget
 
