@@ -347,3 +347,21 @@ def test_a_guest_over_its_budget_does_not_squeeze_another_guest() -> None:
     assert out.ops_of(TcpPause) == []  # and its downloads are read on
     assert other.take(out) and gw.tcp.budget.held_by(OTHER_IP) == 200 * KIB
     assert gw.tcp.budget.held_by(GUEST_IP) == 300 * KIB
+
+
+def test_out_of_order_ranges_are_bounded_in_number_and_by_the_window() -> None:
+    g = Guest(new_gateway()[0])
+    g.establish()
+    gw = g.gw
+    flow = gw.tcp.by_id[g.flow]
+    s0 = g.seq
+    for k in range(300):  # 1-byte islands with gaps: at most OOO_MAX_RANGES kept
+        g.feed(g.frame(ACK, b"i", seq=(s0 + 2 + 2 * k) & M32))
+    assert len(flow.ooo_starts) == 256 and flow.ooo_bytes == 256
+    assert gw.counters["drop.tcp.ooo_full"] == 44
+    other = Guest(gw, sport=40001)
+    other.establish()
+    flow = gw.tcp.by_id[other.flow]
+    window = flow.rcv_adv - flow.rcv_nxt  # past the advertised window: not kept
+    other.feed(other.frame(ACK, b"x" * 100, seq=(other.seq + window - 10) & M32))
+    assert flow.ooo_bytes == 10 and gw.tcp.budget.used == 256 + 10
