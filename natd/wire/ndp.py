@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from natd.wire.checksum import Buf
 from natd.wire.dhcp import encode_domain_search, encode_name
 from natd.wire.errors import Malformed
-from natd.wire.icmpv6 import Icmpv6Message, build_icmpv6
+from natd.wire.icmpv6 import ICMPV6_HLEN, Icmpv6Message, build_icmpv6
 from natd.wire.ipv6 import IPV6_HLEN, IPV6_MIN_MTU
 from natd.wire.names import decode_names
 
@@ -330,7 +330,7 @@ def build_ra(
     if mtu is not None:
         parts.append(encode_option(OPT_MTU, _MTU_BODY.pack(mtu)))
     parts.extend(prefix_option(info) for info in prefixes)
-    room = max_size - 4 - sum(map(len, parts))
+    room = max_size - ICMPV6_HLEN - sum(map(len, parts))
     if room < 0:
         raise ValueError(f"a Router Advertisement does not fit in {max_size} bytes")
     servers = min(len(rdnss), (room - 8) // 16)
@@ -445,4 +445,5 @@ __all__ = [
     "parse_ndp_options",
     "prefix_option",
     "rdnss_option",
+    "solicited_node",
 ]

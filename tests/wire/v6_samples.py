@@ -148,3 +148,31 @@ def slow_parse6(raw: bytes | bytearray | memoryview, verify: bool = True) -> obj
         msg = parse_icmpv6(ip.src, ip.dst, l4, verify)
         return parse_ndp(msg) if 133 <= msg.type <= 137 else msg
     return ip
+
+
+def tcpdump_decode(frames: list[bytes]) -> list[str]:
+    """tcpdump's own verbose decoding of ``frames`` (an independent parser), one string per
+    frame with its continuation lines joined. The pcap goes through stdin, so tcpdump's drop
+    of privileges cannot keep it from reading a file."""
+    import io
+    import subprocess
+
+    buf = io.BytesIO()
+    writer = dpkt.pcap.Writer(buf)
+    for raw in frames:
+        writer.writepkt(raw, ts=0)
+    done = subprocess.run(
+        ["tcpdump", "-r", "-", "-n", "-vv", "-t"],
+        input=buf.getvalue(),
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    out: list[str] = []
+    for line in done.stdout.decode().splitlines():
+        if line[:1].isspace() and out:
+            out[-1] += " " + line.strip()
+        else:
+            out.append(line)
+    assert len(out) == len(frames), out
+    return out
