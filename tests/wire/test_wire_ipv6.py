@@ -72,14 +72,16 @@ def _plain(payload: bytes, nxt: int, ext: bytes = b"", first: int = 0) -> bytes:
 # -- the fixed header ----------------------------------------------------------------------------
 
 
+FIELDS = {
+    "payload": st.binary(max_size=300),
+    "hlim": st.integers(0, 255),
+    "fc": st.integers(0, 255),
+    "flow": st.integers(0, 0xFFFFF),
+}
+
+
 @settings(deadline=None)
-@given(
-    payload=st.binary(max_size=300),
-    hlim=st.integers(0, 255),
-    fc=st.integers(0, 255),
-    flow=st.integers(0, 0xFFFFF),
-    nxt=st.sampled_from([PROTO_NONE, 253, 254]),
-)
+@given(**FIELDS, nxt=st.sampled_from([PROTO_NONE, 253, 254]))
 def test_parse_matches_dpkt(payload: bytes, hlim: int, fc: int, flow: int, nxt: int) -> None:
     ip = dpkt.ip6.IP6(src=GUEST6, dst=REMOTE6, nxt=nxt, hlim=hlim, fc=fc, flow=flow, data=payload)
     ip.plen = len(payload)
@@ -97,12 +99,7 @@ def test_parse_matches_dpkt(payload: bytes, hlim: int, fc: int, flow: int, nxt: 
 
 
 @settings(deadline=None)
-@given(
-    payload=st.binary(max_size=300),
-    hlim=st.integers(0, 255),
-    fc=st.integers(0, 255),
-    flow=st.integers(0, 0xFFFFF),
-)
+@given(**FIELDS)
 def test_build_parsed_by_dpkt(payload: bytes, hlim: int, fc: int, flow: int) -> None:
     raw = build_ipv6(
         REMOTE6, GUEST6, PROTO_NONE, payload, hop_limit=hlim, traffic_class=fc, flow_label=flow
