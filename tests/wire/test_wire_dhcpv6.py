@@ -63,6 +63,7 @@ from natd.wire.dhcpv6 import (
 )
 from natd.wire.ethernet import parse_ethernet
 from natd.wire.ipv6 import IPV6_MIN_MTU, PROTO_UDP, build_ipv6, parse_ipv6
+from natd.wire.names import decode_names
 from natd.wire.udp import build_udp, parse_udp
 
 NATD_MAC = bytes.fromhex("020000000001")
@@ -395,3 +396,43 @@ def test_client_message_rules(kind: int, options: list[bytes], reason: str | Non
         with pytest.raises(Malformed) as info:
             check_client_message(msg)
         assert info.value.reason == reason
+
+
+def test_plain_name_lists() -> None:
+    assert decode_names(b"\x01a\x00\x02bc\x00\x00", "x.bad") == ["a", "bc", ""]
+    long_name = b"".join(b"\x3f" + b"z" * 63 for _ in range(4)) + b"\x00"
+    assert len(long_name) == 257
+    with pytest.raises(Malformed) as info:
+        decode_names(long_name, "x.bad")
+    assert info.value.reason == "x.bad"
+    fits = b"".join(b"\x3f" + b"z" * 63 for _ in range(3)) + b"\x3d" + b"z" * 61 + b"\x00"
+    assert len(fits) == 255 and len(decode_names(fits, "x.bad")[0]) == 253
+
+
+addresses = st.builds(
+    IaAddress,
+    st.binary(min_size=16, max_size=16),
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    st.none() | st.builds(Status, st.integers(0, 0xFFFF), st.text(max_size=20)),
+)
+
+
+@settings(deadline=None)
+@given(
+    xid=st.integers(0, 0xFFFFFF),
+    client=st.binary(min_size=1, max_size=DUID_MAX - 2),
+    ias=st.lists(
+        st.tuples(st.integers(0, 0xFFFFFFFF), st.lists(addresses, max_size=3)), max_size=4
+    ),
+    oro=st.lists(st.integers(0, 0xFFFF), max_size=8),
+)
+def test_round_trip(
+    xid: int, client: bytes, ias: list[tuple[int, list[IaAddress]]], oro: list[int]
+) -> None:
+    options = [encode_option(OPT_CLIENTID, b"\x00\x09" + client), encode_oro(oro)]
+    options += [encode_ia_na(iaid, 1, 2, addrs) for iaid, addrs in ias]
+    msg = parse_dhcpv6(build_dhcpv6(REQUEST, xid, options))
+    assert (msg.msg_type, msg.xid, msg.client_id) == (REQUEST, xid, b"\x00\x09" + client)
+    assert msg.oro == tuple(oro)
+    assert msg.ia_na == tuple(IaNa(iaid, 1, 2, tuple(addrs)) for iaid, addrs in ias)
