@@ -4,6 +4,7 @@
 #                       Alert), DAD Neighbour Solicitations (with a nonce), Router Solicitations;
 #   dhclient6.pcap      dhclient -6 -S (Information-request, DUID-LL) and dhclient -6 (Solicit
 #                       with IA_NA, DUID-LLT); the UDP checksums are partial (veth offload).
+# dhclient runs with -sf /bin/true: it must not touch the host's resolv.conf.
 # Everything happens inside a namespace created here and deleted on exit. Run as root from
 # this directory.
 set -eu
@@ -37,8 +38,8 @@ until_count kernel_dad_rs.pcap 'router solicitation' 2
 kill "$last"
 
 dump dhclient6.pcap 'udp port 547'
-ip netns exec "$ns" dhclient -6 -S -1 -d -lf "$work/l1" -pf "$work/p1" v6wa >"$work/o1" 2>&1 &
+ip netns exec "$ns" dhclient -6 -S -1 -d -sf /bin/true -lf "$work/l1" -pf "$work/p1" v6wa >"$work/o1" 2>&1 &
 pids="$pids $!"
-ip netns exec "$ns" dhclient -6 -1 -d -lf "$work/l2" -pf "$work/p2" v6wa >"$work/o2" 2>&1 &
+ip netns exec "$ns" dhclient -6 -1 -d -sf /bin/true -lf "$work/l2" -pf "$work/p2" v6wa >"$work/o2" 2>&1 &
 pids="$pids $!"
 until_count dhclient6.pcap dhcp6 2
