@@ -22,10 +22,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from natd.wire.checksum import Buf
-from natd.wire.dhcp import encode_domain_search, encode_name
+from natd.wire.dhcp import encode_domain_search
 from natd.wire.errors import Malformed
 from natd.wire.ipv6 import IPV6_HLEN
-from natd.wire.names import decode_names
+from natd.wire.names import decode_names, names_that_fit
 from natd.wire.udp import UDP_HLEN
 
 DHCPV6_CLIENT_PORT = 546
@@ -390,12 +390,7 @@ def build_reply(
     if servers > 0:
         parts.append(encode_option(OPT_DNS_SERVERS, b"".join(dns_servers[:servers])))
         room -= 4 + 16 * servers
-    names = encoded = 0
-    for name in domains:
-        size = len(encode_name(name))
-        if 4 + encoded + size > room:
-            break
-        names, encoded = names + 1, encoded + size
+    names = names_that_fit(domains, room, OPTION_HDR.size)
     if names:
         parts.append(encode_option(OPT_DOMAIN_LIST, encode_domain_search(domains[:names])))
     return build_dhcpv6(msg_type, xid, parts)

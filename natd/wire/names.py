@@ -2,12 +2,16 @@
 
 DHCPv6's Domain Search List (RFC 3646 §4, RFC 8415 §10) and the RA's DNSSL option (RFC 8106
 §5.2) both carry names back to back, each ending in the root label, and both forbid compression
-pointers. Encoding is ``natd.wire.dhcp.encode_domain_search`` (the same format); this decodes.
+pointers. Encoding is ``natd.wire.dhcp.encode_domain_search`` (the same format); this decodes,
+and says how many names fit in a size-limited reply.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from natd.wire.checksum import Buf
+from natd.wire.dhcp import encode_name
 from natd.wire.errors import Malformed
 
 MAX_NAME = 255
@@ -41,4 +45,16 @@ def decode_names(data: Buf, reason: str) -> list[str]:
     return names
 
 
-__all__ = ["MAX_NAME", "decode_names"]
+def names_that_fit(names: Sequence[str], room: int, overhead: int, unit: int = 1) -> int:
+    """How many of ``names``, in order, fit in ``room`` bytes as one option: ``overhead`` bytes
+    of option header, then the encoded names, the whole padded to a multiple of ``unit``."""
+    count = encoded = 0
+    for name in names:
+        encoded += len(encode_name(name))
+        if -(-(overhead + encoded) // unit) * unit > room:
+            break
+        count += 1
+    return count
+
+
+__all__ = ["MAX_NAME", "decode_names", "names_that_fit"]

@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from natd.wire.checksum import Buf
-from natd.wire.dhcp import encode_domain_search, encode_name
+from natd.wire.dhcp import encode_domain_search
 from natd.wire.errors import Malformed
 from natd.wire.icmpv6 import ICMPV6_HLEN, Icmpv6Message, build_icmpv6
 from natd.wire.ipv6 import IPV6_HLEN, IPV6_MIN_MTU
-from natd.wire.names import decode_names
+from natd.wire.names import decode_names, names_that_fit
 
 ND_ROUTER_SOLICIT = 133
 ND_ROUTER_ADVERT = 134
@@ -337,12 +337,7 @@ def build_ra(
     if servers > 0:
         parts.append(rdnss_option(rdnss_lifetime, rdnss[:servers]))
         room -= 8 + 16 * servers
-    names = encoded = 0
-    for name in dnssl:
-        size = len(encode_name(name))
-        if (8 + encoded + size + 7) & ~7 > room:
-            break
-        names, encoded = names + 1, encoded + size
+    names = names_that_fit(dnssl, room, 8, 8)  # type, length, reserved, lifetime
     if names:
         parts.append(dnssl_option(dnssl_lifetime, dnssl[:names]))
     return build_icmpv6(src, dst, ND_ROUTER_ADVERT, 0, word, b"".join(parts))
