@@ -297,6 +297,24 @@ def _kv(text: str) -> dict[str, str]:
     return out
 
 
+def await_script(
+    proc: subprocess.Popen[str], out: Path, log: Path, timeout: float, what: str
+) -> dict[str, str]:
+    """Wait (bounded) until a DHCP client's script has written ``out``, stop the client by PID,
+    and return the variables the script recorded; ``what`` (and the client's log) if not."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not out.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise CommandFailed(
+                    f"{what} (exit {proc.poll()}):\n{log.read_text(errors='replace')}"
+                )
+            time.sleep(0.1)
+    finally:
+        stop_process(proc)
+    return _kv(out.read_text())
+
+
 class Guest(Netns):
     """A namespace acting as a guest machine, with DHCP client helpers."""
 
@@ -341,18 +359,8 @@ class Guest(Netns):
                  "-lf", str(lease), "-pf", str(pidfile), iface],
                 stdout=logf, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        try:
-            while not out.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise CommandFailed(
-                        f"dhclient in {self.name} got no lease "
-                        f"(exit {proc.poll()}):\n{log.read_text(errors='replace')}"
-                    )
-                time.sleep(0.1)
-        finally:
-            stop_process(proc)
-        return _kv(out.read_text()), lease.read_text() if lease.exists() else ""
+        recorded = await_script(proc, out, log, timeout, f"dhclient in {self.name} got no lease")
+        return recorded, lease.read_text() if lease.exists() else ""
 
     def configure_static(self, addr: str = f"{FIRST_LEASE}/24", iface: str = "tap0") -> None:
         """Give the guest an address by hand (tests that are not about DHCP)."""

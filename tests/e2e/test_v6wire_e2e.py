@@ -15,13 +15,12 @@ import os
 import select
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Netns, _kv, stop_process
+from harness import Netns, await_script
 from test_faults_e2e import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,15 +62,7 @@ class Link:
                  "-lf", str(self.workdir / "leases6"), "-pf", str(self.workdir / "pid6"), "v6wa"],
                 stdout=logf, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        try:
-            while not out.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"dhclient -6 {flags} got nothing:\n{log.read_text()}")
-                time.sleep(0.1)
-        finally:
-            stop_process(proc)
-        return _kv(out.read_text())
+        return await_script(proc, out, log, timeout, f"dhclient -6 {flags} got nothing")
 
 
 def _addresses(ns: Netns, iface: str) -> list[dict[str, object]]:
