@@ -31,6 +31,7 @@ import socket
 import struct
 from typing import Any, cast
 
+from natd.io.fds import flow_socket
 from natd.io.memory import Trimmer
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpPause, TcpResume, TcpSend, TcpShutdown
@@ -216,7 +217,7 @@ class TcpHost:
         if self.connecting.pop(conn.flow, None) is None:  # closed while connecting
             conn.forgotten = True
             if conn.transport is not None:
-                conn.transport.abort()
+                _abort(conn.transport)
             return
         self.conns[conn.flow] = conn
         if not conn.inbound:
@@ -234,11 +235,13 @@ class TcpHost:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         except OSError as exc:
-            sock.close()
+            reset_close(sock)
             self.engine.on_host_error(flow, exc.errno or errno.ECONNRESET, self.shell.now())
             self.shell.kick()
             return
-        self.connecting[flow] = _Pending(task=self.loop.create_task(self._adopt(flow, sock)))
+        pending = _Pending(task=self.loop.create_task(self._adopt(flow, sock)))
+        pending.accepted = sock
+        self.connecting[flow] = pending
 
     async def _adopt(self, flow: int, sock: socket.socket) -> None:
         try:
@@ -246,7 +249,7 @@ class TcpHost:
                 lambda: _Conn(self, flow, inbound=True), sock=sock
             )
         except OSError as exc:
-            sock.close()
+            reset_close(sock)
             if self.connecting.pop(flow, None) is not None:
                 self.engine.on_host_error(flow, exc.errno or errno.ECONNRESET, self.shell.now())
                 self.shell.kick()
@@ -264,15 +267,10 @@ class TcpHost:
         conn = self.forget(flow)
         if conn is None or conn.transport is None:
             return
-        transport = conn.transport
         if abort:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            transport.abort()
+            _abort(conn.transport)
         else:
-            transport.close()
+            conn.transport.close()
 
     def _connect(self, op: TcpConnect) -> None:
         """A non-blocking ``connect()``; no task, no future, no loop turn when it can be helped.
@@ -286,8 +284,8 @@ class TcpHost:
         flow = op.flow
         family = socket.AF_INET6 if ":" in op.host else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: refuse this flow (RST), keep serving
+            sock = flow_socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE/ENFILE (or the reserve)/ENOBUFS: RST, keep serving
             self._connect_failed(flow, exc.errno or errno.EMFILE)
             return
         try:
@@ -371,6 +369,13 @@ class TcpHost:
         if pending.timer is not None:
             pending.timer.cancel()
             pending.timer = None
+        if pending.accepted is not None:
+            # A forward's client whose guest gave up before its transport existed. Cancelling
+            # the task could close the socket with a FIN (a client would read a clean end);
+            # it finishes instead, and ``connected`` (the flow is no longer waited for) or
+            # ``_adopt``'s failure path resets the client.
+            _linger_reset(pending.accepted)
+            return
         if pending.task is not None:
             pending.task.cancel()  # the task closes its socket
             return
@@ -402,7 +407,7 @@ def _connect_state(sock: socket.socket) -> int:
 class _Pending:
     """A connect in progress: the socket and timer while it waits, or the task wrapping it."""
 
-    __slots__ = ("sock", "task", "timer")
+    __slots__ = ("accepted", "sock", "task", "timer")
 
     def __init__(
         self, sock: socket.socket | None = None, task: asyncio.Task[None] | None = None
@@ -410,3 +415,24 @@ class _Pending:
         self.sock = sock
         self.task = task
         self.timer: asyncio.TimerHandle | None = None
+        self.accepted: socket.socket | None = None  # a forward's client being adopted
+
+
+def _linger_reset(sock: socket.socket) -> None:
+    """SO_LINGER 0: the close of this socket, whoever does it, sends an RST, not a FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with an RST: a client must never mistake a refusal for a clean end."""
+    _linger_reset(sock)
+    sock.close()
+
+
+def _abort(transport: asyncio.Transport) -> None:
+    """Abort a transport with an RST (SO_LINGER 0 first; ``abort`` alone may send a FIN)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        _linger_reset(sock)
+    transport.abort()

@@ -29,3 +29,5 @@ class Limits:
     # from the machine by the daemon (``natd.io.memory``).
     memory_budget: int = 0
     memory_budget_per_guest: int = 0
+    # Live connections through one port forward: its own bound, not the guest's egress one.
+    max_inbound_per_forward: int = 1024

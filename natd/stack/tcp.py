@@ -121,6 +121,7 @@ _UNREACH_HOST_ERRNOS = frozenset(
     {errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
 )
 _UNREACH_NET_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN})
+_NO_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 _HOST_ACTIVE = frozenset({SYN_RCVD, ESTABLISHED, SYN_SENT})
@@ -558,9 +559,6 @@ class TcpEngine:
         if len(self.flows) >= limits.max_tcp_flows:
             self.counters["drop.tcp.flow_limit"] += 1
             return None
-        if self.per_guest.get(guest_ip, 0) >= limits.max_tcp_flows_per_guest:
-            self.counters["drop.tcp.guest_flow_limit"] += 1
-            return None
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id,
@@ -577,7 +575,8 @@ class TcpEngine:
         flow.snd_nxt = flow.snd_max = flow.iss + 1
         self.flows[key] = flow
         self.by_id[flow_id] = flow
-        self.per_guest[guest_ip] = self.per_guest.get(guest_ip, 0) + 1
+        # Not counted in per_guest: forward clients have their own bound (the shell's
+        # max_inbound_per_forward) and must not use up the guest's egress flows.
         log.debug("tcp.open")
         self.send_syn(flow)
         flow.rtx_at = now + 1.0
@@ -722,7 +721,8 @@ class TcpEngine:
         elif err in _UNREACH_HOST_ERRNOS:
             code = UNREACH_HOST
         if code is None:
-            self.counters["tcp.refused"] += 1
+            # Out of descriptors is natd's failure, not the host's refusal: counted apart.
+            self.counters["tcp.no_descriptor" if err in _NO_FD_ERRNOS else "tcp.refused"] += 1
             self.send_rst_for(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
                               0, flow.rcv_nxt, RST | ACK)  # fmt: skip
             reason = "refused" if err == errno.ECONNREFUSED else f"connect_error:{err}"
@@ -807,6 +807,8 @@ class TcpEngine:
 
     def _forget_guest(self, flow: TcpFlow) -> None:
         """The flow stops counting toward its guest's limit."""
+        if flow.inbound:
+            return  # forward clients never counted (open_inbound)
         left = self.per_guest[flow.guest_ip] - 1
         if left:
             self.per_guest[flow.guest_ip] = left

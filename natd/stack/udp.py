@@ -57,7 +57,7 @@ from natd.stack.flowtable import FlowTable, TableBound
 from natd.stack.link import Link
 from natd.stack.ops import UdpClose, UdpSend
 from natd.wire.fastpath import DPORT, DST_IP, PAYLOAD_END, SPORT, SRC_IP, FastFrame, l4_checksum_ok
-from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_PORT, build_icmp_error
+from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_ADMIN, UNREACH_PORT, build_icmp_error
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, IPv4Header, build_ipv4
 from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
 
@@ -335,11 +335,27 @@ class UdpEngine:
         origin = dst if code == UNREACH_PORT else self.link.settings.gateway_ip
         self._send_unreachable(f.guest_ip, dst, f.guest_port, port, payload, code, mtu, origin)
 
-    def on_host_failed(self, flow: int, now: float) -> None:
+    def on_host_failed(
+        self, flow: int, now: float, refused: tuple[str, int, bytes] | None = None
+    ) -> None:
+        """The host side could not open the flow's socket (out of descriptors): close it.
+
+        ``refused`` (host, port, payload) is the datagram that could not go out: the guest is
+        told at once with an ICMP "administratively prohibited" instead of waiting in vain.
+        """
         f = self._table.get_id(flow)
-        if f is not None:
-            self.link.counters["udp.host_failed"] += 1
-            self._close(f, "host_failed", tell_host=False)
+        if f is None:
+            return
+        self.link.counters["udp.host_failed"] += 1
+        if refused is not None:
+            host, port, payload = refused
+            dst = self._visible(f, host)
+            if dst is not None:
+                gateway = self.link.settings.gateway_ip
+                self._send_unreachable(
+                    f.guest_ip, dst, f.guest_port, port, payload, UNREACH_ADMIN, 0, gateway
+                )
+        self._close(f, "host_failed", tell_host=False)
 
     def _send_unreachable(
         self,
