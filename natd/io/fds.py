@@ -52,9 +52,12 @@ class DescriptorReserve:
             limit = soft_limit()
         self.ceiling = max(limit - self.reserve, 0)
 
-    def over(self, fd: int) -> bool:
-        """True (and counted) if a flow may not keep descriptor ``fd``."""
-        if fd < self.ceiling:
+    def over(self, fd: int, dip: int = 0) -> bool:
+        """True (and counted) if a flow may not keep descriptor ``fd``.
+
+        ``dip``: how far into the reserve this use may go (DNS queries take up to half of it).
+        """
+        if fd < self.ceiling + dip:
             return False
         self.refused += 1
         return True
