@@ -32,7 +32,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from natd.stack.flowtable import FlowTable, TableBound
+from natd.stack.flowtable import EvictionLog, FlowTable, TableBound
 from natd.stack.link import Link
 from natd.stack.ops import PingClose, PingSend
 from natd.wire.icmp import (
@@ -86,6 +86,7 @@ class PingEngine:
     def __init__(self, link: Link) -> None:
         self.link = link
         self._table: FlowTable[PingKey, PingFlow] = FlowTable(1024, 256)
+        self._evictions = EvictionLog(link, "ping.evicted")
 
     def on_guest_icmp(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
         """ICMP from the guest to an address other than the gateway's and the DNS's."""
@@ -115,6 +116,8 @@ class PingEngine:
         while (victim := self._table.victim(key[0])) is not None:
             self._close(*victim)
             self.link.counters["ping.evicted"] += 1
+            guest = str(ipaddress.IPv4Address(victim[0].guest_ip))
+            self._evictions.evicted(now, reason=victim[1], guest=guest)
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id,
@@ -136,8 +139,7 @@ class PingEngine:
         self._table.remove(flow)
         if tell_host:
             self.link.outbox.ops.append(PingClose(flow.id))
-        log = flow.log.info if reason.startswith("evicted") else flow.log.debug
-        log("ping.close", reason=reason, requests=flow.requests, replies=flow.replies)
+        flow.log.debug("ping.close", reason=reason, requests=flow.requests, replies=flow.replies)
         # Closed at its last echo (idle, evicted or failed): duration = first to last echo.
         self.link.events.flow_close(
             "icmp", flow.id, flow.guest_ip, None, flow.dst, None, flow.last_active,
@@ -189,6 +191,7 @@ class PingEngine:
         return None if oldest is None else oldest.last_active + self.idle_timeout
 
     def on_timer(self, now: float) -> None:
+        self._evictions.tick(now)
         while (flow := self._table.oldest()) is not None:
             if flow.last_active + self.idle_timeout > now:
                 return

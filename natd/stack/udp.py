@@ -53,7 +53,7 @@ import ipaddress
 from collections import OrderedDict
 from typing import Any
 
-from natd.stack.flowtable import FlowTable, TableBound
+from natd.stack.flowtable import EvictionLog, FlowTable, TableBound
 from natd.stack.link import Link
 from natd.stack.ops import UdpClose, UdpSend
 from natd.wire.fastpath import DPORT, DST_IP, PAYLOAD_END, SPORT, SRC_IP, FastFrame, l4_checksum_ok
@@ -70,6 +70,10 @@ _LOOPBACK = b"\x7f\x00\x00\x01"
 
 FlowKey = tuple[bytes, int, bool]  # guest ip, guest port, loopback policy
 InboundKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, shown source ip, source port
+
+
+def _guest_port(key: FlowKey | InboundKey) -> str:
+    return f"{ipaddress.IPv4Address(key[0])}:{key[1]}"
 
 
 class UdpInbound:
@@ -152,6 +156,7 @@ class UdpEngine:
         )
         self._inbound: OrderedDict[InboundKey, UdpInbound] = OrderedDict()
         self._inbound_by_id: dict[int, UdpInbound] = {}
+        self._evictions = EvictionLog(link, "udp.evicted")
         # The fast path (``on_guest_frame``): 4-tuples the slow path has already routed to a
         # flow — past the DHCP/DNS/broadcast/source/egress-policy checks — with where they go.
         # Emptied whenever one of those answers could change (a flow closes, an inbound flow
@@ -244,6 +249,8 @@ class UdpEngine:
         while (victim := self._table.victim(guest)) is not None:
             self._close(*victim)
             self.link.counters["udp.evicted"] += 1
+            gone = victim[0]
+            self._evictions.evicted(now, reason=victim[1], guest=_guest_port(gone.key))
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id, guest=f"{ipaddress.IPv4Address(guest)}:{key[1]}", loopback=key[2]
@@ -263,8 +270,7 @@ class UdpEngine:
         self._table.remove(flow)
         if tell_host:
             self.link.outbox.ops.append(UdpClose(flow.id))
-        log = flow.log.info if reason.startswith("evicted") else flow.log.debug
-        log("udp.close", reason=reason, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in)
+        flow.log.debug("udp.close", reason=reason, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in)
         # Closed at its last datagram (idle, evicted, failed): duration = first to last.
         remote = next(reversed(flow.peers), b"") if flow.peers else "-"
         self.link.events.flow_close(
@@ -407,8 +413,10 @@ class UdpEngine:
             self.link.counters["drop.udp.forward_collision"] += 1
             return None
         if len(self._inbound) >= self.max_flows:
-            self._close_inbound(next(iter(self._inbound.values())), "evicted")
+            gone_in = next(iter(self._inbound.values()))
+            self._close_inbound(gone_in, "evicted")
             self.link.counters["udp.evicted"] += 1
+            self._evictions.evicted(now, reason="evicted_forward", guest=_guest_port(gone_in.key))
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id,
@@ -514,6 +522,7 @@ class UdpEngine:
         return deadline
 
     def on_timer(self, now: float) -> None:
+        self._evictions.tick(now)
         if self._inbound:
             self._inbound_timer(now)
         while (flow := self._table.oldest()) is not None:
