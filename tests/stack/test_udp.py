@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from helpers import RecordingLog
 from udpdns_helpers import (
     DNS_IP,
     GATEWAY_IP,
@@ -245,22 +244,6 @@ def test_flood_of_destinations_stays_bounded() -> None:
     gw.take_outbox()
 
 
-class RecordingLog:
-    """A structlog-shaped logger keeping (level, event, fields); ``bind`` shares the record."""
-
-    def __init__(self, lines: list[tuple[str, str, dict[str, object]]] | None = None) -> None:
-        self.lines: list[tuple[str, str, dict[str, object]]] = [] if lines is None else lines
-
-    def bind(self, **_kw: object) -> RecordingLog:
-        return RecordingLog(self.lines)
-
-    def __getattr__(self, level: str) -> Any:
-        def record(event: str, **kw: object) -> None:
-            self.lines.append((level, event, kw))
-
-        return record
-
-
 def test_an_eviction_flood_logs_a_summary_per_interval_not_a_line_per_flow() -> None:
     log = RecordingLog()
     settings = GatewaySettings.for_cidr(
@@ -273,17 +256,17 @@ def test_an_eviction_flood_logs_a_summary_per_interval_not_a_line_per_flow() -> 
         gw.receive_frames([frame], now=i / 1000)
         gw.take_outbox()
     assert gw.counters["udp.evicted"] == n - 16
-    info = [(event, kw) for level, event, kw in log.lines if level != "debug"]
+    info = [(event, kw) for level, event, kw in log.records if level != "debug"]
     summaries = [kw for event, kw in info if event == "udp.evicted"]
     assert len(summaries) == 1  # the first at once; the rest wait for the interval
     assert len(info) <= 3
     gw.on_timer(11.0)  # the timer after the interval reports what was held back
-    summaries = [kw for level, event, kw in log.lines if event == "udp.evicted"]
+    summaries = [kw for _level, event, kw in log.records if event == "udp.evicted"]
     assert len(summaries) == 2
     assert sum(int(str(kw["evicted"])) for kw in summaries) == n - 16
     assert summaries[-1]["guest"] == f"10.0.2.15:{1024 + n - 17}"
     gw.on_timer(30.0)  # nothing more evicted: no more lines
-    assert len([1 for _l, event, _kw in log.lines if event == "udp.evicted"]) == 2
+    assert len([1 for _l, event, _kw in log.records if event == "udp.evicted"]) == 2
 
 
 def test_host_failed_with_the_datagram_answers_admin_prohibited() -> None:
