@@ -152,7 +152,9 @@ class Natd:
         ready_timeout: float = 15,
         wait_ready: bool = True,
         env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """``wrapper``: a program that execs natd (e.g. ``prlimit --nofile=N:N``)."""
         self.args = list(args)
         self._stderr = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as natd
             prefix="natd-stderr-", suffix=".log", delete=False
@@ -161,7 +163,7 @@ class Natd:
         prefix = netns_exec.exec_prefix() if netns_exec is not None else []
         ready_r, ready_w = os.pipe()
         argv = [
-            *prefix, sys.executable, "-c", NATD_MAIN, "run", *self.args,
+            *prefix, *wrapper, sys.executable, "-c", NATD_MAIN, "run", *self.args,
             "--ready-fd", str(ready_w), "--log-format", "json", "--log-level", "debug",
         ]  # fmt: skip
         self.argv = argv
