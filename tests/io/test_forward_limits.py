@@ -19,7 +19,6 @@ import uvloop
 from udpdns_pump import Pump
 
 from natd.config import Forward, load_config
-from natd.daemon import settings_from_config
 from natd.io.fds import RESERVE, RESERVED
 from natd.io.forwards import ForwardManager, listen_backlog
 from natd.io.tcp_host import TcpHost
@@ -28,6 +27,7 @@ from natd.stack.ops import TcpClose, TcpConnect
 from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet, parse_ethernet
 from natd.wire.ipv4 import build_ipv4, parse_ipv4
 from natd.wire.tcp import ACK, RST, SYN, build_tcp, parse_tcp
+from natd.wiring import forward_spec, settings_from_config
 
 GUEST_MAC = b"\x52\x54\x00\x12\x34\x56"
 GUEST = bytes((10, 0, 2, 15))
@@ -161,7 +161,7 @@ def test_a_client_closed_before_its_transport_exists_is_reset_not_closed(run: Ru
 
 async def _forward_clients_have_their_own_bound() -> None:
     gw, shell, _host, fm = rig(max_inbound_per_forward=3, max_tcp_flows_per_guest=2)
-    active = fm.add(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080), "config")
+    active = fm.add(forward_spec(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080)), "config")
     clients = []
     try:
         for _ in range(6):
@@ -192,7 +192,7 @@ def test_forward_clients_have_their_own_bound_apart_from_the_guests(run: Runner)
 
 async def _refused_guest_resets_every_client() -> None:
     gw, shell, _host, fm = rig()
-    active = fm.add(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080), "config")
+    active = fm.add(forward_spec(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080)), "config")
     clients = []
     try:
         for _ in range(40):
@@ -240,7 +240,7 @@ async def _no_descriptor_is_not_a_refusal() -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
-    active = fm.add(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080), "config")
+    active = fm.add(forward_spec(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080)), "config")
     client: Client | None = None
     try:
         with reserve_starts_at_next_fd():
