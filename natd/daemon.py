@@ -264,7 +264,9 @@ async def _serve(
         if not done.done():
             done.set_result((code, reason))
 
-    shell = Shell(loop, gateway, tap, log, on_tap_gone=lambda why: finish(1, f"tap gone: {why}"))
+    shell = Shell(
+        loop, gateway, tap, log, on_tap_gone=lambda why: finish(1, f"TAP {tap.name} is gone: {why}")
+    )
     try:
         sides = register_host_sides(loop, gateway, shell, log)
     except HostSideError as exc:
@@ -358,4 +360,6 @@ async def _serve(
     if shell.errors:
         counters["shell.errors"] = shell.errors
     log.info("stopped", reason=reason, exit_code=code, counters=counters)
+    if code != 0:  # a runtime failure (TAP or namespace gone): the one line for a person
+        error_line(f"natd: {reason}")
     return code
