@@ -41,8 +41,17 @@ from natd.io.control import (
     forward_handler,
     no_args,
 )
+from natd.io.fds import (
+    RESERVED,
+    DescriptorLimitError,
+    descriptors_in_use,
+    fit_limits,
+    follow_limit,
+    soft_limit,
+)
 from natd.io.forwards import ForwardError, ForwardManager
 from natd.io.netns import netns_identity
+from natd.io.periodic import every
 from natd.io.sdnotify import notify
 from natd.io.shell import Shell
 from natd.io.tap import TapError, TapLink
@@ -90,16 +99,30 @@ def raise_nofile_limit() -> tuple[int, int, int]:
     return soft, soft, hard
 
 
+def log_lowered(log: Any, moved: list[tuple[str, int, int]], why: str) -> None:
+    """The one line saying which default flow limits were lowered to fit the descriptors."""
+    if moved:
+        log.warning("limits.lowered", lowered={n: f"{a} -> {b}" for n, a, b in moved}, why=why)
+
+
 def run(cfg: Config) -> int:
     """Serve the virtual network described by ``cfg`` until a signal; the exit status."""
     log = structlog.get_logger("natd").bind(net=str(cfg.cidr))
-    settings = settings_from_config(cfg)
     try:
         lease_rows = read_leases(cfg)
     except LeaseFileError as exc:
         error_line(f"natd: {exc}")
         return 2
     before, now_soft, hard = raise_nofile_limit()
+    RESERVED.refresh()
+    RESERVED.own = descriptors_in_use()
+    try:
+        limits, moved, why = fit_limits(cfg.limits, now_soft, RESERVED.own)
+    except DescriptorLimitError as exc:
+        error_line(f"natd: {exc}")
+        return 2
+    cfg = dataclasses.replace(cfg, limits=limits)
+    settings = settings_from_config(cfg)
     try:
         tap = open_link(cfg)
     except TapError as exc:
@@ -108,6 +131,7 @@ def run(cfg: Config) -> int:
     settings = dataclasses.replace(settings, tso=tap.offloads)
     # Logged only now: a TAP failure must stay the one line on stderr.
     log.info("rlimit.nofile", soft_before=before, soft=now_soft, hard=hard)
+    log_lowered(log, moved, why)
     netns_id = netns_identity(cfg.netns) if cfg.netns and cfg.tap_fd is None else None
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -162,9 +186,12 @@ class Daemon:
     def _reload(self, trigger: str) -> dict[str, object]:
         try:
             new = reload_config(self.cfg)
-        except ConfigError as exc:
+            limits, moved, why = fit_limits(new.limits, soft_limit(), RESERVED.own)
+        except (ConfigError, DescriptorLimitError) as exc:
             self.log.error("reload.failed", trigger=trigger, error=str(exc))
-            raise
+            raise ConfigError(str(exc)) from exc
+        log_lowered(self.log, moved, why)
+        new = dataclasses.replace(new, limits=limits)
         self.cfg, result = apply_reload(
             self.cfg, new, self.gateway, self.forwards, self.log, trigger
         )
@@ -230,22 +257,14 @@ def _watch_netns(
 
     Returns a function that stops the watch.
     """
-    handle: asyncio.TimerHandle | None = None
 
-    def check() -> None:
-        nonlocal handle
-        if netns_identity(path) != identity:
-            handle = None
-            on_gone(f"network namespace {path} was deleted")
-            return
-        handle = loop.call_later(NETNS_CHECK_INTERVAL, check)
+    def check() -> bool:
+        if netns_identity(path) == identity:
+            return True
+        on_gone(f"network namespace {path} was deleted")
+        return False
 
-    def cancel() -> None:
-        if handle is not None:
-            handle.cancel()
-
-    handle = loop.call_later(NETNS_CHECK_INTERVAL, check)
-    return cancel
+    return every(loop, NETNS_CHECK_INTERVAL, check)
 
 
 async def _serve(
@@ -322,6 +341,7 @@ async def _serve(
             finish(1, why)
 
         stop_watch = _watch_netns(loop, cfg.netns, netns_id, netns_gone)
+    stop_following = follow_limit(loop, log)
     loop.add_signal_handler(signal.SIGTERM, finish, 0, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, finish, 0, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, daemon.on_sighup)
@@ -344,6 +364,7 @@ async def _serve(
         code, reason = await done
     finally:
         notify("STOPPING=1")
+        stop_following()
         if stop_watch is not None:
             stop_watch()
         if control is not None:

@@ -7,7 +7,8 @@ listen on this namespace's 127.0.0.1 and its host-side connections go to servers
 * 5,000 fast clients of a forward to a closed guest port, and clients of a forward to an
   address nobody answers for, each classified by what it reads: every one is reset (or
   refused), none reads a clean end of stream, none is left hanging.
-* Two guest addresses at their flow limits with natd's RLIMIT_NOFILE low (``prlimit``): the
+* Two guest addresses at their flow limits after natd's RLIMIT_NOFILE was lowered under it
+  (``prlimit --pid``; the reserve follows within a second): the
   connections past the descriptor reserve are refused at once and counted as
   ``tcp.no_descriptor`` (not ``tcp.refused``), natd stays inside its limit, and ``natd ctl
   stats`` still answers.
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import FIRST_LEASE, GATEWAY, NATD_MAIN, Guest, Natd
+from harness import FIRST_LEASE, GATEWAY, NATD_MAIN, Guest, Natd, unique_name
 
 RESET_ERRNOS = (errno.ECONNRESET, errno.ECONNREFUSED)
 
@@ -142,7 +143,7 @@ def guest_ns(tmp_path: Path) -> Iterator[Callable[[], Guest]]:
     made: list[Guest] = []
 
     def make() -> Guest:
-        guest = Guest(workdir=tmp_path / f"g{len(made)}")
+        guest = Guest(unique_name("natdfd"), workdir=tmp_path / f"g{len(made)}")
         guest.workdir.mkdir()
         made.append(guest)
         return guest
@@ -237,7 +238,7 @@ sys.stdin.read()  # hold the connections until the test closes stdin
 def test_two_guests_at_their_limits_with_few_descriptors_control_still_answers(
     guest_ns: Callable[[], Guest], natd_process: Callable[..., Natd], tmp_path: Path
 ) -> None:
-    nofile = 600
+    start_nofile, nofile = 1200, 600
     per_guest = 300
     guest = guest_ns()
     control = str(tmp_path / "ctl.sock")
@@ -245,8 +246,19 @@ def test_two_guests_at_their_limits_with_few_descriptors_control_still_answers(
     config.write_text(f"[limits]\nmax_tcp_flows_per_guest = {per_guest}\n")
     natd = natd_process(
         ["--config", str(config), "--netns", guest.path, "--control", control],
-        wrapper=["prlimit", f"--nofile={nofile}:{nofile}"],
+        wrapper=["prlimit", f"--nofile={start_nofile}:{start_nofile}"],
     )
+    # The limits natd planned for 1,200 descriptors: 2 x 300 flows fit...
+    planned = ctl(control, "stats")["limits"]
+    assert planned["max_tcp_flows"] >= 2 * per_guest
+    lowered = [e for e in natd.events() if e.get("event") == "limits.lowered"]
+    assert len(lowered) == 1 and "max_tcp_flows" in lowered[0]["lowered"]
+    # ...then the limit drops under natd (prlimit on the running process): the reserve follows.
+    subprocess.run(["prlimit", f"--pid={natd.pid}", f"--nofile={nofile}:{nofile}"], check=True)
+    deadline = time.monotonic() + 5
+    while not any(e.get("event") == "rlimit.nofile_changed" for e in natd.events()):
+        assert time.monotonic() < deadline, "natd did not follow the lowered RLIMIT_NOFILE"
+        time.sleep(0.05)
     guest.configure_static()
     guest.run(["ip", "addr", "add", "10.0.2.16/24", "dev", "tap0"])
     server = socket.socket()
@@ -266,8 +278,8 @@ def test_two_guests_at_their_limits_with_few_descriptors_control_still_answers(
         outcomes = dict(kv.split(":") for kv in line.split())
         counters = {**stats["counters"], **{f"drop.{k}": v for k, v in stats["drops"].items()}}
         print(
-            f"\nRLIMIT_NOFILE {nofile}, {per_guest} flows per guest, 2 guests x "
-            f"{per_guest + 20} connects: {outcomes}; natd peak fds {fds.peak}; "
+            f"\nRLIMIT_NOFILE {start_nofile} then {nofile}, {per_guest} flows per guest, "
+            f"2 guests x {per_guest + 20} connects: {outcomes}; natd peak fds {fds.peak}; "
             f"tcp_flows={stats.get('tcp_flows')}, tcp.no_descriptor="
             f"{counters.get('tcp.no_descriptor', 0)}, tcp.refused={counters.get('tcp.refused', 0)}"
             f", guest_flow_limit={counters.get('drop.tcp.guest_flow_limit', 0)}"
