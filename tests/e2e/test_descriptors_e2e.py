@@ -208,6 +208,35 @@ def test_forward_flood_every_client_reset_none_clean_none_hanging(
     assert fd_count(natd.pid) <= base
 
 
+def test_forward_flood_past_the_bound_every_client_reset_by_the_guest(
+    guest_ns: Callable[[], Guest], natd_process: Callable[..., Natd], tmp_path: Path
+) -> None:
+    """The same flood with a bound above it: every client reaches the guest, which refuses."""
+    guest = guest_ns()
+    control = str(tmp_path / "ctl.sock")
+    config = tmp_path / "natd.toml"
+    config.write_text("[limits]\nmax_inbound_per_forward = 8192\n")
+    natd = natd_process(
+        ["--config", str(config), "--netns", guest.path, "--forward", "tcp::0-:9",
+         "--control", control]
+    )  # fmt: skip
+    guest.configure_static()
+    (port,) = listening_ports(natd, 1).values()
+    with FdSampler(natd.pid) as fds:
+        t0 = time.monotonic()
+        results = flood(port, 5000, deadline=25)
+        took = time.monotonic() - t0
+    stats = ctl(control, "stats")
+    counters = stats["counters"]
+    print(
+        f"\nbound 8192: 5000 clients {dict(results)} in {took:.1f}s; natd peak fds {fds.peak}; "
+        f"tcp.refused_by_guest={counters.get('tcp.refused_by_guest', 0)}"
+    )
+    assert results == Counter(reset=5000), results
+    assert counters.get("tcp.refused_by_guest", 0) == 5000
+    assert counters.get("forward.inbound_limit", 0) == 0
+
+
 # -- two guests at their flow limits with few descriptors -------------------------------------
 
 HOLDER = r"""
