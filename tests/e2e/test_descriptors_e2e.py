@@ -282,6 +282,7 @@ def test_two_guests_at_their_limits_with_few_descriptors_control_still_answers(
     assert planned["max_tcp_flows"] >= 2 * per_guest
     lowered = [e for e in natd.events() if e.get("event") == "limits.lowered"]
     assert len(lowered) == 1 and "max_tcp_flows" in lowered[0]["lowered"]
+    print(f"\nlowered at start: {lowered[0]['lowered']} ({lowered[0]['why']})")
     # ...then the limit drops under natd (prlimit on the running process): the reserve follows.
     subprocess.run(["prlimit", f"--pid={natd.pid}", f"--nofile={nofile}:{nofile}"], check=True)
     deadline = time.monotonic() + 5
