@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import dpkt
 
+from fuzzframes import attacks
 from fuzzframes.frames import (
     BCAST_IP,
     BROADCAST_MAC,
@@ -244,7 +245,7 @@ class Fuzzer:
         self._gens: list[tuple[float, Callable[[], bytes]]] = [
             (3, self.gen_arp), (3, self.gen_dhcp), (2, self.gen_ping_gateway),
             (2, self.gen_ping_outside), (3, self.gen_udp), (4, self.gen_dns),
-            (3, self.gen_tcp_open), (9, self.gen_tcp_step),
+            (3, self.gen_tcp_open), (9, self.gen_tcp_step), (2, self.gen_attack),
         ]  # fmt: skip
         self._gen_weights = [w for w, _ in self._gens]
         for gen in (self.gen_arp, self.gen_dhcp, self.gen_dns, self.gen_udp, self.gen_ping_gateway,
@@ -466,6 +467,31 @@ class Fuzzer:
             q = dns_query(rng)
             return struct.pack("!H", len(q)) + q
         return rng.randbytes(rng.choice((1, 100, 536, 1460)))
+
+    def gen_attack(self) -> bytes:
+        """A frame of a guest posing as another one (``fuzzframes.attacks``, issue 10)."""
+        rng = self.rng
+        n = len(self.guest_ips)
+        victim = self._guest()
+        mac = self.guest_macs[(victim + rng.randrange(1, n)) % n]  # another guest's MAC
+        ip = self.guest_ips[victim]
+        r = rng.random()
+        if r < 0.2:
+            return attacks.arp_claim(rng, mac, ip)
+        if r < 0.45:
+            return attacks.spoofed_source(rng, mac, ip)
+        if r < 0.7:
+            ready = [c for c in self._tail_conns() if c.rcv_nxt is not None]
+            if ready:
+                c = rng.choice(ready)
+                other = self.guest_macs[(c.gi + rng.randrange(1, n)) % n]
+                return attacks.injected_segment(
+                    rng, other, self.guest_ips[c.gi], c.sport, c.dst, c.dport,
+                    c.snd_nxt, c.rcv_nxt or 0,
+                )  # fmt: skip
+        if r < 0.9:
+            return attacks.forged_dhcp(rng, mac, self.guest_macs[victim], ip)
+        return attacks.discover_flood(rng, 1)[0]
 
     def _tail_conns(self) -> list[Conn]:
         """The most recent connections (cheap: bounded slice of the ordered dict)."""
