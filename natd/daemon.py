@@ -99,6 +99,15 @@ def raise_nofile_limit() -> tuple[int, int, int]:
     return soft, soft, hard
 
 
+def fit_descriptors(cfg: Config) -> tuple[Config, list[tuple[str, int, int]], str]:
+    """``cfg`` with its flow limits fitted to RLIMIT_NOFILE now (``natd.io.fds.fit_limits``).
+
+    Start and reload both use it, so a reload never brings back a limit the start lowered.
+    """
+    limits, moved, why = fit_limits(cfg.limits, soft_limit(), RESERVED.own)
+    return dataclasses.replace(cfg, limits=limits), moved, why
+
+
 def log_lowered(log: Any, moved: list[tuple[str, int, int]], why: str) -> None:
     """The one line saying which default flow limits were lowered to fit the descriptors."""
     if moved:
@@ -117,11 +126,10 @@ def run(cfg: Config) -> int:
     RESERVED.refresh()
     RESERVED.own = descriptors_in_use()
     try:
-        limits, moved, why = fit_limits(cfg.limits, now_soft, RESERVED.own)
+        cfg, moved, why = fit_descriptors(cfg)
     except DescriptorLimitError as exc:
         error_line(f"natd: {exc}")
         return 2
-    cfg = dataclasses.replace(cfg, limits=limits)
     settings = settings_from_config(cfg)
     try:
         tap = open_link(cfg)
@@ -185,13 +193,11 @@ class Daemon:
 
     def _reload(self, trigger: str) -> dict[str, object]:
         try:
-            new = reload_config(self.cfg)
-            limits, moved, why = fit_limits(new.limits, soft_limit(), RESERVED.own)
+            new, moved, why = fit_descriptors(reload_config(self.cfg))
         except (ConfigError, DescriptorLimitError) as exc:
             self.log.error("reload.failed", trigger=trigger, error=str(exc))
             raise ConfigError(str(exc)) from exc
         log_lowered(self.log, moved, why)
-        new = dataclasses.replace(new, limits=limits)
         self.cfg, result = apply_reload(
             self.cfg, new, self.gateway, self.forwards, self.log, trigger
         )
