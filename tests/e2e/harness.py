@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -228,6 +229,73 @@ class Natd:
         self._stderr.close()
         with contextlib.suppress(OSError):
             self.stderr_path.unlink()
+
+
+# -- measuring natd ---------------------------------------------------------------------------
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Sampler:
+    """Samples a process's RSS and fd count every ``interval`` in a thread (peaks kept)."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_fds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, AssertionError):
+                self.peak_rss = max(self.peak_rss, rss_kb(self.pid))
+                self.peak_fds = max(self.peak_fds, fd_count(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def ctl(control: str, *args: str, timeout: float = 10) -> Any:
+    """``natd ctl --json ARGS`` against a running natd; the parsed result."""
+    argv = [sys.executable, "-c", NATD_MAIN, "ctl", "--control", control, "--json", *args]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"natd ctl {' '.join(args)}: {out.stderr}"
+    return json.loads(out.stdout)
+
+
+def listening_ports(natd: Natd, count: int = 1, timeout: float = 5) -> dict[str, int]:
+    """forward spec → the port natd reports it bound (``forward.listening`` events), once
+    ``count`` forwards are listening (or whatever there is after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    ports: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        ports = {
+            str(e["forward"]): int(e["port"])
+            for e in natd.events()
+            if e.get("event") == "forward.listening"
+        }
+        if len(ports) >= count:
+            return ports
+        time.sleep(0.05)
+    return ports
 
 
 # -- DHCP clients with scripts that apply the lease with `ip` and record what they were told --

@@ -16,10 +16,7 @@ listen on this namespace's 127.0.0.1 and its host-side connections go to servers
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
-import os
 import selectors
 import socket
 import subprocess
@@ -29,62 +26,21 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from harness import FIRST_LEASE, GATEWAY, NATD_MAIN, Guest, Natd, unique_name
+from harness import (
+    FIRST_LEASE,
+    GATEWAY,
+    Guest,
+    Natd,
+    Sampler,
+    ctl,
+    fd_count,
+    listening_ports,
+    unique_name,
+)
 
 RESET_ERRNOS = (errno.ECONNRESET, errno.ECONNREFUSED)
-
-
-def ctl(control: str, *args: str, timeout: float = 10) -> Any:
-    argv = [sys.executable, "-c", NATD_MAIN, "ctl", "--control", control, "--json", *args]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"natd ctl {' '.join(args)}: {out.stderr}"
-    return json.loads(out.stdout)
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-class FdSampler:
-    """Peak descriptor count of a process, sampled on a thread while the block runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(OSError):
-                self.peak = max(self.peak, fd_count(self.pid))
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> FdSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
-def listening_ports(natd: Natd, count: int, timeout: float = 5) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    ports: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        ports = {
-            str(e["forward"]): int(e["port"])
-            for e in natd.events()
-            if e.get("event") == "forward.listening"
-        }
-        if len(ports) >= count:
-            return ports
-        time.sleep(0.05)
-    raise AssertionError(f"forwards not listening: {ports}\n{natd.stderr_text()}")
 
 
 def flood(port: int, clients: int, deadline: float, in_flight: int = 1500) -> Counter[str]:
@@ -174,7 +130,7 @@ def test_forward_flood_every_client_reset_none_clean_none_hanging(
         target=lambda: silent_results.update(flood(silent_port, 300, deadline=25))
     )
     t0 = time.monotonic()
-    with FdSampler(natd.pid) as fds:
+    with Sampler(natd.pid, interval=0.05) as fds:
         silent_thread.start()
         closed_results = flood(closed_port, 5000, deadline=25)
         closed_time = time.monotonic() - t0
@@ -185,7 +141,7 @@ def test_forward_flood_every_client_reset_none_clean_none_hanging(
     print(
         f"\nclosed port: 5000 clients {dict(closed_results)} in {closed_time:.1f}s; "
         f"silent guest: 300 clients {dict(silent_results)} in {silent_time:.1f}s; "
-        f"natd fds {base} → peak {fds.peak} → {fd_count(natd.pid)} after; "
+        f"natd fds {base} → peak {fds.peak_fds} → {fd_count(natd.pid)} after; "
         + ", ".join(
             f"{k}={counters.get(k, 0)}"
             for k in (
@@ -222,14 +178,14 @@ def test_forward_flood_past_the_bound_every_client_reset_by_the_guest(
     )  # fmt: skip
     guest.configure_static()
     (port,) = listening_ports(natd, 1).values()
-    with FdSampler(natd.pid) as fds:
+    with Sampler(natd.pid, interval=0.05) as fds:
         t0 = time.monotonic()
         results = flood(port, 5000, deadline=25)
         took = time.monotonic() - t0
     stats = ctl(control, "stats")
     counters = stats["counters"]
     print(
-        f"\nbound 8192: 5000 clients {dict(results)} in {took:.1f}s; natd peak fds {fds.peak}; "
+        f"\nbound 8192: 5000 clients {dict(results)} in {took:.1f}s; natd peak fds {fds.peak_fds}; "
         f"tcp.refused_by_guest={counters.get('tcp.refused_by_guest', 0)}"
     )
     assert results == Counter(reset=5000), results
@@ -301,7 +257,7 @@ def test_two_guests_at_their_limits_with_few_descriptors_control_still_answers(
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
     try:
-        with FdSampler(natd.pid) as fds:
+        with Sampler(natd.pid, interval=0.05) as fds:
             assert holder.stdout is not None
             line = holder.stdout.readline().strip()
             stats = ctl(control, "stats")  # answers with every flow descriptor taken
@@ -309,12 +265,12 @@ def test_two_guests_at_their_limits_with_few_descriptors_control_still_answers(
         counters = {**stats["counters"], **{f"drop.{k}": v for k, v in stats["drops"].items()}}
         print(
             f"\nRLIMIT_NOFILE {start_nofile} then {nofile}, {per_guest} flows per guest, "
-            f"2 guests x {per_guest + 20} connects: {outcomes}; natd peak fds {fds.peak}; "
+            f"2 guests x {per_guest + 20} connects: {outcomes}; natd peak fds {fds.peak_fds}; "
             f"tcp_flows={stats.get('tcp_flows')}, tcp.no_descriptor="
             f"{counters.get('tcp.no_descriptor', 0)}, tcp.refused={counters.get('tcp.refused', 0)}"
             f", guest_flow_limit={counters.get('drop.tcp.guest_flow_limit', 0)}"
         )
-        assert fds.peak <= nofile
+        assert fds.peak_fds <= nofile
         assert counters.get("tcp.no_descriptor", 0) > 0
         assert counters.get("tcp.refused", 0) == 0  # the host never refused: natd ran out
         assert counters.get("drop.tcp.guest_flow_limit", 0) == 20  # 10.0.2.15's extra 20

@@ -11,22 +11,22 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
 import uvloop
-from udpdns_pump import Pump
+from udpdns_pump import Pump, tcp_segments
 
 from natd.config import Forward, load_config
 from natd.io.fds import RESERVE, RESERVED
-from natd.io.forwards import ForwardManager, listen_backlog
+from natd.io.forwards import ActiveForward, ForwardManager, listen_backlog
 from natd.io.tcp_host import TcpHost
 from natd.stack.gateway import Gateway
 from natd.stack.ops import TcpClose, TcpConnect
-from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet, parse_ethernet
-from natd.wire.ipv4 import build_ipv4, parse_ipv4
-from natd.wire.tcp import ACK, RST, SYN, build_tcp, parse_tcp
+from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
+from natd.wire.ipv4 import build_ipv4
+from natd.wire.tcp import ACK, RST, SYN, build_tcp
 from natd.wiring import forward_spec, settings_from_config
 
 GUEST_MAC = b"\x52\x54\x00\x12\x34\x56"
@@ -59,23 +59,33 @@ def rig(**limits: int) -> tuple[Gateway, Pump, TcpHost, ForwardManager]:
     return gw, shell, host, ForwardManager(loop, gw, shell, host, None, Log())
 
 
+@contextlib.asynccontextmanager
+async def forwarding(
+    **limits: int,
+) -> AsyncIterator[tuple[Gateway, Pump, ForwardManager, ActiveForward, list[Client]]]:
+    """A TCP forward 127.0.0.1:PORT → 10.0.2.15:8080 and a list for its clients (all closed
+    at the end, with the forward and the host sides)."""
+    gw, shell, _host, fm = rig(**limits)
+    active = fm.add(forward_spec(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080)), "config")
+    clients: list[Client] = []
+    try:
+        yield gw, shell, fm, active, clients
+    finally:
+        for c in clients:
+            c.close()
+        fm.close()
+        shell.close()
+
+
 def syns_to_guest(frames: list[bytes]) -> list[int]:
     """Source ports of the SYNs natd sent the guest (one per forwarded client)."""
-    ports = []
-    for frame in frames:
-        _d, _s, ethertype, packet = parse_ethernet(frame)
-        if ethertype != ETHERTYPE_IPV4:
-            continue
-        header, l4 = parse_ipv4(packet)
-        if header.proto == 6:
-            seg = parse_tcp(header.src, header.dst, l4, verify=True)
-            if seg.flags == SYN:
-                ports.append(seg.sport)
-    return ports
+    return [seg.sport for _ip, seg in tcp_segments(frames) if seg.flags == SYN]
 
 
-def guest_segment(gw: Gateway, sport: int, dst: bytes, dport: int, seq: int, flags: int) -> bytes:
-    seg = build_tcp(GUEST, dst, sport, dport, seq, 0, flags, 65535, b"")
+def guest_segment(
+    gw: Gateway, sport: int, dst: bytes, dport: int, seq: int, flags: int, ack: int = 0
+) -> bytes:
+    seg = build_tcp(GUEST, dst, sport, dport, seq, ack, flags, 65535, b"")
     return build_ethernet(gw.mac, GUEST_MAC, ETHERTYPE_IPV4, build_ipv4(GUEST, dst, 6, seg))
 
 
@@ -160,10 +170,8 @@ def test_a_client_closed_before_its_transport_exists_is_reset_not_closed(run: Ru
 
 
 async def _forward_clients_have_their_own_bound() -> None:
-    gw, shell, _host, fm = rig(max_inbound_per_forward=3, max_tcp_flows_per_guest=2)
-    active = fm.add(forward_spec(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080)), "config")
-    clients = []
-    try:
+    limits = {"max_inbound_per_forward": 3, "max_tcp_flows_per_guest": 2}
+    async with forwarding(**limits) as (gw, shell, fm, active, clients):
         for _ in range(6):
             clients.append(await connect(active.port))
         await shell.wait_for(lambda: len(syns_to_guest(shell.frames)) >= 3)
@@ -178,11 +186,6 @@ async def _forward_clients_have_their_own_bound() -> None:
             shell.feed([guest_segment(gw, sport, GATEWAY, 9, 5000, SYN)])
         assert sum(isinstance(op, TcpConnect) for op in shell.ops) == 2
         assert gw.counters["drop.tcp.guest_flow_limit"] == 0
-    finally:
-        for c in clients:
-            c.close()
-        fm.close()
-        shell.close()
 
 
 @LOOPS
@@ -191,31 +194,20 @@ def test_forward_clients_have_their_own_bound_apart_from_the_guests(run: Runner)
 
 
 async def _refused_guest_resets_every_client() -> None:
-    gw, shell, _host, fm = rig()
-    active = fm.add(forward_spec(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080)), "config")
-    clients = []
-    try:
+    async with forwarding() as (gw, shell, _fm, active, clients):
         for _ in range(40):
             clients.append(await connect(active.port))
         await shell.wait_for(lambda: len(syns_to_guest(shell.frames)) == 40)
         # The guest's port is closed: it answers every SYN with RST|ACK.
-        rsts = []
-        for frame in shell.frames:
-            _d, _s, _t, packet = parse_ethernet(frame)
-            header, l4 = parse_ipv4(packet)
-            seg = parse_tcp(header.src, header.dst, l4, verify=True)
-            rst = build_tcp(GUEST, GATEWAY, 8080, seg.sport, 0, seg.seq + 1, RST | ACK, 0, b"")
-            packet = build_ipv4(GUEST, GATEWAY, 6, rst)
-            rsts.append(build_ethernet(gw.mac, GUEST_MAC, ETHERTYPE_IPV4, packet))
-        shell.feed(rsts)
+        shell.feed(
+            [
+                guest_segment(gw, 8080, GATEWAY, seg.sport, 0, RST | ACK, ack=seg.seq + 1)
+                for _ip, seg in tcp_segments(shell.frames)
+            ]
+        )
         results = [await outcome(c) for c in clients]
         assert results == ["reset"] * 40
         assert gw.counters["tcp.refused_by_guest"] == 40
-    finally:
-        for c in clients:
-            c.close()
-        fm.close()
-        shell.close()
 
 
 @LOOPS
@@ -236,34 +228,24 @@ def test_listen_backlog_follows_somaxconn(tmp_path: Any) -> None:
 
 
 async def _no_descriptor_is_not_a_refusal() -> None:
-    gw, shell, _host, fm = rig()
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    active = fm.add(forward_spec(Forward("tcp", "127.0.0.1", 0, "10.0.2.15", 8080)), "config")
-    client: Client | None = None
-    try:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        await _refuse_for_lack_of_descriptors(server.getsockname()[1])
+
+
+async def _refuse_for_lack_of_descriptors(host_port: int) -> None:
+    async with forwarding() as (gw, shell, _fm, active, clients):
         with reserve_starts_at_next_fd():
-            shell.feed([guest_segment(gw, 42000, GATEWAY, server.getsockname()[1], 7000, SYN)])
+            shell.feed([guest_segment(gw, 42000, GATEWAY, host_port, 7000, SYN)])
             await shell.wait_for(lambda: gw.counters["tcp.no_descriptor"] == 1)
-            client = await connect(active.port)
-            assert await outcome(client) == "reset"
+            clients.append(await connect(active.port))
+            assert await outcome(clients[0]) == "reset"
         assert gw.counters["tcp.refused"] == 0
         assert gw.counters["forward.no_descriptor"] == 1
         assert syns_to_guest(shell.frames) == []  # the forward's client never reached the guest
         # The guest's SYN was answered with RST|ACK at once.
-        answers = []
-        for frame in shell.frames:
-            _d, _s, _t, packet = parse_ethernet(frame)
-            header, l4 = parse_ipv4(packet)
-            answers.append(parse_tcp(header.src, header.dst, l4, verify=True).flags)
-        assert answers == [RST | ACK]
-    finally:
-        if client is not None:
-            client.close()
-        server.close()
-        fm.close()
-        shell.close()
+        assert [seg.flags for _ip, seg in tcp_segments(shell.frames)] == [RST | ACK]
 
 
 @LOOPS

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from udpdns_pump import Pump
+from udpdns_pump import Pump, tcp_segments
 
 from natd.config import ConfigError, Forward, load_config
 from natd.daemon import Daemon, fit_descriptors
@@ -339,20 +339,6 @@ async def test_reload_with_a_port_taken_keeps_serving_and_reports_it(tmp_path: P
 
 
 # -- TCP forwards with the real TcpHost ----------------------------------------------------
-
-
-def tcp_segments(frames: list[bytes]) -> list[Any]:
-    from natd.wire.tcp import parse_tcp
-
-    out = []
-    for frame in frames:
-        _d, _s, ethertype, packet = parse_ethernet(frame)
-        if ethertype != ETHERTYPE_IPV4:
-            continue
-        header, l4 = parse_ipv4(packet)
-        if header.proto == 6:
-            out.append((header, parse_tcp(header.src, header.dst, l4, verify=True)))
-    return out
 
 
 def guest_tcp(gw: Gateway, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,
