@@ -1,13 +1,14 @@
-"""The descriptor reserve: flow sockets never take natd's last ``RESERVE`` descriptors.
+"""The descriptor reserve: flow sockets never take natd's last few descriptors.
 
 Every TCP, UDP and ping flow holds a socket, so guests at their flow limits can use up
 RLIMIT_NOFILE; the control socket, DNS upstream queries, the TAP and the forward listeners
 must keep working then. Sockets made for guest flows (and a forward's accepted clients) go
-through ``flow_socket`` / ``over_reserve``, which refuse a descriptor numbered at or above
-``ceiling`` = soft limit − ``RESERVE``. The kernel always hands out the *lowest* free
-number, so a new descriptor at ``ceiling`` means every number below it is taken: flows cannot
-hold more than ``ceiling`` descriptors, and at least ``RESERVE`` stay for everything else.
-The check costs no syscall; the socket that crossed the line is closed at once.
+through ``flow_socket`` / ``DescriptorReserve.over``, which refuse a descriptor numbered at
+or above ``ceiling`` = soft limit − reserve (``RESERVE``, 64, or an eighth of a small limit,
+at least 8). The kernel always hands out the *lowest* free number, so a new descriptor at
+``ceiling`` means every number below it is taken: flows cannot hold more than ``ceiling``
+descriptors, and the reserve stays for everything else. The check costs no syscall; the
+socket that crossed the line is closed at once.
 
 A refusal is an ``OSError`` with ``EMFILE``, the same as the kernel's own: callers count
 "no descriptor" separately from "the host refused" (``NO_DESCRIPTOR``) and refuse the guest
@@ -29,6 +30,14 @@ from natd.io.periodic import every
 from natd.stack.limits import Limits
 
 RESERVE = 64  # descriptors kept for the control socket, DNS upstreams, the TAP and listeners
+MIN_RESERVE = 8
+
+
+def reserve_for(limit: int) -> int:
+    """The reserve for a descriptor limit: ``RESERVE``, or an eighth of a small limit."""
+    return max(MIN_RESERVE, min(RESERVE, limit // 8))
+
+
 NO_DESCRIPTOR = frozenset((errno.EMFILE, errno.ENFILE))
 
 
@@ -47,8 +56,9 @@ def soft_limit() -> int:
 class DescriptorReserve:
     """Where flow descriptors stop (``ceiling``) and how many were refused (``refused``)."""
 
-    def __init__(self, reserve: int = RESERVE, limit: int | None = None) -> None:
-        self.reserve = reserve
+    def __init__(self, reserve: int | None = None, limit: int | None = None) -> None:
+        self.fixed = reserve  # None: follow the limit (``reserve_for``)
+        self.reserve = RESERVE
         self.ceiling = 0
         self.refused = 0
         self.own = 0  # descriptors natd held at start, before any flow (``fit_limits``)
@@ -58,6 +68,7 @@ class DescriptorReserve:
         """Follow a changed RLIMIT_NOFILE (the daemon raises it at start)."""
         if limit is None:
             limit = soft_limit()
+        self.reserve = self.fixed if self.fixed is not None else reserve_for(limit)
         self.ceiling = max(limit - self.reserve, 0)
 
     def over(self, fd: int, dip: int = 0) -> bool:
@@ -88,7 +99,7 @@ class DescriptorLimitError(ValueError):
 
 
 def fit_limits(
-    limits: Limits, nofile: int, in_use: int, reserve: int = RESERVE
+    limits: Limits, nofile: int, in_use: int, reserve: int | None = None
 ) -> tuple[Limits, list[tuple[str, int, int]], str]:
     """Flow limits that fit ``nofile`` descriptors: (limits, [(name, from, to)], why).
 
@@ -98,6 +109,8 @@ def fit_limits(
     TCP to the rest; per-guest limits to their new totals); limits the config sets itself
     are the user's word: if they do not fit, ``DescriptorLimitError`` says which and why.
     """
+    if reserve is None:
+        reserve = reserve_for(nofile)
     room = nofile - reserve - in_use
     need = sum(getattr(limits, name) for name in FLOW_LIMITS)
     why = (
@@ -181,5 +194,6 @@ __all__ = [
     "fit_limits",
     "flow_socket",
     "follow_limit",
+    "reserve_for",
     "soft_limit",
 ]

@@ -15,6 +15,7 @@ from natd.io.fds import (
     DescriptorLimitError,
     DescriptorReserve,
     fit_limits,
+    reserve_for,
 )
 from natd.stack.limits import Limits
 
@@ -82,13 +83,22 @@ def test_the_reserve_refuses_descriptors_at_and_above_the_ceiling() -> None:
     assert reserve.over(968, dip=32)
 
 
+def test_the_reserve_is_an_eighth_of_a_small_limit() -> None:
+    assert reserve_for(20000) == RESERVE == 64
+    assert reserve_for(256) == 32
+    assert reserve_for(64) == 8 and reserve_for(16) == 8
+    assert DescriptorReserve(limit=64).ceiling == 56
+    fitted, _moved, _why = fit_limits(Limits(), nofile=64, in_use=10)
+    assert fitted.max_tcp_flows + fitted.max_udp_flows + fitted.max_ping_flows <= 64 - 8 - 10
+
+
 def test_flow_socket_refuses_inside_the_reserve() -> None:
     from natd.io import fds
 
     probe = socket.socket()
     next_fd = probe.fileno()
     probe.close()
-    fds.RESERVED.refresh(limit=next_fd + RESERVE)
+    fds.RESERVED.ceiling = next_fd
     try:
         with pytest.raises(OSError) as err:
             fds.flow_socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -19,7 +19,7 @@ import uvloop
 from udpdns_pump import Pump, tcp_segments
 
 from natd.config import Forward, load_config
-from natd.io.fds import RESERVE, RESERVED
+from natd.io.fds import RESERVED
 from natd.io.forwards import ActiveForward, ForwardManager, listen_backlog
 from natd.io.tcp_host import TcpHost
 from natd.stack.gateway import Gateway
@@ -126,7 +126,7 @@ def reserve_starts_at_next_fd() -> Iterator[None]:
     probe = socket.socket()
     next_fd = probe.fileno()
     probe.close()
-    RESERVED.refresh(limit=next_fd + RESERVE)
+    RESERVED.ceiling = next_fd
     try:
         yield
     finally:
