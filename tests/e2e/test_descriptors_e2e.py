@@ -271,6 +271,10 @@ def test_two_guests_at_their_limits_with_few_descriptors_control_still_answers(
             f", guest_flow_limit={counters.get('drop.tcp.guest_flow_limit', 0)}"
         )
         assert fds.peak_fds <= nofile
+        fd_view = stats["descriptors"]  # what ctl stats says about them
+        assert fd_view["limit"] == nofile and fd_view["reserve"] == 64
+        assert fd_view["in_use"] <= nofile - fd_view["reserve"] + 16  # flows stop at the ceiling
+        assert fd_view["refused"] == counters["tcp.no_descriptor"]
         assert counters.get("tcp.no_descriptor", 0) > 0
         assert counters.get("tcp.refused", 0) == 0  # the host never refused: natd ran out
         assert counters.get("drop.tcp.guest_flow_limit", 0) == 20  # 10.0.2.15's extra 20
