@@ -9,6 +9,13 @@ port actually bound is what ``forward.listening`` logs and ``natd ctl forward li
   the guest should see it) and whose host side is the accepted socket
   (``TcpHost.adopt``). From then on it is an ordinary flow: same buffers, same ops. If the guest
   refuses or never answers, the engine aborts the flow and the client sees a reset.
+  Under a flood: the backlog is the kernel's ``somaxconn`` (a short one leaves clients the
+  kernel SYN-cookied waiting for an accept that never comes), the queue is accepted until
+  empty, and a forward holds at most ``limits.max_inbound_per_forward`` live connections, a
+  bound of its own (they do not count toward the guest's egress flows). Every client natd
+  will not serve (over the bound, no descriptor, the engine refused, the guest refused or
+  stayed silent) is closed with ``SO_LINGER 0``: a reset, never a clean close that looks like
+  success.
 * UDP: each client (address, port) gets an inbound flow in the UDP engine
   (``UdpEngine.open_inbound``); the guest's replies leave through the listening socket
   (``UdpHost.attach_inbound``). Mappings end with the engine's idle timeout. The listener is
