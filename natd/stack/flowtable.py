@@ -8,7 +8,7 @@ timer only ever needs to look at ``oldest()``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -59,6 +59,10 @@ class FlowTable(Generic[K, F]):
             return flow
         return None
 
+    def has_guest(self, guest: bytes) -> bool:
+        """Does ``guest`` have any flow here?"""
+        return guest in self._per_guest
+
     def victim(self, guest: bytes) -> tuple[F, str] | None:
         """The flow that must go before ``guest`` may open one more, with why; None if it fits."""
         mine = self._per_guest.get(guest)
@@ -89,6 +93,25 @@ class FlowTable(Generic[K, F]):
         del mine[key]
         if not mine:
             del self._per_guest[flow.guest_ip]
+
+
+class MacBound(Protocol):
+    """A flow that remembers the guest MAC that opened it."""
+
+    mac: bytes
+
+
+def accept_mac(flow: MacBound, mac: bytes, guard: bool, counters: Counter[str], proto: str) -> bool:
+    """Flow MAC binding: may a frame from ``mac`` feed ``flow``? With the source guard on only
+    the opener's MAC may (others are counted ``drop.<proto>.foreign_mac``); off, the flow
+    follows the guest to its new MAC."""
+    if flow.mac == mac:
+        return True
+    if guard:
+        counters["drop." + proto + ".foreign_mac"] += 1
+        return False
+    flow.mac = mac
+    return True
 
 
 class TableBound:

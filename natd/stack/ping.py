@@ -32,7 +32,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from natd.stack.flowtable import EvictionLog, FlowTable, TableBound
+from natd.stack.flowtable import EvictionLog, FlowTable, TableBound, accept_mac
 from natd.stack.link import Link
 from natd.stack.ops import PingClose, PingSend
 from natd.wire.icmp import (
@@ -60,15 +60,17 @@ class PingFlow:
         "key",
         "last_active",
         "log",
+        "mac",
         "replies",
         "requests",
         "started",
     )
 
-    def __init__(self, flow_id: int, key: PingKey, now: float, log: Any) -> None:
+    def __init__(self, flow_id: int, key: PingKey, now: float, log: Any, mac: bytes) -> None:
         self.id = flow_id
         self.key = key
         self.guest_ip, self.ident, self.dst = key
+        self.mac = mac  # the guest MAC that opened it: the only one it takes requests from
         self.last_active = self.started = now
         self.requests = 0
         self.bytes_out = self.bytes_in = 0  # echo payload bytes each way
@@ -88,9 +90,13 @@ class PingEngine:
         self._table: FlowTable[PingKey, PingFlow] = FlowTable(1024, 256)
         self._evictions = EvictionLog(link, "ping.evicted")
 
-    def on_guest_icmp(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
-        """ICMP from the guest to an address other than the gateway's and the DNS's."""
-        counters = self.link.counters
+    def on_guest_icmp(
+        self, ip: IPv4Header, l4: memoryview, now: float, mac: bytes | None = None
+    ) -> None:
+        """ICMP from the guest (Ethernet source ``mac``) to an address other than the
+        gateway's and the DNS's; a flow takes requests only from its opener's MAC."""
+        link = self.link
+        counters = link.counters
         msg = parse_icmp(l4, verify=True)
         if msg.type != ICMP_ECHO_REQUEST or msg.code != 0:
             counters["drop.ping.type"] += 1
@@ -101,8 +107,11 @@ class PingEngine:
             return
         key: PingKey = (ip.src, msg.ident, ip.dst)
         flow = self._table.get(key)
+        mac = mac or link.guest_mac(ip.src) or bytes(6)
         if flow is None:
-            flow = self._open(key, now)
+            flow = self._open(key, now, mac)
+        elif not accept_mac(flow, mac, link.settings.source_guard, counters, "ping"):
+            return
         else:
             self._touch(flow, now)
         flow.requests += 1
@@ -112,7 +121,11 @@ class PingEngine:
             PingSend(flow.id, target[0], msg.ident, msg.seq, bytes(msg.payload))
         )
 
-    def _open(self, key: PingKey, now: float) -> PingFlow:
+    def has_flows(self, guest: bytes) -> bool:
+        """Does ``guest`` have a ping flow (the source guard's proof of activity)?"""
+        return self._table.has_guest(guest)
+
+    def _open(self, key: PingKey, now: float, mac: bytes) -> PingFlow:
         while (victim := self._table.victim(key[0])) is not None:
             self._close(*victim)
             self.link.counters["ping.evicted"] += 1
@@ -125,7 +138,7 @@ class PingEngine:
             ident=key[1],
             dst=str(ipaddress.IPv4Address(key[2])),
         )
-        flow = PingFlow(flow_id, key, now, log)
+        flow = PingFlow(flow_id, key, now, log, mac)
         self._table.add(flow)
         self.link.counters["ping.flows_opened"] += 1
         log.debug("ping.open")

@@ -294,8 +294,8 @@ class TcpEngine:
         (``on_guest_segment``), which handles every other state and every reply.
         """
         flow = self.flows.get((f[3], f[5], f[4], f[6]))
-        if flow is None or flow.state != ESTABLISHED:
-            return False
+        if flow is None or flow.state != ESTABLISHED or flow.gmac != f[2]:
+            return False  # another MAC than the flow's: the slow path drops it, counted
         end = f[12]
         if not trusted:
             n = end - 34
@@ -309,10 +309,16 @@ class TcpEngine:
         return True
 
     def on_guest_segment(
-        self, ip: IPv4Header, l4: memoryview, now: float, trusted: int = 0
+        self,
+        ip: IPv4Header,
+        l4: memoryview,
+        now: float,
+        trusted: int = 0,
+        mac: bytes | None = None,
     ) -> None:
-        """Any guest TCP segment (``l4`` = header + payload); ``trusted`` as in
-        ``on_guest_frame``."""
+        """Any guest TCP segment (``l4`` = header + payload) from Ethernet source ``mac``;
+        ``trusted`` as in ``on_guest_frame``. A flow takes input only from the MAC that opened
+        it (or, inbound, that it first reached): anything else is dropped, counted."""
         n = len(l4)
         if n < _HDR_STRUCT_LEN:
             self.counters["drop.tcp.short"] += 1
@@ -348,8 +354,13 @@ class TcpEngine:
             if tw is not None:
                 self._in_time_wait(tw, ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
             else:
-                self._no_flow(ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
+                self._no_flow(ip, l4, sport, dport, seq, ack, flags, window, hlen, now, mac)
             return
+        if mac is not None and flow.gmac != mac:
+            if flow.gmac.strip(b"\x00"):
+                self.counters["drop.tcp.foreign_mac"] += 1
+                return
+            flow.gmac = mac  # an inbound flow whose guest MAC was not known yet
         state = flow.state
         if state in (ESTABLISHED, SYN_RCVD):
             if flags & SYN and not flags & (ACK | RST) and state == SYN_RCVD:
@@ -373,6 +384,7 @@ class TcpEngine:
         window: int,
         hlen: int,
         now: float,
+        mac: bytes | None = None,
     ) -> None:
         """RFC 9293 3.10.7.1 (CLOSED) for everything but a clean SYN; a clean SYN opens a flow."""
         counters = self.counters
@@ -411,7 +423,7 @@ class TcpEngine:
         except Malformed:
             counters["drop.tcp.bad_option"] += 1
             return
-        gmac = self.link.guest_mac(src)
+        gmac = mac or self.link.guest_mac(src)
         if gmac is None:  # the Gateway learns it before calling us; be safe anyway
             counters["drop.tcp.no_neighbor"] += 1
             return

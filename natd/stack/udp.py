@@ -53,10 +53,19 @@ import ipaddress
 from collections import OrderedDict
 from typing import Any
 
-from natd.stack.flowtable import EvictionLog, FlowTable, TableBound
+from natd.stack.flowtable import EvictionLog, FlowTable, TableBound, accept_mac
 from natd.stack.link import Link
 from natd.stack.ops import UdpClose, UdpSend
-from natd.wire.fastpath import DPORT, DST_IP, PAYLOAD_END, SPORT, SRC_IP, FastFrame, l4_checksum_ok
+from natd.wire.fastpath import (
+    DPORT,
+    DST_IP,
+    PAYLOAD_END,
+    SPORT,
+    SRC_IP,
+    SRC_MAC,
+    FastFrame,
+    l4_checksum_ok,
+)
 from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_ADMIN, UNREACH_PORT, build_icmp_error
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, IPv4Header, build_ipv4
 from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
@@ -126,14 +135,16 @@ class UdpFlow:
         "last_active",
         "log",
         "loopback",
+        "mac",
         "peers",
         "started",
     )
 
-    def __init__(self, flow_id: int, key: FlowKey, now: float, log: Any) -> None:
+    def __init__(self, flow_id: int, key: FlowKey, now: float, log: Any, mac: bytes) -> None:
         self.id = flow_id
         self.key = key
         self.guest_ip, self.guest_port, self.loopback = key
+        self.mac = mac  # the guest MAC that opened it: the only one it takes datagrams from
         self.last_active = self.started = now
         self.peers: OrderedDict[bytes, None] = OrderedDict()  # guest-visible peer addresses
         self.bytes_in = 0
@@ -179,7 +190,7 @@ class UdpEngine:
         header objects, policy and routing took twice that.
         """
         entry = self._fast.get((f[SRC_IP], f[SPORT], f[DST_IP], f[DPORT]))
-        if entry is None or len(frame) - 14 > self.link.settings.mtu:
+        if entry is None or len(frame) - 14 > self.link.settings.mtu or entry[0].mac != f[SRC_MAC]:
             return False
         if not csum and (frame[40] or frame[41]) and not l4_checksum_ok(frame, f):
             return False
@@ -202,8 +213,12 @@ class UdpEngine:
         self.link.counters["udp.tx"] += 1
         self.link.outbox.ops.append(UdpSend(flow.id, host, port, payload))
 
-    def on_guest_datagram(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
-        """A unicast UDP datagram from the guest (not DHCP, not DNS at the DNS address)."""
+    def on_guest_datagram(
+        self, ip: IPv4Header, l4: memoryview, now: float, mac: bytes | None = None
+    ) -> None:
+        """A unicast UDP datagram from the guest (not DHCP, not DNS at the DNS address), from
+        Ethernet source ``mac``. With the source guard on, a flow takes datagrams only from the
+        MAC that opened it (others are dropped, counted); off, the flow follows the guest."""
         link = self.link
         sport, dport, payload = parse_udp(ip.src, ip.dst, l4, verify=True)
         dst = ip.dst
@@ -233,9 +248,12 @@ class UdpEngine:
         host, port = target
         key: FlowKey = (ip.src, sport, host.startswith("127."))
         flow = self._table.get(key)
+        mac = mac or link.guest_mac(ip.src) or bytes(6)
         if flow is None:
-            flow = self._open(key, now)
+            flow = self._open(key, now, mac)
             link.events.flow_open("udp", flow.id, ip.src, sport, dst, dport, now, host=host)
+        elif not accept_mac(flow, mac, link.settings.source_guard, link.counters, "udp"):
+            return
         else:
             self._touch(flow, now)
         self._send(flow, dst, host, port, bytes(payload))
@@ -244,7 +262,11 @@ class UdpEngine:
             fast.clear()
         fast[(ip.src, sport, dst, dport)] = (flow, host, port)
 
-    def _open(self, key: FlowKey, now: float) -> UdpFlow:
+    def has_flows(self, guest: bytes) -> bool:
+        """Does ``guest`` have an outbound flow (the source guard's proof of activity)?"""
+        return self._table.has_guest(guest)
+
+    def _open(self, key: FlowKey, now: float, mac: bytes) -> UdpFlow:
         guest = key[0]
         while (victim := self._table.victim(guest)) is not None:
             self._close(*victim)
@@ -255,7 +277,7 @@ class UdpEngine:
         log = self.link.log.bind(
             flow=flow_id, guest=f"{ipaddress.IPv4Address(guest)}:{key[1]}", loopback=key[2]
         )
-        flow = UdpFlow(flow_id, key, now, log)
+        flow = UdpFlow(flow_id, key, now, log, mac)
         self._table.add(flow)
         self.link.counters["udp.flows_opened"] += 1
         log.debug("udp.open")
