@@ -345,13 +345,18 @@ def test_b_cannot_divert_or_pose_as_a(segment: Segment, echo: UdpEcho) -> None:
     attack(b, "udp", a_ip, echo.port, 43)
     watcher_out, _ = watcher.communicate(timeout=30)
     moved = {k: v - before.get(k, 0) for k, v in segment.counters().items()}
+    b_as_a = [p for p in echo.received if p.startswith(b"B-as-A")]
+    print(
+        f"\nA's echoes answered {replies}/80; natd frames for A that reached B "
+        f"{watcher_out.strip()}; B-as-A datagrams delivered {len(b_as_a)}/43; "
+        f"drop.spoofed_source {moved.get('drop.spoofed_source', 0)}"
+    )
     assert replies == "80", "A lost replies to B's ARP spoofing"
     assert watcher_out.strip() == "0", "natd sent A's datagrams to B"
-    assert [p for p in echo.received if p.startswith(b"B-as-A")] == []
+    assert b_as_a == []
     assert len([p for p in echo.received if p.startswith(b"A ")]) >= 80
     assert moved["drop.spoofed_source"] >= 300 + 43, moved
     a.ping(GATEWAY, count=1)  # A's address still resolves to A
-    print(f"\nspoofed ARP 300 + datagrams 43 -> drop.spoofed_source {moved['drop.spoofed_source']}")
 
 
 def test_forged_release_decline_and_discover_flood(segment: Segment) -> None:
@@ -413,6 +418,7 @@ def test_download_survives_injected_data_and_rst(segment: Segment) -> None:
         for _ in range(3):
             attack(b, "inject", a_ip, sport, server.port, seq, ack)
         out, _ = download.communicate(timeout=90)
+        print(f"\ndownload sha256 ok: {out.split()[:1] == [server.digest]}")
         assert download.returncode == 0
         assert out.split()[0] == server.digest, "A's download was cut or corrupted"
     finally:
@@ -420,4 +426,3 @@ def test_download_survives_injected_data_and_rst(segment: Segment) -> None:
     assert server.extra == b"", f"the host received injected bytes {server.extra[:64]!r}"
     moved = {k: v - before.get(k, 0) for k, v in segment.counters().items()}
     assert moved["drop.spoofed_source"] >= 9, moved
-    print(f"\n20 MiB download intact after 3 injections; drops {moved['drop.spoofed_source']}")
