@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 from harness import GATEWAY, UDHCPC_SCRIPT, Guest, Netns, stop_process
-from test_hostile_e2e import counters, ctl, free_port
+from test_hostile_e2e import counters, ctl
+from test_udp_dns_e2e import EchoServer
 
 MiB = 1 << 20
 
@@ -170,34 +171,6 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-class UdpEcho:
-    """A host UDP service on 127.0.0.1 that echoes and remembers every payload."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", free_port(kind=socket.SOCK_DGRAM)))
-        self.sock.settimeout(0.2)
-        self.port: int = self.sock.getsockname()[1]
-        self.received: list[bytes] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, addr = self.sock.recvfrom(2048)
-            except TimeoutError:
-                continue
-            self.received.append(data)
-            self.sock.sendto(data, addr)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-
-
 class SlowHttp:
     """A host HTTP/1.0 server for one download of ``size`` bytes, sent in paced chunks (so the
     transfer is still running when B attacks); it records any byte a client sends after its
@@ -294,8 +267,8 @@ def segment(start_guest: Callable[..., Guest], tmp_path: Path) -> Segment:
 
 
 @pytest.fixture
-def echo() -> Iterator[UdpEcho]:
-    service = UdpEcho()
+def echo() -> Iterator[EchoServer]:
+    service = EchoServer()
     yield service
     service.close()
 
@@ -330,7 +303,7 @@ class Udhcpc:
         stop_process(self.proc)
 
 
-def test_b_cannot_divert_or_pose_as_a(segment: Segment, echo: UdpEcho) -> None:
+def test_b_cannot_divert_or_pose_as_a(segment: Segment, echo: EchoServer) -> None:
     a, b = segment.join(), segment.join()
     a_ip = a.udhcpc("veth0")["ip"]
     before = segment.counters()
