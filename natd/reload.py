@@ -1,9 +1,9 @@
 """Reload: what changed between two configs, what needs a restart, and applying the rest live.
 
-Forwards, DHCP static leases, DNS upstreams, ``host_loopback``, the egress ``[policy]`` and the
-``[limits]`` (all but ``tcp_buffer_bytes``) change live, without touching established
-connections: removed forwards only stop listening, settings swap under the engines. Any other
-difference is reported as "restart required" and not applied.
+Forwards, DHCP static leases, DNS upstreams, ``host_loopback``, the egress ``[policy]``, the
+source guard and DHCP offer bounds, and the ``[limits]`` (all but ``tcp_buffer_bytes``) change
+live, without touching established connections: removed forwards only stop listening, settings
+swap under the engines. Any other difference is reported as "restart required" and not applied.
 """
 
 from __future__ import annotations
@@ -18,9 +18,18 @@ from natd.stack.gateway import Gateway
 from natd.wiring import forward_spec, settings_from_config
 
 # Config fields a reload can apply live; any other difference needs a restart.
-LIVE_FIELDS = ("forwards", "static_leases", "dns_upstreams", "host_loopback", "policy", "limits")
 # The core settings swapped as they are (``limits`` too, but keeping ``tcp_buffer_bytes``).
-LIVE_SETTINGS = ("static_leases", "dns_upstreams", "host_loopback", "policy")
+LIVE_SETTINGS = (
+    "static_leases",
+    "dns_upstreams",
+    "host_loopback",
+    "policy",
+    "source_guard",
+    "source_guard_idle",
+    "dhcp_offer_hold",
+    "dhcp_max_offers",
+)
+LIVE_FIELDS = ("forwards", *LIVE_SETTINGS, "limits")
 RESTART_FIELDS = (
     "cidr",
     "mtu",

@@ -20,8 +20,11 @@ from natd.config.model import (
     DEFAULT_CIDR,
     DEFAULT_DOMAIN,
     DEFAULT_LEASE_TIME,
+    DEFAULT_MAX_OFFERS,
     DEFAULT_MTU,
+    DEFAULT_OFFER_HOLD,
     DEFAULT_RESOLV_CONF,
+    DEFAULT_SOURCE_GUARD_IDLE,
     LOG_FORMATS,
     LOG_LEVELS,
     MTU_MAX,
@@ -128,6 +131,18 @@ def _int_in(v: Value, lo: int, hi: int | None) -> int:
     return value
 
 
+def _bool(v: Value | None, default: bool) -> bool:
+    if v is None:
+        return default
+    if not isinstance(v.value, bool):
+        raise ConfigError(f"{v.label}: expected a boolean, got {type_name(v.value)}")
+    return v.value
+
+
+def _int_or(v: Value | None, lo: int, hi: int | None, default: int) -> int:
+    return default if v is None else _int_in(v, lo, hi)
+
+
 def _str(v: Value) -> str:
     if not isinstance(v.value, str):
         raise ConfigError(f"{v.label}: expected a string, got {type_name(v.value)}")
@@ -154,11 +169,11 @@ def load_config(
 
     mtu = _int_in(v, MTU_MIN, MTU_MAX) if (v := get("mtu")) is not None else DEFAULT_MTU
 
-    host_loopback = True
-    if (v := get("host_loopback")) is not None:
-        if not isinstance(v.value, bool):
-            raise ConfigError(f"{v.label}: expected a boolean, got {type_name(v.value)}")
-        host_loopback = v.value
+    host_loopback = _bool(get("host_loopback"), True)
+    source_guard = _bool(get("source_guard"), True)
+    guard_idle = _int_or(get("source_guard_idle"), 1, 7 * 86400, DEFAULT_SOURCE_GUARD_IDLE)
+    offer_hold = _int_or(get("dhcp_offer_hold"), 1, 3600, DEFAULT_OFFER_HOLD)
+    max_offers = _int_or(get("dhcp_max_offers"), 1, 65536, DEFAULT_MAX_OFFERS)
 
     netns: str | None = None
     if (v := get("netns")) is not None:
@@ -228,6 +243,10 @@ def load_config(
         cidr=net,
         mtu=mtu,
         host_loopback=host_loopback,
+        source_guard=source_guard,
+        source_guard_idle=guard_idle,
+        dhcp_offer_hold=offer_hold,
+        dhcp_max_offers=max_offers,
         tap_name=tap_name,
         netns=netns,
         tap_fd=tap_fd,

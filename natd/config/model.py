@@ -17,6 +17,9 @@ DEFAULT_MTU = 1500
 DEFAULT_LEASE_TIME = 86400
 DEFAULT_DOMAIN = "natd.internal"
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+DEFAULT_SOURCE_GUARD_IDLE = 300  # seconds a first-seen address owner may be silent
+DEFAULT_OFFER_HOLD = 10  # seconds a DHCP offer to a client without a lease is held
+DEFAULT_MAX_OFFERS = 16  # such offers held at once (the oldest unrequested is recycled)
 MTU_MIN = 576
 MTU_MAX = 65520
 MAX_PREFIX = 29  # .0 network, .2 gateway, .3 DNS, at least one guest address, broadcast
@@ -139,6 +142,12 @@ class Config:
     pcap: str | None = None  # ``--pcap`` / ``[pcap] file``: capture from the start
     lease_file: str | None = None  # ``[dhcp] lease_file``
     runas: RunAs | None = None  # ``--runas`` / ``[process] runas``
+    # ``[network] source_guard`` / ``source_guard_idle``: who may use a guest address
+    source_guard: bool = True
+    source_guard_idle: int = DEFAULT_SOURCE_GUARD_IDLE
+    # ``[dhcp] offer_hold`` / ``max_pending_offers``: offers to clients without a lease
+    dhcp_offer_hold: int = DEFAULT_OFFER_HOLD
+    dhcp_max_offers: int = DEFAULT_MAX_OFFERS
     # The command-line overrides this config was built with, so SIGHUP can re-read the file and
     # still let the command line win (see ``reload_config``).
     cli_overrides: tuple[tuple[str, object], ...] = field(default=(), compare=False)

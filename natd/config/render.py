@@ -40,6 +40,8 @@ def render_config(cfg: Config) -> str:
         f"cidr = {_toml_str(str(cfg.cidr))}",
         f"mtu = {cfg.mtu}",
         f"host_loopback = {'true' if cfg.host_loopback else 'false'}",
+        f"source_guard = {'true' if cfg.source_guard else 'false'}",
+        f"source_guard_idle = {cfg.source_guard_idle}",
         "",
         "[tap]",
         f"name = {_toml_str(cfg.tap_name)}",
@@ -52,6 +54,8 @@ def render_config(cfg: Config) -> str:
         f"pool = {_toml_list([str(cfg.pool[0]), str(cfg.pool[1])])}",
         f"lease_time = {cfg.lease_time}",
         f"domain = {_toml_str(cfg.domain)}",
+        f"offer_hold = {cfg.dhcp_offer_hold}",
+        f"max_pending_offers = {cfg.dhcp_max_offers}",
     ]
     if cfg.lease_file is not None:
         lines.append(f"lease_file = {_toml_str(cfg.lease_file)}")

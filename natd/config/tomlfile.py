@@ -115,7 +115,13 @@ class TomlFile:
 
 # Schema: section → key → expected python type (list[...] checked element-wise below).
 _SCHEMA: dict[str, dict[str, str]] = {
-    "network": {"cidr": "str", "mtu": "int", "host_loopback": "bool"},
+    "network": {
+        "cidr": "str",
+        "mtu": "int",
+        "host_loopback": "bool",
+        "source_guard": "bool",
+        "source_guard_idle": "int",
+    },
     "tap": {"name": "str", "netns": "str"},
     "dhcp": {
         "pool": "list[str]",
@@ -123,6 +129,8 @@ _SCHEMA: dict[str, dict[str, str]] = {
         "domain": "str",
         "static": "tables",
         "lease_file": "str",
+        "offer_hold": "int",
+        "max_pending_offers": "int",
     },
     "dns": {"upstream": "list[str]"},
     "forward": {},  # array of tables, see _FORWARD_KEYS
@@ -237,6 +245,10 @@ def read_file(f: TomlFile) -> dict[str, Value]:
                 ("network", "cidr"): "cidr",
                 ("network", "mtu"): "mtu",
                 ("network", "host_loopback"): "host_loopback",
+                ("network", "source_guard"): "source_guard",
+                ("network", "source_guard_idle"): "source_guard_idle",
+                ("dhcp", "offer_hold"): "dhcp_offer_hold",
+                ("dhcp", "max_pending_offers"): "dhcp_max_offers",
                 ("tap", "name"): "tap_name",
                 ("tap", "netns"): "netns",
                 ("dhcp", "pool"): "pool",
