@@ -91,6 +91,7 @@ def stats_view(gateway: Gateway, shell: Shell, forwards: ForwardManager, started
         "tcp_time_wait": len(gateway.tcp.time_wait_table),
         "memory": gateway.tcp.budget.summary(),
         "udp_flows": len(gateway.udp),
+        "neighbours": gateway.neighbours.summary(),
         "forwards": len(forwards.active),
         "limits": dataclasses.asdict(gateway.settings.limits),
         "policy": gateway.settings.policy.summary(),

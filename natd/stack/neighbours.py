@@ -153,6 +153,16 @@ class NeighbourTable:
             elif want is None and self._why.get(addr) == RESERVATION:
                 self._why[addr] = SEEN
 
+    def summary(self) -> dict[str, object]:
+        """For ``natd ctl stats``: the guard's setting and how many addresses are owned, why."""
+        why = Counter(self._why.values())
+        return {
+            "source_guard": self.guard,
+            "idle": self.idle,
+            "addresses": len(self.macs),
+            "by": {name: why[name] for name in (LEASE, RESERVATION, SEEN)},
+        }
+
     def entries(self) -> list[tuple[bytes, bytes, str, float]]:
         """(address, MAC, why, last seen) for every neighbour (read-only introspection)."""
         return [(a, m, self._why[a], self._seen[a]) for a, m in self.macs.items()]

@@ -330,6 +330,8 @@ def test_b_cannot_divert_or_pose_as_a(segment: Segment, echo: EchoServer) -> Non
     assert len([p for p in echo.received if p.startswith(b"A ")]) >= 80
     assert moved["drop.spoofed_source"] >= 300 + 43, moved
     a.ping(GATEWAY, count=1)  # A's address still resolves to A
+    owners = ctl(segment.control, "stats")["neighbours"]
+    assert owners["source_guard"] is True and owners["by"]["lease"] == 1, owners
 
 
 def test_forged_release_decline_and_discover_flood(segment: Segment) -> None:

@@ -175,6 +175,8 @@ def test_one_mac_may_own_several_addresses() -> None:
         (A_IP2, A_MAC, SEEN),
         (B_IP, B_MAC, SEEN),
     ]
+    summary = gw.neighbours.summary()
+    assert summary["addresses"] == 3 and summary["by"] == {LEASE: 0, RESERVATION: 0, SEEN: 3}
 
 
 def test_reserved_address_belongs_to_its_mac_before_it_is_ever_seen() -> None:
