@@ -805,7 +805,7 @@ class DhcpServer:
             lease.hostname = row.hostname
             lease.client_id = row.client_id
             self._arm(lease, now + row.remaining)
-            self.link.learn_neighbor(row.ip, row.mac)
+            self.link.neighbours.bind(row.ip, row.mac, LEASE, now)  # its address is its own
         while len(self._history) > self.max_leases:
             self._history.popitem(last=False)
         return refused

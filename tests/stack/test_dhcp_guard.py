@@ -10,6 +10,7 @@ from helpers import (
     BROADCAST,
     GUEST_MAC,
     GW_IP,
+    GW_MAC,
     LIMITED_BROADCAST,
     ZERO_IP,
     DhcpReply,
@@ -23,7 +24,9 @@ from helpers import (
     udp_frame,
 )
 
+from natd.stack.dhcp import LeaseRow
 from natd.stack.gateway import Gateway
+from natd.stack.neighbours import LEASE, SEEN
 
 DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM = range(1, 9)
 A_MAC = GUEST_MAC
@@ -178,3 +181,16 @@ def test_offer_of_a_client_that_already_has_a_lease_is_outside_the_budget() -> N
     assert offer.yiaddr == a_ip
     assert len([x for x in gw.dhcp.leases(2.0) if x.state == "offered"]) == 2
     assert a_ip == ip("10.0.2.15")
+
+
+def test_a_restored_lease_owns_its_address_before_its_guest_speaks() -> None:
+    gw, _log = make_gateway()
+    a_ip = ip("10.0.2.30")
+    assert gw.dhcp.restore_leases([LeaseRow(b"h" + A_MAC, A_MAC, a_ip, 600.0)], 0.0) == []
+    assert gw.neighbors[a_ip] == A_MAC and gw.neighbours.why(a_ip) == LEASE
+    squat = udp_frame(B_MAC, GW_MAC, a_ip, ip("198.51.100.1"), 5000, 53, b"x")
+    gw.receive_frames([squat], 1.0)
+    assert gw.take_outbox() == ([], []) and drops(gw) == {"drop.spoofed_source": 1}
+    # When the lease ends, the address idles out like a first-seen one.
+    gw.dhcp.leases(601.0)
+    assert gw.neighbours.why(a_ip) == SEEN
