@@ -223,3 +223,26 @@ def test_reply_from_the_host_goes_only_to_the_owner_after_a_spoofed_announcement
     for n in range(80):
         gw.receive_frames([arp_frame(REPLY, B_MAC, A_IP, GW_MAC, GW_IP, eth_dst=GW_MAC)], 1.0)
         assert reply_macs(gw, flow, 1.0 + n) == [A_MAC]
+
+
+def test_ping_flow_takes_requests_only_from_the_mac_that_opened_it() -> None:
+    gw, _log = make_gateway()
+    gw.receive_frames([echo_frame(REMOTE, src=A_IP, src_mac=A_MAC, seq=1)], 0.0)
+    assert [type(op) for op in gw.take_outbox()[1]] == [PingSend]
+    gw.neighbours.bind(A_IP, B_MAC, LEASE, 1.0)  # the address moves to B
+    gw.receive_frames([echo_frame(REMOTE, src=A_IP, src_mac=B_MAC, seq=2)], 2.0)
+    assert gw.take_outbox() == ([], []) and drops(gw) == {"drop.ping.foreign_mac": 1}
+
+
+def test_a_reservation_added_on_reload_takes_the_address_from_a_first_seen_owner() -> None:
+    gw, _log = make_gateway()
+    assert udp_sends(gw, [datagram(B_MAC, A_IP2, b"squat")], 0.0) == [b"squat"]
+    reserved = (StaticLease(A_MAC, A_IP2),)
+    gw.apply_settings(GatewaySettings.for_cidr("10.0.2.0/24", static_leases=reserved))
+    assert A_IP2 not in gw.neighbors
+    assert udp_sends(gw, [datagram(B_MAC, A_IP2, b"again", sport=6000)], 1.0) == []
+    assert udp_sends(gw, [datagram(A_MAC, A_IP2, b"mine", sport=6001)], 2.0) == [b"mine"]
+    assert gw.neighbours.why(A_IP2) == RESERVATION
+    # The reservation removed again: A keeps the address as first seen.
+    gw.apply_settings(GatewaySettings.for_cidr("10.0.2.0/24"))
+    assert gw.neighbours.why(A_IP2) == SEEN and gw.neighbors[A_IP2] == A_MAC
