@@ -19,6 +19,7 @@ The table is bounded (``max_entries``); a new address when it is full is refused
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,9 +34,7 @@ LOG_INTERVAL = 10.0  # one warning per burst of spoofed claims
 
 
 def _text(addr: bytes) -> str:
-    if len(addr) == 4:
-        return ".".join(map(str, addr))
-    return addr.hex(":", 2)
+    return str(ipaddress.ip_address(addr))
 
 
 class NeighbourTable:

@@ -7,12 +7,15 @@ into A's TCP connection. Each is dropped and counted, and A's traffic is unaffec
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from helpers import (
     BROADCAST,
     GUEST_MAC,
     GW_IP,
     GW_MAC,
+    RecordingLog,
     arp_frame,
     check_ipv4,
     drops,
@@ -25,7 +28,7 @@ from helpers import (
 from tcp_helpers import ACK, PSH, RST, SYN, Guest
 
 from natd.stack.gateway import Gateway
-from natd.stack.neighbours import LEASE, RESERVATION, SEEN
+from natd.stack.neighbours import LEASE, RESERVATION, SEEN, NeighbourTable
 from natd.stack.ops import PingSend, TcpConnect, TcpSend, UdpSend
 from natd.stack.settings import GatewaySettings, StaticLease
 
@@ -246,3 +249,17 @@ def test_a_reservation_added_on_reload_takes_the_address_from_a_first_seen_owner
     # The reservation removed again: A keeps the address as first seen.
     gw.apply_settings(GatewaySettings.for_cidr("10.0.2.0/24"))
     assert gw.neighbours.why(A_IP2) == SEEN and gw.neighbors[A_IP2] == A_MAC
+
+
+def test_the_table_takes_ipv6_addresses_too() -> None:
+    """Addresses are bytes of 4 or 16 octets: NDP can ask the same table."""
+    counters: Counter[str] = Counter()
+    log = RecordingLog()
+    table = NeighbourTable(counters, log, idle=60.0)
+    v6 = bytes.fromhex("fd000000000000000000000000000015")
+    assert table.claim(v6, A_MAC, 0.0) and table.claim(A_IP, A_MAC, 0.0)
+    assert not table.claim(v6, B_MAC, 1.0)
+    assert counters["drop.spoofed_source"] == 1
+    [(_lv, _event, kw)] = log.records
+    assert kw["ip"] == "fd00::15"
+    assert table.claim(v6, B_MAC, 61.0) and table.owner(v6) == B_MAC
