@@ -16,11 +16,13 @@ The client connects, sends ONE request as a single line of UTF-8 JSON terminated
 ONE response line, and closes::
 
     request:  {"cmd": "forward", "args": ["add", "tcp::8080-:80"]}
-    success:  {"ok": true, "result": <any JSON value>}
-    failure:  {"ok": false, "error": "one-line message"}
+    success:  {"v": 1, "ok": true, "result": <any JSON value>}
+    failure:  {"v": 1, "ok": false, "error": "one-line message"}
 
 Commands (``cmd`` / ``args``): ``forward add SPEC``, ``forward remove SPEC``, ``forward list``,
-``leases``, ``flows``, ``stats``, ``reload`` (re-read the config file, like SIGHUP). SPEC is the
+``leases``, ``flows``, ``stats``, ``reload`` (re-read the config file, like SIGHUP),
+``pcap start FILE [--max-bytes N]``, ``pcap stop``, ``pcap status``, ``version``. Tables can be
+sorted (``--sort bytes`` for flows); ``stats --watch`` refreshes every second. SPEC is the
 ``--forward`` hostfwd syntax. Results that are a list of objects (``forward list``, ``leases``,
 ``flows``) print as a table, one row per object, columns in the key order of the objects; an
 object (``stats``, ``forward add``) prints as ``key  value`` lines (nested objects flattened
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -42,6 +45,8 @@ from natd import __version__
 from natd.config.load import load_config
 from natd.config.model import LOG_FORMATS, LOG_LEVELS, ConfigError
 from natd.config.render import render_config
+from natd.ctl_view import readable, watch_stats
+from natd.io.control import PROTOCOL
 from natd.log import error_line
 
 DEFAULT_CONTROL_PATH = "/run/natd/natd.sock"
@@ -56,6 +61,8 @@ CTL_COMMANDS: dict[str, dict[str, int] | None] = {
     "flows": None,
     "stats": None,
     "reload": None,
+    "pcap": {"start": 1, "stop": 0, "status": 0},
+    "version": None,
 }
 
 
@@ -124,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--control", metavar="PATH", help="unix socket for the control API")
     run.add_argument("--log-format", choices=LOG_FORMATS, help="console (default) or json")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    run.add_argument(
+        "--metrics", metavar="ADDR", help="Prometheus metrics on HOST:PORT or unix:PATH"
+    )
+    run.add_argument("--pcap", metavar="FILE", help="capture every guest-link frame to FILE")
+    run.add_argument("--runas", metavar="USER[:GROUP]", help="drop to USER once the link is open")
 
     check = sub.add_parser("check-config", help="validate a config file and print it")
     check.add_argument("file", metavar="FILE")
@@ -145,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument(
         "--timeout", metavar="S", type=float, default=DEFAULT_CTL_TIMEOUT, help="reply timeout"
     )
+    ctl.add_argument(
+        "--sort", metavar="KEY", help="sort a table by KEY, largest first (flows: bytes, age)"
+    )
+    ctl.add_argument(
+        "--max-bytes", metavar="N", type=int, help="pcap start: end the capture at N bytes"
+    )
+    ctl.add_argument("--watch", action="store_true", help="stats: refresh every --interval s")
+    ctl.add_argument("--interval", metavar="S", type=float, default=1.0, help=argparse.SUPPRESS)
+    ctl.add_argument("--count", metavar="N", type=int, help=argparse.SUPPRESS)
     ctl.add_argument("ctl_cmd", metavar="COMMAND", choices=sorted(CTL_COMMANDS))
     ctl.add_argument("ctl_args", metavar="ARG", nargs="*")
     return parser
@@ -169,6 +190,9 @@ def run_overrides(args: argparse.Namespace) -> dict[str, object]:
         "control": args.control,
         "log_format": args.log_format,
         "log_level": args.log_level,
+        "metrics": args.metrics,
+        "pcap": args.pcap,
+        "runas": args.runas,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     if args.no_host_loopback:
@@ -261,6 +285,12 @@ def request(path: str, req: dict[str, object], timeout: float = DEFAULT_CTL_TIME
         raise CtlError(f"{path}: invalid reply: {e}") from None
     if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
         raise CtlError(f"{path}: invalid reply: expected an object with a boolean 'ok'")
+    version = reply.get("v", PROTOCOL)  # daemons before the versioned protocol sent none
+    if version != PROTOCOL:
+        raise CtlError(
+            f"{path}: the daemon speaks control protocol {version!r}; this natd ctl speaks "
+            f"{PROTOCOL}"
+        )
     if not reply["ok"]:
         error = reply.get("error")
         raise CtlError(str(error) if error else "the daemon refused the request")
@@ -318,22 +348,55 @@ def format_result(result: object) -> str:
     return _cell(result) + "\n"
 
 
+def _ctl_request(args: argparse.Namespace) -> dict[str, object]:
+    """The request for the command line; ValueError (exit 2) says what is wrong with it."""
+    req = build_request(args.ctl_cmd, args.ctl_args)
+    if args.ctl_cmd == "pcap" and args.ctl_args[0] == "start":
+        # The daemon runs elsewhere: a relative FILE means the one next to the user.
+        pcap_args = ["start", os.path.abspath(args.ctl_args[1])]
+        if args.max_bytes is not None:
+            pcap_args += ["--max-bytes", str(args.max_bytes)]
+        req["args"] = pcap_args
+    elif args.max_bytes is not None:
+        raise ValueError("--max-bytes is for 'pcap start'")
+    if args.watch and args.ctl_cmd != "stats":
+        raise ValueError("--watch is for 'stats'")
+    return req
+
+
 def _cmd_ctl(args: argparse.Namespace) -> int:
     try:
-        req = build_request(args.ctl_cmd, args.ctl_args)
+        req = _ctl_request(args)
     except ValueError as e:
         print(f"natd ctl: {e} (see 'natd ctl --help')", file=sys.stderr)
         return 2
+    path = INSTANCE_CONTROL_PATH.format(args.instance) if args.instance else args.control
     try:
-        path = INSTANCE_CONTROL_PATH.format(args.instance) if args.instance else args.control
+        if args.watch:
+            watch_stats(
+                lambda: request(path, req, args.timeout),
+                lambda r: json.dumps(r) + "\n" if args.json else format_result(r),
+                sys.stdout,
+                interval=args.interval,
+                count=args.count,
+                clear=sys.stdout.isatty(),
+            )
+            return 0
         result = request(path, req, args.timeout)
     except CtlError as e:
         print(f"natd ctl: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 0
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        sys.stdout.write(format_result(result))
+        return 0
+    try:
+        shown = readable(args.ctl_cmd, result, args.sort)
+    except ValueError as e:
+        print(f"natd ctl: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(format_result(shown))
     return 0
 
 

@@ -44,17 +44,28 @@ from natd.io.control import (
     forward_handler,
     no_args,
 )
+from natd.io.fds import (
+    RESERVED,
+    DescriptorLimitError,
+    descriptors_in_use,
+    fit_limits,
+    follow_limit,
+    soft_limit,
+)
 from natd.io.forwards import ForwardError, ForwardManager
 from natd.io.links import Link, LinkError, StreamServer
 from natd.io.netns import netns_identity
+from natd.io.periodic import every
 from natd.io.sdnotify import notify
 from natd.io.shell import Shell
 from natd.io.tcp_host import TcpHost
 from natd.io.udp_host import UdpHost
 from natd.log import error_line
 from natd.log import sink as log_sink
+from natd.observability import LeaseFileError, Observability, StartError, read_leases
 from natd.pidfile import remove_pid_file, write_pid_file
 from natd.reload import apply_reload
+from natd.stack.dhcp import LeaseRow
 from natd.stack.gateway import Gateway
 from natd.stack.settings import GatewaySettings
 from natd.views import flows_view, leases_view, stats_view
@@ -92,6 +103,21 @@ def raise_nofile_limit() -> tuple[int, int, int]:
     return soft, soft, hard
 
 
+def fit_descriptors(cfg: Config) -> tuple[Config, list[tuple[str, int, int]], str]:
+    """``cfg`` with its flow limits fitted to RLIMIT_NOFILE now (``natd.io.fds.fit_limits``).
+
+    Start and reload both use it, so a reload never brings back a limit the start lowered.
+    """
+    limits, moved, why = fit_limits(cfg.limits, soft_limit(), RESERVED.own)
+    return dataclasses.replace(cfg, limits=limits), moved, why
+
+
+def log_lowered(log: Any, moved: list[tuple[str, int, int]], why: str) -> None:
+    """The one line saying which default flow limits were lowered to fit the descriptors."""
+    if moved:
+        log.warning("limits.lowered", lowered={n: f"{a} -> {b}" for n, a, b in moved}, why=why)
+
+
 def run(cfg: Config, *, on_ready: Callable[[], None] | None = None) -> int:
     """Serve the virtual network described by ``cfg`` until a signal; the exit status.
 
@@ -99,8 +125,20 @@ def run(cfg: Config, *, on_ready: Callable[[], None] | None = None) -> int:
     uses it to let go of its launcher's stdio.
     """
     log = structlog.get_logger("natd").bind(net=str(cfg.cidr))
-    settings = settings_from_config(cfg)
+    try:
+        lease_rows = read_leases(cfg)
+    except LeaseFileError as exc:
+        error_line(f"natd: {exc}")
+        return 2
     before, now_soft, hard = raise_nofile_limit()
+    RESERVED.refresh()
+    RESERVED.own = descriptors_in_use()
+    try:
+        cfg, moved, why = fit_descriptors(cfg)
+    except DescriptorLimitError as exc:
+        error_line(f"natd: {exc}")
+        return 2
+    settings = settings_from_config(cfg)
     try:
         link = open_link(cfg)
     except LinkError as exc:
@@ -111,10 +149,11 @@ def run(cfg: Config, *, on_ready: Callable[[], None] | None = None) -> int:
     settings = dataclasses.replace(settings, tso=offloads)
     # Logged only now: a link failure must stay the one line on stderr.
     log.info("rlimit.nofile", soft_before=before, soft=now_soft, hard=hard)
+    log_lowered(log, moved, why)
     netns_id = netns_identity(cfg.netns) if cfg.netns and cfg.tap_fd is None else None
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(_serve(cfg, settings, link, log, netns_id, on_ready))
+            return runner.run(_serve(cfg, settings, link, log, netns_id, lease_rows, on_ready))
     finally:
         link.close()
         if cfg.pid_file is not None:
@@ -166,10 +205,11 @@ class Daemon:
 
     def _reload(self, trigger: str) -> dict[str, object]:
         try:
-            new = reload_config(self.cfg)
-        except ConfigError as exc:
+            new, moved, why = fit_descriptors(reload_config(self.cfg))
+        except (ConfigError, DescriptorLimitError) as exc:
             self.log.error("reload.failed", trigger=trigger, error=str(exc))
-            raise
+            raise ConfigError(str(exc)) from exc
+        log_lowered(self.log, moved, why)
         self.cfg, result = apply_reload(
             self.cfg, new, self.gateway, self.forwards, self.log, trigger
         )
@@ -235,22 +275,14 @@ def _watch_netns(
 
     Returns a function that stops the watch.
     """
-    handle: asyncio.TimerHandle | None = None
 
-    def check() -> None:
-        nonlocal handle
-        if netns_identity(path) != identity:
-            handle = None
-            on_gone(f"network namespace {path} was deleted")
-            return
-        handle = loop.call_later(NETNS_CHECK_INTERVAL, check)
+    def check() -> bool:
+        if netns_identity(path) == identity:
+            return True
+        on_gone(f"network namespace {path} was deleted")
+        return False
 
-    def cancel() -> None:
-        if handle is not None:
-            handle.cancel()
-
-    handle = loop.call_later(NETNS_CHECK_INTERVAL, check)
-    return cancel
+    return every(loop, NETNS_CHECK_INTERVAL, check)
 
 
 def _link_fields(cfg: Config, shell: Shell, server: StreamServer | None) -> dict[str, object]:
@@ -275,7 +307,7 @@ def _on_link_gone(
                 finish(0, f"peer gone ({why}), --one-off")
         elif link.kind == "tap":
             log.error("tap.gone", tap=link.name, reason=why)
-            finish(1, f"tap gone: {why}")
+            finish(1, f"TAP {link.name} is gone: {why}")
         else:
             log.info("link.peer_gone", link=link.name, reason=why)
             finish(0, f"peer gone: {why}")
@@ -289,6 +321,7 @@ async def _serve(
     opened: Link | StreamServer,
     log: Any,
     netns_id: tuple[int, int] | None,
+    lease_rows: list[LeaseRow],
     on_ready: Callable[[], None] | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
@@ -329,18 +362,20 @@ async def _serve(
         log,
     )
     daemon = Daemon(cfg, gateway, shell, forwards, log, loop.time())
+    extras = Observability(cfg, gateway, shell, log)
     control: ControlServer | None = None
 
     async def abandon(message: str) -> int:
         forwards.close()
         if control is not None:
             await control.close()
+        await extras.close()
         shell.stop()
         error_line(f"natd: {message}")
         return 1
 
     if cfg.control is not None:
-        control = ControlServer(cfg.control, daemon.handlers(), log)
+        control = ControlServer(cfg.control, daemon.handlers() | extras.handlers(), log)
         try:
             await control.start()
         except ControlSocketError as exc:
@@ -351,6 +386,12 @@ async def _serve(
     except ForwardError as exc:
         log.error("forward.failed", error=str(exc))
         return await abandon(str(exc))
+    try:
+        await extras.start(lease_rows)
+        extras.drop_privileges()  # last: the link is open and every listener is bound
+    except StartError as exc:
+        log.error("start.failed", error=str(exc))
+        return await abandon(str(exc))
     stop_watch: Callable[[], None] | None = None
     if cfg.netns is not None and netns_id is not None:
 
@@ -359,6 +400,7 @@ async def _serve(
             finish(1, why)
 
         stop_watch = _watch_netns(loop, cfg.netns, netns_id, netns_gone)
+    stop_following = follow_limit(loop, log)
     loop.add_signal_handler(signal.SIGTERM, finish, 0, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, finish, 0, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, daemon.on_sighup)
@@ -390,12 +432,14 @@ async def _serve(
         code, reason = await done
     finally:
         notify("STOPPING=1")
+        stop_following()
         if stop_watch is not None:
             stop_watch()
         if control is not None:
             await control.close()
         forwards.close()
         shell.stop()
+        await extras.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         link_counters = shell.link_stats()
@@ -409,4 +453,6 @@ async def _serve(
     if shell.errors:
         counters["shell.errors"] = shell.errors
     log.info("stopped", reason=reason, exit_code=code, counters=counters)
+    if code != 0:  # a runtime failure (TAP or namespace gone): the one line for a person
+        error_line(f"natd: {reason}")
     return code

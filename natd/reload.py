@@ -1,9 +1,9 @@
 """Reload: what changed between two configs, what needs a restart, and applying the rest live.
 
-Forwards, DHCP static leases, DNS upstreams, ``host_loopback``, the egress ``[policy]`` and the
-``[limits]`` (all but ``tcp_buffer_bytes``) change live, without touching established
-connections: removed forwards only stop listening, settings swap under the engines. Any other
-difference is reported as "restart required" and not applied.
+Forwards, DHCP static leases, DNS upstreams, ``host_loopback``, the egress ``[policy]``, the
+source guard and DHCP offer bounds, and the ``[limits]`` (all but ``tcp_buffer_bytes``) change
+live, without touching established connections: removed forwards only stop listening, settings
+swap under the engines. Any other difference is reported as "restart required" and not applied.
 """
 
 from __future__ import annotations
@@ -18,9 +18,18 @@ from natd.stack.gateway import Gateway
 from natd.wiring import forward_spec, settings_from_config
 
 # Config fields a reload can apply live; any other difference needs a restart.
-LIVE_FIELDS = ("forwards", "static_leases", "dns_upstreams", "host_loopback", "policy", "limits")
 # The core settings swapped as they are (``limits`` too, but keeping ``tcp_buffer_bytes``).
-LIVE_SETTINGS = ("static_leases", "dns_upstreams", "host_loopback", "policy")
+LIVE_SETTINGS = (
+    "static_leases",
+    "dns_upstreams",
+    "host_loopback",
+    "policy",
+    "source_guard",
+    "source_guard_idle",
+    "dhcp_offer_hold",
+    "dhcp_max_offers",
+)
+LIVE_FIELDS = ("forwards", *LIVE_SETTINGS, "limits")
 RESTART_FIELDS = (
     "cidr",
     "mtu",
@@ -40,6 +49,10 @@ RESTART_FIELDS = (
     "control",
     "log_format",
     "log_level",
+    "metrics",
+    "pcap",  # a capture can be started and stopped with ``natd ctl pcap`` instead
+    "lease_file",
+    "runas",
 )
 
 
@@ -58,7 +71,16 @@ def apply_reload(
         restart.append("limits.tcp_buffer_bytes")
     new_limits = dataclasses.replace(new.limits, tcp_buffer_bytes=old.limits.tcp_buffer_bytes)
     if restart:
-        log.warning("reload.restart_required", trigger=trigger, changed=restart, applied=False)
+        # After --runas natd could not apply these even if it tried: say where the way back is.
+        why = (
+            None
+            if old.runas is None
+            else f"natd runs as {old.runas.user} (--runas); "
+            + ("a new TAP, namespace or network needs root, which only a restart brings back")
+        )
+        log.warning(
+            "reload.restart_required", trigger=trigger, changed=restart, applied=False, why=why
+        )
     applied: list[str] = []
     fresh = settings_from_config(new)
     current = gateway.settings

@@ -14,6 +14,7 @@ from natd.io.control import (
     leases_result,
     stats_result,
 )
+from natd.io.fds import RESERVED, descriptors_in_use
 from natd.io.forwards import ForwardManager
 from natd.io.shell import Shell
 from natd.log import sink as log_sink
@@ -89,11 +90,20 @@ def stats_view(gateway: Gateway, shell: Shell, forwards: ForwardManager, started
         **({"tap": name} if kind == "tap" else {}),
         "leases": len(gateway.dhcp.leases(shell.now())),
         "tcp_flows": gateway.tcp.flow_count,
+        "tcp_time_wait": len(gateway.tcp.time_wait_table),
+        "memory": gateway.tcp.budget.summary(),
         "udp_flows": len(gateway.udp),
+        "neighbours": gateway.neighbours.summary(),
         "forwards": len(forwards.active),
         "limits": dataclasses.asdict(gateway.settings.limits),
         "policy": gateway.settings.policy.summary(),
         "log": {"dropped": log_sink().dropped, "write_errors": log_sink().write_errors},
+        "descriptors": {
+            "in_use": descriptors_in_use(),
+            "limit": RESERVED.ceiling + RESERVED.reserve,
+            "reserve": RESERVED.reserve,
+            "refused": RESERVED.refused,
+        },
     }
     return stats_result(counters, extra=extra)
 

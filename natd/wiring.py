@@ -23,6 +23,7 @@ from natd.io.links import (
     open_tap,
 )
 from natd.io.links.tap import set_master
+from natd.io.memory import resolve_limits
 from natd.io.netns import entered_netns
 from natd.io.ping_host import PingHost
 from natd.io.shell import HostSide, Shell
@@ -51,6 +52,10 @@ def settings_from_config(cfg: Config, *, tso: bool = False) -> GatewaySettings:
         str(cfg.cidr),
         mtu=cfg.mtu,
         host_loopback=cfg.host_loopback,
+        source_guard=cfg.source_guard,
+        source_guard_idle=float(cfg.source_guard_idle),
+        dhcp_offer_hold=float(cfg.dhcp_offer_hold),
+        dhcp_max_offers=cfg.dhcp_max_offers,
         pool_start=cfg.pool[0].packed,
         pool_end=cfg.pool[1].packed,
         lease_time=cfg.lease_time,
@@ -58,7 +63,7 @@ def settings_from_config(cfg: Config, *, tso: bool = False) -> GatewaySettings:
         static_leases=static,
         dns_upstreams=tuple(cfg.dns_upstreams),
         tso=tso,
-        limits=cfg.limits,
+        limits=resolve_limits(cfg.limits),
         policy=policy_from_config(cfg),
     )
 

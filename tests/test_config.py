@@ -691,7 +691,13 @@ def test_render_round_trips_defaults_and_odd_strings(tmp_path: Path, resolv: str
 def test_render_shows_effective_values(resolv: str) -> None:
     text = render_config(load(resolv=resolv, forwards=["tcp::8080-:80"]))
     data = tomllib.loads(text)
-    assert data["network"] == {"cidr": "10.0.2.0/24", "mtu": 1500, "host_loopback": True}
+    assert data["network"] == {
+        "cidr": "10.0.2.0/24",
+        "mtu": 1500,
+        "host_loopback": True,
+        "source_guard": True,
+        "source_guard_idle": 300,
+    }
     assert data["tap"] == {"name": "natd0"}
     assert data["dhcp"]["pool"] == ["10.0.2.15", "10.0.2.254"]
     assert data["dns"]["upstream"] == ["192.0.2.53:53"]

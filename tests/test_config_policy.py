@@ -22,6 +22,7 @@ from natd.config import (
     render_config,
 )
 from natd.daemon import Daemon
+from natd.io.memory import resolve_limits
 from natd.stack.gateway import Gateway
 from natd.stack.policy import HOST, Policy, PolicyRule
 from natd.stack.settings import Limits
@@ -81,7 +82,9 @@ def test_config_limits_are_the_core_limits_type() -> None:
     """One type, not a mirror: what the config holds is what the core enforces."""
     cfg = load_config(None, {}, resolv_conf=NO_RESOLV)
     assert type(cfg.limits) is Limits
-    assert settings_from_config(cfg).limits is cfg.limits
+    limits = settings_from_config(cfg).limits
+    # the same values, with the memory budget's "auto" (0) sized from the machine
+    assert limits == resolve_limits(cfg.limits) and limits.memory_budget > 0
 
 
 def test_policy_section_parses_in_order(tmp_path: Path) -> None:
@@ -144,6 +147,9 @@ ERRORS = [
      "must be between 1 and 604800, got 0.5"),
     ("[limits]\ntcp_buffer_bytes = 1000\n", 2, "limits.tcp_buffer_bytes",
      "must be between 65536 and 1073741824, got 1000"),
+    ("[limits]\nmemory_budget = -1\n", 2, "limits.memory_budget", "must be at least 0, got -1"),
+    ("[limits]\nmemory_budget_per_guest = 1.5\n", 2, "limits.memory_budget_per_guest",
+     "expected an integer, got float"),
     ("limits = 3\n", 1, "limits", "expected a table, got integer"),
     ("[policy]\nrestrict = 'yes'\n", 2, "policy.restrict", "expected a boolean, got string"),
     ("[policy]\ndefault = 'block'\n", 2, "policy.default",
@@ -216,7 +222,8 @@ def test_render_round_trips_the_defaults(tmp_path: Path) -> None:
 def test_settings_from_config_maps_policy_and_limits(tmp_path: Path) -> None:
     cfg = load(write(tmp_path, POLICY + "\n[limits]\nmax_tcp_flows = 5\nmax_dns_pending = 9\n"))
     s = settings_from_config(cfg)
-    assert s.limits == Limits(max_tcp_flows=5, max_dns_pending=9)
+    assert s.limits == resolve_limits(Limits(max_tcp_flows=5, max_dns_pending=9))
+    assert s.limits.memory_budget > 0  # 0 in the file: sized from the machine
     assert s.policy == Policy(
         rules=(
             PolicyRule("allow", IPv4Network("198.51.100.0/24"), (1000, 2000), "tcp"),
@@ -274,3 +281,12 @@ def test_reload_of_the_tcp_buffer_size_needs_a_restart(tmp_path: Path) -> None:
     assert gw.settings.limits.tcp_buffer_bytes == Limits().tcp_buffer_bytes
     assert gw.settings.limits.max_tcp_flows == 8 and gw.tcp.limits.max_tcp_flows == 8
     assert daemon.cfg.limits.tcp_buffer_bytes == Limits().tcp_buffer_bytes
+
+
+def test_memory_budget_keys_reach_the_core(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "[limits]\nmemory_budget = 67108864\n"))
+    limits = settings_from_config(cfg).limits
+    # per guest left at 0 ("auto"): a quarter of the configured global budget
+    assert (limits.memory_budget, limits.memory_budget_per_guest) == (64 << 20, 16 << 20)
+    gw = Gateway(settings_from_config(cfg))
+    assert (gw.tcp.budget.total, gw.tcp.budget.per_guest) == (64 << 20, 16 << 20)

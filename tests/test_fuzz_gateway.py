@@ -1,5 +1,6 @@
-"""The CI slice of the fuzzing harness (bench/fuzz.py): a short structure-aware run with fixed
-seeds, and hypothesis over ``Gateway.receive_frames`` with raw and structured frames.
+"""The CI slice of the fuzzing harness (``fuzzframes``; bench/fuzz.py runs it long): a short
+structure-aware run with fixed seeds, and hypothesis over ``Gateway.receive_frames`` with raw
+and structured frames.
 
 The long run (a million frames) is ``python3 bench/fuzz.py --frames 1000000``; here a few
 thousand frames per seed keep CI fast while still reaching every engine (the harness answers
@@ -8,30 +9,16 @@ natd's host ops, so flows get established, forwarded DNS gets answers, timers fi
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import sys
 import tracemalloc
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-_BENCH = Path(__file__).resolve().parent.parent / "bench" / "fuzz.py"
-
-
-def _load_fuzz() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("natd_bench_fuzz", _BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz()
+from fuzzframes import frames as fuzz
+from fuzzframes.harness import Fuzzer
+from natd.wire.dhcp import build_dhcp
 
 # Violations the output checks may tolerate. F1 (broadcast source answered by L2 broadcast) and F2
 # (reply larger than the MTU) were found by this harness and fixed; their regression tests follow.
@@ -49,7 +36,7 @@ def _escapes(res: object) -> str:
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_short_structured_run_nothing_escapes_and_outputs_are_sane(seed: int) -> None:
-    fz = fuzz.Fuzzer(seed, sample_every=2000)
+    fz = Fuzzer(seed, sample_every=2000)
     res = fz.run(5000)
     assert res.escape_count == 0, _escapes(res)
     assert _unexpected(res) == []
@@ -67,15 +54,15 @@ def test_short_structured_run_nothing_escapes_and_outputs_are_sane(seed: int) ->
 
 
 def test_same_seed_same_run() -> None:
-    a = fuzz.Fuzzer(11).run(1500)
-    b = fuzz.Fuzzer(11).run(1500)
+    a = Fuzzer(11).run(1500)
+    b = Fuzzer(11).run(1500)
     assert a.counters == b.counters
     assert a.frames_out == b.frames_out
 
 
 def test_state_and_memory_stay_bounded() -> None:
     """After warm-up, more frames do not grow natd's tables past the limits nor its heap."""
-    fz = fuzz.Fuzzer(5, sample_every=1000)
+    fz = Fuzzer(5, sample_every=1000)
     fz.run(2000)
     tracemalloc.start()
     try:
@@ -98,7 +85,7 @@ def test_state_and_memory_stay_bounded() -> None:
 
 def test_harness_detects_escapes_and_bad_outputs() -> None:
     """The checks can fail: an engine that raises and a corrupted output frame are both caught."""
-    fz = fuzz.Fuzzer(4)
+    fz = Fuzzer(4)
     calls = 0
 
     def broken(*_args: object) -> None:
@@ -120,7 +107,7 @@ def test_harness_detects_escapes_and_bad_outputs() -> None:
 
 
 def test_f1_guest_with_broadcast_source_is_not_answered_by_broadcast() -> None:
-    fz = fuzz.Fuzzer(0)
+    fz = Fuzzer(0)
     src = bytes((10, 0, 2, 255))
     query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + fuzz.dns_name(
         "host.natd.internal") + struct.pack("!HH", 1, 1)  # fmt: skip
@@ -136,7 +123,7 @@ def test_f1_guest_with_broadcast_source_is_not_answered_by_broadcast() -> None:
 
 
 def test_f2_no_frame_larger_than_the_mtu_for_an_oversized_echo() -> None:
-    fz = fuzz.Fuzzer(0)
+    fz = Fuzzer(0)
     mac, gip = b"\x02\x00\x00\x00\x00\x10", bytes((10, 0, 2, 15))
     request = fuzz.ether(
         fuzz.GW_MAC, mac, 0x0800, fuzz.ipv4(gip, fuzz.GW_IP, 1, fuzz.icmp_echo(1, 1, bytes(1480)))
@@ -199,7 +186,7 @@ def dhcp_frames(draw: st.DrawFn) -> bytes:
     kind = draw(st.sampled_from([1, 3, 4, 7, 8, 0, 9, 255]))
     options = [(53, bytes((kind,))), *draw(_dhcp_options)]
     msg = bytearray(
-        fuzz.build_dhcp(
+        build_dhcp(
             op=draw(st.sampled_from([1, 2])),
             xid=draw(st.integers(0, 2**32 - 1)),
             chaddr=draw(st.sampled_from([_GUEST_MAC, bytes(6)])),
@@ -270,7 +257,7 @@ def _check(fz: object, batches: list[list[bytes]]) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.lists(_any_frame, min_size=1, max_size=6), min_size=1, max_size=4))
 def test_hypothesis_receive_frames(batches: list[list[bytes]]) -> None:
-    fz = fuzz.Fuzzer(0)
+    fz = Fuzzer(0)
     # A guest that natd knows (so replies are addressed, not only ARP-solicited).
     fz.feed([fuzz.ether(fuzz.BROADCAST_MAC, _GUEST_MAC, 0x0806,
                         fuzz.arp(1, _GUEST_MAC, _GUEST_IP, bytes(6), fuzz.GW_IP))])  # fmt: skip
@@ -282,6 +269,6 @@ def test_hypothesis_receive_frames(batches: list[list[bytes]]) -> None:
 def test_hypothesis_mutated_seed_frames(data: st.DataObject) -> None:
     """Hypothesis drives the harness' own structure-aware mutator over its seed corpus."""
     seed = data.draw(st.integers(0, 2**32 - 1))
-    fz = fuzz.Fuzzer(seed)
+    fz = Fuzzer(seed)
     frames = [fz.next_frame() for _ in range(data.draw(st.integers(1, 40)))]
     _check(fz, [frames[i : i + 8] for i in range(0, len(frames), 8)])

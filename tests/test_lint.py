@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "args",
     [
-        ["ruff", "check", "natd", "tests"],
-        ["ruff", "format", "--check", "natd", "tests"],
+        ["ruff", "check", "natd", "tests", "fuzzframes"],
+        ["ruff", "format", "--check", "natd", "tests", "fuzzframes"],
         ["mypy", "--strict", "natd"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],

@@ -24,8 +24,11 @@ from natd.config.model import (
     DEFAULT_CIDR,
     DEFAULT_DOMAIN,
     DEFAULT_LEASE_TIME,
+    DEFAULT_MAX_OFFERS,
     DEFAULT_MTU,
+    DEFAULT_OFFER_HOLD,
     DEFAULT_RESOLV_CONF,
+    DEFAULT_SOURCE_GUARD_IDLE,
     LOG_FORMATS,
     LOG_LEVELS,
     MTU_MAX,
@@ -55,9 +58,11 @@ from natd.config.values import (
     make_forward,
     parse_cidr,
     parse_ipv4,
+    parse_listen,
     parse_mac,
     parse_ports,
     parse_rule_cidr,
+    parse_runas,
     parse_upstream,
     read_resolv_conf,
 )
@@ -70,6 +75,9 @@ _T = TypeVar("_T")
 _LIMIT_BOUNDS: dict[str, tuple[int, int | None]] = {
     "tcp_buffer_bytes": (65536, 1 << 30),
     "udp_idle_timeout": (1, 7 * 86400),
+    # bytes natd may buffer for flows, in all / per guest; 0 = sized from the machine
+    "memory_budget": (0, None),
+    "memory_budget_per_guest": (0, None),
 }
 
 
@@ -95,6 +103,9 @@ _OPTION_NAMES = {
     "control": "--control",
     "log_format": "--log-format",
     "log_level": "--log-level",
+    "metrics": "--metrics",
+    "pcap": "--pcap",
+    "runas": "--runas",
 }
 
 
@@ -134,6 +145,18 @@ def _int_in(v: Value, lo: int, hi: int | None) -> int:
     return value
 
 
+def _bool(v: Value | None, default: bool) -> bool:
+    if v is None:
+        return default
+    if not isinstance(v.value, bool):
+        raise ConfigError(f"{v.label}: expected a boolean, got {type_name(v.value)}")
+    return v.value
+
+
+def _int_or(v: Value | None, lo: int, hi: int | None, default: int) -> int:
+    return default if v is None else _int_in(v, lo, hi)
+
+
 def _str(v: Value) -> str:
     if not isinstance(v.value, str):
         raise ConfigError(f"{v.label}: expected a string, got {type_name(v.value)}")
@@ -163,11 +186,11 @@ def load_config(
     default_mtu = SOCKET_MTU if on_socket else DEFAULT_MTU
     mtu = _int_in(v, MTU_MIN, MTU_MAX) if (v := get("mtu")) is not None else default_mtu
 
-    host_loopback = True
-    if (v := get("host_loopback")) is not None:
-        if not isinstance(v.value, bool):
-            raise ConfigError(f"{v.label}: expected a boolean, got {type_name(v.value)}")
-        host_loopback = v.value
+    host_loopback = _bool(get("host_loopback"), True)
+    source_guard = _bool(get("source_guard"), True)
+    guard_idle = _int_or(get("source_guard_idle"), 1, 7 * 86400, DEFAULT_SOURCE_GUARD_IDLE)
+    offer_hold = _int_or(get("dhcp_offer_hold"), 1, 3600, DEFAULT_OFFER_HOLD)
+    max_offers = _int_or(get("dhcp_max_offers"), 1, 65536, DEFAULT_MAX_OFFERS)
 
     netns: str | None = None
     if (v := get("netns")) is not None:
@@ -225,11 +248,22 @@ def load_config(
     log_level = _choice(get("log_level"), LOG_LEVELS, "info")
     policy = _check_policy(values)
     limits = _check_limits(values)
+    metrics = _nonempty(get("metrics"))
+    if metrics is not None:
+        _check(cast(Value, get("metrics")), partial(parse_listen, metrics))
+    runas_text = _nonempty(get("runas"))
+    runas = None
+    if runas_text is not None:
+        runas = _check(cast(Value, get("runas")), partial(parse_runas, runas_text))
 
     return Config(
         cidr=net,
         mtu=mtu,
         host_loopback=host_loopback,
+        source_guard=source_guard,
+        source_guard_idle=guard_idle,
+        dhcp_offer_hold=offer_hold,
+        dhcp_max_offers=max_offers,
         tap_name=tap_name,
         netns=netns,
         tap_fd=tap_fd,
@@ -247,6 +281,10 @@ def load_config(
         config_file=path,
         policy=policy,
         limits=limits,
+        metrics=metrics,
+        pcap=_nonempty(get("pcap")),
+        lease_file=_nonempty(get("lease_file")),
+        runas=runas,
         cli_overrides=tuple(
             (k, tuple(cast(Sequence[str], v)) if isinstance(v, list | tuple) else v)
             for k, v in overrides.items()
@@ -257,6 +295,16 @@ def load_config(
 def reload_config(cfg: Config, *, resolv_conf: str = DEFAULT_RESOLV_CONF) -> Config:
     """Re-read ``cfg.config_file`` (SIGHUP) with the same command-line overrides winning."""
     return load_config(cfg.config_file, dict(cfg.cli_overrides), resolv_conf=resolv_conf)
+
+
+def _nonempty(v: Value | None) -> str | None:
+    """An optional string value that, when given, must not be empty."""
+    if v is None:
+        return None
+    text = _str(v)
+    if not text:
+        raise ConfigError(f"{v.label}: must not be empty")
+    return text
 
 
 def _choice(v: Value | None, choices: tuple[str, ...], default: str) -> str:

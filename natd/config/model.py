@@ -18,6 +18,9 @@ SOCKET_MTU = 65520  # a socket link has no offloads: big frames are its speed
 DEFAULT_LEASE_TIME = 86400
 DEFAULT_DOMAIN = "natd.internal"
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+DEFAULT_SOURCE_GUARD_IDLE = 300  # seconds a first-seen address owner may be silent
+DEFAULT_OFFER_HOLD = 10  # seconds a DHCP offer to a client without a lease is held
+DEFAULT_MAX_OFFERS = 16  # such offers held at once (the oldest unrequested is recycled)
 MTU_MIN = 576
 MTU_MAX = 65520
 MAX_PREFIX = 29  # .0 network, .2 gateway, .3 DNS, at least one guest address, broadcast
@@ -95,6 +98,18 @@ class PolicyConfig:
     rules: tuple[PolicyRuleConfig, ...] = ()
 
 
+@dataclass(frozen=True)
+class RunAs:
+    """``--runas USER[:GROUP]`` resolved to numbers (``values.parse_runas``)."""
+
+    user: str
+    uid: int
+    gid: int
+
+    def __str__(self) -> str:
+        return f"{self.user} (uid {self.uid}, gid {self.gid})"
+
+
 _DEFAULT_NET = IPv4Network(DEFAULT_CIDR)
 
 
@@ -131,6 +146,16 @@ class Config:
     config_file: str | None = None
     policy: PolicyConfig = PolicyConfig()
     limits: Limits = Limits()
+    metrics: str | None = None  # ``--metrics`` / ``[metrics] listen``: HOST:PORT or unix:PATH
+    pcap: str | None = None  # ``--pcap`` / ``[pcap] file``: capture from the start
+    lease_file: str | None = None  # ``[dhcp] lease_file``
+    runas: RunAs | None = None  # ``--runas`` / ``[process] runas``
+    # ``[network] source_guard`` / ``source_guard_idle``: who may use a guest address
+    source_guard: bool = True
+    source_guard_idle: int = DEFAULT_SOURCE_GUARD_IDLE
+    # ``[dhcp] offer_hold`` / ``max_pending_offers``: offers to clients without a lease
+    dhcp_offer_hold: int = DEFAULT_OFFER_HOLD
+    dhcp_max_offers: int = DEFAULT_MAX_OFFERS
     # The command-line overrides this config was built with, so SIGHUP can re-read the file and
     # still let the command line win (see ``reload_config``).
     cli_overrides: tuple[tuple[str, object], ...] = field(default=(), compare=False)

@@ -40,6 +40,8 @@ def render_config(cfg: Config) -> str:
         f"cidr = {_toml_str(str(cfg.cidr))}",
         f"mtu = {cfg.mtu}",
         f"host_loopback = {'true' if cfg.host_loopback else 'false'}",
+        f"source_guard = {'true' if cfg.source_guard else 'false'}",
+        f"source_guard_idle = {cfg.source_guard_idle}",
         "",
         *_link_lines(cfg),
     ]
@@ -49,7 +51,11 @@ def render_config(cfg: Config) -> str:
         f"pool = {_toml_list([str(cfg.pool[0]), str(cfg.pool[1])])}",
         f"lease_time = {cfg.lease_time}",
         f"domain = {_toml_str(cfg.domain)}",
+        f"offer_hold = {cfg.dhcp_offer_hold}",
+        f"max_pending_offers = {cfg.dhcp_max_offers}",
     ]
+    if cfg.lease_file is not None:
+        lines.append(f"lease_file = {_toml_str(cfg.lease_file)}")
     for lease in cfg.static_leases:
         lines += ["", "[[dhcp.static]]", f"mac = {_toml_str(lease.mac)}"]
         lines.append(f"ip = {_toml_str(str(lease.ip))}")
@@ -91,6 +97,13 @@ def render_config(cfg: Config) -> str:
         lines.append(f"proto = {_toml_str(rule.proto)}")
     if cfg.control is not None:
         lines += ["", "[control]", f"path = {_toml_str(cfg.control)}"]
+    if cfg.metrics is not None:
+        lines += ["", "[metrics]", f"listen = {_toml_str(cfg.metrics)}"]
+    if cfg.pcap is not None:
+        lines += ["", "[pcap]", f"file = {_toml_str(cfg.pcap)}"]
+    if cfg.runas is not None:
+        runas = f"{cfg.runas.uid}:{cfg.runas.gid}"
+        lines += ["", "[process]", f"runas = {_toml_str(runas)}  # {cfg.runas.user}"]
     lines += [
         "",
         "[log]",

@@ -115,14 +115,31 @@ class TomlFile:
 
 # Schema: section → key → expected python type (list[...] checked element-wise below).
 _SCHEMA: dict[str, dict[str, str]] = {
-    "network": {"cidr": "str", "mtu": "int", "host_loopback": "bool"},
+    "network": {
+        "cidr": "str",
+        "mtu": "int",
+        "host_loopback": "bool",
+        "source_guard": "bool",
+        "source_guard_idle": "int",
+    },
     "tap": {"name": "str", "netns": "str", "bridge": "str", "persist": "bool"},
     "socket": {"path": "str", "dgram": "str", "one_off": "bool"},
-    "dhcp": {"pool": "list[str]", "lease_time": "int", "domain": "str", "static": "tables"},
+    "dhcp": {
+        "pool": "list[str]",
+        "lease_time": "int",
+        "domain": "str",
+        "static": "tables",
+        "lease_file": "str",
+        "offer_hold": "int",
+        "max_pending_offers": "int",
+    },
     "dns": {"upstream": "list[str]"},
     "forward": {},  # array of tables, see _FORWARD_KEYS
     "control": {"path": "str"},
     "log": {"format": "str", "level": "str"},
+    "metrics": {"listen": "str"},
+    "pcap": {"file": "str"},
+    "process": {"runas": "str"},
     "policy": {"restrict": "bool", "default": "str", "rule": "tables"},
     "limits": {
         f.name: ("number" if f.type == "float" else "int") for f in dataclasses.fields(Limits)
@@ -229,6 +246,10 @@ def read_file(f: TomlFile) -> dict[str, Value]:
                 ("network", "cidr"): "cidr",
                 ("network", "mtu"): "mtu",
                 ("network", "host_loopback"): "host_loopback",
+                ("network", "source_guard"): "source_guard",
+                ("network", "source_guard_idle"): "source_guard_idle",
+                ("dhcp", "offer_hold"): "dhcp_offer_hold",
+                ("dhcp", "max_pending_offers"): "dhcp_max_offers",
                 ("tap", "name"): "tap_name",
                 ("tap", "netns"): "netns",
                 ("tap", "bridge"): "bridge",
@@ -244,6 +265,10 @@ def read_file(f: TomlFile) -> dict[str, Value]:
                 ("control", "path"): "control",
                 ("log", "format"): "log_format",
                 ("log", "level"): "log_level",
+                ("dhcp", "lease_file"): "lease_file",
+                ("metrics", "listen"): "metrics",
+                ("pcap", "file"): "pcap",
+                ("process", "runas"): "runas",
             }[(section, key)]
             if name == "static_leases":
                 leases = []

@@ -6,6 +6,8 @@ value came from. ``parse_forward`` is also what the control socket's ``forward a
 
 from __future__ import annotations
 
+import grp
+import pwd
 import re
 from collections.abc import Callable
 from functools import partial
@@ -19,6 +21,7 @@ from natd.config.model import (
     Forward,
     Invalid,
     Proto,
+    RunAs,
 )
 
 _T = TypeVar("_T")
@@ -262,3 +265,38 @@ def parse_rule_cidr(text: str) -> IPv4Network:
     except ValueError:
         raise Invalid(f"{text!r} is not an IPv4 network like 198.51.100.0/24") from None
     raise Invalid(f"{text!r} has host bits set (did you mean {net}?)")
+
+
+def parse_listen(text: str) -> tuple[str, int] | str:
+    """A metrics address: ``HOST:PORT`` (``[ADDR]:PORT`` for IPv6; port 0 = any free one) or
+    ``unix:PATH``; the path for a unix socket, else (host, port)."""
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise Invalid(f"{text!r}: unix: needs a path")
+        return text[5:]
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise Invalid(f"{text!r} is not HOST:PORT or unix:PATH")
+    return host, int(port)
+
+
+def parse_runas(text: str) -> RunAs:
+    """``USER[:GROUP]`` (names or numbers) → RunAs; the user's own group unless GROUP is given."""
+    user, _, group = text.partition(":")
+    if not user:
+        raise Invalid(f"{text!r}: expected USER[:GROUP]")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
+    except KeyError:
+        if not user.isdigit():
+            raise Invalid(f"no user {user!r}") from None
+        uid, gid, name = int(user), int(user), user
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise Invalid(f"no group {group!r}") from None
+    return RunAs(name, uid, gid)

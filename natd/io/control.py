@@ -4,7 +4,9 @@ Wire format (what ``natd ctl`` speaks; one JSON object per line, UTF-8, ``\\n``-
 
 - request:  ``{"cmd": "stats", "args": []}`` — ``args`` is optional (default ``[]``), a list of
   strings; other keys are ignored so newer clients can add hints without breaking older daemons.
-- response: ``{"ok": true, "result": <JSON value>}`` or ``{"ok": false, "error": "one line"}``.
+- response: ``{"v": 1, "ok": true, "result": <JSON value>}`` or
+  ``{"v": 1, "ok": false, "error": "one line"}``. ``v`` is the protocol version (``PROTOCOL``):
+  it changes only if a response's shape does, so scripts can check it.
 
 A connection may carry any number of requests; responses come back in order. A final request
 without a trailing newline is still answered when the client half-closes (``printf … | nc -U``).
@@ -42,7 +44,8 @@ from typing import Any
 Handler = Callable[[list[str]], Awaitable[object] | object]
 
 # The commands of INTERFACE.md, in the order the "unknown command" hint lists them.
-COMMANDS: tuple[str, ...] = ("forward", "leases", "flows", "stats", "reload")
+COMMANDS: tuple[str, ...] = ("forward", "leases", "flows", "stats", "reload", "pcap", "version")
+PROTOCOL = 1  # the "v" of every response
 
 # Longest path a sockaddr_un can hold on Linux (108 bytes including the NUL terminator).
 _MAX_SUN_PATH = 107
@@ -74,7 +77,7 @@ def _encode(response: Mapping[str, object]) -> bytes:
 
 
 def _error(message: str) -> bytes:
-    return _encode({"ok": False, "error": _one_line(message)})
+    return _encode({"v": PROTOCOL, "ok": False, "error": _one_line(message)})
 
 
 class ControlServer:
@@ -334,7 +337,7 @@ class ControlServer:
             result = handler(list(args))
             if inspect.isawaitable(result):
                 result = await result
-            return _encode({"ok": True, "result": result})
+            return _encode({"v": PROTOCOL, "ok": True, "result": result})
         except ControlError as e:
             self.log.info("control.refused_request", cmd=cmd, error=str(e))
             return _error(str(e) or f"{cmd} failed")

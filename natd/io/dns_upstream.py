@@ -1,15 +1,17 @@
 """Sockets to the upstream resolvers for the DNS forwarder.
 
-UDP: one non-blocking socket per upstream, created on first use and *connected* to it, so the
-kernel only delivers datagrams from that address and port and reports ICMP port unreachable as
-``ECONNREFUSED`` (→ ``DnsForwarder.on_upstream_unreachable``). The sockets are watched
-through the shared ``natd.io.poller.DatagramPoller``: that ICMP error makes a connected
-socket report ``EPOLLERR``, which on uvloop would silently end a ``loop.add_reader`` watch
-for good (the forwarder never reading its upstream again after it was down once); the error
-callback reads ``SO_ERROR``, which reports and clears it. Answers go to
-``DnsForwarder.on_upstream_answer`` with the upstream's address; the core matches them to
-queries by id and question (a fixed source port per upstream is fine because the core picks a
-fresh random id per attempt and checks the question; upstreams are usually on loopback).
+UDP: a fresh non-blocking socket per query attempt, *connected* to its upstream, so every query
+leaves from a new random source port (the kernel picks ephemeral ports at random): an off-path
+spoofer must guess the port as well as the 16-bit id (RFC 5452 §4.5). Being connected, the
+kernel only delivers datagrams from that upstream and reports ICMP port unreachable as
+``ECONNREFUSED`` (→ ``DnsForwarder.on_upstream_unreachable``). The socket closes once the core
+no longer waits for that attempt (``DnsForwarder.waiting``: answered, superseded by a retry)
+or, at the latest, ``LINGER`` seconds after the core's timeout; at most ``max_dns_pending``
+are open (the oldest is closed first). The sockets are watched through the shared
+``natd.io.poller.DatagramPoller``: the ICMP error makes a connected socket report ``EPOLLERR``,
+which on uvloop would silently end a ``loop.add_reader`` watch; the error callback reads
+``SO_ERROR``, which reports and clears it. They may use half of the descriptor reserve
+(``natd.io.fds``), so name resolution keeps working while guests hold every flow descriptor.
 
 TCP (``DnsQuery.transport == "tcp"``, RFC 1035 §4.2.2 two-byte length framing): one short
 connection per query, bounded by ``TCP_TIMEOUT``; the answer goes the same way, a failure to
@@ -25,22 +27,27 @@ import socket
 from functools import partial
 from typing import Any
 
+from natd.io.fds import NO_DESCRIPTOR, RESERVED
 from natd.io.poller import DatagramPoller, PollerLease
 from natd.stack.gateway import Gateway
 from natd.stack.ops import DnsQuery, HostOp
 
-BATCH = 64
+BATCH = 8  # datagrams read per readiness: one query's socket expects one answer
 RECV_SIZE = 65535
 TCP_TIMEOUT = 10.0
+LINGER = 1.0  # seconds a query's socket outlives the core's timeout (a late answer is counted)
 
 
-class _Upstream:
-    __slots__ = ("address", "fd", "sock")
+class _Query:
+    """One UDP attempt in flight: its own socket (own source port) and its closing timer."""
 
-    def __init__(self, address: tuple[str, int], sock: socket.socket) -> None:
+    __slots__ = ("address", "qid", "sock", "timer")
+
+    def __init__(self, qid: int, address: tuple[str, int], sock: socket.socket) -> None:
+        self.qid = qid
         self.address = address
         self.sock = sock
-        self.fd = sock.fileno()
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class DnsUpstream:
@@ -53,7 +60,7 @@ class DnsUpstream:
         self.gateway = gateway
         self.shell = shell
         self.log: Any = gateway.log.bind(side="dns")
-        self._upstreams: dict[tuple[str, int], _Upstream] = {}
+        self._queries: dict[int, _Query] = {}  # insertion order = age: the oldest first
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._lease = PollerLease(loop, gateway.log, gateway.counters)
@@ -63,6 +70,10 @@ class DnsUpstream:
         """The loop's shared poller, acquired on first use (released by ``close``)."""
         return self._lease.get()
 
+    def __len__(self) -> int:
+        """UDP query sockets open now."""
+        return len(self._queries)
+
     def perform(self, op: HostOp) -> None:
         if not isinstance(op, DnsQuery) or self._closed:
             return
@@ -71,42 +82,62 @@ class DnsUpstream:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
-        up = self._upstreams.get((op.host, op.port))
+        q: _Query | None = None
         try:
-            if up is None:
-                up = self._open((op.host, op.port))
-            up.sock.send(op.payload)
+            q = self._open(op.query, (op.host, op.port))
+            q.sock.send(op.payload)
+            return
         except ConnectionRefusedError:
-            # The upstream refused an earlier query (its ICMP error surfaced on this send):
-            # everything waiting on it, this query included, moves on.
             self.gateway.dns.on_upstream_unreachable(op.host, op.port, self.shell.now())
             self.shell.kick()
         except OSError as exc:
+            if exc.errno in NO_DESCRIPTOR:
+                self.gateway.counters["dns.no_descriptor"] += 1
             self.log.debug("dns.send_failed", upstream=f"{op.host}:{op.port}", error=str(exc))
             self.gateway.dns.on_upstream_failed(op.query, self.shell.now())
             self.shell.kick()
+        if q is not None:
+            self._close(q)
 
-    def _open(self, address: tuple[str, int]) -> _Upstream:
+    def _open(self, qid: int, address: tuple[str, int]) -> _Query:
+        while len(self._queries) >= max(self.gateway.settings.limits.max_dns_pending, 1):
+            self._close(next(iter(self._queries.values())))
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            if RESERVED.over(sock.fileno(), RESERVED.reserve // 2):
+                raise OSError(errno.EMFILE, "descriptor reserve")
             sock.setblocking(False)
             sock.connect(address)
-            up = _Upstream(address, sock)
-            self.poller.register(sock, partial(self._on_readable, up), partial(self._on_error, up))
+            q = _Query(qid, address, sock)
+            self.poller.register(sock, partial(self._on_readable, q), partial(self._on_error, q))
         except OSError:
             sock.close()
             raise
-        self._upstreams[address] = up
-        self.log.debug("dns.upstream_socket", upstream=f"{address[0]}:{address[1]}")
-        return up
+        self._queries[qid] = q
+        q.timer = self.loop.call_later(self.gateway.dns.timeout + LINGER, self._close, q)
+        return q
 
-    def _on_readable(self, up: _Upstream) -> None:
+    def _close(self, q: _Query) -> None:
+        if self._queries.get(q.qid) is not q:
+            return
+        del self._queries[q.qid]
+        if q.timer is not None:
+            q.timer.cancel()
+            q.timer = None
+        poller = self._lease.current
+        if poller is not None:
+            poller.close_socket(q.sock)
+        else:
+            with contextlib.suppress(OSError):
+                q.sock.close()
+
+    def _on_readable(self, q: _Query) -> None:
         dns = self.gateway.dns
-        host, port = up.address
+        host, port = q.address
         now = self.shell.now()
         for _ in range(BATCH):
             try:
-                data = up.sock.recv(RECV_SIZE)
+                data = q.sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionRefusedError:
@@ -116,19 +147,24 @@ class DnsUpstream:
                 self.log.debug("dns.recv_failed", upstream=f"{host}:{port}", error=str(exc))
                 break
             dns.on_upstream_answer(host, port, data, now)
+            if not dns.waiting(q.qid):
+                break
+        if not dns.waiting(q.qid):
+            self._close(q)
         self.shell.kick()
 
-    def _on_error(self, up: _Upstream) -> None:
+    def _on_error(self, q: _Query) -> None:
         """``EPOLLERR``: the upstream's ICMP error; reading ``SO_ERROR`` reports and clears it."""
         try:
-            err = up.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            err = q.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError as exc:
             err = exc.errno or 0
         if not err:
             return
-        host, port = up.address
+        host, port = q.address
         if err == errno.ECONNREFUSED:
             self.gateway.dns.on_upstream_unreachable(host, port, self.shell.now())
+            self._close(q)
             self.shell.kick()
         else:
             why = errno.errorcode.get(err, str(err))
@@ -158,14 +194,8 @@ class DnsUpstream:
 
     def close(self) -> None:
         self._closed = True
-        poller = self._lease.current
-        for up in self._upstreams.values():
-            if poller is not None:
-                poller.close_socket(up.sock)
-            else:
-                with contextlib.suppress(OSError):
-                    up.sock.close()
-        self._upstreams.clear()
+        for q in list(self._queries.values()):
+            self._close(q)
         self._lease.release()
         for task in list(self._tasks):
             task.cancel()

@@ -9,6 +9,13 @@ port actually bound is what ``forward.listening`` logs and ``natd ctl forward li
   the guest should see it) and whose host side is the accepted socket
   (``TcpHost.adopt``). From then on it is an ordinary flow: same buffers, same ops. If the guest
   refuses or never answers, the engine aborts the flow and the client sees a reset.
+  Under a flood: the backlog is the kernel's ``somaxconn`` (a short one leaves clients the
+  kernel SYN-cookied waiting for an accept that never comes), the queue is accepted until
+  empty, and a forward holds at most ``limits.max_inbound_per_forward`` live connections, a
+  bound of its own (they do not count toward the guest's egress flows). Every client natd
+  will not serve (over the bound, no descriptor, the engine refused, the guest refused or
+  stayed silent) is closed with ``SO_LINGER 0``: a reset, never a clean close that looks like
+  success.
 * UDP: each client (address, port) gets an inbound flow in the UDP engine
   (``UdpEngine.open_inbound``); the guest's replies leave through the listening socket
   (``UdpHost.attach_inbound``). Mappings end with the engine's idle timeout. The listener is
@@ -29,23 +36,26 @@ import contextlib
 import errno
 import ipaddress
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
+from natd.io.fds import NO_DESCRIPTOR, RESERVED
 from natd.io.poller import DatagramPoller, PollerLease
-from natd.io.tcp_host import TcpHost
+from natd.io.tcp_host import TcpHost, reset_close
 from natd.io.udp_host import UdpHost
 from natd.stack.gateway import Gateway
 
-ACCEPT_BATCH = 64
+# Accepts per readiness callback. The listener is level-triggered, so a longer queue is served
+# again on the next loop turn: the queue is drained to EAGAIN without starving the TAP.
+ACCEPT_BATCH = 512
 RECV_BATCH = 64
 RECV_SIZE = 65535
-LISTEN_BACKLOG = 128
+SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
+DEFAULT_BACKLOG = 4096  # when somaxconn cannot be read (the kernel default since 5.4)
 EMFILE_BACKOFF = 0.5  # seconds an accept loop rests when natd is out of file descriptors
-_LINGER_RESET = struct.pack("ii", 1, 0)
+FULL_RECHECK = 0.1  # seconds a forward at its inbound bound refuses before counting again
 
 Source = Literal["config", "runtime"]
 
@@ -84,10 +94,24 @@ class ActiveForward:
     clients: dict[tuple[str, int], int] = field(default_factory=dict)  # UDP: client → flow
     accepted: int = 0
     paused: Any = None  # TimerHandle while accepting rests after EMFILE
+    full_until: float = 0.0  # at max_inbound_per_forward: refuse without recounting until then
 
     @property
     def spec(self) -> str:
         return self.forward.label
+
+
+def listen_backlog(path: str = SOMAXCONN_PATH) -> int:
+    """The listen backlog: the kernel's ``somaxconn`` (it caps any larger value anyway).
+
+    A short backlog under a flood of clients makes the kernel drop or SYN-cookie the rest;
+    those clients then wait for an answer natd never sees.
+    """
+    try:
+        with open(path) as f:
+            return max(int(f.read()), 1)
+    except (OSError, ValueError):
+        return DEFAULT_BACKLOG
 
 
 def listen_error(fwd: ForwardSpec, exc: OSError) -> ForwardError:
@@ -228,7 +252,7 @@ class ForwardManager:
             sock.setblocking(False)
             sock.bind((fwd.host_addr, fwd.host_port))
             if fwd.proto == "tcp":
-                sock.listen(LISTEN_BACKLOG)
+                sock.listen(listen_backlog())
         except OSError as exc:
             sock.close()
             raise listen_error(fwd, exc) from exc
@@ -258,11 +282,16 @@ class ForwardManager:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in (*NO_DESCRIPTOR, errno.ENOBUFS, errno.ENOMEM):
                     self._rest(active, exc)
-                # ECONNABORTED and friends: that client is gone; the next may be fine.
-                break
+                    break
+                continue  # ECONNABORTED and friends: that client is gone; the next may be fine
             active.accepted += 1
+            if RESERVED.over(conn.fileno()):
+                # Only the reserve is left: refuse this client at once, visibly.
+                self.gateway.counters["forward.no_descriptor"] += 1
+                reset_close(conn)
+                continue
             self._connect_inbound(active, conn, address)
         self.shell.kick()
 
@@ -286,6 +315,10 @@ class ForwardManager:
         client_host, client_port = str(address[0]), int(address[1])
         fwd = active.forward
         flow: int | None = None
+        if self._inbound_full(active):
+            self.gateway.counters["forward.inbound_limit"] += 1
+            reset_close(conn)
+            return
         if self.tcp_host is not None:
             src = self.gateway.udp.shown_source(client_host)
             flow = self.gateway.tcp.open_inbound(
@@ -293,7 +326,7 @@ class ForwardManager:
             )
         if flow is None:
             self.gateway.counters["forward.refused"] += 1
-            _reset(conn)
+            reset_close(conn)
             return
         active.flows.add(flow)
         self.log.debug(
@@ -304,6 +337,24 @@ class ForwardManager:
         )
         assert self.tcp_host is not None
         self.tcp_host.adopt(flow, conn)
+
+    def _inbound_full(self, active: ActiveForward) -> bool:
+        """True when ``active`` holds ``max_inbound_per_forward`` live connections.
+
+        A bound of its own, apart from the guest's egress bound: clients of a forward cannot
+        take the flows the guest needs for its own connections. Ended flows are pruned only
+        when the bound is reached, so the common case costs one ``len``.
+        """
+        bound = self.gateway.settings.limits.max_inbound_per_forward
+        if len(active.flows) < bound:
+            return False
+        now = self.shell.now()
+        if now < active.full_until:
+            return True
+        if self.connections(active) < bound:
+            return False
+        active.full_until = now + FULL_RECHECK  # a flood at the bound is not a scan per client
+        return True
 
     # -- UDP ---------------------------------------------------------------------------------
 
@@ -358,17 +409,11 @@ class ForwardManager:
             self.udp_host.detach_inbound(flow)
 
 
-def _reset(conn: socket.socket) -> None:
-    """Close an accepted socket with an RST: the client must not think it got through."""
-    with contextlib.suppress(OSError):
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    conn.close()
-
-
 __all__ = [
     "ActiveForward",
     "ForwardError",
     "ForwardManager",
     "ForwardSpec",
+    "listen_backlog",
     "listen_error",
 ]

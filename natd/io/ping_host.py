@@ -30,6 +30,7 @@ import socket
 from functools import partial
 from typing import Any
 
+from natd.io.fds import NO_DESCRIPTOR, flow_socket
 from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
 from natd.io.udp_host import IP_RECVERR, read_error_queue
 from natd.stack.gateway import Gateway
@@ -142,7 +143,7 @@ class PingHost:
         if f is None:
             sock = None
             try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+                sock = flow_socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
                 sock.setblocking(False)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
@@ -154,6 +155,8 @@ class PingHost:
                 if sock is not None:
                     sock.close()
                 self.socket_failures += 1
+                if exc.errno in NO_DESCRIPTOR:
+                    self.gateway.counters["ping.no_descriptor"] += 1
                 if self.socket_failures % 1000 == 1:  # EMFILE storms must not flood the log
                     self.log.warning(
                         "ping.socket_failed",

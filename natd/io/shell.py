@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from natd.io.links.base import READ_BATCH_LIMIT, Link, LinkGone
+from natd.io.pcap import Capture
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, Offloaded
 
@@ -75,6 +76,7 @@ class Shell:
         self.unhandled_ops: Counter[str] = Counter()
         self.no_peer = 0  # frames for the guest while no link was attached
         self.errors = 0
+        self.capture: Capture | None = None  # ``natd.io.pcap``: sees every frame read or sent
         self._writing = False
         self._last_link: Link | None = link  # what stats show while no link is attached
         self._routes: dict[type, HostSide] = {}
@@ -149,6 +151,8 @@ class Shell:
         if link is None or link.closed:
             self.no_peer += len(frames)
             return
+        if self.capture is not None:
+            self.capture.frames_out(frames, offloaded)
         write = link.write
         if offloaded:
             get = offloaded.get
@@ -283,6 +287,8 @@ class Shell:
             self._link_gone(link, str(exc))
             return
         if frames:
+            if self.capture is not None:
+                self.capture.frames_in(frames)
             try:
                 csum = link.rx_csum
                 if csum is None:

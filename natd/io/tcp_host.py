@@ -10,10 +10,12 @@ One asyncio (uvloop) transport per flow. The core decides everything; this modul
   kernel, so after each write and on each resume the core learns exactly how many guest bytes
   the host kernel has taken (``on_host_accepted``) and opens the guest's window by that much.
 * ``TcpPause`` / ``TcpResume`` → ``pause_reading`` / ``resume_reading`` (the guest's side is
-  full / drained).
+  full / drained, or the memory budget is spent / has room again).
 * ``TcpShutdown`` → ``write_eof`` (shutdown(SHUT_WR) once the buffer is flushed).
 * ``TcpClose`` → ``close`` (graceful, flushes), or with ``abort`` an RST: SO_LINGER 0, then
   ``abort``. The flow is forgotten first, so no event for it reaches the core afterwards.
+  Once what the memory budget holds has fallen well below its high-water mark (flows closed
+  after a burst), freed heap memory is handed back to the system (``natd.io.memory.Trimmer``).
 
 Host events go into the core as ``gateway.tcp.on_host_*`` calls followed by ``shell.kick()``.
 """
@@ -29,6 +31,8 @@ import socket
 import struct
 from typing import Any, cast
 
+from natd.io.fds import flow_socket
+from natd.io.memory import Trimmer
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpPause, TcpResume, TcpSend, TcpShutdown
 
@@ -37,6 +41,7 @@ CONNECT_TIMEOUT = 10.0
 # host socket answers a request within microseconds, so a request/response round trip costs
 # one TAP write instead of two (``TcpEngine.delayed_ack``).
 DELAYED_ACK = 0.001
+TRIM_DELAY = 0.05  # after a burst of closes, give memory back this much later (once)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # glibc mallopt parameters (<malloc.h>)
 _M_TRIM_THRESHOLD = -1
@@ -97,7 +102,12 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.forgotten:
             host = self.host
-            host.engine.on_host_data(self.flow, data, host.shell.now())
+            engine = host.engine
+            engine.on_host_data(self.flow, data, host.shell.now())
+            if engine.host_paused(self.flow) and self.transport is not None:
+                # Now, not at the flush: libuv reads a readable socket up to 32 times in a
+                # row, so a pause that waits for the TcpPause op lets megabytes more in.
+                self.transport.pause_reading()
             host.shell.kick()
 
     def eof_received(self) -> bool:
@@ -150,6 +160,8 @@ class TcpHost:
         self.connect_timeout = CONNECT_TIMEOUT
         self.conns: dict[int, _Conn] = {}
         self.connecting: dict[int, _Pending] = {}
+        self.trimmer = Trimmer(self.engine.budget)
+        self._trim_handle: asyncio.Handle | None = None
         tune_allocator()
 
     # -- the HostSide protocol ---------------------------------------------------------------
@@ -179,9 +191,19 @@ class TcpHost:
                     conn.transport.write_eof()
         elif isinstance(op, TcpClose):
             self._close(op.flow, op.abort)
+            if self._trim_handle is None and self.trimmer.due():
+                # After this flush, when the closed transports have let go of their buffers.
+                self._trim_handle = self.loop.call_later(TRIM_DELAY, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        self.trimmer.trim()
 
     def close(self) -> None:
         """Shutdown: reset every host connection, cancel every connect."""
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
         for flow in list(self.conns):
             self._close(flow, abort=True)
         for pending in self.connecting.values():
@@ -195,7 +217,7 @@ class TcpHost:
         if self.connecting.pop(conn.flow, None) is None:  # closed while connecting
             conn.forgotten = True
             if conn.transport is not None:
-                conn.transport.abort()
+                _abort(conn.transport)
             return
         self.conns[conn.flow] = conn
         if not conn.inbound:
@@ -213,11 +235,13 @@ class TcpHost:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         except OSError as exc:
-            sock.close()
+            reset_close(sock)
             self.engine.on_host_error(flow, exc.errno or errno.ECONNRESET, self.shell.now())
             self.shell.kick()
             return
-        self.connecting[flow] = _Pending(task=self.loop.create_task(self._adopt(flow, sock)))
+        pending = _Pending(task=self.loop.create_task(self._adopt(flow, sock)))
+        pending.accepted = sock
+        self.connecting[flow] = pending
 
     async def _adopt(self, flow: int, sock: socket.socket) -> None:
         try:
@@ -225,7 +249,7 @@ class TcpHost:
                 lambda: _Conn(self, flow, inbound=True), sock=sock
             )
         except OSError as exc:
-            sock.close()
+            reset_close(sock)
             if self.connecting.pop(flow, None) is not None:
                 self.engine.on_host_error(flow, exc.errno or errno.ECONNRESET, self.shell.now())
                 self.shell.kick()
@@ -243,15 +267,10 @@ class TcpHost:
         conn = self.forget(flow)
         if conn is None or conn.transport is None:
             return
-        transport = conn.transport
         if abort:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            transport.abort()
+            _abort(conn.transport)
         else:
-            transport.close()
+            conn.transport.close()
 
     def _connect(self, op: TcpConnect) -> None:
         """A non-blocking ``connect()``; no task, no future, no loop turn when it can be helped.
@@ -265,8 +284,8 @@ class TcpHost:
         flow = op.flow
         family = socket.AF_INET6 if ":" in op.host else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: refuse this flow (RST), keep serving
+            sock = flow_socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE/ENFILE (or the reserve)/ENOBUFS: RST, keep serving
             self._connect_failed(flow, exc.errno or errno.EMFILE)
             return
         try:
@@ -350,6 +369,13 @@ class TcpHost:
         if pending.timer is not None:
             pending.timer.cancel()
             pending.timer = None
+        if pending.accepted is not None:
+            # A forward's client whose guest gave up before its transport existed. Cancelling
+            # the task could close the socket with a FIN (a client would read a clean end);
+            # it finishes instead, and ``connected`` (the flow is no longer waited for) or
+            # ``_adopt``'s failure path resets the client.
+            _linger_reset(pending.accepted)
+            return
         if pending.task is not None:
             pending.task.cancel()  # the task closes its socket
             return
@@ -381,7 +407,7 @@ def _connect_state(sock: socket.socket) -> int:
 class _Pending:
     """A connect in progress: the socket and timer while it waits, or the task wrapping it."""
 
-    __slots__ = ("sock", "task", "timer")
+    __slots__ = ("accepted", "sock", "task", "timer")
 
     def __init__(
         self, sock: socket.socket | None = None, task: asyncio.Task[None] | None = None
@@ -389,3 +415,24 @@ class _Pending:
         self.sock = sock
         self.task = task
         self.timer: asyncio.TimerHandle | None = None
+        self.accepted: socket.socket | None = None  # a forward's client being adopted
+
+
+def _linger_reset(sock: socket.socket) -> None:
+    """SO_LINGER 0: the close of this socket, whoever does it, sends an RST, not a FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with an RST: a client must never mistake a refusal for a clean end."""
+    _linger_reset(sock)
+    sock.close()
+
+
+def _abort(transport: asyncio.Transport) -> None:
+    """Abort a transport with an RST (SO_LINGER 0 first; ``abort`` alone may send a FIN)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        _linger_reset(sock)
+    transport.abort()

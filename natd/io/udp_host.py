@@ -33,6 +33,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from natd.io.fds import NO_DESCRIPTOR, flow_socket
 from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, UdpClose, UdpSend
@@ -148,7 +149,7 @@ class UdpHost:
     def _open(self, op: UdpSend) -> FlowSocket | None:
         sock: socket.socket | None = None
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = flow_socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
             sock.bind(("127.0.0.1" if op.host.startswith("127.") else "0.0.0.0", 0))
@@ -158,11 +159,14 @@ class UdpHost:
             if sock is not None:
                 sock.close()
             self.socket_failures += 1
+            if exc.errno in NO_DESCRIPTOR:
+                self.gateway.counters["udp.no_descriptor"] += 1
             if self.socket_failures % 1000 == 1:  # EMFILE storms must not flood the log
                 self.log.warning(
                     "udp.socket_failed", flow=op.flow, error=str(exc), total=self.socket_failures
                 )
-            self.gateway.udp.on_host_failed(op.flow, self.shell.now())
+            refused = (op.host, op.port, op.payload)
+            self.gateway.udp.on_host_failed(op.flow, self.shell.now(), refused)
             self.shell.kick()
             return None
         self._flows[op.flow] = f

@@ -10,6 +10,9 @@ addresses; answering for a pool address would steal a guest's traffic).
   address and detects the conflict (RFC 5227 section 2.1.1).
 - Any ARP packet whose sender is a network address teaches natd that address's MAC (RFC 826
   "merge" step); a gratuitous ARP (RFC 5227 announcement, spa == tpa) is learned, never answered.
+  Learning is a claim the neighbour table may refuse (the source guard): an ARP (request, reply
+  or gratuitous) claiming another MAC's address, or whose sender MAC is not the frame's source
+  MAC, is dropped and counted ``drop.spoofed_source``, and never answered.
 - A guest claiming an owned address is a conflict: counted, logged, and defended with one
   announcement at most every DEFEND_INTERVAL (RFC 5227 section 2.4 (b)); it is not learned.
 """
@@ -51,7 +54,12 @@ class ArpResponder:
             if not link.settings.in_network(spa) or spa in self._not_hosts:
                 counters["drop.arp.bad_source"] += 1
                 return
+            if sha != src_mac and link.settings.source_guard:
+                counters["drop.spoofed_source"] += 1  # one MAC speaking for another
+                return
             link.learn_neighbor(spa, sha)
+            if link.guest_mac(spa) != sha:
+                return  # another MAC's address (counted by the neighbour table)
         if arp.op != ARP_REQUEST:
             counters["arp.rx_reply"] += 1
             return

@@ -11,8 +11,13 @@ is configured. Message handling follows RFC 2131 section 4.3:
 
 - DISCOVER → OFFER (4.3.1): the client's current lease, else its previous address if still
   free, else the requested address (option 50) if in the pool and free, else the first free pool
-  address. The address is held for OFFER_HOLD seconds. No address → silence, counted as
-  ``dhcp.pool_exhausted`` and logged.
+  address. The address is held for ``settings.dhcp_offer_hold`` seconds. No address → silence,
+  counted as ``dhcp.pool_exhausted`` and logged. Offers to clients without a lease or
+  reservation are a small budget (``settings.dhcp_max_offers``): when it is spent, the oldest
+  unrequested offer is recycled (``dhcp.offer_recycled``), and a REQUEST for an address held
+  only by another client's unrequested offer takes it (``dhcp.offer_displaced``). So a flood of
+  DISCOVERs from random MACs holds a handful of addresses, briefly, and a new guest still gets
+  an offer and its ACK.
 - REQUEST (4.3.2), told apart by option 54 and ciaddr: SELECTING (server id present: ours →
   ACK/NAK, another server's → our offer is withdrawn, silence), INIT-REBOOT (requested address,
   no ciaddr: ACK if it is the client's, NAK if it is on the wrong network or someone else's,
@@ -22,6 +27,14 @@ is configured. Message handling follows RFC 2131 section 4.3:
 - RELEASE (4.3.4): the lease ends now; the client's next DISCOVER gets the same address back if
   nobody took it meanwhile.
 - INFORM (4.3.5): ACK with the configuration options only (no yiaddr, no lease times).
+- RELEASE, DECLINE and INFORM act only when the frame's source MAC is chaddr and, for a lease,
+  the lease's MAC (and its client-id matches where both have one); INFORM only for an address
+  its sender owns (``natd.stack.neighbours``). Others are dropped, counted
+  (``drop.dhcp.refused_<type>``) and logged once per burst with the frame's source MAC: on a
+  shared segment one guest cannot end, quarantine or reflect another's lease.
+
+A bound lease makes its MAC the owner of its address in the neighbour table (the source guard);
+a lease that ends leaves the address to idle out there like any first-seen one.
 
 Replies go out as RFC 2131 section 4.1 says for giaddr 0 (relayed requests are dropped: natd
 serves one segment): NAK broadcast; ciaddr set → unicast to ciaddr; BROADCAST flag → broadcast;
@@ -38,6 +51,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from natd.stack.link import Link
+from natd.stack.neighbours import LEASE, RESERVATION
+from natd.stack.ratelog import BurstLog
 from natd.stack.settings import GatewaySettings
 from natd.wire import Malformed
 from natd.wire.dhcp import (
@@ -82,9 +97,9 @@ from natd.wire.ethernet import BROADCAST_MAC, ETHERTYPE_IPV4, build_ethernet
 from natd.wire.ipv4 import PROTO_UDP, IPv4Header, build_ipv4
 from natd.wire.udp import build_udp, parse_udp
 
-OFFER_HOLD = 60.0  # RFC 2131 4.3.1: the server SHOULD reserve an offered address
 DECLINE_HOLD = 600.0  # RFC 2131 4.3.3: a declined address is marked unavailable (10 min)
 EXHAUSTED_LOG_INTERVAL = 60.0  # one warning a minute is enough to tell the operator
+REFUSED_LOG_INTERVAL = 10.0  # forged RELEASE/DECLINE/INFORM, recycled offers: once per burst
 _MIN_DATAGRAM = 576  # RFC 2131 section 2: every client accepts replies this large (IP datagram)
 _IP_UDP_HLEN = 28
 _ZERO_IP = bytes(4)
@@ -114,6 +129,18 @@ class LeaseInfo:
     state: str  # "offered" or "bound"
     static: bool
     client_id: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRow:
+    """A bound dynamic lease as a lease file keeps it: ``remaining`` seconds from ``now``."""
+
+    key: bytes  # the client's identity (``_key``: b"i" + client id, or b"h" + MAC)
+    mac: bytes
+    ip: bytes
+    remaining: float
+    hostname: str | None = None
+    client_id: bytes | None = None
 
 
 class _Lease:
@@ -165,6 +192,11 @@ class DhcpServer:
         self._seq = 0
         self._last_exhausted_log = float("-inf")
         self._config = self._config_options(s.domain)
+        # Unbound offers to clients without a lease or reservation, oldest first (the budget).
+        self._pending: OrderedDict[bytes, None] = OrderedDict()
+        self._refused_log = BurstLog(REFUSED_LOG_INTERVAL)
+        self._recycled_log = BurstLog(REFUSED_LOG_INTERVAL)
+        link.neighbours.reserve(self._reserved)
 
     def apply_settings(self, s: GatewaySettings) -> None:
         """Reload: new static leases. A lease that contradicts them is dropped, so its
@@ -181,6 +213,7 @@ class DhcpServer:
             reserved[lease.ip] = lease.mac
         self._static = static
         self._reserved = reserved
+        self.link.neighbours.reserve(reserved)
         for held in list(self._by_key.values()):
             mine = static.get(held.mac)
             owner = reserved.get(held.ip)
@@ -247,18 +280,24 @@ class DhcpServer:
             self._discover(msg, now)
         elif kind == DHCPREQUEST:
             self._request(msg, dst != self._server_id, now)
+        elif src_mac != mac:
+            # RFC 2131 leaves it to chaddr; on a shared segment the frame says who really sent
+            # it, and only the client itself may end, decline or ask about its address.
+            self._refuse(name, "chaddr_not_sender", src_mac, msg, now)
         elif kind == DHCPDECLINE:
-            self._decline(msg, now)
+            self._decline(msg, src_mac, now)
         elif kind == DHCPRELEASE:
-            self._release(msg)
+            self._release(msg, src_mac, now)
         else:
-            self._inform(msg, ip.src)
+            self._inform(msg, ip.src, src_mac, now)
 
     # -- message types (RFC 2131 section 4.3) ------------------------------------------------
 
     def _discover(self, msg: DhcpMessage, now: float) -> None:
         """RFC 2131 4.3.1: choose an address, hold it, offer it."""
         key, mac = self._key(msg), msg.client_mac
+        if key not in self._by_key and mac not in self._static:
+            self._make_room(mac, now)
         ip = self._choose(key, mac, msg.address_option(OPT_REQUESTED_IP), now)
         if ip is None:
             return
@@ -268,7 +307,10 @@ class DhcpServer:
         lease.mac = mac
         lease.client_id = msg.options.get(OPT_CLIENT_ID) or None
         if not lease.bound:
-            self._arm(lease, now + OFFER_HOLD)
+            self._arm(lease, now + self.link.settings.dhcp_offer_hold)
+            if not lease.static:
+                self._pending[key] = None
+                self._pending.move_to_end(key)
         self._reply(msg, DHCPOFFER, ip, with_lease=True, hostname=self._hostname(lease))
 
     def _request(self, msg: DhcpMessage, broadcast: bool, now: float) -> None:
@@ -344,13 +386,57 @@ class DhcpServer:
             return False  # held by another client, reserved, quarantined or not ours to give
         return None
 
-    def _decline(self, msg: DhcpMessage, now: float) -> None:
+    def _make_room(self, mac: bytes, now: float) -> None:
+        """A new client wants an offer: recycle the oldest unrequested ones over the budget."""
+        budget = max(1, self.link.settings.dhcp_max_offers)
+        while len(self._pending) >= budget:
+            oldest = self._by_key[next(iter(self._pending))]
+            self._remove(oldest, remember=False)
+            self.link.counters["dhcp.offer_recycled"] += 1
+            suppressed = self._recycled_log.due(now)
+            if suppressed is not None:
+                self.link.log.warning(
+                    "dhcp.offer_recycled",
+                    ip=_dotted(oldest.ip),
+                    mac=mac.hex(":"),
+                    suppressed=suppressed,
+                )
+
+    def _refuse(self, kind: str, why: str, src_mac: bytes, msg: DhcpMessage, now: float) -> None:
+        """A RELEASE/DECLINE/INFORM not from the client it names: drop, count, log per burst."""
+        self.link.counters["drop.dhcp.refused_" + kind] += 1
+        suppressed = self._refused_log.due(now)
+        if suppressed is not None:
+            self.link.log.warning(
+                "dhcp.refused",
+                type=kind,
+                reason=why,
+                mac=src_mac.hex(":"),
+                chaddr=msg.client_mac.hex(":"),
+                suppressed=suppressed,
+            )
+
+    def _holder(self, kind: str, msg: DhcpMessage, src_mac: bytes, now: float) -> _Lease | None:
+        """The client's lease if this message may act on it (sender = chaddr = lease MAC, and
+        the client-ids agree where both have one); None otherwise (refusals counted)."""
+        lease = self._by_key.get(self._key(msg))
+        if lease is None:
+            return None
+        client_id = msg.options.get(OPT_CLIENT_ID) or None
+        if lease.mac != src_mac:
+            self._refuse(kind, "not_lease_holder", src_mac, msg, now)
+            return None
+        if client_id is not None and lease.client_id is not None and client_id != lease.client_id:
+            self._refuse(kind, "client_id", src_mac, msg, now)
+            return None
+        return lease
+
+    def _decline(self, msg: DhcpMessage, src_mac: bytes, now: float) -> None:
         """RFC 2131 4.3.3: the client found the address in use; never hand it out for a while."""
         if not self._from_us(msg):
             return
-        key = self._key(msg)
         ip = msg.address_option(OPT_REQUESTED_IP)
-        lease = self._by_key.get(key)
+        lease = self._holder("decline", msg, src_mac, now)
         counters = self.link.counters
         if ip is None or lease is None or lease.ip != ip:
             counters["dhcp.decline_unknown"] += 1  # only a lease's holder may take it out
@@ -366,22 +452,27 @@ class DhcpServer:
         self._quarantine[ip] = until
         self._push(until, b"", ip)
 
-    def _release(self, msg: DhcpMessage) -> None:
+    def _release(self, msg: DhcpMessage, src_mac: bytes, now: float) -> None:
         """RFC 2131 4.3.4: the lease ends now; the address is remembered for the client."""
         if not self._from_us(msg):
             return
-        lease = self._by_key.get(self._key(msg))
+        lease = self._holder("release", msg, src_mac, now)
         if lease is None or lease.ip != msg.ciaddr:
             self.link.counters["dhcp.release_unknown"] += 1
             return
         self.link.counters["dhcp.released"] += 1
         self._remove(lease, remember=True)
 
-    def _inform(self, msg: DhcpMessage, src: bytes) -> None:
-        """RFC 2131 4.3.5: configuration only; no lease, yiaddr 0, reply to ciaddr."""
+    def _inform(self, msg: DhcpMessage, src: bytes, src_mac: bytes, now: float) -> None:
+        """RFC 2131 4.3.5: configuration only; no lease, yiaddr 0, reply to ciaddr (which must
+        be the sender's own address: natd never sends a reply to another guest's)."""
         client = msg.ciaddr if msg.ciaddr != _ZERO_IP else src
         if not self._is_host(client):
             raise Malformed("dhcp.bad_inform")
+        neighbours = self.link.neighbours
+        if neighbours.guard and not neighbours.claim(client, src_mac, now):
+            self._refuse("inform", "not_address_owner", src_mac, msg, now)
+            return
         static = self._static.get(msg.client_mac)
         hostname = static[1] if static is not None and static[0] == client else None
         self._reply(msg, DHCPACK, _ZERO_IP, with_lease=False, hostname=hostname, to=client)
@@ -436,22 +527,36 @@ class DhcpServer:
             self.link.log.warning("dhcp.pool_exhausted", reason=why, leases=len(self._by_key))
 
     def _may_bind(self, key: bytes, mac: bytes, ip: bytes, now: float) -> bool:
-        """May this client be bound to ``ip`` now (its lease, its reservation, or a free one)?"""
+        """May this client be bound to ``ip`` now (its lease, its reservation, or a free one)?
+
+        An address held only by another client's unrequested offer is free to the first client
+        that asks for it: that offer is withdrawn (a DISCOVER flood recycles offers quickly, and
+        must not make a real client's REQUEST fail).
+        """
         known = self._claim(key, mac, ip)
         if known is not None:
             return known
+        holder = self._by_ip.get(ip)
+        if holder is not None and holder.key != key and holder.key in self._pending:
+            if not self._free_for(key, mac, ip, now, ignore=holder):
+                return False
+            self._remove(holder, remember=False)
+            self.link.counters["dhcp.offer_displaced"] += 1
         return (
             self._dynamic < self.max_leases
             and self._in_pool(ip)
             and self._free_for(key, mac, ip, now)
         )
 
-    def _free_for(self, key: bytes, mac: bytes, ip: bytes, now: float) -> bool:
-        """Nobody else holds ``ip``: no lease, no reservation for another MAC, no quarantine."""
+    def _free_for(
+        self, key: bytes, mac: bytes, ip: bytes, now: float, ignore: _Lease | None = None
+    ) -> bool:
+        """Nobody else (but ``ignore``) holds ``ip``: no lease, no reservation for another MAC,
+        no quarantine."""
         if ip in self._owned or not self.link.settings.in_network(ip):
             return False
         holder = self._by_ip.get(ip)
-        if holder is not None and holder.key != key:
+        if holder is not None and holder.key != key and holder is not ignore:
             return False
         reserved = self._reserved.get(ip)
         if reserved is not None and reserved != mac:
@@ -490,8 +595,11 @@ class DhcpServer:
     def _remove(self, lease: _Lease, *, remember: bool) -> None:
         if self._by_key.get(lease.key) is lease:
             del self._by_key[lease.key]
+            self._pending.pop(lease.key, None)
         if self._by_ip.get(lease.ip) is lease:
             del self._by_ip[lease.ip]
+        if lease.bound:
+            self.link.neighbours.unbind(lease.ip, lease.mac)
         if not lease.static:
             self._dynamic -= 1
         if remember:
@@ -506,6 +614,7 @@ class DhcpServer:
             lease = self._put(key, mac, ip)
         first = not lease.bound
         lease.bound = True
+        self._pending.pop(key, None)
         lease.mac = mac
         lease.client_id = msg.options.get(OPT_CLIENT_ID) or None
         name = msg.options.get(OPT_HOSTNAME)
@@ -517,7 +626,8 @@ class DhcpServer:
                 "dhcp.lease", ip=_dotted(ip), mac=mac.hex(":"), hostname=self._hostname(lease)
             )
         self._reply(msg, DHCPACK, ip, with_lease=True, hostname=self._hostname(lease))
-        self.link.learn_neighbor(ip, mac)  # a bound client is at chaddr
+        # A bound client is at chaddr, and owns its address (the source guard).
+        self.link.neighbours.bind(ip, mac, RESERVATION if lease.static else LEASE, now)
 
     def _hostname(self, lease: _Lease) -> str | None:
         """Option 12 is sent for static leases only (the name the operator configured)."""
@@ -663,6 +773,43 @@ class DhcpServer:
             for lease in sorted(self._by_ip.values(), key=lambda x: x.ip)
         ]
 
+    def export_leases(self, now: float) -> list[LeaseRow]:
+        """Every bound dynamic lease, for the lease file (static ones come from the config)."""
+        return [
+            LeaseRow(x.key, x.mac, x.ip, x.expiry - now, x.hostname, x.client_id)
+            for x in self._by_key.values()
+            if x.bound and not x.static and x.expiry > now
+        ]
+
+    def restore_leases(self, rows: list[LeaseRow], now: float) -> list[LeaseRow]:
+        """Bind leases read back at start (before any guest speaks); returns those refused.
+
+        A lease is restored only where the server would grant it now: a pool address that no
+        reservation, other lease or quarantine holds, for a client without a static lease,
+        within ``max_leases``. An expired one only remembers its address for the client.
+        """
+        refused = []
+        for row in rows:
+            if row.remaining <= 0:
+                self._history[row.key] = row.ip
+                continue
+            if (
+                row.key in self._by_key
+                or row.mac in self._static
+                or not self._may_bind(row.key, row.mac, row.ip, now)
+            ):
+                refused.append(row)
+                continue
+            lease = self._put(row.key, row.mac, row.ip)
+            lease.bound = True
+            lease.hostname = row.hostname
+            lease.client_id = row.client_id
+            self._arm(lease, now + row.remaining)
+            self.link.neighbours.bind(row.ip, row.mac, LEASE, now)  # its address is its own
+        while len(self._history) > self.max_leases:
+            self._history.popitem(last=False)
+        return refused
+
     def quarantined(self, now: float) -> list[bytes]:
         """Addresses withheld after a DECLINE, until their hold ends."""
         self._expire(now)
@@ -675,4 +822,4 @@ def _printable(raw: bytes) -> str:
     return "".join(ch if ch.isprintable() and ch != "\ufffd" else "?" for ch in text)[:63]
 
 
-__all__ = ["DhcpServer", "LeaseInfo"]
+__all__ = ["DhcpServer", "LeaseInfo", "LeaseRow"]

@@ -357,5 +357,9 @@ class DnsForwarder:
     def pending(self) -> int:
         return len(self._pending)
 
+    def waiting(self, query: int) -> bool:
+        """True while attempt ``query`` (a ``DnsQuery.query``) still waits for its answer."""
+        return query in self._pending
+
 
 __all__ = ["DnsForwarder"]

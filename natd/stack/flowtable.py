@@ -8,7 +8,7 @@ timer only ever needs to look at ``oldest()``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -59,6 +59,10 @@ class FlowTable(Generic[K, F]):
             return flow
         return None
 
+    def has_guest(self, guest: bytes) -> bool:
+        """Does ``guest`` have any flow here?"""
+        return guest in self._per_guest
+
     def victim(self, guest: bytes) -> tuple[F, str] | None:
         """The flow that must go before ``guest`` may open one more, with why; None if it fits."""
         mine = self._per_guest.get(guest)
@@ -91,6 +95,25 @@ class FlowTable(Generic[K, F]):
             del self._per_guest[flow.guest_ip]
 
 
+class MacBound(Protocol):
+    """A flow that remembers the guest MAC that opened it."""
+
+    mac: bytes
+
+
+def accept_mac(flow: MacBound, mac: bytes, guard: bool, counters: Counter[str], proto: str) -> bool:
+    """Flow MAC binding: may a frame from ``mac`` feed ``flow``? With the source guard on only
+    the opener's MAC may (others are counted ``drop.<proto>.foreign_mac``); off, the flow
+    follows the guest to its new MAC."""
+    if flow.mac == mac:
+        return True
+    if guard:
+        counters["drop." + proto + ".foreign_mac"] += 1
+        return False
+    flow.mac = mac
+    return True
+
+
 class TableBound:
     """An engine attribute that reads and writes the same-named bound of its ``_table``.
 
@@ -107,3 +130,39 @@ class TableBound:
 
     def __set__(self, obj: Any, value: int) -> None:
         setattr(obj._table, self.name, value)
+
+
+class EvictionLog:
+    """Evictions logged as one summary line per ``interval``, not one line per flow.
+
+    A guest that floods new flows past a bound evicts one flow per datagram: a line each
+    turned 625 KiB of traffic into 4.2 MiB of log. The first eviction of a quiet period is
+    logged at once; the rest are counted and reported (``evicted``: how many since the last
+    line, with the last victim's fields) by the first eviction or timer tick after
+    ``interval`` seconds. The engines' ``*.evicted`` counters stay exact.
+    """
+
+    __slots__ = ("event", "interval", "last", "link", "next_at", "pending")
+
+    def __init__(self, link: Any, event: str, interval: float = 10.0) -> None:
+        self.link = link  # its ``log`` at the time of writing (a gateway may swap loggers)
+        self.event = event
+        self.interval = interval
+        self.pending = 0
+        self.next_at = 0.0
+        self.last: dict[str, object] = {}
+
+    def evicted(self, now: float, **fields: object) -> None:
+        """One flow was evicted (``fields`` describe it)."""
+        self.pending += 1
+        self.last = fields
+        self.tick(now)
+
+    def tick(self, now: float) -> None:
+        """Write the summary line if one is due."""
+        if self.pending and now >= self.next_at:
+            self.link.log.info(
+                self.event, evicted=self.pending, interval=self.interval, **self.last
+            )
+            self.pending = 0
+            self.next_at = now + self.interval

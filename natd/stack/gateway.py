@@ -3,8 +3,9 @@
 Frames from the guest go in through ``receive_frames``; host events go in through the engines'
 ``on_host_*`` methods; timers through ``on_timer``. Everything natd wants done comes out of
 ``outbox`` (see ``natd.stack.ops``). The Gateway itself only routes: it checks the Ethernet and
-IPv4 headers once, learns which MAC each guest address lives at, and hands the rest to the engine
-whose job it is. It never forwards or reflects a frame that was not addressed to it.
+IPv4 headers once, asks the neighbour table (``natd.stack.neighbours``, the source guard) whether
+the frame's MAC may use its source address, and hands the rest to the engine whose job it is.
+It never forwards or reflects a frame that was not addressed to it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 from natd.stack.arp import ArpResponder
 from natd.stack.dhcp import DhcpServer
 from natd.stack.dns import DnsForwarder
+from natd.stack.events import FlowEvents
 from natd.stack.icmp import IcmpResponder
 from natd.stack.link import NullLog
+from natd.stack.neighbours import NeighbourTable
 from natd.stack.ops import HostOp, Offloaded, Outbox
 from natd.stack.ping import PingEngine
 from natd.stack.policy import HOST, OUTSIDE, SERVICE
@@ -66,7 +69,17 @@ class Gateway:
         self.outbox = Outbox()
         self.counters: Counter[str] = Counter()
         self.log: Any = log if log is not None else NullLog()
-        self.neighbors: dict[bytes, bytes] = {}
+        self.events = FlowEvents(self.log)
+        self._now = 0.0  # the latest batch's clock, for ``learn_neighbor`` (it has no ``now``)
+        self.neighbours = NeighbourTable(
+            self.counters,
+            self.log,
+            guard=settings.source_guard,
+            idle=settings.source_guard_idle,
+            max_entries=_MAX_NEIGHBORS,
+            busy=self._has_flows,
+        )
+        self.neighbors: dict[bytes, bytes] = self.neighbours.macs  # address → owner MAC
         self._flow_ids = 0
         self._broadcast = settings.broadcast
         self._not_guests = _not_guests(settings)
@@ -77,7 +90,9 @@ class Gateway:
         self.udp = UdpEngine(self)
         self.dns = DnsForwarder(self)
         self.ping = PingEngine(self)
-        self._engines = (self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping)
+        self._engines = (
+            self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping, self.events,
+        )  # fmt: skip
         self._apply_limits(settings.limits)
         # Denied flows already logged (LRU): a guest retrying a denied destination is counted
         # every time but logged once.
@@ -98,6 +113,8 @@ class Gateway:
             apply = getattr(engine, "apply_settings", None)
             if apply is not None:
                 apply(settings)
+        self.neighbours.guard = settings.source_guard
+        self.neighbours.idle = settings.source_guard_idle
         if settings.limits != old.limits:
             self._apply_limits(settings.limits)
         if settings.policy != old.policy:
@@ -126,13 +143,12 @@ class Gateway:
         return self.neighbors.get(ip)
 
     def learn_neighbor(self, ip: bytes, mac: bytes) -> None:
-        s = self.settings
-        if not s.in_network(ip) or ip in self._not_guests:
-            return
-        if ip not in self.neighbors and len(self.neighbors) >= _MAX_NEIGHBORS:
-            self.counters["drop.neighbors_full"] += 1
-            return
-        self.neighbors[ip] = mac
+        if self.settings.in_network(ip) and ip not in self._not_guests:
+            self.neighbours.claim(ip, mac, self._now)
+
+    def _has_flows(self, ip: bytes) -> bool:
+        """Live flows prove a guest active even when its frames all take the fast path."""
+        return bool(self.tcp.per_guest.get(ip)) or self.udp.has_flows(ip) or self.ping.has_flows(ip)
 
     def send_frame(self, frame: bytes) -> None:
         self.outbox.frames.append(frame)
@@ -207,6 +223,7 @@ class Gateway:
         neighbors = self.neighbors
         broadcast = self._broadcast
         count = 0
+        self._now = now
         for frame in frames:
             csum = csum_flags[count] if csum_flags is not None else 0
             count += 1
@@ -290,22 +307,27 @@ class Gateway:
             # Oversized TCP is legitimate under TSO; anything else would be echoed past the MTU.
             self.counters["drop.ipv4.too_big"] += 1
             return
-        if self.neighbors.get(ip.src) != src_mac:
+        neighbors = self.neighbors
+        if neighbors.get(ip.src) == src_mac:
+            self.neighbours.touch(ip.src, now)
+        else:
             self.learn_neighbor(ip.src, src_mac)
+            if neighbors.get(ip.src) != src_mac:
+                return  # another MAC's address: counted (drop.spoofed_source) by the table
         if self._egress_denied(ip, packet, l4, csum):
             return
         if proto == PROTO_TCP:
-            self.tcp.on_guest_segment(ip, l4, now, csum)
+            self.tcp.on_guest_segment(ip, l4, now, csum, src_mac)
         elif proto == PROTO_UDP:
             if dst == self.settings.dns_ip and len(l4) >= 4 and (l4[2] << 8 | l4[3]) == _DNS_PORT:
                 self.dns.on_guest_query(ip, l4, now)
             else:
-                self.udp.on_guest_datagram(ip, l4, now)
+                self.udp.on_guest_datagram(ip, l4, now, src_mac)
         elif proto == PROTO_ICMP:
             if dst == self.settings.gateway_ip or dst == self.settings.dns_ip:
                 self.icmp.on_icmp(ip, l4, now)
             else:
-                self.ping.on_guest_icmp(ip, l4, now)
+                self.ping.on_guest_icmp(ip, l4, now, src_mac)
         else:
             self.counters["drop.ipv4.protocol"] += 1
 

@@ -25,3 +25,9 @@ class Limits:
     max_dns_pending: int = 1024
     max_ping_flows: int = 1024
     max_ping_flows_per_guest: int = 256
+    # Bytes natd may buffer for flows (``natd.stack.budget``), in all and per guest; 0 = sized
+    # from the machine by the daemon (``natd.io.memory``).
+    memory_budget: int = 0
+    memory_budget_per_guest: int = 0
+    # Live connections through one port forward: its own bound, not the guest's egress one.
+    max_inbound_per_forward: int = 1024

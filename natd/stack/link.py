@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Protocol
 
+from natd.stack.events import FlowEvents
+from natd.stack.neighbours import NeighbourTable
 from natd.stack.ops import Outbox
 from natd.stack.settings import GatewaySettings
 
@@ -21,13 +23,16 @@ class Link(Protocol):
     outbox: Outbox
     counters: Counter[str]
     log: Any  # structlog-style: .info(event, **kw), .warning, .debug, .bind(**kw)
+    events: FlowEvents  # flow.open / flow.close: each engine reports its flows here
+    neighbours: NeighbourTable  # who owns each guest address (the source guard)
 
     def guest_mac(self, ip: bytes) -> bytes | None:
         """The learned MAC of guest address ``ip``, or None if natd has not seen it."""
         ...
 
     def learn_neighbor(self, ip: bytes, mac: bytes) -> None:
-        """Record that guest address ``ip`` lives at ``mac`` (from ARP or IPv4 traffic)."""
+        """Record that guest address ``ip`` lives at ``mac`` if the source guard allows (else
+        the claim is counted ``drop.spoofed_source``): ``guest_mac(ip)`` says which won."""
         ...
 
     def send_ipv4(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from natd.stack.flowtable import FlowTable, TableBound
+from natd.stack.flowtable import EvictionLog, FlowTable, TableBound, accept_mac
 from natd.stack.link import Link
 from natd.stack.ops import PingClose, PingSend
 from natd.wire.icmp import (
@@ -51,6 +51,8 @@ PingKey = tuple[bytes, int, bytes]  # guest ip, guest ident, destination
 
 class PingFlow:
     __slots__ = (
+        "bytes_in",
+        "bytes_out",
         "dst",
         "guest_ip",
         "id",
@@ -58,16 +60,20 @@ class PingFlow:
         "key",
         "last_active",
         "log",
+        "mac",
         "replies",
         "requests",
+        "started",
     )
 
-    def __init__(self, flow_id: int, key: PingKey, now: float, log: Any) -> None:
+    def __init__(self, flow_id: int, key: PingKey, now: float, log: Any, mac: bytes) -> None:
         self.id = flow_id
         self.key = key
         self.guest_ip, self.ident, self.dst = key
-        self.last_active = now
+        self.mac = mac  # the guest MAC that opened it: the only one it takes requests from
+        self.last_active = self.started = now
         self.requests = 0
+        self.bytes_out = self.bytes_in = 0  # echo payload bytes each way
         self.replies = 0
         self.log = log
 
@@ -82,10 +88,15 @@ class PingEngine:
     def __init__(self, link: Link) -> None:
         self.link = link
         self._table: FlowTable[PingKey, PingFlow] = FlowTable(1024, 256)
+        self._evictions = EvictionLog(link, "ping.evicted")
 
-    def on_guest_icmp(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
-        """ICMP from the guest to an address other than the gateway's and the DNS's."""
-        counters = self.link.counters
+    def on_guest_icmp(
+        self, ip: IPv4Header, l4: memoryview, now: float, mac: bytes | None = None
+    ) -> None:
+        """ICMP from the guest (Ethernet source ``mac``) to an address other than the
+        gateway's and the DNS's; a flow takes requests only from its opener's MAC."""
+        link = self.link
+        counters = link.counters
         msg = parse_icmp(l4, verify=True)
         if msg.type != ICMP_ECHO_REQUEST or msg.code != 0:
             counters["drop.ping.type"] += 1
@@ -96,20 +107,30 @@ class PingEngine:
             return
         key: PingKey = (ip.src, msg.ident, ip.dst)
         flow = self._table.get(key)
+        mac = mac or link.guest_mac(ip.src) or bytes(6)
         if flow is None:
-            flow = self._open(key, now)
+            flow = self._open(key, now, mac)
+        elif not accept_mac(flow, mac, link.settings.source_guard, counters, "ping"):
+            return
         else:
             self._touch(flow, now)
         flow.requests += 1
+        flow.bytes_out += len(msg.payload)
         counters["ping.tx"] += 1
         self.link.outbox.ops.append(
             PingSend(flow.id, target[0], msg.ident, msg.seq, bytes(msg.payload))
         )
 
-    def _open(self, key: PingKey, now: float) -> PingFlow:
+    def has_flows(self, guest: bytes) -> bool:
+        """Does ``guest`` have a ping flow (the source guard's proof of activity)?"""
+        return self._table.has_guest(guest)
+
+    def _open(self, key: PingKey, now: float, mac: bytes) -> PingFlow:
         while (victim := self._table.victim(key[0])) is not None:
             self._close(*victim)
             self.link.counters["ping.evicted"] += 1
+            guest = str(ipaddress.IPv4Address(victim[0].guest_ip))
+            self._evictions.evicted(now, reason=victim[1], guest=guest)
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id,
@@ -117,10 +138,11 @@ class PingEngine:
             ident=key[1],
             dst=str(ipaddress.IPv4Address(key[2])),
         )
-        flow = PingFlow(flow_id, key, now, log)
+        flow = PingFlow(flow_id, key, now, log, mac)
         self._table.add(flow)
         self.link.counters["ping.flows_opened"] += 1
         log.debug("ping.open")
+        self.link.events.flow_open("icmp", flow_id, key[0], None, key[2], None, now)
         return flow
 
     def _touch(self, flow: PingFlow, now: float) -> None:
@@ -130,8 +152,12 @@ class PingEngine:
         self._table.remove(flow)
         if tell_host:
             self.link.outbox.ops.append(PingClose(flow.id))
-        log = flow.log.info if reason.startswith("evicted") else flow.log.debug
-        log("ping.close", reason=reason, requests=flow.requests, replies=flow.replies)
+        flow.log.debug("ping.close", reason=reason, requests=flow.requests, replies=flow.replies)
+        # Closed at its last echo (idle, evicted or failed): duration = first to last echo.
+        self.link.events.flow_close(
+            "icmp", flow.id, flow.guest_ip, None, flow.dst, None, flow.last_active,
+            opened_at=flow.started, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in, reason=reason,
+        )  # fmt: skip
 
     # -- host events ----------------------------------------------------------------------------
 
@@ -142,6 +168,7 @@ class PingEngine:
             return
         self._touch(f, now)
         f.replies += 1
+        f.bytes_in += len(payload)
         self.link.counters["ping.rx"] += 1
         reply = build_icmp_echo(ICMP_ECHO_REPLY, f.ident, seq & 0xFFFF, payload)
         self.link.send_ipv4(f.dst, f.guest_ip, PROTO_ICMP, reply)
@@ -177,6 +204,7 @@ class PingEngine:
         return None if oldest is None else oldest.last_active + self.idle_timeout
 
     def on_timer(self, now: float) -> None:
+        self._evictions.tick(now)
         while (flow := self._table.oldest()) is not None:
             if flow.last_active + self.idle_timeout > now:
                 return

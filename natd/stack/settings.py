@@ -52,6 +52,14 @@ class GatewaySettings:
     # the guest goes out as up-to-64 KB GSO frames with partial checksums. Set by the daemon
     # from what the TAP negotiated; False means plain MSS-sized frames with full checksums.
     tso: bool = False
+    # Source guard (natd.stack.neighbours): an address belongs to its lease/reservation's MAC
+    # or to the first MAC seen using it until idle this long; False: learn from every frame.
+    source_guard: bool = True
+    source_guard_idle: float = 300.0
+    # DHCP offers to clients without a lease or reservation: at most this many held at once
+    # (the oldest unrequested one is recycled first), each for this many seconds.
+    dhcp_max_offers: int = 16
+    dhcp_offer_hold: float = 10.0
 
     @property
     def netmask(self) -> bytes:

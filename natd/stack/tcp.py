@@ -28,6 +28,17 @@ Life of a flow (RFC 9293 names toward the guest)::
                     ▼
                  CLOSED (every buffer and table entry freed)
 
+TIME-WAIT is not a flow: the flow object, its buffers and its host socket are gone, and the
+4-tuple sits in ``time_wait_table`` (4-tuple → expiry and the two sequence numbers needed to
+re-ACK a retransmitted FIN), bounded by ``Limits.max_tcp_flows`` (oldest evicted first) and not
+counted as a flow. A new SYN for the 4-tuple — the guest reusing its port, or a forward's
+client reusing its own (``open_inbound``) — starts a new connection at once, as a kernel does
+(RFC 9293 3.10.7.4, RFC 6191); natd's new ISS lies beyond the old sequence space.
+
+Memory (``natd.stack.budget``): every byte a flow buffers is charged to ``budget`` (global and
+per guest) and credited when it leaves; see ``natd.stack.tcp_flow`` for how flows ask it before
+promising window or reading a host socket, and ``wake`` for how paused flows resume.
+
 The guest never gets a SYN-ACK before the host ``connect()`` succeeded; a retransmitted SYN
 meanwhile is absorbed. Segments for no flow get the RFC 9293 3.10.7.1 answer (RST, never in
 reply to an RST). In a flow: sequence acceptability and challenge ACKs (RFC 5961), window
@@ -59,11 +70,16 @@ Host events (called by the shell's ``TcpHost``, which then calls ``shell.kick()`
 * ``on_host_error(flow, err, now)`` — the host socket failed or was reset: RST the guest.
 * ``on_host_accepted(flow, total, now)`` — the host kernel has taken ``total`` bytes of guest
   data so far (bytes written minus the transport's write buffer); opens the window.
+* ``host_paused(flow)`` — asked by the shell right after ``on_host_data``: stop reading this
+  host socket now (its buffer is full or the budget is spent), not only at the next flush.
 
 Counters (``link.counters``): ``tcp.opened``, ``tcp.closed``, ``tcp.refused``,
 ``tcp.unreachable``, ``tcp.reset`` (flows ended by a reset either way), ``tcp.rst_sent``,
 ``tcp.retransmits``, ``tcp.fast_retransmits``, ``tcp.rto``, ``tcp.syn_absorbed``,
-``tcp.challenge_acks``, ``tcp.window_probes``, ``tcp.keepalive_probes`` and ``drop.tcp.<why>``.
+``tcp.challenge_acks``, ``tcp.window_probes``, ``tcp.keepalive_probes``, the memory budget's
+``tcp.budget_pauses`` and ``tcp.budget_window_squeezes``, ``tcp.zero_window_abort.<orphan|budget>``,
+``tcp.time_wait_reused``, ``tcp.time_wait_evicted``, ``tcp.ooo_duplicate`` and
+``drop.tcp.<why>`` (``drop.tcp.over_budget``: a guest segment not taken, so not acknowledged).
 The open-flow gauge is ``TcpEngine.flow_count``.
 """
 
@@ -74,8 +90,10 @@ import hashlib
 import heapq
 import secrets
 
+from natd.stack.budget import Budget
 from natd.stack.link import Link
-from natd.stack.ops import TcpClose, TcpConnect
+from natd.stack.ops import TcpClose, TcpConnect, TcpResume
+from natd.stack.settings import Limits
 from natd.stack.tcp_flow import (
     ACK,
     CLOSED,
@@ -88,7 +106,6 @@ from natd.stack.tcp_flow import (
     SYN,
     SYN_RCVD,
     SYN_SENT,
-    TIME_WAIT,
     TcpFlow,
 )
 from natd.wire import Malformed
@@ -105,6 +122,7 @@ _UNREACH_HOST_ERRNOS = frozenset(
     {errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
 )
 _UNREACH_NET_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN})
+_NO_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 _HOST_ACTIVE = frozenset({SYN_RCVD, ESTABLISHED, SYN_SENT})
@@ -141,7 +159,8 @@ class TcpEngine:
         self.link = link
         self.counters = link.counters
         limits = link.settings.limits
-        self.limits = limits
+        self.budget = Budget(limits.memory_budget, limits.memory_budget_per_guest)
+        self._limits = limits
         self.limit = limits.tcp_buffer_bytes
         self.max_cwnd = 4 * self.limit + (1 << 20)
         ws = 0
@@ -155,7 +174,14 @@ class TcpEngine:
         self.by_id: dict[int, TcpFlow] = {}
         self.per_guest: dict[bytes, int] = {}
         self.pending_connects = 0
-        self.time_waits: dict[int, TcpFlow] = {}  # insertion order = oldest first
+        # 4-tuple → (expiry, natd's next seq, natd's rcv_nxt, old flow id); insertion order =
+        # expiry order (every entry lives ``time_wait``; a re-armed one is re-inserted).
+        self.time_wait_table: dict[tuple[bytes, int, bytes, int], tuple[float, int, int, int]] = {}
+        # Flows the budget holds back (host reads paused, or window squeezed), per guest, by
+        # id, oldest first; ``wake`` revisits them when bytes are given back, skipping a guest
+        # without room at once (a hog's thousands of flows cost nothing per credit).
+        self._starved: dict[bytes, dict[int, TcpFlow]] = {}
+        self._wake_at = 0.0
         self._heap: list[tuple[float, int]] = []
         self._dirty: list[TcpFlow] = []
         self._dirty_at = 0.0
@@ -172,9 +198,89 @@ class TcpEngine:
         self._rx_epoch_end = 0.0
 
     @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        """New bounds (start and reload): the budget follows; ``tcp_buffer_bytes`` is fixed."""
+        self._limits = limits
+        self.budget.resize(limits.memory_budget, limits.memory_budget_per_guest)
+
+    @property
     def flow_count(self) -> int:
-        """Flows holding state (TIME-WAIT included)."""
+        """Live flows (TIME-WAIT entries are not flows: see ``time_wait_table``)."""
         return len(self.flows)
+
+    # -- the memory budget -------------------------------------------------------------------
+
+    def credit(self, guest: bytes, n: int, now: float) -> None:
+        """``n`` bytes of ``guest``'s left natd: give them back, wake starved flows soon."""
+        self.budget.credit(guest, n)
+        if self._starved and not self._wake_at:
+            self._wake_at = now
+
+    def starve(self, flow: TcpFlow) -> None:
+        """``flow`` waits for budget room (its host reads are paused or its window squeezed)."""
+        waiting = self._starved.get(flow.guest_ip)
+        if waiting is None:
+            self._starved[flow.guest_ip] = {flow.id: flow}
+        else:
+            waiting[flow.id] = flow
+
+    def _unstarve(self, flow: TcpFlow) -> None:
+        waiting = self._starved.get(flow.guest_ip)
+        if waiting is not None and waiting.pop(flow.id, None) is not None and not waiting:
+            del self._starved[flow.guest_ip]
+
+    def squeezed(self, flow: TcpFlow) -> None:
+        """``flow`` advertised less window than it could take, for the budget."""
+        waiting = self._starved.get(flow.guest_ip)
+        if waiting is None or flow.id not in waiting:
+            self.budget.squeezes += 1
+            self.counters["tcp.budget_window_squeezes"] += 1
+            self.starve(flow)
+
+    def resume_room(self) -> int:
+        """Room a guest needs before a paused host socket is read again (about one read)."""
+        return min(256 * 1024, self.budget.per_guest // 8)
+
+    def try_resume(self, flow: TcpFlow) -> None:
+        """``flow``'s own buffer drained: read its host socket again if the budget allows."""
+        if self.budget.room(flow.guest_ip) >= self.resume_room():
+            flow.host_paused = False
+            self._unstarve(flow)
+            self.link.outbox.ops.append(TcpResume(flow.id))
+        else:
+            self.starve(flow)
+
+    def wake(self, now: float) -> None:
+        """Bytes were given back: resume paused host reads and reopen squeezed windows, oldest
+        first, as far as the room goes (one read's worth per resumed socket)."""
+        self._wake_at = 0.0
+        budget = self.budget
+        step = self.resume_room()
+        half = self.limit // 2
+        free = budget.total - budget.used
+        ops = self.link.outbox.ops
+        for guest, waiting in list(self._starved.items()):
+            if free < step:
+                break
+            room = min(free, budget.per_guest - budget.by_guest.get(guest, 0))
+            for flow_id, flow in list(waiting.items()):
+                if room < step:
+                    break
+                del waiting[flow_id]
+                # (a socket paused for its own full buffer is resumed by its ACKs)
+                if flow.host_paused and len(flow.sndbuf) <= half:
+                    flow.host_paused = False
+                    ops.append(TcpResume(flow_id))
+                    room -= step  # the next one needs room for its own read as well
+                    free -= step
+                if flow.state == ESTABLISHED and not flow.guest_fin:
+                    flow.send_ack()  # a window update: the budget has room again
+            if not waiting:
+                del self._starved[guest]
 
     # -- guest segments ----------------------------------------------------------------------
 
@@ -189,8 +295,8 @@ class TcpEngine:
         (``on_guest_segment``), which handles every other state and every reply.
         """
         flow = self.flows.get((f[3], f[5], f[4], f[6]))
-        if flow is None or flow.state != ESTABLISHED:
-            return False
+        if flow is None or flow.state != ESTABLISHED or flow.gmac != f[2]:
+            return False  # another MAC than the flow's: the slow path drops it, counted
         end = f[12]
         if not trusted:
             n = end - 34
@@ -201,10 +307,16 @@ class TcpEngine:
         return True
 
     def on_guest_segment(
-        self, ip: IPv4Header, l4: memoryview, now: float, trusted: int = 0
+        self,
+        ip: IPv4Header,
+        l4: memoryview,
+        now: float,
+        trusted: int = 0,
+        mac: bytes | None = None,
     ) -> None:
-        """Any guest TCP segment (``l4`` = header + payload); ``trusted`` as in
-        ``on_guest_frame``."""
+        """Any guest TCP segment (``l4`` = header + payload) from Ethernet source ``mac``;
+        ``trusted`` as in ``on_guest_frame``. A flow takes input only from the MAC that opened
+        it (or, inbound, that it first reached): anything else is dropped, counted."""
         n = len(l4)
         if n < _HDR_STRUCT_LEN:
             self.counters["drop.tcp.short"] += 1
@@ -232,8 +344,17 @@ class TcpEngine:
         flags = l4[13]
         window = (l4[14] << 8) | l4[15]
         if flow is None:
-            self._no_flow(ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
+            tw = self.time_wait_table.get((src, sport, dst, dport))
+            if tw is not None:
+                self._in_time_wait(tw, ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
+            else:
+                self._no_flow(ip, l4, sport, dport, seq, ack, flags, window, hlen, now, mac)
             return
+        if mac is not None and flow.gmac != mac:
+            if flow.gmac.strip(b"\x00"):
+                self.counters["drop.tcp.foreign_mac"] += 1
+                return
+            flow.gmac = mac  # an inbound flow whose guest MAC was not known yet
         state = flow.state
         if state in (ESTABLISHED, SYN_RCVD):
             if flags & SYN and not flags & (ACK | RST) and state == SYN_RCVD:
@@ -242,10 +363,8 @@ class TcpEngine:
             flow.on_segment(seq, ack, flags, window, l4[hlen:], now)
         elif state == CONNECTING:
             self._while_connecting(flow, ip, l4, seq, flags, window, hlen, now)
-        elif state == SYN_SENT:
-            self._syn_sent(flow, l4, seq, ack, flags, window, hlen, now)
         else:
-            self._in_time_wait(flow, ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
+            self._syn_sent(flow, l4, seq, ack, flags, window, hlen, now)
 
     def _no_flow(
         self,
@@ -259,6 +378,7 @@ class TcpEngine:
         window: int,
         hlen: int,
         now: float,
+        mac: bytes | None = None,
     ) -> None:
         """RFC 9293 3.10.7.1 (CLOSED) for everything but a clean SYN; a clean SYN opens a flow."""
         counters = self.counters
@@ -284,7 +404,7 @@ class TcpEngine:
             counters["drop.tcp.pending_limit"] += 1
             self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
             return
-        if len(self.flows) >= limits.max_tcp_flows and not self._evict_time_wait():
+        if len(self.flows) >= limits.max_tcp_flows:
             counters["drop.tcp.flow_limit"] += 1
             self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
             return
@@ -297,7 +417,7 @@ class TcpEngine:
         except Malformed:
             counters["drop.tcp.bad_option"] += 1
             return
-        gmac = self.link.guest_mac(src)
+        gmac = mac or self.link.guest_mac(src)
         if gmac is None:  # the Gateway learns it before calling us; be safe anyway
             counters["drop.tcp.no_neighbor"] += 1
             return
@@ -387,7 +507,7 @@ class TcpEngine:
 
     def _in_time_wait(
         self,
-        flow: TcpFlow,
+        tw: tuple[float, int, int, int],
         ip: IPv4Header,
         l4: memoryview,
         sport: int,
@@ -399,19 +519,25 @@ class TcpEngine:
         hlen: int,
         now: float,
     ) -> None:
-        """TIME-WAIT (RFC 9293 3.10.7.4, RFC 1337, RFC 6191)."""
+        """A segment for a 4-tuple in TIME-WAIT (RFC 9293 3.10.7.4, RFC 1337, RFC 6191)."""
         if flags & RST:
             self.counters["drop.tcp.rst_time_wait"] += 1  # RFC 1337: ignore
             return
-        d = (seq - flow.rcv_nxt) & M32
+        key = (ip.src, sport, ip.dst, dport)
+        _until, snd_nxt, rcv_nxt, _old = tw
+        d = (seq - rcv_nxt) & M32
         if flags & SYN and not flags & ACK and 0 < d < 0x80000000:
-            # A new incarnation with a higher sequence number: reuse the 4-tuple now.
-            self.close(flow, "closed", now)
+            # A new incarnation beyond the old sequence space: reuse the 4-tuple now.
+            del self.time_wait_table[key]
+            self.counters["tcp.time_wait_reused"] += 1
             self._no_flow(ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
             return
-        flow.send_ack()  # a retransmitted FIN (or anything else): re-ACK, restart the clock
+        # A retransmitted FIN (or anything else): re-ACK; a FIN restarts the clock.
+        segment = build_tcp(ip.dst, ip.src, dport, sport, snd_nxt & M32, rcv_nxt & M32, ACK, 0)
+        self.link.send_ipv4(ip.dst, ip.src, PROTO_TCP, segment)
         if flags & FIN:
-            flow.tw_until = now + self.time_wait
+            del self.time_wait_table[key]
+            self.time_wait_table[key] = (now + self.time_wait, snd_nxt, rcv_nxt, tw[3])
 
     # -- port forwards: natd opens the connection toward the guest ---------------------------
 
@@ -430,11 +556,14 @@ class TcpEngine:
         if key in self.flows:
             self.counters["drop.tcp.inbound_collision"] += 1
             return None
-        if len(self.flows) >= limits.max_tcp_flows and not self._evict_time_wait():
+        iss = self._isn(key, now)
+        tw = self.time_wait_table.pop(key, None)
+        if tw is not None:  # the client reused its port: a new connection (RFC 6191)
+            self.counters["tcp.time_wait_reused"] += 1
+            if (iss - tw[1]) & M32 >= 0x80000000:  # not beyond the old sequence space: move it
+                iss = (tw[1] + 0x20000) & M32
+        if len(self.flows) >= limits.max_tcp_flows:
             self.counters["drop.tcp.flow_limit"] += 1
-            return None
-        if self.per_guest.get(guest_ip, 0) >= limits.max_tcp_flows_per_guest:
-            self.counters["drop.tcp.guest_flow_limit"] += 1
             return None
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
@@ -445,14 +574,15 @@ class TcpEngine:
         )
         gmac = self.link.guest_mac(guest_ip) or b""
         flow = TcpFlow(
-            self, flow_id, key, gmac, 0, self._isn(key, now), self.our_mss, None, 0,
+            self, flow_id, key, gmac, 0, iss, self.our_mss, None, 0,
             INBOUND_TARGET, b"", log, now,
         )  # fmt: skip
         flow.state = SYN_SENT
         flow.snd_nxt = flow.snd_max = flow.iss + 1
         self.flows[key] = flow
         self.by_id[flow_id] = flow
-        self.per_guest[guest_ip] = self.per_guest.get(guest_ip, 0) + 1
+        # Not counted in per_guest: forward clients have their own bound (the shell's
+        # max_inbound_per_forward) and must not use up the guest's egress flows.
         log.debug("tcp.open")
         self.send_syn(flow)
         flow.rtx_at = now + 1.0
@@ -461,14 +591,13 @@ class TcpEngine:
 
     def is_open(self, flow_id: int) -> bool:
         """True while the flow carries (or may still carry) data: not TIME-WAIT, not gone."""
-        flow = self.by_id.get(flow_id)
-        return flow is not None and flow.state != TIME_WAIT
+        return flow_id in self.by_id
 
     def send_syn(self, flow: TcpFlow) -> None:
         options = build_tcp_options(mss=self.our_mss, wscale=self.rcv_wscale)
         segment = build_tcp(
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, flow.iss, 0, SYN,
-            min(self.limit, self.rx_share, 0xFFFF), options=options,
+            self._syn_window(flow.guest_ip), options=options,
         )  # fmt: skip
         self.link.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
 
@@ -515,6 +644,7 @@ class TcpEngine:
         flow.snd_wl2 = flow.iss + 1
         flow.last_rx = now
         self.counters["tcp.opened"] += 1
+        self._log_open(flow, now)
         flow.established(now)
         flow.send_ack()
         flow.output(now)
@@ -532,13 +662,17 @@ class TcpEngine:
         """SYN-ACK with our MSS (MTU - 40) and, if the guest offered scaling, our scale."""
         wscale = flow.rcv_wscale if flow.snd_wscale or flow.rcv_wscale else None
         options = build_tcp_options(mss=self.our_mss, wscale=wscale)
-        window = min(self.limit, self.rx_share, 0xFFFF)
+        window = self._syn_window(flow.guest_ip)
         flow.rcv_adv = flow.rcv_nxt + window
         segment = build_tcp(
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, flow.iss,
             flow.rcv_nxt, SYN | ACK, window, options=options,
         )  # fmt: skip
         self.link.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+
+    def _syn_window(self, guest: bytes) -> int:
+        """The (unscaled) window of a SYN or SYN-ACK: what one flow may have, in the budget."""
+        return min(self.limit, self.rx_share, 0xFFFF, self.budget.room(guest))
 
     def challenge_ack(self, flow: TcpFlow, now: float) -> None:
         """RFC 5961 ACK, rate-limited engine-wide."""
@@ -568,6 +702,7 @@ class TcpEngine:
             return
         self.pending_connects -= 1
         self.counters["tcp.opened"] += 1
+        self._log_open(flow, now)
         flow.state = SYN_RCVD
         flow.snd_nxt = flow.snd_max = flow.iss + 1
         flow.last_rx = now
@@ -592,7 +727,8 @@ class TcpEngine:
         elif err in _UNREACH_HOST_ERRNOS:
             code = UNREACH_HOST
         if code is None:
-            self.counters["tcp.refused"] += 1
+            # Out of descriptors is natd's failure, not the host's refusal: counted apart.
+            self.counters["tcp.no_descriptor" if err in _NO_FD_ERRNOS else "tcp.refused"] += 1
             self.send_rst_for(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
                               0, flow.rcv_nxt, RST | ACK)  # fmt: skip
             reason = "refused" if err == errno.ECONNREFUSED else f"connect_error:{err}"
@@ -611,6 +747,11 @@ class TcpEngine:
         if flow is not None and flow.state in _HOST_ACTIVE:
             flow.on_host_data(data, now)
 
+    def host_paused(self, flow_id: int) -> bool:
+        """True when the flow's host socket must not be read (buffer full or budget spent)."""
+        flow = self.by_id.get(flow_id)
+        return flow is not None and flow.host_paused
+
     def on_host_eof(self, flow_id: int, now: float) -> None:
         flow = self.by_id.get(flow_id)
         if flow is not None and flow.state in _HOST_ACTIVE:
@@ -622,8 +763,6 @@ class TcpEngine:
             return
         if flow.state == CONNECTING:
             self.connect_failed(flow, err, now)
-            return
-        if flow.state == TIME_WAIT:
             return
         self.counters["tcp.reset_by_host"] += 1
         self.abort(flow, f"host_error:{errno.errorcode.get(err, err)}", now)
@@ -644,17 +783,13 @@ class TcpEngine:
         self.close(flow, reason, now, host_abort=True)
 
     def enter_time_wait(self, flow: TcpFlow, now: float) -> None:
-        """natd closed first: free the host socket and buffers now, keep the 4-tuple a while."""
-        flow.state = TIME_WAIT
-        flow.rtx_at = 0.0
-        flow.tw_until = now + self.time_wait
-        flow.flush()
-        self.link.outbox.ops.append(TcpClose(flow.id))
-        flow.release()
-        self._forget_guest(flow)
-        self.time_waits[flow.id] = flow
-        self._log_close(flow, "time_wait", now)
-        self.arm(flow, flow.tw_until)
+        """natd closed first: the flow goes (host socket, buffers), the 4-tuple stays a while."""
+        self.close(flow, "time_wait", now)
+        table = self.time_wait_table
+        if len(table) >= self.limits.max_tcp_flows:
+            del table[next(iter(table))]  # the oldest: it would have gone first anyway
+            self.counters["tcp.time_wait_evicted"] += 1
+        table[flow.key] = (now + self.time_wait, flow.snd_nxt, flow.rcv_nxt, flow.id)
 
     def close(self, flow: TcpFlow, reason: str, now: float, *, host_abort: bool = False) -> None:
         """Remove a flow for good, telling the host side unless it already knows."""
@@ -663,48 +798,52 @@ class TcpEngine:
             return
         if state == CONNECTING:
             self.pending_connects -= 1
-        if state != TIME_WAIT:
-            if not host_abort:
-                flow.flush()  # data the guest sent before its FIN still goes out first
-            self.link.outbox.ops.append(TcpClose(flow.id, abort=host_abort))
-            self._log_close(flow, reason, now)
-        else:
-            self.time_waits.pop(flow.id, None)
-        if state != TIME_WAIT:
-            self._forget_guest(flow)
+        if not host_abort:
+            flow.flush()  # data the guest sent before its FIN still goes out first
+        self.link.outbox.ops.append(TcpClose(flow.id, abort=host_abort))
+        self._log_close(flow, reason, now)
+        self._forget_guest(flow)
         if host_abort:
             self.counters["tcp.reset"] += 1
         flow.state = CLOSED
-        flow.release()
+        flow.release(now)
+        self._unstarve(flow)
         del self.flows[flow.key]
         del self.by_id[flow.id]
 
     def _forget_guest(self, flow: TcpFlow) -> None:
-        """The flow stops counting toward its guest's limit (TIME-WAIT flows do not count)."""
+        """The flow stops counting toward its guest's limit."""
+        if flow.inbound:
+            return  # forward clients never counted (open_inbound)
         left = self.per_guest[flow.guest_ip] - 1
         if left:
             self.per_guest[flow.guest_ip] = left
         else:
             del self.per_guest[flow.guest_ip]
 
+    def _log_open(self, flow: TcpFlow, now: float) -> None:
+        inbound = flow.inbound
+        host = None if inbound else f"{flow.target[0]}:{flow.target[1]}"  # where natd dialled
+        self.link.events.flow_open(
+            "tcp", flow.id, flow.guest_ip, flow.guest_port, flow.remote_ip, flow.remote_port,
+            now, direction="in" if inbound else "out", host=host,
+        )  # fmt: skip
+
     def _log_close(self, flow: TcpFlow, reason: str, now: float) -> None:
         self.counters["tcp.closed"] += 1
-        flow.log.info(
+        self.link.events.flow_close(
+            "tcp", flow.id, flow.guest_ip, flow.guest_port, flow.remote_ip, flow.remote_port, now,
+            opened_at=flow.opened_at, bytes_out=flow.bytes_to_host, bytes_in=flow.bytes_to_guest,
+            reason=reason, direction="in" if flow.inbound else "out",
+        )  # fmt: skip
+        flow.log.debug(
             "tcp.close",
             reason=reason,
-            state=flow.state_name(),
+            state="TIME-WAIT" if reason == "time_wait" else flow.state_name(),
             bytes_to_host=flow.bytes_to_host,
             bytes_to_guest=flow.bytes_to_guest,
             duration=round(now - flow.opened_at, 3),
         )
-
-    def _evict_time_wait(self) -> bool:
-        """Make room at the flow limit by dropping the oldest TIME-WAIT flow, if any."""
-        for flow in self.time_waits.values():
-            self.counters["tcp.time_wait_evicted"] += 1
-            self.close(flow, "closed", flow.tw_until)
-            return True
-        return False
 
     # -- batching and time -------------------------------------------------------------------
 
@@ -735,6 +874,8 @@ class TcpEngine:
             for flow in dirty:
                 if flow.dirty and flow.state != CLOSED:
                     flow.flush(now)
+        if self._wake_at:
+            self.wake(now)
 
     def arm(self, flow: TcpFlow, when: float) -> None:
         """Make sure ``on_timer`` visits ``flow`` by ``when`` (lazy: later entries re-arm)."""
@@ -755,10 +896,23 @@ class TcpEngine:
     def next_deadline(self) -> float | None:
         if self._dirty:
             return self._dirty_at
-        return self._heap[0][0] if self._heap else None
+        if self._wake_at:
+            return self._wake_at
+        best = self._heap[0][0] if self._heap else None
+        if self.time_wait_table:
+            until = next(iter(self.time_wait_table.values()))[0]
+            if best is None or until < best:
+                best = until
+        return best
 
     def on_timer(self, now: float) -> None:
         self.end_batch(now)
+        table = self.time_wait_table
+        while table:
+            key = next(iter(table))
+            if table[key][0] > now:
+                break
+            del table[key]
         heap = self._heap
         by_id = self.by_id
         while heap and heap[0][0] <= now:
@@ -776,7 +930,11 @@ class TcpEngine:
 def state_of(engine: TcpEngine, flow_id: int) -> str:
     """The RFC state name of a flow (``CLOSED`` once it is gone), for tests and diagnostics."""
     flow = engine.by_id.get(flow_id)
-    return "CLOSED" if flow is None else flow.state_name()
+    if flow is not None:
+        return flow.state_name()
+    if any(tw[3] == flow_id for tw in engine.time_wait_table.values()):
+        return "TIME-WAIT"
+    return "CLOSED"
 
 
 __all__ = ["TcpEngine", "state_of"]

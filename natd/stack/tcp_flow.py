@@ -15,10 +15,21 @@ Buffers and what bounds them (``limit`` = ``Limits.tcp_buffer_bytes``):
 * guest → host: in-order data is ACKed once it is in ``to_host`` (joined and handed to the shell
   as one ``TcpSend`` per batch). Bytes ACKed but not yet taken by the host kernel
   (``issued - accepted``) count against the window natd advertises, so the advertised right
-  edge never exceeds what natd promised to hold: ``limit`` bytes. Out-of-order segments are
-  kept only inside the advertised window and at most ``OOO_MAX_SEGMENTS`` of them.
+  edge never exceeds what natd promised to hold: ``limit`` bytes. Out-of-order data is kept
+  only inside the advertised window, as merged, non-overlapping ranges (a segment repeated
+  300 times is stored once), at most ``OOO_MAX_RANGES`` of them.
 * host → guest: ``sndbuf`` holds every byte from ``snd_una`` on (sent or not). When it reaches
   ``limit`` the host socket is paused (``TcpPause``); it resumes at half.
+
+Every one of those bytes is also charged to the engine's ``Budget`` (global and per guest) while
+natd holds it. Over budget a flow advertises no more window than the budget has room for and
+its host socket is paused even below ``limit``; the engine resumes it (``TcpEngine.wake``)
+when other flows give bytes back. Nothing acknowledged or read is ever dropped for the budget.
+
+Zero window (RFC 9293 3.8.6.1, RFC 1122 4.2.2.17): a guest that keeps answering the persist
+probes keeps its connection however long its window stays shut. After
+``zero_window_timeout`` the flow is aborted only if the host side has finished (natd holds the
+rest only for a guest that will not take it: an orphan) or the guest's budget is (all but) spent.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import collections
 import struct
 from typing import TYPE_CHECKING, Any
 
-from natd.stack.ops import TcpClose, TcpPause, TcpResume, TcpSend, TcpShutdown
+from natd.stack.ops import TcpClose, TcpPause, TcpSend, TcpShutdown
 from natd.wire.checksum import word_sum
 from natd.wire.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4
 
@@ -51,11 +62,10 @@ ACK = 0x10
 CONNECTING = 0  # guest SYN seen, host connect() in progress, guest not answered yet
 SYN_RCVD = 1  # SYN-ACK sent, waiting for the guest's ACK
 ESTABLISHED = 2  # synchronized (including every half-closed state)
-TIME_WAIT = 3  # both FINs exchanged, natd closed first: linger to re-ACK a lost FIN
-CLOSED = 4  # removed from the table
+CLOSED = 4  # removed from the table (TIME-WAIT is a table entry in the engine, not a flow)
 SYN_SENT = 5  # a port forward's flow: natd sent the SYN toward the guest, waiting for SYN-ACK
 
-OOO_MAX_SEGMENTS = 256
+OOO_MAX_RANGES = 256
 INITIAL_RTO = 1.0  # RFC 6298 2.1
 MIN_RTO = 0.2  # Linux's floor; the guest is one hop away on a virtual link
 MAX_RTO = 60.0  # RFC 6298 2.5
@@ -202,8 +212,10 @@ class TcpFlow:
         "log",
         "max_snd_wnd",
         "mss",
-        "ooo",
         "ooo_bytes",
+        "ooo_data",
+        "ooo_fin",
+        "ooo_starts",
         "opened_at",
         "out_base",
         "pseudo",
@@ -235,7 +247,6 @@ class TcpFlow:
         "syn_packet",
         "target",
         "to_host",
-        "tw_until",
         "zero_since",
     )
 
@@ -279,8 +290,11 @@ class TcpFlow:
         self.rcv_nxt = irs + 1
         self.rcv_adv = self.rcv_nxt
         self.rcv_wscale = 0
-        self.ooo: list[tuple[int, bytes, bool]] = []
+        # Out-of-order ranges: sorted starts and their bytes, never overlapping or touching.
+        self.ooo_starts: list[int] = []
+        self.ooo_data: list[bytearray] = []
         self.ooo_bytes = 0
+        self.ooo_fin = 0  # seq the guest's FIN takes, when it came out of order
         self.to_host: list[bytes | memoryview] = []
         self.issued = 0
         self.accepted = 0
@@ -324,7 +338,6 @@ class TcpFlow:
         # liveness
         self.last_rx = now
         self.ka_probes = 0
-        self.tw_until = 0.0
         self.sched = float("inf")
         self.bytes_to_guest = 0
         self.bytes_to_host = 0
@@ -347,8 +360,6 @@ class TcpFlow:
             return "SYN-RECEIVED"
         if self.state == SYN_SENT:
             return "SYN-SENT"
-        if self.state == TIME_WAIT:
-            return "TIME-WAIT"
         if self.state == CLOSED:
             return "CLOSED"
         fin_sent = self.host_eof and self.snd_max > self.fin_seq
@@ -366,15 +377,21 @@ class TcpFlow:
         """The 16-bit window to advertise now; records the right edge it promises (RFC 7323).
 
         Free space is ``limit`` minus what natd ACKed but the host kernel has not taken yet,
-        capped by this flow's share of the engine's receive budget (``TcpEngine.rx_share``).
-        The right edge never moves left: a smaller share or rounding by the scale only stops
-        it advancing for a while (RFC 9293 3.8.6.2.2 "shrinking the window" is avoided).
+        capped by this flow's share of the engine's receive budget (``TcpEngine.rx_share``)
+        and by the memory budget's room for this guest. The right edge never moves left: a
+        smaller share or rounding by the scale only stops it advancing for a while (RFC 9293
+        3.8.6.2.2 "shrinking the window" is avoided).
         """
         ws = self.rcv_wscale
-        avail = self.eng.limit - (self.issued - self.accepted)
-        if avail > self.eng.rx_share:
-            avail = self.eng.rx_share
-        elif avail < 0:
+        eng = self.eng
+        avail = eng.limit - (self.issued - self.accepted)
+        if avail > eng.rx_share:
+            avail = eng.rx_share
+        room = eng.budget.room(self.guest_ip)
+        if avail > room:
+            avail = room
+            eng.squeezed(self)
+        if avail < 0:
             avail = 0
         w = avail >> ws
         if w > 0xFFFF:
@@ -586,14 +603,14 @@ class TcpFlow:
         if n and not self.guest_fin:
             if d == 0:
                 self._deliver(payload, now)
-                if self.ooo:
+                if self.ooo_starts or self.ooo_fin:
                     self._drain_ooo(now)
                 self.ack_pending = True
                 if not self.dirty:
                     eng.mark_dirty(self, now)
             elif d < 0 and -d < n:  # a retransmission that also carries new bytes: keep those
                 self._deliver(payload[-d:], now)
-                if self.ooo:
+                if self.ooo_starts or self.ooo_fin:
                     self._drain_ooo(now)
                 self.ack_pending = True
                 if not self.dirty:
@@ -678,6 +695,7 @@ class TcpFlow:
         if data:
             buf.consume(data)
             self.bytes_to_guest += data
+            self.eng.credit(self.guest_ip, data, now)
         self.snd_una = seg_ack
         if self.snd_nxt < seg_ack:
             self.snd_nxt = seg_ack
@@ -716,8 +734,7 @@ class TcpFlow:
         if self.rtx_at:
             self.eng.arm(self, self.rtx_at)
         if self.host_paused and len(buf) <= self.eng.limit // 2:
-            self.host_paused = False
-            self.eng.link.outbox.ops.append(TcpResume(self.id))
+            self.eng.try_resume(self)
         if self.host_eof and not self.fin_acked and seg_ack > self.fin_seq:
             self.fin_acked = True
             self.rtx_at = 0.0
@@ -762,12 +779,26 @@ class TcpFlow:
     # -- guest data in -----------------------------------------------------------------------
 
     def _deliver(self, data: memoryview, now: float) -> None:
-        """Take in-order bytes: hold them for the host, advance ``rcv_nxt``."""
+        """Take in-order bytes: hold them for the host, advance ``rcv_nxt``.
+
+        Beyond what natd promised and can hold, the segment is trimmed; over budget even
+        promised bytes are (they are not acknowledged yet: the guest sends them again). The
+        promises of many flows together could otherwise exceed the budget.
+        """
         n = len(data)
-        limit_edge = self.rcv_nxt + self.eng.limit - (self.issued - self.accepted)
-        edge = self.rcv_adv if self.rcv_adv > limit_edge else limit_edge
-        if self.rcv_nxt + n > edge:  # beyond what we promised and can hold: trim
-            n = edge - self.rcv_nxt
+        eng = self.eng
+        rcv_nxt = self.rcv_nxt
+        room = eng.budget.room(self.guest_ip)
+        if n > room:
+            eng.counters["drop.tcp.over_budget"] += 1
+            n = room
+        free = eng.limit - (self.issued - self.accepted)
+        edge = rcv_nxt + free
+        if edge < self.rcv_adv:
+            edge = self.rcv_adv
+        if rcv_nxt + n > edge:
+            n = edge - rcv_nxt
+        if n < len(data):
             if n <= 0:
                 return
             data = data[:n]
@@ -777,33 +808,93 @@ class TcpFlow:
         self.issued += n
         self.rcv_nxt += n
         self.bytes_to_host += n
+        eng.budget.charge(self.guest_ip, n)
 
     def _store_ooo(self, start: int, data: memoryview, fin: bool) -> None:
+        """Keep an out-of-order segment inside the window as part of a merged range.
+
+        Only bytes not held yet are added (and charged): a duplicate costs nothing, a segment
+        that extends a range's tail is appended in place, one that bridges ranges joins them.
+        """
         end = start + len(data)
         if end > self.rcv_adv:
-            data = data[: self.rcv_adv - start]
+            end = self.rcv_adv
+            data = data[: end - start]
             fin = False
-            if not data:
-                return
-        if len(self.ooo) >= OOO_MAX_SEGMENTS:
-            self.eng.counters["drop.tcp.ooo_full"] += 1
+        if end - start > self.eng.budget.room(self.guest_ip):
+            self.eng.counters["drop.tcp.over_budget"] += 1  # not acknowledged: resent later
             return
-        bisect.insort(self.ooo, (start, bytes(data), fin))
-        self.ooo_bytes += len(data)
+        if fin:
+            self.ooo_fin = end
+        if end <= start:
+            return
+        starts = self.ooo_starts
+        chunks = self.ooo_data
+        i = bisect.bisect_left(starts, start)
+        if i and starts[i - 1] + len(chunks[i - 1]) >= start:
+            i -= 1  # the range before reaches (or touches) this segment
+        j = i
+        count = len(starts)
+        while j < count and starts[j] <= end:
+            j += 1
+        if i == j:  # a range of its own
+            if count >= OOO_MAX_RANGES:
+                self.eng.counters["drop.tcp.ooo_full"] += 1
+                return
+            starts.insert(i, start)
+            chunks.insert(i, bytearray(data))
+            added = end - start
+        else:
+            lo = starts[i]
+            last_end = starts[j - 1] + len(chunks[j - 1])
+            if j == i + 1 and lo <= start and end <= last_end:
+                self.eng.counters["tcp.ooo_duplicate"] += 1
+                return
+            if j == i + 1 and lo <= start:  # extends one range's tail: append in place
+                first = chunks[i]
+                added = end - last_end
+                first += data[len(data) - added :]
+            else:
+                if start < lo:
+                    lo = start
+                hi = end if end > last_end else last_end
+                merged = bytearray(hi - lo)
+                merged[start - lo : end - lo] = data
+                held = 0
+                for k in range(i, j):
+                    s0 = starts[k] - lo
+                    chunk = chunks[k]
+                    merged[s0 : s0 + len(chunk)] = chunk
+                    held += len(chunk)
+                starts[i:j] = [lo]
+                chunks[i:j] = [merged]
+                added = (hi - lo) - held
+        self.ooo_bytes += added
+        self.eng.budget.charge(self.guest_ip, added)
 
     def _drain_ooo(self, now: float) -> None:
-        ooo = self.ooo
-        while ooo and ooo[0][0] <= self.rcv_nxt:
-            start, data, fin = ooo.pop(0)
-            self.ooo_bytes -= len(data)
-            end = start + len(data)
-            if end > self.rcv_nxt:
+        starts = self.ooo_starts
+        chunks = self.ooo_data
+        eng = self.eng
+        while starts and starts[0] <= self.rcv_nxt:
+            start = starts.pop(0)
+            data = chunks.pop(0)
+            n = len(data)
+            self.ooo_bytes -= n
+            eng.credit(self.guest_ip, n, now)
+            if start + n > self.rcv_nxt:
                 self._deliver(memoryview(data)[self.rcv_nxt - start :], now)
-            if fin and end == self.rcv_nxt and not self.guest_fin:
-                ooo.clear()
-                self.ooo_bytes = 0
-                self._on_guest_fin(now)
-                return
+        if self.ooo_fin and self.ooo_fin == self.rcv_nxt and not self.guest_fin:
+            self._drop_ooo(now)
+            self._on_guest_fin(now)
+
+    def _drop_ooo(self, now: float) -> None:
+        if self.ooo_bytes:
+            self.eng.credit(self.guest_ip, self.ooo_bytes, now)
+        self.ooo_starts = []
+        self.ooo_data = []
+        self.ooo_bytes = 0
+        self.ooo_fin = 0
 
     def _on_guest_fin(self, now: float) -> None:
         """The guest finished sending: pass the EOF on (shutdown SHUT_WR), ACK it at once."""
@@ -854,9 +945,18 @@ class TcpFlow:
         if self.host_eof:
             return
         self.sndbuf.append(data)
-        if not self.host_paused and len(self.sndbuf) >= self.eng.limit:
-            self.host_paused = True
-            self.eng.link.outbox.ops.append(TcpPause(self.id))
+        eng = self.eng
+        eng.budget.charge(self.guest_ip, len(data))
+        if not self.host_paused:
+            if len(self.sndbuf) >= eng.limit:
+                self.host_paused = True
+                eng.link.outbox.ops.append(TcpPause(self.id))
+            elif eng.budget.over(self.guest_ip):
+                self.host_paused = True
+                eng.link.outbox.ops.append(TcpPause(self.id))
+                eng.budget.pauses += 1
+                eng.counters["tcp.budget_pauses"] += 1
+                eng.starve(self)
         self.output(now)
 
     def on_host_eof(self, now: float) -> None:
@@ -870,11 +970,13 @@ class TcpFlow:
         """The host kernel took ``total`` bytes so far: the window may open (RFC 9293 3.8.6.2.2)."""
         if total <= self.accepted:
             return
+        self.eng.credit(self.guest_ip, total - self.accepted, now)
         self.accepted = total
         if self.state != ESTABLISHED or self.guest_fin:
             return
-        limit = min(self.eng.limit, self.eng.rx_share)
-        avail = min(self.eng.limit - (self.issued - total), limit)
+        eng = self.eng
+        limit = min(eng.limit, eng.rx_share)
+        avail = min(eng.limit - (self.issued - total), limit, eng.budget.room(self.guest_ip))
         promised = self.rcv_adv - self.rcv_nxt
         mss = self.mss
         # Receiver SWS avoidance: announce only a substantial opening, or one from (near) zero.
@@ -886,8 +988,6 @@ class TcpFlow:
     def deadline(self) -> float:
         """The earliest time this flow needs ``on_timer`` (never 0: keepalive always runs)."""
         eng = self.eng
-        if self.state == TIME_WAIT:
-            return self.tw_until
         if self.state == CONNECTING:
             return self.opened_at + eng.connect_timeout
         if self.ka_probes:
@@ -901,10 +1001,6 @@ class TcpFlow:
 
     def on_timer(self, now: float) -> None:
         eng = self.eng
-        if self.state == TIME_WAIT:
-            if now >= self.tw_until:
-                eng.close(self, "closed", now)
-            return
         if self.state == CONNECTING:
             if now >= self.opened_at + eng.connect_timeout:
                 eng.connect_failed(self, None, now)
@@ -985,7 +1081,12 @@ class TcpFlow:
             eng.arm(self, self.rtx_at)
 
     def _persist(self, now: float) -> None:
-        """Zero-window probe with backoff; give up after ``zero_window_timeout``."""
+        """Zero-window probe with backoff (RFC 9293 3.8.6.1, RFC 1122 4.2.2.17).
+
+        A guest answering the probes keeps its connection; after ``zero_window_timeout`` an
+        orphan (the host side finished) or a flow of a guest over its budget is aborted. A
+        guest that stops answering is left to keepalive, like any silent guest.
+        """
         eng = self.eng
         pending = len(self.sndbuf) > 0 or (self.host_eof and not self.fin_acked)
         if not pending:
@@ -996,20 +1097,32 @@ class TcpFlow:
         if not self.zero_since:
             self.zero_since = now
         if now - self.zero_since >= eng.zero_window_timeout:
-            eng.counters["tcp.zero_window_timeout"] += 1
-            eng.abort(self, "zero_window_timeout", now)
-            return
+            why = ""
+            if self.host_eof:
+                why = "orphan"
+            elif eng.budget.room(self.guest_ip) < eng.resume_room():
+                why = "budget"  # under pressure: not even one host read's room is left
+            if why:
+                eng.counters["tcp.zero_window_abort." + why] += 1
+                eng.abort(self, "zero_window_" + why, now)
+                return
         eng.counters["tcp.window_probes"] += 1
         self.xmit(self.snd_una - 1, ACK)  # an old seq: the guest answers with its window
         self.backoff += 1
         self.rtx_at = now + min(max(self.rto, MIN_RTO) * (1 << min(self.backoff, 16)), MAX_RTO)
         eng.arm(self, self.rtx_at)
 
-    def release(self) -> None:
-        """Drop every buffer (TIME-WAIT keeps only sequence numbers)."""
+    def release(self, now: float) -> None:
+        """Drop every buffer and give its bytes back to the budget (the flow is gone)."""
+        held = len(self.sndbuf) + (self.issued - self.accepted) + self.ooo_bytes
+        if held:
+            self.eng.credit(self.guest_ip, held, now)
+        self.accepted = self.issued
         self.sndbuf = SendBuffer()
-        self.ooo = []
+        self.ooo_starts = []
+        self.ooo_data = []
         self.ooo_bytes = 0
+        self.ooo_fin = 0
         self.to_host = []
         self.syn_packet = b""
 
@@ -1021,7 +1134,6 @@ __all__ = [
     "INBOUND_TARGET",
     "SYN_RCVD",
     "SYN_SENT",
-    "TIME_WAIT",
     "TcpClose",
     "TcpFlow",
 ]

@@ -53,11 +53,20 @@ import ipaddress
 from collections import OrderedDict
 from typing import Any
 
-from natd.stack.flowtable import FlowTable, TableBound
+from natd.stack.flowtable import EvictionLog, FlowTable, TableBound, accept_mac
 from natd.stack.link import Link
 from natd.stack.ops import UdpClose, UdpSend
-from natd.wire.fastpath import DPORT, DST_IP, PAYLOAD_END, SPORT, SRC_IP, FastFrame, l4_checksum_ok
-from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_PORT, build_icmp_error
+from natd.wire.fastpath import (
+    DPORT,
+    DST_IP,
+    PAYLOAD_END,
+    SPORT,
+    SRC_IP,
+    SRC_MAC,
+    FastFrame,
+    l4_checksum_ok,
+)
+from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_ADMIN, UNREACH_PORT, build_icmp_error
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, IPv4Header, build_ipv4
 from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
 
@@ -70,6 +79,10 @@ _LOOPBACK = b"\x7f\x00\x00\x01"
 
 FlowKey = tuple[bytes, int, bool]  # guest ip, guest port, loopback policy
 InboundKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, shown source ip, source port
+
+
+def _guest_port(key: FlowKey | InboundKey) -> str:
+    return f"{ipaddress.IPv4Address(key[0])}:{key[1]}"
 
 
 class UdpInbound:
@@ -122,14 +135,16 @@ class UdpFlow:
         "last_active",
         "log",
         "loopback",
+        "mac",
         "peers",
         "started",
     )
 
-    def __init__(self, flow_id: int, key: FlowKey, now: float, log: Any) -> None:
+    def __init__(self, flow_id: int, key: FlowKey, now: float, log: Any, mac: bytes) -> None:
         self.id = flow_id
         self.key = key
         self.guest_ip, self.guest_port, self.loopback = key
+        self.mac = mac  # the guest MAC that opened it: the only one it takes datagrams from
         self.last_active = self.started = now
         self.peers: OrderedDict[bytes, None] = OrderedDict()  # guest-visible peer addresses
         self.bytes_in = 0
@@ -152,6 +167,7 @@ class UdpEngine:
         )
         self._inbound: OrderedDict[InboundKey, UdpInbound] = OrderedDict()
         self._inbound_by_id: dict[int, UdpInbound] = {}
+        self._evictions = EvictionLog(link, "udp.evicted")
         # The fast path (``on_guest_frame``): 4-tuples the slow path has already routed to a
         # flow — past the DHCP/DNS/broadcast/source/egress-policy checks — with where they go.
         # Emptied whenever one of those answers could change (a flow closes, an inbound flow
@@ -174,7 +190,7 @@ class UdpEngine:
         header objects, policy and routing took twice that.
         """
         entry = self._fast.get((f[SRC_IP], f[SPORT], f[DST_IP], f[DPORT]))
-        if entry is None or len(frame) - 14 > self.link.settings.mtu:
+        if entry is None or len(frame) - 14 > self.link.settings.mtu or entry[0].mac != f[SRC_MAC]:
             return False
         if not csum and (frame[40] or frame[41]) and not l4_checksum_ok(frame, f):
             return False
@@ -197,8 +213,12 @@ class UdpEngine:
         self.link.counters["udp.tx"] += 1
         self.link.outbox.ops.append(UdpSend(flow.id, host, port, payload))
 
-    def on_guest_datagram(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
-        """A unicast UDP datagram from the guest (not DHCP, not DNS at the DNS address)."""
+    def on_guest_datagram(
+        self, ip: IPv4Header, l4: memoryview, now: float, mac: bytes | None = None
+    ) -> None:
+        """A unicast UDP datagram from the guest (not DHCP, not DNS at the DNS address), from
+        Ethernet source ``mac``. With the source guard on, a flow takes datagrams only from the
+        MAC that opened it (others are dropped, counted); off, the flow follows the guest."""
         link = self.link
         sport, dport, payload = parse_udp(ip.src, ip.dst, l4, verify=True)
         dst = ip.dst
@@ -228,8 +248,12 @@ class UdpEngine:
         host, port = target
         key: FlowKey = (ip.src, sport, host.startswith("127."))
         flow = self._table.get(key)
+        mac = mac or link.guest_mac(ip.src) or bytes(6)
         if flow is None:
-            flow = self._open(key, now)
+            flow = self._open(key, now, mac)
+            link.events.flow_open("udp", flow.id, ip.src, sport, dst, dport, now, host=host)
+        elif not accept_mac(flow, mac, link.settings.source_guard, link.counters, "udp"):
+            return
         else:
             self._touch(flow, now)
         self._send(flow, dst, host, port, bytes(payload))
@@ -238,16 +262,22 @@ class UdpEngine:
             fast.clear()
         fast[(ip.src, sport, dst, dport)] = (flow, host, port)
 
-    def _open(self, key: FlowKey, now: float) -> UdpFlow:
+    def has_flows(self, guest: bytes) -> bool:
+        """Does ``guest`` have an outbound flow (the source guard's proof of activity)?"""
+        return self._table.has_guest(guest)
+
+    def _open(self, key: FlowKey, now: float, mac: bytes) -> UdpFlow:
         guest = key[0]
         while (victim := self._table.victim(guest)) is not None:
             self._close(*victim)
             self.link.counters["udp.evicted"] += 1
+            gone = victim[0]
+            self._evictions.evicted(now, reason=victim[1], guest=_guest_port(gone.key))
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id, guest=f"{ipaddress.IPv4Address(guest)}:{key[1]}", loopback=key[2]
         )
-        flow = UdpFlow(flow_id, key, now, log)
+        flow = UdpFlow(flow_id, key, now, log, mac)
         self._table.add(flow)
         self.link.counters["udp.flows_opened"] += 1
         log.debug("udp.open")
@@ -262,8 +292,13 @@ class UdpEngine:
         self._table.remove(flow)
         if tell_host:
             self.link.outbox.ops.append(UdpClose(flow.id))
-        log = flow.log.info if reason.startswith("evicted") else flow.log.debug
-        log("udp.close", reason=reason, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in)
+        flow.log.debug("udp.close", reason=reason, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in)
+        # Closed at its last datagram (idle, evicted, failed): duration = first to last.
+        remote = next(reversed(flow.peers), b"") if flow.peers else "-"
+        self.link.events.flow_close(
+            "udp", flow.id, flow.guest_ip, flow.guest_port, remote, None, flow.last_active,
+            opened_at=flow.started, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in, reason=reason,
+        )  # fmt: skip
 
     # -- host side ----------------------------------------------------------------------------
 
@@ -328,11 +363,27 @@ class UdpEngine:
         origin = dst if code == UNREACH_PORT else self.link.settings.gateway_ip
         self._send_unreachable(f.guest_ip, dst, f.guest_port, port, payload, code, mtu, origin)
 
-    def on_host_failed(self, flow: int, now: float) -> None:
+    def on_host_failed(
+        self, flow: int, now: float, refused: tuple[str, int, bytes] | None = None
+    ) -> None:
+        """The host side could not open the flow's socket (out of descriptors): close it.
+
+        ``refused`` (host, port, payload) is the datagram that could not go out: the guest is
+        told at once with an ICMP "administratively prohibited" instead of waiting in vain.
+        """
         f = self._table.get_id(flow)
-        if f is not None:
-            self.link.counters["udp.host_failed"] += 1
-            self._close(f, "host_failed", tell_host=False)
+        if f is None:
+            return
+        self.link.counters["udp.host_failed"] += 1
+        if refused is not None:
+            host, port, payload = refused
+            dst = self._visible(f, host)
+            if dst is not None:
+                gateway = self.link.settings.gateway_ip
+                self._send_unreachable(
+                    f.guest_ip, dst, f.guest_port, port, payload, UNREACH_ADMIN, 0, gateway
+                )
+        self._close(f, "host_failed", tell_host=False)
 
     def _send_unreachable(
         self,
@@ -384,8 +435,10 @@ class UdpEngine:
             self.link.counters["drop.udp.forward_collision"] += 1
             return None
         if len(self._inbound) >= self.max_flows:
-            self._close_inbound(next(iter(self._inbound.values())), "evicted")
+            gone_in = next(iter(self._inbound.values()))
+            self._close_inbound(gone_in, "evicted")
             self.link.counters["udp.evicted"] += 1
+            self._evictions.evicted(now, reason="evicted_forward", guest=_guest_port(gone_in.key))
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id,
@@ -398,6 +451,9 @@ class UdpEngine:
         self._inbound_by_id[flow_id] = flow
         self.link.counters["udp.forward_flows_opened"] += 1
         log.debug("udp.forward_open")
+        self.link.events.flow_open(
+            "udp", flow_id, guest_ip, guest_port, client_host, client_port, now, direction="in"
+        )
         return flow_id
 
     def on_host_inbound(self, flow: int, payload: bytes, now: float) -> bool:
@@ -446,6 +502,11 @@ class UdpEngine:
         if tell_host:
             self.link.outbox.ops.append(UdpClose(f.id))
         f.log.debug("udp.forward_close", reason=reason, bytes_in=f.bytes_in, bytes_out=f.bytes_out)
+        self.link.events.flow_close(
+            "udp", f.id, f.guest_ip, f.guest_port, f.client_host, f.client_port, f.last_active,
+            opened_at=f.started, bytes_out=f.bytes_out, bytes_in=f.bytes_in, reason=reason,
+            direction="in",
+        )  # fmt: skip
 
     def _inbound_timer(self, now: float) -> None:
         for f in [f for f in self._inbound.values() if f.pending is not None]:
@@ -483,6 +544,7 @@ class UdpEngine:
         return deadline
 
     def on_timer(self, now: float) -> None:
+        self._evictions.tick(now)
         if self._inbound:
             self._inbound_timer(now)
         while (flow := self._table.oldest()) is not None:

@@ -35,6 +35,11 @@ def build_ethernet(dst: bytes, src: bytes, ethertype: int, payload: Buf) -> byte
     return b"".join((_ETH.pack(dst, src, ethertype), payload))
 
 
+def ipv6_multicast_mac(addr: bytes) -> bytes:
+    """The MAC an IPv6 multicast address maps to (RFC 2464 §7): 33:33 + its low 32 bits."""
+    return b"\x33\x33" + addr[12:16]
+
+
 def mac_to_str(mac: bytes) -> str:
     """``b"\\x02\\x00..."`` → ``"02:00:..."`` (lower case, as ``ip link`` prints it)."""
     return mac.hex(":")
@@ -56,6 +61,7 @@ __all__ = [
     "ETHERTYPE_VLAN",
     "ETH_HLEN",
     "build_ethernet",
+    "ipv6_multicast_mac",
     "mac_from_str",
     "mac_to_str",
     "parse_ethernet",

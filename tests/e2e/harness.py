@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,7 +153,9 @@ class Natd:
         ready_timeout: float = 15,
         wait_ready: bool = True,
         env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """``wrapper``: a program that execs natd (e.g. ``prlimit --nofile=N:N``)."""
         self.args = list(args)
         self._stderr = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as natd
             prefix="natd-stderr-", suffix=".log", delete=False
@@ -161,7 +164,7 @@ class Natd:
         prefix = netns_exec.exec_prefix() if netns_exec is not None else []
         ready_r, ready_w = os.pipe()
         argv = [
-            *prefix, sys.executable, "-c", NATD_MAIN, "run", *self.args,
+            *prefix, *wrapper, sys.executable, "-c", NATD_MAIN, "run", *self.args,
             "--ready-fd", str(ready_w), "--log-format", "json", "--log-level", "debug",
         ]  # fmt: skip
         self.argv = argv
@@ -226,6 +229,73 @@ class Natd:
         self._stderr.close()
         with contextlib.suppress(OSError):
             self.stderr_path.unlink()
+
+
+# -- measuring natd ---------------------------------------------------------------------------
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Sampler:
+    """Samples a process's RSS and fd count every ``interval`` in a thread (peaks kept)."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_fds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, AssertionError):
+                self.peak_rss = max(self.peak_rss, rss_kb(self.pid))
+                self.peak_fds = max(self.peak_fds, fd_count(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def ctl(control: str, *args: str, timeout: float = 10) -> Any:
+    """``natd ctl --json ARGS`` against a running natd; the parsed result."""
+    argv = [sys.executable, "-c", NATD_MAIN, "ctl", "--control", control, "--json", *args]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"natd ctl {' '.join(args)}: {out.stderr}"
+    return json.loads(out.stdout)
+
+
+def listening_ports(natd: Natd, count: int = 1, timeout: float = 5) -> dict[str, int]:
+    """forward spec → the port natd reports it bound (``forward.listening`` events), once
+    ``count`` forwards are listening (or whatever there is after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    ports: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        ports = {
+            str(e["forward"]): int(e["port"])
+            for e in natd.events()
+            if e.get("event") == "forward.listening"
+        }
+        if len(ports) >= count:
+            return ports
+        time.sleep(0.05)
+    return ports
 
 
 # -- DHCP clients with scripts that apply the lease with `ip` and record what they were told --
@@ -297,6 +367,24 @@ def _kv(text: str) -> dict[str, str]:
     return out
 
 
+def await_script(
+    proc: subprocess.Popen[str], out: Path, log: Path, timeout: float, what: str
+) -> dict[str, str]:
+    """Wait (bounded) until a DHCP client's script has written ``out``, stop the client by PID,
+    and return the variables the script recorded; ``what`` (and the client's log) if not."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not out.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise CommandFailed(
+                    f"{what} (exit {proc.poll()}):\n{log.read_text(errors='replace')}"
+                )
+            time.sleep(0.1)
+    finally:
+        stop_process(proc)
+    return _kv(out.read_text())
+
+
 class Guest(Netns):
     """A namespace acting as a guest machine, with DHCP client helpers."""
 
@@ -341,18 +429,8 @@ class Guest(Netns):
                  "-lf", str(lease), "-pf", str(pidfile), iface],
                 stdout=logf, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        try:
-            while not out.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise CommandFailed(
-                        f"dhclient in {self.name} got no lease "
-                        f"(exit {proc.poll()}):\n{log.read_text(errors='replace')}"
-                    )
-                time.sleep(0.1)
-        finally:
-            stop_process(proc)
-        return _kv(out.read_text()), lease.read_text() if lease.exists() else ""
+        recorded = await_script(proc, out, log, timeout, f"dhclient in {self.name} got no lease")
+        return recorded, lease.read_text() if lease.exists() else ""
 
     def configure_static(self, addr: str = f"{FIRST_LEASE}/24", iface: str = "tap0") -> None:
         """Give the guest an address by hand (tests that are not about DHCP)."""

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import FIRST_LEASE, GATEWAY, NATD_MAIN, Guest, Natd
+from harness import FIRST_LEASE, GATEWAY, NATD_MAIN, Guest, Natd, listening_ports
 
 MiB = 1 << 20
 
@@ -92,22 +92,6 @@ def configure(guest: Guest, net: str = "10.0.2") -> None:
     guest.run(["ip", "addr", "add", f"{net}.15/24", "dev", "tap0"])
     guest.run(["ip", "link", "set", "tap0", "up"])
     guest.run(["ip", "route", "replace", "default", "via", f"{net}.2", "dev", "tap0"])
-
-
-def listening_ports(natd: Natd, timeout: float = 5) -> dict[str, int]:
-    """forward spec → the port natd reports it bound (``forward.listening`` events)."""
-    deadline = time.monotonic() + timeout
-    ports: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        ports = {
-            str(e["forward"]): int(e["port"])
-            for e in natd.events()
-            if e.get("event") == "forward.listening"
-        }
-        if ports:
-            return ports
-        time.sleep(0.05)
-    return ports
 
 
 def events(natd: Natd, name: str) -> list[dict[str, Any]]:

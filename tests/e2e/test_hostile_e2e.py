@@ -18,14 +18,11 @@ Every flood is bounded (``-c`` and ``timeout``); every address is 10.0.2.2 (host
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import DNS, GATEWAY, NATD_MAIN, Guest, Natd, Netns, stop_process, unique_name
+from harness import (
+    DNS,
+    GATEWAY,
+    Guest,
+    Natd,
+    Netns,
+    Sampler,
+    ctl,
+    fd_count,
+    rss_kb,
+    stop_process,
+    unique_name,
+)
 
 MiB = 1 << 20
 RSS_LIMIT_KB = 150 * 1024
@@ -201,58 +210,11 @@ class HostServers:
 # -- measuring natd --------------------------------------------------------------------------
 
 
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a live process."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Sampler:
-    """Samples a process's RSS and fd count every ``interval`` in a thread (peaks kept)."""
-
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.peak_rss = 0
-        self.peak_fds = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(OSError, AssertionError):
-                self.peak_rss = max(self.peak_rss, rss_kb(self.pid))
-                self.peak_fds = max(self.peak_fds, fd_count(self.pid))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
-def ctl(control: str, *args: str, timeout: float = 10) -> Any:
-    """``natd ctl --json ARGS`` against a running natd; the parsed result."""
-    argv = [sys.executable, "-c", NATD_MAIN, "ctl", "--control", control, "--json", *args]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"natd ctl {' '.join(args)}: {out.stderr}"
-    return json.loads(out.stdout)
 
 
 def counters(stats: dict[str, Any]) -> dict[str, int]:

@@ -91,6 +91,9 @@ def test_tap_deleted_under_natd_exits_1(start_guest: Callable[..., Guest]) -> No
     assert guest.natd.wait(10) == 1
     assert _event(guest.natd, "tap.gone")
     assert _event(guest.natd, "stopped")["exit_code"] == 1
+    # The README's promise for runtime failures: one plain line, after the json log.
+    plain = [ln for ln in guest.natd.stderr_text().splitlines() if not ln.startswith("{")]
+    assert len(plain) == 1 and plain[0].startswith("natd: TAP tap0 is gone: "), plain
 
 
 def test_netns_deleted_under_natd_exits_1(start_guest: Callable[..., Guest]) -> None:
@@ -102,6 +105,8 @@ def test_netns_deleted_under_natd_exits_1(start_guest: Callable[..., Guest]) -> 
     assert guest.natd.wait(10) == 1
     assert _event(guest.natd, "netns.gone")
     assert _event(guest.natd, "stopped")["exit_code"] == 1
+    plain = [ln for ln in guest.natd.stderr_text().splitlines() if not ln.startswith("{")]
+    assert plain == [f"natd: network namespace {guest.path} was deleted"], plain
 
 
 def test_notify_socket_gets_ready_and_stopping(

@@ -136,12 +136,15 @@ def test_servfail_when_upstream_silent(start_guest: Callable[..., Guest]) -> Non
 
 
 class EchoServer:
+    """A host UDP echo service on 127.0.0.1 (reached from a guest as 10.0.2.2)."""
+
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
         self.port: int = self.sock.getsockname()[1]
         self.count = 0
+        self.received: list[bytes] = []  # every payload, for tests that check who sent what
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -155,6 +158,7 @@ class EchoServer:
             except OSError:
                 return
             self.count += 1
+            self.received.append(data)
             self.sock.sendto(data, peer)
 
     def close(self) -> None:

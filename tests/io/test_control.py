@@ -178,7 +178,7 @@ async def test_live_socket_is_not_stolen(sock_path: Path) -> None:
         assert "in use" in str(info.value)
         # The first daemon still owns the path and answers on it.
         client = await Client.connect(sock_path)
-        assert await client.request("stats") == {"ok": True, "result": "first"}
+        assert await client.request("stats") == {"v": 1, "ok": True, "result": "first"}
         await client.close()
     finally:
         await first.close()
@@ -256,23 +256,29 @@ async def test_each_command_is_dispatched_with_its_args(sock_path: Path) -> None
     try:
         c = await Client.connect(sock_path)
         spec = "tcp::8080-:80"
-        assert await c.request("forward", "add", spec) == {"ok": True, "result": {"added": spec}}
-        assert await c.request("forward", "list") == {"ok": True, "result": [spec]}
+        assert await c.request("forward", "add", spec) == {
+            "v": 1,
+            "ok": True,
+            "result": {"added": spec},
+        }
+        assert await c.request("forward", "list") == {"v": 1, "ok": True, "result": [spec]}
         assert await c.request("forward", "remove", spec) == {
+            "v": 1,
             "ok": True,
             "result": {"removed": spec},
         }
-        assert await c.request("forward", "list") == {"ok": True, "result": []}
-        assert await c.request("leases") == {"ok": True, "result": [{"ip": "10.0.2.15"}]}
-        assert await c.request("flows") == {"ok": True, "result": []}
+        assert await c.request("forward", "list") == {"v": 1, "ok": True, "result": []}
+        assert await c.request("leases") == {"v": 1, "ok": True, "result": [{"ip": "10.0.2.15"}]}
+        assert await c.request("flows") == {"v": 1, "ok": True, "result": []}
         stats = await c.request("stats")
         assert stats["ok"] is True and stats["result"]["counters"] == {"frames.rx": 3}
-        assert await c.request("reload") == {"ok": True, "result": {"reloaded": True}}
+        assert await c.request("reload") == {"v": 1, "ok": True, "result": {"reloaded": True}}
         # Argument errors are one-line errors, and the connection keeps working.
         bad = await c.request("stats", "extra")
         assert bad["ok"] is False and "takes no arguments" in bad["error"]
         bad = await c.request("forward", "frobnicate")
         assert bad == {
+            "v": 1,
             "ok": False,
             "error": "usage: forward add SPEC | forward remove SPEC | forward list",
         }
@@ -289,6 +295,7 @@ async def test_unknown_command_lists_the_commands(sock_path: Path) -> None:
     try:
         c = await Client.connect(sock_path)
         assert await c.request("x") == {
+            "v": 1,
             "ok": False,
             "error": "unknown command 'x'; try: forward, leases, flows, stats, reload",
         }
@@ -302,9 +309,13 @@ async def test_args_default_to_empty_and_extra_keys_are_ignored(
 ) -> None:
     c = await Client.connect(sock_path)
     await c.send_raw(b'{"cmd": "stats"}\n')
-    assert await c.read_response() == {"ok": True, "result": {"cmd": "stats", "args": []}}
+    assert await c.read_response() == {"v": 1, "ok": True, "result": {"cmd": "stats", "args": []}}
     await c.send_raw(b'{"cmd": "flows", "args": ["a"], "json": true}\n')
-    assert await c.read_response() == {"ok": True, "result": {"cmd": "flows", "args": ["a"]}}
+    assert await c.read_response() == {
+        "v": 1,
+        "ok": True,
+        "result": {"cmd": "flows", "args": ["a"]},
+    }
     await c.close()
 
 
@@ -316,7 +327,7 @@ async def test_async_handler_is_awaited(sock_path: Path) -> None:
     srv = await _started(sock_path, {"stats": slow_stats})
     try:
         c = await Client.connect(sock_path)
-        assert await c.request("stats", "a", "b") == {"ok": True, "result": {"n": 2}}
+        assert await c.request("stats", "a", "b") == {"v": 1, "ok": True, "result": {"n": 2}}
         await c.close()
     finally:
         await srv.close()
@@ -349,6 +360,7 @@ async def test_handler_errors_never_kill_the_server(sock_path: Path) -> None:
     try:
         c = await Client.connect(sock_path)
         assert await c.request("forward", "remove", "tcp::9-:9") == {
+            "v": 1,
             "ok": False,
             "error": "no such forward 'tcp::9-:9'",
         }
@@ -360,9 +372,9 @@ async def test_handler_errors_never_kill_the_server(sock_path: Path) -> None:
         r = await c.request("leases")
         assert r["ok"] is False and r["error"].startswith("internal error: TypeError")
         # Still serving, on this connection and on new ones.
-        assert await c.request("reload") == {"ok": True, "result": "ok"}
+        assert await c.request("reload") == {"v": 1, "ok": True, "result": "ok"}
         c2 = await Client.connect(sock_path)
-        assert await c2.request("reload") == {"ok": True, "result": "ok"}
+        assert await c2.request("reload") == {"v": 1, "ok": True, "result": "ok"}
         await c.close()
         await c2.close()
     finally:
@@ -444,7 +456,11 @@ async def test_huge_line_gets_an_error_and_is_closed(sock_path: Path, newline: b
         request = json.dumps({"cmd": "stats", "args": ["x" * 5000]}).encode()
         c.writer.write(request + newline)
         response = await c.read_response()
-        assert response == {"ok": False, "error": "request line too long (limit 1024 bytes)"}
+        assert response == {
+            "v": 1,
+            "ok": False,
+            "error": "request line too long (limit 1024 bytes)",
+        }
         assert await c.at_eof()
         await c.close()
         # A line of exactly max_line bytes is still fine, and the server keeps serving.
@@ -537,6 +553,7 @@ async def test_too_many_clients_are_refused_politely(sock_path: Path) -> None:
             c = await Client.connect(sock_path)
             response = await c.read_response()
             assert response == {
+                "v": 1,
                 "ok": False,
                 "error": "too many control clients (2 connected); try again",
             }

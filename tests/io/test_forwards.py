@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from udpdns_pump import Pump
+from udpdns_pump import Pump, tcp_segments
 
 from natd.config import ConfigError, Forward, load_config
-from natd.daemon import Daemon
+from natd.daemon import Daemon, fit_descriptors
 from natd.io.control import ControlError
+from natd.io.fds import soft_limit
 from natd.io.forwards import ForwardError, ForwardManager
 from natd.io.udp_host import UdpHost
 from natd.stack.gateway import Gateway
@@ -186,7 +187,7 @@ def write_config(path: Path, forwards: list[str], extra: str = "") -> None:
 def running_daemon(
     loop: asyncio.AbstractEventLoop, conf: Path
 ) -> Iterator[tuple[Daemon, Gateway, Events]]:
-    cfg = load_config(str(conf), {}, resolv_conf="/dev/null")
+    cfg, _lowered, _why = fit_descriptors(load_config(str(conf), {}, resolv_conf="/dev/null"))
     log = Events()
     gw = Gateway(settings_from_config(cfg), log=log)
     pump = DaemonShell(loop, gw)
@@ -292,6 +293,22 @@ async def test_reload_of_an_invalid_file_changes_nothing(tmp_path: Path) -> None
         assert len(log.named("reload.failed")) == 3
 
 
+async def test_reload_with_flow_limits_over_the_descriptor_limit_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    conf = tmp_path / "net.toml"
+    write_config(conf, [f"tcp::{free_port()}-:80"])
+    with running_daemon(asyncio.get_running_loop(), conf) as (daemon, gw, log):
+        before = (daemon.cfg, gw.settings)
+        too_many = soft_limit() * 2
+        write_config(conf, [], extra=f"[limits]\nmax_tcp_flows = {too_many}\n")
+        with pytest.raises(ControlError, match=r"reload failed, nothing changed: .*max_tcp_flows"):
+            daemon.ctl_reload()
+        (failed,) = log.named("reload.failed")
+        assert f"max_tcp_flows {too_many} cannot fit: RLIMIT_NOFILE" in failed["error"]
+        assert (daemon.cfg, gw.settings) == before
+
+
 async def test_reload_reports_restart_required_and_ignores_those_fields(tmp_path: Path) -> None:
     conf = tmp_path / "net.toml"
     write_config(conf, [])
@@ -319,20 +336,6 @@ async def test_reload_with_a_port_taken_keeps_serving_and_reports_it(tmp_path: P
 
 
 # -- TCP forwards with the real TcpHost ----------------------------------------------------
-
-
-def tcp_segments(frames: list[bytes]) -> list[Any]:
-    from natd.wire.tcp import parse_tcp
-
-    out = []
-    for frame in frames:
-        _d, _s, ethertype, packet = parse_ethernet(frame)
-        if ethertype != ETHERTYPE_IPV4:
-            continue
-        header, l4 = parse_ipv4(packet)
-        if header.proto == 6:
-            out.append((header, parse_tcp(header.src, header.dst, l4, verify=True)))
-    return out
 
 
 def guest_tcp(gw: Gateway, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,

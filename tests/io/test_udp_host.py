@@ -15,7 +15,7 @@ from natd.io.dns_upstream import DnsUpstream
 from natd.io.ping_host import MODE_DGRAM, MODE_NONE, MODE_RAW, PingHost
 from natd.io.udp_host import UdpHost
 from natd.stack.ops import DnsQuery, PingSend, UdpClose, UdpSend
-from natd.stack.settings import GatewaySettings
+from natd.stack.settings import GatewaySettings, Limits
 from natd.wire.dns import (
     FLAG_QR,
     RCODE_SERVFAIL,
@@ -241,6 +241,75 @@ async def test_dns_forwarded_over_udp_and_tcp() -> None:
     finally:
         pump.close()
         resolver.close()
+
+
+class PeerRecordingResolver(FakeResolver):
+    """A FakeResolver that also records the source port of every UDP query."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[int] = []
+
+    def on_udp(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                data, peer = self.udp.recvfrom(4096)
+                self.ports.append(peer[1])
+                self.udp.sendto(self.answer(data), peer)
+
+
+async def test_dns_queries_leave_from_fresh_random_source_ports() -> None:
+    resolver = PeerRecordingResolver()
+    await resolver.start()
+    gw, pump = make(GatewaySettings(dns_upstreams=(("127.0.0.1", resolver.port),)))
+    side = DnsUpstream(pump.loop, gw, pump)
+    pump.register(side)
+    n = 40
+    try:
+        for i in range(n):
+            pump.feed([udp_frame(DNS, 6000 + i, 53, build_query(0x100 + i, f"q{i}.test"))])
+        await pump.wait_for(lambda: gw.counters["dns.answers"] == n)
+        assert len(resolver.ports) == n
+        # Every attempt had a socket of its own: n distinct ports, not one per upstream, and
+        # not a run of consecutive ones (the kernel picks ephemeral ports at random).
+        assert len(set(resolver.ports)) == n
+        steps = {b - a for a, b in zip(resolver.ports, resolver.ports[1:], strict=False)}
+        assert len(steps) > n // 2
+        await pump.wait_for(lambda: len(side) == 0)  # answered: every socket closed
+        # The guests got their own ids back, one answer each.
+        ids = sorted(parse_dns(udp_of(f)[3]).header.id for f in pump.frames)
+        assert ids == [0x100 + i for i in range(n)]
+    finally:
+        pump.close()
+        resolver.close()
+
+
+async def test_dns_query_sockets_are_bounded_by_max_dns_pending() -> None:
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    limits = Limits(max_dns_pending=8)
+    settings = GatewaySettings(dns_upstreams=(silent.getsockname(),), limits=limits)
+    gw, pump = make(settings)
+    gw.dns.timeout = 0.1  # retries come while the first attempts' sockets still linger
+    side = DnsUpstream(pump.loop, gw, pump)
+    pump.register(side)
+    seen: list[int] = []
+
+    def all_failed() -> bool:
+        seen.append(len(side))
+        return gw.counters["dns.servfail.upstreams_failed"] == 8
+
+    try:
+        for i in range(8):
+            pump.feed([udp_frame(DNS, 7000 + i, 53, build_query(0x300 + i, f"s{i}.test"))])
+        assert len(side) == 8
+        await pump.wait_for(all_failed)
+        assert gw.counters["dns.upstream_queries"] == 16  # each query tried twice
+        assert max(seen) <= 8
+    finally:
+        pump.close()
+        silent.close()
+    assert len(side) == 0
 
 
 async def test_dns_tcp_transport_answers() -> None:

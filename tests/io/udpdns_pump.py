@@ -13,6 +13,9 @@ from typing import Any
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp
 from natd.stack.settings import GatewaySettings
+from natd.wire.ethernet import ETHERTYPE_IPV4, parse_ethernet
+from natd.wire.ipv4 import IPv4Header, parse_ipv4
+from natd.wire.tcp import TcpSegment, parse_tcp
 
 
 class Pump:
@@ -80,3 +83,17 @@ class Pump:
 def make(settings: GatewaySettings | None = None) -> tuple[Gateway, Pump]:
     gw = Gateway(settings or GatewaySettings())
     return gw, Pump(asyncio.get_running_loop(), gw)
+
+
+def tcp_segments(frames: list[bytes]) -> list[tuple[IPv4Header, TcpSegment]]:
+    """The TCP segments among frames natd sent the guest, as (IP header, segment), checksums
+    verified."""
+    out = []
+    for frame in frames:
+        _d, _s, ethertype, packet = parse_ethernet(frame)
+        if ethertype != ETHERTYPE_IPV4:
+            continue
+        header, l4 = parse_ipv4(packet)
+        if header.proto == 6:
+            out.append((header, parse_tcp(header.src, header.dst, l4, verify=True)))
+    return out

@@ -15,7 +15,7 @@ import dpkt
 from helpers import RecordingLog, check_ipv4, transport_ok
 
 from natd.stack.gateway import Gateway
-from natd.stack.ops import HostOp
+from natd.stack.ops import HostOp, TcpClose
 from natd.stack.settings import GatewaySettings, Limits
 from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
 from natd.wire.ipv4 import PROTO_TCP, build_ipv4
@@ -23,6 +23,10 @@ from natd.wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp, build_tcp_options
 
 GUEST_MAC = bytes.fromhex("525400123456")
 GUEST_IP = bytes((10, 0, 2, 15))
+# A second guest on the same segment (tests that one guest cannot hurt another).
+OTHER_MAC = bytes.fromhex("525400abcdef")
+OTHER_IP = bytes((10, 0, 2, 16))
+_MACS = {GUEST_IP: GUEST_MAC, OTHER_IP: OTHER_MAC}
 GW_IP = bytes((10, 0, 2, 2))
 REMOTE_IP = bytes((198, 51, 100, 10))
 M32 = 0xFFFFFFFF
@@ -54,7 +58,7 @@ def parse_segment(frame: bytes) -> Seg | None:
     eth, ip = check_ipv4(frame)
     if ip.p != PROTO_TCP:
         return None
-    assert eth.dst == GUEST_MAC
+    assert eth.dst == _MACS[ip.dst]
     assert transport_ok(ip, PROTO_TCP), "bad TCP checksum from natd"
     tcp = ip.data
     assert isinstance(tcp, dpkt.tcp.TCP)
@@ -111,6 +115,8 @@ class Guest:
     natd_wscale: int = 0
     flow: int = 0
     received: bytearray = field(default_factory=bytearray)
+    ip: bytes = GUEST_IP
+    mac: bytes = GUEST_MAC
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -127,15 +133,15 @@ class Guest:
     ) -> bytes:
         seg = bytearray(
             build_tcp(
-                GUEST_IP, self.dst, self.sport, self.dport,
+                self.ip, self.dst, self.sport, self.dport,
                 self.seq if seq is None else seq, self.ack if ack is None else ack, flags,
                 self.window if window is None else window, payload, options,
             )
         )  # fmt: skip
         if corrupt:
             seg[16] ^= 0x55
-        packet = build_ipv4(GUEST_IP, self.dst, PROTO_TCP, bytes(seg))
-        return build_ethernet(self.gw.mac, GUEST_MAC, ETHERTYPE_IPV4, packet)
+        packet = build_ipv4(self.ip, self.dst, PROTO_TCP, bytes(seg))
+        return build_ethernet(self.gw.mac, self.mac, ETHERTYPE_IPV4, packet)
 
     def feed(self, *frames: bytes) -> Out:
         """Frames in as one batch, then what the shell would do: flush and run due timers."""
@@ -147,7 +153,7 @@ class Guest:
         if deadline is not None and deadline <= self.now:
             self.gw.on_timer(self.now)
         frames, ops = self.gw.take_outbox()
-        segs = [s for s in (parse_segment(f) for f in frames) if s is not None]
+        segs = [s for s in (parse_segment(f) for f in frames) if s is not None and s.dst == self.ip]
         return Out(segs, frames, ops)
 
     def send(self, flags: int, payload: bytes = b"", **kw: Any) -> Out:
@@ -161,6 +167,22 @@ class Guest:
         self.now += seconds
         self.gw.on_timer(self.now)
         return self.drain()
+
+    def answer_probes(self, seconds: float, *, answer: bool = True) -> tuple[Out | None, int]:
+        """Run the clock on in 30 s steps, ACKing every window probe natd sends (``answer``),
+        until natd closes the flow or ``seconds`` have passed: (the closing step, probes seen).
+        """
+        probes = 0
+        end = self.now + seconds
+        while self.now < end:
+            out = self.advance(30.0)
+            seen = sum(1 for s in out.segs if s.payload == b"" and s.seq == (self.ack - 1) & M32)
+            probes += seen
+            if seen and answer:
+                self.send(ACK)  # the guest answers the probe: its window is still shut
+            if out.ops_of(TcpClose):
+                return out, probes
+        return None, probes
 
     # -- handshakes --------------------------------------------------------------------------
 

@@ -87,9 +87,24 @@ def test_gratuitous_arp_is_learned_never_answered(op: int) -> None:
     tha = bytes(6) if op == REQUEST else BROADCAST
     assert exchange(gw, [arp_frame(op, GUEST_MAC, GUEST_IP, tha, GUEST_IP)], 0.0) == []
     assert gw.neighbors == {GUEST_IP: GUEST_MAC}
-    # The guest moves to another MAC: the newest announcement wins.
+    # Another MAC announcing the address is refused (the source guard) until the first one has
+    # been idle for source_guard_idle; then the newest announcement wins.
+    assert exchange(gw, [arp_frame(op, GUEST2_MAC, GUEST_IP, tha, GUEST_IP)], 1.0) == []
+    assert gw.neighbors == {GUEST_IP: GUEST_MAC}
+    assert drops(gw) == {"drop.spoofed_source": 1}
+    later = gw.settings.source_guard_idle + 0.5
+    assert exchange(gw, [arp_frame(op, GUEST2_MAC, GUEST_IP, tha, GUEST_IP)], later) == []
+    assert gw.neighbors == {GUEST_IP: GUEST2_MAC}
+
+
+@pytest.mark.parametrize("op", [REQUEST, REPLY])
+def test_without_source_guard_the_newest_announcement_wins(op: int) -> None:
+    gw, _log = make_gateway(source_guard=False)
+    tha = bytes(6) if op == REQUEST else BROADCAST
+    assert exchange(gw, [arp_frame(op, GUEST_MAC, GUEST_IP, tha, GUEST_IP)], 0.0) == []
     assert exchange(gw, [arp_frame(op, GUEST2_MAC, GUEST_IP, tha, GUEST_IP)], 1.0) == []
     assert gw.neighbors == {GUEST_IP: GUEST2_MAC}
+    assert drops(gw) == {}
 
 
 def test_reply_to_our_solicitation_is_learned() -> None:

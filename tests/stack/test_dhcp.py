@@ -24,10 +24,12 @@ from helpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from natd.stack.dhcp import DECLINE_HOLD, OFFER_HOLD
+from natd.stack.dhcp import DECLINE_HOLD
 from natd.stack.gateway import Gateway
-from natd.stack.settings import Limits, StaticLease
+from natd.stack.settings import GatewaySettings, Limits, StaticLease
 from natd.wire.dhcp import decode_domain_search
+
+OFFER_HOLD = GatewaySettings().dhcp_offer_hold
 
 DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM = range(1, 9)
 FIRST = ip("10.0.2.15")

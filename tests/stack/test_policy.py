@@ -355,6 +355,20 @@ def test_restrict_blocks_world_and_host_but_not_dns_and_gateway_ping() -> None:
     assert "policy.denied.icmp" not in gw.counters
 
 
+def test_restrict_lets_dns_over_tcp_reach_the_upstream_unless_a_rule_denies_it() -> None:
+    """What the README says of ``restrict``: the DNS address is natd's service, so queries
+    (UDP above, TCP here) still reach the upstream; only an explicit rule stops them."""
+    gw, _log = gateway(Policy(restrict=True), dns_upstreams=(("192.0.2.53", 53),))
+    _frames, ops = feed(gw, tcp_frame(DNS_IP, 53))
+    assert [(type(op), op.host, op.port) for op in ops] == [(TcpConnect, "192.0.2.53", 53)]
+    deny_dns = Policy(restrict=True, rules=(rule("deny", "10.0.2.3/32", None, "any"),))
+    gw, _log = gateway(deny_dns, dns_upstreams=(("192.0.2.53", 53),))
+    query = dpkt.dns.DNS(id=7, qd=[dpkt.dns.DNS.Q(name="example.com", type=1)])
+    _frames, ops = feed(gw, tcp_frame(DNS_IP, 53), guest_udp(DNS_IP, 53, bytes(query)))
+    assert ops == []
+    assert gw.counters["policy.denied.tcp"] == 1 and gw.counters["policy.denied.udp"] == 1
+
+
 def test_rules_apply_to_the_gateway_address() -> None:
     gw, _log = gateway(Policy(rules=(rule("deny", "10.0.2.2/32", (22, 22), "tcp"),)))
     _frames, ops = feed(gw, tcp_frame(GW_IP, 22))

@@ -469,21 +469,36 @@ def test_zero_window_is_probed_with_backoff_and_data_resumes() -> None:
     assert sum(len(s.payload) for s in out.segs) == 3000
 
 
-def test_zero_window_forever_is_given_up() -> None:
+def test_zero_window_answered_keeps_the_connection_far_beyond_the_old_timeout() -> None:
+    # RFC 9293 3.8.6.1 / RFC 1122 4.2.2.17: as long as the guest answers the probes, the
+    # connection stays, however long its window is shut (the old code reset it after 600 s).
     g = established()
     g.window = 0
     g.send(ACK)
     g.host_data(b"W" * 10)
-    closed = None
-    for _ in range(100):
-        out = g.advance(30.0)
-        if any(s.payload == b"" and s.seq == (g.ack - 1) & M32 for s in out.segs):
-            g.send(ACK)  # the guest answers every probe: still zero
-        if out.ops_of(TcpClose):
-            closed = out
-            break
+    closed, probes = g.answer_probes(3 * 3600)
+    assert closed is None
+    assert state_of(g.gw.tcp, g.flow) == "ESTABLISHED"
+    assert probes >= 3 * 60  # probed all along, backoff capped at 60 s
+    counters = g.gw.counters
+    assert not any(k.startswith("tcp.zero_window_abort") for k in counters)
+    g.window = 0xFFFF
+    out = g.send(ACK)
+    assert out.data() == b"W" * 10  # and the data still gets through when it opens
+
+
+def test_zero_window_orphan_is_aborted_after_the_timeout() -> None:
+    g = established()
+    g.window = 0
+    g.send(ACK)
+    g.host_data(b"W" * 10)
+    g.gw.tcp.on_host_eof(g.flow, g.now)  # the host side is done: only the guest holds it open
+    g.drain()
+    closed, _probes = g.answer_probes(3000)
     assert closed is not None and closed.ops_of(TcpClose)[0].abort
-    assert g.gw.counters["tcp.zero_window_timeout"] == 1
+    assert any(s.has(RST) for s in closed.segs)
+    assert g.now - 100.0 >= g.gw.tcp.zero_window_timeout
+    assert g.gw.counters["tcp.zero_window_abort.orphan"] == 1
 
 
 def test_full_send_buffer_pauses_the_host_and_acks_resume_it() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from helpers import RecordingLog
 from udpdns_helpers import (
     DNS_IP,
     GATEWAY_IP,
@@ -15,9 +16,17 @@ from udpdns_helpers import (
     udp_frame,
 )
 
+from natd.stack.events import FlowEvents
+from natd.stack.gateway import Gateway
 from natd.stack.ops import UdpClose, UdpSend
-from natd.stack.settings import Limits
-from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_HOST, UNREACH_PORT, parse_icmp
+from natd.stack.settings import GatewaySettings, Limits
+from natd.wire.icmp import (
+    ICMP_DEST_UNREACH,
+    UNREACH_ADMIN,
+    UNREACH_HOST,
+    UNREACH_PORT,
+    parse_icmp,
+)
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, parse_ipv4
 from natd.wire.udp import parse_udp
 
@@ -251,6 +260,50 @@ def test_flood_of_destinations_stays_bounded() -> None:
     for flow in gw.udp._table.values():
         assert len(flow.peers) <= 64
     gw.take_outbox()
+
+
+def test_an_eviction_flood_logs_a_summary_per_interval_not_a_line_per_flow() -> None:
+    log = RecordingLog()
+    settings = GatewaySettings.for_cidr(
+        "10.0.2.0/24", limits=Limits(max_udp_flows=64, max_udp_flows_per_guest=16)
+    )
+    gw = Gateway(settings, log=log)
+    n = 5000
+    for i in range(n):  # 5,000 new ports in 5 s: every datagram past the 16th evicts a flow
+        frame = udp_frame(GUEST_IP, OUTSIDE, 1024 + i, 9, b"x")
+        gw.receive_frames([frame], now=i / 1000)
+        gw.take_outbox()
+    assert gw.counters["udp.evicted"] == n - 16
+    info = [(event, kw) for level, event, kw in log.records if level != "debug"]
+    summaries = [kw for event, kw in info if event == "udp.evicted"]
+    assert len(summaries) == 1  # the first at once; the rest wait for the interval
+    # flow.open / flow.close have a rate limit of their own (natd.stack.events); apart from
+    # them, nothing is logged per flow.
+    per_flow = [e for e, _kw in info if not e.startswith("flow.")]
+    assert per_flow == ["udp.evicted"]
+    flow_events = len(info) - len(per_flow)
+    assert flow_events <= FlowEvents.burst + FlowEvents.rate * 5 + 2
+    gw.on_timer(11.0)  # the timer after the interval reports what was held back
+    summaries = [kw for _level, event, kw in log.records if event == "udp.evicted"]
+    assert len(summaries) == 2
+    assert sum(int(str(kw["evicted"])) for kw in summaries) == n - 16
+    assert summaries[-1]["guest"] == f"10.0.2.15:{1024 + n - 17}"
+    gw.on_timer(30.0)  # nothing more evicted: no more lines
+    assert len([1 for _l, event, _kw in log.records if event == "udp.evicted"]) == 2
+
+
+def test_host_failed_with_the_datagram_answers_admin_prohibited() -> None:
+    gw = new_gateway()
+    gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"lost")], now=0.0)
+    (op,) = gw.take_outbox()[1]
+    gw.udp.on_host_failed(op.flow, 0.1, (op.host, op.port, op.payload))
+    assert len(gw.udp) == 0
+    (frame,), _ops = gw.take_outbox()
+    _mac, header, l4 = decode_ip(frame)
+    assert (header.src, header.dst, header.proto) == (GATEWAY_IP, GUEST_IP, PROTO_ICMP)
+    icmp = parse_icmp(memoryview(l4), verify=True)
+    assert (icmp.type, icmp.code) == (ICMP_DEST_UNREACH, UNREACH_ADMIN)
+    assert gw.counters["udp.host_failed"] == 1
 
 
 def test_host_failed_forgets_flow() -> None:
