@@ -222,6 +222,25 @@ class RelayCeiling(Engine):
         return s
 
 
+NOTES = [
+    "Other work shares the 2 CPUs (see the load average): compare engines within a run, "
+    "and mind the min–max.",
+    "Where natd's time goes host→guest on a socket (cProfile, MTU 65520): most of natd's own "
+    "CPU is the TCP checksum of each 64 KB segment — `int.from_bytes` plus the fold in "
+    "`wire.checksum.word_sum`, ≈ 60 µs per 64 KB (≈ 1 GB/s) in pure Python, already half of "
+    "what one big-integer modulo cost; passt does it in C. QEMU's stream framing carries no "
+    "virtio_net_hdr, so no kernel can finish the checksum for natd as a vnet_hdr TAP does.",
+    "Guest→host on a socket link, frames are not checksum-verified again (they crossed only "
+    "memory; the link reports `F_DATA_VALID`, as Linux treats veth and loopback frames).",
+    "Plain TAP at MTU 1500: every frame is one read(2)/write(2) on the TAP, and a write's cost "
+    "includes the guest kernel's receive path (run in the writer's context); natd adds a few "
+    "µs of Python per segment where slirp4netns adds well under one of C.",
+    "The relay is ours (`tap_relay.c`) because QEMU 7.2's own (`-machine none`, `-netdev tap` "
+    "+ `-netdev stream` + `-netdev hubport`) aborts with `iov_copy: Assertion offset == 0` as "
+    "soon as the socket pushes back during a big upload.",
+]
+
+
 def fmt(vals: list[float]) -> str:
     if not vals:
         return "—"
@@ -347,6 +366,7 @@ def report(vals: dict[tuple[str, int, str], list[float]], errors: list[str],
             lines.append(f"| {label} | {r:.2f}× | {'yes' if r >= want else '**no**'} |")
         else:
             lines.append(f"| {label} | — | not measured |")
+    lines += ["", "Notes:", *(f"- {n}" for n in NOTES)]
     if errors:
         lines += ["", "Failures:", *(f"- {e}" for e in errors)]
     lines.append(END)
