@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("-a", "--address", action="append", default=[])
     add("-n", "--netmask")
     add("-g", "--gateway", action="append", default=[])
-    add("-M", "--mac-addr", action=_refuse("natd's MAC is a stable function of the network"))
+    add("-M", "--mac-addr")
     add("-i", "--interface")  # accepted, no effect: natd copies no host interface
     add("-t", "--tcp-ports", action="append", default=[])
     add("-u", "--udp-ports", action="append", default=[])
@@ -172,6 +172,8 @@ def overrides_from(ns: argparse.Namespace) -> dict[str, object]:
             o["one_off"] = True
     if ns.pid is not None:
         o["pid_file"] = ns.pid
+    if ns.mac_addr is not None:
+        o["gateway_mac"] = ns.mac_addr  # passt's own MAC toward the guest: natd's gateway
     if ns.mtu is not None:
         o["mtu"] = ns.mtu
     o["log_level"] = "debug" if ns.debug else ("warning" if ns.quiet else "info")

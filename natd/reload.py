@@ -43,6 +43,7 @@ RESTART_FIELDS = (
     "link_fd",
     "one_off",
     "pid_file",
+    "gateway_mac",
     "pool",
     "lease_time",
     "domain",

@@ -95,6 +95,7 @@ _OPTION_NAMES = {
     "link_fd": "--fd",
     "one_off": "--one-off",
     "pid_file": "--pid",
+    "gateway_mac": "--mac-addr",
     "pool": "--address",
     "domain": "--search",
     "forwards": "--forward",
@@ -256,7 +257,11 @@ def load_config(
     if runas_text is not None:
         runas = _check(cast(Value, get("runas")), partial(parse_runas, runas_text))
 
+    gateway_mac: str | None = None
+    if (v := get("gateway_mac")) is not None:
+        gateway_mac = _check(v, partial(parse_mac, _str(v)))
     return Config(
+        gateway_mac=gateway_mac,
         cidr=net,
         mtu=mtu,
         host_loopback=host_loopback,

@@ -130,6 +130,7 @@ class Config:
     link_fd: int | None = None  # --fd N: inherited connected socket
     one_off: bool = False  # exit 0 when the --socket peer goes (always so for --fd)
     pid_file: str | None = None
+    gateway_mac: str | None = None  # natd-passt -M; else a stable function of the network
     pool: tuple[IPv4Address, IPv4Address] = (
         IPv4Address("10.0.2.15"),
         IPv4Address("10.0.2.254"),

@@ -16,6 +16,7 @@ from linkpeer import dhcp_over_stream
 
 from natd.config import load_config
 from natd.passt import UsageError, build_parser, main, overrides_from
+from natd.wiring import settings_from_config
 
 PASST = [sys.executable, "-m", "natd.passt"]
 LOOPBACK_DNS = ["-D", "127.0.0.1"]  # never the host's resolvers from a test
@@ -82,7 +83,7 @@ def test_addresses_default_to_natds_and_follow_a() -> None:
         (["-g", "10.0.2.1"], "-g/--gateway 10.0.2.1"),
         (["-6"], "-6/--ipv6-only"),
         (["--no-tcp"], "--no-tcp"),
-        (["-M", "52:54:00:00:00:01"], "-M"),
+        (["-M", "01:00:5e:00:00:01"], "--mac-addr"),
         (["-t", "70000"], "-t/--tcp-ports 70000"),
     ],
 )
@@ -92,6 +93,17 @@ def test_refused_options_exit_2_with_one_line(
     assert main(["-s", "/tmp/natd-passt-never", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("natd-passt: ") and named in err
+
+
+def test_mac_addr_is_the_gateways() -> None:
+    cfg = load_config(
+        None, mapped("-s", "/tmp/s", "-M", "9a:55:9a:55:9a:55"), resolv_conf="/dev/null"
+    )
+    assert cfg.gateway_mac == "9a:55:9a:55:9a:55"
+    assert settings_from_config(cfg).gateway_mac == bytes.fromhex("9a559a559a55")
+    assert settings_from_config(load_config(None, {}, resolv_conf="/dev/null")).gateway_mac != (
+        bytes.fromhex("9a559a559a55")
+    )
 
 
 def test_bad_mapping_raises_usage_error() -> None:
