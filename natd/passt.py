@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-map-gw", action="store_true")
     add("-4", "--ipv4-only", action="store_true")
     add("-6", "--ipv6-only", action="store_true")
-    for name in ("--no-tcp", "--no-udp", "--no-icmp", "--no-dhcp"):
-        add(name, nargs=0, action=_refuse("natd cannot switch that protocol off"))
+    for name in ("--no-tcp", "--no-udp", "--no-icmp"):
+        add(name, action="store_true")
+    add("--no-dhcp", nargs=0, action=_refuse("natd's DHCP server cannot be switched off"))
     for name in ("--no-ndp", "--no-ra", "--no-dhcpv6"):
         add(name, action="store_true")  # natd serves no IPv6 here: already off
     add("--vhost-user", nargs=0, action=_refuse("not supported (natd speaks the socket protocols)"))
@@ -219,6 +220,13 @@ def overrides_from(ns: argparse.Namespace) -> dict[str, object]:
                 f"--map-host-loopback {ns.map_host_loopback}: natd maps its gateway "
                 f"{net.network_address + 2}"
             )
+    off = [p for p in ("tcp", "udp", "icmp") if getattr(ns, f"no_{p}")]
+    if off:
+        o["no_protocols"] = off
+    if ns.no_tcp and any(spec != "none" for spec in ns.tcp_ports):
+        raise UsageError("--no-tcp and -t/--tcp-ports: no TCP to forward")
+    if ns.no_udp and any(spec != "none" for spec in ns.udp_ports):
+        raise UsageError("--no-udp and -u/--udp-ports: no UDP to forward")
     forwards: list[str] = []
     for spec in ns.tcp_ports:
         forwards += _ports(spec, "tcp", "-t/--tcp-ports")

@@ -96,6 +96,7 @@ _OPTION_NAMES = {
     "one_off": "--one-off",
     "pid_file": "--pid",
     "gateway_mac": "--mac-addr",
+    "no_protocols": "--no-tcp/--no-udp/--no-icmp",
     "pool": "--address",
     "domain": "--search",
     "forwards": "--forward",
@@ -346,6 +347,16 @@ def _check_policy(values: Mapping[str, Value]) -> PolicyConfig:
         restrict = cast(bool, v.value)  # type-checked when the file was read
     default = _choice(values.get("policy.default"), POLICY_ACTIONS, "allow")
     rules: list[PolicyRuleConfig] = []
+    if (v := values.get("no_protocols")) is not None:
+        # natd-passt's --no-tcp/--no-udp/--no-icmp: that protocol reaches nothing, not even
+        # natd's own services (DNS is UDP), as passt's handlers switched off. First: they win.
+        for proto in cast(Sequence[str], v.value):
+            if proto not in ("tcp", "udp", "icmp"):
+                raise ConfigError(f"{v.label}: unknown protocol {proto!r}")
+            deny = PolicyRuleConfig(
+                "deny", IPv4Network("0.0.0.0/0"), None, cast(PolicyProto, proto)
+            )
+            rules.append(deny)
     if (v := values.get("policy.rules")) is not None:
         for item in cast(list[Value], v.value):
             entry = cast(dict[str, object], item.value)

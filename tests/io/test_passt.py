@@ -16,6 +16,7 @@ from linkpeer import dhcp_over_stream
 
 from natd.config import load_config
 from natd.passt import UsageError, build_parser, main, overrides_from
+from natd.stack.policy import PROTO_ICMP, PROTO_TCP, PROTO_UDP, SERVICE
 from natd.wiring import settings_from_config
 
 PASST = [sys.executable, "-m", "natd.passt"]
@@ -82,7 +83,8 @@ def test_addresses_default_to_natds_and_follow_a() -> None:
         (["-t", "all"], "-t/--tcp-ports all"),
         (["-g", "10.0.2.1"], "-g/--gateway 10.0.2.1"),
         (["-6"], "-6/--ipv6-only"),
-        (["--no-tcp"], "--no-tcp"),
+        (["--no-dhcp"], "--no-dhcp"),
+        (["--no-tcp", "-t", "22"], "--no-tcp"),
         (["-M", "01:00:5e:00:00:01"], "--mac-addr"),
         (["-t", "70000"], "-t/--tcp-ports 70000"),
     ],
@@ -104,6 +106,17 @@ def test_mac_addr_is_the_gateways() -> None:
     assert settings_from_config(load_config(None, {}, resolv_conf="/dev/null")).gateway_mac != (
         bytes.fromhex("9a559a559a55")
     )
+
+
+def test_no_protocol_options_deny_that_protocol_everywhere() -> None:
+    o = mapped("-s", "/tmp/s", "--no-udp", "--no-icmp")
+    cfg = load_config(None, o, resolv_conf="/dev/null")
+    policy = settings_from_config(cfg).policy
+    dns = bytes([10, 0, 2, 3])
+    assert not policy.decide(PROTO_UDP, dns, 53, SERVICE)  # as passt: no UDP, DNS included
+    assert not policy.decide(PROTO_ICMP, bytes([10, 0, 2, 2]), 0, SERVICE)
+    assert not policy.decide(PROTO_UDP, bytes([192, 0, 2, 1]), 123)
+    assert policy.decide(PROTO_TCP, bytes([192, 0, 2, 1]), 443)  # TCP untouched
 
 
 def test_bad_mapping_raises_usage_error() -> None:
