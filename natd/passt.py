@@ -204,8 +204,9 @@ def overrides_from(ns: argparse.Namespace) -> dict[str, object]:
         raise UsageError(
             f"--dns-forward {dns_forward}: natd's DNS forwarder is at {net.network_address + 3}"
         )
-    # -D: the resolver passt would tell the guest. natd tells its own forwarder and asks these.
-    dns = [d for d in ns.dns if d != "none"]
+    # -D: the resolver passt would tell the guest. natd tells its own forwarder (.3) and asks
+    # these for it; natd's own address is no upstream, and IPv6 resolvers wait for IPv6.
+    dns = [d for d in ns.dns if d != "none" and ":" not in d and d != str(net.network_address + 3)]
     if dns:
         o["dns_upstreams"] = dns
     if ns.search and ns.search != ["none"]:
