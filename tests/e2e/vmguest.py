@@ -1,0 +1,284 @@
+"""A real Linux guest under QEMU (TCG) for the end-to-end tests, and the host side it talks to.
+
+The guest is a Debian kernel plus a busybox initramfs (``tests/vm/build_image.py``, cached per
+machine). Its ``/init`` (``tests/vm/init.sh``) leases an address with udhcpc, pings the gateway,
+resolves a name through natd's DNS forwarder, downloads and uploads a file over HTTP to a server
+on the host's loopback (reached as 10.0.2.2), serves a file on port 80 for a forward, and prints
+each result on the serial console as ``NATDVM key=value``; the test asserts on those lines.
+
+Everything host-side (natd, dnsmasq, the HTTP server, QEMU) lives in one network namespace the
+test creates, so whatever the guest sends can reach nothing but that namespace's loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from harness import GATEWAY, Netns, stop_process
+
+from natd.io.netns import entered_netns
+
+# The image builder is a script in tests/vm; import it from there.
+sys.path.insert(0, str(Path(__file__).parents[1] / "vm"))
+from build_image import Image, ImageUnavailable, ensure_image
+
+T = TypeVar("T")
+
+DNS_NAME = "vm.natd.test"
+DNS_ANSWER = "192.0.2.77"
+GUEST_PORT = 80
+GUEST_MAC = "52:54:00:12:34:56"
+DOWNLOAD_BYTES = 2 << 20
+HTTP_PORT = 8000  # the namespace is the test's own: fixed ports cannot collide
+FORWARD_PORT = 8080
+BOOT_TIMEOUT = 150.0  # TCG on a loaded 2-core machine: generous, polled
+
+
+def qemu_binary() -> str | None:
+    return shutil.which("qemu-system-x86_64")
+
+
+def image_or_reason() -> tuple[Image | None, str]:
+    """The cached guest image, or why there is none (the tests skip with that reason)."""
+    if qemu_binary() is None:
+        return None, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
+    try:
+        return ensure_image(), ""
+    except ImageUnavailable as exc:
+        return None, f"cannot build the VM image: {exc}"
+
+
+def in_netns(ns: Netns, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a short-lived thread inside ``ns``: sockets it makes belong to ``ns``."""
+    result: queue.Queue[tuple[bool, Any]] = queue.Queue()
+
+    def body() -> None:
+        try:
+            with entered_netns(ns.path):
+                result.put((True, fn()))
+        except BaseException as exc:
+            result.put((False, exc))
+
+    thread = threading.Thread(target=body, name=f"netns-{ns.name}")
+    thread.start()
+    thread.join()
+    ok, value = result.get_nowait()
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+class HostSide:
+    """The host services a guest reaches through natd: HTTP on 127.0.0.1 and a dnsmasq.
+
+    ``GET /download`` is random bytes of known sha256; ``POST /upload`` hashes the body and
+    answers with the hex digest (recorded in ``uploads``); ``GET /release`` blocks until the
+    test has checked the forward into the guest, so the guest stays up until then.
+    """
+
+    def __init__(self, ns: Netns, workdir: Path) -> None:
+        self.ns = ns
+        self.download = os.urandom(DOWNLOAD_BYTES)
+        self.download_sha256 = hashlib.sha256(self.download).hexdigest()
+        self.uploads: list[str] = []
+        self.released = threading.Event()
+        self.http = in_netns(ns, self._make_server)
+        self.http_port = self.http.server_address[1]
+        self._thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self._thread.start()
+        self.dns_port = 5353
+        log = workdir / "dnsmasq.log"
+        self.dnsmasq = ns.popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--pid-file=",
+             "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.dns_port}",
+             f"--address=/{DNS_NAME}/{DNS_ANSWER}", "--log-facility=" + str(log)],
+        )  # fmt: skip
+
+    def _make_server(self) -> http.server.ThreadingHTTPServer:
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def _reply(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path == "/download":
+                    self._reply(host.download)
+                elif self.path == "/release":
+                    host.released.wait(BOOT_TIMEOUT)
+                    self._reply(b"released\n")
+                else:
+                    self.send_error(404)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                digest = hashlib.sha256(self.rfile.read(length)).hexdigest()
+                host.uploads.append(digest)
+                self._reply(digest.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def server_bind(self) -> None:  # no getfqdn()
+                self.socket.bind(self.server_address)
+                self.server_address = self.socket.getsockname()
+
+        return Server(("127.0.0.1", HTTP_PORT), Handler)
+
+    def wait_dns_ready(self, timeout: float = 10) -> None:
+        """dnsmasq answers once its UDP socket is bound: poll for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.ns.run(["ss", "-Hlun", f"sport = :{self.dns_port}"], check=False).stdout
+            if out.strip():
+                return
+            if self.dnsmasq.poll() is not None:
+                raise AssertionError(f"dnsmasq exited {self.dnsmasq.returncode}")
+            time.sleep(0.05)
+        raise AssertionError("dnsmasq never bound its port")
+
+    def fetch_forward(self, port: int, timeout: float = 60) -> bytes:
+        """GET /fwd.bin through natd's forward on this namespace's 127.0.0.1:port."""
+
+        def connect() -> socket.socket:
+            return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+        with in_netns(self.ns, connect) as conn:
+            conn.sendall(b"GET /fwd.bin HTTP/1.0\r\nHost: guest\r\n\r\n")
+            chunks = []
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+        head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0], head
+        return body
+
+    def close(self) -> None:
+        self.released.set()
+        self.http.shutdown()
+        self.http.server_close()
+        stop_process(self.dnsmasq)
+
+
+class Vm:
+    """One QEMU process booting the test image; its serial console is a file we poll."""
+
+    def __init__(
+        self,
+        image: Image,
+        netdev: str,
+        workdir: Path,
+        *,
+        cmdline: dict[str, str],
+        prefix: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        self.serial = workdir / "serial.log"
+        self.serial.write_bytes(b"")
+        self.stderr_path = workdir / "qemu.stderr"
+        args = " ".join(f"natd.{k}={v}" for k, v in cmdline.items())
+        self.argv = [
+            *prefix, qemu_binary() or "qemu-system-x86_64",
+            "-accel", "tcg", "-m", "256", "-smp", "1", "-nodefaults", "-no-reboot",
+            "-display", "none", "-monitor", "none", "-serial", f"file:{self.serial}",
+            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+            "-append", f"console=ttyS0 quiet panic=-1 {args}",
+            "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC}",
+        ]  # fmt: skip
+        with self.stderr_path.open("wb") as err:
+            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, pass_fds=pass_fds
+            )
+
+    def console(self) -> str:
+        return self.serial.read_text(errors="replace")
+
+    def results(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in self.console().splitlines():
+            _, sep, rest = line.strip().partition("NATDVM ")
+            if sep:
+                key, eq, value = rest.partition("=")
+                if eq:
+                    out[key] = value
+        return out
+
+    def wait_for(self, key: str, timeout: float = BOOT_TIMEOUT) -> str:
+        """Poll the console until the guest reported ``key`` (or QEMU exited, or time ran out)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.results()
+            if key in got:
+                return got[key]
+            if "error" in got or self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"guest never reported {key!r} (qemu exit {self.proc.poll()}):\n"
+                    f"{self.describe()}"
+                )
+            time.sleep(0.1)
+
+    def describe(self) -> str:
+        err = self.stderr_path.read_text(errors="replace")
+        return f"qemu: {' '.join(self.argv)}\nstderr: {err}\nconsole:\n{self.console()[-4000:]}"
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            stop_process(self.proc, timeout=5)
+
+
+def guest_args(host: HostSide) -> dict[str, str]:
+    """The kernel command line words that make init.sh run every check."""
+    return {
+        "http": f"{GATEWAY}:{host.http_port}",
+        "dnsname": DNS_NAME,
+        "fwdport": str(GUEST_PORT),
+        "upkb": "768",
+        "fwdkb": "512",
+    }
+
+
+def run_all_checks(vm: Vm, host: HostSide, forward_port: int, mtu: int) -> dict[str, str]:
+    """Wait for the guest's checks, do the forward from the host side, and assert every one."""
+    vm.wait_for("forward")
+    body = host.fetch_forward(forward_port)
+    host.released.set()
+    vm.wait_for("done")
+    try:
+        vm.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"guest did not power off\n{vm.describe()}") from None
+    got = vm.results()
+    context = vm.describe()
+    assert "error" not in got, context
+    assert got.get("lease_ip") == "10.0.2.15", context
+    assert got.get("lease_router") == GATEWAY, context
+    assert got.get("lease_mtu") == str(mtu), context
+    assert got.get("mtu_applied") == str(mtu), context
+    assert got.get("ping") == "ok", context
+    assert got.get("dns") == DNS_ANSWER, context
+    assert got.get("download_sha256") == host.download_sha256, context
+    assert host.uploads == [got.get("upload_sha256")], context
+    assert got.get("upload_reply") == got.get("upload_sha256"), context
+    assert hashlib.sha256(body).hexdigest() == got.get("forward_sha256"), context
+    assert len(body) == 512 * 1024, context
+    return got
