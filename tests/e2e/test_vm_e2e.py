@@ -10,6 +10,14 @@ the test creates, so the guest can reach nothing else.
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,6 +38,7 @@ pytestmark = pytest.mark.vm
 
 SOCKET_MTU = 65520
 TAP_MTU = 1500
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +60,7 @@ class VmNet:
         self.host = HostSide(ns, workdir)
         self.host.wait_dns_ready()
         self.vms: list[Vm] = []
+        self.cleanups: list[Callable[[], None]] = []
 
     def natd(self, *link: str, **kw: object) -> Natd:
         return self._natd_process(
@@ -70,9 +80,18 @@ class VmNet:
     def check(self, vm: Vm, mtu: int) -> None:
         run_all_checks(vm, self.host, FORWARD_PORT, mtu)
 
+    def ns_resolv_conf(self, text: str) -> None:
+        """The resolv.conf programs see under ``ip netns exec`` in this namespace."""
+        conf = Path("/etc/netns") / self.ns.name / "resolv.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(text)
+        self.cleanups.append(lambda: shutil.rmtree(conf.parent, ignore_errors=True))
+
     def close(self) -> None:
         for vm in self.vms:
             vm.close()
+        for cleanup in reversed(self.cleanups):
+            cleanup()
         self.host.close()
 
 
@@ -98,3 +117,148 @@ def test_vm_on_a_bridge_with_natds_tap(vmnet: VmNet) -> None:
     vmnet.natd("--tap", "tnatd")
     vm = vmnet.boot("tap,id=n0,ifname=tvm,script=no,downscript=no,vhost=off")
     vmnet.check(vm, TAP_MTU)
+
+
+def test_vm_over_socket(vmnet: VmNet) -> None:
+    """QEMU -netdev stream to natd --socket (length-prefixed frames, MTU 65520)."""
+    path = vmnet.workdir / "natd.sock"
+    natd = vmnet.natd("--socket", str(path))
+    vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}")
+    vmnet.check(vm, SOCKET_MTU)
+    assert natd.alive(), "without --one-off natd keeps serving after the VM goes"
+
+
+def test_vm_over_socket_dgram(vmnet: VmNet) -> None:
+    """QEMU -netdev dgram to natd --socket-dgram (one frame per datagram, peer learned)."""
+    path = vmnet.workdir / "natd.dgram"
+    local = vmnet.workdir / "qemu.dgram"
+    vmnet.natd("--socket-dgram", str(path))
+    vm = vmnet.boot(
+        f"dgram,id=n0,local.type=unix,local.path={local},remote.type=unix,remote.path={path}"
+    )
+    vmnet.check(vm, SOCKET_MTU)
+
+
+@pytest.mark.parametrize(
+    ("kind", "netdev"),
+    [
+        (socket.SOCK_STREAM, "stream,id=n0,server=off,addr.type=fd,addr.str={fd}"),
+        (socket.SOCK_DGRAM, "dgram,id=n0,local.type=fd,local.str={fd}"),
+    ],
+    ids=["stream", "dgram"],
+)
+def test_vm_over_inherited_socketpair(vmnet: VmNet, kind: int, netdev: str) -> None:
+    """natd --fd N with one end of a socketpair, QEMU's fd netdev with the other; natd exits 0
+    when the VM goes (the peer is the whole link)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    with ours, theirs:
+        natd = vmnet.natd("--fd", str(ours.fileno()), pass_fds=(ours.fileno(),))
+        ours.close()
+        vm = vmnet.boot(netdev.format(fd=theirs.fileno()), pass_fds=(theirs.fileno(),))
+        theirs.close()
+    vmnet.check(vm, SOCKET_MTU)
+    if kind == socket.SOCK_STREAM:
+        assert natd.wait(15) == 0, natd.stderr_text()
+
+
+def _natd_passt_argv() -> list[str]:
+    """``natd-passt`` run from this checkout: its entry point as pyproject.toml declares it."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    if "natd-passt" not in scripts:
+        pytest.fail("pyproject.toml declares no natd-passt console script (branch links)")
+    module, func = scripts["natd-passt"].split(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
+
+
+class PasstLauncher:
+    """Plays the role QEMU 10.1 and libvirt play for passt: run it, wait for exit 0, read the
+    PID file, and SIGTERM that PID when the VM is gone."""
+
+    def __init__(self, vmnet: VmNet, args: list[str], fd: socket.socket | None = None) -> None:
+        self.pidfile = vmnet.workdir / "natd-passt.pid"
+        self.pidfile.write_text("")  # QEMU creates it empty and passt overwrites it
+        self.log = vmnet.workdir / "natd-passt.log"
+        # passt has no upstream option: it reads resolv.conf, which ip netns exec replaces with
+        # /etc/netns/NAME/resolv.conf; that one names the namespace's dnsmasq.
+        vmnet.ns_resolv_conf("nameserver 127.0.0.1\n")
+        argv = [*vmnet.ns.exec_prefix(), *_natd_passt_argv(), *args, "--pid", str(self.pidfile)]
+        self.argv = argv
+        preexec = None
+        pass_fds: tuple[int, ...] = ()
+        if fd is not None:
+            src = fd.fileno()
+
+            def preexec() -> None:  # the socketpair end becomes fd 3, as QEMU hands it over
+                os.dup2(src, 3)
+
+            pass_fds = (3,)
+        with self.log.open("wb") as log:
+            launcher = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                preexec_fn=preexec, pass_fds=pass_fds,
+            )  # fmt: skip
+        try:
+            status = launcher.wait(30)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
+            raise AssertionError(f"natd-passt never exited: {self.text()}") from None
+        assert status == 0, f"natd-passt exited {status}: {self.text()}"
+        text = self.pidfile.read_text().strip()
+        assert text.isdigit(), f"PID file holds {text!r}: {self.text()}"
+        self.pid = int(text)
+        assert self.running(), f"natd-passt's server {self.pid} is not running: {self.text()}"
+
+    def text(self) -> str:
+        return f"{' '.join(self.argv)}\n{self.log.read_text(errors='replace')}"
+
+    def running(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def wait_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        if self.running():
+            os.kill(self.pid, signal.SIGTERM)
+            if not self.wait_gone(10):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def test_vm_via_natd_passt_launched_like_qemu_10_1(vmnet: VmNet) -> None:
+    """-netdev passt,path=natd-passt: --quiet --pid FILE --fd 3, then QEMU uses the other end."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        passt = PasstLauncher(
+            vmnet, ["--quiet", "--fd", "3", "-t", f"127.0.0.1/{FORWARD_PORT}:{GUEST_PORT}"], ours
+        )
+        vmnet.cleanups.append(passt.stop)
+        ours.close()
+        vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=fd,addr.str={theirs.fileno()}",
+                        pass_fds=(theirs.fileno(),))  # fmt: skip
+        theirs.close()
+    vmnet.check(vm, SOCKET_MTU)
+    assert passt.wait_gone(15), (
+        f"--fd implies one-off: natd should exit with the VM\n{passt.text()}"
+    )
+
+
+def test_vm_via_natd_passt_launched_like_libvirt(vmnet: VmNet) -> None:
+    """libvirt's passt backend: --one-off --socket S --pid P, then QEMU -netdev stream to S."""
+    path = vmnet.workdir / "passt.sock"
+    passt = PasstLauncher(
+        vmnet, ["--one-off", "--socket", str(path), "-t", f"127.0.0.1/{FORWARD_PORT}:{GUEST_PORT}"]
+    )
+    vmnet.cleanups.append(passt.stop)
+    vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}")
+    vmnet.check(vm, SOCKET_MTU)
+    assert passt.wait_gone(15), f"--one-off: natd should exit with the VM\n{passt.text()}"

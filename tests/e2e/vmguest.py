@@ -99,7 +99,7 @@ class HostSide:
         self.http_port = self.http.server_address[1]
         self._thread = threading.Thread(target=self.http.serve_forever, daemon=True)
         self._thread.start()
-        self.dns_port = 5353
+        self.dns_port = 53  # port 53: natd-passt, like passt, finds it through resolv.conf
         log = workdir / "dnsmasq.log"
         self.dnsmasq = ns.popen(
             ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--pid-file=",
