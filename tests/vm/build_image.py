@@ -4,7 +4,7 @@
 ``busybox-static`` (no dpkg lock, nothing installed), ``dpkg-deb -x`` unpacks them, the modules
 virtio-net over virtio-pci needs are copied with their dependencies (read from each module's
 ``.modinfo``: the package ships no modules.dep, depmod runs in its postinst), and ``init.sh``
-plus ``udhcpc.sh`` from this directory are packed with busybox into a gzip'd newc cpio.
+plus the harness's udhcpc script are packed with busybox into a gzip'd newc cpio.
 
 The result lives in ``$NATD_VM_CACHE`` (default ``/var/cache/natd-vm``) under a directory named
 by the package versions and a hash of the guest scripts, so a machine builds it once (about
@@ -29,7 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).parent
-GUEST_FILES = ("init.sh", "udhcpc.sh")
+# The guest leases with the same udhcpc -s script the namespace tests use (tests/e2e/harness.py).
+sys.path.insert(0, str(HERE.parent / "e2e"))
+from harness import UDHCPC_SCRIPT  # noqa: E402
+
+GUEST_FILES = ("init.sh",)
 # What the guest needs as modules; their dependencies are added from .modinfo.
 WANTED_MODULES = ("virtio_pci", "virtio_net")
 DEFAULT_CACHE = "/var/cache/natd-vm"
@@ -79,6 +83,7 @@ def cache_key(packages: dict[str, str]) -> str:
     digest = hashlib.sha256()
     for name in (*GUEST_FILES, Path(__file__).name):
         digest.update((HERE / name).read_bytes())
+    digest.update(UDHCPC_SCRIPT.encode())
     versions = "+".join(f"{p}_{v}" for p, v in sorted(packages.items()))
     return re.sub(r"[^A-Za-z0-9._+-]", "_", versions) + "-" + digest.hexdigest()[:12]
 
@@ -146,9 +151,10 @@ def _build(work: Path, kpkg: str, dest: Path) -> None:
     for ko in order:
         shutil.copy2(ko, root / "lib" / "modules" / ko.name)
     (root / "lib" / "modules" / "order").write_text("".join(f"{ko.stem}\n" for ko in order))
-    for name, target in (("init.sh", "init"), ("udhcpc.sh", "udhcpc.sh")):
-        shutil.copy2(HERE / name, root / target)
-        (root / target).chmod(0o755)
+    shutil.copy2(HERE / "init.sh", root / "init")
+    (root / "udhcpc.sh").write_text(UDHCPC_SCRIPT)
+    for script in ("init", "udhcpc.sh"):
+        (root / script).chmod(0o755)
     dest.mkdir(parents=True)
     shutil.copy2(vmlinuz, dest / "vmlinuz")
     _pack(root, dest / "initrd")

@@ -30,8 +30,12 @@ while [ ! -e /sys/class/net/eth0 ]; do
   i=$((i + 1)); [ $i -gt 100 ] && fail "no eth0"; usleep 100000
 done
 
-# DHCP: the -s script applies the lease and reports what the server said.
+# DHCP: the -s script (tests/e2e/harness.py's) applies the lease and records what the server
+# said in $OUT as key=value lines.
+export OUT=/tmp/lease.env
 udhcpc -i eth0 -s /udhcpc.sh -f -q -n -t 10 -T 2 -O mtu >/tmp/udhcpc.log 2>&1 || fail "udhcpc"
+[ -f "$OUT" ] || fail "udhcpc never ran its script with bound"
+while read -r line; do say "lease_$line"; done < "$OUT"
 say "mtu_applied=$(cat /sys/class/net/eth0/mtu)"
 say "addr=$(ip -4 -o addr show dev eth0 | awk '{print $4}')"
 
