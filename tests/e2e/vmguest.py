@@ -53,11 +53,13 @@ def qemu_binary() -> str | None:
 
 def image_or_reason() -> tuple[Image | None, str]:
     """The cached guest image, or why there is none (the tests skip with that reason)."""
+    if os.geteuid() != 0:
+        return None, "VM tests need root (namespaces, TAPs, /var/cache/natd-vm)"
     if qemu_binary() is None:
         return None, "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
     try:
         return ensure_image(), ""
-    except ImageUnavailable as exc:
+    except (ImageUnavailable, OSError) as exc:
         return None, f"cannot build the VM image: {exc}"
 
 
