@@ -61,13 +61,16 @@ class VmNet:
         self.host.wait_dns_ready()
         self.vms: list[Vm] = []
         self.cleanups: list[Callable[[], None]] = []
+        self.natds: list[Natd] = []
 
     def natd(self, *link: str, **kw: object) -> Natd:
-        return self._natd_process(
+        natd = self._natd_process(
             [*link, "--dns-upstream", f"127.0.0.1:{self.host.dns_port}",
              "--forward", f"tcp:127.0.0.1:{FORWARD_PORT}-:{GUEST_PORT}"],
             netns_exec=self.ns, **kw,
         )  # fmt: skip
+        self.natds.append(natd)
+        return natd
 
     def boot(self, netdev: str, pass_fds: tuple[int, ...] = ()) -> Vm:
         vm = Vm(
@@ -78,7 +81,11 @@ class VmNet:
         return vm
 
     def check(self, vm: Vm, mtu: int) -> None:
+        """Every guest check passed, and natd logged nothing at warning level or above."""
         run_all_checks(vm, self.host, FORWARD_PORT, mtu)
+        for natd in self.natds:
+            loud = [e for e in natd.events() if e.get("level") in ("warning", "error", "critical")]
+            assert not loud, f"natd complained during a clean VM run: {loud}"
 
     def ns_resolv_conf(self, text: str) -> None:
         """The resolv.conf programs see under ``ip netns exec`` in this namespace."""
