@@ -68,6 +68,11 @@ if [ -n "$arg_fwdport" ]; then
   dd if=/dev/urandom of=/www/fwd.bin bs=1024 count="${arg_fwdkb:-256}" 2>/dev/null
   say "forward_sha256=$(sha256sum /www/fwd.bin | cut -d' ' -f1)"
   httpd -p "$arg_fwdport" -h /www
+  # httpd may daemonize before it binds: report ready only once the port listens.
+  i=0
+  until netstat -ltn | grep -q ":$arg_fwdport "; do
+    i=$((i + 1)); [ $i -gt 100 ] && fail "httpd never listened on $arg_fwdport"; usleep 100000
+  done
   say "forward=ready"
   # The host fetches through natd's forward, then answers /release; give up after a while.
   if [ -n "$arg_http" ]; then
