@@ -10,6 +10,7 @@ the test creates, so the guest can reach nothing else.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -72,17 +73,17 @@ class VmNet:
         self.natds.append(natd)
         return natd
 
-    def boot(self, netdev: str, pass_fds: tuple[int, ...] = ()) -> Vm:
+    def boot(self, netdev: str, pass_fds: tuple[int, ...] = (), **extra: str) -> Vm:
         vm = Vm(
-            self.image, netdev, self.workdir, cmdline=guest_args(self.host),
+            self.image, netdev, self.workdir, cmdline={**guest_args(self.host), **extra},
             prefix=self.ns.exec_prefix(), pass_fds=pass_fds,
         )  # fmt: skip
         self.vms.append(vm)
         return vm
 
-    def check(self, vm: Vm, mtu: int) -> None:
+    def check(self, vm: Vm, mtu: int, restart: Callable[[], None] | None = None) -> None:
         """Every guest check passed, and natd logged nothing at warning level or above."""
-        run_all_checks(vm, self.host, FORWARD_PORT, mtu)
+        run_all_checks(vm, self.host, FORWARD_PORT, mtu, restart)
         for natd in self.natds:
             loud = [e for e in natd.events() if e.get("level") in ("warning", "error", "critical")]
             assert not loud, f"natd complained during a clean VM run: {loud}"
@@ -112,18 +113,54 @@ def vmnet(
     net.close()
 
 
+def _bridge_with_vm_tap(ns: Netns) -> None:
+    """br0 in the namespace, with QEMU's TAP ``tvm`` on it (made here, as libvirt makes it)."""
+    ns.run(["ip", "link", "add", "br0", "type", "bridge"])
+    ns.run(["ip", "tuntap", "add", "tvm", "mode", "tap"])
+    ns.run(["ip", "link", "set", "tvm", "master", "br0"])
+    ns.run(["ip", "link", "set", "tvm", "up"])
+    ns.run(["ip", "link", "set", "br0", "up"])
+
+
+VM_TAP_NETDEV = "tap,id=n0,ifname=tvm,script=no,downscript=no,vhost=off"
+
+
 def test_vm_on_a_bridge_with_natds_tap(vmnet: VmNet) -> None:
     """QEMU's TAP and natd's TAP as two ports of a Linux bridge (vnet_hdr offloads on QEMU's)."""
     ns = vmnet.ns
-    ns.run(["ip", "link", "add", "br0", "type", "bridge"])
-    for tap in ("tnatd", "tvm"):
-        ns.run(["ip", "tuntap", "add", tap, "mode", "tap"])
-        ns.run(["ip", "link", "set", tap, "master", "br0"])
-        ns.run(["ip", "link", "set", tap, "up"])
-    ns.run(["ip", "link", "set", "br0", "up"])
+    _bridge_with_vm_tap(ns)
+    ns.run(["ip", "tuntap", "add", "tnatd", "mode", "tap"])
+    ns.run(["ip", "link", "set", "tnatd", "master", "br0"])
+    ns.run(["ip", "link", "set", "tnatd", "up"])
     vmnet.natd("--tap", "tnatd")
-    vm = vmnet.boot("tap,id=n0,ifname=tvm,script=no,downscript=no,vhost=off")
+    vm = vmnet.boot(VM_TAP_NETDEV)
     vmnet.check(vm, TAP_MTU)
+
+
+def test_bridged_vm_survives_a_natd_restart(vmnet: VmNet) -> None:
+    """natd --bridge --persist: natd makes its TAP, puts it on the bridge, keeps it when it stops
+    and puts it back when it starts again; the running guest carries on (same address, same
+    gateway MAC in its ARP cache) without a new lease or anyone re-attaching anything."""
+    ns = vmnet.ns
+    _bridge_with_vm_tap(ns)
+    link = ("--tap", "tnatd", "--bridge", "br0", "--persist")
+    first = vmnet.natd(*link)
+    assert _master(ns, "tnatd") == "br0"
+    vm = vmnet.boot(VM_TAP_NETDEV, again="1")
+
+    def restart() -> None:
+        assert first.stop() == 0, first.stderr_text()
+        assert _master(ns, "tnatd") == "br0", "--persist keeps natd's TAP on the bridge"
+        vmnet.natd(*link)
+        assert _master(ns, "tnatd") == "br0"
+
+    vmnet.check(vm, TAP_MTU, restart)
+    assert "lease_ip" in vm.results() and vm.console().count("NATDVM lease_ip=") == 1
+
+
+def _master(ns: Netns, iface: str) -> str | None:
+    info = json.loads(ns.run(["ip", "-j", "link", "show", iface]).stdout)
+    return info[0].get("master")
 
 
 def test_vm_over_socket(vmnet: VmNet) -> None:

@@ -88,7 +88,8 @@ class HostSide:
 
     ``GET /download`` is random bytes of known sha256; ``POST /upload`` hashes the body and
     answers with the hex digest (recorded in ``uploads``); ``GET /release`` blocks until the
-    test has checked the forward into the guest, so the guest stays up until then.
+    test has checked the forward into the guest, so the guest stays up until then; ``GET /again``
+    is 503 until the test has restarted natd, then 200 (the guest polls it).
     """
 
     def __init__(self, ns: Netns, workdir: Path) -> None:
@@ -97,6 +98,7 @@ class HostSide:
         self.download_sha256 = hashlib.sha256(self.download).hexdigest()
         self.uploads: list[str] = []
         self.released = threading.Event()
+        self.again = threading.Event()
         self.http = in_netns(ns, self._make_server)
         self.http_port = self.http.server_address[1]
         self._thread = threading.Thread(target=self.http.serve_forever, daemon=True)
@@ -127,6 +129,8 @@ class HostSide:
                 elif self.path == "/release":
                     host.released.wait(BOOT_TIMEOUT)
                     self._reply(b"released\n")
+                elif self.path == "/again" and host.again.is_set():
+                    self._reply(b"again\n")
                 else:
                     self.send_error(404)
 
@@ -259,11 +263,25 @@ def guest_args(host: HostSide) -> dict[str, str]:
     }
 
 
-def run_all_checks(vm: Vm, host: HostSide, forward_port: int, mtu: int) -> dict[str, str]:
-    """Wait for the guest's checks, do the forward from the host side, and assert every one."""
+def run_all_checks(
+    vm: Vm,
+    host: HostSide,
+    forward_port: int,
+    mtu: int,
+    restart: Callable[[], None] | None = None,
+) -> dict[str, str]:
+    """Wait for the guest's checks, do the forward from the host side, and assert every one.
+
+    With ``restart`` (and ``again=1`` on the guest's command line) the guest then waits while
+    ``restart`` runs and does every transfer a second time, reported as ``again_*``.
+    """
     vm.wait_for("forward")
     body = host.fetch_forward(forward_port)
     host.released.set()
+    if restart is not None:
+        vm.wait_for("again")
+        restart()
+        host.again.set()
     vm.wait_for("done")
     try:
         vm.proc.wait(30)
@@ -276,11 +294,13 @@ def run_all_checks(vm: Vm, host: HostSide, forward_port: int, mtu: int) -> dict[
     assert got.get("lease_router") == GATEWAY, context
     assert got.get("lease_mtu") == str(mtu), context
     assert got.get("mtu_applied") == str(mtu), context
-    assert got.get("ping") == "ok", context
-    assert got.get("dns") == DNS_ANSWER, context
-    assert got.get("download_sha256") == host.download_sha256, context
-    assert host.uploads == [got.get("upload_sha256")], context
-    assert got.get("upload_reply") == got.get("upload_sha256"), context
+    rounds = ("", "again_") if restart is not None else ("",)
+    for p in rounds:
+        assert got.get(f"{p}ping") == "ok", context
+        assert got.get(f"{p}dns") == DNS_ANSWER, context
+        assert got.get(f"{p}download_sha256") == host.download_sha256, context
+        assert got.get(f"{p}upload_reply") == got.get(f"{p}upload_sha256"), context
+    assert host.uploads == [got.get(f"{p}upload_sha256") for p in rounds], context
     assert hashlib.sha256(body).hexdigest() == got.get("forward_sha256"), context
     assert len(body) == 512 * 1024, context
     return got

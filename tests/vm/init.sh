@@ -40,29 +40,33 @@ say "mtu_applied=$(cat /sys/class/net/eth0/mtu)"
 say "addr=$(ip -4 -o addr show dev eth0 | awk '{print $4}')"
 
 gw=${arg_gw:-10.0.2.2}
-if ping -c 1 -W 5 "$gw" >/dev/null 2>&1; then say "ping=ok"; else say "ping=fail"; fi
 
-if [ -n "$arg_dnsname" ]; then
-  answer=$(nslookup "$arg_dnsname" "${arg_dns:-10.0.2.3}" 2>&1 \
-    | awk '/^Name:/ {n=1} n && /^Address/ {print $NF; exit}')
-  say "dns=${answer:-none}"
-fi
-
-if [ -n "$arg_http" ]; then
+# Ping, DNS, download and upload; every key is prefixed with $1 (empty the first time).
+transfers() {
+  p=$1
+  if ping -c 1 -W 5 "$gw" >/dev/null 2>&1; then say "${p}ping=ok"; else say "${p}ping=fail"; fi
+  if [ -n "$arg_dnsname" ]; then
+    answer=$(nslookup "$arg_dnsname" "${arg_dns:-10.0.2.3}" 2>&1 \
+      | awk '/^Name:/ {n=1} n && /^Address/ {print $NF; exit}')
+    say "${p}dns=${answer:-none}"
+  fi
+  [ -n "$arg_http" ] || return 0
   if wget -q -O /tmp/down "http://$arg_http/download"; then
-    say "download_sha256=$(sha256sum /tmp/down | cut -d' ' -f1)"
+    say "${p}download_sha256=$(sha256sum /tmp/down | cut -d' ' -f1)"
   else
-    say "download_sha256=failed"
+    say "${p}download_sha256=failed"
   fi
   # Text, not raw bytes: busybox wget --post-file sends strlen() of the file, so a NUL ends it.
   dd if=/dev/urandom bs=1024 count="${arg_upkb:-768}" 2>/dev/null | base64 > /tmp/up
-  say "upload_sha256=$(sha256sum /tmp/up | cut -d' ' -f1)"
+  say "${p}upload_sha256=$(sha256sum /tmp/up | cut -d' ' -f1)"
   if wget -q -O /tmp/upreply --post-file=/tmp/up "http://$arg_http/upload"; then
-    say "upload_reply=$(cat /tmp/upreply)"
+    say "${p}upload_reply=$(cat /tmp/upreply)"
   else
-    say "upload_reply=failed"
+    say "${p}upload_reply=failed"
   fi
-fi
+}
+
+transfers ""
 
 if [ -n "$arg_fwdport" ]; then
   dd if=/dev/urandom of=/www/fwd.bin bs=1024 count="${arg_fwdkb:-256}" 2>/dev/null
@@ -79,6 +83,17 @@ if [ -n "$arg_fwdport" ]; then
     # (busybox 1.35's wget -T segfaults: bound it with timeout instead)
     timeout 150 wget -q -O /dev/null "http://$arg_http/release" || say "release=failed"
   fi
+fi
+
+# natd.again=1: the host restarts natd now; keep asking /again (through whichever natd is
+# there) until it answers, then do every transfer again, without a new lease or link.
+if [ -n "$arg_again" ]; then
+  say "again=waiting"
+  i=0
+  until timeout 5 wget -q -O /dev/null "http://$arg_http/again" 2>/dev/null; do
+    i=$((i + 1)); [ $i -gt 120 ] && fail "the host never answered /again"; sleep 1
+  done
+  transfers "again_"
 fi
 
 say "done=1"
