@@ -27,6 +27,7 @@ from harness import Natd, Netns
 from vmguest import (
     FORWARD_PORT,
     GUEST_PORT,
+    AsUser,
     HostSide,
     Image,
     Vm,
@@ -65,18 +66,27 @@ class VmNet:
         self.natds: list[Natd] = []
 
     def natd(self, *link: str, **kw: object) -> Natd:
+        kw.setdefault("netns_exec", self.ns)
         natd = self._natd_process(
             [*link, "--dns-upstream", f"127.0.0.1:{self.host.dns_port}",
              "--forward", f"tcp:127.0.0.1:{FORWARD_PORT}-:{GUEST_PORT}"],
-            netns_exec=self.ns, **kw,
+            **kw,
         )  # fmt: skip
         self.natds.append(natd)
         return natd
 
-    def boot(self, netdev: str, pass_fds: tuple[int, ...] = (), **extra: str) -> Vm:
+    def boot(
+        self, netdev: str, pass_fds: tuple[int, ...] = (), user: AsUser | None = None,
+        **extra: str,
+    ) -> Vm:  # fmt: skip
+        """QEMU in the namespace (as ``user`` if given, its serial log in that user's dir)."""
+        workdir = self.workdir
+        if user is not None:
+            workdir = user.private_dir()
+            self.cleanups.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
         vm = Vm(
-            self.image, netdev, self.workdir, cmdline={**guest_args(self.host), **extra},
-            prefix=self.ns.exec_prefix(), pass_fds=pass_fds,
+            self.image, netdev, workdir, cmdline={**guest_args(self.host), **extra},
+            prefix=(user or self.ns).exec_prefix(), pass_fds=pass_fds,
         )  # fmt: skip
         self.vms.append(vm)
         return vm
@@ -306,3 +316,23 @@ def test_vm_via_natd_passt_launched_like_libvirt(vmnet: VmNet) -> None:
     vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}")
     vmnet.check(vm, SOCKET_MTU)
     assert passt.wait_gone(15), f"--one-off: natd should exit with the VM\n{passt.text()}"
+
+
+def test_rootless_vm_over_socket(vmnet: VmNet) -> None:
+    """natd run --socket and QEMU both as nobody: no root, no TAP, no capability anywhere."""
+    user = AsUser(vmnet.ns)
+    probe = subprocess.run(
+        [*user.exec_prefix(), sys.executable, "-c", "from natd.cli import main"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        why = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        pytest.skip(f"{sys.executable} cannot run natd as nobody here ({why})")
+    rundir = user.private_dir()
+    vmnet.cleanups.append(lambda: shutil.rmtree(rundir, ignore_errors=True))
+    path = rundir / "natd.sock"
+    natd = vmnet.natd("--socket", str(path), netns_exec=user)
+    uids = Path(f"/proc/{natd.pid}/status").read_text().split("Uid:")[1].split()[:4]
+    assert uids == [str(user.pw.pw_uid)] * 4, f"natd runs with uids {uids}"
+    vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}", user=user)
+    vmnet.check(vm, SOCKET_MTU)

@@ -16,11 +16,13 @@ import contextlib
 import hashlib
 import http.server
 import os
+import pwd
 import queue
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -186,6 +188,27 @@ class HostSide:
         stop_process(self.dnsmasq)
 
 
+class AsUser:
+    """Programs run in ``ns`` as an unprivileged user: ``exec_prefix`` is the namespace's, then
+    ``setpriv`` (so no capability is left). Stands in for a Netns where a prefix is wanted."""
+
+    def __init__(self, ns: Netns, user: str = "nobody") -> None:
+        self.ns = ns
+        self.pw = pwd.getpwnam(user)
+
+    def exec_prefix(self) -> list[str]:
+        return [
+            *self.ns.exec_prefix(), "setpriv", f"--reuid={self.pw.pw_uid}",
+            f"--regid={self.pw.pw_gid}", "--clear-groups", "--inh-caps=-all",
+        ]  # fmt: skip
+
+    def private_dir(self) -> Path:
+        """A fresh directory only this user can write (sockets, QEMU's serial log)."""
+        path = Path(tempfile.mkdtemp(prefix="natdvm-"))
+        os.chown(path, self.pw.pw_uid, self.pw.pw_gid)
+        return path
+
+
 class Vm:
     """One QEMU process booting the test image; its serial console is a file we poll."""
 
@@ -199,8 +222,8 @@ class Vm:
         prefix: Sequence[str] = (),
         pass_fds: Sequence[int] = (),
     ) -> None:
-        self.serial = workdir / "serial.log"
-        self.serial.write_bytes(b"")
+        self.serial = workdir / "serial.log"  # QEMU creates it (as whichever user runs QEMU)
+        self.serial.unlink(missing_ok=True)
         self.stderr_path = workdir / "qemu.stderr"
         args = " ".join(f"natd.{k}={v}" for k, v in cmdline.items())
         self.argv = [
@@ -217,7 +240,10 @@ class Vm:
             )
 
     def console(self) -> str:
-        return self.serial.read_text(errors="replace")
+        try:
+            return self.serial.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def results(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -244,7 +270,7 @@ class Vm:
             time.sleep(0.1)
 
     def describe(self) -> str:
-        err = self.stderr_path.read_text(errors="replace")
+        err = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
         return f"qemu: {' '.join(self.argv)}\nstderr: {err}\nconsole:\n{self.console()[-4000:]}"
 
     def close(self) -> None:
