@@ -224,6 +224,10 @@ def _natd_passt_argv() -> list[str]:
     return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
 
 
+PIDFILE = "{pidfile}"  # stands for the PID file's path in a PasstLauncher's arguments
+PORTS = f"127.0.0.1/{FORWARD_PORT}:{GUEST_PORT}"  # passt's -t syntax for the test's forward
+
+
 class PasstLauncher:
     """Plays the role QEMU 10.1 and libvirt play for passt: run it, wait for exit 0, read the
     PID file, and SIGTERM that PID when the VM is gone."""
@@ -235,7 +239,8 @@ class PasstLauncher:
         # passt has no upstream option: it reads resolv.conf, which ip netns exec replaces with
         # /etc/netns/NAME/resolv.conf; that one names the namespace's dnsmasq.
         vmnet.ns_resolv_conf("nameserver 127.0.0.1\n")
-        argv = [*vmnet.ns.exec_prefix(), *_natd_passt_argv(), *args, "--pid", str(self.pidfile)]
+        args = [str(self.pidfile) if a == PIDFILE else a for a in args]
+        argv = [*vmnet.ns.exec_prefix(), *_natd_passt_argv(), *args]
         self.argv = argv
         preexec = None
         pass_fds: tuple[int, ...] = ()
@@ -292,8 +297,9 @@ def test_vm_via_natd_passt_launched_like_qemu_10_1(vmnet: VmNet) -> None:
     """-netdev passt,path=natd-passt: --quiet --pid FILE --fd 3, then QEMU uses the other end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, theirs:
+        # QEMU 10.1's order (net/passt.c): options, then --pid FILE --fd 3.
         passt = PasstLauncher(
-            vmnet, ["--quiet", "--fd", "3", "-t", f"127.0.0.1/{FORWARD_PORT}:{GUEST_PORT}"], ours
+            vmnet, ["--quiet", "--tcp-ports", PORTS, "--pid", PIDFILE, "--fd", "3"], ours
         )
         vmnet.cleanups.append(passt.stop)
         ours.close()
@@ -309,8 +315,9 @@ def test_vm_via_natd_passt_launched_like_qemu_10_1(vmnet: VmNet) -> None:
 def test_vm_via_natd_passt_launched_like_libvirt(vmnet: VmNet) -> None:
     """libvirt's passt backend: --one-off --socket S --pid P, then QEMU -netdev stream to S."""
     path = vmnet.workdir / "passt.sock"
+    # libvirt's order (src/qemu/qemu_passt.c): --one-off --socket S --pid P, then the options.
     passt = PasstLauncher(
-        vmnet, ["--one-off", "--socket", str(path), "-t", f"127.0.0.1/{FORWARD_PORT}:{GUEST_PORT}"]
+        vmnet, ["--one-off", "--socket", str(path), "--pid", PIDFILE, "--tcp-ports", PORTS]
     )
     vmnet.cleanups.append(passt.stop)
     vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}")
