@@ -230,12 +230,25 @@ PORTS = f"127.0.0.1/{FORWARD_PORT}:{GUEST_PORT}"  # passt's -t syntax for the te
 
 class PasstLauncher:
     """Plays the role QEMU 10.1 and libvirt play for passt: run it, wait for exit 0, read the
-    PID file, and SIGTERM that PID when the VM is gone."""
+    PID file, and SIGTERM that PID when the VM is gone (registered as a cleanup at once).
 
-    def __init__(self, vmnet: VmNet, args: list[str], fd: socket.socket | None = None) -> None:
+    ``stderr_to_eof``: read the launcher's stderr until EOF, as libvirt up to 9.x does
+    (virCommandSetErrorBuffer): a served natd that kept the launcher's stderr open would hang
+    the VM's start, so natd-passt, like passt, must detach its server from the launcher's stdio.
+    """
+
+    def __init__(
+        self,
+        vmnet: VmNet,
+        args: list[str],
+        fd: socket.socket | None = None,
+        stderr_to_eof: bool = False,
+    ) -> None:
+        self.pid: int | None = None
         self.pidfile = vmnet.workdir / "natd-passt.pid"
         self.pidfile.write_text("")  # QEMU creates it empty and passt overwrites it
         self.log = vmnet.workdir / "natd-passt.log"
+        vmnet.cleanups.append(self.stop)
         # passt has no upstream option: it reads resolv.conf, which ip netns exec replaces with
         # /etc/netns/NAME/resolv.conf; that one names the namespace's dnsmasq.
         vmnet.ns_resolv_conf("nameserver 127.0.0.1\n")
@@ -253,25 +266,34 @@ class PasstLauncher:
             pass_fds = (3,)
         with self.log.open("wb") as log:
             launcher = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                argv, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.PIPE if stderr_to_eof else log,
                 preexec_fn=preexec, pass_fds=pass_fds,
             )  # fmt: skip
-        try:
-            status = launcher.wait(30)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            launcher.wait()
-            raise AssertionError(f"natd-passt never exited: {self.text()}") from None
-        assert status == 0, f"natd-passt exited {status}: {self.text()}"
-        text = self.pidfile.read_text().strip()
-        assert text.isdigit(), f"PID file holds {text!r}: {self.text()}"
-        self.pid = int(text)
+            try:
+                _, err = launcher.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                _, err = launcher.communicate()
+                what = "kept its launcher's stderr open" if stderr_to_eof else "never exited"
+                raise AssertionError(f"natd-passt {what} after 30 s: {self.text()}") from None
+            finally:
+                self._read_pid()
+            log.write(err or b"")
+        assert launcher.returncode == 0, f"natd-passt exited {launcher.returncode}: {self.text()}"
+        assert self.pid is not None, f"PID file holds {self.pidfile.read_text()!r}: {self.text()}"
         assert self.running(), f"natd-passt's server {self.pid} is not running: {self.text()}"
+
+    def _read_pid(self) -> None:
+        text = self.pidfile.read_text().strip()
+        self.pid = int(text) if text.isdigit() else None
 
     def text(self) -> str:
         return f"{' '.join(self.argv)}\n{self.log.read_text(errors='replace')}"
 
     def running(self) -> bool:
+        if self.pid is None:
+            return False
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -287,7 +309,7 @@ class PasstLauncher:
         return True
 
     def stop(self) -> None:
-        if self.running():
+        if self.running() and self.pid is not None:
             os.kill(self.pid, signal.SIGTERM)
             if not self.wait_gone(10):
                 os.kill(self.pid, signal.SIGKILL)
@@ -301,7 +323,6 @@ def test_vm_via_natd_passt_launched_like_qemu_10_1(vmnet: VmNet) -> None:
         passt = PasstLauncher(
             vmnet, ["--quiet", "--tcp-ports", PORTS, "--pid", PIDFILE, "--fd", "3"], ours
         )
-        vmnet.cleanups.append(passt.stop)
         ours.close()
         vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=fd,addr.str={theirs.fileno()}",
                         pass_fds=(theirs.fileno(),))  # fmt: skip
@@ -317,9 +338,10 @@ def test_vm_via_natd_passt_launched_like_libvirt(vmnet: VmNet) -> None:
     path = vmnet.workdir / "passt.sock"
     # libvirt's order (src/qemu/qemu_passt.c): --one-off --socket S --pid P, then the options.
     passt = PasstLauncher(
-        vmnet, ["--one-off", "--socket", str(path), "--pid", PIDFILE, "--tcp-ports", PORTS]
+        vmnet,
+        ["--one-off", "--socket", str(path), "--pid", PIDFILE, "--tcp-ports", PORTS],
+        stderr_to_eof=True,
     )
-    vmnet.cleanups.append(passt.stop)
     vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}")
     vmnet.check(vm, SOCKET_MTU)
     assert passt.wait_gone(15), f"--one-off: natd should exit with the VM\n{passt.text()}"
