@@ -35,6 +35,11 @@ done
 
 cd "$(dirname "$0")"
 python=/usr/bin/python3
+parent=$(dirname "$prefix")
+if [ ! -w "$parent" ] && [ ! -w "$prefix" ]; then
+    echo "install.sh: cannot write $prefix: run as root, or choose --prefix and --bindir" >&2
+    exit 1
+fi
 
 # What building the venv needs: venv + ensurepip (python3-venv), and a C compiler with the
 # Python headers for dependencies that have no wheel for this Python (python-pytun on a new
