@@ -323,6 +323,7 @@ def run_all_checks(
     rounds = ("", "again_") if restart is not None else ("",)
     for p in rounds:
         assert got.get(f"{p}ping") == "ok", context
+        assert got.get(f"{p}bigping") == str(mtu - 28), context
         assert got.get(f"{p}dns") == DNS_ANSWER, context
         assert got.get(f"{p}download_sha256") == host.download_sha256, context
         assert got.get(f"{p}upload_reply") == got.get(f"{p}upload_sha256"), context

@@ -45,6 +45,13 @@ gw=${arg_gw:-10.0.2.2}
 transfers() {
   p=$1
   if ping -c 1 -W 5 "$gw" >/dev/null 2>&1; then say "${p}ping=ok"; else say "${p}ping=fail"; fi
+  # The biggest echo that fits the link's MTU unfragmented, both ways in one frame each.
+  big=$(( $(cat /sys/class/net/eth0/mtu) - 28 ))
+  if ping -c 1 -W 5 -s "$big" "$gw" >/dev/null 2>&1; then
+    say "${p}bigping=$big"
+  else
+    say "${p}bigping=fail"
+  fi
   if [ -n "$arg_dnsname" ]; then
     answer=$(nslookup "$arg_dnsname" "${arg_dns:-10.0.2.3}" 2>&1 \
       | awk '/^Name:/ {n=1} n && /^Address/ {print $NF; exit}')
