@@ -1,11 +1,14 @@
 """A real Linux guest (Debian kernel, busybox initramfs, QEMU TCG) on natd over every link.
 
 Each test boots the cached image (``tests/vm/build_image.py``) with one transport and asserts
-what the guest's init reports on its serial console: the DHCP lease and its MTU applied, a ping
-of the gateway, a DNS answer that only the test's loopback dnsmasq knows, a sha256-checked
-download from and upload to an HTTP server on the host's loopback, and a forward from the host
-into the guest's HTTP server. natd, dnsmasq, the HTTP server and QEMU all run inside a namespace
-the test creates, so the guest can reach nothing else.
+what the guest's init (``tests/vm/init.sh``) reports on its serial console: the DHCP lease and
+its MTU applied, a ping of the gateway (and the biggest one the MTU allows unfragmented), a DNS
+answer that only the test's loopback dnsmasq knows, a sha256-checked download from and upload to
+an HTTP server on the host's loopback, and a forward from the host into the guest's HTTP server.
+Transports: a bridged TAP (also across a natd restart), --socket (also as nobody),
+--socket-dgram, --fd with stream and datagram socketpairs, and natd-passt launched as QEMU 10.1
+and libvirt launch passt. natd, dnsmasq, the HTTP server and QEMU all run inside a namespace the
+test creates, so the guest can reach nothing else. About 10 s per test under TCG.
 """
 
 from __future__ import annotations
@@ -165,7 +168,6 @@ def test_bridged_vm_survives_a_natd_restart(vmnet: VmNet) -> None:
         assert _master(ns, "tnatd") == "br0"
 
     vmnet.check(vm, TAP_MTU, restart)
-    assert "lease_ip" in vm.results() and vm.console().count("NATDVM lease_ip=") == 1
 
 
 def _master(ns: Netns, iface: str) -> str | None:
