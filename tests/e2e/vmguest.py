@@ -133,6 +133,8 @@ class HostSide:
                     self._reply(b"released\n")
                 elif self.path == "/again" and host.again.is_set():
                     self._reply(b"again\n")
+                elif self.path == "/again":
+                    self.send_error(503, "natd not restarted yet")
                 else:
                     self.send_error(404)
 
