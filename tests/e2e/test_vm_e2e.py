@@ -29,6 +29,7 @@ import pytest
 from harness import Natd, Netns
 from vmguest import (
     FORWARD_PORT,
+    GUEST_MAC,
     GUEST_PORT,
     AsUser,
     HostSide,
@@ -80,7 +81,7 @@ class VmNet:
 
     def boot(
         self, netdev: str, pass_fds: tuple[int, ...] = (), user: AsUser | None = None,
-        **extra: str,
+        mac: str = GUEST_MAC, **extra: str,
     ) -> Vm:  # fmt: skip
         """QEMU in the namespace (as ``user`` if given, its serial log in that user's dir)."""
         workdir = self.workdir
@@ -89,14 +90,15 @@ class VmNet:
             self.cleanups.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
         vm = Vm(
             self.image, netdev, workdir, cmdline={**guest_args(self.host), **extra},
-            prefix=(user or self.ns).exec_prefix(), pass_fds=pass_fds,
+            prefix=(user or self.ns).exec_prefix(), pass_fds=pass_fds, mac=mac,
+            name=f"vm{len(self.vms)}",
         )  # fmt: skip
         self.vms.append(vm)
         return vm
 
-    def check(self, vm: Vm, mtu: int, restart: Callable[[], None] | None = None) -> None:
-        """Every guest check passed, and natd logged nothing at warning level or above."""
-        run_all_checks(vm, self.host, FORWARD_PORT, mtu, restart)
+    def check(self, mtu: int, restart: Callable[[], None] | None = None) -> None:
+        """Every check of every guest booted passed; natd logged nothing at warning or above."""
+        run_all_checks(self.vms, self.host, FORWARD_PORT, mtu, restart)
         for natd in self.natds:
             loud = [e for e in natd.events() if e.get("level") in ("warning", "error", "critical")]
             assert not loud, f"natd complained during a clean VM run: {loud}"
@@ -126,16 +128,17 @@ def vmnet(
     net.close()
 
 
-def _bridge_with_vm_tap(ns: Netns) -> None:
-    """br0 in the namespace, with QEMU's TAP ``tvm`` on it (made here, as libvirt makes it)."""
+def _bridge_with_vm_tap(ns: Netns, *taps: str) -> None:
+    """br0 in the namespace, with QEMU's TAPs on it (made here, as libvirt makes them)."""
     ns.run(["ip", "link", "add", "br0", "type", "bridge"])
-    ns.run(["ip", "tuntap", "add", "tvm", "mode", "tap"])
-    ns.run(["ip", "link", "set", "tvm", "master", "br0"])
-    ns.run(["ip", "link", "set", "tvm", "up"])
+    for tap in taps or ("tvm",):
+        ns.run(["ip", "tuntap", "add", tap, "mode", "tap"])
+        ns.run(["ip", "link", "set", tap, "master", "br0"])
+        ns.run(["ip", "link", "set", tap, "up"])
     ns.run(["ip", "link", "set", "br0", "up"])
 
 
-VM_TAP_NETDEV = "tap,id=n0,ifname=tvm,script=no,downscript=no,vhost=off"
+VM_TAP_NETDEV = "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
 
 
 def test_vm_on_a_bridge_with_natds_tap(vmnet: VmNet) -> None:
@@ -146,8 +149,22 @@ def test_vm_on_a_bridge_with_natds_tap(vmnet: VmNet) -> None:
     ns.run(["ip", "link", "set", "tnatd", "master", "br0"])
     ns.run(["ip", "link", "set", "tnatd", "up"])
     vmnet.natd("--tap", "tnatd")
-    vm = vmnet.boot(VM_TAP_NETDEV)
-    vmnet.check(vm, TAP_MTU)
+    vmnet.boot(VM_TAP_NETDEV.format(tap="tvm"))
+    vmnet.check(TAP_MTU)
+
+
+def test_two_vms_on_the_bridge_share_natd(vmnet: VmNet) -> None:
+    """The vmnet8 model: natd's TAP is one port of a bridge two VMs are on. Each guest gets
+    its own lease, and both do every transfer at the same time."""
+    ns = vmnet.ns
+    _bridge_with_vm_tap(ns, "tvm0", "tvm1")
+    ns.run(["ip", "tuntap", "add", "tnatd", "mode", "tap"])
+    ns.run(["ip", "link", "set", "tnatd", "master", "br0"])
+    ns.run(["ip", "link", "set", "tnatd", "up"])
+    vmnet.natd("--tap", "tnatd")
+    vmnet.boot(VM_TAP_NETDEV.format(tap="tvm0"))
+    vmnet.boot(VM_TAP_NETDEV.format(tap="tvm1"), mac="52:54:00:12:34:57")
+    vmnet.check(TAP_MTU)
 
 
 def test_bridged_vm_survives_a_natd_restart(vmnet: VmNet) -> None:
@@ -159,7 +176,7 @@ def test_bridged_vm_survives_a_natd_restart(vmnet: VmNet) -> None:
     link = ("--tap", "tnatd", "--bridge", "br0", "--persist")
     first = vmnet.natd(*link)
     assert _master(ns, "tnatd") == "br0"
-    vm = vmnet.boot(VM_TAP_NETDEV, again="1")
+    vmnet.boot(VM_TAP_NETDEV.format(tap="tvm"), again="1")
 
     def restart() -> None:
         assert first.stop() == 0, first.stderr_text()
@@ -167,7 +184,7 @@ def test_bridged_vm_survives_a_natd_restart(vmnet: VmNet) -> None:
         vmnet.natd(*link)
         assert _master(ns, "tnatd") == "br0"
 
-    vmnet.check(vm, TAP_MTU, restart)
+    vmnet.check(TAP_MTU, restart)
 
 
 def _master(ns: Netns, iface: str) -> str | None:
@@ -179,8 +196,8 @@ def test_vm_over_socket(vmnet: VmNet) -> None:
     """QEMU -netdev stream to natd --socket (length-prefixed frames, MTU 65520)."""
     path = vmnet.workdir / "natd.sock"
     natd = vmnet.natd("--socket", str(path))
-    vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}")
-    vmnet.check(vm, SOCKET_MTU)
+    vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}")
+    vmnet.check(SOCKET_MTU)
     assert natd.alive(), "without --one-off natd keeps serving after the VM goes"
 
 
@@ -189,10 +206,10 @@ def test_vm_over_socket_dgram(vmnet: VmNet) -> None:
     path = vmnet.workdir / "natd.dgram"
     local = vmnet.workdir / "qemu.dgram"
     vmnet.natd("--socket-dgram", str(path))
-    vm = vmnet.boot(
+    vmnet.boot(
         f"dgram,id=n0,local.type=unix,local.path={local},remote.type=unix,remote.path={path}"
     )
-    vmnet.check(vm, SOCKET_MTU)
+    vmnet.check(SOCKET_MTU)
 
 
 @pytest.mark.parametrize(
@@ -210,9 +227,9 @@ def test_vm_over_inherited_socketpair(vmnet: VmNet, kind: int, netdev: str) -> N
     with ours, theirs:
         natd = vmnet.natd("--fd", str(ours.fileno()), pass_fds=(ours.fileno(),))
         ours.close()
-        vm = vmnet.boot(netdev.format(fd=theirs.fileno()), pass_fds=(theirs.fileno(),))
+        vmnet.boot(netdev.format(fd=theirs.fileno()), pass_fds=(theirs.fileno(),))
         theirs.close()
-    vmnet.check(vm, SOCKET_MTU)
+    vmnet.check(SOCKET_MTU)
     if kind == socket.SOCK_STREAM:
         assert natd.wait(15) == 0, natd.stderr_text()
 
@@ -326,10 +343,10 @@ def test_vm_via_natd_passt_launched_like_qemu_10_1(vmnet: VmNet) -> None:
             vmnet, ["--quiet", "--tcp-ports", PORTS, "--pid", PIDFILE, "--fd", "3"], ours
         )
         ours.close()
-        vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=fd,addr.str={theirs.fileno()}",
+        vmnet.boot(f"stream,id=n0,server=off,addr.type=fd,addr.str={theirs.fileno()}",
                         pass_fds=(theirs.fileno(),))  # fmt: skip
         theirs.close()
-    vmnet.check(vm, SOCKET_MTU)
+    vmnet.check(SOCKET_MTU)
     assert passt.wait_gone(15), (
         f"--fd implies one-off: natd should exit with the VM\n{passt.text()}"
     )
@@ -344,8 +361,8 @@ def test_vm_via_natd_passt_launched_like_libvirt(vmnet: VmNet) -> None:
         ["--one-off", "--socket", str(path), "--pid", PIDFILE, "--tcp-ports", PORTS],
         stderr_to_eof=True,
     )
-    vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}")
-    vmnet.check(vm, SOCKET_MTU)
+    vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}")
+    vmnet.check(SOCKET_MTU)
     assert passt.wait_gone(15), f"--one-off: natd should exit with the VM\n{passt.text()}"
 
 
@@ -365,5 +382,5 @@ def test_rootless_vm_over_socket(vmnet: VmNet) -> None:
     natd = vmnet.natd("--socket", str(path), netns_exec=user)
     uids = Path(f"/proc/{natd.pid}/status").read_text().split("Uid:")[1].split()[:4]
     assert uids == [str(user.pw.pw_uid)] * 4, f"natd runs with uids {uids}"
-    vm = vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}", user=user)
-    vmnet.check(vm, SOCKET_MTU)
+    vmnet.boot(f"stream,id=n0,server=off,addr.type=unix,addr.path={path}", user=user)
+    vmnet.check(SOCKET_MTU)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import ipaddress
 import os
 import pwd
 import queue
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harness import GATEWAY, Netns, stop_process
+from harness import FIRST_LEASE, GATEWAY, Netns, stop_process
 
 from natd.io.netns import entered_netns
 
@@ -223,10 +224,12 @@ class Vm:
         cmdline: dict[str, str],
         prefix: Sequence[str] = (),
         pass_fds: Sequence[int] = (),
+        mac: str = GUEST_MAC,
+        name: str = "vm",
     ) -> None:
-        self.serial = workdir / "serial.log"  # QEMU creates it (as whichever user runs QEMU)
+        self.serial = workdir / f"{name}.serial"  # QEMU creates it (as whichever user runs QEMU)
         self.serial.unlink(missing_ok=True)
-        self.stderr_path = workdir / "qemu.stderr"
+        self.stderr_path = workdir / f"{name}.qemu-stderr"
         args = " ".join(f"natd.{k}={v}" for k, v in cmdline.items())
         self.argv = [
             *prefix, qemu_binary() or "qemu-system-x86_64",
@@ -234,7 +237,7 @@ class Vm:
             "-display", "none", "-monitor", "none", "-serial", f"file:{self.serial}",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
             "-append", f"console=ttyS0 quiet panic=-1 {args}",
-            "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC}",
+            "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={mac}",
         ]  # fmt: skip
         with self.stderr_path.open("wb") as err:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
@@ -292,44 +295,54 @@ def guest_args(host: HostSide) -> dict[str, str]:
 
 
 def run_all_checks(
-    vm: Vm,
+    vms: Sequence[Vm],
     host: HostSide,
     forward_port: int,
     mtu: int,
     restart: Callable[[], None] | None = None,
-) -> dict[str, str]:
-    """Wait for the guest's checks, do the forward from the host side, and assert every one.
+) -> list[dict[str, str]]:
+    """Wait for the guests' checks, do the forward from the host side, and assert every one.
 
-    With ``restart`` (and ``again=1`` on the guest's command line) the guest then waits while
-    ``restart`` runs and does every transfer a second time, reported as ``again_*``.
+    Several guests share the network: each gets its own lease (.15 upward), every transfer of
+    each is checked, and the forward reaches the one holding the first address. With
+    ``restart`` (and ``again=1`` on the guests' command line) the guests then wait while
+    ``restart`` runs and do every transfer a second time, reported as ``again_*``.
     """
-    vm.wait_for("forward")
+    for vm in vms:
+        vm.wait_for("forward")
     body = host.fetch_forward(forward_port)
     host.released.set()
     if restart is not None:
-        vm.wait_for("again")
+        for vm in vms:
+            vm.wait_for("again")
         restart()
         host.again.set()
-    vm.wait_for("done")
-    try:
-        vm.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"guest did not power off\n{vm.describe()}") from None
-    got = vm.results()
-    context = vm.describe()
-    assert "error" not in got, context
-    assert got.get("lease_ip") == "10.0.2.15", context
-    assert got.get("lease_router") == GATEWAY, context
-    assert got.get("lease_mtu") == str(mtu), context
-    assert got.get("mtu_applied") == str(mtu), context
+    for vm in vms:
+        vm.wait_for("done")
+        try:
+            vm.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"guest did not power off\n{vm.describe()}") from None
+    results = [vm.results() for vm in vms]
+    context = "\n".join(vm.describe() for vm in vms)
+    leases = [got.get("lease_ip") for got in results]
+    first = ipaddress.ip_address(FIRST_LEASE)
+    assert sorted(leases) == [str(first + i) for i in range(len(vms))], context
     rounds = ("", "again_") if restart is not None else ("",)
-    for p in rounds:
-        assert got.get(f"{p}ping") == "ok", context
-        assert got.get(f"{p}bigping") == str(mtu - 28), context
-        assert got.get(f"{p}dns") == DNS_ANSWER, context
-        assert got.get(f"{p}download_sha256") == host.download_sha256, context
-        assert got.get(f"{p}upload_reply") == got.get(f"{p}upload_sha256"), context
-    assert host.uploads == [got.get(f"{p}upload_sha256") for p in rounds], context
-    assert hashlib.sha256(body).hexdigest() == got.get("forward_sha256"), context
+    for got in results:
+        assert "error" not in got, context
+        assert got.get("lease_router") == GATEWAY, context
+        assert got.get("lease_mtu") == str(mtu), context
+        assert got.get("mtu_applied") == str(mtu), context
+        for p in rounds:
+            assert got.get(f"{p}ping") == "ok", context
+            assert got.get(f"{p}bigping") == str(mtu - 28), context
+            assert got.get(f"{p}dns") == DNS_ANSWER, context
+            assert got.get(f"{p}download_sha256") == host.download_sha256, context
+            assert got.get(f"{p}upload_reply") == got.get(f"{p}upload_sha256"), context
+    sent = [got.get(f"{p}upload_sha256") for got in results for p in rounds]
+    assert sorted(host.uploads) == sorted(sent), context  # type: ignore[type-var]
+    target = results[leases.index(FIRST_LEASE)]
+    assert hashlib.sha256(body).hexdigest() == target.get("forward_sha256"), context
     assert len(body) == 512 * 1024, context
-    return got
+    return results
