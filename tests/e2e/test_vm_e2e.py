@@ -5,10 +5,10 @@ what the guest's init (``tests/vm/init.sh``) reports on its serial console: the 
 its MTU applied, a ping of the gateway (and the biggest one the MTU allows unfragmented), a DNS
 answer that only the test's loopback dnsmasq knows, a sha256-checked download from and upload to
 an HTTP server on the host's loopback, and a forward from the host into the guest's HTTP server.
-Transports: a bridged TAP (also across a natd restart), --socket (also as nobody),
---socket-dgram, --fd with stream and datagram socketpairs, and natd-passt launched as QEMU 10.1
-and libvirt launch passt. natd, dnsmasq, the HTTP server and QEMU all run inside a namespace the
-test creates, so the guest can reach nothing else. About 10 s per test under TCG.
+Transports: a bridged TAP (also two guests at once, and across a natd restart), --socket (also
+as nobody), --socket-dgram, --fd with stream and datagram socketpairs, and natd-passt launched
+as QEMU 10.1 and libvirt launch passt. natd, dnsmasq, the HTTP server and QEMU all run inside a
+namespace the test creates, so the guest can reach nothing else. About 10 s per test under TCG.
 """
 
 from __future__ import annotations
