@@ -8,7 +8,7 @@ plus the harness's udhcpc script are packed with busybox into a gzip'd newc cpio
 
 The result lives in ``$NATD_VM_CACHE`` (default ``/var/cache/natd-vm``) under a directory named
 by the package versions and a hash of the guest scripts, so a machine builds it once and every
-later run is a cache hit. Measured here: a cold build takes about 6 s (1 s to download 71 MB,
+later run is a cache hit. Measured here: a cold build takes 6-12 s (1 s to download 71 MB,
 2.5 s to unpack the kernel package, the rest cpio + gzip of a 1.2 MB initrd); a hit about 1.5 s
 (the two apt-cache look-ups that name the key). Concurrent builders serialise on a lock file.
 Run it directly to build ahead of the tests::
