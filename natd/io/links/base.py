@@ -21,6 +21,8 @@ learns which one it runs on:
 
 from __future__ import annotations
 
+import socket
+from collections import Counter
 from typing import Protocol
 
 READ_BATCH_LIMIT = 64  # frames per read_batch: bounds the time one readiness event takes
@@ -66,3 +68,31 @@ class Link(Protocol):
     def stats(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
+
+
+class SocketLink:
+    """What the socket links share: the socket, a preallocated read buffer, counters shared
+    with a server across reconnections, and no offloads (no vnet_hdr crosses a socket)."""
+
+    kind = "socket"
+    offloads = False
+    default_mtu = SOCKET_MTU
+    rx_csum: list[int] | None = None
+
+    def __init__(
+        self, sock: socket.socket, name: str, counters: Counter[str] | None, buffer_size: int
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.name = name
+        self.counters: Counter[str] = counters if counters is not None else Counter()
+        self.closed = False
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._gone: str | None = None  # why a write found the peer gone, raised by flush
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)

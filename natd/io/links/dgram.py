@@ -20,7 +20,14 @@ import os
 import socket
 from collections import Counter
 
-from natd.io.links.base import MAX_FRAME, READ_BATCH_LIMIT, SOCKET_MTU, Frame, LinkGone, RxFrame
+from natd.io.links.base import (
+    MAX_FRAME,
+    READ_BATCH_LIMIT,
+    Frame,
+    LinkGone,
+    RxFrame,
+    SocketLink,
+)
 from natd.io.links.stream import listen_unix, remove_socket_file
 from natd.wire.vnet import F_DATA_VALID
 
@@ -30,13 +37,10 @@ _PEER_GONE = (errno.ECONNREFUSED, errno.ENOTCONN)
 _LEARNED_PEER_GONE = (errno.ECONNREFUSED, errno.ENOENT)
 
 
-class DgramLink:
+class DgramLink(SocketLink):
     """A unix datagram socket, bound to a path (peer learned) or connected (``--fd``)."""
 
-    kind = "socket"
-    offloads = False
-    default_mtu = SOCKET_MTU
-    rx_csum: list[int] | None = None
+    want_write = False  # every write is one syscall, done at once
 
     def __init__(
         self,
@@ -47,27 +51,16 @@ class DgramLink:
         path: str | None = None,
         counters: Counter[str] | None = None,
     ) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.name = name
+        super().__init__(sock, name, counters, READ_BUFFER)
         self.connected = connected
         self.peer: str | bytes | None = None
-        self.counters: Counter[str] = counters if counters is not None else Counter()
-        self.closed = False
-        self.want_write = False  # every write is one syscall, done at once
         self._path = path
         self._inode = _inode(path) if path else None
-        self._buf = bytearray(READ_BUFFER)
-        self._view = memoryview(self._buf)
-        self._gone: str | None = None
 
     @classmethod
     def bind(cls, path: str) -> DgramLink:
         """``--socket-dgram PATH``: bind PATH (LinkError says why not); the peer comes later."""
         return cls(listen_unix(path, socket.SOCK_DGRAM), path, connected=False, path=path)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def read_batch(self, limit: int = READ_BATCH_LIMIT) -> list[RxFrame]:
         """Up to ``limit`` datagrams as views into the read buffer (valid until the next call)."""
@@ -142,9 +135,6 @@ class DgramLink:
         if self._gone is not None:
             self.counters["socket.closed.peer_gone"] += 1
             raise LinkGone(self._gone)
-
-    def stats(self) -> dict[str, int]:
-        return dict(self.counters)
 
     def close(self) -> None:
         if not self.closed:

@@ -31,11 +31,11 @@ from collections.abc import Callable
 from natd.io.links.base import (
     MAX_FRAME,
     READ_BATCH_LIMIT,
-    SOCKET_MTU,
     Frame,
     LinkError,
     LinkGone,
     RxFrame,
+    SocketLink,
 )
 from natd.wire.vnet import F_DATA_VALID
 
@@ -46,16 +46,11 @@ _IOV_MAX = 1024  # sendmsg's iovec limit (UIO_MAXIOV)
 _PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED)
 
 
-class StreamLink:
+class StreamLink(SocketLink):
     """One connected unix stream socket carrying length-prefixed frames.
 
     ``counters`` may be shared (the server's), so totals survive reconnections.
     """
-
-    kind = "socket"
-    offloads = False
-    default_mtu = SOCKET_MTU
-    rx_csum: list[int] | None = None
 
     def __init__(
         self,
@@ -65,22 +60,12 @@ class StreamLink:
         *,
         queue_limit: int = QUEUE_LIMIT,
     ) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.name = name
-        self.counters: Counter[str] = counters if counters is not None else Counter()
+        super().__init__(sock, name, counters, READ_BUFFER)
         self.queue_limit = queue_limit
-        self.closed = False
-        self._buf = bytearray(READ_BUFFER)
-        self._view = memoryview(self._buf)
         self._start = 0  # the first byte not yet cut into a frame
         self._end = 0  # the end of what has been read
         self._out: list[Frame] = []
         self._out_bytes = 0
-        self._gone: str | None = None
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     @property
     def want_write(self) -> bool:
@@ -182,9 +167,6 @@ class StreamLink:
         if i:
             del out[:i]
         self._out_bytes -= sent_total
-
-    def stats(self) -> dict[str, int]:
-        return dict(self.counters)
 
     def close(self) -> None:
         if not self.closed:
