@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("-6", "--ipv6-only", action="store_true")
     for name in ("--no-tcp", "--no-udp", "--no-icmp"):
         add(name, action="store_true")
-    add("--no-dhcp", nargs=0, action=_refuse("natd's DHCP server cannot be switched off"))
+    add("--no-dhcp", action="store_true")
     for name in ("--no-ndp", "--no-ra", "--no-dhcpv6"):
         add(name, action="store_true")  # natd serves no IPv6 here: already off
     add("--vhost-user", nargs=0, action=_refuse("not supported (natd speaks the socket protocols)"))
@@ -221,6 +221,8 @@ def overrides_from(ns: argparse.Namespace) -> dict[str, object]:
                 f"--map-host-loopback {ns.map_host_loopback}: natd maps its gateway "
                 f"{net.network_address + 2}"
             )
+    if ns.no_dhcp:
+        o["dhcp_server"] = False
     off = [p for p in ("tcp", "udp", "icmp") if getattr(ns, f"no_{p}")]
     if off:
         o["no_protocols"] = off

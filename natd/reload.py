@@ -44,6 +44,7 @@ RESTART_FIELDS = (
     "one_off",
     "pid_file",
     "gateway_mac",
+    "dhcp_server",
     "pool",
     "lease_time",
     "domain",

@@ -289,7 +289,10 @@ class Gateway:
             copy[6] = copy[7] = 0
             l4 = memoryview(copy)
         if proto == PROTO_UDP and len(l4) >= 4 and (l4[2] << 8 | l4[3]) == _DHCP_SERVER_PORT:
-            self.dhcp.on_dhcp(src_mac, ip, l4, now)
+            if self.settings.dhcp:
+                self.dhcp.on_dhcp(src_mac, ip, l4, now)
+            else:
+                self.counters["ignored.dhcp.off"] += 1
             return
         dst = ip.dst
         if dst[0] >= 224 and dst != _LIMITED_BROADCAST:

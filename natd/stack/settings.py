@@ -52,6 +52,8 @@ class GatewaySettings:
     # the guest goes out as up-to-64 KB GSO frames with partial checksums. Set by the daemon
     # from what the TAP negotiated; False means plain MSS-sized frames with full checksums.
     tso: bool = False
+    # natd-passt --no-dhcp: the guest is configured by hand; DHCP requests are ignored.
+    dhcp: bool = True
     # Source guard (natd.stack.neighbours): an address belongs to its lease/reservation's MAC
     # or to the first MAC seen using it until idle this long; False: learn from every frame.
     source_guard: bool = True

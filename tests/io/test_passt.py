@@ -85,7 +85,6 @@ def test_addresses_default_to_natds_and_follow_a() -> None:
         (["-t", "all"], "-t/--tcp-ports all"),
         (["-g", "10.0.2.1"], "-g/--gateway 10.0.2.1"),
         (["-6"], "-6/--ipv6-only"),
-        (["--no-dhcp"], "--no-dhcp"),
         (["--no-tcp", "-t", "22"], "--no-tcp"),
         (["-M", "01:00:5e:00:00:01"], "--mac-addr"),
         (["-t", "70000"], "-t/--tcp-ports 70000"),
@@ -119,6 +118,12 @@ def test_no_protocol_options_deny_that_protocol_everywhere() -> None:
     assert not policy.decide(PROTO_ICMP, bytes([10, 0, 2, 2]), 0, SERVICE)
     assert not policy.decide(PROTO_UDP, bytes([192, 0, 2, 1]), 123)
     assert policy.decide(PROTO_TCP, bytes([192, 0, 2, 1]), 443)  # TCP untouched
+
+
+def test_no_dhcp_turns_natds_dhcp_server_off() -> None:
+    cfg = load_config(None, mapped("-s", "/tmp/s", "--no-dhcp"), resolv_conf="/dev/null")
+    assert settings_from_config(cfg).dhcp is False
+    assert settings_from_config(load_config(None, {}, resolv_conf="/dev/null")).dhcp is True
 
 
 def test_bad_mapping_raises_usage_error() -> None:

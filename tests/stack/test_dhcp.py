@@ -575,3 +575,14 @@ def test_random_payload_never_raises(junk: bytes) -> None:
     gw, _log = make_gateway()
     payload = junk[:236] + bytes.fromhex("63825363") + junk[236:] if len(junk) > 236 else junk
     _check_outcome(gw, dhcp_frame(None, payload=payload), 0.0)
+
+
+def test_dhcp_server_off_ignores_requests() -> None:
+    """natd-passt --no-dhcp: a hand-configured guest; DHCP requests get no answer, no lease."""
+    gw, _log = make_gateway(dhcp=False)
+    assert (
+        exchange(gw, [dhcp_frame(DISCOVER), dhcp_frame(REQUEST, requested=ip("10.0.2.15"))], 0.0)
+        == []
+    )
+    assert gw.counters["ignored.dhcp.off"] == 2
+    assert gw.dhcp.leases(0.0) == [] and not drops(gw)
