@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from natd.io.links.stream import StreamLink
 from natd.io.links.tap import TapLink
 from natd.io.shell import Shell
 from natd.stack.ops import DnsQuery, HostOp, TcpClose, TcpConnect, UdpSend
@@ -27,7 +29,9 @@ class FakeGateway:
         self.timer_calls: list[float] = []
         self.counters: Counter[str] = Counter()
 
-    def receive_frames(self, frames: list[bytes | memoryview], now: float) -> None:
+    def receive_frames(
+        self, frames: list[bytes | memoryview], now: float, csum: list[int] | None = None
+    ) -> None:
         batch = [bytes(f) for f in frames]
         self.batches.append(batch)
         self.frames.extend(f[::-1] for f in batch)
@@ -311,3 +315,76 @@ async def test_due_deadline_served_within_the_flush(
     assert len(due.timer_calls) == 1
     assert guest.recv(2000) == VNET_HDR_NONE + b"ack" * 20
     shell.stop()
+
+
+# -- socket links behind the shell ------------------------------------------------------------
+
+
+def unframe(data: bytes) -> list[bytes]:
+    out = []
+    while data:
+        (n,) = struct.unpack(">I", data[:4])
+        out.append(data[4 : 4 + n])
+        data = data[4 + n :]
+    return out
+
+
+async def test_stream_link_backpressure_waits_until_writable() -> None:
+    """A peer that reads slowly: what the socket cannot take is queued, the shell waits for
+    the fd to be writable, and every frame arrives whole and in order."""
+    natd_side, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    natd_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    guest.setblocking(False)
+    gateway = FakeGateway()
+    link = StreamLink(natd_side, "s0")
+    shell = Shell(asyncio.get_running_loop(), gateway, link, RecordingLog())  # type: ignore[arg-type]
+    try:
+        shell.start()
+        sent = [i.to_bytes(4, "big") + bytes(1496) for i in range(300)]
+        gateway.frames.extend(sent)
+        shell.flush()
+        assert shell._writing  # 450 KB do not fit in the socket: the rest waits, nothing blocks
+        data = b""
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(data) < 300 * 1504:
+            assert asyncio.get_running_loop().time() < deadline, "the queue never drained"
+            try:
+                data += guest.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        assert unframe(data) == sent
+        await asyncio.sleep(0)
+        assert not shell._writing and link.counters["socket.tx_dropped"] == 0
+    finally:
+        shell.stop()
+        link.close()
+        guest.close()
+
+
+async def test_frames_without_a_link_are_counted_then_a_peer_is_served() -> None:
+    gateway = FakeGateway()
+    shell = Shell(asyncio.get_running_loop(), gateway, None, RecordingLog())  # type: ignore[arg-type]
+    natd_side, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = StreamLink(natd_side, "s0")
+    try:
+        shell.start()
+        gateway.frames.append(b"x" * 60)
+        shell.flush()
+        assert shell.no_peer == 1 and shell.link_stats() == {"link.no_peer": 1}
+        shell.attach(link)
+        guest.sendall(struct.pack(">I", 60) + bytes(range(60)))
+        guest.setblocking(False)
+        reply = b""
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(reply) < 64:
+            assert asyncio.get_running_loop().time() < deadline, "no echo"
+            try:
+                reply += guest.recv(100)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        assert unframe(reply) == [bytes(range(60))[::-1]]  # the fake core echoes it reversed
+        assert shell.link_name() == ("s0", "socket")
+    finally:
+        shell.stop()
+        link.close()
+        guest.close()
