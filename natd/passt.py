@@ -209,8 +209,11 @@ def overrides_from(ns: argparse.Namespace) -> dict[str, object]:
     dns = [d for d in ns.dns if d != "none" and ":" not in d and d != str(net.network_address + 3)]
     if dns:
         o["dns_upstreams"] = dns
-    if ns.search and ns.search != ["none"]:
-        o["domain"] = ns.search[0].rstrip(".")
+    # One argument with spaces (QEMU 10.1 joins its list so) or several: the first is natd's
+    # domain (DHCP option 15 and 119 carry it).
+    domains = " ".join(ns.search or ()).split()
+    if domains and domains != ["none"]:
+        o["domain"] = domains[0].rstrip(".")
     if ns.no_map_gw:
         o["host_loopback"] = False
     if ns.map_host_loopback is not None:

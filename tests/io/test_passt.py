@@ -66,6 +66,8 @@ def test_addresses_default_to_natds_and_follow_a() -> None:
     o = mapped("-s", "/tmp/s", "-D", "127.0.0.1", "-S", "example.test", "--no-map-gw")
     cfg = load_config(None, o, resolv_conf="/dev/null")
     assert cfg.dns_upstreams == (("127.0.0.1", 53),)
+    o = mapped("-s", "/tmp/s", "--search", "corp.test lab.test")  # QEMU 10.1 joins its list
+    assert o["domain"] == "corp.test"
     o = mapped("-s", "/tmp/s", "-D", "10.0.2.3", "-D", "fd00::1", "-D", "127.0.0.1")
     assert o["dns_upstreams"] == ["127.0.0.1"]  # natd's own forwarder is no upstream
     assert cfg.domain == "example.test" and cfg.host_loopback is False
