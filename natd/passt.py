@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("-a", "--address", action="append", default=[])
     add("-n", "--netmask")
     add("-g", "--gateway", action="append", default=[])
+    # Accepted, no effect: natd's MAC is a stable function of the network, and libvirt's passt
+    # backend passes the *guest's* MAC here, which natd must never claim as its own.
     add("-M", "--mac-addr")
     add("-i", "--interface")  # accepted, no effect: natd copies no host interface
     add("-t", "--tcp-ports", action="append", default=[])
@@ -173,8 +175,6 @@ def overrides_from(ns: argparse.Namespace) -> dict[str, object]:
             o["one_off"] = True
     if ns.pid is not None:
         o["pid_file"] = ns.pid
-    if ns.mac_addr is not None:
-        o["gateway_mac"] = ns.mac_addr  # passt's own MAC toward the guest: natd's gateway
     if ns.mtu is not None:
         o["mtu"] = ns.mtu
     o["log_level"] = "debug" if ns.debug else ("warning" if ns.quiet else "info")

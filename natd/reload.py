@@ -43,7 +43,6 @@ RESTART_FIELDS = (
     "link_fd",
     "one_off",
     "pid_file",
-    "gateway_mac",
     "dhcp_server",
     "pool",
     "lease_time",

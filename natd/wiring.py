@@ -66,7 +66,6 @@ def settings_from_config(cfg: Config, *, tso: bool = False) -> GatewaySettings:
         limits=resolve_limits(cfg.limits),
         policy=policy_from_config(cfg),
         dhcp=cfg.dhcp_server,
-        **({"gateway_mac": mac_from_str(cfg.gateway_mac)} if cfg.gateway_mac else {}),
     )
 
 

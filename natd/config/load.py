@@ -95,7 +95,6 @@ _OPTION_NAMES = {
     "link_fd": "--fd",
     "one_off": "--one-off",
     "pid_file": "--pid",
-    "gateway_mac": "--mac-addr",
     "dhcp_server": "--no-dhcp",
     "no_protocols": "--no-tcp/--no-udp/--no-icmp",
     "pool": "--address",
@@ -259,14 +258,10 @@ def load_config(
     if runas_text is not None:
         runas = _check(cast(Value, get("runas")), partial(parse_runas, runas_text))
 
-    gateway_mac: str | None = None
-    if (v := get("gateway_mac")) is not None:
-        gateway_mac = _check(v, partial(parse_mac, _str(v)))
     dhcp_server = True
     if (v := get("dhcp_server")) is not None:
         dhcp_server = v.value is not False
     return Config(
-        gateway_mac=gateway_mac,
         dhcp_server=dhcp_server,
         cidr=net,
         mtu=mtu,

@@ -130,7 +130,6 @@ class Config:
     link_fd: int | None = None  # --fd N: inherited connected socket
     one_off: bool = False  # exit 0 when the --socket peer goes (always so for --fd)
     pid_file: str | None = None
-    gateway_mac: str | None = None  # natd-passt -M; else a stable function of the network
     dhcp_server: bool = True  # natd-passt --no-dhcp turns it off
     pool: tuple[IPv4Address, IPv4Address] = (
         IPv4Address("10.0.2.15"),
