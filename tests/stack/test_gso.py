@@ -21,7 +21,8 @@ from tcp_helpers import GUEST_IP, GUEST_MAC, REMOTE_IP, Guest, Out, parse_segmen
 from natd.stack.gateway import Gateway
 from natd.stack.ops import TcpSend, UdpSend
 from natd.stack.settings import GatewaySettings
-from natd.stack.tcp_flow import GSO_MAX_PAYLOAD, SendBuffer
+from natd.stack.tcp.sendbuf import SendBuffer
+from natd.stack.tcp.template import GSO_MAX_PAYLOAD
 from natd.wire.checksum import ones_sum, pseudo_sum
 from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
 from natd.wire.ipv4 import PROTO_TCP, PROTO_UDP, build_ipv4

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 natd answers the guest's SYN *as the destination*: it is a small TCP endpoint per flow
-(``natd.stack.tcp_flow.TcpFlow``) and, on the other side, an ordinary socket client that the
+(``natd.stack.tcp.flow.TcpFlow``) and, on the other side, an ordinary socket client that the
 shell (``natd.io.tcp_host.TcpHost``) runs with asyncio transports.
 
 Why a buffered TCP per flow and not passt-style translation: asyncio transports hand natd
@@ -36,7 +36,7 @@ client reusing its own (``open_inbound``) — starts a new connection at once, a
 (RFC 9293 3.10.7.4, RFC 6191); natd's new ISS lies beyond the old sequence space.
 
 Memory (``natd.stack.budget``): every byte a flow buffers is charged to ``budget`` (global and
-per guest) and credited when it leaves; see ``natd.stack.tcp_flow`` for how flows ask it before
+per guest) and credited when it leaves; see ``natd.stack.tcp.flow`` for how flows ask it before
 promising window or reading a host socket, and ``wake`` for how paused flows resume.
 
 The guest never gets a SYN-ACK before the host ``connect()`` succeeded; a retransmitted SYN
@@ -89,15 +89,17 @@ import errno
 import hashlib
 import heapq
 import secrets
+from collections.abc import Callable
 
 from natd.stack.budget import Budget
 from natd.stack.link import Link
-from natd.stack.ops import TcpClose, TcpConnect, TcpResume
+from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpResume
 from natd.stack.settings import Limits
-from natd.stack.tcp_flow import (
+from natd.stack.tcp.constants import (
     ACK,
     CLOSED,
     CONNECTING,
+    DEFAULT_MSS,
     ESTABLISHED,
     FIN,
     INBOUND_TARGET,
@@ -106,8 +108,9 @@ from natd.stack.tcp_flow import (
     SYN,
     SYN_RCVD,
     SYN_SENT,
-    TcpFlow,
+    TCP_MIN_MSS,
 )
+from natd.stack.tcp.flow import TcpFlow
 from natd.wire import Malformed
 from natd.wire.checksum import word_sum
 from natd.wire.fastpath import FastFrame
@@ -115,8 +118,6 @@ from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_HOST, UNREACH_NET, build_i
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header, ipv4_header
 from natd.wire.tcp import build_tcp, build_tcp_options, parse_tcp_options
 
-_TCP_MIN_MSS = 88  # Linux's floor for a peer's MSS option
-_DEFAULT_MSS = 536  # RFC 9293 3.7.1: no MSS option
 _HDR_STRUCT_LEN = 20
 _UNREACH_HOST_ERRNOS = frozenset(
     {errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
@@ -155,9 +156,16 @@ class TcpEngine:
     # sockets answer within microseconds (``natd.io.tcp_host.DELAYED_ACK``).
     delayed_ack = 0.0
 
+    send_frame: Callable[[bytes], None]
+
     def __init__(self, link: Link, *, secret: bytes | None = None) -> None:
         self.link = link
         self.counters = link.counters
+        # The flows' Port (``natd.stack.tcp.port``): the link's own bound methods, so a
+        # segment to the guest is one attribute load on the flow's ``eng``.
+        self.send_frame = link.send_frame
+        self.outbox = link.outbox
+        self.gateway_mac = link.settings.gateway_mac
         limits = link.settings.limits
         self.budget = Budget(limits.memory_budget, limits.memory_budget_per_guest)
         self._limits = limits
@@ -196,6 +204,13 @@ class TcpEngine:
         self._rx_cur: set[int] = set()
         self._rx_prev = 0
         self._rx_epoch_end = 0.0
+
+    def emit(self, op: HostOp) -> None:
+        """Queue ``op`` for the shell."""
+        self.link.outbox.ops.append(op)
+
+    def guest_mac(self, ip: bytes) -> bytes | None:
+        return self.link.guest_mac(ip)
 
     @property
     def limits(self) -> Limits:
@@ -250,7 +265,7 @@ class TcpEngine:
         if self.budget.room(flow.guest_ip) >= self.resume_room():
             flow.host_paused = False
             self._unstarve(flow)
-            self.link.outbox.ops.append(TcpResume(flow.id))
+            self.emit(TcpResume(flow.id))
         else:
             self.starve(flow)
 
@@ -262,7 +277,6 @@ class TcpEngine:
         step = self.resume_room()
         half = self.limit // 2
         free = budget.total - budget.used
-        ops = self.link.outbox.ops
         for guest, waiting in list(self._starved.items()):
             if free < step:
                 break
@@ -274,7 +288,7 @@ class TcpEngine:
                 # (a socket paused for its own full buffer is resumed by its ACKs)
                 if flow.host_paused and len(flow.sndbuf) <= half:
                     flow.host_paused = False
-                    ops.append(TcpResume(flow_id))
+                    self.emit(TcpResume(flow_id))
                     room -= step  # the next one needs room for its own read as well
                     free -= step
                 if flow.state == ESTABLISHED and not flow.guest_fin:
@@ -421,8 +435,8 @@ class TcpEngine:
         if gmac is None:  # the Gateway learns it before calling us; be safe anyway
             counters["drop.tcp.no_neighbor"] += 1
             return
-        mss = opts.mss if opts.mss is not None else _DEFAULT_MSS
-        mss = max(_TCP_MIN_MSS, min(mss, self.our_mss))
+        mss = opts.mss if opts.mss is not None else DEFAULT_MSS
+        mss = max(TCP_MIN_MSS, min(mss, self.our_mss))
         key = (src, sport, dst, dport)
         flow_id = self.link.new_flow_id()
         guest = f"{_dotted(src)}:{sport}"
@@ -444,7 +458,7 @@ class TcpEngine:
         # debug: at info, rendering one line per open and per close was ~30% of natd's time
         # at 2k connections/s; ``tcp.close`` (info) carries the flow's story.
         log.debug("tcp.open", host=f"{target[0]}:{target[1]}", mss=mss, wscale=opts.wscale)
-        self.link.outbox.ops.append(TcpConnect(flow_id, target[0], target[1]))
+        self.emit(TcpConnect(flow_id, target[0], target[1]))
 
     def _refuse(
         self,
@@ -631,8 +645,8 @@ class TcpEngine:
         except Malformed:
             self.counters["drop.tcp.bad_option"] += 1
             return
-        mss = opts.mss if opts.mss is not None else _DEFAULT_MSS
-        flow.mss = max(_TCP_MIN_MSS, min(mss, self.our_mss))
+        mss = opts.mss if opts.mss is not None else DEFAULT_MSS
+        flow.mss = max(TCP_MIN_MSS, min(mss, self.our_mss))
         flow.cwnd = 10 * flow.mss
         if opts.wscale is not None:
             flow.snd_wscale = opts.wscale
@@ -800,7 +814,7 @@ class TcpEngine:
             self.pending_connects -= 1
         if not host_abort:
             flow.flush()  # data the guest sent before its FIN still goes out first
-        self.link.outbox.ops.append(TcpClose(flow.id, abort=host_abort))
+        self.emit(TcpClose(flow.id, abort=host_abort))
         self._log_close(flow, reason, now)
         self._forget_guest(flow)
         if host_abort:
