@@ -56,6 +56,7 @@ from typing import Any
 from natd.stack.flowtable import EvictionLog, FlowTable, TableBound, accept_mac
 from natd.stack.link import Link
 from natd.stack.ops import UdpClose, UdpSend
+from natd.wire.ethernet import ETH_HLEN
 from natd.wire.fastpath import (
     DPORT,
     DST_IP,
@@ -63,6 +64,8 @@ from natd.wire.fastpath import (
     SPORT,
     SRC_IP,
     SRC_MAC,
+    UDP_CSUM_AT,
+    UDP_FRAME_MIN,
     FastFrame,
     l4_checksum_ok,
 )
@@ -72,7 +75,6 @@ from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
 
 MAX_PEERS = 64
 FAST_MAX = 4096  # 4-tuples remembered for the fast path (then it starts over)
-_UDP_PAYLOAD = 42  # Ethernet + IPv4 without options + UDP header
 INBOUND_RETRY = 0.25  # seconds between tries of a datagram for a guest not ARPed yet
 INBOUND_RETRIES = 8
 _LOOPBACK = b"\x7f\x00\x00\x01"
@@ -190,12 +192,20 @@ class UdpEngine:
         header objects, policy and routing took twice that.
         """
         entry = self._fast.get((f[SRC_IP], f[SPORT], f[DST_IP], f[DPORT]))
-        if entry is None or len(frame) - 14 > self.link.settings.mtu or entry[0].mac != f[SRC_MAC]:
+        if (
+            entry is None
+            or len(frame) - ETH_HLEN > self.link.settings.mtu
+            or entry[0].mac != f[SRC_MAC]
+        ):
             return False
-        if not csum and (frame[40] or frame[41]) and not l4_checksum_ok(frame, f):
+        if (
+            not csum
+            and (frame[UDP_CSUM_AT] or frame[UDP_CSUM_AT + 1])
+            and not l4_checksum_ok(frame, f)
+        ):
             return False
         flow, host, port = entry
-        payload = bytes(frame[_UDP_PAYLOAD : f[PAYLOAD_END]])
+        payload = bytes(frame[UDP_FRAME_MIN : f[PAYLOAD_END]])
         self._table.touch(flow, now)
         self._send(flow, f[DST_IP], host, port, payload)
         return True

@@ -18,7 +18,8 @@ ETHERTYPE_VLAN = 0x8100
 ETHERTYPE_IPV6 = 0x86DD
 BROADCAST_MAC = b"\xff\xff\xff\xff\xff\xff"
 
-_ETH = struct.Struct("!6s6sH")
+ETHERNET_HDR = struct.Struct("!6s6sH")
+"""Destination MAC, source MAC, ethertype (the layout the hot paths share)."""
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 
@@ -26,13 +27,13 @@ def parse_ethernet(frame: Buf) -> tuple[bytes, bytes, int, memoryview]:
     """Split a frame into (dst MAC, src MAC, ethertype, payload view)."""
     if len(frame) < ETH_HLEN:
         raise Malformed("eth.short")
-    dst, src, ethertype = _ETH.unpack_from(frame)
+    dst, src, ethertype = ETHERNET_HDR.unpack_from(frame)
     return dst, src, ethertype, memoryview(frame)[ETH_HLEN:]
 
 
 def build_ethernet(dst: bytes, src: bytes, ethertype: int, payload: Buf) -> bytes:
     """A frame: the 14-byte header followed by ``payload`` (one copy, by ``bytes.join``)."""
-    return b"".join((_ETH.pack(dst, src, ethertype), payload))
+    return b"".join((ETHERNET_HDR.pack(dst, src, ethertype), payload))
 
 
 def ipv6_multicast_mac(addr: bytes) -> bytes:
@@ -55,6 +56,7 @@ def mac_from_str(text: str) -> bytes:
 
 __all__ = [
     "BROADCAST_MAC",
+    "ETHERNET_HDR",
     "ETHERTYPE_ARP",
     "ETHERTYPE_IPV4",
     "ETHERTYPE_IPV6",

@@ -32,15 +32,20 @@ The tuple (``FastFrame``), by index (the constants below name them)::
     12 PAYLOAD_END    frame offset where it ends (IPv4 total length; the UDP length for UDP)
 
 The L4 header always starts at ``L4_START`` (34); the L4 bytes a checksum covers are
-``frame[34:PAYLOAD_END]``.
+``frame[L4_START:PAYLOAD_END]``. The layouts are ``natd.wire``'s (``natd.wire.layout``).
 """
 
 from __future__ import annotations
 
-import struct
 from typing import Final
 
 from natd.wire.checksum import Buf, transport_checksum
+from natd.wire.ethernet import ETH_HLEN, ETHERNET_HDR, ETHERTYPE_IPV4
+from natd.wire.ipv4 import IPV4_HDR, IPV4_HLEN
+from natd.wire.ipv4 import PROTO_AT as _IPV4_PROTO_AT
+from natd.wire.layout import fields, frame_struct
+from natd.wire.tcp import TCP_HDR, TCP_HLEN
+from natd.wire.udp import UDP_CHECKSUM_AT, UDP_HDR, UDP_HLEN
 
 FastFrame = tuple[int, bytes, bytes, bytes, bytes, int, int, int, int, int, int, int, int]
 
@@ -58,18 +63,20 @@ WINDOW: Final = 10
 PAYLOAD_START: Final = 11
 PAYLOAD_END: Final = 12
 
-L4_START = 34
-TCP_FRAME_MIN = 54
-UDP_FRAME_MIN = 42
+L4_START = ETH_HLEN + IPV4_HLEN
+TCP_FRAME_MIN = L4_START + TCP_HLEN
+UDP_FRAME_MIN = L4_START + UDP_HLEN
+UDP_CSUM_AT = L4_START + UDP_CHECKSUM_AT  # frame offset of the UDP checksum (0: none)
 
-# Fields natd does not use on the hot path are pad bytes ("x"), so unpacking makes no objects
-# for them: Ethernet | IPv4 ver/ihl, (tos), total length, (ident), flags/fragment, (ttl, proto,
-# checksum), src, dst | TCP ports, seq, ack, offset, flags, window, (checksum, urgent pointer).
-_TCP = struct.Struct("!6s6sHBxH2xH4x4s4sHHIIBBH4x")
-_UDP = struct.Struct("!6s6sHBxH2xH4x4s4sHHH2x")
-_PROTO_BYTE = 14 + 9
+# One struct per protocol from natd.wire's layouts. Fields natd does not use on the hot path
+# are pad bytes, so unpacking makes no objects for them: Ethernet | IPv4 ver/ihl, (tos), total
+# length, (ident), flags/fragment, (ttl, proto, checksum), src, dst | TCP ports, seq, ack,
+# offset, flags, window, (checksum, urgent pointer) | UDP ports, length, (checksum).
+_IPV4_FIELDS = fields(IPV4_HDR, skip=(1, 3, 5, 6, 7))
+_TCP = frame_struct(fields(ETHERNET_HDR), _IPV4_FIELDS, fields(TCP_HDR, skip=(7, 8)))
+_UDP = frame_struct(fields(ETHERNET_HDR), _IPV4_FIELDS, fields(UDP_HDR, skip=(3,)))
+_PROTO_BYTE = ETH_HLEN + _IPV4_PROTO_AT
 _from_bytes = int.from_bytes
-_ETHERTYPE_IPV4 = 0x0800
 _VIHL_PLAIN = 0x45
 _FRAG_MASK = 0x3FFF  # MF flag and fragment offset; DF (and the reserved bit) may be set
 
@@ -88,14 +95,14 @@ def decode_frame(frame: Buf) -> FastFrame | None:
          vihl, total, frag, src, dst,
          sport, dport, seq, ack, offset, flags, window) = _TCP.unpack_from(frame)
         # fmt: on
-        if ethertype != _ETHERTYPE_IPV4 or vihl != _VIHL_PLAIN or frag & _FRAG_MASK:
+        if ethertype != ETHERTYPE_IPV4 or vihl != _VIHL_PLAIN or frag & _FRAG_MASK:
             return None
-        end = 14 + total
+        end = ETH_HLEN + total
         start = L4_START + ((offset >> 4) << 2)
         if end > n or start > end or offset < 0x50:
             return None
         # A valid header sums to 0xFFFF, i.e. to 0 mod 0xFFFF (and never to 0: version is 4).
-        if _from_bytes(frame[14:34], "big") % 0xFFFF:
+        if _from_bytes(frame[ETH_HLEN:L4_START], "big") % 0xFFFF:
             return None
         return (6, dst_mac, src_mac, src, dst, sport, dport, seq, ack, flags, window, start, end)
     if proto == 17:
@@ -104,20 +111,34 @@ def decode_frame(frame: Buf) -> FastFrame | None:
          vihl, total, frag, src, dst,
          sport, dport, length) = _UDP.unpack_from(frame)
         # fmt: on
-        if ethertype != _ETHERTYPE_IPV4 or vihl != _VIHL_PLAIN or frag & _FRAG_MASK:
+        if ethertype != ETHERTYPE_IPV4 or vihl != _VIHL_PLAIN or frag & _FRAG_MASK:
             return None
-        if 14 + total > n or length < 8 or length > total - 20:
+        if ETH_HLEN + total > n or length < 8 or length > total - IPV4_HLEN:
             return None
-        if _from_bytes(frame[14:34], "big") % 0xFFFF:
+        if _from_bytes(frame[ETH_HLEN:L4_START], "big") % 0xFFFF:
             return None
-        return (17, dst_mac, src_mac, src, dst, sport, dport, 0, 0, 0, 0, 42, L4_START + length)
+        return (
+            17,
+            dst_mac,
+            src_mac,
+            src,
+            dst,
+            sport,
+            dport,
+            0,
+            0,
+            0,
+            0,
+            UDP_FRAME_MIN,
+            L4_START + length,
+        )
     return None
 
 
 def l4_checksum_ok(frame: Buf, fields: FastFrame) -> bool:
     """Whether the TCP/UDP checksum of a decoded frame is right (a UDP checksum of 0 = none)."""
     proto = fields[PROTO]
-    if proto == 17 and frame[40] == 0 and frame[41] == 0:
+    if proto == 17 and frame[UDP_CSUM_AT] == 0 and frame[UDP_CSUM_AT + 1] == 0:
         return True
     segment = memoryview(frame)[L4_START : fields[PAYLOAD_END]]
     return transport_checksum(fields[SRC_IP], fields[DST_IP], proto, segment) == 0
@@ -138,6 +159,7 @@ __all__ = [
     "SRC_IP",
     "SRC_MAC",
     "TCP_FRAME_MIN",
+    "UDP_CSUM_AT",
     "UDP_FRAME_MIN",
     "WINDOW",
     "FastFrame",

@@ -24,7 +24,15 @@ IP_DF = 0x2
 IP_MF = 0x1
 """``IPv4Header.flags`` bit: more fragments."""
 
-_HDR = struct.Struct("!BBHHHBBH4s4s")
+IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
+"""The option-less header: version/IHL, TOS, total length, ident, flags/fragment offset, TTL,
+protocol, checksum, source, destination. Exported so a fast path and header templates share
+one layout (``natd.wire.layout``)."""
+TOTAL_LENGTH_AT = 2
+PROTO_AT = 9
+CHECKSUM_AT = 10
+SRC_AT = 12
+DST_AT = 16
 _DF_WORD = IP_DF << 13
 
 
@@ -59,7 +67,7 @@ def parse_ipv4(packet: Buf) -> tuple[IPv4Header, memoryview]:
     n = len(packet)
     if n < IPV4_HLEN:
         raise Malformed("ipv4.short")
-    vihl, tos, total, ident, frag, ttl, proto, csum, src, dst = _HDR.unpack_from(packet)
+    vihl, tos, total, ident, frag, ttl, proto, csum, src, dst = IPV4_HDR.unpack_from(packet)
     if vihl >> 4 != 4:
         raise Malformed("ipv4.version")
     ihl = (vihl & 0x0F) << 2
@@ -92,7 +100,7 @@ def ipv4_header(
     """A 20-byte header (no options) with its checksum filled in."""
     frag = _DF_WORD if df else 0
     total = IPV4_HLEN + payload_len
-    header = _HDR.pack(0x45, tos, total, ident, frag, ttl, proto, 0, src, dst)
+    header = IPV4_HDR.pack(0x45, tos, total, ident, frag, ttl, proto, 0, src, dst)
     csum = ~ones_sum(header) & 0xFFFF
     return b"".join((header[:10], csum.to_bytes(2, "big"), header[12:]))
 
@@ -114,12 +122,18 @@ def build_ipv4(
 
 
 __all__ = [
+    "CHECKSUM_AT",
+    "DST_AT",
+    "IPV4_HDR",
     "IPV4_HLEN",
     "IP_DF",
     "IP_MF",
+    "PROTO_AT",
     "PROTO_ICMP",
     "PROTO_TCP",
     "PROTO_UDP",
+    "SRC_AT",
+    "TOTAL_LENGTH_AT",
     "IPv4Header",
     "build_ipv4",
     "ipv4_header",

@@ -38,7 +38,10 @@ OPT_SACK = 5
 OPT_TIMESTAMP = 8
 
 _PROTO_TCP = 6
-_HDR = struct.Struct("!HHIIBBHHH")
+TCP_HDR = struct.Struct("!HHIIBBHHH")
+"""Ports, seq, ack, data offset byte, flags, window, checksum, urgent pointer (the layout the
+hot paths share)."""
+TCP_CHECKSUM_AT = 16
 _MSS = struct.Struct("!BBH")
 _TS = struct.Struct("!BBII")
 _U32 = struct.Struct("!I")
@@ -134,7 +137,7 @@ def parse_tcp(src: bytes, dst: bytes, data: Buf, verify: bool = True) -> TcpSegm
     n = len(data)
     if n < TCP_HLEN:
         raise Malformed("tcp.short")
-    sport, dport, seq, ack, offset, flags, window, _csum, urgent = _HDR.unpack_from(data)
+    sport, dport, seq, ack, offset, flags, window, _csum, urgent = TCP_HDR.unpack_from(data)
     header_len = (offset >> 4) << 2
     if header_len < TCP_HLEN or header_len > n:
         raise Malformed("tcp.bad_offset")
@@ -199,12 +202,16 @@ def build_tcp(
     seq &= 0xFFFFFFFF
     ack &= 0xFFFFFFFF
     offset = header_len << 2
-    header = _HDR.pack(sport, dport, seq, ack, offset, flags, window, 0, urgent)
+    header = TCP_HDR.pack(sport, dport, seq, ack, offset, flags, window, 0, urgent)
     total = pseudo_sum(src, dst, _PROTO_TCP, header_len + len(payload))
     total = ones_sum(payload, ones_sum(options, ones_sum(header, total)))
     csum = ~total & 0xFFFF
     return b"".join(
-        (_HDR.pack(sport, dport, seq, ack, offset, flags, window, csum, urgent), options, payload)
+        (
+            TCP_HDR.pack(sport, dport, seq, ack, offset, flags, window, csum, urgent),
+            options,
+            payload,
+        )
     )
 
 
@@ -217,6 +224,8 @@ __all__ = [
     "PSH",
     "RST",
     "SYN",
+    "TCP_CHECKSUM_AT",
+    "TCP_HDR",
     "TCP_HLEN",
     "TCP_MAX_HLEN",
     "URG",

@@ -10,7 +10,9 @@ from natd.wire.errors import Malformed
 
 UDP_HLEN = 8
 _PROTO_UDP = 17
-_HDR = struct.Struct("!HHHH")
+UDP_HDR = struct.Struct("!HHHH")
+"""Ports, length, checksum (the layout the hot paths share)."""
+UDP_CHECKSUM_AT = 6
 
 
 def parse_udp(
@@ -20,7 +22,7 @@ def parse_udp(
     n = len(data)
     if n < UDP_HLEN:
         raise Malformed("udp.short")
-    sport, dport, length, csum = _HDR.unpack_from(data)
+    sport, dport, length, csum = UDP_HDR.unpack_from(data)
     if length < UDP_HLEN or length > n:
         raise Malformed("udp.bad_length")
     view = memoryview(data)
@@ -34,9 +36,9 @@ def parse_udp(
 def build_udp(src: bytes, dst: bytes, sport: int, dport: int, payload: Buf) -> bytes:
     """Header + payload, checksum filled in."""
     length = UDP_HLEN + len(payload)
-    header = _HDR.pack(sport, dport, length, 0)
+    header = UDP_HDR.pack(sport, dport, length, 0)
     csum = ~ones_sum(payload, ones_sum(header, pseudo_sum(src, dst, _PROTO_UDP, length))) & 0xFFFF
-    return b"".join((_HDR.pack(sport, dport, length, csum or 0xFFFF), payload))
+    return b"".join((UDP_HDR.pack(sport, dport, length, csum or 0xFFFF), payload))
 
 
-__all__ = ["UDP_HLEN", "build_udp", "parse_udp"]
+__all__ = ["UDP_CHECKSUM_AT", "UDP_HDR", "UDP_HLEN", "build_udp", "parse_udp"]

@@ -113,12 +113,11 @@ from natd.stack.tcp.constants import (
 from natd.stack.tcp.flow import TcpFlow
 from natd.wire import Malformed
 from natd.wire.checksum import word_sum
-from natd.wire.fastpath import FastFrame
+from natd.wire.fastpath import L4_START, FastFrame
 from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_HOST, UNREACH_NET, build_icmp_error
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header, ipv4_header
-from natd.wire.tcp import build_tcp, build_tcp_options, parse_tcp_options
+from natd.wire.tcp import TCP_HLEN, build_tcp, build_tcp_options, parse_tcp_options
 
-_HDR_STRUCT_LEN = 20
 _UNREACH_HOST_ERRNOS = frozenset(
     {errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
 )
@@ -313,8 +312,8 @@ class TcpEngine:
             return False  # another MAC than the flow's: the slow path drops it, counted
         end = f[12]
         if not trusted:
-            n = end - 34
-            if (word_sum(frame[34:end]) + flow.pseudo + n) % 0xFFFF:
+            n = end - L4_START
+            if (word_sum(frame[L4_START:end]) + flow.pseudo + n) % 0xFFFF:
                 self.counters["drop.tcp.bad_checksum"] += 1
                 return True
         flow.on_segment(f[7], f[8], f[9], f[10], memoryview(frame)[f[11] : end], now)
@@ -332,13 +331,13 @@ class TcpEngine:
         ``trusted`` as in ``on_guest_frame``. A flow takes input only from the MAC that opened
         it (or, inbound, that it first reached): anything else is dropped, counted."""
         n = len(l4)
-        if n < _HDR_STRUCT_LEN:
+        if n < TCP_HLEN:
             self.counters["drop.tcp.short"] += 1
             return
         sport = (l4[0] << 8) | l4[1]
         dport = (l4[2] << 8) | l4[3]
         hlen = (l4[12] >> 4) << 2
-        if hlen < _HDR_STRUCT_LEN or hlen > n:
+        if hlen < TCP_HLEN or hlen > n:
             self.counters["drop.tcp.bad_offset"] += 1
             return
         src = ip.src
@@ -427,7 +426,7 @@ class TcpEngine:
             self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
             return
         try:
-            opts = parse_tcp_options(l4[_HDR_STRUCT_LEN:hlen])
+            opts = parse_tcp_options(l4[TCP_HLEN:hlen])
         except Malformed:
             counters["drop.tcp.bad_option"] += 1
             return
@@ -641,7 +640,7 @@ class TcpEngine:
             self.counters["drop.tcp.syn_sent"] += 1  # simultaneous open is not supported
             return
         try:
-            opts = parse_tcp_options(l4[_HDR_STRUCT_LEN:hlen])
+            opts = parse_tcp_options(l4[TCP_HLEN:hlen])
         except Malformed:
             self.counters["drop.tcp.bad_option"] += 1
             return

@@ -55,10 +55,10 @@ from natd.stack.tcp.constants import (
 from natd.stack.tcp.receiver import Receiver
 from natd.stack.tcp.sendbuf import SendBuffer
 from natd.stack.tcp.sender import Sender
-from natd.stack.tcp.template import Template4
+from natd.stack.tcp.template import Template
 
 
-class TcpFlow(Template4, Sender, Receiver):
+class TcpFlow(Template, Sender, Receiver):
     """One guest connection: the state machine over its parts; called by the engine only."""
 
     __slots__ = ()
