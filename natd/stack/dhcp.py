@@ -94,7 +94,8 @@ from natd.wire.dhcp import (
     parse_dhcp,
 )
 from natd.wire.ethernet import BROADCAST_MAC, ETHERTYPE_IPV4, build_ethernet
-from natd.wire.ipv4 import PROTO_UDP, IPv4Header, build_ipv4
+from natd.wire.ipv4 import PROTO_UDP, build_ipv4
+from natd.wire.l3 import L3
 from natd.wire.udp import build_udp, parse_udp
 
 DECLINE_HOLD = 600.0  # RFC 2131 4.3.3: a declined address is marked unavailable (10 min)
@@ -249,9 +250,9 @@ class DhcpServer:
 
     # -- input -------------------------------------------------------------------------------
 
-    def on_dhcp(self, src_mac: bytes, ip: IPv4Header, l4: memoryview, now: float) -> None:
+    def on_dhcp(self, src_mac: bytes, ip: L3, now: float) -> None:
         """A UDP datagram to port 67 from the guest; anything malformed raises ``Malformed``."""
-        sport, _dport, payload = parse_udp(ip.src, ip.dst, l4, verify=True)
+        sport, _dport, payload = parse_udp(ip.src, ip.dst, ip.payload, verify=True)
         dst = ip.dst
         s = self.link.settings
         if dst != _LIMITED_BROADCAST and dst != s.broadcast and dst != self._server_id:

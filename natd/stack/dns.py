@@ -71,7 +71,8 @@ from natd.wire.dns import (
     name_key,
     parse_dns,
 )
-from natd.wire.ipv4 import PROTO_UDP, IPv4Header
+from natd.wire.ipv4 import PROTO_UDP
+from natd.wire.l3 import L3
 from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
 
 _DNS_PORT = 53
@@ -170,10 +171,10 @@ class DnsForwarder:
 
     # -- guest side ---------------------------------------------------------------------------
 
-    def on_guest_query(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
+    def on_guest_query(self, ip: L3, now: float) -> None:
         """A UDP datagram to the DNS address, port 53. Malformed input raises to the gateway."""
         counters = self.link.counters
-        sport, _dport, payload = parse_udp(ip.src, ip.dst, l4, verify=True)
+        sport, _dport, payload = parse_udp(ip.src, ip.dst, ip.payload, verify=True)
         if not payload:
             raise Malformed("dns.empty")
         msg = parse_dns(payload)

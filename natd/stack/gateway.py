@@ -45,7 +45,8 @@ from natd.wire.icmp import (
     build_icmp_error,
     parse_icmp,
 )
-from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, IPv4Header, build_ipv4, parse_ipv4
+from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, build_ipv4, parse_ipv4
+from natd.wire.l3 import L3, build_ip, l3_from_ipv4
 from natd.wire.tcp import ACK, FIN, RST, SYN, TCP_HLEN, build_tcp, parse_tcp
 from natd.wire.udp import UDP_HLEN, parse_udp
 
@@ -169,6 +170,17 @@ class Gateway:
         self.outbox.frames.append(build_ethernet(mac, self.mac, ETHERTYPE_IPV4, packet))
         return True
 
+    def send_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = 64) -> bool:
+        if len(dst) == 4:
+            return self.send_ipv4(src, dst, proto, payload, ttl=ttl)
+        mac = self.neighbors.get(dst)
+        if mac is None:  # (no Neighbour Solicitation yet: IPv6 neighbours are learnt)
+            self.counters["tx.no_neighbor"] += 1
+            return False
+        ethertype, packet = build_ip(src, dst, proto, payload, hop_limit=ttl)
+        self.outbox.frames.append(build_ethernet(mac, self.mac, ethertype, packet))
+        return True
+
     def solicit(self, ip: bytes) -> None:
         """Ask the segment who has ``ip`` (used before natd can send to a silent guest)."""
         request = build_arp(ARP_REQUEST, self.mac, self.settings.gateway_ip, bytes(6), ip)
@@ -186,6 +198,8 @@ class Gateway:
         port 53 means the first upstream resolver, and the rest of the virtual network is not
         re-originated at all.
         """
+        if len(dst) != 4:
+            return None  # IPv6 is not re-originated yet (issue 12)
         s = self.settings
         if dst == s.gateway_ip:
             return (_LOOPBACK, port) if s.host_loopback else None
@@ -277,20 +291,21 @@ class Gateway:
     def _receive_ipv4(
         self, src_mac: bytes, l2_broadcast: bool, packet: memoryview, now: float, csum: int = 0
     ) -> None:
-        ip, l4 = parse_ipv4(packet)
-        if ip.is_fragment:
+        header, l4 = parse_ipv4(packet)
+        if header.is_fragment:
             self.counters["drop.ipv4.fragment"] += 1
             return
-        proto = ip.proto
+        proto = header.proto
         if csum and proto == PROTO_UDP and len(l4) >= UDP_HLEN:
             # The UDP engines verify checksums themselves; a partial one would fail. Checksum
             # 0 means "none" in IPv4 (RFC 768), so a copy with the field zeroed says "trusted".
             copy = bytearray(l4)
             copy[6] = copy[7] = 0
             l4 = memoryview(copy)
+        ip = l3_from_ipv4(header, l4, packet)
         if proto == PROTO_UDP and len(l4) >= 4 and (l4[2] << 8 | l4[3]) == _DHCP_SERVER_PORT:
             if self.settings.dhcp:
-                self.dhcp.on_dhcp(src_mac, ip, l4, now)
+                self.dhcp.on_dhcp(src_mac, ip, now)
             else:
                 self.counters["ignored.dhcp.off"] += 1
             return
@@ -306,7 +321,7 @@ class Gateway:
             # to it would go to natd itself or to every guest on the segment.
             self.counters["drop.ipv4.bad_source"] += 1
             return
-        if ip.total_length > self.settings.mtu and proto != PROTO_TCP:
+        if header.total_length > self.settings.mtu and proto != PROTO_TCP:
             # Oversized TCP is legitimate under TSO; anything else would be echoed past the MTU.
             self.counters["drop.ipv4.too_big"] += 1
             return
@@ -317,26 +332,26 @@ class Gateway:
             self.learn_neighbor(ip.src, src_mac)
             if neighbors.get(ip.src) != src_mac:
                 return  # another MAC's address: counted (drop.spoofed_source) by the table
-        if self._egress_denied(ip, packet, l4, csum):
+        if self._egress_denied(ip, csum):
             return
         if proto == PROTO_TCP:
-            self.tcp.on_guest_segment(ip, l4, now, csum, src_mac)
+            self.tcp.on_guest_segment(ip, now, csum, src_mac)
         elif proto == PROTO_UDP:
             if dst == self.settings.dns_ip and len(l4) >= 4 and (l4[2] << 8 | l4[3]) == _DNS_PORT:
-                self.dns.on_guest_query(ip, l4, now)
+                self.dns.on_guest_query(ip, now)
             else:
-                self.udp.on_guest_datagram(ip, l4, now, src_mac)
+                self.udp.on_guest_datagram(ip, now, src_mac)
         elif proto == PROTO_ICMP:
             if dst == self.settings.gateway_ip or dst == self.settings.dns_ip:
-                self.icmp.on_icmp(ip, l4, now)
+                self.icmp.on_icmp(ip, now)
             else:
-                self.ping.on_guest_icmp(ip, l4, now, src_mac)
+                self.ping.on_guest_icmp(ip, now, src_mac)
         else:
             self.counters["drop.ipv4.protocol"] += 1
 
     # -- egress policy -----------------------------------------------------------------------
 
-    def _egress_denied(self, ip: IPv4Header, packet: memoryview, l4: memoryview, csum: int) -> bool:
+    def _egress_denied(self, ip: L3, csum: int) -> bool:
         """Apply the egress policy to a guest packet that would open a new outbound flow.
 
         True when denied (and answered: RST for TCP, ICMP administratively prohibited for UDP
@@ -346,6 +361,7 @@ class Gateway:
         the engines (nothing is re-originated for them).
         """
         proto = ip.proto
+        l4 = ip.payload
         n = len(l4)
         if proto == PROTO_TCP:
             if n < TCP_HLEN or l4[13] & _NEW_TCP_MASK != SYN:
@@ -386,13 +402,12 @@ class Gateway:
             return False
         if proto == PROTO_UDP and self.udp.is_inbound_reply(ip.src, l4[0] << 8 | l4[1], dst, port):
             return False  # a reply on a flow natd opened inbound (a port forward)
-        self._deny(ip, packet, l4, csum, port, kind)
+        self._deny(ip, csum, port, kind)
         return True
 
-    def _deny(
-        self, ip: IPv4Header, packet: memoryview, l4: memoryview, csum: int, port: int, kind: int
-    ) -> None:
+    def _deny(self, ip: L3, csum: int, port: int, kind: int) -> None:
         """Refuse a flow the policy denies, count it, and log it once per flow."""
+        l4 = ip.payload
         src = ip.src
         dst = ip.dst
         proto = ip.proto
@@ -403,7 +418,7 @@ class Gateway:
             name = "tcp"
             ack = seg.seq + 1 + len(seg.payload)
             rst = build_tcp(dst, src, seg.dport, seg.sport, 0, ack & 0xFFFFFFFF, RST | ACK, 0)
-            self.send_ipv4(dst, src, PROTO_TCP, rst)
+            self.send_ip(dst, src, PROTO_TCP, rst)
         else:
             if proto == PROTO_UDP:
                 parse_udp(src, dst, l4, verify=True)
@@ -411,7 +426,7 @@ class Gateway:
             else:
                 parse_icmp(l4, verify=True)
                 name = "icmp"
-            error = build_icmp_error(ICMP_DEST_UNREACH, UNREACH_ADMIN, packet[: ip.total_length])
+            error = build_icmp_error(ICMP_DEST_UNREACH, UNREACH_ADMIN, ip.packet)
             self.send_ipv4(self.settings.gateway_ip, src, PROTO_ICMP, error)
         self.counters["policy.denied." + name] += 1
         key = (src, proto, dst, port)
@@ -468,4 +483,4 @@ def _is_special(ip: bytes) -> bool:
     return first == 0 or first == 127 or first >= 224
 
 
-__all__ = ["Gateway", "IPv4Header"]
+__all__ = ["Gateway"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from natd.stack.link import Link
 from natd.wire.icmp import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, build_icmp_echo, parse_icmp
-from natd.wire.ipv4 import PROTO_ICMP, IPv4Header
+from natd.wire.ipv4 import PROTO_ICMP
+from natd.wire.l3 import L3
 
 
 class IcmpResponder:
@@ -20,8 +21,8 @@ class IcmpResponder:
     def __init__(self, link: Link) -> None:
         self.link = link
 
-    def on_icmp(self, ip: IPv4Header, l4: memoryview, now: float) -> None:
-        message = parse_icmp(l4, verify=True)  # Malformed → counted by the Gateway
+    def on_icmp(self, ip: L3, now: float) -> None:
+        message = parse_icmp(ip.payload, verify=True)  # Malformed → counted by the Gateway
         counters = self.link.counters
         if message.type != ICMP_ECHO_REQUEST:
             counters["drop.icmp.type"] += 1

@@ -45,6 +45,13 @@ class Link(Protocol):
         """
         ...
 
+    def send_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = 64) -> bool:
+        """``send_ipv4`` for either family: IPv4 for 4-byte addresses, IPv6 for 16-byte ones.
+
+        What an engine uses to answer an ``L3`` view (``natd.wire.l3``) in its own family.
+        """
+        ...
+
     def send_frame(self, frame: bytes) -> None:
         """Queue a complete Ethernet frame for the guest."""
         ...

@@ -44,7 +44,8 @@ from natd.wire.icmp import (
     build_icmp_error,
     parse_icmp,
 )
-from natd.wire.ipv4 import PROTO_ICMP, IPv4Header, build_ipv4
+from natd.wire.ipv4 import PROTO_ICMP, build_ipv4
+from natd.wire.l3 import L3
 
 PingKey = tuple[bytes, int, bytes]  # guest ip, guest ident, destination
 
@@ -90,14 +91,12 @@ class PingEngine:
         self._table: FlowTable[PingKey, PingFlow] = FlowTable(1024, 256)
         self._evictions = EvictionLog(link, "ping.evicted")
 
-    def on_guest_icmp(
-        self, ip: IPv4Header, l4: memoryview, now: float, mac: bytes | None = None
-    ) -> None:
+    def on_guest_icmp(self, ip: L3, now: float, mac: bytes | None = None) -> None:
         """ICMP from the guest (Ethernet source ``mac``) to an address other than the
         gateway's and the DNS's; a flow takes requests only from its opener's MAC."""
         link = self.link
         counters = link.counters
-        msg = parse_icmp(l4, verify=True)
+        msg = parse_icmp(ip.payload, verify=True)
         if msg.type != ICMP_ECHO_REQUEST or msg.code != 0:
             counters["drop.ping.type"] += 1
             return

@@ -70,7 +70,8 @@ from natd.wire.fastpath import (
     l4_checksum_ok,
 )
 from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_ADMIN, UNREACH_PORT, build_icmp_error
-from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, IPv4Header, build_ipv4
+from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, build_ipv4
+from natd.wire.l3 import L3
 from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
 
 MAX_PEERS = 64
@@ -223,14 +224,12 @@ class UdpEngine:
         self.link.counters["udp.tx"] += 1
         self.link.outbox.ops.append(UdpSend(flow.id, host, port, payload))
 
-    def on_guest_datagram(
-        self, ip: IPv4Header, l4: memoryview, now: float, mac: bytes | None = None
-    ) -> None:
+    def on_guest_datagram(self, ip: L3, now: float, mac: bytes | None = None) -> None:
         """A unicast UDP datagram from the guest (not DHCP, not DNS at the DNS address), from
         Ethernet source ``mac``. With the source guard on, a flow takes datagrams only from the
         MAC that opened it (others are dropped, counted); off, the flow follows the guest."""
         link = self.link
-        sport, dport, payload = parse_udp(ip.src, ip.dst, l4, verify=True)
+        sport, dport, payload = parse_udp(ip.src, ip.dst, ip.payload, verify=True)
         dst = ip.dst
         if dport == 0 or sport == 0:
             link.counters["drop.udp.port_zero"] += 1

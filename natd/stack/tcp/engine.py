@@ -115,7 +115,8 @@ from natd.wire import Malformed
 from natd.wire.checksum import word_sum
 from natd.wire.fastpath import L4_START, FastFrame
 from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_HOST, UNREACH_NET, build_icmp_error
-from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header, ipv4_header
+from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP
+from natd.wire.l3 import L3
 from natd.wire.tcp import TCP_HLEN, build_tcp, build_tcp_options, parse_tcp_options
 
 _UNREACH_HOST_ERRNOS = frozenset(
@@ -320,16 +321,12 @@ class TcpEngine:
         return True
 
     def on_guest_segment(
-        self,
-        ip: IPv4Header,
-        l4: memoryview,
-        now: float,
-        trusted: int = 0,
-        mac: bytes | None = None,
+        self, ip: L3, now: float, trusted: int = 0, mac: bytes | None = None
     ) -> None:
         """Any guest TCP segment (``l4`` = header + payload) from Ethernet source ``mac``;
         ``trusted`` as in ``on_guest_frame``. A flow takes input only from the MAC that opened
         it (or, inbound, that it first reached): anything else is dropped, counted."""
+        l4 = ip.payload
         n = len(l4)
         if n < TCP_HLEN:
             self.counters["drop.tcp.short"] += 1
@@ -343,12 +340,7 @@ class TcpEngine:
         src = ip.src
         dst = ip.dst
         flow = self.flows.get((src, sport, dst, dport))
-        pseudo = (
-            flow.pseudo
-            if flow is not None
-            else ((src[0] << 8 | src[1]) + (src[2] << 8 | src[3]) + (dst[0] << 8 | dst[1])
-                  + (dst[2] << 8 | dst[3]) + PROTO_TCP)
-        )  # fmt: skip
+        pseudo = flow.pseudo if flow is not None else ip.pseudo
         if not trusted and (word_sum(l4) + pseudo + n) % 0xFFFF:
             self.counters["drop.tcp.bad_checksum"] += 1
             return
@@ -359,9 +351,9 @@ class TcpEngine:
         if flow is None:
             tw = self.time_wait_table.get((src, sport, dst, dport))
             if tw is not None:
-                self._in_time_wait(tw, ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
+                self._in_time_wait(tw, ip, sport, dport, seq, ack, flags, window, hlen, now)
             else:
-                self._no_flow(ip, l4, sport, dport, seq, ack, flags, window, hlen, now, mac)
+                self._no_flow(ip, sport, dport, seq, ack, flags, window, hlen, now, mac)
             return
         if mac is not None and flow.gmac != mac:
             if flow.gmac.strip(b"\x00"):
@@ -375,14 +367,13 @@ class TcpEngine:
                 return
             flow.on_segment(seq, ack, flags, window, l4[hlen:], now)
         elif state == CONNECTING:
-            self._while_connecting(flow, ip, l4, seq, flags, window, hlen, now)
+            self._while_connecting(flow, seq, flags, window, now)
         else:
             self._syn_sent(flow, l4, seq, ack, flags, window, hlen, now)
 
     def _no_flow(
         self,
-        ip: IPv4Header,
-        l4: memoryview,
+        ip: L3,
         sport: int,
         dport: int,
         seq: int,
@@ -400,7 +391,7 @@ class TcpEngine:
             return
         if flags & ACK or not flags & SYN:
             counters["drop.tcp.no_flow"] += 1
-            self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
+            self._refuse(ip, sport, dport, seq, ack, flags, hlen)
             return
         if flags & FIN:
             counters["drop.tcp.syn_fin"] += 1
@@ -410,23 +401,23 @@ class TcpEngine:
         target = self.link.host_destination(dst, dport)
         if target is None:
             counters["tcp.not_reoriginated"] += 1
-            self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
+            self._refuse(ip, sport, dport, seq, ack, flags, hlen)
             return
         limits = self.limits
         if self.pending_connects >= limits.max_pending_connects:
             counters["drop.tcp.pending_limit"] += 1
-            self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
+            self._refuse(ip, sport, dport, seq, ack, flags, hlen)
             return
         if len(self.flows) >= limits.max_tcp_flows:
             counters["drop.tcp.flow_limit"] += 1
-            self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
+            self._refuse(ip, sport, dport, seq, ack, flags, hlen)
             return
         if self.per_guest.get(src, 0) >= limits.max_tcp_flows_per_guest:
             counters["drop.tcp.guest_flow_limit"] += 1
-            self._refuse(ip, l4, sport, dport, seq, ack, flags, hlen)
+            self._refuse(ip, sport, dport, seq, ack, flags, hlen)
             return
         try:
-            opts = parse_tcp_options(l4[TCP_HLEN:hlen])
+            opts = parse_tcp_options(ip.payload[TCP_HLEN:hlen])
         except Malformed:
             counters["drop.tcp.bad_option"] += 1
             return
@@ -441,10 +432,7 @@ class TcpEngine:
         guest = f"{_dotted(src)}:{sport}"
         remote = f"{_dotted(dst)}:{dport}"
         log = self.link.log.bind(flow=flow_id, guest=guest, remote=remote)
-        syn_packet = ipv4_header(
-            src, dst, PROTO_TCP, len(l4), ttl=ip.ttl, ident=ip.ident, tos=ip.tos,
-            df=ip.dont_fragment,
-        ) + bytes(l4)  # fmt: skip
+        syn_packet = bytes(ip.packet)  # what an ICMP error for it quotes
         flow = TcpFlow(
             self, flow_id, key, gmac, seq, self._isn(key, now), mss, opts.wscale, window,
             target, syn_packet, log, now,
@@ -461,8 +449,7 @@ class TcpEngine:
 
     def _refuse(
         self,
-        ip: IPv4Header,
-        l4: memoryview,
+        ip: L3,
         sport: int,
         dport: int,
         seq: int,
@@ -474,19 +461,11 @@ class TcpEngine:
         if flags & ACK:
             self.send_rst_for(ip.dst, ip.src, dport, sport, ack, 0, RST)
         else:
-            seg_len = len(l4) - hlen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+            seg_len = len(ip.payload) - hlen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
             self.send_rst_for(ip.dst, ip.src, dport, sport, 0, seq + seg_len, RST | ACK)
 
     def _while_connecting(
-        self,
-        flow: TcpFlow,
-        ip: IPv4Header,
-        l4: memoryview,
-        seq: int,
-        flags: int,
-        window: int,
-        hlen: int,
-        now: float,
+        self, flow: TcpFlow, seq: int, flags: int, window: int, now: float
     ) -> None:
         """Before the SYN-ACK the guest may only repeat its SYN or give up with an RST."""
         if flags & RST:
@@ -521,8 +500,7 @@ class TcpEngine:
     def _in_time_wait(
         self,
         tw: tuple[float, int, int, int],
-        ip: IPv4Header,
-        l4: memoryview,
+        ip: L3,
         sport: int,
         dport: int,
         seq: int,
@@ -543,11 +521,11 @@ class TcpEngine:
             # A new incarnation beyond the old sequence space: reuse the 4-tuple now.
             del self.time_wait_table[key]
             self.counters["tcp.time_wait_reused"] += 1
-            self._no_flow(ip, l4, sport, dport, seq, ack, flags, window, hlen, now)
+            self._no_flow(ip, sport, dport, seq, ack, flags, window, hlen, now)
             return
         # A retransmitted FIN (or anything else): re-ACK; a FIN restarts the clock.
         segment = build_tcp(ip.dst, ip.src, dport, sport, snd_nxt & M32, rcv_nxt & M32, ACK, 0)
-        self.link.send_ipv4(ip.dst, ip.src, PROTO_TCP, segment)
+        self.link.send_ip(ip.dst, ip.src, PROTO_TCP, segment)
         if flags & FIN:
             del self.time_wait_table[key]
             self.time_wait_table[key] = (now + self.time_wait, snd_nxt, rcv_nxt, tw[3])
@@ -612,7 +590,7 @@ class TcpEngine:
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, flow.iss, 0, SYN,
             self._syn_window(flow.guest_ip), options=options,
         )  # fmt: skip
-        self.link.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+        self.link.send_ip(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
 
     def _syn_sent(
         self,
@@ -669,7 +647,7 @@ class TcpEngine:
     ) -> None:
         segment = build_tcp(src, dst, sport, dport, seq, ack, flags, 0)
         self.counters["tcp.rst_sent"] += 1
-        self.link.send_ipv4(src, dst, PROTO_TCP, segment)
+        self.link.send_ip(src, dst, PROTO_TCP, segment)
 
     def send_synack(self, flow: TcpFlow) -> None:
         """SYN-ACK with our MSS (MTU - 40) and, if the guest offered scaling, our scale."""
@@ -681,7 +659,7 @@ class TcpEngine:
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, flow.iss,
             flow.rcv_nxt, SYN | ACK, window, options=options,
         )  # fmt: skip
-        self.link.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+        self.link.send_ip(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
 
     def _syn_window(self, guest: bytes) -> int:
         """The (unscaled) window of a SYN or SYN-ACK: what one flow may have, in the budget."""
