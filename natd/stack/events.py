@@ -18,9 +18,10 @@ Addresses arrive as 4- or 16-byte ``bytes`` and are only formatted when an event
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from typing import Any
+
+from natd.stack.addresses import text as address_text
 
 OUT = "out"
 IN = "in"
@@ -28,16 +29,10 @@ IN = "in"
 
 def endpoint(addr: bytes | str, port: int | None) -> str:
     """``addr:port`` (``[addr]:port`` for IPv6); just the address when ``port`` is None."""
-    if isinstance(addr, bytes | bytearray):
-        if len(addr) == 4:
-            text = f"{addr[0]}.{addr[1]}.{addr[2]}.{addr[3]}"
-        else:
-            text = str(ipaddress.ip_address(bytes(addr)))
-    else:
-        text = addr
+    shown = address_text(bytes(addr)) if isinstance(addr, bytes | bytearray) else addr
     if port is None:
-        return text
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+        return shown
+    return f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
 
 
 def reason_class(reason: str) -> str:

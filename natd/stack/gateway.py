@@ -10,11 +10,11 @@ It never forwards or reflects a frame that was not addressed to it.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from natd.stack.addresses import is_multicast, is_special, text
 from natd.stack.arp import ArpResponder
 from natd.stack.dhcp import DhcpServer
 from natd.stack.dns import DnsForwarder
@@ -207,9 +207,9 @@ class Gateway:
             if port == _DNS_PORT and s.dns_upstreams:
                 return s.dns_upstreams[0]
             return None
-        if s.in_network(dst) or _is_special(dst):
+        if s.in_network(dst) or is_special(dst):
             return None
-        return str(ipaddress.IPv4Address(dst)), port
+        return text(dst), port
 
     # -- input -------------------------------------------------------------------------------
 
@@ -248,7 +248,7 @@ class Gateway:
                     and f[1] == mac
                     and neighbors.get(f[3]) == f[2]
                     and not f[2][0] & 1
-                    and f[4][0] < 224
+                    and f[4][0] < 224  # not addresses.is_multicast, inline
                     and f[4] != broadcast
                     and f[2] != mac
                     and (
@@ -310,7 +310,7 @@ class Gateway:
                 self.counters["ignored.dhcp.off"] += 1
             return
         dst = ip.dst
-        if dst[0] >= 224 and dst != _LIMITED_BROADCAST:
+        if is_multicast(dst) and dst != _LIMITED_BROADCAST:
             self.counters["ignored.ipv4.multicast"] += 1
             return
         if l2_broadcast or dst == _LIMITED_BROADCAST or dst == self._broadcast:
@@ -439,9 +439,9 @@ class Gateway:
             logged.popitem(last=False)
         self.log.info(
             "policy.denied",
-            guest=str(ipaddress.IPv4Address(src)),
+            guest=text(src),
             proto=name,
-            dst=str(ipaddress.IPv4Address(dst)),
+            dst=text(dst),
             port=port if proto != PROTO_ICMP else None,
             reason=self.settings.policy.explain(proto, dst, port, kind),
         )
@@ -475,12 +475,6 @@ class Gateway:
 def _not_guests(s: GatewaySettings) -> frozenset[bytes]:
     """Addresses of the virtual network that no guest may use as its own."""
     return frozenset((s.gateway_ip, s.dns_ip, s.network_address, s.broadcast))
-
-
-def _is_special(ip: bytes) -> bool:
-    """Addresses natd never dials: this-network, loopback, multicast, reserved, broadcast."""
-    first = ip[0]
-    return first == 0 or first == 127 or first >= 224
 
 
 __all__ = ["Gateway"]

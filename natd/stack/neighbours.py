@@ -19,11 +19,11 @@ The table is bounded (``max_entries``); a new address when it is full is refused
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from natd.stack.addresses import text
 from natd.stack.ratelog import BurstLog
 
 LEASE = "lease"
@@ -31,10 +31,6 @@ RESERVATION = "reservation"
 SEEN = "seen"
 
 LOG_INTERVAL = 10.0  # one warning per burst of spoofed claims
-
-
-def _text(addr: bytes) -> str:
-    return str(ipaddress.ip_address(addr))
 
 
 class NeighbourTable:
@@ -113,7 +109,7 @@ class NeighbourTable:
             if not self._busy(addr):
                 self._counters["guard.idle_takeover"] += 1
                 self._log.info(
-                    "guard.takeover", ip=_text(addr), mac=mac.hex(":"), previous=owner.hex(":")
+                    "guard.takeover", ip=text(addr), mac=mac.hex(":"), previous=owner.hex(":")
                 )
                 self._set(addr, mac, SEEN, now)
                 return True
@@ -182,7 +178,7 @@ class NeighbourTable:
         if suppressed is not None:
             self._log.warning(
                 "guard.spoofed_source",
-                ip=_text(addr),
+                ip=text(addr),
                 mac=mac.hex(":"),
                 owner=owner.hex(":"),
                 why=why,

@@ -29,9 +29,9 @@ Host events (called by ``natd.io.ping_host.PingHost``)
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
+from natd.stack.addresses import text
 from natd.stack.flowtable import EvictionLog, FlowTable, TableBound, accept_mac
 from natd.stack.link import Link
 from natd.stack.ops import PingClose, PingSend
@@ -128,14 +128,14 @@ class PingEngine:
         while (victim := self._table.victim(key[0])) is not None:
             self._close(*victim)
             self.link.counters["ping.evicted"] += 1
-            guest = str(ipaddress.IPv4Address(victim[0].guest_ip))
+            guest = text(victim[0].guest_ip)
             self._evictions.evicted(now, reason=victim[1], guest=guest)
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id,
-            guest=str(ipaddress.IPv4Address(key[0])),
+            guest=text(key[0]),
             ident=key[1],
-            dst=str(ipaddress.IPv4Address(key[2])),
+            dst=text(key[2]),
         )
         flow = PingFlow(flow_id, key, now, log, mac)
         self._table.add(flow)
@@ -219,9 +219,9 @@ class PingEngine:
             {
                 "proto": "icmp",
                 "id": f.id,
-                "guest": str(ipaddress.IPv4Address(f.guest_ip)),
+                "guest": text(f.guest_ip),
                 "ident": f.ident,
-                "peer": str(ipaddress.IPv4Address(f.dst)),
+                "peer": text(f.dst),
                 "requests": f.requests,
                 "replies": f.replies,
             }

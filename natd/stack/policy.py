@@ -37,6 +37,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from natd.stack.addresses import denied_by_default
+
 PROTO_ANY = 0
 PROTO_ICMP = 1
 PROTO_TCP = 6
@@ -55,7 +57,6 @@ HOST = 1
 SERVICE = 2
 
 LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
-_LINK_LOCAL_HI16 = 0xA9FE  # 169.254
 
 # A compiled rule: (allow, network, mask, port_lo, port_hi, proto, usable_for_link_local, index)
 # port_lo = -1 means "no port range".
@@ -140,7 +141,7 @@ class Policy:
         ``port`` is ignored for ICMP; ``kind`` is OUTSIDE, HOST or SERVICE (module docstring).
         """
         if self._open:
-            return kind != OUTSIDE or (dst[0] << 8 | dst[1]) != _LINK_LOCAL_HI16
+            return kind != OUTSIDE or not denied_by_default(dst)
         return self._verdict(proto, dst, port, kind)[0]
 
     def explain(self, proto: int, dst: bytes, port: int, kind: int = OUTSIDE) -> str:
@@ -151,7 +152,7 @@ class Policy:
         if self.restrict and kind != SERVICE:
             return False, "restrict"
         addr = int.from_bytes(dst, "big")
-        link_local = kind == OUTSIDE and (addr >> 16) == _LINK_LOCAL_HI16
+        link_local = kind == OUTSIDE and denied_by_default(dst)
         for allow, net, mask, lo, hi, rproto, ll_ok, index in self._compiled:
             if addr & mask != net or (rproto and rproto != proto):
                 continue

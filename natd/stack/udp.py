@@ -53,6 +53,7 @@ import ipaddress
 from collections import OrderedDict
 from typing import Any
 
+from natd.stack.addresses import is_special, text
 from natd.stack.flowtable import EvictionLog, FlowTable, TableBound, accept_mac
 from natd.stack.link import Link
 from natd.stack.ops import UdpClose, UdpSend
@@ -85,7 +86,7 @@ InboundKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, shown source
 
 
 def _guest_port(key: FlowKey | InboundKey) -> str:
-    return f"{ipaddress.IPv4Address(key[0])}:{key[1]}"
+    return f"{text(key[0])}:{key[1]}"
 
 
 class UdpInbound:
@@ -283,9 +284,7 @@ class UdpEngine:
             gone = victim[0]
             self._evictions.evicted(now, reason=victim[1], guest=_guest_port(gone.key))
         flow_id = self.link.new_flow_id()
-        log = self.link.log.bind(
-            flow=flow_id, guest=f"{ipaddress.IPv4Address(guest)}:{key[1]}", loopback=key[2]
-        )
+        log = self.link.log.bind(flow=flow_id, guest=f"{text(guest)}:{key[1]}", loopback=key[2])
         flow = UdpFlow(flow_id, key, now, log, mac)
         self._table.add(flow)
         self.link.counters["udp.flows_opened"] += 1
@@ -320,7 +319,7 @@ class UdpEngine:
         s = self.link.settings
         if flow.loopback:
             return s.gateway_ip if addr == _LOOPBACK else None
-        if addr[0] in (0, 127) or addr[0] >= 224 or s.in_network(addr):
+        if is_special(addr) or s.in_network(addr):
             return None
         return addr
 
@@ -424,7 +423,7 @@ class UdpEngine:
             addr = ipaddress.IPv4Address(host).packed
         except ValueError:
             return s.gateway_ip
-        if addr[0] in (0, 127) or addr[0] >= 224 or s.in_network(addr):
+        if is_special(addr) or s.in_network(addr):
             return s.gateway_ip
         return addr
 
@@ -451,7 +450,7 @@ class UdpEngine:
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id,
-            guest=f"{ipaddress.IPv4Address(guest_ip)}:{guest_port}",
+            guest=f"{text(guest_ip)}:{guest_port}",
             client=f"{client_host}:{client_port}",
         )
         flow = UdpInbound(flow_id, key, (client_host, client_port), now, log)
@@ -573,7 +572,7 @@ class UdpEngine:
             {
                 "proto": "udp",
                 "id": f.id,
-                "guest": f"{ipaddress.IPv4Address(f.guest_ip)}:{f.guest_port}",
+                "guest": f"{text(f.guest_ip)}:{f.guest_port}",
                 "loopback": f.loopback,
                 "peers": [str(ipaddress.IPv4Address(p)) for p in f.peers],
                 "bytes_out": f.bytes_out,
@@ -586,7 +585,7 @@ class UdpEngine:
                 "proto": "udp",
                 "id": f.id,
                 "direction": "in",
-                "guest": f"{ipaddress.IPv4Address(f.guest_ip)}:{f.guest_port}",
+                "guest": f"{text(f.guest_ip)}:{f.guest_port}",
                 "client": f"{f.client_host}:{f.client_port}",
                 "shown_as": f"{ipaddress.IPv4Address(f.src_ip)}:{f.client_port}",
                 "bytes_out": f.bytes_out,

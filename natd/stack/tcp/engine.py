@@ -91,6 +91,7 @@ import heapq
 import secrets
 from collections.abc import Callable
 
+from natd.stack.addresses import text
 from natd.stack.budget import Budget
 from natd.stack.link import Link
 from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpResume
@@ -127,12 +128,6 @@ _NO_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 _HOST_ACTIVE = frozenset({SYN_RCVD, ESTABLISHED, SYN_SENT})
-
-
-def _dotted(addr: bytes) -> str:
-    # Twice per new flow (its log context): an ``ipaddress`` object each time cost
-    # more than the rest of the SYN's handling.
-    return f"{addr[0]}.{addr[1]}.{addr[2]}.{addr[3]}"
 
 
 class TcpEngine:
@@ -429,8 +424,8 @@ class TcpEngine:
         mss = max(TCP_MIN_MSS, min(mss, self.our_mss))
         key = (src, sport, dst, dport)
         flow_id = self.link.new_flow_id()
-        guest = f"{_dotted(src)}:{sport}"
-        remote = f"{_dotted(dst)}:{dport}"
+        guest = f"{text(src)}:{sport}"
+        remote = f"{text(dst)}:{dport}"
         log = self.link.log.bind(flow=flow_id, guest=guest, remote=remote)
         syn_packet = bytes(ip.packet)  # what an ICMP error for it quotes
         flow = TcpFlow(
@@ -559,8 +554,8 @@ class TcpEngine:
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id,
-            guest=f"{_dotted(guest_ip)}:{guest_port}",
-            remote=f"{_dotted(src_ip)}:{src_port}",
+            guest=f"{text(guest_ip)}:{guest_port}",
+            remote=f"{text(src_ip)}:{src_port}",
             direction="in",
         )
         gmac = self.link.guest_mac(guest_ip) or b""
