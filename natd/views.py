@@ -21,62 +21,24 @@ from natd.log import sink as log_sink
 from natd.stack.gateway import Gateway
 
 
-def _split(addr_port: object) -> tuple[str, int]:
-    host, _, port = str(addr_port).rpartition(":")
-    return host, int(port) if port.isdigit() else 0
-
-
 def flow_rows(gateway: Gateway) -> list[FlowInfo]:
     """Every TCP and UDP flow as the control socket's ``flows`` shows it."""
-    rows: list[FlowInfo] = []
-    for f in list(gateway.tcp.by_id.values()):
-        rows.append(
-            FlowInfo(
-                proto="tcp",
-                guest_addr=f.guest_ip,
-                guest_port=f.guest_port,
-                remote_addr=f.remote_ip,
-                remote_port=f.remote_port,
-                state=f.state_name(),
-                bytes_out=f.bytes_to_host,
-                bytes_in=f.bytes_to_guest,
-                started=f.opened_at,
-                direction="in" if f.inbound else "out",
-                flow_id=f.id,
-            )
+    return [
+        FlowInfo(
+            proto=r.proto,
+            guest_addr=r.guest_addr,
+            guest_port=r.guest_port,
+            remote_addr=r.remote_addr or "-",
+            remote_port=r.remote_port,
+            state=r.state,
+            bytes_out=r.bytes_out,
+            bytes_in=r.bytes_in,
+            started=r.started,
+            direction=r.direction,
+            flow_id=r.flow_id,
         )
-    for row in gateway.udp.flows():
-        guest, guest_port = _split(row["guest"])
-        started = row.get("started", 0.0)
-        when = float(started) if isinstance(started, int | float) else 0.0
-        out, into = row.get("bytes_out", 0), row.get("bytes_in", 0)
-        flow_id = row.get("id")
-        if row.get("direction") == "in":
-            remote, remote_port = _split(row["client"])
-            direction, state = "in", "open"
-        else:
-            peers = row.get("peers") or []
-            assert isinstance(peers, list)
-            remote = str(peers[-1]) if peers else "-"
-            remote_port = 0
-            direction = "out"
-            state = "open" if len(peers) <= 1 else f"open ({len(peers)} peers)"
-        rows.append(
-            FlowInfo(
-                proto="udp",
-                guest_addr=guest,
-                guest_port=guest_port,
-                remote_addr=remote,
-                remote_port=remote_port,
-                state=state,
-                bytes_out=out if isinstance(out, int) else 0,
-                bytes_in=into if isinstance(into, int) else 0,
-                started=when,
-                direction=direction,
-                flow_id=flow_id if isinstance(flow_id, int) else None,
-            )
-        )
-    return rows
+        for r in gateway.tcp.rows() + gateway.udp.rows()
+    ]
 
 
 def stats_view(gateway: Gateway, shell: Shell, forwards: ForwardManager, started: float) -> object:

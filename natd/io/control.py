@@ -41,6 +41,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from natd.stack.addresses import text as address_text
+from natd.stack.events import endpoint
+
 Handler = Callable[[list[str]], Awaitable[object] | object]
 
 # The commands of INTERFACE.md, in the order the "unknown command" hint lists them.
@@ -437,7 +440,7 @@ def stats_result(
 
 def _addr(a: bytes | str | ipaddress.IPv4Address) -> str:
     if isinstance(a, bytes | bytearray):
-        return str(ipaddress.IPv4Address(bytes(a)))
+        return address_text(bytes(a))
     return str(a)
 
 
@@ -449,7 +452,7 @@ def _mac(m: bytes | str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class FlowInfo:
-    """One flow as the engines describe it to ``flows`` (addresses as 4-byte bytes or text)."""
+    """One flow as ``flows`` shows it (addresses as bytes of 4 or 16, or text)."""
 
     proto: str  # "tcp" | "udp" | "icmp"
     guest_addr: bytes | str
@@ -473,8 +476,8 @@ def flows_result(flows: Iterable[FlowInfo], now: float) -> list[dict[str, object
                 "id": f.flow_id,
                 "proto": f.proto,
                 "direction": f.direction,
-                "guest": f"{_addr(f.guest_addr)}:{f.guest_port}",
-                "remote": f"{_addr(f.remote_addr)}:{f.remote_port}",
+                "guest": endpoint(f.guest_addr, f.guest_port),
+                "remote": endpoint(f.remote_addr, f.remote_port),
                 "state": f.state,
                 "bytes_out": f.bytes_out,
                 "bytes_in": f.bytes_in,

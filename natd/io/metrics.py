@@ -190,11 +190,10 @@ class NatdCollector(Collector):
             open_in["tcp"] += f.bytes_to_guest
         if gw.tcp.time_wait_table:  # 4-tuples, not flows: their bytes are in the closed totals
             states["tcp", "TIME-WAIT"] += len(gw.tcp.time_wait_table)
-        for row in gw.udp.flows():
-            states["udp", "forward" if row.get("direction") == "in" else "open"] += 1
-            out, into = row.get("bytes_out", 0), row.get("bytes_in", 0)
-            open_out["udp"] += out if isinstance(out, int) else 0
-            open_in["udp"] += into if isinstance(into, int) else 0
+        for row in gw.udp.rows():
+            states["udp", "forward" if row.direction == "in" else "open"] += 1
+            open_out["udp"] += row.bytes_out
+            open_in["udp"] += row.bytes_in
         for ping in gw.ping._table.values():
             states["icmp", "open"] += 1
             open_out["icmp"] += ping.bytes_out

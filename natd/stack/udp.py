@@ -57,6 +57,7 @@ from natd.stack.addresses import is_special, text
 from natd.stack.flowtable import EvictionLog, FlowTable, TableBound, accept_mac
 from natd.stack.link import Link
 from natd.stack.ops import UdpClose, UdpSend
+from natd.stack.snapshot import FlowRow
 from natd.wire.ethernet import ETH_HLEN
 from natd.wire.fastpath import (
     DPORT,
@@ -566,34 +567,33 @@ class UdpEngine:
     def __len__(self) -> int:
         return len(self._table) + len(self._inbound)
 
-    def flows(self) -> list[dict[str, object]]:
-        """A snapshot for the control socket's ``flows`` command."""
-        return [
-            {
-                "proto": "udp",
-                "id": f.id,
-                "guest": f"{text(f.guest_ip)}:{f.guest_port}",
-                "loopback": f.loopback,
-                "peers": [str(ipaddress.IPv4Address(p)) for p in f.peers],
-                "bytes_out": f.bytes_out,
-                "bytes_in": f.bytes_in,
-                "started": f.started,
-            }
+    def rows(self) -> list[FlowRow]:
+        """A snapshot for the control socket's ``flows`` command and the metrics."""
+        rows = [
+            FlowRow(
+                "udp", f.id, f.guest_ip, f.guest_port, last, 0,
+                "open" if len(f.peers) <= 1 else f"open ({len(f.peers)} peers)",
+                f.bytes_out, f.bytes_in, f.started, "out", last, len(f.peers),
+            )
             for f in self._table.values()
-        ] + [
-            {
-                "proto": "udp",
-                "id": f.id,
-                "direction": "in",
-                "guest": f"{text(f.guest_ip)}:{f.guest_port}",
-                "client": f"{f.client_host}:{f.client_port}",
-                "shown_as": f"{ipaddress.IPv4Address(f.src_ip)}:{f.client_port}",
-                "bytes_out": f.bytes_out,
-                "bytes_in": f.bytes_in,
-                "started": f.started,
-            }
+            for last in (next(reversed(f.peers)) if f.peers else b"",)
+        ]  # fmt: skip
+        rows += [
+            FlowRow(
+                "udp", f.id, f.guest_ip, f.guest_port, _packed(f.client_host), f.client_port,
+                "open", f.bytes_out, f.bytes_in, f.started, "in", f.src_ip,
+            )
             for f in self._inbound.values()
-        ]
+        ]  # fmt: skip
+        return rows
+
+
+def _packed(host: str) -> bytes:
+    """A host-side address (text from the shell) as the core's bytes; empty if not one."""
+    try:
+        return ipaddress.ip_address(host).packed
+    except ValueError:
+        return b""
 
 
 __all__ = ["INBOUND_RETRIES", "INBOUND_RETRY", "MAX_PEERS", "UdpEngine", "UdpFlow", "UdpInbound"]

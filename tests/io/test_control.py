@@ -683,6 +683,11 @@ def test_flows_and_leases_results_are_json_rows() -> None:
         "age": 50.0,
     }
     assert rows[1]["guest"] == "10.0.2.15:5353" and rows[1]["age"] == 5.0
+    guest6 = bytes.fromhex("fd000010000000020000000000000f0f")
+    (row6,) = flows_result(
+        [FlowInfo("tcp", guest6, 40000, bytes(15) + b"\x01", 80, "ESTABLISHED")], now=1.0
+    )
+    assert (row6["guest"], row6["remote"]) == ("[fd00:10:0:2::f0f]:40000", "[::1]:80")
     leases = [
         LeaseInfo(b"\x52\x54\x00\x12\x34\x56", b"\x0a\x00\x02\x14", "web", None, True),
         LeaseInfo("52:54:00:AA:BB:CC", "10.0.2.15", None, 3700.5),

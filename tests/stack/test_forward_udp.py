@@ -139,7 +139,8 @@ def test_close_inbound_forgets_without_telling_the_host() -> None:
 def test_flows_snapshot_lists_inbound_clients() -> None:
     gw = known_guest()
     flow = gw.udp.open_inbound(GUEST_IP, 53, "127.0.0.1", 7000, 3.0)
-    (row,) = gw.udp.flows()
-    assert row["id"] == flow and row["direction"] == "in"
-    assert row["client"] == "127.0.0.1:7000" and row["shown_as"] == "10.0.2.2:7000"
-    assert row["guest"] == "10.0.2.15:53" and row["started"] == 3.0
+    (row,) = gw.udp.rows()
+    assert row.flow_id == flow and row.direction == "in"
+    assert (row.remote_addr, row.remote_port) == (bytes((127, 0, 0, 1)), 7000)
+    assert row.shown_addr == bytes((10, 0, 2, 2))
+    assert (row.guest_addr, row.guest_port, row.started) == (GUEST_IP, 53, 3.0)

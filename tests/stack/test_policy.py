@@ -284,7 +284,7 @@ def test_denied_udp_gets_icmp_admin_prohibited_quoting_the_datagram() -> None:
     original = sent[14:]
     assert quoted == original[: len(quoted)] and len(quoted) >= 20 + 8
     assert gw.counters["policy.denied.udp"] == 1
-    assert gw.udp.flows() == []
+    assert gw.udp.rows() == []
     assert [e["proto"] for e in denials(log)] == ["udp"]
 
 

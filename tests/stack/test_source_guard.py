@@ -58,8 +58,8 @@ def udp_sends(gw: Gateway, frames: list[bytes], now: float) -> list[bytes]:
 
 
 def udp_flow_id(gw: Gateway) -> int:
-    [flow] = gw.udp.flows()
-    return int(str(flow["id"]))
+    [flow] = gw.udp.rows()
+    return flow.flow_id
 
 
 def reply_macs(gw: Gateway, flow: int, now: float) -> list[bytes]:

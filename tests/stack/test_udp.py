@@ -320,6 +320,7 @@ def test_flows_snapshot() -> None:
     gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"abc")], now=0.0)
     (op,) = gw.take_outbox()[1]
     gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, b"abcd", now=0.1)
-    (row,) = gw.udp.flows()
-    assert row["guest"] == "10.0.2.15:40000" and row["peers"] == ["198.51.100.10"]
-    assert (row["bytes_out"], row["bytes_in"], row["loopback"]) == (3, 4, False)
+    (row,) = gw.udp.rows()
+    assert (row.guest_addr, row.guest_port) == (GUEST_IP, 40000)
+    assert row.remote_addr == row.shown_addr == OUTSIDE and row.peers == 1
+    assert (row.bytes_out, row.bytes_in, row.direction) == (3, 4, "out")

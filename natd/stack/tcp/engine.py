@@ -96,6 +96,7 @@ from natd.stack.budget import Budget
 from natd.stack.link import Link
 from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpResume
 from natd.stack.settings import Limits
+from natd.stack.snapshot import FlowRow
 from natd.stack.tcp.constants import (
     ACK,
     CLOSED,
@@ -216,6 +217,17 @@ class TcpEngine:
         """New bounds (start and reload): the budget follows; ``tcp_buffer_bytes`` is fixed."""
         self._limits = limits
         self.budget.resize(limits.memory_budget, limits.memory_budget_per_guest)
+
+    def rows(self) -> list[FlowRow]:
+        """A snapshot of the open flows for the control socket's ``flows`` and the metrics."""
+        return [
+            FlowRow(
+                "tcp", f.id, f.guest_ip, f.guest_port, f.remote_ip, f.remote_port,
+                f.state_name(), f.bytes_to_host, f.bytes_to_guest, f.opened_at,
+                "in" if f.inbound else "out", f.remote_ip,
+            )
+            for f in list(self.by_id.values())
+        ]  # fmt: skip
 
     @property
     def flow_count(self) -> int:
