@@ -42,6 +42,7 @@ from functools import partial
 from typing import Any, Literal
 
 from natd.io.fds import NO_DESCRIPTOR, RESERVED
+from natd.io.hostaddr import host_bytes
 from natd.io.poller import DatagramPoller, PollerLease
 from natd.io.tcp_host import TcpHost, reset_close
 from natd.io.udp_host import UdpHost
@@ -320,7 +321,7 @@ class ForwardManager:
             reset_close(conn)
             return
         if self.tcp_host is not None:
-            src = self.gateway.udp.shown_source(client_host)
+            src = self.gateway.udp.shown_source(host_bytes(client_host))
             flow = self.gateway.tcp.open_inbound(
                 active.guest_ip, fwd.guest_port, src, client_port, self.shell.now()
             )
@@ -384,7 +385,7 @@ class ForwardManager:
     ) -> int | None:
         fwd = active.forward
         flow = self.gateway.udp.open_inbound(
-            active.guest_ip, fwd.guest_port, client[0], client[1], now
+            active.guest_ip, fwd.guest_port, host_bytes(client[0]), client[1], now
         )
         if flow is None:
             return None

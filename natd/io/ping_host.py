@@ -31,6 +31,7 @@ from functools import partial
 from typing import Any
 
 from natd.io.fds import NO_DESCRIPTOR, flow_socket
+from natd.io.hostaddr import host_bytes, host_text
 from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
 from natd.io.udp_host import IP_RECVERR, read_error_queue
 from natd.stack.gateway import Gateway
@@ -79,8 +80,8 @@ class PingHost:
         self._dgram: dict[int, FlowSocket] = {}
         self._raw: socket.socket | None = None
         self._raw_ids = itertools.count(random.randrange(1, 0xFFFF))
-        self._raw_by_flow: dict[int, tuple[str, int]] = {}
-        self._raw_by_key: dict[tuple[str, int], int] = {}
+        self._raw_by_flow: dict[int, tuple[bytes, int]] = {}
+        self._raw_by_key: dict[tuple[bytes, int], int] = {}
         self._lease = PollerLease(loop, gateway.log, gateway.counters)
 
     @property
@@ -187,7 +188,7 @@ class PingHost:
 
     def _sendto(self, sock: socket.socket, request: bytes, op: PingSend) -> None:
         try:
-            sock.sendto(request, (op.host, 0))
+            sock.sendto(request, (host_text(op.host), 0))
         except (BlockingIOError, InterruptedError):
             self.gateway.counters["drop.ping.host_send_full"] += 1
         except OSError as exc:
@@ -249,7 +250,7 @@ class PingHost:
                 _header, l4 = parse_ipv4(packet)
                 msg = parse_icmp(l4, verify=True)
                 if msg.type == ICMP_ECHO_REPLY:
-                    flow = self._raw_by_key.get((address[0], msg.ident))
+                    flow = self._raw_by_key.get((host_bytes(address[0]), msg.ident))
                     if flow is not None:
                         ping.on_host_echo_reply(flow, msg.seq, bytes(msg.payload), now)
                 elif msg.type == ICMP_DEST_UNREACH:
@@ -260,8 +261,7 @@ class PingHost:
                         continue
                     ident = (inner_l4[4] << 8) | inner_l4[5]
                     seq = (inner_l4[6] << 8) | inner_l4[7]
-                    dst = socket.inet_ntoa(inner.dst)
-                    flow = self._raw_by_key.get((dst, ident))
+                    flow = self._raw_by_key.get((inner.dst, ident))
                     if flow is not None:
                         ping.on_host_unreachable(flow, seq, bytes(inner_l4[8:]), msg.code, now)
             except Malformed:

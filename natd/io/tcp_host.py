@@ -32,6 +32,7 @@ import struct
 from typing import Any, cast
 
 from natd.io.fds import flow_socket
+from natd.io.hostaddr import family_of, host_text
 from natd.io.memory import Trimmer
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpPause, TcpResume, TcpSend, TcpShutdown
@@ -282,7 +283,7 @@ class TcpHost:
         ``sock_connect`` future and two loop turns (conn/s was bounded by that overhead).
         """
         flow = op.flow
-        family = socket.AF_INET6 if ":" in op.host else socket.AF_INET
+        family = family_of(op.host)
         try:
             sock = flow_socket(family, socket.SOCK_STREAM)
         except OSError as exc:  # EMFILE/ENFILE (or the reserve)/ENOBUFS: RST, keep serving
@@ -292,7 +293,7 @@ class TcpHost:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            err = sock.connect_ex((op.host, op.port))
+            err = sock.connect_ex((host_text(op.host), op.port))
             if err in _IN_PROGRESS:
                 err = _connect_state(sock)
         except OSError as exc:

@@ -34,6 +34,7 @@ from functools import partial
 from typing import Any
 
 from natd.io.fds import NO_DESCRIPTOR, flow_socket
+from natd.io.hostaddr import host_bytes, host_text
 from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, UdpClose, UdpSend
@@ -152,7 +153,7 @@ class UdpHost:
             sock = flow_socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-            sock.bind(("127.0.0.1" if op.host.startswith("127.") else "0.0.0.0", 0))
+            sock.bind(("127.0.0.1" if op.host[0] == 127 else "0.0.0.0", 0))
             f = FlowSocket(op.flow, sock)
             self.poller.register(sock, partial(self._on_readable, f), partial(self._on_error, f))
         except OSError as exc:  # EMFILE, or the epoll is out of watches (max_user_watches)
@@ -180,7 +181,7 @@ class UdpHost:
                 return
         for attempt in range(2):
             try:
-                f.sock.sendto(op.payload, (op.host, op.port))
+                f.sock.sendto(op.payload, (host_text(op.host), op.port))
                 return
             except (BlockingIOError, InterruptedError):
                 self.send_dropped += 1
@@ -219,7 +220,7 @@ class UdpHost:
             except OSError:
                 got_error = True  # sk_err (ECONNREFUSED...) consumed; details are queued
                 break
-            udp.on_host_datagram(f.flow, address[0], address[1], data, now)
+            udp.on_host_datagram(f.flow, host_bytes(address[0]), address[1], data, now)
             if self._flows.get(f.flow) is not f:
                 break  # the engine closed the flow meanwhile
         if got_error and self._flows.get(f.flow) is f:
@@ -242,7 +243,7 @@ class UdpHost:
                 continue
             mtu = info if code == UNREACH_FRAG_NEEDED else 0
             self.gateway.udp.on_host_unreachable(
-                f.flow, address[0], address[1], data, now, code=code, mtu=mtu
+                f.flow, host_bytes(address[0]), address[1], data, now, code=code, mtu=mtu
             )
 
     def _close_flow(self, flow: int) -> None:

@@ -10,6 +10,7 @@ It never forwards or reflects a frame that was not addressed to it.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -52,7 +53,7 @@ from natd.wire.udp import UDP_HLEN, parse_udp
 
 _ZERO_IP = b"\x00\x00\x00\x00"
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
-_LOOPBACK = "127.0.0.1"
+_LOOPBACK = bytes((127, 0, 0, 1))
 _DHCP_SERVER_PORT = 67
 _DNS_PORT = 53
 _MAX_NEIGHBORS = 65536  # bounds the table even on a /8 virtual network
@@ -191,7 +192,7 @@ class Gateway:
         self._flow_ids += 1
         return self._flow_ids
 
-    def host_destination(self, dst: bytes, port: int) -> tuple[str, int] | None:
+    def host_destination(self, dst: bytes, port: int) -> tuple[bytes, int] | None:
         """Where a guest connection to ``dst``:``port`` is re-originated, or None if nowhere.
 
         The gateway address means the host's loopback (unless disabled), the DNS address on
@@ -205,11 +206,12 @@ class Gateway:
             return (_LOOPBACK, port) if s.host_loopback else None
         if dst == s.dns_ip:
             if port == _DNS_PORT and s.dns_upstreams:
-                return s.dns_upstreams[0]
+                host, upstream_port = s.dns_upstreams[0]
+                return ipaddress.ip_address(host).packed, upstream_port
             return None
         if s.in_network(dst) or is_special(dst):
             return None
-        return text(dst), port
+        return dst, port
 
     # -- input -------------------------------------------------------------------------------
 

@@ -60,7 +60,7 @@ class Link(Protocol):
         """A flow id unique across all engines for this gateway's lifetime."""
         ...
 
-    def host_destination(self, dst: bytes, port: int) -> tuple[str, int] | None:
+    def host_destination(self, dst: bytes, port: int) -> tuple[bytes, int] | None:
         """Where a guest flow to ``dst``:``port`` is re-originated on the host, or None."""
         ...
 

@@ -6,8 +6,9 @@ everything else is an op in ``ops``. The shell drains the outbox after each even
 (a batch of TAP frames, host data, a timer tick), performs the ops in order, and feeds the results
 back through the engines' ``on_host_*`` methods.
 
-Flows are named by a plain ``int`` id chosen by the core, so the shell keeps a dict id → transport
-and never needs to understand addresses.
+Flows are named by a plain ``int`` id chosen by the core, so the shell keeps a dict id → transport.
+Host addresses in ops (and in the ``on_host_*`` calls back) are the core's ``bytes`` of 4 or 16;
+the shell turns them into text only at the syscall (``natd.io.hostaddr``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class TcpConnect:
-    """Open a host TCP connection for guest flow ``flow`` to ``host``:``port``.
+    """Open a host TCP connection for guest flow ``flow`` to ``host`` (4 or 16 bytes):``port``.
 
     The shell answers with ``TcpEngine.on_host_connected`` or ``on_host_connect_failed``.
     """
 
     flow: int
-    host: str
+    host: bytes
     port: int
 
 
@@ -69,7 +70,7 @@ class UdpSend:
     """Send one datagram from the flow's host socket (created on first use) to host:port."""
 
     flow: int
-    host: str
+    host: bytes
     port: int
     payload: bytes
 
@@ -86,7 +87,7 @@ class PingSend:
     """Send an ICMP echo request to ``host`` on the flow's ping socket."""
 
     flow: int
-    host: str
+    host: bytes
     ident: int
     seq: int
     payload: bytes

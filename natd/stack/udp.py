@@ -38,7 +38,7 @@ retried ``INBOUND_RETRIES`` times, ``INBOUND_RETRY`` seconds apart.
 Host events (called by ``natd.io.udp_host.UdpHost``)
 ----------------------------------------------------
 - ``on_host_datagram(flow, host, port, payload, now)``: a datagram arrived on the flow's socket
-  from ``host`` (dotted quad) : ``port``.
+  from ``host`` (the address as bytes, 4 or 16) : ``port``.
 - ``on_host_unreachable(flow, host, port, payload, now, code=UNREACH_PORT, mtu=0)``: an ICMP
   error (IP_RECVERR queue) or a send error said the datagram with ``payload`` to ``host``:``port``
   could not be delivered; the guest gets ICMP destination unreachable quoting the datagram it
@@ -49,11 +49,11 @@ Host events (called by ``natd.io.udp_host.UdpHost``)
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from typing import Any
 
 from natd.stack.addresses import is_special, text
+from natd.stack.events import endpoint
 from natd.stack.flowtable import EvictionLog, FlowTable, TableBound, accept_mac
 from natd.stack.link import Link
 from natd.stack.ops import UdpClose, UdpSend
@@ -112,7 +112,7 @@ class UdpInbound:
     )
 
     def __init__(
-        self, flow_id: int, key: InboundKey, client: tuple[str, int], now: float, log: Any
+        self, flow_id: int, key: InboundKey, client: tuple[bytes, int], now: float, log: Any
     ) -> None:
         self.id = flow_id
         self.key = key
@@ -177,7 +177,7 @@ class UdpEngine:
         # flow — past the DHCP/DNS/broadcast/source/egress-policy checks — with where they go.
         # Emptied whenever one of those answers could change (a flow closes, an inbound flow
         # opens, settings are reloaded).
-        self._fast: dict[tuple[bytes, int, bytes, int], tuple[UdpFlow, str, int]] = {}
+        self._fast: dict[tuple[bytes, int, bytes, int], tuple[UdpFlow, bytes, int]] = {}
 
     # -- guest side ---------------------------------------------------------------------------
 
@@ -213,7 +213,7 @@ class UdpEngine:
         self._send(flow, f[DST_IP], host, port, payload)
         return True
 
-    def _send(self, flow: UdpFlow, dst: bytes, host: str, port: int, payload: bytes) -> None:
+    def _send(self, flow: UdpFlow, dst: bytes, host: bytes, port: int, payload: bytes) -> None:
         """One guest datagram out of ``flow``; ``dst`` becomes a peer replies may come from."""
         peers = flow.peers
         if dst in peers:
@@ -257,12 +257,12 @@ class UdpEngine:
                 link.counters["drop.udp.no_route"] += 1
             return
         host, port = target
-        key: FlowKey = (ip.src, sport, host.startswith("127."))
+        key: FlowKey = (ip.src, sport, host == _LOOPBACK)
         flow = self._table.get(key)
         mac = mac or link.guest_mac(ip.src) or bytes(6)
         if flow is None:
             flow = self._open(key, now, mac)
-            link.events.flow_open("udp", flow.id, ip.src, sport, dst, dport, now, host=host)
+            link.events.flow_open("udp", flow.id, ip.src, sport, dst, dport, now, host=text(host))
         elif not accept_mac(flow, mac, link.settings.source_guard, link.counters, "udp"):
             return
         else:
@@ -311,12 +311,10 @@ class UdpEngine:
 
     # -- host side ----------------------------------------------------------------------------
 
-    def _visible(self, flow: UdpFlow, host: str) -> bytes | None:
-        """The address the guest is shown for host address ``host``, or None to drop."""
-        try:
-            addr = ipaddress.IPv4Address(host).packed
-        except ValueError:
-            return None
+    def _visible(self, flow: UdpFlow, addr: bytes) -> bytes | None:
+        """The address the guest is shown for host address ``addr``, or None to drop."""
+        if len(addr) != 4:
+            return None  # (IPv6 host sockets come with IPv6 guests)
         s = self.link.settings
         if flow.loopback:
             return s.gateway_ip if addr == _LOOPBACK else None
@@ -324,7 +322,9 @@ class UdpEngine:
             return None
         return addr
 
-    def on_host_datagram(self, flow: int, host: str, port: int, payload: bytes, now: float) -> None:
+    def on_host_datagram(
+        self, flow: int, host: bytes, port: int, payload: bytes, now: float
+    ) -> None:
         counters = self.link.counters
         f = self._table.get_id(flow)
         if f is None:
@@ -350,7 +350,7 @@ class UdpEngine:
     def on_host_unreachable(
         self,
         flow: int,
-        host: str,
+        host: bytes,
         port: int,
         payload: bytes,
         now: float,
@@ -373,7 +373,7 @@ class UdpEngine:
         self._send_unreachable(f.guest_ip, dst, f.guest_port, port, payload, code, mtu, origin)
 
     def on_host_failed(
-        self, flow: int, now: float, refused: tuple[str, int, bytes] | None = None
+        self, flow: int, now: float, refused: tuple[bytes, int, bytes] | None = None
     ) -> None:
         """The host side could not open the flow's socket (out of descriptors): close it.
 
@@ -412,7 +412,7 @@ class UdpEngine:
 
     # -- port forwards (inbound) ----------------------------------------------------------------
 
-    def shown_source(self, host: str) -> bytes:
+    def shown_source(self, addr: bytes) -> bytes:
         """The address the guest sees for a forward's client at ``host``.
 
         The real address, like slirp4netns and passt; but the host's loopback, addresses of the
@@ -420,16 +420,12 @@ class UdpEngine:
         clients appear as the gateway address (where the guest's replies come back to natd).
         """
         s = self.link.settings
-        try:
-            addr = ipaddress.IPv4Address(host).packed
-        except ValueError:
-            return s.gateway_ip
-        if is_special(addr) or s.in_network(addr):
+        if len(addr) != 4 or is_special(addr) or s.in_network(addr):
             return s.gateway_ip
         return addr
 
     def open_inbound(
-        self, guest_ip: bytes, guest_port: int, client_host: str, client_port: int, now: float
+        self, guest_ip: bytes, guest_port: int, client_host: bytes, client_port: int, now: float
     ) -> int | None:
         """A flow for a new client of a UDP forward to ``guest_ip``:``guest_port``; its id.
 
@@ -452,7 +448,7 @@ class UdpEngine:
         log = self.link.log.bind(
             flow=flow_id,
             guest=f"{text(guest_ip)}:{guest_port}",
-            client=f"{client_host}:{client_port}",
+            client=endpoint(client_host, client_port),
         )
         flow = UdpInbound(flow_id, key, (client_host, client_port), now, log)
         self._fast.clear()  # its guest's replies must now take the slow path's inbound check
@@ -580,20 +576,12 @@ class UdpEngine:
         ]  # fmt: skip
         rows += [
             FlowRow(
-                "udp", f.id, f.guest_ip, f.guest_port, _packed(f.client_host), f.client_port,
+                "udp", f.id, f.guest_ip, f.guest_port, f.client_host, f.client_port,
                 "open", f.bytes_out, f.bytes_in, f.started, "in", f.src_ip,
             )
             for f in self._inbound.values()
         ]  # fmt: skip
         return rows
-
-
-def _packed(host: str) -> bytes:
-    """A host-side address (text from the shell) as the core's bytes; empty if not one."""
-    try:
-        return ipaddress.ip_address(host).packed
-    except ValueError:
-        return b""
 
 
 __all__ = ["INBOUND_RETRIES", "INBOUND_RETRY", "MAX_PEERS", "UdpEngine", "UdpFlow", "UdpInbound"]

@@ -138,8 +138,8 @@ async def test_ops_routed_by_type(pair: tuple[socket.socket, socket.socket]) -> 
     shell.register(tcp)
     shell.register(udp)
     ops: list[HostOp] = [
-        TcpConnect(1, "127.0.0.1", 80),
-        UdpSend(2, "127.0.0.1", 53, b"x"),
+        TcpConnect(1, bytes((127, 0, 0, 1)), 80),
+        UdpSend(2, bytes((127, 0, 0, 1)), 53, b"x"),
         TcpClose(1),
         DnsQuery(3, "127.0.0.1", 53, b"q", "udp"),
         DnsQuery(4, "127.0.0.1", 53, b"q", "udp"),
@@ -162,7 +162,7 @@ async def test_failing_side_does_not_stop_the_rest(
     good = Side((UdpSend,))
     shell.register(bad)
     shell.register(good)
-    gateway.ops.extend([TcpConnect(1, "h", 1), UdpSend(2, "h", 2, b"")])
+    gateway.ops.extend([TcpConnect(1, b"h", 1), UdpSend(2, b"h", 2, b"")])
     shell.flush()
     assert shell.errors == 1
     assert len(good.performed) == 1

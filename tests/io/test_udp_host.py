@@ -158,8 +158,9 @@ async def test_udp_send_error_counted_not_raised() -> None:
         (op,) = [op for op in pump.ops if isinstance(op, UdpSend)]
         # make the engine's flow look unopened on the host, then fail its creation
         host.perform(UdpClose(op.flow))
-        bad = dataclasses.replace(op, host="not-an-address")
-        host.perform(bad)  # sendto with a bad host: counted, nothing raised
+        # ::1 on the flow's IPv4 socket: sendto fails before anything is sent
+        bad = dataclasses.replace(op, host=bytes(15) + b"\x01")
+        host.perform(bad)  # sendto with a host of the wrong family: counted, nothing raised
         assert gw.counters["drop.udp.host_send_error"] == 1
     finally:
         pump.close()
@@ -383,7 +384,7 @@ async def test_ping_loopback_restores_ident(mode: str) -> None:
         # the engine never pings loopback; send the engine's op to 127.0.0.1 by hand
         pump.feed([ping_frame(0x4321, 7, b"natd-ping")])
         (op,) = [op for op in pump.ops if isinstance(op, PingSend)]
-        side.perform(dataclasses.replace(op, host="127.0.0.1"))
+        side.perform(dataclasses.replace(op, host=bytes((127, 0, 0, 1))))
         await pump.wait_for(lambda: len(pump.frames) >= 1)
         header, l4 = decode(pump.frames[0])
         msg = parse_icmp(l4)

@@ -58,7 +58,9 @@ def test_udp_and_ping_flows_report_open_and_idle_close() -> None:
     log = RecordingLog()
     gw = Gateway(GatewaySettings(), log=log)
     gw.receive_frames([udp_frame(GUEST, OUTSIDE, 5000, 53, b"q" * 30)], 10.0)
-    gw.udp.on_host_datagram(gw.udp.rows()[0].flow_id, "198.51.100.10", 53, b"a" * 70, 11.0)
+    gw.udp.on_host_datagram(
+        gw.udp.rows()[0].flow_id, bytes((198, 51, 100, 10)), 53, b"a" * 70, 11.0
+    )
     echo = build_icmp_echo(ICMP_ECHO_REQUEST, 7, 1, b"x" * 56)
     gw.receive_frames([icmp_frame(GUEST, OUTSIDE, echo)], 12.0)
     gw.on_timer(10_000.0)  # both idle out
@@ -75,7 +77,7 @@ def test_udp_forward_flow_is_reported_inbound() -> None:
     log = RecordingLog()
     gw = Gateway(GatewaySettings(), log=log)
     gw.neighbors[GUEST] = bytes.fromhex("525400123456")
-    flow = gw.udp.open_inbound(GUEST, 5353, "127.0.0.1", 40000, 1.0)
+    flow = gw.udp.open_inbound(GUEST, 5353, bytes((127, 0, 0, 1)), 40000, 1.0)
     assert flow is not None
     gw.udp.on_host_inbound(flow, b"hello", 1.0)
     gw.udp.close_inbound(flow)

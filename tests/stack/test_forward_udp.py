@@ -28,7 +28,7 @@ def known_guest(**overrides: object) -> Gateway:
 
 def test_loopback_client_appears_as_gateway_and_reply_goes_back_to_it() -> None:
     gw = known_guest()
-    flow = gw.udp.open_inbound(GUEST_IP, 5353, "127.0.0.1", 41000, 1.0)
+    flow = gw.udp.open_inbound(GUEST_IP, 5353, bytes((127, 0, 0, 1)), 41000, 1.0)
     assert flow is not None
     assert gw.udp.on_host_inbound(flow, b"question", 1.0)
     frames, ops = gw.take_outbox()
@@ -47,40 +47,40 @@ def test_loopback_client_appears_as_gateway_and_reply_goes_back_to_it() -> None:
     gw.receive_frames([udp_frame(GUEST_IP, GATEWAY_IP, 5353, 41000, b"answer")], 1.5)
     frames, ops = gw.take_outbox()
     assert frames == []
-    assert ops == [UdpSend(flow, "127.0.0.1", 41000, b"answer")]
+    assert ops == [UdpSend(flow, bytes((127, 0, 0, 1)), 41000, b"answer")]
 
 
 def test_outside_client_keeps_its_address_and_clients_get_separate_flows() -> None:
     gw = known_guest()
-    a = gw.udp.open_inbound(GUEST_IP, 53, "192.0.2.7", 5000, 1.0)
-    b = gw.udp.open_inbound(GUEST_IP, 53, "192.0.2.8", 5000, 1.0)
+    a = gw.udp.open_inbound(GUEST_IP, 53, bytes((192, 0, 2, 7)), 5000, 1.0)
+    b = gw.udp.open_inbound(GUEST_IP, 53, bytes((192, 0, 2, 8)), 5000, 1.0)
     assert a is not None and b is not None and a != b
-    assert gw.udp.open_inbound(GUEST_IP, 53, "192.0.2.7", 5000, 2.0) == a  # same client
+    assert gw.udp.open_inbound(GUEST_IP, 53, bytes((192, 0, 2, 7)), 5000, 2.0) == a  # same client
     gw.udp.on_host_inbound(b, b"x", 1.0)
     (frame,) = gw.take_outbox()[0]
     header, sport, _dport, _payload = decode_udp(frame)
     assert (header.src, sport) == (ip("192.0.2.8"), 5000)
     gw.receive_frames([udp_frame(GUEST_IP, ip("192.0.2.7"), 53, 5000, b"to-a")], 1.1)
-    assert gw.take_outbox()[1] == [UdpSend(a, "192.0.2.7", 5000, b"to-a")]
+    assert gw.take_outbox()[1] == [UdpSend(a, bytes((192, 0, 2, 7)), 5000, b"to-a")]
 
 
 def test_in_network_client_address_is_shown_as_gateway() -> None:
     gw = known_guest()
-    assert gw.udp.shown_source("10.0.2.99") == GATEWAY_IP
-    assert gw.udp.shown_source("127.0.0.5") == GATEWAY_IP
-    assert gw.udp.shown_source("203.0.113.1") == ip("203.0.113.1")
+    assert gw.udp.shown_source(bytes((10, 0, 2, 99))) == GATEWAY_IP
+    assert gw.udp.shown_source(bytes((127, 0, 0, 5))) == GATEWAY_IP
+    assert gw.udp.shown_source(ip("203.0.113.1")) == ip("203.0.113.1")
 
 
 def test_two_loopback_clients_on_the_same_port_collide_and_the_second_is_refused() -> None:
     gw = known_guest()
-    assert gw.udp.open_inbound(GUEST_IP, 53, "127.0.0.1", 7000, 1.0) is not None
-    assert gw.udp.open_inbound(GUEST_IP, 53, "127.0.0.2", 7000, 1.0) is None
+    assert gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 1)), 7000, 1.0) is not None
+    assert gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 2)), 7000, 1.0) is None
     assert gw.counters["drop.udp.forward_collision"] == 1
 
 
 def test_idle_inbound_flow_is_closed_and_a_late_reply_is_not_forwarded() -> None:
     gw = known_guest(limits=Limits(udp_idle_timeout=10.0))
-    flow = gw.udp.open_inbound(GUEST_IP, 53, "127.0.0.1", 7000, 1.0)
+    flow = gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 1)), 7000, 1.0)
     assert flow is not None
     gw.udp.on_host_inbound(flow, b"q", 1.0)
     gw.take_outbox()
@@ -92,12 +92,12 @@ def test_idle_inbound_flow_is_closed_and_a_late_reply_is_not_forwarded() -> None
     # The guest's late answer is now ordinary outbound traffic to the host's loopback.
     gw.receive_frames([udp_frame(GUEST_IP, GATEWAY_IP, 53, 7000, b"late")], 12.0)
     (op,) = gw.take_outbox()[1]
-    assert isinstance(op, UdpSend) and op.flow != flow and op.host == "127.0.0.1"
+    assert isinstance(op, UdpSend) and op.flow != flow and op.host == bytes((127, 0, 0, 1))
 
 
 def test_unknown_guest_mac_is_arped_for_and_the_datagram_retried() -> None:
     gw = new_gateway()
-    flow = gw.udp.open_inbound(GUEST_IP, 53, "127.0.0.1", 7000, 1.0)
+    flow = gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 1)), 7000, 1.0)
     assert flow is not None
     gw.udp.on_host_inbound(flow, b"early", 1.0)
     (frame,) = gw.take_outbox()[0]
@@ -114,7 +114,7 @@ def test_unknown_guest_mac_is_arped_for_and_the_datagram_retried() -> None:
 
 def test_a_guest_that_never_answers_arp_gives_up_after_the_retries() -> None:
     gw = new_gateway()
-    flow = gw.udp.open_inbound(GUEST_IP, 53, "127.0.0.1", 7000, 1.0)
+    flow = gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 1)), 7000, 1.0)
     assert flow is not None
     gw.udp.on_host_inbound(flow, b"lost", 1.0)
     now = 1.0
@@ -129,7 +129,7 @@ def test_a_guest_that_never_answers_arp_gives_up_after_the_retries() -> None:
 
 def test_close_inbound_forgets_without_telling_the_host() -> None:
     gw = known_guest()
-    flow = gw.udp.open_inbound(GUEST_IP, 53, "127.0.0.1", 7000, 1.0)
+    flow = gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 1)), 7000, 1.0)
     assert flow is not None
     gw.udp.close_inbound(flow)
     assert gw.take_outbox() == ([], [])
@@ -138,7 +138,7 @@ def test_close_inbound_forgets_without_telling_the_host() -> None:
 
 def test_flows_snapshot_lists_inbound_clients() -> None:
     gw = known_guest()
-    flow = gw.udp.open_inbound(GUEST_IP, 53, "127.0.0.1", 7000, 3.0)
+    flow = gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 1)), 7000, 3.0)
     (row,) = gw.udp.rows()
     assert row.flow_id == flow and row.direction == "in"
     assert (row.remote_addr, row.remote_port) == (bytes((127, 0, 0, 1)), 7000)

@@ -30,7 +30,7 @@ def test_echo_out_and_reply_restores_ident_and_seq() -> None:
     for seq, op in enumerate(ops, start=1):
         assert isinstance(op, PingSend)
         assert (op.host, op.ident, op.seq, op.payload) == (
-            "198.51.100.10",
+            bytes((198, 51, 100, 10)),
             0x1234,
             seq,
             b"abcdefgh",

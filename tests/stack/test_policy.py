@@ -254,7 +254,10 @@ def test_allowed_syn_reaches_the_tcp_engine() -> None:
     frames, ops = feed(gw, tcp_frame(ALLOWED, 80))
     assert frames == []
     assert [type(op) for op in ops] == [TcpConnect]
-    assert isinstance(ops[0], TcpConnect) and (ops[0].host, ops[0].port) == ("198.51.100.10", 80)
+    assert isinstance(ops[0], TcpConnect) and (ops[0].host, ops[0].port) == (
+        bytes((198, 51, 100, 10)),
+        80,
+    )
     assert denials(log) == []
     assert "policy.denied.tcp" not in gw.counters
 
@@ -292,7 +295,7 @@ def test_allowed_udp_reaches_the_udp_engine() -> None:
     gw, _log = gateway(deny_world())
     _frames, ops = feed(gw, guest_udp(ALLOWED, 9999, b"x"))
     assert len(ops) == 1 and isinstance(ops[0], UdpSend)
-    assert (ops[0].host, ops[0].port, ops[0].payload) == ("198.51.100.10", 9999, b"x")
+    assert (ops[0].host, ops[0].port, ops[0].payload) == (bytes((198, 51, 100, 10)), 9999, b"x")
 
 
 def test_denied_ping_gets_admin_prohibited_and_allowed_ping_goes_out() -> None:
@@ -360,7 +363,9 @@ def test_restrict_lets_dns_over_tcp_reach_the_upstream_unless_a_rule_denies_it()
     (UDP above, TCP here) still reach the upstream; only an explicit rule stops them."""
     gw, _log = gateway(Policy(restrict=True), dns_upstreams=(("192.0.2.53", 53),))
     _frames, ops = feed(gw, tcp_frame(DNS_IP, 53))
-    assert [(type(op), op.host, op.port) for op in ops] == [(TcpConnect, "192.0.2.53", 53)]
+    assert [(type(op), op.host, op.port) for op in ops] == [
+        (TcpConnect, bytes((192, 0, 2, 53)), 53)
+    ]
     deny_dns = Policy(restrict=True, rules=(rule("deny", "10.0.2.3/32", None, "any"),))
     gw, _log = gateway(deny_dns, dns_upstreams=(("192.0.2.53", 53),))
     query = dpkt.dns.DNS(id=7, qd=[dpkt.dns.DNS.Q(name="example.com", type=1)])
@@ -375,19 +380,19 @@ def test_rules_apply_to_the_gateway_address() -> None:
     assert ops == [] and gw.counters["policy.denied.tcp"] == 1
     _frames, ops = feed(gw, tcp_frame(GW_IP, 80))
     assert len(ops) == 1 and isinstance(ops[0], TcpConnect)
-    assert (ops[0].host, ops[0].port) == ("127.0.0.1", 80)
+    assert (ops[0].host, ops[0].port) == (bytes((127, 0, 0, 1)), 80)
 
 
 def test_udp_forward_replies_pass_in_restrict_mode() -> None:
     gw, _log = gateway(Policy(restrict=True))
-    flow = gw.udp.open_inbound(GUEST, 5353, "127.0.0.1", 41000, NOW)
+    flow = gw.udp.open_inbound(GUEST, 5353, bytes((127, 0, 0, 1)), 41000, NOW)
     assert flow is not None
     assert gw.udp.on_host_inbound(flow, b"question", NOW)
     gw.take_outbox()
     # The client shows up as the gateway address; the guest's answer goes back to it.
     frames, ops = feed(gw, guest_udp(GW_IP, 41000, b"answer", sport=5353))
     assert frames == []
-    assert ops == [UdpSend(flow, "127.0.0.1", 41000, b"answer")]
+    assert ops == [UdpSend(flow, bytes((127, 0, 0, 1)), 41000, b"answer")]
     # The same guest port to another gateway port is a new outbound flow: denied.
     frames, ops = feed(gw, guest_udp(GW_IP, 41001, b"answer", sport=5353))
     assert ops == [] and gw.counters["policy.denied.udp"] == 1

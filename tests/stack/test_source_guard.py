@@ -64,7 +64,7 @@ def udp_flow_id(gw: Gateway) -> int:
 
 def reply_macs(gw: Gateway, flow: int, now: float) -> list[bytes]:
     """Where a host datagram for ``flow`` goes on the segment."""
-    gw.udp.on_host_datagram(flow, "198.51.100.10", 9999, b"reply", now)
+    gw.udp.on_host_datagram(flow, bytes((198, 51, 100, 10)), 9999, b"reply", now)
     out, _ops = gw.take_outbox()
     return [check_ipv4(f)[0].dst for f in out]
 

@@ -44,7 +44,7 @@ def test_syn_opens_host_connect_and_synack_waits_for_it() -> None:
     g = Guest(gw)
     out = g.syn()
     assert out.segs == []  # nothing for the guest before the host connect succeeded
-    assert out.ops == [TcpConnect(g.flow, "198.51.100.10", 80)]
+    assert out.ops == [TcpConnect(g.flow, bytes((198, 51, 100, 10)), 80)]
     assert state_of(gw.tcp, g.flow) == "CONNECTING"
     synack = g.connected()
     assert synack.src == REMOTE_IP and synack.dst == GUEST_IP
@@ -63,7 +63,7 @@ def test_syn_opens_host_connect_and_synack_waits_for_it() -> None:
 def test_gateway_address_reaches_host_loopback() -> None:
     gw, _ = new_gateway()
     g = Guest(gw, dst=GW_IP, dport=8080)
-    assert g.syn().ops == [TcpConnect(g.flow, "127.0.0.1", 8080)]
+    assert g.syn().ops == [TcpConnect(g.flow, bytes((127, 0, 0, 1)), 8080)]
 
 
 def test_no_window_scale_when_guest_does_not_offer_it() -> None:

@@ -39,9 +39,9 @@ def test_datagram_to_outside_becomes_udp_send_and_reply_returns() -> None:
     assert len(ops) == 1
     op = ops[0]
     assert isinstance(op, UdpSend)
-    assert (op.host, op.port, op.payload) == ("198.51.100.10", 7, b"hello")
+    assert (op.host, op.port, op.payload) == (bytes((198, 51, 100, 10)), 7, b"hello")
 
-    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, b"world", now=1.5)
+    gw.udp.on_host_datagram(op.flow, bytes((198, 51, 100, 10)), 7, b"world", now=1.5)
     frames, ops = gw.take_outbox()
     assert ops == []
     assert len(frames) == 1
@@ -71,10 +71,10 @@ def test_flow_reused_per_guest_port_and_policy() -> None:
     _, ops = gw.take_outbox()
     sends = [op for op in ops if isinstance(op, UdpSend)]
     assert [(s.host, s.port, s.payload) for s in sends] == [
-        ("198.51.100.10", 7, b"a"),
-        ("203.0.113.5", 9, b"b"),
-        ("127.0.0.1", 5353, b"c"),
-        ("198.51.100.10", 7, b"d"),
+        (bytes((198, 51, 100, 10)), 7, b"a"),
+        (bytes((203, 0, 113, 5)), 9, b"b"),
+        (bytes((127, 0, 0, 1)), 5353, b"c"),
+        (bytes((198, 51, 100, 10)), 7, b"d"),
     ]
     # same guest port, two outside peers: one socket; loopback and another port: their own
     assert sends[0].flow == sends[1].flow
@@ -86,13 +86,13 @@ def test_loopback_reply_shown_from_gateway_and_outside_peer_filtered() -> None:
     gw = new_gateway()
     gw.receive_frames([udp_frame(GUEST_IP, GATEWAY_IP, 40000, 5353, b"q")], now=0.0)
     (op,) = gw.take_outbox()[1]
-    assert isinstance(op, UdpSend) and op.host == "127.0.0.1"
-    gw.udp.on_host_datagram(op.flow, "127.0.0.1", 5353, b"r", now=0.1)
+    assert isinstance(op, UdpSend) and op.host == bytes((127, 0, 0, 1))
+    gw.udp.on_host_datagram(op.flow, bytes((127, 0, 0, 1)), 5353, b"r", now=0.1)
     (frame,) = gw.take_outbox()[0]
     header, sport, _dport, payload = decode_udp(frame)
     assert (header.src, sport, payload) == (GATEWAY_IP, 5353, b"r")
     # a loopback flow never delivers a datagram from a non-loopback source
-    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 5353, b"x", now=0.2)
+    gw.udp.on_host_datagram(op.flow, bytes((198, 51, 100, 10)), 5353, b"x", now=0.2)
     assert gw.take_outbox()[0] == []
     assert gw.counters["drop.udp.bad_host_source"] == 1
 
@@ -102,13 +102,14 @@ def test_unsolicited_and_in_network_sources_dropped() -> None:
     gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"a")], now=0.0)
     (op,) = gw.take_outbox()[1]
     # a peer the guest never sent to (any port from the right address is fine: TFTP)
-    gw.udp.on_host_datagram(op.flow, "203.0.113.9", 7, b"x", now=0.1)
-    gw.udp.on_host_datagram(op.flow, "10.0.2.99", 7, b"x", now=0.1)
-    gw.udp.on_host_datagram(op.flow, "127.0.0.1", 7, b"x", now=0.1)
+    gw.udp.on_host_datagram(op.flow, bytes((203, 0, 113, 9)), 7, b"x", now=0.1)
+    gw.udp.on_host_datagram(op.flow, bytes((10, 0, 2, 99)), 7, b"x", now=0.1)
+    gw.udp.on_host_datagram(op.flow, bytes((127, 0, 0, 1)), 7, b"x", now=0.1)
+    gw.udp.on_host_datagram(op.flow, bytes(15) + b"\x01", 7, b"x", now=0.1)  # IPv6: not yet
     assert gw.take_outbox()[0] == []
     assert gw.counters["drop.udp.unsolicited"] == 1
-    assert gw.counters["drop.udp.bad_host_source"] == 2
-    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 6969, b"ok", now=0.2)
+    assert gw.counters["drop.udp.bad_host_source"] == 3
+    gw.udp.on_host_datagram(op.flow, bytes((198, 51, 100, 10)), 6969, b"ok", now=0.2)
     (frame,) = gw.take_outbox()[0]
     assert decode_udp(frame)[1] == 6969
 
@@ -118,7 +119,9 @@ def test_idle_timeout_closes_flow() -> None:
     gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"a")], now=100.0)
     (op,) = gw.take_outbox()[1]
     assert gw.next_deadline() == 130.0
-    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, b"r", now=120.0)  # activity refreshes
+    gw.udp.on_host_datagram(
+        op.flow, bytes((198, 51, 100, 10)), 7, b"r", now=120.0
+    )  # activity refreshes
     gw.take_outbox()
     assert gw.next_deadline() == 150.0
     gw.on_timer(149.9)
@@ -127,7 +130,7 @@ def test_idle_timeout_closes_flow() -> None:
     assert gw.take_outbox()[1] == [UdpClose(op.flow)]
     assert len(gw.udp) == 0 and gw.next_deadline() is None
     # a late host datagram for the closed flow goes nowhere
-    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, b"r", now=151.0)
+    gw.udp.on_host_datagram(op.flow, bytes((198, 51, 100, 10)), 7, b"r", now=151.0)
     assert gw.take_outbox() == ([], [])
     assert gw.counters["drop.udp.no_flow"] == 1
 
@@ -161,7 +164,7 @@ def test_port_unreachable_quotes_guest_datagram() -> None:
     gw = new_gateway()
     gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 9999, b"ping?")], now=0.0)
     (op,) = gw.take_outbox()[1]
-    gw.udp.on_host_unreachable(op.flow, "198.51.100.10", 9999, b"ping?", now=0.1)
+    gw.udp.on_host_unreachable(op.flow, bytes((198, 51, 100, 10)), 9999, b"ping?", now=0.1)
     (frame,) = gw.take_outbox()[0]
     _mac, header, l4 = decode_ip(frame)
     assert header.proto == PROTO_ICMP and header.src == OUTSIDE and header.dst == GUEST_IP
@@ -171,11 +174,13 @@ def test_port_unreachable_quotes_guest_datagram() -> None:
     assert (quoted_ip.src, quoted_ip.dst, quoted_ip.proto) == (GUEST_IP, OUTSIDE, PROTO_UDP)
     assert parse_udp(GUEST_IP, OUTSIDE, quoted_l4) == (40000, 9999, memoryview(b"ping?"))
     # other codes come from the gateway (a router on the way)
-    gw.udp.on_host_unreachable(op.flow, "198.51.100.10", 9999, b"ping?", now=0.2, code=UNREACH_HOST)
+    gw.udp.on_host_unreachable(
+        op.flow, bytes((198, 51, 100, 10)), 9999, b"ping?", now=0.2, code=UNREACH_HOST
+    )
     (frame,) = gw.take_outbox()[0]
     assert decode_ip(frame)[1].src == GATEWAY_IP
     # an error about a peer the guest never addressed is ignored
-    gw.udp.on_host_unreachable(op.flow, "203.0.113.1", 9999, b"x", now=0.3)
+    gw.udp.on_host_unreachable(op.flow, bytes((203, 0, 113, 1)), 9999, b"x", now=0.3)
     assert gw.take_outbox()[0] == []
 
 
@@ -199,10 +204,10 @@ def test_datagrams_up_to_the_mtu() -> None:
     gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, big)], now=0.0)
     (op,) = gw.take_outbox()[1]
     assert isinstance(op, UdpSend) and op.payload == big
-    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, big, now=0.1)
+    gw.udp.on_host_datagram(op.flow, bytes((198, 51, 100, 10)), 7, big, now=0.1)
     (frame,) = gw.take_outbox()[0]
     assert len(frame) == 14 + 1500 and decode_udp(frame)[3] == big
-    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, big + b"!", now=0.2)
+    gw.udp.on_host_datagram(op.flow, bytes((198, 51, 100, 10)), 7, big + b"!", now=0.2)
     assert gw.take_outbox()[0] == []
     assert gw.counters["drop.udp.too_big"] == 1
 
@@ -319,7 +324,7 @@ def test_flows_snapshot() -> None:
     gw = new_gateway()
     gw.receive_frames([udp_frame(GUEST_IP, OUTSIDE, 40000, 7, b"abc")], now=0.0)
     (op,) = gw.take_outbox()[1]
-    gw.udp.on_host_datagram(op.flow, "198.51.100.10", 7, b"abcd", now=0.1)
+    gw.udp.on_host_datagram(op.flow, bytes((198, 51, 100, 10)), 7, b"abcd", now=0.1)
     (row,) = gw.udp.rows()
     assert (row.guest_addr, row.guest_port) == (GUEST_IP, 40000)
     assert row.remote_addr == row.shown_addr == OUTSIDE and row.peers == 1

@@ -11,7 +11,7 @@ from natd.wire.tcp import ACK, FIN, PSH, RST, SYN
 M32 = 0xFFFFFFFF
 HALF = 0x80000000  # sequence numbers more than this apart are "behind"
 WRAP = 0x100000000
-INBOUND_TARGET = ("forward", 0)  # the ``target`` of a port forward's flow (no host dial)
+INBOUND_TARGET = (b"", 0)  # the ``target`` of a port forward's flow (no host dial)
 
 # Flow states. The guest-facing close states (CLOSE_WAIT, FIN_WAIT_1, ...) are not separate
 # numbers: they follow from ``guest_fin`` / ``host_eof`` / ``fin_acked`` (see ``state_name``).

@@ -93,6 +93,7 @@ from collections.abc import Callable
 
 from natd.stack.addresses import text
 from natd.stack.budget import Budget
+from natd.stack.events import endpoint
 from natd.stack.link import Link
 from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpResume
 from natd.stack.settings import Limits
@@ -451,7 +452,7 @@ class TcpEngine:
         self.arm(flow, flow.deadline())
         # debug: at info, rendering one line per open and per close was ~30% of natd's time
         # at 2k connections/s; ``tcp.close`` (info) carries the flow's story.
-        log.debug("tcp.open", host=f"{target[0]}:{target[1]}", mss=mss, wscale=opts.wscale)
+        log.debug("tcp.open", host=endpoint(*target), mss=mss, wscale=opts.wscale)
         self.emit(TcpConnect(flow_id, target[0], target[1]))
 
     def _refuse(
@@ -821,7 +822,7 @@ class TcpEngine:
 
     def _log_open(self, flow: TcpFlow, now: float) -> None:
         inbound = flow.inbound
-        host = None if inbound else f"{flow.target[0]}:{flow.target[1]}"  # where natd dialled
+        host = None if inbound else endpoint(*flow.target)  # where natd dialled
         self.link.events.flow_open(
             "tcp", flow.id, flow.guest_ip, flow.guest_port, flow.remote_ip, flow.remote_port,
             now, direction="in" if inbound else "out", host=host,

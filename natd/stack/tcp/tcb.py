@@ -100,7 +100,7 @@ class Tcb:
         mss: int,
         wscale: int | None,
         window: int,
-        target: tuple[str, int],
+        target: tuple[bytes, int],
         syn_packet: bytes,
         log: Any,
         now: float,
