@@ -39,24 +39,20 @@ class L3:
 
 def l3_from_ipv4(header: IPv4Header, payload: memoryview, packet: memoryview) -> L3:
     """The view of a parsed IPv4 packet (``packet`` as given to ``parse_ipv4``)."""
-    src = header.src
-    dst = header.dst
-    proto = header.proto
-    return L3(
-        src, dst, proto, header.ttl, payload, pseudo_sum(src, dst, proto, 0),
-        packet[: header.total_length],
-    )  # fmt: skip
+    trimmed = packet[: header.total_length]
+    return _view(header.src, header.dst, header.proto, header.ttl, payload, trimmed)
 
 
 def l3_from_ipv6(header: IPv6Header, payload: memoryview, packet: memoryview) -> L3:
     """The view of a parsed IPv6 packet (``packet`` as given to ``parse_ipv6``)."""
-    src = header.src
-    dst = header.dst
-    proto = header.proto
-    return L3(
-        src, dst, proto, header.hop_limit, payload, pseudo_sum(src, dst, proto, 0),
-        packet[: header.l4_offset + len(payload)],
-    )  # fmt: skip
+    trimmed = packet[: header.l4_offset + len(payload)]
+    return _view(header.src, header.dst, header.proto, header.hop_limit, payload, trimmed)
+
+
+def _view(
+    src: bytes, dst: bytes, proto: int, hop_limit: int, payload: memoryview, packet: memoryview
+) -> L3:
+    return L3(src, dst, proto, hop_limit, payload, pseudo_sum(src, dst, proto, 0), packet)
 
 
 def build_ip(
