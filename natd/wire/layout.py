@@ -32,8 +32,21 @@ def fields(layout: struct.Struct, skip: Collection[int] = ()) -> str:
 
 
 def frame_struct(*parts: str) -> struct.Struct:
-    """One network-order struct of the ``fields`` strings, in order."""
-    return struct.Struct("!" + "".join(parts))
+    """One network-order struct of the ``fields`` strings, in order; runs of pad bytes are
+    merged (``2x2x`` → ``4x``: ``struct`` steps through every code of a format per call)."""
+    out: list[str] = []
+    pad = 0
+    for count, code in _FIELD.findall("".join(parts)):
+        if code == "x":
+            pad += int(count or 1)
+            continue
+        if pad:
+            out.append(f"{pad}x")
+            pad = 0
+        out.append(count + code)
+    if pad:
+        out.append(f"{pad}x")
+    return struct.Struct("!" + "".join(out))
 
 
 __all__ = ["fields", "frame_struct"]

@@ -24,7 +24,7 @@ from natd.wire.checksum import pseudo_header
 from natd.wire.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6, parse_ethernet
 from natd.wire.ipv4 import IPV4_HDR, parse_ipv4
 from natd.wire.ipv6 import parse_ipv6, pseudo_header6
-from natd.wire.layout import fields
+from natd.wire.layout import fields, frame_struct
 from natd.wire.tcp import TcpSegment, parse_tcp
 from natd.wire.vnet import F_NEEDS_CSUM, GSO_NONE, GSO_TCPV4, GSO_TCPV6, parse_vnet_hdr
 
@@ -128,3 +128,6 @@ def test_fields_turns_skipped_fields_into_pad_bytes_of_their_size() -> None:
     body = fields(IPV4_HDR, skip=(1, 7, 8))
     assert body == "B1xHHHBB2x4x4s"
     assert struct.calcsize("!" + body) == IPV4_HDR.size
+    joined = frame_struct(body, fields(IPV4_HDR, skip=(0, 1)))
+    assert joined.format == "!B1xHHHBB6x4s2xHHHBBH4s4s"  # 2x4x and 1x1x merged
+    assert joined.size == 2 * IPV4_HDR.size

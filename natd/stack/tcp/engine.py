@@ -162,7 +162,6 @@ class TcpEngine:
         # segment to the guest is one attribute load on the flow's ``eng``.
         self.send_frame = link.send_frame
         self.outbox = link.outbox
-        self.gateway_mac = link.settings.gateway_mac
         limits = link.settings.limits
         self.budget = Budget(limits.memory_budget, limits.memory_budget_per_guest)
         self._limits = limits
@@ -201,6 +200,12 @@ class TcpEngine:
         self._rx_cur: set[int] = set()
         self._rx_prev = 0
         self._rx_epoch_end = 0.0
+
+    @property
+    def gateway_mac(self) -> bytes:
+        # A property, not one more attribute: CPython 3.11 keeps an instance's attributes on
+        # its fastest path only up to 30 of them, and flows read ``eng.x`` per segment.
+        return self.link.settings.gateway_mac
 
     def emit(self, op: HostOp) -> None:
         """Queue ``op`` for the shell."""

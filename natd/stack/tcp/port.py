@@ -27,7 +27,6 @@ class Port(Protocol[F]):
     counters: Counter[str]
     budget: Budget
     outbox: Outbox  # send_offloaded / send_gathered for big segments
-    gateway_mac: bytes
     # Engine-wide sizes, shares and tunables (read per segment or per timer).
     limit: int
     rx_share: int
@@ -43,6 +42,11 @@ class Port(Protocol[F]):
     inbound_syn_timeout: float
     max_retransmits: int
     zero_window_timeout: float
+
+    @property
+    def gateway_mac(self) -> bytes:
+        """natd's MAC, the source of every frame to the guest (read once per flow)."""
+        ...
 
     # -- emit a frame, emit an op ------------------------------------------------------------
 
