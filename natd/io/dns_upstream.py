@@ -28,7 +28,9 @@ from functools import partial
 from typing import Any
 
 from natd.io.fds import NO_DESCRIPTOR, RESERVED
+from natd.io.hostaddr import family_of, host_text
 from natd.io.poller import DatagramPoller, PollerLease
+from natd.stack.events import endpoint
 from natd.stack.gateway import Gateway
 from natd.stack.ops import DnsQuery, HostOp
 
@@ -43,7 +45,7 @@ class _Query:
 
     __slots__ = ("address", "qid", "sock", "timer")
 
-    def __init__(self, qid: int, address: tuple[str, int], sock: socket.socket) -> None:
+    def __init__(self, qid: int, address: tuple[bytes, int], sock: socket.socket) -> None:
         self.qid = qid
         self.address = address
         self.sock = sock
@@ -93,21 +95,21 @@ class DnsUpstream:
         except OSError as exc:
             if exc.errno in NO_DESCRIPTOR:
                 self.gateway.counters["dns.no_descriptor"] += 1
-            self.log.debug("dns.send_failed", upstream=f"{op.host}:{op.port}", error=str(exc))
+            self.log.debug("dns.send_failed", upstream=endpoint(op.host, op.port), error=str(exc))
             self.gateway.dns.on_upstream_failed(op.query, self.shell.now())
             self.shell.kick()
         if q is not None:
             self._close(q)
 
-    def _open(self, qid: int, address: tuple[str, int]) -> _Query:
+    def _open(self, qid: int, address: tuple[bytes, int]) -> _Query:
         while len(self._queries) >= max(self.gateway.settings.limits.max_dns_pending, 1):
             self._close(next(iter(self._queries.values())))
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(family_of(address[0]), socket.SOCK_DGRAM)
         try:
             if RESERVED.over(sock.fileno(), RESERVED.reserve // 2):
                 raise OSError(errno.EMFILE, "descriptor reserve")
             sock.setblocking(False)
-            sock.connect(address)
+            sock.connect((host_text(address[0]), address[1]))
             q = _Query(qid, address, sock)
             self.poller.register(sock, partial(self._on_readable, q), partial(self._on_error, q))
         except OSError:
@@ -144,7 +146,7 @@ class DnsUpstream:
                 dns.on_upstream_unreachable(host, port, now)
                 continue
             except OSError as exc:
-                self.log.debug("dns.recv_failed", upstream=f"{host}:{port}", error=str(exc))
+                self.log.debug("dns.recv_failed", upstream=endpoint(host, port), error=str(exc))
                 break
             dns.on_upstream_answer(host, port, data, now)
             if not dns.waiting(q.qid):
@@ -168,19 +170,19 @@ class DnsUpstream:
             self.shell.kick()
         else:
             why = errno.errorcode.get(err, str(err))
-            self.log.debug("dns.upstream_error", upstream=f"{host}:{port}", error=why)
+            self.log.debug("dns.upstream_error", upstream=endpoint(host, port), error=why)
 
     async def _tcp_query(self, op: DnsQuery) -> None:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(TCP_TIMEOUT):
-                reader, writer = await asyncio.open_connection(op.host, op.port)
+                reader, writer = await asyncio.open_connection(host_text(op.host), op.port)
                 writer.write(len(op.payload).to_bytes(2, "big") + op.payload)
                 await writer.drain()
                 size = int.from_bytes(await reader.readexactly(2), "big")
                 data = await reader.readexactly(size)
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            self.log.debug("dns.tcp_failed", upstream=f"{op.host}:{op.port}", error=repr(exc))
+            self.log.debug("dns.tcp_failed", upstream=endpoint(op.host, op.port), error=repr(exc))
             if not self._closed:
                 self.gateway.dns.on_upstream_failed(op.query, self.shell.now())
                 self.shell.kick()

@@ -32,7 +32,7 @@ dropped and counted as ``drop.dns.<reason>``), then either answered locally or f
 Host events (called by ``natd.io.dns_upstream.DnsUpstream``)
 ------------------------------------------------------------
 - ``on_upstream_answer(host, port, payload, now)``: a datagram (or a TCP-framed message) that
-  arrived from upstream ``host``:``port``.
+  arrived from upstream ``host`` (its address as bytes):``port``.
 - ``on_upstream_failed(query, now)``: the ``DnsQuery`` op with that ``query`` id could not be
   sent (or its TCP exchange failed): try the next upstream now instead of waiting for the
   timeout. A report about an attempt that was already superseded is ignored.
@@ -46,6 +46,7 @@ import ipaddress
 import random
 from collections import OrderedDict
 
+from natd.stack.events import endpoint
 from natd.stack.link import Link
 from natd.stack.ops import DnsQuery
 from natd.stack.settings import GatewaySettings
@@ -113,8 +114,13 @@ class _Pending:
         self.query = query
         self.attempt = 0
         self.deadline = 0.0
-        self.upstream: tuple[str, int] = ("", 0)
+        self.upstream: tuple[bytes, int] = (b"", 0)
         self.upstream_id = 0
+
+
+def _packed(upstreams: tuple[tuple[str, int], ...]) -> tuple[tuple[bytes, int], ...]:
+    """The configured upstreams (validated addresses) as the core's bytes."""
+    return tuple((ipaddress.ip_address(host).packed, port) for host, port in upstreams)
 
 
 class DnsForwarder:
@@ -127,13 +133,13 @@ class DnsForwarder:
         self.link = link
         self.rng = rng if rng is not None else random.SystemRandom()
         s = link.settings
-        self.upstreams: tuple[tuple[str, int], ...] = s.dns_upstreams
+        self.upstreams = _packed(s.dns_upstreams)
         self.attempts = max(2, len(self.upstreams))
         self.max_pending = s.limits.max_dns_pending
         self._qids = 0
         # In issue order == deadline order (every attempt gets the same timeout).
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
-        self._by_upstream: dict[tuple[str, int, int], _Pending] = {}
+        self._by_upstream: dict[tuple[bytes, int, int], _Pending] = {}
         self._by_guest: dict[tuple[bytes, int, int], _Pending] = {}
         self._names: dict[Name, bytes] = {}
         self._reverse: dict[Name, Name] = {}
@@ -145,7 +151,7 @@ class DnsForwarder:
 
     def apply_settings(self, s: GatewaySettings) -> None:
         """Reload: new upstreams and static-lease names; queries in flight finish as they are."""
-        self.upstreams = s.dns_upstreams
+        self.upstreams = _packed(s.dns_upstreams)
         # No upstream left: a pending query's next retry must fail rather than pick one.
         self.attempts = max(2, len(self.upstreams)) if self.upstreams else 0
         self._names.clear()
@@ -266,7 +272,7 @@ class DnsForwarder:
             return
         self._forget(p)
         self.link.counters["dns.servfail.upstreams_failed"] += 1
-        self.link.log.info("dns.servfail", upstream=f"{p.upstream[0]}:{p.upstream[1]}")
+        self.link.log.info("dns.servfail", upstream=endpoint(*p.upstream))
         self._reply(p.guest_ip, p.guest_port, self._servfail(p))
 
     def _servfail(self, p: _Pending) -> bytes:
@@ -280,7 +286,7 @@ class DnsForwarder:
         if self._by_guest.get(key) is p:
             del self._by_guest[key]
 
-    def on_upstream_answer(self, host: str, port: int, payload: bytes, now: float) -> None:
+    def on_upstream_answer(self, host: bytes, port: int, payload: bytes, now: float) -> None:
         """A message from an upstream resolver; only the exact answer to a pending query counts."""
         counters = self.link.counters
         if (host, port) not in self.upstreams:
@@ -320,7 +326,7 @@ class DnsForwarder:
         if p is not None:
             self._retry_or_fail(p, now, "failed")
 
-    def on_upstream_unreachable(self, host: str, port: int, now: float) -> None:
+    def on_upstream_unreachable(self, host: bytes, port: int, now: float) -> None:
         """Upstream ``host``:``port`` refused (ICMP port unreachable): every attempt waiting on
         it moves on now."""
         waiting = [p for (h, pt, _uid), p in self._by_upstream.items() if (h, pt) == (host, port)]

@@ -10,7 +10,6 @@ It never forwards or reflects a frame that was not addressed to it.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -205,9 +204,8 @@ class Gateway:
         if dst == s.gateway_ip:
             return (_LOOPBACK, port) if s.host_loopback else None
         if dst == s.dns_ip:
-            if port == _DNS_PORT and s.dns_upstreams:
-                host, upstream_port = s.dns_upstreams[0]
-                return ipaddress.ip_address(host).packed, upstream_port
+            if port == _DNS_PORT and self.dns.upstreams:
+                return self.dns.upstreams[0]
             return None
         if s.in_network(dst) or is_special(dst):
             return None

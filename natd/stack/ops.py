@@ -108,7 +108,7 @@ class DnsQuery:
     """
 
     query: int
-    host: str
+    host: bytes
     port: int
     payload: bytes
     transport: str

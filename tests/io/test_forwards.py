@@ -267,7 +267,7 @@ async def test_reload_applies_forward_and_settings_changes(tmp_path: Path) -> No
         with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
             probe.connect(("127.0.0.1", drop))
         assert gw.settings.dns_upstreams == (("192.0.2.54", 53),)
-        assert gw.dns.upstreams == (("192.0.2.54", 53),)
+        assert gw.dns.upstreams == ((bytes((192, 0, 2, 54)), 53),)
         assert [le.ip for le in gw.settings.static_leases] == [bytes((10, 0, 2, 50))]
         assert daemon.cfg.forwards == (
             Forward("tcp", "127.0.0.1", keep, "10.0.2.15", 80),

@@ -36,6 +36,9 @@ from natd.wire.dns import (
 
 UP1 = ("127.0.0.53", 53)
 UP2 = ("192.0.2.53", 5353)
+# The same upstreams as the core names them in ops and host events (addresses as bytes).
+RAW1 = (bytes((127, 0, 0, 53)), 53)
+RAW2 = (bytes((192, 0, 2, 53)), 5353)
 
 
 def gateway(*upstreams: tuple[str, int], **kw: object) -> Gateway:
@@ -82,10 +85,10 @@ def test_forwarded_as_is_and_answer_returned_with_guest_id() -> None:
     query = build_header(0x4242, FLAG_RD | 0x0010, 1, 0, 0, 1) + build_query(0, "x.test")[12:] + opt
     ask(gw, query)
     (op,) = upstream_ops(gw)
-    assert (op.host, op.port, op.transport) == (*UP1, "udp")
+    assert (op.host, op.port, op.transport) == (*RAW1, "udp")
     assert op.payload[2:] == query[2:]
     answer = answer_for(op.payload, A_RECORD, A_RECORD)
-    gw.dns.on_upstream_answer(*UP1, answer, now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, answer, now=0.1)
     ((port, raw, msg),) = guest_answers(gw)
     assert port == 33333
     assert raw == b"\x42\x42" + answer[2:]
@@ -99,7 +102,7 @@ def test_upstream_id_is_fresh_per_attempt() -> None:
     (op1,) = upstream_ops(gw)
     gw.on_timer(2.0)
     (op2,) = upstream_ops(gw)
-    assert (op2.host, op2.port) == UP2
+    assert (op2.host, op2.port) == RAW2
     # (deterministic with the seeded rng; the guest's id never reaches an upstream)
     assert op1.payload[:2] != op2.payload[:2]
     assert b"\x11\x11" not in (op1.payload[:2], op2.payload[:2])
@@ -113,21 +116,21 @@ def test_spoofed_answers_dropped() -> None:
     good = answer_for(op.payload, A_RECORD)
     # different question, right id and source
     other_q = build_query(int.from_bytes(op.payload[:2], "big"), "evil.test")
-    gw.dns.on_upstream_answer(*UP1, answer_for(other_q, A_RECORD), now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, answer_for(other_q, A_RECORD), now=0.1)
     # right answer from a non-upstream source / a different port
-    gw.dns.on_upstream_answer("198.51.100.1", 53, good, now=0.1)
-    gw.dns.on_upstream_answer("127.0.0.53", 5353, good, now=0.1)
+    gw.dns.on_upstream_answer(bytes((198, 51, 100, 1)), 53, good, now=0.1)
+    gw.dns.on_upstream_answer(bytes((127, 0, 0, 53)), 5353, good, now=0.1)
     # wrong id
     wrong_id = bytes([op.payload[0] ^ 0xFF, op.payload[1]]) + good[2:]
-    gw.dns.on_upstream_answer(*UP1, wrong_id, now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, wrong_id, now=0.1)
     # a "response" without QR (a reflected query)
-    gw.dns.on_upstream_answer(*UP1, op.payload, now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, op.payload, now=0.1)
     assert guest_answers(gw) == []
     assert gw.counters["drop.dns.question_mismatch"] == 2
     assert gw.counters["drop.dns.unexpected_source"] == 2
     assert gw.counters["drop.dns.unknown_id"] == 1
     # the genuine answer still gets through afterwards
-    gw.dns.on_upstream_answer(*UP1, good, now=0.2)
+    gw.dns.on_upstream_answer(*RAW1, good, now=0.2)
     ((_port, _raw, msg),) = guest_answers(gw)
     assert msg.header.id == 5 and len(msg.answers) == 1
 
@@ -137,7 +140,7 @@ def test_question_matched_case_insensitively() -> None:
     ask(gw, build_query(5, "MiXeD.Test"))
     (op,) = upstream_ops(gw)
     ans = answer_for(op.payload, A_RECORD).replace(b"MiXeD", b"mixed")
-    gw.dns.on_upstream_answer(*UP1, ans, now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, ans, now=0.1)
     assert len(guest_answers(gw)) == 1
 
 
@@ -145,15 +148,15 @@ def test_failover_on_timeout_then_servfail() -> None:
     gw = gateway(UP1, UP2)
     ask(gw, build_query(9, "slow.test"), now=10.0)
     (op1,) = upstream_ops(gw)
-    assert (op1.host, op1.port) == UP1
+    assert (op1.host, op1.port) == RAW1
     assert gw.next_deadline() == 12.0
     gw.on_timer(11.9)
     assert gw.take_outbox() == ([], [])
     gw.on_timer(12.0)
     (op2,) = upstream_ops(gw)
-    assert (op2.host, op2.port) == UP2
+    assert (op2.host, op2.port) == RAW2
     # the first upstream's late answer no longer counts
-    gw.dns.on_upstream_answer(*UP1, answer_for(op1.payload, A_RECORD), now=12.5)
+    gw.dns.on_upstream_answer(*RAW1, answer_for(op1.payload, A_RECORD), now=12.5)
     assert guest_answers(gw) == []
     gw.on_timer(14.0)
     ((_p, _raw, msg),) = guest_answers(gw)
@@ -168,10 +171,10 @@ def test_single_upstream_retried_once_and_failed_op_moves_on() -> None:
     (op1,) = upstream_ops(gw)
     gw.dns.on_upstream_failed(op1.query, now=0.1)  # e.g. ECONNREFUSED
     (op2,) = upstream_ops(gw)
-    assert (op2.host, op2.port) == UP1 and op2.query != op1.query
+    assert (op2.host, op2.port) == RAW1 and op2.query != op1.query
     gw.dns.on_upstream_failed(op1.query, now=0.2)  # stale report: ignored
     assert gw.take_outbox() == ([], [])
-    gw.dns.on_upstream_answer(*UP1, answer_for(op2.payload, A_RECORD), now=0.3)
+    gw.dns.on_upstream_answer(*RAW1, answer_for(op2.payload, A_RECORD), now=0.3)
     assert guest_answers(gw)[0][2].header.rcode == RCODE_NOERROR
 
 
@@ -180,10 +183,10 @@ def test_refused_tries_next_upstream() -> None:
     ask(gw, build_query(9, "x.test"))
     (op1,) = upstream_ops(gw)
     refused = answer_for(op1.payload, flags=FLAG_QR | RCODE_REFUSED)
-    gw.dns.on_upstream_answer(*UP1, refused, now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, refused, now=0.1)
     (op2,) = upstream_ops(gw)
-    assert (op2.host, op2.port) == UP2
-    gw.dns.on_upstream_answer(*UP2, answer_for(op2.payload, flags=FLAG_QR | RCODE_REFUSED), 0.2)
+    assert (op2.host, op2.port) == RAW2
+    gw.dns.on_upstream_answer(*RAW2, answer_for(op2.payload, flags=FLAG_QR | RCODE_REFUSED), 0.2)
     assert guest_answers(gw)[0][2].header.rcode == RCODE_REFUSED
 
 
@@ -200,7 +203,7 @@ def test_truncated_answer_passes_through() -> None:
     ask(gw, build_query(3, "big.test", TYPE_TXT))
     (op,) = upstream_ops(gw)
     tc = answer_for(op.payload, flags=FLAG_QR | FLAG_TC)
-    gw.dns.on_upstream_answer(*UP1, tc, now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, tc, now=0.1)
     ((_p, raw, msg),) = guest_answers(gw)
     assert msg.header.tc and raw[2:] == tc[2:]
 
@@ -210,7 +213,7 @@ def test_answer_bigger_than_mtu_truncated_for_guest() -> None:
     ask(gw, build_query(3, "big.test", TYPE_TXT))
     (op,) = upstream_ops(gw)
     txt = build_record(TYPE_TXT, 1, 60, b"\xff" + b"t" * 255, name=b"\xc0\x0c")
-    gw.dns.on_upstream_answer(*UP1, answer_for(op.payload, *[txt] * 4), now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, answer_for(op.payload, *[txt] * 4), now=0.1)
     ((_p, raw, msg),) = guest_answers(gw)
     assert msg.header.tc and msg.header.id == 3 and msg.answers == ()
     assert len(raw) < 576
@@ -274,11 +277,11 @@ def test_malformed_upstream_answer_dropped_and_counted() -> None:
     ask(gw, build_query(5, "x.test"))
     (op,) = upstream_ops(gw)
     bad = answer_for(op.payload)[:12] + b"\xc0\x0c" + struct.pack("!HH", 1, 1)
-    gw.dns.on_upstream_answer(*UP1, bad, now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, bad, now=0.1)
     lying = bytearray(answer_for(op.payload, A_RECORD))
     lying[7] = 9  # ancount 9, one record present
-    gw.dns.on_upstream_answer(*UP1, bytes(lying), now=0.1)
-    gw.dns.on_upstream_answer(*UP1, b"\x00", now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, bytes(lying), now=0.1)
+    gw.dns.on_upstream_answer(*RAW1, b"\x00", now=0.1)
     assert gw.take_outbox() == ([], [])
     assert gw.counters["drop.upstream.dns.bad_pointer"] == 1
     assert gw.counters["drop.upstream.dns.truncated"] == 1

@@ -49,7 +49,7 @@ def test_new_upstreams_and_static_names_reach_the_dns_forwarder() -> None:
     frames, ops = gw.take_outbox()
     assert frames == []
     (op,) = ops
-    assert isinstance(op, DnsQuery) and (op.host, op.port) == ("192.0.2.54", 5353)
+    assert isinstance(op, DnsQuery) and (op.host, op.port) == (bytes((192, 0, 2, 54)), 5353)
 
     gw.receive_frames(
         [udp_frame(GUEST_IP, DNS_IP, 40001, 53, build_query(8, "db.natd.internal"))], 1.0
