@@ -32,6 +32,9 @@ LIVE_SETTINGS = (
 LIVE_FIELDS = ("forwards", *LIVE_SETTINGS, "limits")
 RESTART_FIELDS = (
     "cidr",
+    "cidr6",
+    "ipv6",
+    "nat64",
     "mtu",
     "tap_name",
     "netns",

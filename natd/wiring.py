@@ -51,6 +51,9 @@ def settings_from_config(cfg: Config, *, tso: bool = False) -> GatewaySettings:
     return GatewaySettings.for_cidr(
         str(cfg.cidr),
         mtu=cfg.mtu,
+        ipv6=cfg.ipv6,
+        network6=cfg.cidr6,
+        nat64=cfg.nat64,
         host_loopback=cfg.host_loopback,
         source_guard=cfg.source_guard,
         source_guard_idle=float(cfg.source_guard_idle),

@@ -437,6 +437,36 @@ def test_network_cidr_errors_in_the_file(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('"fd00:10:0:3::/48"', "'fd00:10:0:3::/48' is not a /64 (SLAAC needs a 64-bit prefix)"),
+        (
+            '"fd00:10:0:3::1/64"',
+            "'fd00:10:0:3::1/64' has host bits set (did you mean fd00:10:0:3::/64?)",
+        ),
+        ('"10.0.2.0/24"', "'10.0.2.0/24' is not an IPv6 network like fd00:10:0:2::/64"),
+        ('"fe80::/64"', "'fe80::/64' is not a unicast prefix a guest can use"),
+        ('"fd00:10::"', "'fd00:10::' has no prefix length (write e.g. fd00:10:0:2::/64)"),
+        ("64", "expected a string, got integer"),
+    ],
+)
+def test_network_cidr6_errors_in_the_file(tmp_path: Path, value: str, message: str) -> None:
+    path = write(tmp_path, f"[network]\nipv6 = true\ncidr6 = {value}\n")
+    assert error_of(path) == f"{path}:3: key 'network.cidr6': {message}"
+
+
+def test_ipv6_keys_load_and_render(tmp_path: Path) -> None:
+    path = write(tmp_path, '[network]\ncidr6 = "fd00:99:0:1::/64"\nipv6 = false\nnat64 = true\n')
+    cfg = load(path)
+    assert (str(cfg.cidr6), cfg.ipv6, cfg.nat64) == ("fd00:99:0:1::/64", False, True)
+    data = tomllib.loads(render_config(cfg))["network"]
+    assert (data["cidr6"], data["ipv6"], data["nat64"]) == ("fd00:99:0:1::/64", False, True)
+    assert error_of(write(tmp_path, "[network]\nnat64 = 1\n")).endswith(
+        ":2: key 'network.nat64': expected a boolean, got integer"
+    )
+
+
 def test_unparsable_toml_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "[network]\nmtu = 1500\ncidr = \n")
     msg = error_of(path)
@@ -693,6 +723,9 @@ def test_render_shows_effective_values(resolv: str) -> None:
     data = tomllib.loads(text)
     assert data["network"] == {
         "cidr": "10.0.2.0/24",
+        "cidr6": "fd00:10:0:2::/64",
+        "ipv6": True,
+        "nat64": False,
         "mtu": 1500,
         "host_loopback": True,
         "source_guard": True,

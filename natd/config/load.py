@@ -17,11 +17,12 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any, TypeVar, cast
 
 from natd.config.model import (
     DEFAULT_CIDR,
+    DEFAULT_CIDR6,
     DEFAULT_DOMAIN,
     DEFAULT_LEASE_TIME,
     DEFAULT_MAX_OFFERS,
@@ -57,6 +58,7 @@ from natd.config.values import (
     keyed,
     make_forward,
     parse_cidr,
+    parse_cidr6,
     parse_ipv4,
     parse_listen,
     parse_mac,
@@ -183,6 +185,12 @@ def load_config(
         text = _str(v)
         net = _check(v, partial(parse_cidr, text))
 
+    net6 = IPv6Network(DEFAULT_CIDR6)
+    if (v := get("cidr6")) is not None:
+        net6 = _check(v, partial(parse_cidr6, _str(v)))
+    ipv6 = _bool(get("ipv6"), True)
+    nat64 = _bool(get("nat64"), False)
+
     link = _check_link(values)
     on_socket = any(link[n] is not None for n in ("socket", "socket_dgram", "link_fd"))
     default_mtu = SOCKET_MTU if on_socket else DEFAULT_MTU
@@ -264,6 +272,9 @@ def load_config(
     return Config(
         dhcp_server=dhcp_server,
         cidr=net,
+        cidr6=net6,
+        ipv6=ipv6,
+        nat64=nat64,
         mtu=mtu,
         host_loopback=host_loopback,
         source_guard=source_guard,

@@ -7,13 +7,14 @@ The types only; parsing lives in ``values``/``tomlfile``/``load``, rendering in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Literal
 
 from natd.stack.limits import Limits
 
 DEFAULT_CIDR = "10.0.2.0/24"
 DEFAULT_MTU = 1500
+DEFAULT_CIDR6 = "fd00:10:0:2::/64"
 SOCKET_MTU = 65520  # a socket link has no offloads: big frames are its speed
 DEFAULT_LEASE_TIME = 86400
 DEFAULT_DOMAIN = "natd.internal"
@@ -111,6 +112,7 @@ class RunAs:
 
 
 _DEFAULT_NET = IPv4Network(DEFAULT_CIDR)
+_DEFAULT_NET6 = IPv6Network(DEFAULT_CIDR6)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,11 @@ class Config:
     """Everything ``natd run`` needs; already validated, so the daemon never re-checks it."""
 
     cidr: IPv4Network = _DEFAULT_NET
+    # ``[network] cidr6`` / ``ipv6`` / ``nat64``: the IPv6 /64 natd advertises (RA, SLAAC),
+    # IPv6 on or off as a whole, and NAT64 (validated now, carried by the IPv6 flows).
+    cidr6: IPv6Network = _DEFAULT_NET6
+    ipv6: bool = True
+    nat64: bool = False
     mtu: int = DEFAULT_MTU
     host_loopback: bool = True
     tap_name: str = "natd0"

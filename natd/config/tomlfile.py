@@ -117,6 +117,9 @@ class TomlFile:
 _SCHEMA: dict[str, dict[str, str]] = {
     "network": {
         "cidr": "str",
+        "cidr6": "str",
+        "ipv6": "bool",
+        "nat64": "bool",
         "mtu": "int",
         "host_loopback": "bool",
         "source_guard": "bool",
@@ -244,6 +247,9 @@ def read_file(f: TomlFile) -> dict[str, Value]:
             path: _Path = (section, key)
             name = {
                 ("network", "cidr"): "cidr",
+                ("network", "cidr6"): "cidr6",
+                ("network", "ipv6"): "ipv6",
+                ("network", "nat64"): "nat64",
                 ("network", "mtu"): "mtu",
                 ("network", "host_loopback"): "host_loopback",
                 ("network", "source_guard"): "source_guard",

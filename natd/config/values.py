@@ -11,7 +11,7 @@ import pwd
 import re
 from collections.abc import Callable
 from functools import partial
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Protocol, TypeVar, cast
 
 from natd.config.model import (
@@ -42,6 +42,25 @@ def _port(text: str, what: str, *, allow_zero: bool) -> int:
     if not lo <= port <= 65535:
         raise Invalid(f"{what} {port} is out of range ({lo}-65535)")
     return port
+
+
+def parse_cidr6(text: str) -> IPv6Network:
+    """The IPv6 prefix: a /64 (SLAAC needs 64 interface-identifier bits, RFC 4862 5.5.3)."""
+    if "/" not in text:
+        raise Invalid(f"{text!r} has no prefix length (write e.g. fd00:10:0:2::/64)")
+    try:
+        net = IPv6Network(text, strict=False)
+    except ValueError:
+        raise Invalid(f"{text!r} is not an IPv6 network like fd00:10:0:2::/64") from None
+    if net.prefixlen != 64:
+        raise Invalid(f"{text!r} is not a /64 (SLAAC needs a 64-bit prefix)")
+    try:
+        IPv6Network(text, strict=True)
+    except ValueError:
+        raise Invalid(f"{text!r} has host bits set (did you mean {net}?)") from None
+    if net.is_multicast or net.is_link_local or net.is_loopback:
+        raise Invalid(f"{text!r} is not a unicast prefix a guest can use")
+    return net
 
 
 def parse_cidr(text: str) -> IPv4Network:

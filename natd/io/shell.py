@@ -206,6 +206,7 @@ class Shell:
         if not self._stopped:
             self.loop.add_reader(link.fileno(), self._on_readable)
             self._reading = True
+            self.gateway.announce(self.loop.time())  # IPv6: unsolicited NA and RA
 
     def detach(self) -> None:
         """Stop serving the current link (it is the caller's to close)."""

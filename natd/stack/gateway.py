@@ -14,13 +14,15 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from natd.stack.addresses import is_multicast, is_special, text
+from natd.stack.addresses import is_link_local, is_multicast, is_special, text
 from natd.stack.arp import ArpResponder
 from natd.stack.dhcp import DhcpServer
 from natd.stack.dns import DnsForwarder
 from natd.stack.events import FlowEvents
 from natd.stack.icmp import IcmpResponder
+from natd.stack.icmpv6 import Icmpv6Responder
 from natd.stack.link import NullLog
+from natd.stack.ndp import NdpResponder
 from natd.stack.neighbours import NeighbourTable
 from natd.stack.ops import HostOp, Offloaded, Outbox
 from natd.stack.ping import PingEngine
@@ -35,6 +37,7 @@ from natd.wire.ethernet import (
     ETH_HLEN,
     ETHERTYPE_ARP,
     ETHERTYPE_IPV4,
+    ETHERTYPE_IPV6,
     build_ethernet,
 )
 from natd.wire.fastpath import decode_frame
@@ -45,12 +48,17 @@ from natd.wire.icmp import (
     build_icmp_error,
     parse_icmp,
 )
+from natd.wire.icmpv6 import parse_icmpv6
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, build_ipv4, parse_ipv4
-from natd.wire.l3 import L3, build_ip, l3_from_ipv4
+from natd.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
+from natd.wire.l3 import L3, build_ip, l3_from_ipv4, l3_from_ipv6
+from natd.wire.ndp import ND_REDIRECT, ND_ROUTER_SOLICIT
 from natd.wire.tcp import ACK, FIN, RST, SYN, TCP_HLEN, build_tcp, parse_tcp
 from natd.wire.udp import UDP_HLEN, parse_udp
 
 _ZERO_IP = b"\x00\x00\x00\x00"
+_IPV6_MULTICAST_MAC = b"\x33\x33"
+_IPV6_ETHERTYPE = b"\x86\xdd"
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _LOOPBACK = bytes((127, 0, 0, 1))
 _DHCP_SERVER_PORT = 67
@@ -91,8 +99,11 @@ class Gateway:
         self.udp = UdpEngine(self)
         self.dns = DnsForwarder(self)
         self.ping = PingEngine(self)
+        self.ndp = NdpResponder(self)
+        self.icmpv6 = Icmpv6Responder(self)
         self._engines = (
             self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping, self.events,
+            self.ndp, self.icmpv6,
         )  # fmt: skip
         self._apply_limits(settings.limits)
         # Denied flows already logged (LRU): a guest retrying a denied destination is counted
@@ -270,6 +281,10 @@ class Gateway:
             raise Malformed("eth.short")
         view = memoryview(frame)
         dst_mac = bytes(view[0:6])
+        if dst_mac[:2] == _IPV6_MULTICAST_MAC and view[12:14] == _IPV6_ETHERTYPE:
+            # IPv6 multicast (all-nodes, all-routers, solicited-node): NDP lives there.
+            self._receive_ipv6(bytes(view[6:12]), view[ETH_HLEN:], now, csum)
+            return
         if dst_mac != self.mac and dst_mac != BROADCAST_MAC:
             # Another guest's unicast, or multicast we do not serve: never forward or reflect.
             # Multicast (IGMP/MLD reports, IPv6 ND, a bridge's STP) is normal on any segment:
@@ -285,6 +300,8 @@ class Gateway:
             self._receive_ipv4(src_mac, dst_mac == BROADCAST_MAC, view[ETH_HLEN:], now, csum)
         elif ethertype == ETHERTYPE_ARP:
             self.arp.on_arp(src_mac, parse_arp(view[ETH_HLEN:]), now)
+        elif ethertype == ETHERTYPE_IPV6:
+            self._receive_ipv6(src_mac, view[ETH_HLEN:], now, csum)
         else:
             self.counters["drop.eth.ethertype"] += 1
 
@@ -348,6 +365,53 @@ class Gateway:
                 self.ping.on_guest_icmp(ip, now, src_mac)
         else:
             self.counters["drop.ipv4.protocol"] += 1
+
+    def _receive_ipv6(self, src_mac: bytes, packet: memoryview, now: float, csum: int) -> None:
+        """IPv6 through the L3 view: NDP, echo to natd's addresses, refusal of the rest."""
+        counters = self.counters
+        if src_mac[0] & 1 or src_mac == self.mac:
+            raise Malformed("eth.bad_source")
+        if not self.settings.ipv6:
+            counters["ignored.ipv6.off"] += 1
+            return
+        header, l4 = parse_ipv6(packet)
+        if header.is_fragment:
+            counters["drop.ipv6.fragment"] += 1
+            return
+        ip = l3_from_ipv6(header, l4, packet)
+        proto = ip.proto
+        message = None
+        if proto == PROTO_ICMPV6:
+            message = parse_icmpv6(ip.src, ip.dst, l4, verify=not csum)
+            if ND_ROUTER_SOLICIT <= message.type <= ND_REDIRECT:
+                self.ndp.on_ndp(src_mac, ip, message, now)
+                return
+        if is_multicast(ip.dst):
+            counters["ignored.ipv6.multicast"] += 1  # MLD reports and the like
+            return
+        src = ip.src
+        if self.ndp.owned(src) or not (self.settings.in_network6(src) or is_link_local(src)):
+            counters["drop.ipv6.bad_source"] += 1
+            return
+        if self.neighbors.get(src) == src_mac:
+            self.neighbours.touch(src, now)
+        elif not self.neighbours.claim(src, src_mac, now):
+            return  # another MAC's address: counted (drop.spoofed_source) by the table
+        if ip.hop_limit == 0:
+            counters["drop.ipv6.hop_limit"] += 1
+            return
+        if message is not None and self.ndp.owned(ip.dst):
+            self.icmpv6.on_echo(ip, message)
+            return
+        if proto in (PROTO_TCP, PROTO_UDP, PROTO_ICMPV6):
+            self.icmpv6.refuse(ip, csum, message)
+        else:
+            counters["drop.ipv6.protocol"] += 1
+
+    def announce(self, now: float) -> None:
+        """A link is up (start, a new socket peer): IPv6 neighbours hear of the router."""
+        if self.settings.ipv6:
+            self.ndp.announce(now)
 
     # -- egress policy -----------------------------------------------------------------------
 

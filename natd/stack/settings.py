@@ -23,6 +23,10 @@ class StaticLease:
     hostname: str | None = None
 
 
+ROUTER6 = ipaddress.IPv6Address("fe80::2").packed
+"""The router's link-local address: every RA comes from it (RFC 4861 6.1.2)."""
+
+
 def _mac_for(ip: bytes) -> bytes:
     """A locally administered MAC derived from an address (the slirp 52:55:IP convention)."""
     return b"\x52\x55" + ip
@@ -62,6 +66,32 @@ class GatewaySettings:
     # (the oldest unrequested one is recycled first), each for this many seconds.
     dhcp_max_offers: int = 16
     dhcp_offer_hold: float = 10.0
+    # IPv6 on the segment (natd.stack.ndp): the /64 natd advertises, its router (link-local
+    # fe80::2 with the gateway MAC), gateway ::2 and DNS ::3. ``ipv6`` False: no IPv6 at all.
+    ipv6: bool = True
+    network6: ipaddress.IPv6Network = ipaddress.IPv6Network("fd00:10:0:2::/64")
+    nat64: bool = False
+    ra_interval: float = 600.0  # MaxRtrAdvInterval (RFC 4861 6.2.1)
+
+    @property
+    def router6(self) -> bytes:
+        return ROUTER6
+
+    @property
+    def gateway6(self) -> bytes:
+        return (self.network6.network_address + 2).packed
+
+    @property
+    def dns6(self) -> bytes:
+        return (self.network6.network_address + 3).packed
+
+    @property
+    def prefix6(self) -> bytes:
+        """The 8 leading bytes every address of the /64 shares."""
+        return self.network6.network_address.packed[:8]
+
+    def in_network6(self, ip: bytes) -> bool:
+        return len(ip) == 16 and ip[:8] == self.network6.network_address.packed[:8]
 
     @property
     def netmask(self) -> bytes:
