@@ -17,6 +17,7 @@ from typing import Any
 from natd.stack.addresses import is_link_local, is_multicast, is_special, text
 from natd.stack.arp import ArpResponder
 from natd.stack.dhcp import DhcpServer
+from natd.stack.dhcpv6 import Dhcpv6Server
 from natd.stack.dns import DnsForwarder
 from natd.stack.events import FlowEvents
 from natd.stack.icmp import IcmpResponder
@@ -62,6 +63,7 @@ _IPV6_ETHERTYPE = b"\x86\xdd"
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _LOOPBACK = bytes((127, 0, 0, 1))
 _DHCP_SERVER_PORT = 67
+_DHCPV6_SERVER_PORT = 547
 _DNS_PORT = 53
 _MAX_NEIGHBORS = 65536  # bounds the table even on a /8 virtual network
 _MAX_DENIALS_LOGGED = 4096  # distinct denied (guest, proto, dst, port) remembered for the log
@@ -101,9 +103,10 @@ class Gateway:
         self.ping = PingEngine(self)
         self.ndp = NdpResponder(self)
         self.icmpv6 = Icmpv6Responder(self)
+        self.dhcpv6 = Dhcpv6Server(self)
         self._engines = (
             self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping, self.events,
-            self.ndp, self.icmpv6,
+            self.ndp, self.icmpv6, self.dhcpv6,
         )  # fmt: skip
         self._apply_limits(settings.limits)
         # Denied flows already logged (LRU): a guest retrying a denied destination is counted
@@ -146,6 +149,7 @@ class Gateway:
         self.udp.idle_timeout = limits.udp_idle_timeout
         self.dns.max_pending = limits.max_dns_pending
         self.dhcp.max_leases = limits.max_leases
+        self.dhcpv6.max_leases = limits.max_leases
         self.ping.max_flows = limits.max_ping_flows
         self.ping.max_per_guest = limits.max_ping_flows_per_guest
 
@@ -386,6 +390,12 @@ class Gateway:
             if ND_ROUTER_SOLICIT <= message.type <= ND_REDIRECT:
                 self.ndp.on_ndp(src_mac, ip, message, now)
                 return
+        elif proto == PROTO_UDP and len(l4) >= 4 and (l4[2] << 8 | l4[3]) == _DHCPV6_SERVER_PORT:
+            if self.settings.dhcp:
+                self.dhcpv6.on_dhcpv6(src_mac, ip, now, csum)
+            else:
+                counters["ignored.dhcp.off"] += 1
+            return
         if is_multicast(ip.dst):
             counters["ignored.ipv6.multicast"] += 1  # MLD reports and the like
             return

@@ -21,6 +21,8 @@ class StaticLease:
     mac: bytes
     ip: bytes
     hostname: str | None = None
+    ip6: bytes | None = None  # DHCPv6 IA_NA address for this MAC (or for ``duid``)
+    duid: bytes | None = None  # match DHCPv6 clients by DUID as well as by MAC
 
 
 ROUTER6 = ipaddress.IPv6Address("fe80::2").packed
