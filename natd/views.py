@@ -81,7 +81,7 @@ def leases_view(gateway: Gateway, shell: Shell) -> object:
             expires=None if lease.static else lease.expiry,
             static=lease.static,
         )
-        for lease in gateway.dhcp.leases(now)
+        for lease in (*gateway.dhcp.leases(now), *gateway.dhcpv6.leases(now))
     ]
     return leases_result(rows, now)
 

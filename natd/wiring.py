@@ -45,7 +45,13 @@ def settings_from_config(cfg: Config, *, tso: bool = False) -> GatewaySettings:
     as 64 KB GSO frames with partial checksums.
     """
     static = tuple(
-        StaticLease(mac=mac_from_str(s.mac), ip=s.ip.packed, hostname=s.hostname)
+        StaticLease(
+            mac=mac_from_str(s.mac),
+            ip=s.ip.packed,
+            hostname=s.hostname,
+            ip6=None if s.ip6 is None else s.ip6.packed,
+            duid=None if s.duid is None else bytes.fromhex(s.duid.replace(":", "")),
+        )
         for s in cfg.static_leases
     )
     return GatewaySettings.for_cidr(

@@ -748,3 +748,35 @@ def test_reload_keeps_command_line_precedence(tmp_path: Path) -> None:
     Path(path).write_text("[network]\nmtu = 'x'\n")
     with pytest.raises(ConfigError, match=r":2: key 'network.mtu'"):
         reload_config(cfg)
+
+
+def test_static_lease_ip6_and_duid(tmp_path: Path) -> None:
+    body = (
+        '[[dhcp.static]]\nmac = "52:54:00:12:34:56"\nip = "10.0.2.50"\n'
+        'ip6 = "fd00:10:0:2::50"\nduid = "00:03:00:01:52:54:00:12:34:56"\n'
+    )
+    cfg = load(write(tmp_path, body))
+    (lease,) = cfg.static_leases
+    assert str(lease.ip6) == "fd00:10:0:2::50" and lease.duid == "00:03:00:01:52:54:00:12:34:56"
+    again = tomllib.loads(render_config(cfg))["dhcp"]["static"][0]
+    assert (again["ip6"], again["duid"]) == ("fd00:10:0:2::50", lease.duid)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('ip6 = "fd00:99::50"', "ip6 fd00:99::50 is outside the IPv6 network fd00:10:0:2::/64"),
+        (
+            'ip6 = "fd00:10:0:2::2"',
+            "ip6 fd00:10:0:2::2 is natd's own or reserved (::0 to ::3 of the prefix)",
+        ),
+        ('ip6 = "nope"', "'nope' is not an IPv6 address"),
+        ('duid = "zz"', "'zz' is not a DUID (3 to 130 bytes of hex, e.g. 00:03:00:01:…)"),
+    ],
+)
+def test_static_lease_ip6_errors_name_the_key(tmp_path: Path, line: str, message: str) -> None:
+    path = write(
+        tmp_path, f'[[dhcp.static]]\nmac = "52:54:00:12:34:56"\nip = "10.0.2.50"\n{line}\n'
+    )
+    key = line.split(" ")[0]
+    assert error_of(path) == f"{path}:4: key 'dhcp.static[0].{key}': {message}"

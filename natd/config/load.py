@@ -17,7 +17,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, TypeVar, cast
 
 from natd.config.model import (
@@ -59,6 +59,8 @@ from natd.config.values import (
     make_forward,
     parse_cidr,
     parse_cidr6,
+    parse_duid_text,
+    parse_guest_ip6,
     parse_ipv4,
     parse_listen,
     parse_mac,
@@ -228,7 +230,7 @@ def load_config(
         domain = _check(v, partial(check_dns_name, domain_text, "domain"))
 
     static = (
-        _check_static(cast(list[Value], v.value), net)
+        _check_static(cast(list[Value], v.value), net, net6)
         if (v := get("static_leases")) is not None
         else ()
     )
@@ -421,32 +423,47 @@ def _check_pool(v: Value, net: IPv4Network) -> tuple[IPv4Address, IPv4Address]:
     return _check(v, validate)
 
 
-def _check_static(items: list[Value], net: IPv4Network) -> tuple[StaticLeaseConfig, ...]:
+def _check_static(
+    items: list[Value], net: IPv4Network, net6: IPv6Network
+) -> tuple[StaticLeaseConfig, ...]:
     leases: list[StaticLeaseConfig] = []
     by_mac: dict[str, str] = {}
     by_ip: dict[IPv4Address, str] = {}
+    by_ip6: dict[IPv6Address, str] = {}
     for item in items:
         entry = cast(dict[str, str], item.value)
-        lease = _check(item, partial(_static_lease, entry, net))
+        lease = _check(item, partial(_static_lease, entry, net, net6))
         if lease.mac in by_mac:
             label = item.key_labels.get("mac", item.label)
             raise ConfigError(f"{label}: MAC {lease.mac} is already used by {by_mac[lease.mac]}")
         if lease.ip in by_ip:
             label = item.key_labels.get("ip", item.label)
             raise ConfigError(f"{label}: ip {lease.ip} is already used by {by_ip[lease.ip]}")
+        if lease.ip6 is not None and lease.ip6 in by_ip6:
+            label = item.key_labels.get("ip6", item.label)
+            raise ConfigError(f"{label}: ip6 {lease.ip6} is already used by {by_ip6[lease.ip6]}")
         by_mac[lease.mac] = by_ip[lease.ip] = _short(item.label)
+        if lease.ip6 is not None:
+            by_ip6[lease.ip6] = _short(item.label)
         leases.append(lease)
     return tuple(leases)
 
 
-def _static_lease(entry: Mapping[str, str], net: IPv4Network) -> StaticLeaseConfig:
+def _static_lease(
+    entry: Mapping[str, str], net: IPv4Network, net6: IPv6Network
+) -> StaticLeaseConfig:
     mac = keyed("mac", partial(parse_mac, entry["mac"]))
     ip = keyed("ip", partial(parse_ipv4, entry["ip"], "ip"))
     keyed("ip", partial(check_guest_addr, ip, net, "ip"))
     hostname = entry.get("hostname")
     if hostname is not None:
         hostname = keyed("hostname", partial(check_dns_name, hostname, "hostname"))
-    return StaticLeaseConfig(mac, ip, hostname)
+    ip6 = entry.get("ip6")
+    address6 = None if ip6 is None else keyed("ip6", partial(parse_guest_ip6, ip6, net6))
+    duid = entry.get("duid")
+    if duid is not None:
+        duid = keyed("duid", partial(parse_duid_text, duid))
+    return StaticLeaseConfig(mac, ip, hostname, address6, duid)
 
 
 def _short(label: str) -> str:

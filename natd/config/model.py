@@ -7,7 +7,7 @@ The types only; parsing lives in ``values``/``tomlfile``/``load``, rendering in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal
 
 from natd.stack.limits import Limits
@@ -69,6 +69,8 @@ class StaticLeaseConfig:
     mac: str
     ip: IPv4Address
     hostname: str | None = None
+    ip6: IPv6Address | None = None  # DHCPv6 address for this MAC (or ``duid``)
+    duid: str | None = None  # hex, colon-separated: DHCPv6 clients matched by DUID too
 
 
 PolicyAction = Literal["allow", "deny"]

@@ -64,6 +64,10 @@ def render_config(cfg: Config) -> str:
         lines.append(f"ip = {_toml_str(str(lease.ip))}")
         if lease.hostname is not None:
             lines.append(f"hostname = {_toml_str(lease.hostname)}")
+        if lease.ip6 is not None:
+            lines.append(f"ip6 = {_toml_str(str(lease.ip6))}")
+        if lease.duid is not None:
+            lines.append(f"duid = {_toml_str(lease.duid)}")
     lines += [
         "",
         "[dns]",

@@ -149,7 +149,7 @@ _SCHEMA: dict[str, dict[str, str]] = {
     },
 }
 _RULE_KEYS = {"action": "str", "cidr": "str", "ports": "port", "proto": "str"}
-_STATIC_KEYS = {"mac": "str", "ip": "str", "hostname": "str"}
+_STATIC_KEYS = {"mac": "str", "ip": "str", "hostname": "str", "ip6": "str", "duid": "str"}
 _FORWARD_KEYS = {"proto": "str", "host": "str", "guest": "str"}
 _ARTICLE = {
     "string": "a string",

@@ -11,7 +11,7 @@ import pwd
 import re
 from collections.abc import Callable
 from functools import partial
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Protocol, TypeVar, cast
 
 from natd.config.model import (
@@ -61,6 +61,27 @@ def parse_cidr6(text: str) -> IPv6Network:
     if net.is_multicast or net.is_link_local or net.is_loopback:
         raise Invalid(f"{text!r} is not a unicast prefix a guest can use")
     return net
+
+
+def parse_guest_ip6(text: str, net6: IPv6Network) -> IPv6Address:
+    """A static DHCPv6 address: in the /64, not natd's own (::2, ::3) nor the subnet-router ::."""
+    try:
+        addr = IPv6Address(text)
+    except ValueError:
+        raise Invalid(f"{text!r} is not an IPv6 address") from None
+    if addr not in net6:
+        raise Invalid(f"ip6 {addr} is outside the IPv6 network {net6}")
+    if int(addr) - int(net6.network_address) < 4:
+        raise Invalid(f"ip6 {addr} is natd's own or reserved (::0 to ::3 of the prefix)")
+    return addr
+
+
+def parse_duid_text(text: str) -> str:
+    """A DHCPv6 DUID in hex, bytes colon-separated or not; normalised to ``aa:bb:…``."""
+    digits = text.replace(":", "").replace("-", "")
+    if not re.fullmatch(r"(?:[0-9A-Fa-f]{2}){3,130}", digits):
+        raise Invalid(f"{text!r} is not a DUID (3 to 130 bytes of hex, e.g. 00:03:00:01:…)")
+    return ":".join(digits[i : i + 2].lower() for i in range(0, len(digits), 2))
 
 
 def parse_cidr(text: str) -> IPv4Network:

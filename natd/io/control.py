@@ -438,6 +438,11 @@ def stats_result(
     return result
 
 
+def _sort_key(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, int]:
+    """IPv4 leases first, then IPv6, each in address order."""
+    return addr.version, int(addr)
+
+
 def _addr(a: bytes | str | ipaddress.IPv4Address) -> str:
     if isinstance(a, bytes | bytearray):
         return address_text(bytes(a))
@@ -501,7 +506,7 @@ class LeaseInfo:
 def leases_result(leases: Iterable[LeaseInfo], now: float) -> list[dict[str, object]]:
     """Leases as ``leases`` returns them, sorted by address; ``expires_in`` None for static."""
     rows: list[dict[str, object]] = []
-    for lease in sorted(leases, key=lambda le: ipaddress.IPv4Address(_addr(le.ip))):
+    for lease in sorted(leases, key=lambda le: _sort_key(ipaddress.ip_address(_addr(le.ip)))):
         rows.append(
             {
                 "ip": _addr(lease.ip),

@@ -4,9 +4,14 @@ The file is JSON, written whole each time (temp file in the same directory, ``fs
 ``rename`` over the old one, ``fsync`` of the directory), so after a crash or power loss it
 holds either the old or the new set of leases, never half of one::
 
-    {"format": "natd-leases", "version": 1, "network": "10.0.2.0/24", "written": 1733300000,
+    {"format": "natd-leases", "version": 2, "network": "10.0.2.0/24", "written": 1733300000,
      "leases": [{"ip": "10.0.2.15", "mac": "52:54:00:12:34:56", "client": "h525400123456",
-                 "expires": 1733386400, "hostname": "web", "client_id": "01525400123456"}]}
+                 "expires": 1733386400, "hostname": "web", "client_id": "01525400123456"},
+                {"ip": "fd00:10:0:2::15", "mac": "52:54:00:12:34:56", "client": "36…",
+                 "expires": 1733386400, "hostname": null, "client_id": "00030001525400123456"}]}
+
+Version 2 added DHCPv6 leases (an IPv6 ``ip``; ``client`` is the binding key, ``client_id``
+the DUID); a version 1 file (IPv4 only) is read as it is and rewritten as version 2.
 
 Expiry is wall-clock time (the core's clock is monotonic and restarts with natd). At start the
 file is read before the link opens and the leases that are still running are handed to the
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import tempfile
@@ -35,11 +41,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from natd.stack.addresses import text as address_text
 from natd.stack.dhcp import LeaseRow
 from natd.stack.gateway import Gateway
 
 FORMAT = "natd-leases"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CHECK_INTERVAL = 2.0  # seconds between looks at the DHCP counters
 _EXPIRY_SLACK = 5  # wall-clock jitter (s) below which a lease is "the same" as the written one
 
@@ -56,14 +64,14 @@ def render(rows: list[LeaseRow], network: str, wall_now: float) -> bytes:
     """The file's bytes for ``rows`` (``remaining`` turned into wall-clock ``expires``)."""
     leases = [
         {
-            "ip": ".".join(str(b) for b in row.ip),
+            "ip": address_text(row.ip),
             "mac": row.mac.hex(":"),
             "client": row.key.hex(),
             "expires": int(wall_now + row.remaining),
             "hostname": row.hostname,
             "client_id": _hex(row.client_id),
         }
-        for row in sorted(rows, key=lambda r: r.ip)
+        for row in sorted(rows, key=lambda r: (len(r.ip), r.ip))
     ]
     doc = {
         "format": FORMAT,
@@ -83,9 +91,10 @@ def parse(data: bytes, path: str, network: str, wall_now: float) -> list[LeaseRo
         raise LeaseFileError(f"lease file {path} is not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise LeaseFileError(f"lease file {path} is not a natd lease file (no format={FORMAT!r})")
-    if doc.get("version") != VERSION:
+    if doc.get("version") not in READABLE_VERSIONS:
         raise LeaseFileError(
-            f"lease file {path} has version {doc.get('version')!r}; this natd reads {VERSION}"
+            f"lease file {path} has version {doc.get('version')!r}; this natd reads "
+            + " and ".join(map(str, READABLE_VERSIONS))
         )
     if doc.get("network") != network:
         raise LeaseFileError(
@@ -109,10 +118,10 @@ def parse(data: bytes, path: str, network: str, wall_now: float) -> list[LeaseRo
 def _row(item: Any, wall_now: float) -> LeaseRow:
     if not isinstance(item, dict):
         raise TypeError("not an object")
-    ip = bytes(int(part) for part in str(item["ip"]).split("."))
+    ip = ipaddress.ip_address(str(item["ip"])).packed
     mac = bytes.fromhex(str(item["mac"]).replace(":", ""))
     key = bytes.fromhex(str(item["client"]))
-    if len(ip) != 4 or len(mac) != 6 or not key:
+    if len(mac) != 6 or not key:
         raise ValueError("bad ip, mac or client")
     expires = item["expires"]
     if not isinstance(expires, int | float):
@@ -211,14 +220,16 @@ class LeaseKeeper:
     def restore(self, rows: list[LeaseRow]) -> None:
         """Hand the rows read at start to the DHCP server; log what it refused and why."""
         now = self.loop.time()
-        refused = self.gateway.dhcp.restore_leases(rows, now)
+        gw = self.gateway
+        refused = gw.dhcp.restore_leases([r for r in rows if len(r.ip) == 4], now)
+        refused += gw.dhcpv6.restore_leases([r for r in rows if len(r.ip) == 16], now)
         live = [r for r in rows if r.remaining > 0]
         self.log.info(
             "leases.restored",
             file=self.path,
             restored=len(live) - len(refused),
             expired=len(rows) - len(live),
-            refused=[".".join(str(b) for b in r.ip) for r in refused],
+            refused=[address_text(r.ip) for r in refused],
         )
         self._written = _identity(rows, self.wall_clock())
 
@@ -231,7 +242,7 @@ class LeaseKeeper:
 
     def _dhcp_signature(self) -> tuple[int, int]:
         counters = self.gateway.counters
-        moved = sum(v for k, v in counters.items() if k.startswith("dhcp."))
+        moved = sum(v for k, v in counters.items() if k.startswith(("dhcp.", "dhcpv6.")))
         return moved, id(self.gateway.settings)
 
     def check(self) -> None:
@@ -250,7 +261,9 @@ class LeaseKeeper:
         self._writing = asyncio.ensure_future(self._write(data, current))
 
     def _export(self) -> tuple[list[LeaseRow], float]:
-        return self.gateway.dhcp.export_leases(self.loop.time()), self.wall_clock()
+        now = self.loop.time()
+        gw = self.gateway
+        return gw.dhcp.export_leases(now) + gw.dhcpv6.export_leases(now), self.wall_clock()
 
     async def _write(self, data: bytes, identity: dict[bytes, tuple[object, ...]]) -> None:
         try:

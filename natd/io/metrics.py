@@ -52,7 +52,10 @@ from natd import __version__
 from natd.stack.gateway import Gateway
 
 # Counter prefixes with a family of their own: ``tcp.retransmits`` → natd_tcp_events_total.
-_EVENT_FAMILIES = ("tcp", "udp", "ping", "arp", "icmp", "forward", "dhcp", "dns", "tx", "poller")
+_EVENT_FAMILIES = (
+    "tcp", "udp", "ping", "arp", "icmp", "forward", "dhcp", "dns", "tx", "poller",
+    "ndp", "ra", "dhcpv6", "icmpv6", "ipv6",
+)  # fmt: skip
 # Counters that mean "a configured bound refused (or evicted for) new work".
 LIMIT_COUNTERS = {
     "drop.tcp.flow_limit": "max_tcp_flows",
@@ -141,8 +144,8 @@ class NatdCollector(Collector):
         yield denials
         yield from events.values()
         yield other
-        leases = GaugeMetricFamily("natd_dhcp_leases", "DHCP leases and offers held")
-        leases.add_metric([], len(gw.dhcp.leases(src.now())))
+        leases = GaugeMetricFamily("natd_dhcp_leases", "DHCP and DHCPv6 leases and offers held")
+        leases.add_metric([], len(gw.dhcp.leases(src.now())) + len(gw.dhcpv6.leases(src.now())))
         yield leases
         yield from self._shell_extras()
 

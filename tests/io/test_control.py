@@ -691,7 +691,11 @@ def test_flows_and_leases_results_are_json_rows() -> None:
     leases = [
         LeaseInfo(b"\x52\x54\x00\x12\x34\x56", b"\x0a\x00\x02\x14", "web", None, True),
         LeaseInfo("52:54:00:AA:BB:CC", "10.0.2.15", None, 3700.5),
+        LeaseInfo(b"\x52\x54\x00\x12\x34\x56", guest6, None, 200.0),
     ]
+    v6_row = leases_result(leases, now=100.0).pop()  # DHCPv6 leases after the IPv4 ones
+    assert (v6_row["ip"], v6_row["expires_in"]) == ("fd00:10:0:2::f0f", 100)
+    leases.pop()
     assert leases_result(leases, now=100.0) == [
         {
             "ip": "10.0.2.15",

@@ -109,7 +109,8 @@ async def test_keeper_writes_on_change_and_at_close(tmp_path: Path) -> None:
         assert gw.dhcp.restore_leases([row(20)], loop.time()) == []
         gw.counters["dhcp.rx.request"] += 1  # what an ACK would count
         deadline = time.monotonic() + 5
-        while not path.exists() and time.monotonic() < deadline:
+        # (the file appears before the write is counted: wait for the count)
+        while keeper.writes == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         (got,) = read_lease_file(str(path), NET)
         assert got.ip == bytes((10, 0, 2, 20))
@@ -140,3 +141,34 @@ async def test_keeper_reports_a_failed_write_and_retries(tmp_path: Path) -> None
     keeper.check()  # the signature was reset: it tries again
     await settle(keeper)
     assert keeper.writes == 1
+
+
+def test_v6_leases_round_trip_and_version_1_files_still_read(tmp_path: Path) -> None:
+    from natd.stack.dhcpv6 import binding_key
+
+    duid = bytes.fromhex("00030001") + MAC
+    ip6 = bytes.fromhex("fd000010000000020000000000000015")
+    v6 = LeaseRow(binding_key(duid, 7), MAC, ip6, 100.0, None, duid)
+    data = render([v6, row()], NET, 1000.0)
+    doc = json.loads(data)
+    assert doc["version"] == 2
+    assert [x["ip"] for x in doc["leases"]] == ["10.0.2.15", "fd00:10:0:2::15"]
+    back = parse(data, "f", NET, 1000.0)
+    assert back[1] == v6 and back[0] == row()
+    # a version-1 file (natd before IPv6) is read as it was written
+    old = json.loads(render([row()], NET, 1000.0))
+    old["version"] = 1
+    (got,) = parse(json.dumps(old).encode(), "f", NET, 1000.0)
+    assert got == row()
+    # and the v6 rows go back to the DHCPv6 server at start
+    gw = Gateway(GatewaySettings())
+    loop = asyncio.new_event_loop()
+    try:
+        keeper = LeaseKeeper(loop, gw, str(tmp_path / "l.json"), NET, _NoLog())
+        keeper.restore(back)
+        assert [x.ip for x in gw.dhcpv6.leases(loop.time())] == [ip6]
+        assert [x.ip for x in gw.dhcp.leases(loop.time())] == [bytes((10, 0, 2, 15))]
+        rows, _wall = keeper._export()
+        assert sorted(r.ip for r in rows) == sorted([ip6, bytes((10, 0, 2, 15))])
+    finally:
+        loop.close()
