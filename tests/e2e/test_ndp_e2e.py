@@ -18,6 +18,7 @@ from pathlib import Path
 
 from harness import GATEWAY, Guest, ctl
 from test_faults_e2e import wait_for
+from test_v6wire_e2e import dhclient6
 
 PREFIX = "fd00:10:0:2:"
 GW6 = "fd00:10:0:2::2"
@@ -112,3 +113,30 @@ def test_ipv6_off_sends_nothing(start_guest: Callable[..., Guest], tmp_path: Pat
     assert _slaac(guest) is None
     assert guest.run(["ip", "-6", "route", "show", "default"]).stdout.strip() == ""
     assert " 0% packet loss" in guest.ping(GATEWAY, count=1)
+
+
+def test_dhclient6_stateless_and_stateful(
+    start_guest: Callable[..., Guest], tmp_path: Path
+) -> None:
+    config = tmp_path / "natd.toml"
+    config.write_text(
+        '[dhcp]\ndomain = "lab.internal"\n'
+        '[[dhcp.static]]\nmac = "02:00:00:00:00:99"\nip = "10.0.2.99"\nip6 = "fd00:10:0:2::99"\n'
+    )
+    control = str(tmp_path / "natd.sock")
+    guest = start_guest("--config", str(config), "--control", control)
+    _up(guest)
+    wait_for(lambda: _slaac(guest) is not None, 20, "SLAAC address (the link is usable)")
+    got = dhclient6(guest, guest.workdir, "tap0", "-S")
+    assert "new_ip6_address" not in got
+    assert got["new_dhcp6_name_servers"] == "fd00:10:0:2::3"
+    assert got["new_dhcp6_domain_search"].split() == ["lab.internal."]
+
+    got = dhclient6(guest, guest.workdir, "tap0")
+    assert got["reason"] == "BOUND6"
+    assert got["new_ip6_address"] == "fd00:10:0:2::15"
+    assert got["new_dhcp6_name_servers"] == "fd00:10:0:2::3"
+    leases = ctl(control, "leases")
+    assert any(row["ip"] == "fd00:10:0:2::15" and not row["static"] for row in leases), leases
+    counters = ctl(control, "stats")["counters"]
+    assert counters["dhcpv6.tx.reply"] >= 2

@@ -50,19 +50,26 @@ class Link:
 
     def dhclient6(self, *flags: str, timeout: float = 20) -> dict[str, str]:
         """Run ``dhclient -6`` on the guest end until its script records a result."""
-        out = self.workdir / "dhclient6.env"
-        out.unlink(missing_ok=True)
-        script = self.workdir / "dhclient6.sh"
-        script.write_text(DHCLIENT6_SCRIPT.replace('"$OUT', f'"{out}'))
-        script.chmod(0o755)
-        log = self.workdir / "dhclient6.log"
-        with log.open("w") as logf:
-            proc = self.ns.popen(
-                ["dhclient", "-6", *flags, "-d", "-1", "-v", "-sf", str(script),
-                 "-lf", str(self.workdir / "leases6"), "-pf", str(self.workdir / "pid6"), "v6wa"],
-                stdout=logf, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        return await_script(proc, out, log, timeout, f"dhclient -6 {flags} got nothing")
+        return dhclient6(self.ns, self.workdir, "v6wa", *flags, timeout=timeout)
+
+
+def dhclient6(
+    ns: Netns, workdir: Path, iface: str, *flags: str, timeout: float = 20
+) -> dict[str, str]:
+    """Run ISC ``dhclient -6`` in ``ns`` until its script records what it took."""
+    out = workdir / "dhclient6.env"
+    out.unlink(missing_ok=True)
+    script = workdir / "dhclient6.sh"
+    script.write_text(DHCLIENT6_SCRIPT.replace('"$OUT', f'"{out}'))
+    script.chmod(0o755)
+    log = workdir / "dhclient6.log"
+    with log.open("w") as logf:
+        proc = ns.popen(
+            ["dhclient", "-6", *flags, "-d", "-1", "-v", "-sf", str(script),
+             "-lf", str(workdir / "leases6"), "-pf", str(workdir / "pid6"), iface],
+            stdout=logf, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return await_script(proc, out, log, timeout, f"dhclient -6 {flags} got nothing")
 
 
 def _addresses(ns: Netns, iface: str) -> list[dict[str, object]]:
