@@ -52,9 +52,10 @@ FUZZ_LIMITS = Limits(
 )
 
 
-def fuzz_settings(limits: Limits | None = None) -> GatewaySettings:
+def fuzz_settings(limits: Limits | None = None, mtu: int = 1500) -> GatewaySettings:
     return GatewaySettings.for_cidr(
         "10.0.2.0/24",
+        mtu=mtu,
         dns_upstreams=UPSTREAMS,
         static_leases=(StaticLease(STATIC_MAC, STATIC_IP, "builder"),),
         limits=limits if limits is not None else FUZZ_LIMITS,

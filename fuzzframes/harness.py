@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import dpkt
 
 from fuzzframes import attacks
+from fuzzframes import frames6 as v6
 from fuzzframes.frames import (
     BCAST_IP,
     BROADCAST_MAC,
@@ -59,6 +60,7 @@ from natd.stack.ops import (
     UdpSend,
 )
 from natd.stack.settings import Limits
+from natd.wire.checksum import transport_checksum
 
 # -- the simulated guests and host -----------------------------------------------------------
 
@@ -202,10 +204,11 @@ class Fuzzer:
         check_outputs: bool = True,
         sample_every: int = 10_000,
         mix: tuple[float, float, float] = (0.35, 0.55, 0.10),
+        mtu: int = 1500,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.settings = fuzz_settings(limits)
+        self.settings = fuzz_settings(limits, mtu)
         self.gw = Gateway(self.settings)
         # Determinism: natd's ISN secret and DNS ids come from the seed, not the OS.
         self.gw.tcp._secret = random.Random(seed ^ 0x5EC2E7).randbytes(16)
@@ -246,10 +249,11 @@ class Fuzzer:
             (3, self.gen_arp), (3, self.gen_dhcp), (2, self.gen_ping_gateway),
             (2, self.gen_ping_outside), (3, self.gen_udp), (4, self.gen_dns),
             (3, self.gen_tcp_open), (9, self.gen_tcp_step), (2, self.gen_attack),
+            (4, self.gen_ipv6),
         ]  # fmt: skip
         self._gen_weights = [w for w, _ in self._gens]
         for gen in (self.gen_arp, self.gen_dhcp, self.gen_dns, self.gen_udp, self.gen_ping_gateway,
-                    self.gen_ping_outside, self.gen_tcp_open) * 8:  # fmt: skip
+                    self.gen_ping_outside, self.gen_tcp_open, self.gen_ipv6) * 8:  # fmt: skip
             self._remember(gen())
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -467,6 +471,57 @@ class Fuzzer:
             q = dns_query(rng)
             return struct.pack("!H", len(q)) + q
         return rng.randbytes(rng.choice((1, 100, 536, 1460)))
+
+    def gen_ipv6(self) -> bytes:
+        """IPv6 from a guest: NDP (odd options, wrong hop limits, DAD, claims of others'
+        addresses), echo, TCP/UDP natd refuses, extension-header chains and fragments, and
+        DHCPv6 client messages (``fuzzframes.frames6``)."""
+        rng = self.rng
+        gi = self._guest()
+        mac = self.guest_macs[gi]
+        ll, own = v6.link_local(mac), v6.slaac(mac)
+        other = v6.slaac(self.guest_macs[self._guest()])
+        hlim = 255 if rng.random() < 0.85 else rng.choice((0, 1, 64, 254))
+        r = rng.random()
+        if r < 0.3:  # ND: NS, NA, RS (and a guest's RA or redirect)
+            kind = rng.choice((135, 135, 136, 133, 133, 134, 137))
+            src = rng.choice((own, ll, ll, v6.UNSPECIFIED, other, v6.GW6))
+            target = rng.choice((v6.ROUTER6, v6.GW6, v6.DNS6, own, other, v6.ALL_NODES))
+            dst = {135: v6.solicited_node(target), 133: v6.ALL_ROUTERS}.get(kind, v6.ALL_NODES)
+            body = b"" if kind == 133 else target
+            if kind == 134:
+                body = bytes(12)
+            opts = b"" if src == v6.UNSPECIFIED and rng.random() < 0.7 else v6.nd_options(rng, mac)
+            word = rng.choice((0, 0x60000000, 0x20000000))
+            msg = v6.icmp6(src, dst, kind, rng.choice((0, 0, 0, 1)), word, body + opts)
+            packet = v6.ipv6(src, dst, 58, msg, hlim=hlim)
+            return ether(v6.multicast_mac(dst), mac, v6.ETHERTYPE_IPV6, packet)
+        if r < 0.45:  # DHCPv6 to the agents' group
+            payload = v6.dhcpv6_message(rng, mac, self.gw.dhcpv6.server_duid)
+            seg = struct.pack("!HHHH", 546, 547, 8 + len(payload), 0) + payload
+            packet = v6.ipv6(ll, v6.DHCP_AGENTS, 17, v6.fill6(ll, v6.DHCP_AGENTS, 17, seg))
+            return ether(v6.multicast_mac(v6.DHCP_AGENTS), mac, v6.ETHERTYPE_IPV6, packet)
+        src = rng.choice((own, own, ll, other))
+        dst = rng.choice((v6.GW6, v6.DNS6, v6.ROUTER6, *v6.OUTSIDE6, other))
+        kind = rng.random()
+        if kind < 0.35:
+            proto = 58
+            seg = v6.icmp6(src, dst, rng.choice((128, 128, 129, 1)), 0, rng.getrandbits(32),
+                           rng.randbytes(rng.choice((0, 8, 56, 1400))))  # fmt: skip
+        elif kind < 0.7:
+            proto = 6
+            flags = rng.choice((0x02, 0x02, 0x10, 0x04, 0x11, 0x12))
+            seg = v6.fill6(src, dst, 6, struct.pack("!HHIIBBHHH", self._port(), rng.choice(
+                (80, 443, 53)), rng.getrandbits(32), 0, 5 << 4, flags, 65535, 0, 0))  # fmt: skip
+        else:
+            proto = 17
+            payload = rng.randbytes(rng.choice((0, 4, 512)))
+            seg = struct.pack("!HHHH", self._port(), rng.choice((53, 123, 547)),
+                              8 + len(payload), 0) + payload  # fmt: skip
+            seg = v6.fill6(src, dst, 17, seg)
+        first, chain = (proto, b"") if rng.random() < 0.7 else v6.ext_chain(rng, proto)
+        packet = v6.ipv6(src, dst, first, chain + seg, hlim=rng.choice((64, 64, 1, 0)))
+        return ether(GW_MAC, mac, v6.ETHERTYPE_IPV6, packet)
 
     def gen_attack(self) -> bytes:
         """A frame of a guest posing as another one (``fuzzframes.attacks``, issue 10)."""
@@ -921,6 +976,9 @@ class Fuzzer:
             elif a.op != 2 or dst_mac != a.tha or dst_mac[0] & 1 or dst_mac == bytes(6):
                 self._violation("arp_misaddressed", f"op={a.op} dst={dst_mac.hex(':')}", f)
             return
+        if eth.type == v6.ETHERTYPE_IPV6:
+            self._check_ipv6(f)
+            return
         if eth.type != 0x0800:
             self._violation("bad_ethertype", hex(eth.type), f)
             return
@@ -975,6 +1033,38 @@ class Fuzzer:
         if ((ip.dst, dst_mac) not in self._learned and self.gw.neighbors.get(ip.dst) != dst_mac
                 and not self._tcp_flow_mac(ip.dst, dst_mac)):  # fmt: skip
             self._violation("unlearned_mac", f"{ip.dst.hex()} at {dst_mac.hex(':')}", f)
+
+    def _check_ipv6(self, f: bytes) -> None:
+        """An IPv6 frame natd sent: header sane, checksum right (never zero for UDP), ND at hop
+        limit 255, multicast only for ND to all nodes, from natd's addresses (a RST comes from
+        the address the guest dialled)."""
+        dst_mac = f[0:6]
+        if len(f) < 54 or f[14] >> 4 != 6:
+            self._violation("bad_ipv6_header", f"{len(f)} bytes", f)
+            return
+        plen, nxt, hlim = struct.unpack_from("!HBB", f, 18)
+        src, dst = f[22:38], f[38:54]
+        l4 = f[54:]
+        if plen != len(l4) or hlim == 0:
+            self._violation("bad_ipv6_header", f"plen={plen}/{len(l4)} hlim={hlim}", f)
+            return
+        if nxt not in (6, 17, 58) or transport_checksum(src, dst, nxt, l4) != 0:
+            self._violation("bad_ipv6_l4", f"nxt={nxt}", f)
+            return
+        if nxt == 17 and l4[6:8] == b"\0\0":
+            self._violation("udp6_zero_checksum", "", f)
+        nd = nxt == 58 and 133 <= l4[0] <= 137
+        if nd and hlim != 255:
+            self._violation("nd_hop_limit", str(hlim), f)
+        if nxt != 6 and src not in (v6.ROUTER6, v6.GW6, v6.DNS6):
+            self._violation("ipv6_source_not_ours", src.hex(), f)
+        if dst_mac[0] & 1:
+            if not (nd and dst == v6.ALL_NODES and dst_mac == v6.multicast_mac(dst)):
+                self._violation("ipv6_multicast_misused", f"dst={dst.hex()}", f)
+            return
+        owner = self.gw.neighbors.get(dst)
+        if owner is not None and owner != dst_mac and not self._tcp_flow_mac(dst, dst_mac):
+            self._violation("ipv6_misaddressed", f"{dst.hex()} at {dst_mac.hex(':')}", f)
 
     def _tcp_flow_mac(self, ip: bytes, mac: bytes) -> bool:
         """A TCP flow keeps the MAC its guest had at SYN time (learned then, maybe evicted from

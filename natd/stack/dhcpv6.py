@@ -107,6 +107,8 @@ class Dhcpv6Server:
         if not is_link_local(ip.src):
             counters["drop.dhcpv6.bad_source"] += 1  # clients speak from link-local (18.2)
             return
+        if not self.link.neighbours.claim(ip.src, src_mac, now):
+            return  # another MAC's link-local address: counted (drop.spoofed_source)
         msg = parse_dhcpv6(payload)
         check_client_message(msg)
         if msg.server_id is not None and msg.server_id != self.server_duid:

@@ -59,6 +59,7 @@ from natd.wire.udp import UDP_HLEN, parse_udp
 
 _ZERO_IP = b"\x00\x00\x00\x00"
 _IPV6_MULTICAST_MAC = b"\x33\x33"
+_ZERO_MAC = bytes(6)
 _IPV6_ETHERTYPE = b"\x86\xdd"
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _LOOPBACK = bytes((127, 0, 0, 1))
@@ -373,7 +374,7 @@ class Gateway:
     def _receive_ipv6(self, src_mac: bytes, packet: memoryview, now: float, csum: int) -> None:
         """IPv6 through the L3 view: NDP, echo to natd's addresses, refusal of the rest."""
         counters = self.counters
-        if src_mac[0] & 1 or src_mac == self.mac:
+        if src_mac[0] & 1 or src_mac == self.mac or src_mac == _ZERO_MAC:
             raise Malformed("eth.bad_source")
         if not self.settings.ipv6:
             counters["ignored.ipv6.off"] += 1
@@ -409,6 +410,9 @@ class Gateway:
             return  # another MAC's address: counted (drop.spoofed_source) by the table
         if ip.hop_limit == 0:
             counters["drop.ipv6.hop_limit"] += 1
+            return
+        if len(ip.packet) > self.settings.mtu and proto != PROTO_TCP:
+            counters["drop.ipv6.too_big"] += 1  # an echo reply or a quote would exceed the MTU
             return
         if message is not None and self.ndp.owned(ip.dst):
             self.icmpv6.on_echo(ip, message)

@@ -301,3 +301,22 @@ def test_fragments_dropped_counted(gw: Gateway) -> None:
     frag = struct.pack("!BxHI", 17, 0 | 1, 0xCAFE) + bytes(16)
     assert exchange(gw, [frame(frag, 44, src=GUEST6, dst=REMOTE6, hlim=64)], 1.0) == []
     assert gw.counters["drop.ipv6.fragment"] == 1
+
+
+def test_echo_over_the_mtu_dropped_not_echoed() -> None:
+    gw = Gateway(GatewaySettings.for_cidr("10.0.2.0/24", mtu=1280))
+    msg = icmp6(128, 1 << 16 | 1, bytes(1300), GUEST6, GW6)
+    assert exchange(gw, [frame(msg, 58, src=GUEST6, dst=GW6, hlim=64)], 1.0) == []
+    assert gw.counters["drop.ipv6.too_big"] == 1
+
+
+def test_dhcpv6_from_another_macs_link_local_dropped(gw: Gateway) -> None:
+    exchange(gw, [rs()], 1.0)  # GUEST_MAC owns GUEST_LL now
+    payload = struct.pack("!I", 11 << 24 | 1)
+    udp = struct.pack("!HHHH", 546, 547, 8 + len(payload), 0) + payload
+    pseudo = GUEST_LL + a6("ff02::1:2") + struct.pack("!I3xB", len(udp), 17)
+    udp = udp[:6] + struct.pack("!H", inet_checksum(pseudo + udp)) + udp[8:]
+    sent = frame(udp, 17, src=GUEST_LL, dst=a6("ff02::1:2"), hlim=1, mac=GUEST2_MAC,
+                 dst_mac=bytes.fromhex("333300010002"))  # fmt: skip
+    assert exchange(gw, [sent], 2.0) == []
+    assert gw.counters["drop.spoofed_source"] == 1
