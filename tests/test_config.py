@@ -440,7 +440,7 @@ def test_network_cidr_errors_in_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ('"fd00:10:0:3::/48"', "'fd00:10:0:3::/48' is not a /64 (SLAAC needs a 64-bit prefix)"),
+        ('"fd00:10::/48"', "'fd00:10::/48' is not a /64 (SLAAC needs a 64-bit prefix)"),
         (
             '"fd00:10:0:3::1/64"',
             "'fd00:10:0:3::1/64' has host bits set (did you mean fd00:10:0:3::/64?)",

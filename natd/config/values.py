@@ -44,20 +44,29 @@ def _port(text: str, what: str, *, allow_zero: bool) -> int:
     return port
 
 
-def parse_cidr6(text: str) -> IPv6Network:
-    """The IPv6 prefix: a /64 (SLAAC needs 64 interface-identifier bits, RFC 4862 5.5.3)."""
+_Net = TypeVar("_Net", IPv4Network, IPv6Network)
+
+
+def _network(text: str, kind: type[_Net], family: str, example: str) -> _Net:
+    """``text`` as a network with its prefix written and its host bits zero."""
     if "/" not in text:
-        raise Invalid(f"{text!r} has no prefix length (write e.g. fd00:10:0:2::/64)")
+        raise Invalid(f"{text!r} has no prefix length (write e.g. {example})")
     try:
-        net = IPv6Network(text, strict=False)
+        net = kind(text, strict=False)
     except ValueError:
-        raise Invalid(f"{text!r} is not an IPv6 network like fd00:10:0:2::/64") from None
-    if net.prefixlen != 64:
-        raise Invalid(f"{text!r} is not a /64 (SLAAC needs a 64-bit prefix)")
+        raise Invalid(f"{text!r} is not an {family} network like {example}") from None
     try:
-        IPv6Network(text, strict=True)
+        kind(text, strict=True)
     except ValueError:
         raise Invalid(f"{text!r} has host bits set (did you mean {net}?)") from None
+    return net
+
+
+def parse_cidr6(text: str) -> IPv6Network:
+    """The IPv6 prefix: a /64 (SLAAC needs 64 interface-identifier bits, RFC 4862 5.5.3)."""
+    net = _network(text, IPv6Network, "IPv6", "fd00:10:0:2::/64")
+    if net.prefixlen != 64:
+        raise Invalid(f"{text!r} is not a /64 (SLAAC needs a 64-bit prefix)")
     if net.is_multicast or net.is_link_local or net.is_loopback:
         raise Invalid(f"{text!r} is not a unicast prefix a guest can use")
     return net
@@ -86,16 +95,7 @@ def parse_duid_text(text: str) -> str:
 
 def parse_cidr(text: str) -> IPv4Network:
     """The virtual network: an IPv4 network written with its prefix and its host bits zero."""
-    if "/" not in text:
-        raise Invalid(f"{text!r} has no prefix length (write e.g. 10.0.2.0/24)")
-    try:
-        net = IPv4Network(text, strict=False)
-    except ValueError:
-        raise Invalid(f"{text!r} is not an IPv4 network like 10.0.2.0/24") from None
-    try:
-        IPv4Network(text, strict=True)
-    except ValueError:
-        raise Invalid(f"{text!r} has host bits set (did you mean {net}?)") from None
+    net = _network(text, IPv4Network, "IPv4", "10.0.2.0/24")
     if net.prefixlen > MAX_PREFIX:
         raise Invalid(
             f"{text!r} is too small: the prefix must be /{MAX_PREFIX} or shorter "

@@ -72,6 +72,23 @@ def dhclient6(
     return await_script(proc, out, log, timeout, f"dhclient -6 {flags} got nothing")
 
 
+def check_rdisc6(ns: Netns, iface: str, *, mtu: int, domain: str, mac: str | None = None) -> None:
+    """``rdisc6`` solicits on ``iface`` and prints every option natd's RA must carry."""
+    rdisc = ns.run(["rdisc6", "-1", "-w", "3000", iface], timeout=20).stdout
+    for line in (
+        "Stateful address conf.    :           No",
+        "Stateful other conf.      :          Yes",
+        "Router lifetime           :         1800 (0x00000708) seconds",
+        "Prefix                   : fd00:10:0:2::/64",
+        f"MTU                      : {mtu:>12} bytes (valid)",
+        "Recursive DNS server     : fd00:10:0:2::3",
+        f"DNS search list          : {domain}",
+        *([f"Source link-layer address: {mac}"] if mac else []),
+        "from fe80::2",
+    ):
+        assert line in rdisc, rdisc
+
+
 def _addresses(ns: Netns, iface: str) -> list[dict[str, object]]:
     info = json.loads(ns.run(["ip", "-j", "-6", "addr", "show", "dev", iface]).stdout)
     return [a for i in info for a in i.get("addr_info", [])]
@@ -116,19 +133,7 @@ def test_kernel_and_nd_tools_accept_natd_wire(link: Link) -> None:
     assert mtu == "1400"
 
     # rdisc6 solicits and prints every option of the RA natd.wire built.
-    rdisc = ns.run(["rdisc6", "-1", "-w", "2000", "v6wa"], timeout=20).stdout
-    for line in (
-        "Stateful address conf.    :           No",
-        "Stateful other conf.      :          Yes",
-        "Router lifetime           :         1800 (0x00000708) seconds",
-        "Prefix                   : fd00:10:0:2::/64",
-        "MTU                      :         1400 bytes (valid)",
-        "Recursive DNS server     : fd00:10:0:2::3",
-        "DNS search list          : example.internal",
-        "Source link-layer address: 02:00:00:00:00:01",
-        "from fe80::2",
-    ):
-        assert line in rdisc, rdisc
+    check_rdisc6(ns, "v6wa", mtu=1400, domain="example.internal", mac="02:00:00:00:00:01")
 
     # ndisc6 solicits fe80::2 and reads natd.wire's NA; ping resolves it the same way.
     ndisc = ns.run(["ndisc6", "-1", "-w", "2000", "fe80::2", "v6wa"], timeout=20).stdout
