@@ -34,6 +34,10 @@ def ip(text: str) -> bytes:
     return ipaddress.IPv4Address(text).packed
 
 
+def ip6(text: str) -> bytes:
+    return ipaddress.IPv6Address(text).packed
+
+
 def dotted(raw: bytes) -> str:
     return str(ipaddress.IPv4Address(raw))
 

@@ -7,21 +7,16 @@ so natd.wire's DHCPv6 codec is not its own oracle.
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from pathlib import Path
 
 import dpkt
 import pytest
 from helpers import GUEST2_MAC, GUEST_MAC, GW_MAC, exchange, inet_checksum
+from helpers import ip6 as a6
 
 from natd.stack.gateway import Gateway
 from natd.stack.settings import GatewaySettings, StaticLease
-
-
-def a6(text: str) -> bytes:
-    return ipaddress.IPv6Address(text).packed
-
 
 GUEST_LL = a6("fe80::5054:ff:fe12:3456")
 ROUTER = a6("fe80::2")

@@ -8,21 +8,16 @@ ICMPv6 checksums recomputed here (RFC 4443 2.3, with ``inet_checksum`` from the 
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from pathlib import Path
 
 import dpkt
 import pytest
 from helpers import GUEST2_MAC, GUEST_MAC, GW_MAC, exchange, inet_checksum, make_gateway
+from helpers import ip6 as a6
 
 from natd.stack.gateway import Gateway
 from natd.stack.settings import GatewaySettings
-
-
-def a6(text: str) -> bytes:
-    return ipaddress.IPv6Address(text).packed
-
 
 ROUTER = a6("fe80::2")
 GW6 = a6("fd00:10:0:2::2")
