@@ -131,7 +131,7 @@ async def test_shell_captures_what_the_guest_sent_and_got(tmp_path: Path) -> Non
     ours, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     loop = asyncio.get_running_loop()
     tap = TapLink(ours.detach(), "pair0", vnet_hdr_len=0)
-    gw = Gateway(GatewaySettings())
+    gw = Gateway(GatewaySettings(ipv6=False))  # (IPv6 would add its start-up NAs and RA)
     shell = Shell(loop, gw, tap, log=_NoLog())
     path = tmp_path / "shell.pcap"
     shell.capture = Capture(str(path))
