@@ -283,6 +283,25 @@ def test_reload_of_the_tcp_buffer_size_needs_a_restart(tmp_path: Path) -> None:
     assert daemon.cfg.limits.tcp_buffer_bytes == Limits().tcp_buffer_bytes
 
 
+def test_ipv6_keys_reach_the_core_and_need_a_restart(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[dns]\nupstream = []\n[network]\ncidr6 = "fd00:77:0:1::/64"\n'
+        '[[dhcp.static]]\nmac = "52:54:00:12:34:56"\nip = "10.0.2.50"\n'
+        'ip6 = "fd00:77:0:1::50"\nduid = "00:03:00:01:52:54:00:12:34:56"\n',
+    )
+    settings = settings_from_config(load(path))
+    assert settings.gateway6 == bytes.fromhex("fd000077000000010000000000000002")
+    (static,) = settings.static_leases
+    assert static.ip6 == bytes.fromhex("fd000077000000010000000000000050")
+    assert static.duid == bytes.fromhex("00030001525400123456")
+    daemon, gw = _daemon(load(path))
+    write(tmp_path, "[dns]\nupstream = []\n[network]\nipv6 = false\nnat64 = true\n")
+    result = daemon.reload("test")
+    assert sorted(result["restart_required"]) == ["cidr6", "ipv6", "nat64"]  # type: ignore[arg-type]
+    assert gw.settings.ipv6 and gw.settings.network6.prefixlen == 64
+
+
 def test_memory_budget_keys_reach_the_core(tmp_path: Path) -> None:
     cfg = load(write(tmp_path, "[limits]\nmemory_budget = 67108864\n"))
     limits = settings_from_config(cfg).limits

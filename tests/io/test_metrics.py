@@ -117,6 +117,18 @@ def test_limit_refusals_are_counted_from_the_engines() -> None:
     assert got["natd_drops_total", (("reason", "tcp.flow_limit"),)] == 2
 
 
+def test_ipv6_engine_counters_are_families_of_their_own() -> None:
+    gw = Gateway(GatewaySettings())
+    gw.announce(1.0)  # unsolicited NAs and an RA: real ndp.* and ra.* counters
+    gw.counters["dhcpv6.tx.reply"] += 2
+    gw.counters["ipv6.refused_no_route"] += 5
+    got = samples(MetricsServer(("x", 1), make_registry(sources(gw)), _NoLog()).render().decode())
+    assert got["natd_ndp_events_total", (("event", "na_unsolicited"),)] == 3
+    assert got["natd_ra_events_total", (("event", "sent"),)] == 1
+    assert got["natd_dhcpv6_events_total", (("event", "tx.reply"),)] == 2
+    assert got["natd_ipv6_events_total", (("event", "refused_no_route"),)] == 5
+
+
 async def _http_get(host: str, port: int, path: str) -> bytes:
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
