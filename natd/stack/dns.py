@@ -339,14 +339,16 @@ class DnsForwarder:
         self, guest: bytes, port: int, response: bytes, parsed: DnsMessage | None = None
     ) -> None:
         s = self.link.settings
-        if len(response) > s.mtu - 20 - UDP_HLEN:
+        v4 = len(guest) == 4
+        if len(response) > s.mtu - (20 if v4 else 40) - UDP_HLEN:
             # natd does not fragment: send header + question with TC so the guest uses TCP.
             msg = parsed if parsed is not None else parse_dns(response)
             short = build_response(response, msg, msg.header.rcode, truncated=True)
             response = response[:2] + short[2:]  # the id the guest expects
             self.link.counters["dns.truncated_for_mtu"] += 1
-        segment = build_udp(s.dns_ip, guest, _DNS_PORT, port, response)
-        self.link.send_ipv4(s.dns_ip, guest, PROTO_UDP, segment)
+        source = s.dns_ip if v4 else s.dns6  # the address the guest asked (IPv4 or IPv6 ::3)
+        segment = build_udp(source, guest, _DNS_PORT, port, response)
+        self.link.send_ip(source, guest, PROTO_UDP, segment)
 
     def next_deadline(self) -> float | None:
         for p in self._pending.values():

@@ -33,6 +33,7 @@ from natd.stack.tcp import TcpEngine
 from natd.stack.udp import UdpEngine
 from natd.wire import Malformed
 from natd.wire.arp import ARP_REQUEST, build_arp, parse_arp
+from natd.wire.checksum import transport_checksum
 from natd.wire.ethernet import (
     BROADCAST_MAC,
     ETH_HLEN,
@@ -417,6 +418,16 @@ class Gateway:
         if message is not None and self.ndp.owned(ip.dst):
             self.icmpv6.on_echo(ip, message)
             return
+        if (
+            proto == PROTO_UDP
+            and ip.dst == self.settings.dns6
+            and len(l4) >= 4
+            and (l4[2] << 8 | l4[3]) == _DNS_PORT
+        ):
+            if csum:  # a partial (or kernel-checked) checksum: fill it in, the forwarder verifies
+                ip.payload = memoryview(_with_udp_checksum(ip.src, ip.dst, l4))
+            self.dns.on_guest_query(ip, now)  # the forwarder answers at ::3 as at .3
+            return
         if proto in (PROTO_TCP, PROTO_UDP, PROTO_ICMPV6):
             self.icmpv6.refuse(ip, csum, message)
         else:
@@ -548,6 +559,15 @@ class Gateway:
         """``take_outbox`` for a TAP: frames needing a vnet header (GSO, partial checksums) come
         as header-only entries plus (vnet header, payload) in the dict (``Outbox``)."""
         return self.outbox.take_all()
+
+
+def _with_udp_checksum(src: bytes, dst: bytes, datagram: memoryview) -> bytes:
+    """A copy of ``datagram`` with its UDP checksum computed (zero is not allowed over IPv6)."""
+    copy = bytearray(datagram)
+    copy[6] = copy[7] = 0
+    csum = transport_checksum(src, dst, PROTO_UDP, copy) or 0xFFFF
+    copy[6], copy[7] = csum >> 8, csum & 0xFF
+    return bytes(copy)
 
 
 def _not_guests(s: GatewaySettings) -> frozenset[bytes]:

@@ -22,16 +22,24 @@ from test_v6wire_e2e import check_rdisc6, dhclient6
 
 PREFIX = "fd00:10:0:2:"
 GW6 = "fd00:10:0:2::2"
+DNS6 = "fd00:10:0:2::3"
 
 
-def _slaac(guest: Guest, iface: str = "tap0") -> str | None:
-    """The guest's global address in natd's prefix once it has left ``tentative``."""
+def _addrs(guest: Guest, iface: str = "tap0") -> list[dict[str, object]]:
     info = json.loads(guest.run(["ip", "-j", "-6", "addr", "show", "dev", iface]).stdout)
-    for entry in info:
-        for addr in entry.get("addr_info", []):
-            if addr["local"].startswith(PREFIX) and not addr.get("tentative"):
-                return str(addr["local"])
+    return [a for entry in info for a in entry.get("addr_info", [])]
+
+
+def _slaac(guest: Guest) -> str | None:
+    """The guest's global address in natd's prefix once it has left ``tentative``."""
+    for addr in _addrs(guest):
+        if str(addr["local"]).startswith(PREFIX) and not addr.get("tentative"):
+            return str(addr["local"])
     return None
+
+
+def _tentative(guest: Guest) -> bool:
+    return any(a.get("tentative") for a in _addrs(guest))
 
 
 def _up(guest: Guest) -> None:
@@ -77,6 +85,12 @@ def test_guest_kernel_slaac_rdisc6_ping_and_fast_refusal(
     udp = guest.run([sys.executable, "-c", probe], timeout=20).stdout.split()
     assert udp == ["OSError", str(errno.ENETUNREACH)], udp
 
+    # The DNS forwarder answers at ::3 over UDP (natd's own name: A, and NODATA for AAAA).
+    dig = ["dig", "+time=3", "+tries=1", f"@{DNS6}", "host.lab.internal"]
+    assert guest.run([*dig, "A", "+short"], timeout=20).stdout.split() == ["10.0.2.2"]
+    aaaa = guest.run([*dig, "AAAA"], timeout=20).stdout
+    assert "status: NOERROR" in aaaa and "ANSWER: 0" in aaaa, aaaa
+
     # IPv4 beside it is unaffected.
     assert " 0% packet loss" in guest.ping(GATEWAY, count=1)
 
@@ -115,7 +129,8 @@ def test_dhclient6_stateless_and_stateful(
     control = str(tmp_path / "natd.sock")
     guest = start_guest("--config", str(config), "--control", control)
     _up(guest)
-    wait_for(lambda: _slaac(guest) is not None, 20, "SLAAC address (the link is usable)")
+    # dhclient binds to the link-local address: wait until no address is tentative.
+    wait_for(lambda: _slaac(guest) is not None and not _tentative(guest), 20, "addresses past DAD")
     got = dhclient6(guest, guest.workdir, "tap0", "-S")
     assert "new_ip6_address" not in got
     assert got["new_dhcp6_name_servers"] == "fd00:10:0:2::3"

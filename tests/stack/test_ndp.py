@@ -315,3 +315,34 @@ def test_dhcpv6_from_another_macs_link_local_dropped(gw: Gateway) -> None:
                  dst_mac=bytes.fromhex("333300010002"))  # fmt: skip
     assert exchange(gw, [sent], 2.0) == []
     assert gw.counters["drop.spoofed_source"] == 1
+
+
+def _dns_query(name: bytes, qtype: int) -> bytes:
+    question = b"".join(bytes((len(p),)) + p for p in name.split(b".")) + b"\x00"
+    return (
+        struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + question + struct.pack("!HH", qtype, 1)
+    )
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["checksummed", "partial-checksum"])
+def test_dns_over_udp_at_dns6_answered_from_dns6(partial: bool) -> None:
+    """The forwarder serves ::3 as it serves .3: a local name's A answered, its AAAA is NODATA
+    (never NXDOMAIN), from ::3 to the guest's port."""
+    gw = make_gateway()[0]
+    for qtype, count in ((1, 1), (28, 0)):
+        dg = struct.pack("!HHHH", 5353, 53, 8, 0) + _dns_query(b"host.natd.internal", qtype)
+        dg = dg[:4] + struct.pack("!H", len(dg)) + dg[6:]
+        pseudo = GUEST6 + DNS6 + struct.pack("!I3xB", len(dg), 17)
+        csum = 0x1234 if partial else inet_checksum(pseudo + dg)  # partial: not verified
+        dg = dg[:6] + struct.pack("!H", csum) + dg[8:]
+        gw.receive_frames(
+            [frame(dg, 17, src=GUEST6, dst=DNS6, hlim=64)], 1.0, [1 if partial else 0]
+        )
+        (reply,), _ = gw.take_outbox()
+        _, ip, l4 = read6(reply)
+        assert ip.src == DNS6 and ip.dst == GUEST6 and struct.unpack("!HH", l4[:4]) == (53, 5353)
+        dns = dpkt.dns.DNS(l4[8:])
+        assert dns.id == 0x4242 and dns.rcode == 0 and len(dns.an) == count
+        if count:
+            assert dns.an[0].ip == bytes((10, 0, 2, 2))
+    assert gw.counters["ipv6.refused_no_route"] == 0
