@@ -103,7 +103,7 @@ class NdpResponder:
             if ns.options.source_mac is not None:
                 counters["drop.ndp.dad_lladdr"] += 1  # RFC 4861 7.1.1
                 return
-        elif not self._learn(ip.src, ns.options.source_mac or src_mac, now):
+        elif not self._learn(ip.src, src_mac, now, ns.options.source_mac):
             return
         if not self.owned(ns.target):
             # A guest's DAD probe for its tentative address, or an NS for another guest:
@@ -115,7 +115,7 @@ class NdpResponder:
         if dad:  # RFC 4861 7.2.4: to all nodes, not solicited
             dst, dst_mac, solicited = ALL_NODES, multicast_mac(ALL_NODES), False
         else:
-            dst, dst_mac, solicited = ip.src, ns.options.source_mac or src_mac, True
+            dst, dst_mac, solicited = ip.src, src_mac, True
         na = build_na(
             ns.target, dst, ns.target, target_mac=self.link.mac, router=router, solicited=solicited
         )
@@ -144,7 +144,7 @@ class NdpResponder:
                 return
             self._multicast_ra(now)
             return
-        if not self._learn(ip.src, rs.options.source_mac or src_mac, now):
+        if not self._learn(ip.src, src_mac, now, rs.options.source_mac):
             return
         if now - self._window_start >= MIN_DELAY_BETWEEN_RAS:
             self._window_start = now
@@ -153,7 +153,7 @@ class NdpResponder:
             counters["ra.rate_limited"] += 1
             return
         self._unicast_in_window += 1
-        self._send_ra(ip.src, rs.options.source_mac or src_mac)
+        self._send_ra(ip.src, src_mac)
         counters["ra.solicited"] += 1
 
     def _multicast_ra(self, now: float) -> None:
@@ -164,9 +164,14 @@ class NdpResponder:
         self._send_ra(ALL_NODES, multicast_mac(ALL_NODES))
         self.link.counters["ra.solicited"] += 1
 
-    def _learn(self, addr: bytes, mac: bytes, now: float) -> bool:
-        """Record ``mac`` as the owner of a guest address; False if the guard refused it."""
+    def _learn(self, addr: bytes, mac: bytes, now: float, option: bytes | None = None) -> bool:
+        """Record ``mac`` (the frame's source) as the owner of a guest address; False if the
+        guard refused it, or if the message's link-layer option names another MAC (a guest
+        must not point an address at someone else)."""
         s = self.link.settings
+        if option is not None and option != mac:
+            self.link.counters["drop.spoofed_source"] += 1
+            return False
         if self.owned(addr):
             self.link.counters["drop.spoofed_source"] += 1
             return False

@@ -346,3 +346,12 @@ def test_dns_over_udp_at_dns6_answered_from_dns6(partial: bool) -> None:
         if count:
             assert dns.an[0].ip == bytes((10, 0, 2, 2))
     assert gw.counters["ipv6.refused_no_route"] == 0
+
+
+def test_ns_whose_lladdr_option_names_another_mac_dropped(gw: Gateway) -> None:
+    body = GW6 + bytes((1, 1)) + GUEST2_MAC  # source link-layer option: another guest's MAC
+    dst = solicited(GW6)
+    sent = frame(icmp6(135, 0, body, GUEST6, dst), 58, src=GUEST6, dst=dst,
+                 dst_mac=b"\x33\x33" + dst[12:])  # fmt: skip
+    assert exchange(gw, [sent], 1.0) == []
+    assert gw.counters["drop.spoofed_source"] == 1 and GUEST6 not in gw.neighbors
