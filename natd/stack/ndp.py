@@ -226,7 +226,7 @@ class NdpResponder:
             dnssl=(s.domain,) if s.domain else (),
             dnssl_lifetime=DNS_LIFETIME,
             router_lifetime=ROUTER_LIFETIME,
-            other=True,
+            other=s.dhcp,  # DHCPv6 has DNS information (natd-passt --no-dhcp: no server)
             max_size=s.mtu - IPV6_HLEN,
         )
         self._ra_cache = (dst, ra)

@@ -355,3 +355,10 @@ def test_ns_whose_lladdr_option_names_another_mac_dropped(gw: Gateway) -> None:
                  dst_mac=b"\x33\x33" + dst[12:])  # fmt: skip
     assert exchange(gw, [sent], 1.0) == []
     assert gw.counters["drop.spoofed_source"] == 1 and GUEST6 not in gw.neighbors
+
+
+def test_ra_o_flag_off_without_a_dhcp_server() -> None:
+    gw = Gateway(GatewaySettings.for_cidr("10.0.2.0/24", dhcp=False))
+    (reply,) = exchange(gw, [rs()], 1.0)
+    _, _, l4 = read6(reply)
+    assert l4[5] & 0xC0 == 0  # neither M nor O: SLAAC and RDNSS only
