@@ -37,6 +37,7 @@ class Tcb:
         "guest_ip",
         "guest_port",
         "gwmac",
+        "high_rxt",
         "host_eof",
         "host_paused",
         "id",
@@ -71,6 +72,9 @@ class Tcb:
         "rtx_at",
         "rtx_count",
         "rtx_since",
+        "sack_ok",
+        "sack_seen",
+        "sacked",
         "sched",
         "snd_max",
         "snd_nxt",
@@ -131,6 +135,10 @@ class Tcb:
         self.ooo_data: list[bytearray] = []
         self.ooo_bytes = 0
         self.ooo_fin = 0  # seq the guest's FIN takes, when it came out of order
+        # SACK (RFC 2018), negotiated on the handshake: the starts of the latest out-of-order
+        # segments, newest first (the first SACK block reports the most recent one, RFC 2018 4).
+        self.sack_ok = False
+        self.sack_seen: list[int] = []
         self.to_host: list[bytes | memoryview] = []
         self.issued = 0
         self.accepted = 0
@@ -161,6 +169,10 @@ class Tcb:
         self.dupacks = 0
         self.in_recovery = False
         self.recover = iss
+        # The SACK scoreboard (RFC 6675): the guest's SACKed ranges above snd_una, sorted,
+        # merged, as (start, end); and HighRxt, the end of the last retransmission in recovery.
+        self.sacked: list[tuple[int, int]] = []
+        self.high_rxt = iss
         self.srtt = 0.0
         self.rttvar = 0.0
         self.rto = INITIAL_RTO
@@ -189,6 +201,7 @@ class Tcb:
         ) -> None: ...
         def window_field(self) -> int: ...
         def send_ack(self) -> None: ...
+        def sack_option(self) -> bytes: ...
         def output(self, now: float) -> None: ...
         def flush(self, now: float | None = None) -> None: ...
         def on_guest_fin(self, now: float) -> None: ...
