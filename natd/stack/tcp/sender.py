@@ -253,7 +253,11 @@ class Sender(Tcb):
         self.eng.counters["tcp.fast_retransmits"] += 1
         if self.sacked:
             self.cwnd = self.ssthresh
-            self.high_rxt = self.snd_una  # output() resends the lost holes
+            self.high_rxt = self.snd_una
+            # RFC 6675 5 (4.3): the first lost hole goes now whatever pipe says; output()
+            # resends the others as cwnd - pipe allows.
+            seg = GSO_MAX_PAYLOAD - GSO_MAX_PAYLOAD % mss if self.eng.tso else mss
+            self.sack_recover(seg, force=True)
         else:
             self.cwnd = self.ssthresh + 3 * mss
             self.retransmit_head()
@@ -306,9 +310,10 @@ class Sender(Tcb):
                 return True
         return False
 
-    def sack_recover(self, seg: int) -> int:
+    def sack_recover(self, seg: int, force: bool = False) -> int:
         """Resend the lost holes above HighRxt within cwnd - pipe, each as one segment of up
-        to ``seg`` bytes (one GSO frame with offloads); return ``pipe`` (RFC 6675 SetPipe)."""
+        to ``seg`` bytes (one GSO frame with offloads); return ``pipe`` (RFC 6675 SetPipe).
+        ``force``: the first resend ignores cwnd (the fast retransmit)."""
         una = self.snd_una
         sb = self.sacked
         mss = self.mss
@@ -347,13 +352,14 @@ class Sender(Tcb):
                 end = data_end
             while start < end:
                 room = cwnd - pipe
-                if room < mss:
+                if room < mss and not force:
                     return pipe
                 n = end - start
                 if n > seg:
                     n = seg
-                if n > room:
+                if n > room and not force:
                     n = room - room % mss
+                force = False
                 self.eng.counters["tcp.retransmits"] += 1
                 self.eng.counters["tcp.sack_retransmits"] += 1
                 self.xmit(start, ACK, buf.slice(start - una, n))
