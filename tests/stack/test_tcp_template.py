@@ -14,7 +14,7 @@ import struct
 import dpkt
 import pytest
 from helpers import RecordingLog, inet_checksum
-from test_gso import finish_checksum
+from tcp_helpers import finish_checksum
 
 from natd.stack.gateway import Gateway
 from natd.stack.settings import GatewaySettings
