@@ -25,6 +25,7 @@ OOO_MAX_RANGES = 256
 SACK_MAX_BLOCKS = 4  # RFC 2018 3: 4 blocks fit in 40 option bytes without a timestamp
 SACK_MAX_RANGES = 64  # the scoreboard's bound; it is advisory: a range left out costs a resend
 DUPTHRESH = 3  # RFC 6675 / RFC 5681
+TLP_MIN = 0.002  # a tail loss probe waits 2 SRTT plus this (RFC 8985 7.2; Linux's 2 ms floor)
 INITIAL_RTO = 1.0  # RFC 6298 2.1
 MIN_RTO = 0.2  # Linux's floor; the guest is one hop away on a virtual link
 MAX_RTO = 60.0  # RFC 6298 2.5
@@ -56,5 +57,6 @@ __all__ = [
     "SYN_RCVD",
     "SYN_SENT",
     "TCP_MIN_MSS",
+    "TLP_MIN",
     "WRAP",
 ]

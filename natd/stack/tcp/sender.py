@@ -26,6 +26,7 @@ from natd.stack.tcp.constants import (
     MIN_RTO,
     PSH,
     SACK_MAX_RANGES,
+    TLP_MIN,
     WRAP,
 )
 from natd.stack.tcp.tcb import Tcb
@@ -54,7 +55,7 @@ class Sender(Tcb):
         if self.in_recovery and self.sacked:
             # RFC 6675 5 (NextSeg rule 1 here, rule 2 below): holes first, then new data,
             # both while cwnd - pipe allows.
-            room = cwnd - self.sack_recover(seg)
+            room = cwnd - self.sack_recover(seg, now)
             edge = una + wnd
             if nxt + room < edge:
                 edge = nxt + (room if room > 0 else 0)
@@ -101,8 +102,7 @@ class Sender(Tcb):
             self.snd_max = nxt
         if sent:
             if not self.rtx_at:
-                self.rtx_at = now + self.rto
-                self.eng.arm(self, self.rtx_at)
+                self.arm_rtx(now)
         elif (
             self.snd_max == una
             and not self.rtx_at
@@ -147,10 +147,26 @@ class Sender(Tcb):
         seg_seq = self.rcv_nxt + s
         scaled = window << self.snd_wscale
         news = self.on_sacks(sacks) if sacks else False
+        tlp = self.tlp_seq
+        if tlp and sacks and any(lo <= tlp < hi for lo, hi in self.sacked):
+            # The probe's seq is SACKed: after two RTTs, what is not SACKed below it is lost
+            # (RFC 8985 RACK), even when the SACK is not news (a probe of SACKed data).
+            self.rack_lost = tlp
+        if (
+            news
+            and a == 0
+            and self.in_recovery
+            and self.high_rxt > una
+            and now - self.rxt_time > 2 * self.srtt + TLP_MIN
+        ):
+            # Holes resent two RTTs ago are still not SACKed while later data is: those
+            # resends were lost too (RFC 8985 RACK's view); resend what is still missing.
+            self.high_rxt = una
+            self.eng.counters["tcp.lost_retransmits"] += 1
         if a > 0:
             self._on_new_ack(seg_ack, now)
-            if self.sacked and not self.in_recovery and self.is_lost(self.snd_una):
-                self._enter_recovery()
+            if self.sacked and not self.in_recovery and self._loss_seen():
+                self._enter_recovery(now)
         elif a == 0 and n == 0 and self.snd_max > una and (news or scaled == self.snd_wnd):
             # RFC 6675 2: an ACK that brings new SACK information counts as a duplicate.
             self._on_dupack(now)
@@ -207,9 +223,12 @@ class Sender(Tcb):
         if self.in_recovery:
             if seg_ack >= self.recover:  # full ACK: leave fast recovery (RFC 6582)
                 self.in_recovery = False
+                self.tlp_seq = self.rack_lost = 0
                 self.cwnd = self.ssthresh
-            elif sb:
-                pass  # SACK recovery: output() resends the holes the scoreboard shows lost
+            elif self.sack_ok:
+                # SACK recovery: output() resends the holes the scoreboard shows lost; the
+                # byte at the new snd_una is not presumed lost (NewReno's guess).
+                pass
             else:  # partial ACK: retransmit the next hole, deflate
                 self.retransmit_head()
                 self.cwnd = max(self.cwnd - acked + mss, mss)
@@ -220,9 +239,12 @@ class Sender(Tcb):
         if self.cwnd > self.eng.max_cwnd:
             self.cwnd = self.eng.max_cwnd
         self.dupacks = 0
-        self.rtx_at = now + self.rto if self.snd_max > seg_ack else 0.0
-        if self.rtx_at:
-            self.eng.arm(self, self.rtx_at)
+        if self.tlp_seq and seg_ack > self.tlp_seq:
+            self.tlp_seq = 0
+        if self.snd_max > seg_ack:
+            self.arm_rtx(now)
+        else:
+            self.rtx_at = 0.0
         if self.host_paused and len(buf) <= self.eng.limit // 2:
             self.eng.try_resume(self)
         if self.host_eof and not self.fin_acked and seg_ack > self.fin_seq:
@@ -239,10 +261,45 @@ class Sender(Tcb):
         if self.in_recovery:
             if not self.sacked:
                 self.cwnd += self.mss  # inflate for each segment that left the network
-        elif self.dupacks == DUPTHRESH or (self.sacked and self.is_lost(self.snd_una)):
-            self._enter_recovery()
+        elif self.dupacks == DUPTHRESH or (self.sacked and self._loss_seen()):
+            self._enter_recovery(now)
 
-    def _enter_recovery(self) -> None:
+    def _loss_seen(self) -> bool:
+        """SACKs say the head is lost (RFC 6675 IsLost, or a tail loss probe SACKed above it)."""
+        return self.rack_lost > self.snd_una or self.is_lost(self.snd_una)
+
+    def arm_rtx(self, now: float) -> None:
+        """(Re)start the retransmission timer; with SACK and an RTT estimate, as a tail loss
+        probe timeout (RFC 8985 7.2) first: a lost tail (say the one 64 KB frame in flight)
+        is found in two RTTs instead of one RTO (200 ms at least)."""
+        at = now + self.rto
+        self.pto_armed = False
+        if self.sack_ok and self.srtt and not self.in_recovery and not self.rtx_count:
+            pto = now + 2 * self.srtt + TLP_MIN
+            if pto < at and not self.tlp_seq:
+                at = pto
+                self.pto_armed = True
+        self.rtx_at = at
+        self.eng.arm(self, at)
+
+    def _probe(self, now: float) -> None:
+        """The tail loss probe (RFC 8985 7.3): resend the last MSS sent; its SACK (or ACK)
+        tells what before it was lost."""
+        una = self.snd_una
+        top = una + len(self.sndbuf)
+        if self.snd_max < top:
+            top = self.snd_max
+        eng = self.eng
+        eng.counters["tcp.tlp_probes"] += 1
+        if top <= una:
+            self.retransmit_head()  # only the FIN is in flight
+            return
+        start = top - self.mss if top - self.mss > una else una
+        self.tlp_seq = start
+        eng.counters["tcp.retransmits"] += 1
+        self.xmit(start, ACK, self.sndbuf.slice(start - una, top - start))
+
+    def _enter_recovery(self, now: float) -> None:
         """Fast retransmit / fast recovery (RFC 5681 3.2, RFC 6582; with SACK RFC 6675 5)."""
         mss = self.mss
         flight = self.snd_max - self.snd_una
@@ -257,7 +314,7 @@ class Sender(Tcb):
             # RFC 6675 5 (4.3): the first lost hole goes now whatever pipe says; output()
             # resends the others as cwnd - pipe allows.
             seg = GSO_MAX_PAYLOAD - GSO_MAX_PAYLOAD % mss if self.eng.tso else mss
-            self.sack_recover(seg, force=True)
+            self.sack_recover(seg, now, force=True)
         else:
             self.cwnd = self.ssthresh + 3 * mss
             self.retransmit_head()
@@ -310,7 +367,7 @@ class Sender(Tcb):
                 return True
         return False
 
-    def sack_recover(self, seg: int, force: bool = False) -> int:
+    def sack_recover(self, seg: int, now: float, force: bool = False) -> int:
         """Resend the lost holes above HighRxt within cwnd - pipe, each as one segment of up
         to ``seg`` bytes (one GSO frame with offloads); return ``pipe`` (RFC 6675 SetPipe).
         ``force``: the first resend ignores cwnd (the fast retransmit)."""
@@ -332,6 +389,7 @@ class Sender(Tcb):
             if lo > prev and (
                 above > limit
                 or ranges - k >= DUPTHRESH
+                or lo <= self.rack_lost
                 or (prev == una and self.dupacks >= DUPTHRESH)
             ):
                 start = prev if prev > hr else hr
@@ -363,6 +421,7 @@ class Sender(Tcb):
                 self.eng.counters["tcp.retransmits"] += 1
                 self.eng.counters["tcp.sack_retransmits"] += 1
                 self.xmit(start, ACK, buf.slice(start - una, n))
+                self.rxt_time = now
                 start += n
                 pipe += n
                 self.high_rxt = start
@@ -412,8 +471,16 @@ class Sender(Tcb):
         self.output(now)
 
     def on_rto(self, now: float) -> None:
-        """Retransmission timeout (RFC 6298 5.4-5.7, RFC 5681 3.1): back off, go back to una."""
+        """Retransmission timeout (RFC 6298 5.4-5.7, RFC 5681 3.1): back off, go back to una.
+        A probe timeout first sends the tail loss probe and leaves the RTO proper armed."""
         eng = self.eng
+        if self.pto_armed:
+            self.pto_armed = False
+            if self.snd_wnd:
+                self._probe(now)
+                self.rtx_at = now + self.rto
+                eng.arm(self, self.rtx_at)
+                return
         if not self.rtx_count:
             self.rtx_since = now
         self.rtx_count += 1
@@ -423,12 +490,24 @@ class Sender(Tcb):
             return
         mss = self.mss
         flight = self.snd_max - self.snd_una
+        if self.in_recovery:
+            eng.counters["tcp.rto_in_recovery"] += 1  # a resend lost, or a hole never seen
+        print(
+            "RTO",
+            self.rtx_count,
+            flight // mss,
+            self.snd_wnd // mss,
+            self.cwnd // mss,
+            len(self.sacked),
+            self.snd_max - self.snd_una - len(self.sndbuf),
+            flush=True,
         self.ssthresh = max(flight // 2, 2 * mss)
         self.cwnd = mss
         self.in_recovery = False
         self.dupacks = 0
         self.rtt_seq = 0
         self.sacked = []  # the guest may renege (RFC 2018 8): go back N from una, all of it
+        self.tlp_seq = self.rack_lost = 0
         self.rto = min(self.rto * 2, MAX_RTO)
         eng.counters["tcp.retransmits"] += 1
         eng.counters["tcp.rto"] += 1

@@ -59,6 +59,8 @@ class Tcb:
         "opened_at",
         "out_base",
         "pseudo",
+        "pto_armed",
+        "rack_lost",
         "rcv_adv",
         "rcv_nxt",
         "rcv_wscale",
@@ -72,6 +74,7 @@ class Tcb:
         "rtx_at",
         "rtx_count",
         "rtx_since",
+        "rxt_time",
         "sack_ok",
         "sack_seen",
         "sacked",
@@ -89,6 +92,7 @@ class Tcb:
         "state",
         "syn_packet",
         "target",
+        "tlp_seq",
         "to_host",
         "zero_since",
     )
@@ -173,6 +177,12 @@ class Tcb:
         # merged, as (start, end); and HighRxt, the end of the last retransmission in recovery.
         self.sacked: list[tuple[int, int]] = []
         self.high_rxt = iss
+        self.rxt_time = 0.0  # when recovery last resent a hole
+        # Tail loss probe (RFC 8985 7): ``rtx_at`` is a probe timeout, not the RTO; the seq of
+        # the probe in flight; the guest SACKed the probe above a hole: below it all is lost.
+        self.pto_armed = False
+        self.tlp_seq = 0
+        self.rack_lost = 0
         self.srtt = 0.0
         self.rttvar = 0.0
         self.rto = INITIAL_RTO
