@@ -492,15 +492,6 @@ class Sender(Tcb):
         flight = self.snd_max - self.snd_una
         if self.in_recovery:
             eng.counters["tcp.rto_in_recovery"] += 1  # a resend lost, or a hole never seen
-        print(
-            "RTO",
-            self.rtx_count,
-            flight // mss,
-            self.snd_wnd // mss,
-            self.cwnd // mss,
-            len(self.sacked),
-            self.snd_max - self.snd_una - len(self.sndbuf),
-            flush=True,
         self.ssthresh = max(flight // 2, 2 * mss)
         self.cwnd = mss
         self.in_recovery = False
