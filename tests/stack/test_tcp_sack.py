@@ -201,3 +201,52 @@ def test_karn_no_rtt_sample_from_a_resent_segment_and_backoff_capped_then_reset(
     g.take(out)
     g.send(ACK)
     assert f.srtt > 0.01  # new, never-resent data is timed again
+
+
+def timed(g: Guest, rtt: float = 0.01) -> TcpFlow:
+    """One clean RTT sample, so natd has an SRTT (the tail loss probe needs one)."""
+    f = flow_of(g)
+    out = g.host_data(b"t" * 100)
+    g.now += rtt
+    g.take(out)
+    g.send(ACK)
+    assert abs(f.srtt - rtt) < 1e-9
+    return f
+
+
+def test_a_lost_tail_is_found_by_a_probe_not_an_rto() -> None:
+    g = established()
+    f = timed(g)
+    out = g.host_data(b"T" * (3 * MSS))  # all three segments are lost
+    una, top = out.segs[0].seq, out.segs[-1].seq + len(out.segs[-1].payload)
+    # Before 2 SRTT + TLP_MIN nothing happens; then the probe: the last MSS sent.
+    assert g.advance(0.015).segs == []
+    probe = g.advance(0.01).only()
+    assert (probe.seq, len(probe.payload)) == ((top - MSS) & M32, MSS)
+    assert g.gw.counters["tcp.tlp_probes"] == 1 and f.rtx_at > g.now + 0.1  # the RTO proper
+    # The guest SACKs the probe: the hole below it is resent at once, whole.
+    out = sack(g, (top - MSS, top))
+    assert b"".join(s.payload for s in out.segs) == b"T" * (2 * MSS)
+    assert out.segs[0].seq == una
+    assert g.gw.counters["tcp.rto"] == 0
+    g.ack = top & M32
+    g.send(ACK)
+    assert not f.in_recovery and f.tlp_seq == 0 and len(f.sndbuf) == 0
+
+
+def test_a_lost_resend_is_resent_again_before_the_rto() -> None:
+    g = established()
+    f = timed(g)
+    assert len(g.host_data(b"w" * (10 * MSS)).segs) == 10  # cwnd has grown: all go out
+    una = f.snd_una
+    # Segment 0 is lost; segments 1..3 arrive and are SACKed: recovery resends segment 0.
+    first = sack(g, (una + MSS, una + 4 * MSS))
+    assert [s.seq for s in first.segs if s.seq == una & M32] == [una & M32]
+    # More SACKs at once: the resend may still be on its way, nothing is resent again.
+    soon = sack(g, (una + MSS, una + 5 * MSS))
+    assert [s.seq for s in soon.segs if s.seq == una & M32] == []
+    # That resend was lost too: two RTTs later SACKs for later data still come, resend again.
+    g.now += 0.05
+    again = sack(g, (una + MSS, una + 6 * MSS))
+    assert [s.seq for s in again.segs if s.seq == una & M32] == [una & M32]
+    assert g.gw.counters["tcp.lost_retransmits"] == 1 and g.gw.counters["tcp.rto"] == 0
