@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import struct
 
-from tcp_helpers import M32, GsoGuest, Guest, Out, Seg, new_gateway, tso_gateway
+from tcp_helpers import (
+    GUEST_IP,
+    M32,
+    REMOTE_IP,
+    GsoGuest,
+    Guest,
+    Out,
+    Seg,
+    new_gateway,
+    tso_gateway,
+)
 
 from natd.stack.ops import TcpSend
 from natd.stack.tcp.constants import MAX_RTO
 from natd.stack.tcp.flow import TcpFlow
 from natd.stack.tcp.template import GSO_MAX_PAYLOAD
-from natd.wire.tcp import ACK, build_tcp_options
+from natd.wire.tcp import ACK, RST, SYN, build_tcp_options
 from natd.wire.vnet import GSO_TCPV4
 
 MSS = 1460
@@ -53,6 +63,21 @@ def test_sack_permitted_answered_only_when_the_guest_offers_it() -> None:
         synack = g.connected()
         assert (SACK_PERMITTED in synack.opts) is offered
         assert flow_of(g).sack_ok is offered
+
+
+def test_inbound_syn_offers_sack_and_the_guests_synack_decides() -> None:
+    for answered in (True, False):
+        gw, _ = new_gateway()
+        g = Guest(gw, dport=5555, sport=22)
+        g.feed(g.frame(RST, seq=1))  # any frame: natd learns the guest's MAC
+        flow = gw.tcp.open_inbound(GUEST_IP, 22, REMOTE_IP, 5555, g.now)
+        assert flow is not None
+        syn = g.drain().only()
+        assert SACK_PERMITTED in syn.opts
+        g.seq, g.ack = 777, (syn.seq + 1) & M32
+        options = build_tcp_options(mss=1460, wscale=7, sack_permitted=answered)
+        g.send(SYN | ACK, options=options)
+        assert gw.tcp.by_id[flow].sack_ok is answered
 
 
 def test_no_sack_blocks_without_negotiation() -> None:

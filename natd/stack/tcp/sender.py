@@ -476,11 +476,11 @@ class Sender(Tcb):
         eng = self.eng
         if self.pto_armed:
             self.pto_armed = False
-            if self.snd_wnd:
+            if self.snd_wnd:  # (a shut window is the RTO's to handle, in its time)
                 self._probe(now)
-                self.rtx_at = now + self.rto
-                eng.arm(self, self.rtx_at)
-                return
+            self.rtx_at = now + self.rto
+            eng.arm(self, self.rtx_at)
+            return
         if not self.rtx_count:
             self.rtx_since = now
         self.rtx_count += 1
