@@ -44,8 +44,10 @@ meanwhile is absorbed. Segments for no flow get the RFC 9293 3.10.7.1 answer (RS
 reply to an RST). In a flow: sequence acceptability and challenge ACKs (RFC 5961), window
 scaling both ways and MSS from the MTU (RFC 7323, RFC 9293 3.7.1), RTO with backoff and
 Karn's rule (RFC 6298), slow start / fast retransmit / NewReno recovery (RFC 5681, RFC 6582),
-out-of-order data held within the advertised window, persist probes on a zero window, and
-keepalive probes toward a guest that went silent.
+SACK when the guest offers it (RFC 2018: blocks sent from the out-of-order ranges; the guest's
+feed an RFC 6675 scoreboard, with tail loss probes, RFC 8985), out-of-order data held within
+the advertised window, persist probes on a zero window, and keepalive probes toward a guest
+that went silent.
 
 Batching: in-order guest data and ACKs are coalesced per batch of frames. ``end_batch(now)``
 (called by the Gateway after each ``receive_frames``) turns the batch into one ``TcpSend`` and
@@ -75,7 +77,9 @@ Host events (called by the shell's ``TcpHost``, which then calls ``shell.kick()`
 
 Counters (``link.counters``): ``tcp.opened``, ``tcp.closed``, ``tcp.refused``,
 ``tcp.unreachable``, ``tcp.reset`` (flows ended by a reset either way), ``tcp.rst_sent``,
-``tcp.retransmits``, ``tcp.fast_retransmits``, ``tcp.rto``, ``tcp.syn_absorbed``,
+``tcp.retransmits``, ``tcp.fast_retransmits``, ``tcp.rto``, ``tcp.sack_retransmits`` (holes
+resent in SACK recovery), ``tcp.tlp_probes``, ``tcp.lost_retransmits`` (a hole resent again),
+``tcp.rto_in_recovery``, ``tcp.syn_absorbed``,
 ``tcp.challenge_acks``, ``tcp.window_probes``, ``tcp.keepalive_probes``, the memory budget's
 ``tcp.budget_pauses`` and ``tcp.budget_window_squeezes``, ``tcp.zero_window_abort.<orphan|budget>``,
 ``tcp.time_wait_reused``, ``tcp.time_wait_evicted``, ``tcp.ooo_duplicate`` and
