@@ -275,3 +275,31 @@ def test_a_lost_resend_is_resent_again_before_the_rto() -> None:
     again = sack(g, (una + MSS, una + 6 * MSS))
     assert [s.seq for s in again.segs if s.seq == una & M32] == [una & M32]
     assert g.gw.counters["tcp.lost_retransmits"] == 1 and g.gw.counters["tcp.rto"] == 0
+
+
+# -- many flows --------------------------------------------------------------------------------
+
+
+def test_a_flow_with_full_buffers_never_holds_back_another_flows_ack() -> None:
+    gw, _ = new_gateway(buffer=64 * 1024)
+    stuck = Guest(gw, sport=40001, sack=True)
+    stuck.establish()
+    moving = Guest(gw, sport=40002, sack=True)
+    moving.establish()
+    # The stuck flow's host never takes anything: its buffer fills, its window shuts.
+    for _ in range(200):
+        out = stuck.send(ACK, b"s" * MSS)
+        if out.only().window == 0:
+            break
+    assert out.only().window == 0
+    # One batch with a segment for each (and one out-of-order for the stuck one): the moving
+    # flow's data goes to its host and is ACKed in that batch, whatever the stuck one does.
+    frames = [
+        stuck.frame(ACK, b"x" * MSS),
+        moving.frame(ACK, b"m" * 1000),
+        stuck.frame(ACK, b"y" * MSS, seq=(stuck.seq + 4 * MSS) & M32),
+    ]
+    out = moving.feed(*frames)
+    acks = [s for s in out.segs if s.dport == moving.sport]
+    assert [s.ack for s in acks][-1] == (moving.seq + 1000) & M32
+    assert TcpSend(moving.flow, b"m" * 1000) in out.ops
