@@ -303,3 +303,28 @@ def test_a_flow_with_full_buffers_never_holds_back_another_flows_ack() -> None:
     acks = [s for s in out.segs if s.dport == moving.sport]
     assert [s.ack for s in acks][-1] == (moving.seq + 1000) & M32
     assert TcpSend(moving.flow, b"m" * 1000) in out.ops
+
+
+def test_after_an_rto_go_back_n_resends_in_growing_gso_frames() -> None:
+    g = GsoGuest(tso_gateway())
+    g.establish()
+    data = bytes(range(251)) * 400  # 100400 bytes; the first 10 MSS are lost whole
+    out = g.host_data(data)
+    assert len(out.segs) == 1 and len(out.segs[0].payload) == 10 * MSS
+    out = g.advance(1.0)  # the RTO: go back to snd_una with cwnd = 1 MSS
+    assert g.gw.counters["tcp.rto"] == 1
+    sizes: list[int] = []
+    got = b""
+    for _ in range(10):
+        assert len(out.segs) == 1  # one frame per round trip ...
+        (sent,) = g.sent
+        assert sent.vnet is not None
+        assert sent.vnet.gso_type == (GSO_TCPV4 if len(out.segs[0].payload) > MSS else 0)
+        sizes.append(len(out.segs[0].payload))
+        got += g.take(out)
+        if len(got) == len(data):
+            break
+        out = g.send(ACK)
+    assert got == data
+    # ... growing from one MSS in slow start (the 4th runs on into new data).
+    assert sizes[:4] == [MSS, 2 * MSS, 4 * MSS, 8 * MSS]
