@@ -328,3 +328,15 @@ def test_after_an_rto_go_back_n_resends_in_growing_gso_frames() -> None:
     assert got == data
     # ... growing from one MSS in slow start (the 4th runs on into new data).
     assert sizes[:4] == [MSS, 2 * MSS, 4 * MSS, 8 * MSS]
+
+
+def test_a_small_answer_the_guest_acks_late_gets_no_probe() -> None:
+    g = established()
+    f = timed(g, rtt=0.001)
+    out = g.host_data(b"r" * 200)  # a request's answer; the guest delays its ACK 40 ms
+    assert len(out.segs) == 1
+    assert g.advance(0.04).segs == []
+    g.take(out)
+    g.send(ACK)
+    assert g.gw.counters["tcp.tlp_probes"] == 0 and g.gw.counters["tcp.retransmits"] == 0
+    assert f.rtx_at == 0.0

@@ -27,6 +27,7 @@ from natd.stack.tcp.constants import (
     PSH,
     SACK_MAX_RANGES,
     TLP_MIN,
+    WC_DELACK,
     WRAP,
 )
 from natd.stack.tcp.tcb import Tcb
@@ -276,6 +277,10 @@ class Sender(Tcb):
         self.pto_armed = False
         if self.sack_ok and self.srtt and not self.in_recovery and not self.rtx_count:
             pto = now + 2 * self.srtt + TLP_MIN
+            if self.snd_max - self.snd_una < 2 * self.mss:
+                # A small flight (a request's answer) may meet the guest's delayed ACK: no
+                # probe before it could have come (in practice: the RTO, no extra frame).
+                pto += WC_DELACK
             if pto < at and not self.tlp_seq:
                 at = pto
                 self.pto_armed = True
