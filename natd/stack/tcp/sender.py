@@ -113,6 +113,7 @@ class Sender(Tcb):
             if not self.zero_since:
                 self.zero_since = now
             self.rtx_at = now + self.rto
+            self.pto_armed = False
             self.eng.arm(self, self.rtx_at)
 
     def process_ack(
@@ -246,6 +247,7 @@ class Sender(Tcb):
             self.arm_rtx(now)
         else:
             self.rtx_at = 0.0
+            self.pto_armed = False
         if self.host_paused and len(buf) <= self.eng.limit // 2:
             self.eng.try_resume(self)
         if self.host_eof and not self.fin_acked and seg_ack > self.fin_seq:
@@ -548,6 +550,7 @@ class Sender(Tcb):
         self.xmit(self.snd_una - 1, ACK)  # an old seq: the guest answers with its window
         self.backoff += 1
         self.rtx_at = now + min(max(self.rto, MIN_RTO) * (1 << min(self.backoff, 16)), MAX_RTO)
+        self.pto_armed = False
         eng.arm(self, self.rtx_at)
 
 
