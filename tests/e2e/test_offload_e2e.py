@@ -59,20 +59,21 @@ print(n, h.hexdigest())
 """
 
 
-def payload() -> bytes:
-    return (bytes(range(256)) * 4096) * (SIZE // 1048576)
+def payload(size: int = SIZE) -> bytes:
+    return (bytes(range(256)) * 4096) * (size // 1048576)
 
 
 class HostServer:
     """One-connection host server on 127.0.0.1: 'sink' answers "<bytes> <sha256>", 'source'
     sends ``payload()`` and closes."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, size: int = SIZE) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(1)
         self.port = self.sock.getsockname()[1]
         self.mode = mode
+        self.size = size
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -80,7 +81,7 @@ class HostServer:
         conn, _ = self.sock.accept()
         with conn:
             if self.mode == "source":
-                conn.sendall(payload())
+                conn.sendall(payload(self.size))
                 return
             h, n = hashlib.sha256(), 0
             while chunk := conn.recv(1 << 20):
@@ -94,11 +95,11 @@ class HostServer:
 
 
 @pytest.fixture
-def servers() -> Iterator[Callable[[str], HostServer]]:
+def servers() -> Iterator[Callable[..., HostServer]]:
     made: list[HostServer] = []
 
-    def make(mode: str) -> HostServer:
-        made.append(HostServer(mode))
+    def make(mode: str, size: int = SIZE) -> HostServer:
+        made.append(HostServer(mode, size))
         return made[-1]
 
     yield make
@@ -126,19 +127,23 @@ def started(natd: Natd) -> dict[str, object]:
     return found[-1]
 
 
-def transfer_both_ways(guest: Guest, servers: Callable[[str], HostServer]) -> None:
-    """16 MiB up and 16 MiB down through natd, checked by sha256 on the receiving side."""
-    digest = hashlib.sha256(payload()).hexdigest()
-    sink = servers("sink")
-    up = guest.run([sys.executable, "-c", UPLOAD, GATEWAY, str(sink.port), str(SIZE)], timeout=60)
-    assert up.stdout.split() == [str(SIZE), digest]
-    source = servers("source")
-    down = guest.run([sys.executable, "-c", DOWNLOAD, GATEWAY, str(source.port)], timeout=60)
-    assert down.stdout.split() == [str(SIZE), digest]
+def transfer_both_ways(
+    guest: Guest, servers: Callable[..., HostServer], size: int = SIZE, timeout: float = 60
+) -> None:
+    """``size`` bytes up and down through natd, checked by sha256 on the receiving side."""
+    digest = hashlib.sha256(payload(size)).hexdigest()
+    sink = servers("sink", size)
+    up = guest.run(
+        [sys.executable, "-c", UPLOAD, GATEWAY, str(sink.port), str(size)], timeout=timeout
+    )
+    assert up.stdout.split() == [str(size), digest]
+    source = servers("source", size)
+    down = guest.run([sys.executable, "-c", DOWNLOAD, GATEWAY, str(source.port)], timeout=timeout)
+    assert down.stdout.split() == [str(size), digest]
 
 
 def test_offloads_negotiated_and_used_both_ways(
-    start_guest: Callable[..., Guest], servers: Callable[[str], HostServer]
+    start_guest: Callable[..., Guest], servers: Callable[..., HostServer]
 ) -> None:
     guest = start_guest()
     guest.configure_static()
@@ -166,7 +171,7 @@ def _open_plain_tap(guest: Guest, name: str) -> int:
 def test_tap_fd_without_vnet_hdr_falls_back_to_plain_frames(
     start_guest: Callable[..., Guest],
     natd_process: Callable[..., Natd],
-    servers: Callable[[str], HostServer],
+    servers: Callable[..., HostServer],
 ) -> None:
     guest = start_guest(natd=False)
     fd = _open_plain_tap(guest, "tap0")

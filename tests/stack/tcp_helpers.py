@@ -17,9 +17,11 @@ from helpers import RecordingLog, check_ipv4, transport_ok
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, TcpClose
 from natd.stack.settings import GatewaySettings, Limits
+from natd.wire.checksum import ones_sum
 from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
 from natd.wire.ipv4 import PROTO_TCP, build_ipv4
 from natd.wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp, build_tcp_options
+from natd.wire.vnet import F_NEEDS_CSUM, VnetHdr, parse_vnet_hdr
 
 GUEST_MAC = bytes.fromhex("525400123456")
 GUEST_IP = bytes((10, 0, 2, 15))
@@ -117,6 +119,7 @@ class Guest:
     received: bytearray = field(default_factory=bytearray)
     ip: bytes = GUEST_IP
     mac: bytes = GUEST_MAC
+    sack: bool = False  # offer SACK-permitted on the SYN (RFC 2018)
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -188,7 +191,7 @@ class Guest:
 
     def syn(self) -> Out:
         self.seq = self.iss
-        options = build_tcp_options(mss=self.mss, wscale=self.wscale)
+        options = build_tcp_options(mss=self.mss, wscale=self.wscale, sack_permitted=self.sack)
         out = self.send(SYN, options=options)
         ops = out.ops
         if ops:
@@ -233,6 +236,51 @@ class Guest:
                 self.ack = (self.ack + 1) & M32
         self.received += got
         return bytes(got)
+
+
+@dataclass
+class Sent:
+    """One frame natd emitted, with its vnet header (None = plain frame)."""
+
+    frame: bytes
+    vnet: VnetHdr | None
+
+
+def finish_checksum(frame: bytes, vnet: VnetHdr) -> bytes:
+    """What the kernel does for F_NEEDS_CSUM: fold from csum_start, store the complement."""
+    start, field = vnet.csum_start, vnet.csum_start + vnet.csum_offset
+    done = bytearray(frame)
+    value = ~ones_sum(done[start:]) & 0xFFFF
+    done[field : field + 2] = struct.pack("!H", value)
+    return bytes(done)
+
+
+class GsoGuest(Guest):
+    """A Guest whose drain also returns the vnet headers and finishes partial checksums."""
+
+    sent: list[Sent]
+
+    def drain(self) -> Out:
+        deadline = self.gw.next_deadline()
+        if deadline is not None and deadline <= self.now:
+            self.gw.on_timer(self.now)
+        frames, offloaded, ops = self.gw.take_output()
+        self.sent = [
+            Sent(f + offloaded[i][1], parse_vnet_hdr(offloaded[i][0]))
+            if i in offloaded
+            else Sent(f, None)
+            for i, f in enumerate(frames)
+        ]
+        finished = [
+            finish_checksum(s.frame, s.vnet) if s.vnet and s.vnet.flags & F_NEEDS_CSUM else s.frame
+            for s in self.sent
+        ]
+        segs = [s for s in (parse_segment(f) for f in finished) if s is not None]
+        return Out(segs, finished, ops)
+
+
+def tso_gateway(tso: bool = True) -> Gateway:
+    return Gateway(GatewaySettings(tso=tso), log=RecordingLog())
 
 
 def mss_of(seg: Seg) -> int:

@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import random
 import struct
-from dataclasses import dataclass
 
 import pytest
-from helpers import RecordingLog
-from tcp_helpers import GUEST_IP, GUEST_MAC, REMOTE_IP, Guest, Out, parse_segment
+from tcp_helpers import GUEST_IP, GUEST_MAC, REMOTE_IP, GsoGuest, Guest, tso_gateway
 
-from natd.stack.gateway import Gateway
 from natd.stack.ops import TcpSend, UdpSend
-from natd.stack.settings import GatewaySettings
 from natd.stack.tcp.sendbuf import SendBuffer
 from natd.stack.tcp.template import GSO_MAX_PAYLOAD
-from natd.wire.checksum import ones_sum, pseudo_sum
+from natd.wire.checksum import pseudo_sum
 from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
 from natd.wire.ipv4 import PROTO_TCP, PROTO_UDP, build_ipv4
 from natd.wire.tcp import ACK, PSH, build_tcp
@@ -33,56 +29,9 @@ from natd.wire.vnet import (
     F_NEEDS_CSUM,
     GSO_NONE,
     GSO_TCPV4,
-    VnetHdr,
-    parse_vnet_hdr,
 )
 
 MSS = 1460
-
-
-@dataclass
-class Sent:
-    """One frame natd emitted, with its vnet header (None = plain frame)."""
-
-    frame: bytes
-    vnet: VnetHdr | None
-
-
-def finish_checksum(frame: bytes, vnet: VnetHdr) -> bytes:
-    """What the kernel does for F_NEEDS_CSUM: fold from csum_start, store the complement."""
-    start, field = vnet.csum_start, vnet.csum_start + vnet.csum_offset
-    done = bytearray(frame)
-    value = ~ones_sum(done[start:]) & 0xFFFF
-    done[field : field + 2] = struct.pack("!H", value)
-    return bytes(done)
-
-
-class GsoGuest(Guest):
-    """A Guest whose drain also returns the vnet headers and finishes partial checksums."""
-
-    sent: list[Sent]
-
-    def drain(self) -> Out:
-        deadline = self.gw.next_deadline()
-        if deadline is not None and deadline <= self.now:
-            self.gw.on_timer(self.now)
-        frames, offloaded, ops = self.gw.take_output()
-        self.sent = [
-            Sent(f + offloaded[i][1], parse_vnet_hdr(offloaded[i][0]))
-            if i in offloaded
-            else Sent(f, None)
-            for i, f in enumerate(frames)
-        ]
-        finished = [
-            finish_checksum(s.frame, s.vnet) if s.vnet and s.vnet.flags & F_NEEDS_CSUM else s.frame
-            for s in self.sent
-        ]
-        segs = [s for s in (parse_segment(f) for f in finished) if s is not None]
-        return Out(segs, finished, ops)
-
-
-def tso_gateway(tso: bool = True) -> Gateway:
-    return Gateway(GatewaySettings(tso=tso), log=RecordingLog())
 
 
 def established(tso: bool = True, **kw: object) -> GsoGuest:

@@ -14,7 +14,7 @@ import struct
 import dpkt
 import pytest
 from helpers import RecordingLog, inet_checksum
-from test_gso import finish_checksum
+from tcp_helpers import finish_checksum
 
 from natd.stack.gateway import Gateway
 from natd.stack.settings import GatewaySettings
@@ -131,3 +131,47 @@ def test_fields_turns_skipped_fields_into_pad_bytes_of_their_size() -> None:
     joined = frame_struct(body, fields(IPV4_HDR, skip=(0, 1)))
     assert joined.format == "!B1xHHHBB6x4s2xHHHBBH4s4s"  # 2x4x and 1x1x merged
     assert joined.size == 2 * IPV4_HDR.size
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize(
+    ("tso", "size"), [(False, 0), (False, 1000), (True, 1000), (True, 3 * MSS)]
+)
+def test_sack_blocks_ride_on_segments_and_checksum_right(family: int, tso: bool, size: int) -> None:
+    gw, flow = make_flow(family, tso=tso)
+    flow.sack_ok = True
+    base = flow.rcv_nxt
+    flow.rcv_adv = base + 65535  # as if natd had advertised its window
+    flow.store_ooo(base + 3000, memoryview(b"b" * 200), False)
+    flow.store_ooo(base + 1000, memoryview(b"a" * 100), False)
+    payload = bytes((i * 5 + 2) & 0xFF for i in range(size))
+    flow.xmit(flow.snd_nxt, ACK, payload)
+    frames, offloaded, _ops = gw.take_output()
+    frame = frames[0]
+    if 0 in offloaded:
+        vnet_raw, body = offloaded[0]
+        vnet = parse_vnet_hdr(vnet_raw)
+        l4_at = 34 if family == 4 else 54
+        assert vnet.hdr_len == l4_at + 20 + 20  # the SACK option: 2 NOPs, kind, len, 2 blocks
+        if size > MSS:
+            assert vnet.gso_size == MSS - 20  # each cut segment still fits the MTU
+        frame = finish_checksum(frame + bytes(body), vnet)
+    _src, _dst, seg = read_back(family, frame)
+    assert seg.options.sack_blocks == (
+        ((base + 1000) & 0xFFFFFFFF, (base + 1100) & 0xFFFFFFFF),  # the newest first
+        ((base + 3000) & 0xFFFFFFFF, (base + 3200) & 0xFFFFFFFF),
+    )
+    assert bytes(seg.payload) == payload
+    assert bytes(read_dpkt(family, frame).data) == payload
+
+
+def test_a_full_plain_segment_leaves_the_sack_option_out() -> None:
+    gw, flow = make_flow(4)
+    flow.sack_ok = True
+    flow.rcv_adv = flow.rcv_nxt + 65535
+    flow.store_ooo(flow.rcv_nxt + 1000, memoryview(b"a" * 100), False)
+    flow.xmit(flow.snd_nxt, ACK, b"f" * MSS)
+    (frame,), _ops = gw.take_outbox()
+    assert len(frame) == 14 + 20 + 20 + MSS  # no option: the frame stays within the MTU
+    _src, _dst, seg = read_back(4, frame)
+    assert seg.options.sack_blocks == ()

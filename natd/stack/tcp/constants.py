@@ -22,6 +22,11 @@ CLOSED = 4  # removed from the table (TIME-WAIT is a table entry in the engine, 
 SYN_SENT = 5  # a port forward's flow: natd sent the SYN toward the guest, waiting for SYN-ACK
 
 OOO_MAX_RANGES = 256
+SACK_MAX_BLOCKS = 4  # RFC 2018 3: 4 blocks fit in 40 option bytes without a timestamp
+SACK_MAX_RANGES = 64  # the scoreboard's bound; it is advisory: a range left out costs a resend
+DUPTHRESH = 3  # RFC 6675 / RFC 5681
+TLP_MIN = 0.002  # a tail loss probe waits 2 SRTT plus this (RFC 8985 7.2; Linux's 2 ms floor)
+WC_DELACK = 0.2  # RFC 8985 7.2 WCDelAckT: a flight the guest may ACK late (< 2 MSS) waits this
 INITIAL_RTO = 1.0  # RFC 6298 2.1
 MIN_RTO = 0.2  # Linux's floor; the guest is one hop away on a virtual link
 MAX_RTO = 60.0  # RFC 6298 2.5
@@ -35,6 +40,7 @@ __all__ = [
     "CLOSED",
     "CONNECTING",
     "DEFAULT_MSS",
+    "DUPTHRESH",
     "ESTABLISHED",
     "FIN",
     "HALF",
@@ -46,9 +52,13 @@ __all__ = [
     "OOO_MAX_RANGES",
     "PSH",
     "RST",
+    "SACK_MAX_BLOCKS",
+    "SACK_MAX_RANGES",
     "SYN",
     "SYN_RCVD",
     "SYN_SENT",
     "TCP_MIN_MSS",
+    "TLP_MIN",
+    "WC_DELACK",
     "WRAP",
 ]

@@ -44,8 +44,10 @@ meanwhile is absorbed. Segments for no flow get the RFC 9293 3.10.7.1 answer (RS
 reply to an RST). In a flow: sequence acceptability and challenge ACKs (RFC 5961), window
 scaling both ways and MSS from the MTU (RFC 7323, RFC 9293 3.7.1), RTO with backoff and
 Karn's rule (RFC 6298), slow start / fast retransmit / NewReno recovery (RFC 5681, RFC 6582),
-out-of-order data held within the advertised window, persist probes on a zero window, and
-keepalive probes toward a guest that went silent.
+SACK when the guest offers it (RFC 2018: blocks sent from the out-of-order ranges; the guest's
+feed an RFC 6675 scoreboard, with tail loss probes, RFC 8985), out-of-order data held within
+the advertised window, persist probes on a zero window, and keepalive probes toward a guest
+that went silent.
 
 Batching: in-order guest data and ACKs are coalesced per batch of frames. ``end_batch(now)``
 (called by the Gateway after each ``receive_frames``) turns the batch into one ``TcpSend`` and
@@ -75,7 +77,9 @@ Host events (called by the shell's ``TcpHost``, which then calls ``shell.kick()`
 
 Counters (``link.counters``): ``tcp.opened``, ``tcp.closed``, ``tcp.refused``,
 ``tcp.unreachable``, ``tcp.reset`` (flows ended by a reset either way), ``tcp.rst_sent``,
-``tcp.retransmits``, ``tcp.fast_retransmits``, ``tcp.rto``, ``tcp.syn_absorbed``,
+``tcp.retransmits``, ``tcp.fast_retransmits``, ``tcp.rto``, ``tcp.sack_retransmits`` (holes
+resent in SACK recovery), ``tcp.tlp_probes``, ``tcp.lost_retransmits`` (a hole resent again),
+``tcp.rto_in_recovery``, ``tcp.syn_absorbed``,
 ``tcp.challenge_acks``, ``tcp.window_probes``, ``tcp.keepalive_probes``, the memory budget's
 ``tcp.budget_pauses`` and ``tcp.budget_window_squeezes``, ``tcp.zero_window_abort.<orphan|budget>``,
 ``tcp.time_wait_reused``, ``tcp.time_wait_evicted``, ``tcp.ooo_duplicate`` and
@@ -330,8 +334,22 @@ class TcpEngine:
             if (word_sum(frame[L4_START:end]) + flow.pseudo + n) % 0xFFFF:
                 self.counters["drop.tcp.bad_checksum"] += 1
                 return True
-        flow.on_segment(f[7], f[8], f[9], f[10], memoryview(frame)[f[11] : end], now)
+        start = f[11]
+        sacks = (
+            self._sacks(frame[L4_START + TCP_HLEN : start])
+            if flow.sack_ok and start > L4_START + TCP_HLEN
+            else ()
+        )
+        flow.on_segment(f[7], f[8], f[9], f[10], memoryview(frame)[start:end], now, sacks)
         return True
+
+    def _sacks(self, raw: bytes | memoryview) -> tuple[tuple[int, int], ...]:
+        """The SACK blocks of a guest segment's options (malformed options: none, counted)."""
+        try:
+            return parse_tcp_options(raw).sack_blocks
+        except Malformed:
+            self.counters["drop.tcp.bad_option"] += 1
+            return ()
 
     def on_guest_segment(
         self, ip: L3, now: float, trusted: int = 0, mac: bytes | None = None
@@ -378,7 +396,8 @@ class TcpEngine:
             if flags & SYN and not flags & (ACK | RST) and state == SYN_RCVD:
                 self._syn_again(flow, seq, now)
                 return
-            flow.on_segment(seq, ack, flags, window, l4[hlen:], now)
+            sacks = self._sacks(l4[TCP_HLEN:hlen]) if flow.sack_ok and hlen > TCP_HLEN else ()
+            flow.on_segment(seq, ack, flags, window, l4[hlen:], now, sacks)
         elif state == CONNECTING:
             self._while_connecting(flow, seq, flags, window, now)
         else:
@@ -450,6 +469,7 @@ class TcpEngine:
             self, flow_id, key, gmac, seq, self._isn(key, now), mss, opts.wscale, window,
             target, syn_packet, log, now,
         )  # fmt: skip
+        flow.sack_ok = opts.sack_permitted
         self.flows[key] = flow
         self.by_id[flow_id] = flow
         self.per_guest[src] = self.per_guest.get(src, 0) + 1
@@ -598,7 +618,7 @@ class TcpEngine:
         return flow_id in self.by_id
 
     def send_syn(self, flow: TcpFlow) -> None:
-        options = build_tcp_options(mss=self.our_mss, wscale=self.rcv_wscale)
+        options = build_tcp_options(mss=self.our_mss, wscale=self.rcv_wscale, sack_permitted=True)
         segment = build_tcp(
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, flow.iss, 0, SYN,
             self._syn_window(flow.guest_ip), options=options,
@@ -641,6 +661,7 @@ class TcpEngine:
         if opts.wscale is not None:
             flow.snd_wscale = opts.wscale
             flow.rcv_wscale = self.rcv_wscale
+        flow.sack_ok = opts.sack_permitted
         flow.irs = seq
         flow.rcv_nxt = flow.rcv_adv = seq + 1
         flow.snd_wnd = flow.max_snd_wnd = window  # a SYN's window is never scaled
@@ -665,7 +686,7 @@ class TcpEngine:
     def send_synack(self, flow: TcpFlow) -> None:
         """SYN-ACK with our MSS (MTU - 40) and, if the guest offered scaling, our scale."""
         wscale = flow.rcv_wscale if flow.snd_wscale or flow.rcv_wscale else None
-        options = build_tcp_options(mss=self.our_mss, wscale=wscale)
+        options = build_tcp_options(mss=self.our_mss, wscale=wscale, sack_permitted=flow.sack_ok)
         window = self._syn_window(flow.guest_ip)
         flow.rcv_adv = flow.rcv_nxt + window
         segment = build_tcp(

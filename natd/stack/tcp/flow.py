@@ -92,9 +92,17 @@ class TcpFlow(Template, Sender, Receiver):
     # -- guest segments ----------------------------------------------------------------------
 
     def on_segment(
-        self, seq: int, ack: int, flags: int, window: int, payload: memoryview, now: float
+        self,
+        seq: int,
+        ack: int,
+        flags: int,
+        window: int,
+        payload: memoryview,
+        now: float,
+        sacks: tuple[tuple[int, int], ...] = (),
     ) -> None:
-        """RFC 9293 3.10.7.4 for a synchronized flow (and SYN-RECEIVED)."""
+        """RFC 9293 3.10.7.4 for a synchronized flow (and SYN-RECEIVED); ``sacks``: the
+        segment's SACK blocks (RFC 2018) when SACK was negotiated."""
         eng = self.eng
         self.last_rx = now
         self.ka_probes = 0
@@ -148,7 +156,7 @@ class TcpFlow(Template, Sender, Receiver):
                                  self.guest_port, ack, 0, RST)  # fmt: skip
                 return
             self.established(now)
-        if not self.process_ack(seq, ack, window, n, now):
+        if not self.process_ack(seq, ack, window, n, now, sacks):
             return
         if self.state == CLOSED:
             return

@@ -10,8 +10,16 @@ from __future__ import annotations
 import bisect
 
 from natd.stack.ops import TcpSend
-from natd.stack.tcp.constants import ACK, CLOSED, ESTABLISHED, OOO_MAX_RANGES
+from natd.stack.tcp.constants import (
+    ACK,
+    CLOSED,
+    ESTABLISHED,
+    M32,
+    OOO_MAX_RANGES,
+    SACK_MAX_BLOCKS,
+)
 from natd.stack.tcp.tcb import Tcb
+from natd.wire.tcp import build_tcp_options
 
 
 class Receiver(Tcb):
@@ -52,6 +60,26 @@ class Receiver(Tcb):
 
     def send_ack(self) -> None:
         self.xmit(self.snd_nxt, ACK)
+
+    def sack_option(self) -> bytes:
+        """SACK blocks (RFC 2018 4) from the out-of-order ranges: the range holding the most
+        recent segment first, then those of the segments before it, then the highest others."""
+        starts = self.ooo_starts
+        chunks = self.ooo_data
+        picked: list[int] = []
+        for seq in self.sack_seen:
+            i = bisect.bisect_right(starts, seq) - 1
+            if i >= 0 and seq < starts[i] + len(chunks[i]) and i not in picked:
+                picked.append(i)
+        i = len(starts)
+        while len(picked) < SACK_MAX_BLOCKS and i:
+            i -= 1
+            if i not in picked:
+                picked.append(i)
+        blocks = tuple(
+            (starts[i] & M32, (starts[i] + len(chunks[i])) & M32) for i in picked[:SACK_MAX_BLOCKS]
+        )
+        return build_tcp_options(sack_blocks=blocks)
 
     # -- guest data in -----------------------------------------------------------------------
 
@@ -105,6 +133,10 @@ class Receiver(Tcb):
             self.ooo_fin = end
         if end <= start:
             return
+        seen = self.sack_seen
+        if self.sack_ok:
+            seen.insert(0, start)
+            del seen[SACK_MAX_BLOCKS:]
         starts = self.ooo_starts
         chunks = self.ooo_data
         i = bisect.bisect_left(starts, start)
@@ -172,6 +204,7 @@ class Receiver(Tcb):
         self.ooo_data = []
         self.ooo_bytes = 0
         self.ooo_fin = 0
+        self.sack_seen = []
 
     def flush(self, now: float | None = None) -> None:
         """End of batch: hand the batch's in-order bytes to the host, send one cumulative ACK.

@@ -2,7 +2,12 @@
 
 Sending within the guest's window and the congestion window (RFC 9293 3.8.6, RFC 5681 with
 NewReno recovery, RFC 6582), ACK processing with RTT samples (RFC 6298, Karn's rule),
-retransmission on timeout with backoff, and persist probes on a zero window. The bytes wait in
+retransmission on timeout with backoff, and persist probes on a zero window.
+
+With SACK (RFC 2018) the guest's blocks feed a scoreboard and loss recovery follows RFC 6675:
+a hole is lost once more than (DupThresh - 1) MSS or DupThresh ranges are SACKed above it,
+``pipe`` counts what is still in the network, and each lost hole is resent as one segment —
+with offloads one GSO frame of up to 64 KB — never one MSS per round trip. The bytes wait in
 the flow's ``SendBuffer`` until the guest acknowledges them.
 """
 
@@ -12,6 +17,7 @@ from natd.stack.ops import TcpPause
 from natd.stack.tcp.constants import (
     ACK,
     CLOCK_G,
+    DUPTHRESH,
     ESTABLISHED,
     FIN,
     HALF,
@@ -19,6 +25,9 @@ from natd.stack.tcp.constants import (
     MAX_RTO,
     MIN_RTO,
     PSH,
+    SACK_MAX_RANGES,
+    TLP_MIN,
+    WC_DELACK,
     WRAP,
 )
 from natd.stack.tcp.tcb import Tcb
@@ -44,6 +53,13 @@ class Sender(Tcb):
         mss = self.mss
         # With offloads one segment carries as many whole MSS as fit in 64 KB (the kernel cuts).
         seg = GSO_MAX_PAYLOAD - GSO_MAX_PAYLOAD % mss if self.eng.tso else mss
+        if self.in_recovery and self.sacked:
+            # RFC 6675 5 (NextSeg rule 1 here, rule 2 below): holes first, then new data,
+            # both while cwnd - pipe allows.
+            room = cwnd - self.sack_recover(seg, now)
+            edge = una + wnd
+            if nxt + room < edge:
+                edge = nxt + (room if room > 0 else 0)
         sent = False
         if nxt < end and nxt < edge:
             while nxt < end and nxt < edge:
@@ -67,7 +83,8 @@ class Sender(Tcb):
                     if not self.guest_fin:
                         self.fin_first = True
                 self.xmit(nxt, flags, buf.slice(off, n))
-                if not self.rtt_seq and not self.rtx_count:
+                # Karn: never time a resend (after an RTO, go-back-N resends below snd_max).
+                if not self.rtt_seq and not self.rtx_count and nxt >= self.snd_max:
                     self.rtt_seq = nxt + n
                     self.rtt_at = now
                 nxt += n
@@ -86,8 +103,7 @@ class Sender(Tcb):
             self.snd_max = nxt
         if sent:
             if not self.rtx_at:
-                self.rtx_at = now + self.rto
-                self.eng.arm(self, self.rtx_at)
+                self.arm_rtx(now)
         elif (
             self.snd_max == una
             and not self.rtx_at
@@ -97,10 +113,19 @@ class Sender(Tcb):
             if not self.zero_since:
                 self.zero_since = now
             self.rtx_at = now + self.rto
+            self.pto_armed = False
             self.eng.arm(self, self.rtx_at)
 
-    def process_ack(self, seq: int, ack: int, window: int, n: int, now: float) -> bool:
-        """ACK field processing (RFC 9293 3.10.7.4 fifth check, RFC 5681, RFC 6298).
+    def process_ack(
+        self,
+        seq: int,
+        ack: int,
+        window: int,
+        n: int,
+        now: float,
+        sacks: tuple[tuple[int, int], ...] = (),
+    ) -> bool:
+        """ACK field processing (RFC 9293 3.10.7.4 fifth check, RFC 5681, RFC 6298, RFC 6675).
 
         False means: drop the rest of the segment.
         """
@@ -123,9 +148,29 @@ class Sender(Tcb):
             s -= WRAP
         seg_seq = self.rcv_nxt + s
         scaled = window << self.snd_wscale
+        news = self.on_sacks(sacks) if sacks else False
+        tlp = self.tlp_seq
+        if tlp and sacks and any(lo <= tlp < hi for lo, hi in self.sacked):
+            # The probe's seq is SACKed: after two RTTs, what is not SACKed below it is lost
+            # (RFC 8985 RACK), even when the SACK is not news (a probe of SACKed data).
+            self.rack_lost = tlp
+        if (
+            news
+            and a == 0
+            and self.in_recovery
+            and self.high_rxt > una
+            and now - self.rxt_time > 2 * self.srtt + TLP_MIN
+        ):
+            # Holes resent two RTTs ago are still not SACKed while later data is: those
+            # resends were lost too (RFC 8985 RACK's view); resend what is still missing.
+            self.high_rxt = una
+            self.eng.counters["tcp.lost_retransmits"] += 1
         if a > 0:
             self._on_new_ack(seg_ack, now)
-        elif a == 0 and n == 0 and scaled == self.snd_wnd and self.snd_max > una:
+            if self.sacked and not self.in_recovery and self._loss_seen():
+                self._enter_recovery(now)
+        elif a == 0 and n == 0 and self.snd_max > una and (news or scaled == self.snd_wnd):
+            # RFC 6675 2: an ACK that brings new SACK information counts as a duplicate.
             self._on_dupack(now)
         # window update (RFC 9293 3.10.7.4: SND.WL1 / SND.WL2)
         if seg_seq > self.snd_wl1 or (seg_seq == self.snd_wl1 and seg_ack >= self.snd_wl2):
@@ -154,6 +199,12 @@ class Sender(Tcb):
         self.snd_una = seg_ack
         if self.snd_nxt < seg_ack:
             self.snd_nxt = seg_ack
+        sb = self.sacked
+        if sb:
+            while sb and sb[0][1] <= seg_ack:
+                del sb[0]
+            if sb and sb[0][0] < seg_ack:
+                sb[0] = (seg_ack, sb[0][1])
         mss = self.mss
         # RTT sample (RFC 6298 2.2/2.3; Karn: only never-retransmitted data is timed)
         if self.rtt_seq and seg_ack >= self.rtt_seq:
@@ -174,7 +225,12 @@ class Sender(Tcb):
         if self.in_recovery:
             if seg_ack >= self.recover:  # full ACK: leave fast recovery (RFC 6582)
                 self.in_recovery = False
+                self.tlp_seq = self.rack_lost = 0
                 self.cwnd = self.ssthresh
+            elif self.sack_ok:
+                # SACK recovery: output() resends the holes the scoreboard shows lost; the
+                # byte at the new snd_una is not presumed lost (NewReno's guess).
+                pass
             else:  # partial ACK: retransmit the next hole, deflate
                 self.retransmit_head()
                 self.cwnd = max(self.cwnd - acked + mss, mss)
@@ -185,9 +241,13 @@ class Sender(Tcb):
         if self.cwnd > self.eng.max_cwnd:
             self.cwnd = self.eng.max_cwnd
         self.dupacks = 0
-        self.rtx_at = now + self.rto if self.snd_max > seg_ack else 0.0
-        if self.rtx_at:
-            self.eng.arm(self, self.rtx_at)
+        if self.tlp_seq and seg_ack > self.tlp_seq:
+            self.tlp_seq = 0
+        if self.snd_max > seg_ack:
+            self.arm_rtx(now)
+        else:
+            self.rtx_at = 0.0
+            self.pto_armed = False
         if self.host_paused and len(buf) <= self.eng.limit // 2:
             self.eng.try_resume(self)
         if self.host_eof and not self.fin_acked and seg_ack > self.fin_seq:
@@ -201,19 +261,178 @@ class Sender(Tcb):
 
     def _on_dupack(self, now: float) -> None:
         self.dupacks += 1
-        mss = self.mss
         if self.in_recovery:
-            self.cwnd += mss  # inflate for each segment that left the network
-        elif self.dupacks == 3:
-            # Fast retransmit / fast recovery (RFC 5681 3.2, RFC 6582).
-            flight = self.snd_max - self.snd_una
-            self.ssthresh = max(flight // 2, 2 * mss)
+            if not self.sacked:
+                self.cwnd += self.mss  # inflate for each segment that left the network
+        elif self.dupacks == DUPTHRESH or (self.sacked and self._loss_seen()):
+            self._enter_recovery(now)
+
+    def _loss_seen(self) -> bool:
+        """SACKs say the head is lost (RFC 6675 IsLost, or a tail loss probe SACKed above it)."""
+        return self.rack_lost > self.snd_una or self.is_lost(self.snd_una)
+
+    def arm_rtx(self, now: float) -> None:
+        """(Re)start the retransmission timer; with SACK and an RTT estimate, as a tail loss
+        probe timeout (RFC 8985 7.2) first: a lost tail (say the one 64 KB frame in flight)
+        is found in two RTTs instead of one RTO (200 ms at least)."""
+        at = now + self.rto
+        self.pto_armed = False
+        if self.sack_ok and self.srtt and not self.in_recovery and not self.rtx_count:
+            pto = now + 2 * self.srtt + TLP_MIN
+            if self.snd_max - self.snd_una < 2 * self.mss:
+                # A small flight (a request's answer) may meet the guest's delayed ACK: no
+                # probe before it could have come (in practice: the RTO, no extra frame).
+                pto += WC_DELACK
+            if pto < at and not self.tlp_seq:
+                at = pto
+                self.pto_armed = True
+        self.rtx_at = at
+        self.eng.arm(self, at)
+
+    def _probe(self, now: float) -> None:
+        """The tail loss probe (RFC 8985 7.3): resend the last MSS sent; its SACK (or ACK)
+        tells what before it was lost."""
+        una = self.snd_una
+        top = una + len(self.sndbuf)
+        if self.snd_max < top:
+            top = self.snd_max
+        eng = self.eng
+        eng.counters["tcp.tlp_probes"] += 1
+        if top <= una:
+            self.retransmit_head()  # only the FIN is in flight
+            return
+        start = top - self.mss if top - self.mss > una else una
+        self.tlp_seq = start
+        eng.counters["tcp.retransmits"] += 1
+        self.xmit(start, ACK, self.sndbuf.slice(start - una, top - start))
+
+    def _enter_recovery(self, now: float) -> None:
+        """Fast retransmit / fast recovery (RFC 5681 3.2, RFC 6582; with SACK RFC 6675 5)."""
+        mss = self.mss
+        flight = self.snd_max - self.snd_una
+        self.ssthresh = max(flight // 2, 2 * mss)
+        self.in_recovery = True
+        self.recover = self.snd_max
+        self.rtt_seq = 0
+        self.eng.counters["tcp.fast_retransmits"] += 1
+        if self.sacked:
+            self.cwnd = self.ssthresh
+            self.high_rxt = self.snd_una
+            # RFC 6675 5 (4.3): the first lost hole goes now whatever pipe says; output()
+            # resends the others as cwnd - pipe allows.
+            seg = GSO_MAX_PAYLOAD - GSO_MAX_PAYLOAD % mss if self.eng.tso else mss
+            self.sack_recover(seg, now, force=True)
+        else:
             self.cwnd = self.ssthresh + 3 * mss
-            self.in_recovery = True
-            self.recover = self.snd_max
-            self.rtt_seq = 0
-            self.eng.counters["tcp.fast_retransmits"] += 1
             self.retransmit_head()
+
+    # -- the SACK scoreboard (RFC 6675) --------------------------------------------------------
+
+    def on_sacks(self, blocks: tuple[tuple[int, int], ...]) -> bool:
+        """Merge the guest's SACK blocks into the scoreboard; True if any told something new.
+
+        Blocks are unwrapped against ``snd_una``; one outside (snd_una, snd_max] (a D-SACK,
+        or nonsense from a hostile guest) is ignored.
+        """
+        una = self.snd_una
+        top = self.snd_max
+        sb = self.sacked
+        new = False
+        for left, right in blocks:
+            lo = una + (((left - una + HALF) & M32) - HALF)
+            hi = una + (((right - una + HALF) & M32) - HALF)
+            if not una < lo < hi <= top:
+                continue
+            i = 0
+            count = len(sb)
+            while i < count and sb[i][1] < lo:
+                i += 1
+            j = i
+            while j < count and sb[j][0] <= hi:
+                j += 1
+            if i == j:
+                if count >= SACK_MAX_RANGES:
+                    continue  # advisory only: at worst these bytes are resent
+                sb.insert(i, (lo, hi))
+            else:
+                first, last = sb[i][0], sb[j - 1][1]
+                if j == i + 1 and first <= lo and hi <= last:
+                    continue
+                sb[i:j] = [(lo if lo < first else first, hi if hi > last else last)]
+            new = True
+        return new
+
+    def is_lost(self, seq: int) -> bool:
+        """RFC 6675 IsLost: DupThresh ranges, or more than (DupThresh - 1) MSS, SACKed above."""
+        above = 0
+        limit = (DUPTHRESH - 1) * self.mss
+        for ranges, (lo, hi) in enumerate(reversed(self.sacked), 1):
+            if hi <= seq:
+                break
+            above += hi - (lo if lo > seq else seq)
+            if above > limit or ranges >= DUPTHRESH:
+                return True
+        return False
+
+    def sack_recover(self, seg: int, now: float, force: bool = False) -> int:
+        """Resend the lost holes above HighRxt within cwnd - pipe, each as one segment of up
+        to ``seg`` bytes (one GSO frame with offloads); return ``pipe`` (RFC 6675 SetPipe).
+        ``force``: the first resend ignores cwnd (the fast retransmit)."""
+        una = self.snd_una
+        sb = self.sacked
+        mss = self.mss
+        limit = (DUPTHRESH - 1) * mss
+        holes: list[tuple[int, int]] = []  # lost and not yet resent, lowest first
+        above = 0
+        for lo, hi in sb:
+            above += hi - lo
+        prev = una
+        ranges = len(sb)
+        hr = self.high_rxt
+        lost = 0
+        for k, (lo, hi) in enumerate(sb):
+            # a hole is lost when enough is SACKed above it, or it is the first one after
+            # DupThresh duplicate ACKs (RFC 6675 NextSeg rule 3 for the head)
+            if lo > prev and (
+                above > limit
+                or ranges - k >= DUPTHRESH
+                or lo <= self.rack_lost
+                or (prev == una and self.dupacks >= DUPTHRESH)
+            ):
+                start = prev if prev > hr else hr
+                if start < lo:
+                    holes.append((start, lo))
+                    lost += lo - start
+            above -= hi - lo
+            prev = hi
+        outstanding = self.snd_max - una
+        for lo, hi in sb:
+            outstanding -= hi - lo
+        pipe = outstanding - lost
+        cwnd = self.cwnd
+        buf = self.sndbuf
+        data_end = una + len(buf)
+        for start, end in holes:
+            if end > data_end:
+                end = data_end
+            while start < end:
+                room = cwnd - pipe
+                if room < mss and not force:
+                    return pipe
+                n = end - start
+                if n > seg:
+                    n = seg
+                if n > room and not force:
+                    n = room - room % mss
+                force = False
+                self.eng.counters["tcp.retransmits"] += 1
+                self.eng.counters["tcp.sack_retransmits"] += 1
+                self.xmit(start, ACK, buf.slice(start - una, n))
+                self.rxt_time = now
+                start += n
+                pipe += n
+                self.high_rxt = start
+        return pipe
 
     def retransmit_head(self) -> None:
         """Resend the segment at ``snd_una`` (data, or the FIN if only the FIN is unacked)."""
@@ -259,8 +478,16 @@ class Sender(Tcb):
         self.output(now)
 
     def on_rto(self, now: float) -> None:
-        """Retransmission timeout (RFC 6298 5.4-5.7, RFC 5681 3.1): back off, go back to una."""
+        """Retransmission timeout (RFC 6298 5.4-5.7, RFC 5681 3.1): back off, go back to una.
+        A probe timeout first sends the tail loss probe and leaves the RTO proper armed."""
         eng = self.eng
+        if self.pto_armed:
+            self.pto_armed = False
+            if self.snd_wnd:  # (a shut window is the RTO's to handle, in its time)
+                self._probe(now)
+            self.rtx_at = now + self.rto
+            eng.arm(self, self.rtx_at)
+            return
         if not self.rtx_count:
             self.rtx_since = now
         self.rtx_count += 1
@@ -270,11 +497,15 @@ class Sender(Tcb):
             return
         mss = self.mss
         flight = self.snd_max - self.snd_una
+        if self.in_recovery:
+            eng.counters["tcp.rto_in_recovery"] += 1  # a resend lost, or a hole never seen
         self.ssthresh = max(flight // 2, 2 * mss)
         self.cwnd = mss
         self.in_recovery = False
         self.dupacks = 0
         self.rtt_seq = 0
+        self.sacked = []  # the guest may renege (RFC 2018 8): go back N from una, all of it
+        self.tlp_seq = self.rack_lost = 0
         self.rto = min(self.rto * 2, MAX_RTO)
         eng.counters["tcp.retransmits"] += 1
         eng.counters["tcp.rto"] += 1
@@ -319,6 +550,7 @@ class Sender(Tcb):
         self.xmit(self.snd_una - 1, ACK)  # an old seq: the guest answers with its window
         self.backoff += 1
         self.rtx_at = now + min(max(self.rto, MIN_RTO) * (1 << min(self.backoff, 16)), MAX_RTO)
+        self.pto_armed = False
         eng.arm(self, self.rtx_at)
 
 

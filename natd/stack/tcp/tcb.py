@@ -37,6 +37,7 @@ class Tcb:
         "guest_ip",
         "guest_port",
         "gwmac",
+        "high_rxt",
         "host_eof",
         "host_paused",
         "id",
@@ -58,6 +59,8 @@ class Tcb:
         "opened_at",
         "out_base",
         "pseudo",
+        "pto_armed",
+        "rack_lost",
         "rcv_adv",
         "rcv_nxt",
         "rcv_wscale",
@@ -71,6 +74,10 @@ class Tcb:
         "rtx_at",
         "rtx_count",
         "rtx_since",
+        "rxt_time",
+        "sack_ok",
+        "sack_seen",
+        "sacked",
         "sched",
         "snd_max",
         "snd_nxt",
@@ -85,6 +92,7 @@ class Tcb:
         "state",
         "syn_packet",
         "target",
+        "tlp_seq",
         "to_host",
         "zero_since",
     )
@@ -131,6 +139,10 @@ class Tcb:
         self.ooo_data: list[bytearray] = []
         self.ooo_bytes = 0
         self.ooo_fin = 0  # seq the guest's FIN takes, when it came out of order
+        # SACK (RFC 2018), negotiated on the handshake: the starts of the latest out-of-order
+        # segments, newest first (the first SACK block reports the most recent one, RFC 2018 4).
+        self.sack_ok = False
+        self.sack_seen: list[int] = []
         self.to_host: list[bytes | memoryview] = []
         self.issued = 0
         self.accepted = 0
@@ -161,6 +173,16 @@ class Tcb:
         self.dupacks = 0
         self.in_recovery = False
         self.recover = iss
+        # The SACK scoreboard (RFC 6675): the guest's SACKed ranges above snd_una, sorted,
+        # merged, as (start, end); and HighRxt, the end of the last retransmission in recovery.
+        self.sacked: list[tuple[int, int]] = []
+        self.high_rxt = iss
+        self.rxt_time = 0.0  # when recovery last resent a hole
+        # Tail loss probe (RFC 8985 7): ``rtx_at`` is a probe timeout, not the RTO; the seq of
+        # the probe in flight; the guest SACKed the probe above a hole: below it all is lost.
+        self.pto_armed = False
+        self.tlp_seq = 0
+        self.rack_lost = 0
         self.srtt = 0.0
         self.rttvar = 0.0
         self.rto = INITIAL_RTO
@@ -189,6 +211,7 @@ class Tcb:
         ) -> None: ...
         def window_field(self) -> int: ...
         def send_ack(self) -> None: ...
+        def sack_option(self) -> bytes: ...
         def output(self, now: float) -> None: ...
         def flush(self, now: float | None = None) -> None: ...
         def on_guest_fin(self, now: float) -> None: ...

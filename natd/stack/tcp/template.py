@@ -64,7 +64,8 @@ class Template(Tcb):
             self.ip_base = -1  # IPv6: no header checksum
 
     def xmit(self, seq: int, flags: int, payload: bytes | bytearray | memoryview = b"") -> None:
-        """Send one option-less segment to the guest from the per-flow header template.
+        """Send one segment to the guest from the per-flow header template (its only option:
+        SACK blocks while out-of-order data is held).
 
         With offloads (``eng.tso``) a data segment's checksum (and, above one MSS, its
         segmentation) is left to the TAP's kernel side: the TCP checksum field holds only the
@@ -75,7 +76,14 @@ class Template(Tcb):
         wnd = self.window_field() if not flags & RST else 0
         ack = self.rcv_nxt & M32
         seq &= M32
-        tcp_len = TCP_HLEN + n
+        # SACK blocks ride on every segment while out-of-order data is held (RFC 2018 4).
+        opts = self.sack_option() if self.ooo_starts and self.sack_ok else b""
+        olen = len(opts)
+        if olen and not offload and n + olen > self.mss:
+            opts = b""  # a full segment has no room left under the MTU; the next ACK has
+            olen = 0
+        doff = 0x50 + (olen << 2)
+        tcp_len = TCP_HLEN + olen + n
         if offload:
             c = self.pseudo + tcp_len
             c = (c & 0xFFFF) + (c >> 16)
@@ -83,10 +91,12 @@ class Template(Tcb):
         else:
             s = (
                 self.out_base + tcp_len + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16)
-                + (ack & 0xFFFF) + (0x5000 | flags) + wnd
+                + (ack & 0xFFFF) + (doff << 8 | flags) + wnd
             )  # fmt: skip
             if n:
                 s += word_sum(payload)
+            if olen:
+                s += word_sum(opts)
             csum = 0xFFFF - s % 0xFFFF
         ip = self.ip_base
         if ip >= 0:
@@ -95,14 +105,16 @@ class Template(Tcb):
                 self.gmac, self.gwmac, ETHERTYPE_IPV4,
                 _VIHL, 0, total, 0, _IP_DF, _TTL, PROTO_TCP, 0xFFFF - (ip + total) % 0xFFFF,
                 self.remote_ip, self.guest_ip,
-                self.remote_port, self.guest_port, seq, ack, 0x50, flags, wnd, csum, 0,
+                self.remote_port, self.guest_port, seq, ack, doff, flags, wnd, csum, 0,
             )  # fmt: skip
         else:
             header = _FRAME6.pack(
                 self.gmac, self.gwmac, ETHERTYPE_IPV6,
                 _V6_WORD, tcp_len, PROTO_TCP, _TTL, self.remote_ip, self.guest_ip,
-                self.remote_port, self.guest_port, seq, ack, 0x50, flags, wnd, csum, 0,
+                self.remote_port, self.guest_port, seq, ack, doff, flags, wnd, csum, 0,
             )  # fmt: skip
+        if olen:
+            header += opts
         if not offload:
             if n >= _GATHER_MIN:
                 self.eng.outbox.send_gathered(header, payload)
@@ -111,9 +123,12 @@ class Template(Tcb):
             else:
                 self.eng.send_frame(header)
         else:
-            mss = self.mss
-            if n <= mss:
+            mss = self.mss - olen  # the kernel cuts at gso_size: options take payload room
+            if n <= mss and not olen:
                 vnet = _VNET_CSUM4 if ip >= 0 else _VNET_CSUM6
+            elif n <= mss:
+                vnet = _VNET.pack(F_NEEDS_CSUM, GSO_NONE, len(header), 0,
+                                  _L4_AT4 if ip >= 0 else _L4_AT6, TCP_CHECKSUM_AT)  # fmt: skip
             elif ip >= 0:
                 vnet = _VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, len(header), mss, _L4_AT4,
                                   TCP_CHECKSUM_AT)  # fmt: skip
