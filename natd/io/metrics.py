@@ -147,7 +147,32 @@ class NatdCollector(Collector):
         leases = GaugeMetricFamily("natd_dhcp_leases", "DHCP and DHCPv6 leases and offers held")
         leases.add_metric([], len(gw.dhcp.leases(src.now())) + len(gw.dhcpv6.leases(src.now())))
         yield leases
+        yield from self._budget(gw)
         yield from self._shell_extras()
+
+    @staticmethod
+    def _budget(gw: Gateway) -> Iterator[Metric]:
+        """The memory budget flows buffer against (``natd.stack.budget``): used, peak, limits."""
+        budget = gw.tcp.budget
+        size = GaugeMetricFamily(
+            "natd_memory_budget_bytes", "Bytes flows may buffer, by scope", labels=["scope"]
+        )
+        size.add_metric(["total"], budget.total)
+        size.add_metric(["per_guest"], budget.per_guest)
+        yield size
+        used = GaugeMetricFamily(
+            "natd_memory_buffered_bytes",
+            "Bytes flows buffer now, and the peak since start",
+            labels=["kind"],
+        )
+        used.add_metric(["now"], budget.used)
+        used.add_metric(["peak"], budget.peak)
+        yield used
+        pauses = CounterMetricFamily(
+            "natd_memory_budget_pauses", "Host sockets paused because the budget was spent"
+        )
+        pauses.add_metric([], budget.pauses)
+        yield pauses
 
     @staticmethod
     def _link(stats: Mapping[str, int]) -> Iterator[Metric]:

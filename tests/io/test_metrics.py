@@ -117,6 +117,23 @@ def test_limit_refusals_are_counted_from_the_engines() -> None:
     assert got["natd_drops_total", (("reason", "tcp.flow_limit"),)] == 2
 
 
+def test_memory_budget_is_exported_from_the_flows_buffers() -> None:
+    """Host bytes a flow holds for a guest that has not acknowledged them show as buffered."""
+    limits = Limits(memory_budget=8 << 20, memory_budget_per_guest=2 << 20)
+    gw = Gateway(GatewaySettings(limits=limits), log=_NoLog())
+    gw.receive_frames(syn_frames(gw, [40000]), 1.0)
+    (flow_id,) = list(gw.tcp.by_id)
+    gw.tcp.on_host_connected(flow_id, 1.5)
+    gw.tcp.on_host_data(flow_id, b"x" * 300_000, 1.6)  # the guest never ACKs: all of it stays
+    gw.take_outbox()
+    got = samples(MetricsServer(("x", 1), make_registry(sources(gw)), _NoLog()).render().decode())
+    assert got["natd_memory_budget_bytes", (("scope", "total"),)] == 8 << 20
+    assert got["natd_memory_budget_bytes", (("scope", "per_guest"),)] == 2 << 20
+    assert got["natd_memory_buffered_bytes", (("kind", "now"),)] == gw.tcp.budget.used >= 300_000
+    assert got["natd_memory_buffered_bytes", (("kind", "peak"),)] >= 300_000
+    assert ("natd_memory_budget_pauses_total", ()) in got
+
+
 def test_ipv6_engine_counters_are_families_of_their_own() -> None:
     gw = Gateway(GatewaySettings())
     gw.announce(1.0)  # unsolicited NAs and an RA: real ndp.* and ra.* counters
