@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import struct
 from collections import Counter
@@ -394,3 +395,46 @@ async def test_frames_without_a_link_are_counted_then_a_peer_is_served() -> None
         shell.stop()
         link.close()
         guest.close()
+
+
+async def test_host_events_of_one_poller_round_leave_in_one_flush_without_a_loop_turn(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Host sockets in the poller kick; the round's end flushes, in the same callback."""
+    natd_side, guest = pair
+    shell, gateway, _log, _tap = make_shell(natd_side)
+    shell.start()
+    poller = shell._poller
+    assert poller is not None
+    flushes = 0
+    real_flush = shell.flush
+
+    def counting_flush() -> None:
+        nonlocal flushes
+        flushes += 1
+        real_flush()
+
+    shell.flush = counting_flush  # type: ignore[method-assign]
+    hosts = [socket.socketpair() for _ in range(3)]
+    try:
+        for i, (ours, theirs) in enumerate(hosts):
+            ours.setblocking(False)
+
+            def on_readable(sock: socket.socket = ours, i: int = i) -> None:
+                gateway.frames.append(bytes([i]) * 60 + sock.recv(100))  # a host event
+                shell.kick()
+
+            poller.register(ours, on_readable)
+            theirs.send(b"x")
+        # One wakeup of the poller, run by hand: nothing may wait for another loop turn.
+        select_ready = select.select([poller.fd], [], [], 2)[0]
+        assert select_ready == [poller.fd]
+        poller._on_ready()
+        assert flushes == 1 and not shell._kicked  # no call_soon left behind
+        got = sorted(await recv_all(guest, 3))
+        assert got == sorted(VNET_HDR_NONE + bytes([i]) * 60 + b"x" for i in range(3))
+    finally:
+        for ours, theirs in hosts:
+            poller.close_socket(ours)
+            theirs.close()
+        shell.stop()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,8 @@ from tcp_helpers import (
     parse_segment,
 )
 
-from natd.io.poller import EPOLLIN
+from natd.io.fds import RESERVED
+from natd.io.poller import EPOLLIN, EPOLLOUT
 from natd.io.tcp_host import TcpHost
 from natd.stack.gateway import Gateway
 from natd.wire.tcp import build_tcp_options
@@ -99,13 +102,13 @@ class Rig:
             await asyncio.sleep(0.005)
         raise AssertionError(f"no matching segment; saw {self.shell.segs}")
 
-    async def connect(self, port: int) -> Guest:
-        g = Guest(self.gw, dst=GW_IP, dport=port, now=self.loop.time())
+    async def connect(self, port: int, sport: int = 40000) -> Guest:
+        g = Guest(self.gw, dst=GW_IP, dport=port, sport=sport, now=self.loop.time())
         g.seq = g.iss
         self.feed(g.frame(SYN, options=build_tcp_options(mss=1460, wscale=7)))
         g.flow = max(self.gw.tcp.by_id)
         g.seq += 1
-        synack = await self.wait_for(lambda s: s.has(SYN | ACK))
+        synack = await self.wait_for(lambda s: s.has(SYN | ACK) and s.dport == sport)
         g.ack = (synack.seq + 1) & 0xFFFFFFFF
         self.send(g, ACK)
         return g
@@ -313,3 +316,307 @@ def test_full_guest_side_pauses_host_reading_and_acks_resume_it(run: Any) -> Non
 @LOOPS
 def test_guest_data_reaches_host_and_window_tracks_host_acceptance(run: Any) -> None:
     run(_guest_data_reaches_host_and_window_tracks_host_acceptance())
+
+
+# -- the one-epoll layer: connect inline, queue partial sends, resets, half-closes, many flows --
+
+
+def _free_port() -> int:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = int(probe.getsockname()[1])
+    probe.close()
+    return port
+
+
+async def _loopback_connect_is_inline() -> None:
+    rig = Rig()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        g = Guest(rig.gw, dst=GW_IP, dport=port, now=rig.loop.time())
+        g.seq = g.iss
+        rig.feed(g.frame(SYN, options=build_tcp_options(mss=1460, wscale=7)))
+        # No loop turn yet: connect_ex finished on loopback and the SYN-ACK is already out.
+        assert rig.host.connecting == {}
+        assert len(rig.host.conns) == 1
+        assert any(s.has(SYN | ACK) for s in rig.shell.segs)
+        peer, _ = listener.accept()
+        peer.close()
+    finally:
+        listener.close()
+        rig.host.close()
+
+
+async def _descriptor_reserve_refuses_as_no_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = Rig()
+    monkeypatch.setattr(RESERVED, "ceiling", 0)  # every new flow socket is over the reserve
+    g = Guest(rig.gw, dst=GW_IP, dport=_free_port())
+    g.seq = g.iss
+    rig.feed(g.frame(SYN))
+    rst = await rig.wait_for(lambda s: s.has(RST))
+    assert rst.ack == (g.iss + 1) & 0xFFFFFFFF
+    assert rig.gw.counters["tcp.no_descriptor"] == 1
+    assert rig.gw.counters["tcp.refused"] == 0
+    assert rig.host.conns == {} and rig.host.connecting == {}
+
+
+async def _unreachable_gives_icmp_not_rst(monkeypatch: pytest.MonkeyPatch) -> None:
+    rig = Rig()
+    # The kernel refuses a TCP connect to a multicast address with ENETUNREACH at once (no
+    # packet leaves); the guest's destination is mapped there instead of dialling anything.
+    real = socket.socket.connect_ex
+
+    def to_multicast(self: socket.socket, address: Any) -> int:
+        return real(self, ("224.0.0.1", address[1]))
+
+    monkeypatch.setattr(socket.socket, "connect_ex", to_multicast)
+    g = Guest(rig.gw, dst=GW_IP, dport=_free_port())
+    g.seq = g.iss
+    rig.feed(g.frame(SYN))
+    monkeypatch.undo()
+    assert rig.gw.counters["tcp.unreachable"] == 1
+    assert not any(s.has(RST) for s in rig.shell.segs)
+    assert rig.host.conns == {} and rig.host.connecting == {}
+
+
+async def _slow_connect_waits_for_epollout_then_times_out() -> None:
+    rig = Rig()
+    rig.host.connect_timeout = 0.5
+    # A listener whose accept queue is full drops SYNs: the connect stays in progress.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        g = Guest(rig.gw, dst=GW_IP, dport=port, now=rig.loop.time())
+        g.seq = g.iss
+        rig.feed(g.frame(SYN))
+        assert len(rig.host.connecting) == 1  # waiting on EPOLLOUT, not connected
+        pending = next(iter(rig.host.connecting.values()))
+        assert pending.events == EPOLLOUT
+        deadline = rig.loop.time() + 5
+        while rig.host.connecting and rig.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert rig.host.connecting == {}
+        assert rig.gw.counters["tcp.unreachable"] == 1  # ETIMEDOUT: ICMP host unreachable
+        assert rig.gw.tcp.flow_count == 0
+    finally:
+        for f in fillers:
+            f.close()
+        listener.close()
+        rig.host.close()
+
+
+async def _partial_sends_queue_until_epollout() -> None:
+    rig = Rig(tcp_buffer_bytes=1 << 20)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    port = listener.getsockname()[1]
+    try:
+        g = await rig.connect(port)
+        peer, _ = listener.accept()
+        conn = rig.host.conns[g.flow]
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        payload = hashlib.sha256(b"seed").digest() * 8192  # 256 KiB, the peer not reading
+        off = 0
+        saw_queue = False
+        while off < len(payload):
+            flow = rig.gw.tcp.by_id[g.flow]
+            room = flow.rcv_adv - flow.rcv_nxt
+            if room < 1460:
+                break  # the window closed: what the host kernel did not take is queued
+            chunk = payload[off : off + 1460]
+            rig.send(g, ACK, chunk)
+            off += len(chunk)
+            saw_queue = saw_queue or bool(conn.queue)
+        assert saw_queue and conn.queued > 0 and conn.events & EPOLLOUT
+        peer.setblocking(False)
+        got = bytearray()
+        deadline = rig.loop.time() + 10
+        while rig.loop.time() < deadline and len(got) < len(payload):
+            try:
+                got += peer.recv(65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.002)
+            flow = rig.gw.tcp.by_id[g.flow]
+            while off < len(payload) and flow.rcv_adv - flow.rcv_nxt >= 1460:
+                chunk = payload[off : off + 1460]
+                rig.send(g, ACK, chunk)
+                off += len(chunk)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        assert not conn.queue and conn.queued == 0 and not conn.events & EPOLLOUT
+        peer.close()
+    finally:
+        listener.close()
+        rig.host.close()
+
+
+async def _peer_reset_while_guest_sends() -> None:
+    rig = Rig()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        g = await rig.connect(port)
+        peer, _ = listener.accept()
+        rig.send(g, ACK | PSH, b"a" * 1000)
+        assert peer.recv(1000)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
+        for _ in range(50):  # the guest keeps sending until natd resets it
+            if any(s.has(RST) for s in rig.shell.segs) or g.flow not in rig.host.conns:
+                break
+            rig.send(g, ACK | PSH, b"b" * 100)
+            await asyncio.sleep(0.01)
+        await rig.wait_for(lambda s: s.has(RST))
+        assert rig.host.conns == {} and rig.gw.tcp.flow_count == 0
+        assert rig.gw.counters["tcp.reset_by_host"] == 1
+    finally:
+        listener.close()
+        rig.host.close()
+
+
+async def _host_half_closes_first_and_still_receives() -> None:
+    rig = Rig()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        g = await rig.connect(port)
+        peer, _ = listener.accept()
+        peer.sendall(b"from host")
+        peer.shutdown(socket.SHUT_WR)
+        assert await rig.receive(g, 9) == b"from host"
+        fin = await rig.wait_for(lambda s: s.has(FIN))
+        g.ack = (fin.seq + len(fin.payload) + 1) & 0xFFFFFFFF
+        rig.send(g, ACK)
+        # The host's side is shut; the guest's is open and still reaches the host.
+        rig.send(g, ACK | PSH, b"after your FIN")
+        rig.send(g, FIN | ACK)
+        peer.settimeout(5)
+        got = b""
+        while chunk := peer.recv(100):
+            got += chunk
+        assert got == b"after your FIN"  # then EOF: the guest's FIN as a shutdown
+        deadline = rig.loop.time() + 5
+        while rig.gw.tcp.flow_count and rig.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert rig.gw.tcp.flow_count == 0 and rig.host.conns == {}
+        peer.close()
+    finally:
+        listener.close()
+        rig.host.close()
+
+
+FLOWS = 1000
+
+
+async def _many_concurrent_flows_each_echoed() -> None:
+    rig = Rig(max_tcp_flows=FLOWS + 10, max_tcp_flows_per_guest=FLOWS + 10)
+    peers: list[socket.socket] = []
+    listener = socket.create_server(("127.0.0.1", 0), backlog=FLOWS)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+
+    def on_accept() -> None:
+        while True:
+            try:
+                peer, _ = listener.accept()
+            except BlockingIOError:
+                return
+            peer.setblocking(False)
+            peers.append(peer)
+
+    rig.loop.add_reader(listener.fileno(), on_accept)
+    try:
+        guests: dict[int, Guest] = {}
+        for i in range(FLOWS):
+            g = Guest(rig.gw, dst=GW_IP, dport=port, sport=20000 + i, now=rig.loop.time())
+            g.seq = g.iss
+            rig.feed(g.frame(SYN, options=build_tcp_options(mss=1460, wscale=7)))
+            g.seq += 1
+            guests[g.sport] = g
+        for seg in rig.shell.segs:
+            if seg.has(SYN | ACK):
+                guests[seg.dport].ack = (seg.seq + 1) & 0xFFFFFFFF
+        rig.shell.segs.clear()
+        assert rig.gw.tcp.flow_count == FLOWS and len(rig.host.conns) == FLOWS
+        for g in guests.values():
+            rig.send(g, ACK | PSH, f"flow {g.sport} ".encode() * 10)
+        deadline = rig.loop.time() + 20
+        while len(peers) < FLOWS and rig.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(peers) == FLOWS
+        for peer in peers:  # echo: every peer got its own flow's bytes, whole
+            data = b""
+            while len(data) < len(b"flow 20000 ") * 10:
+                try:
+                    data += peer.recv(4096)
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            peer.sendall(data.upper())
+        want = {sport: f"FLOW {sport} ".encode() * 10 for sport in guests}
+        got: dict[int, bytearray] = {sport: bytearray() for sport in guests}
+        while rig.loop.time() < deadline and any(len(got[p]) < len(want[p]) for p in got):
+            segs, rig.shell.segs = rig.shell.segs, []
+            for seg in segs:
+                g = guests[seg.dport]
+                if seg.payload and seg.seq == g.ack:
+                    got[seg.dport] += seg.payload
+                    g.ack = (g.ack + len(seg.payload)) & 0xFFFFFFFF
+                    rig.send(g, ACK)
+            await asyncio.sleep(0.005)
+        assert {p: bytes(b) for p, b in got.items()} == want
+    finally:
+        rig.loop.remove_reader(listener.fileno())
+        for peer in peers:
+            peer.close()
+        listener.close()
+        rig.host.close()
+
+
+@LOOPS
+def test_loopback_connect_is_inline(run: Any) -> None:
+    run(_loopback_connect_is_inline())
+
+
+@LOOPS
+def test_descriptor_reserve_refuses_as_no_descriptor(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(_descriptor_reserve_refuses_as_no_descriptor(monkeypatch))
+
+
+@LOOPS
+def test_unreachable_gives_icmp_not_rst(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    run(_unreachable_gives_icmp_not_rst(monkeypatch))
+
+
+@LOOPS
+def test_slow_connect_waits_for_epollout_then_times_out(run: Any) -> None:
+    run(_slow_connect_waits_for_epollout_then_times_out())
+
+
+@LOOPS
+def test_partial_sends_queue_until_epollout(run: Any) -> None:
+    run(_partial_sends_queue_until_epollout())
+
+
+@LOOPS
+def test_peer_reset_while_guest_sends(run: Any) -> None:
+    run(_peer_reset_while_guest_sends())
+
+
+@LOOPS
+def test_host_half_closes_first_and_still_receives(run: Any) -> None:
+    run(_host_half_closes_first_and_still_receives())
+
+
+@LOOPS
+def test_many_concurrent_flows_each_echoed(run: Any) -> None:
+    run(_many_concurrent_flows_each_echoed())
