@@ -133,6 +133,7 @@ class TcpHost:
         self.trimmer = Trimmer(self.engine.budget)
         self._trim_handle: asyncio.Handle | None = None
         self._lease = PollerLease(loop, gateway.log, gateway.counters)
+        self._read_view = memoryview(bytearray(READ_SIZE))  # every flow reads into this one
         tune_allocator()
 
     @property
@@ -331,15 +332,17 @@ class TcpHost:
         engine = self.engine
         flow = s.flow
         now = self.shell.now()
+        view = self._read_view
         for _ in range(READS_PER_EVENT):
             try:
-                data = sock.recv(READ_SIZE)
+                n = sock.recv_into(view)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self._failed(s, exc.errno or errno.ECONNRESET)
                 return
-            if not data:
+            data = view[:n].tobytes()  # exact size: the engine keeps it until the guest ACKs
+            if not n:
                 s.eof = True
                 self._watch(s)
                 engine.on_host_eof(flow, now)
@@ -350,7 +353,7 @@ class TcpHost:
                 s.paused = True
                 self._watch(s)
                 break
-            if len(data) < READ_SIZE:
+            if n < READ_SIZE:
                 break
         self.shell.kick()
 
