@@ -209,19 +209,16 @@ class DatagramPoller:
 
         Without ``on_error`` the poller clears errors itself (``clear_socket_error``).
         """
-        if self.closed:
-            raise RuntimeError("poller is closed")
-        fd = sock.fileno()
-        if fd < 0:
-            raise ValueError("socket is closed")
-        if fd in self._entries:
-            self._epoll.modify(fd, EPOLLIN)
-        else:
-            self._epoll.register(fd, EPOLLIN)
+        fd = self._watch(sock, EPOLLIN)
         self._entries[fd] = _Entry(fd, sock, on_readable, on_error)
 
     def register_events(self, sock: socket.socket, on_event: EventHandler, events: int) -> None:
         """Watch a stream socket for ``events``; ``on_event(ev)`` gets every report as is."""
+        fd = self._watch(sock, events)
+        self._entries[fd] = _Entry(fd, sock, _nothing, None, on_event)
+
+    def _watch(self, sock: socket.socket, events: int) -> int:
+        """Add ``sock`` to the epoll (or change its events if it is in): its descriptor."""
         if self.closed:
             raise RuntimeError("poller is closed")
         fd = sock.fileno()
@@ -231,7 +228,7 @@ class DatagramPoller:
             self._epoll.modify(fd, events)
         else:
             self._epoll.register(fd, events)
-        self._entries[fd] = _Entry(fd, sock, _nothing, None, on_event)
+        return fd
 
     def modify(self, sock: socket.socket, events: int) -> None:
         """Change what a registered socket is watched for (``EPOLLIN``, ``EPOLLOUT``...)."""

@@ -108,6 +108,19 @@ def make_shell(
     return shell, gateway, log, tap
 
 
+def count_flushes(shell: Shell) -> list[int]:
+    """Wrap ``shell.flush``: the returned one-item list counts its calls."""
+    count = [0]
+    real_flush = shell.flush
+
+    def counting_flush() -> None:
+        count[0] += 1
+        real_flush()
+
+    shell.flush = counting_flush  # type: ignore[method-assign]
+    return count
+
+
 async def recv_all(sock: socket.socket, count: int, timeout: float = 2.0) -> list[bytes]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -228,21 +241,13 @@ async def test_timer_cancelled_when_nothing_pending(
 async def test_kick_coalesces(pair: tuple[socket.socket, socket.socket]) -> None:
     natd_side, guest = pair
     shell, gateway, _log, _tap = make_shell(natd_side)
-    flushes = 0
-    real_flush = shell.flush
-
-    def counting_flush() -> None:
-        nonlocal flushes
-        flushes += 1
-        real_flush()
-
-    shell.flush = counting_flush  # type: ignore[method-assign]
+    flushes = count_flushes(shell)
     gateway.frames.append(b"abc" * 20)
     shell.kick()
     shell.kick()
     shell.kick()
     await asyncio.sleep(0.05)
-    assert flushes == 1
+    assert flushes == [1]
     assert await recv_all(guest, 1) == [VNET_HDR_NONE + b"abc" * 20]
 
 
@@ -406,15 +411,7 @@ async def test_host_events_of_one_poller_round_leave_in_one_flush_without_a_loop
     shell.start()
     poller = shell._poller
     assert poller is not None
-    flushes = 0
-    real_flush = shell.flush
-
-    def counting_flush() -> None:
-        nonlocal flushes
-        flushes += 1
-        real_flush()
-
-    shell.flush = counting_flush  # type: ignore[method-assign]
+    flushes = count_flushes(shell)
     hosts = [socket.socketpair() for _ in range(3)]
     try:
         for i, (ours, theirs) in enumerate(hosts):
@@ -430,7 +427,7 @@ async def test_host_events_of_one_poller_round_leave_in_one_flush_without_a_loop
         select_ready = select.select([poller.fd], [], [], 2)[0]
         assert select_ready == [poller.fd]
         poller._on_ready()
-        assert flushes == 1 and not shell._kicked  # no call_soon left behind
+        assert flushes == [1] and not shell._kicked  # no call_soon left behind
         got = sorted(await recv_all(guest, 3))
         assert got == sorted(VNET_HDR_NONE + bytes([i]) * 60 + b"x" for i in range(3))
     finally:

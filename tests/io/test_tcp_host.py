@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,24 @@ class Rig:
         g.ack = (synack.seq + 1) & 0xFFFFFFFF
         self.send(g, ACK)
         return g
+
+    def push(self, g: Guest, payload: bytes, off: int) -> int:
+        """Send ``payload`` from ``off`` in MSS segments while natd's window has room."""
+        while off < len(payload):
+            flow = self.gw.tcp.by_id[g.flow]
+            if flow.rcv_adv - flow.rcv_nxt < 1460:
+                break
+            chunk = payload[off : off + 1460]
+            self.send(g, ACK, chunk)
+            off += len(chunk)
+        return off
+
+    async def until(self, pred: Any, timeout: float = 5.0) -> bool:
+        """Poll ``pred()`` until it holds or ``timeout`` passes; its last value."""
+        deadline = self.loop.time() + timeout
+        while not pred() and self.loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        return bool(pred())
 
     async def receive(self, g: Guest, n: int, timeout: float = 5.0) -> bytes:
         """Collect ``n`` bytes of in-order data, ACKing as a guest would."""
@@ -321,6 +341,17 @@ def test_guest_data_reaches_host_and_window_tracks_host_acceptance(run: Any) -> 
 # -- the one-epoll layer: connect inline, queue partial sends, resets, half-closes, many flows --
 
 
+@contextlib.contextmanager
+def listening(rig: Rig, backlog: int = 128) -> Iterator[tuple[socket.socket, int]]:
+    """A loopback listener for the test; closed, and the rig's host side with it, after."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+    try:
+        yield listener, listener.getsockname()[1]
+    finally:
+        listener.close()
+        rig.host.close()
+
+
 def _free_port() -> int:
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
@@ -331,9 +362,7 @@ def _free_port() -> int:
 
 async def _loopback_connect_is_inline() -> None:
     rig = Rig()
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    try:
+    with listening(rig) as (listener, port):
         g = Guest(rig.gw, dst=GW_IP, dport=port, now=rig.loop.time())
         g.seq = g.iss
         rig.feed(g.frame(SYN, options=build_tcp_options(mss=1460, wscale=7)))
@@ -343,9 +372,6 @@ async def _loopback_connect_is_inline() -> None:
         assert any(s.has(SYN | ACK) for s in rig.shell.segs)
         peer, _ = listener.accept()
         peer.close()
-    finally:
-        listener.close()
-        rig.host.close()
 
 
 async def _descriptor_reserve_refuses_as_no_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -401,10 +427,7 @@ async def _slow_connect_waits_for_epollout_then_times_out() -> None:
         assert len(rig.host.connecting) == 1  # waiting on EPOLLOUT, not connected
         pending = next(iter(rig.host.connecting.values()))
         assert pending.events == EPOLLOUT
-        deadline = rig.loop.time() + 5
-        while rig.host.connecting and rig.loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        assert rig.host.connecting == {}
+        assert await rig.until(lambda: not rig.host.connecting)
         assert rig.gw.counters["tcp.unreachable"] == 1  # ETIMEDOUT: ICMP host unreachable
         assert rig.gw.tcp.flow_count == 0
     finally:
@@ -416,27 +439,16 @@ async def _slow_connect_waits_for_epollout_then_times_out() -> None:
 
 async def _partial_sends_queue_until_epollout() -> None:
     rig = Rig(tcp_buffer_bytes=1 << 20)
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    port = listener.getsockname()[1]
-    try:
+    with listening(rig) as (listener, port):
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         g = await rig.connect(port)
         peer, _ = listener.accept()
         conn = rig.host.conns[g.flow]
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         payload = hashlib.sha256(b"seed").digest() * 8192  # 256 KiB, the peer not reading
-        off = 0
-        saw_queue = False
-        while off < len(payload):
-            flow = rig.gw.tcp.by_id[g.flow]
-            room = flow.rcv_adv - flow.rcv_nxt
-            if room < 1460:
-                break  # the window closed: what the host kernel did not take is queued
-            chunk = payload[off : off + 1460]
-            rig.send(g, ACK, chunk)
-            off += len(chunk)
-            saw_queue = saw_queue or bool(conn.queue)
-        assert saw_queue and conn.queued > 0 and conn.events & EPOLLOUT
+        # As far as the window goes: what the host kernel did not take is queued.
+        off = rig.push(g, payload, 0)
+        assert conn.queue and conn.queued > 0 and conn.events & EPOLLOUT
         peer.setblocking(False)
         got = bytearray()
         deadline = rig.loop.time() + 10
@@ -445,24 +457,15 @@ async def _partial_sends_queue_until_epollout() -> None:
                 got += peer.recv(65536)
             except BlockingIOError:
                 await asyncio.sleep(0.002)
-            flow = rig.gw.tcp.by_id[g.flow]
-            while off < len(payload) and flow.rcv_adv - flow.rcv_nxt >= 1460:
-                chunk = payload[off : off + 1460]
-                rig.send(g, ACK, chunk)
-                off += len(chunk)
+            off = rig.push(g, payload, off)
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
         assert not conn.queue and conn.queued == 0 and not conn.events & EPOLLOUT
         peer.close()
-    finally:
-        listener.close()
-        rig.host.close()
 
 
 async def _peer_reset_while_guest_sends() -> None:
     rig = Rig()
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    try:
+    with listening(rig) as (listener, port):
         g = await rig.connect(port)
         peer, _ = listener.accept()
         rig.send(g, ACK | PSH, b"a" * 1000)
@@ -477,16 +480,11 @@ async def _peer_reset_while_guest_sends() -> None:
         await rig.wait_for(lambda s: s.has(RST))
         assert rig.host.conns == {} and rig.gw.tcp.flow_count == 0
         assert rig.gw.counters["tcp.reset_by_host"] == 1
-    finally:
-        listener.close()
-        rig.host.close()
 
 
 async def _host_half_closes_first_and_still_receives() -> None:
     rig = Rig()
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    try:
+    with listening(rig) as (listener, port):
         g = await rig.connect(port)
         peer, _ = listener.accept()
         peer.sendall(b"from host")
@@ -503,14 +501,9 @@ async def _host_half_closes_first_and_still_receives() -> None:
         while chunk := peer.recv(100):
             got += chunk
         assert got == b"after your FIN"  # then EOF: the guest's FIN as a shutdown
-        deadline = rig.loop.time() + 5
-        while rig.gw.tcp.flow_count and rig.loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        assert rig.gw.tcp.flow_count == 0 and rig.host.conns == {}
+        assert await rig.until(lambda: rig.gw.tcp.flow_count == 0)
+        assert rig.host.conns == {}
         peer.close()
-    finally:
-        listener.close()
-        rig.host.close()
 
 
 FLOWS = 1000
@@ -519,21 +512,7 @@ FLOWS = 1000
 async def _many_concurrent_flows_each_echoed() -> None:
     rig = Rig(max_tcp_flows=FLOWS + 10, max_tcp_flows_per_guest=FLOWS + 10)
     peers: list[socket.socket] = []
-    listener = socket.create_server(("127.0.0.1", 0), backlog=FLOWS)
-    listener.setblocking(False)
-    port = listener.getsockname()[1]
-
-    def on_accept() -> None:
-        while True:
-            try:
-                peer, _ = listener.accept()
-            except BlockingIOError:
-                return
-            peer.setblocking(False)
-            peers.append(peer)
-
-    rig.loop.add_reader(listener.fileno(), on_accept)
-    try:
+    with listening(rig, backlog=FLOWS) as (listener, port):
         guests: dict[int, Guest] = {}
         for i in range(FLOWS):
             g = Guest(rig.gw, dst=GW_IP, dport=port, sport=20000 + i, now=rig.loop.time())
@@ -548,36 +527,35 @@ async def _many_concurrent_flows_each_echoed() -> None:
         assert rig.gw.tcp.flow_count == FLOWS and len(rig.host.conns) == FLOWS
         for g in guests.values():
             rig.send(g, ACK | PSH, f"flow {g.sport} ".encode() * 10)
-        deadline = rig.loop.time() + 20
-        while len(peers) < FLOWS and rig.loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        assert len(peers) == FLOWS
-        for peer in peers:  # echo: every peer got its own flow's bytes, whole
-            data = b""
-            while len(data) < len(b"flow 20000 ") * 10:
-                try:
-                    data += peer.recv(4096)
-                except BlockingIOError:
-                    await asyncio.sleep(0.001)
-            peer.sendall(data.upper())
-        want = {sport: f"FLOW {sport} ".encode() * 10 for sport in guests}
-        got: dict[int, bytearray] = {sport: bytearray() for sport in guests}
-        while rig.loop.time() < deadline and any(len(got[p]) < len(want[p]) for p in got):
-            segs, rig.shell.segs = rig.shell.segs, []
-            for seg in segs:
-                g = guests[seg.dport]
-                if seg.payload and seg.seq == g.ack:
-                    got[seg.dport] += seg.payload
-                    g.ack = (g.ack + len(seg.payload)) & 0xFFFFFFFF
-                    rig.send(g, ACK)
-            await asyncio.sleep(0.005)
-        assert {p: bytes(b) for p, b in got.items()} == want
-    finally:
-        rig.loop.remove_reader(listener.fileno())
-        for peer in peers:
-            peer.close()
-        listener.close()
-        rig.host.close()
+        try:
+            listener.settimeout(5)
+            for _ in range(FLOWS):
+                peer, _ = listener.accept()
+                peers.append(peer)
+            for peer in peers:  # echo: every peer gets its own flow's bytes, whole
+                peer.settimeout(5)
+                data = b""
+                while len(data) < len(b"flow 20000 ") * 10:
+                    data += peer.recv(4096) or b"?" * 110  # EOF: wrong bytes, not a hang
+                peer.sendall(data.upper())
+            want = {sport: f"FLOW {sport} ".encode() * 10 for sport in guests}
+            got: dict[int, bytearray] = {sport: bytearray() for sport in guests}
+
+            def all_echoed() -> bool:
+                segs, rig.shell.segs = rig.shell.segs, []
+                for seg in segs:
+                    g = guests[seg.dport]
+                    if seg.payload and seg.seq == g.ack:
+                        got[seg.dport] += seg.payload
+                        g.ack = (g.ack + len(seg.payload)) & 0xFFFFFFFF
+                        rig.send(g, ACK)
+                return all(len(got[p]) >= len(want[p]) for p in got)
+
+            await rig.until(all_echoed, timeout=20)
+            assert {p: bytes(b) for p, b in got.items()} == want
+        finally:
+            for peer in peers:
+                peer.close()
 
 
 @LOOPS
