@@ -48,7 +48,7 @@ import socket
 import weakref
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 EPOLLIN = select.EPOLLIN
 EPOLLERR = select.EPOLLERR
@@ -61,6 +61,14 @@ ERRQUEUE_LIMIT = 256  # error-queue entries / datagrams discarded per forced cle
 _LOG_EVERY = 1000  # a handler failing in a loop must not flood the log
 
 Handler = Callable[[], object]
+
+
+class Pollable(Protocol):
+    """Anything with a descriptor: a socket, or a guest link (``natd.io.links``)."""
+
+    def fileno(self) -> int: ...
+
+
 EventHandler = Callable[[int], object]
 
 
@@ -212,12 +220,15 @@ class DatagramPoller:
         fd = self._watch(sock, EPOLLIN)
         self._entries[fd] = _Entry(fd, sock, on_readable, on_error)
 
-    def register_events(self, sock: socket.socket, on_event: EventHandler, events: int) -> None:
-        """Watch a stream socket for ``events``; ``on_event(ev)`` gets every report as is."""
-        fd = self._watch(sock, events)
-        self._entries[fd] = _Entry(fd, sock, _nothing, None, on_event)
+    def register_events(self, sock: Pollable, on_event: EventHandler, events: int) -> None:
+        """Watch a stream socket (or a link) for ``events``; ``on_event(ev)`` gets every report.
 
-    def _watch(self, sock: socket.socket, events: int) -> int:
+        The datagram safety nets never touch these entries, so a link need not be a socket.
+        """
+        fd = self._watch(sock, events)
+        self._entries[fd] = _Entry(fd, cast(socket.socket, sock), _nothing, None, on_event)
+
+    def _watch(self, sock: Pollable, events: int) -> int:
         """Add ``sock`` to the epoll (or change its events if it is in): its descriptor."""
         if self.closed:
             raise RuntimeError("poller is closed")
@@ -225,16 +236,19 @@ class DatagramPoller:
         if fd < 0:
             raise ValueError("socket is closed")
         if fd in self._entries:
-            self._epoll.modify(fd, events)
-        else:
-            self._epoll.register(fd, events)
+            try:
+                self._epoll.modify(fd, events)
+                return fd
+            except FileNotFoundError:  # closed without unregistering; the number was reused
+                pass
+        self._epoll.register(fd, events)
         return fd
 
-    def modify(self, sock: socket.socket, events: int) -> None:
+    def modify(self, sock: Pollable, events: int) -> None:
         """Change what a registered socket is watched for (``EPOLLIN``, ``EPOLLOUT``...)."""
         self._epoll.modify(sock.fileno(), events)
 
-    def unregister(self, sock: socket.socket) -> None:
+    def unregister(self, sock: Pollable) -> None:
         """Stop watching ``sock`` (no-op if it is not watched); call it before closing."""
         fd = sock.fileno()
         if fd < 0:  # closed already: the kernel dropped it from the epoll; forget the entry

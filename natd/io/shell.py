@@ -2,9 +2,10 @@
 
 It pumps three kinds of events into the ``Gateway`` and drains what comes out:
 
-* Link readiness: one reader callback drains up to a batch of frames from the guest link (a
-  TAP or a socket: ``natd.io.links``), hands them to ``gateway.receive_frames`` in one call,
-  then flushes once (one ACK per flow per batch).
+* Link readiness: the link (a TAP or a socket: ``natd.io.links``) sits in the loop's one
+  poller with the host sockets; each round drains up to a batch of frames from it and hands
+  them to ``gateway.receive_frames`` in one call. The round ends in one flush for the frames
+  and every host event of that wakeup (one ACK per flow per batch, no extra loop turn).
 * Time: exactly one loop timer, always armed at ``gateway.next_deadline()``; a deadline that
   is already due when a flush ends is served inside that flush (once: never a busy loop).
 * Host events: host sides (TCP, UDP, DNS upstream, ping) feed results into the engines
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 
 from natd.io.links.base import READ_BATCH_LIMIT, Link, LinkGone
 from natd.io.pcap import Capture
-from natd.io.poller import DatagramPoller, PollerLease
+from natd.io.poller import EPOLLIN, DatagramPoller, PollerLease
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, Offloaded
 
@@ -225,9 +226,7 @@ class Shell:
 
     def start(self) -> None:
         """Start reading the link (if one is attached yet) and arm the timer."""
-        if self._poller is None:
-            self._poller = self._lease.get()
-            self._poller.round_end.append(self._after_round)
+        self._get_poller()
         if self.link is not None:
             self.attach(self.link)
         self.flush()
@@ -238,9 +237,22 @@ class Shell:
             self.detach()
         self.link = link
         if not self._stopped:
-            self.loop.add_reader(link.fileno(), self._on_readable)
+            self._get_poller().register_events(link, self._on_link_event, EPOLLIN)
             self._reading = True
             self.gateway.announce(self.loop.time())  # IPv6: unsolicited NA and RA
+
+    def _get_poller(self) -> DatagramPoller:
+        if self._poller is None:
+            self._poller = self._lease.get()
+            self._poller.round_end.append(self._after_round)
+        return self._poller
+
+    def _on_link_event(self, _events: int) -> None:
+        try:
+            self._on_readable()
+        except Exception:  # a link that fails this way is read again next round, not dropped
+            self.errors += 1
+            self.log.exception("link.read_failed")
 
     def detach(self) -> None:
         """Stop serving the current link (it is the caller's to close)."""
@@ -303,8 +315,8 @@ class Shell:
             return
         if self._reading:
             self._reading = False
-            with contextlib.suppress(OSError, ValueError):
-                self.loop.remove_reader(link.fileno())
+            if self._poller is not None:
+                self._poller.unregister(link)
         if self._writing:
             self._writing = False
             with contextlib.suppress(OSError, ValueError):
@@ -338,7 +350,11 @@ class Shell:
             except Exception:  # the core promises not to raise; if it does, keep serving
                 self.errors += 1
                 self.log.exception("gateway.receive_failed", frames=len(frames))
-        self.flush()
+        poller = self._poller
+        if poller is not None and poller.dispatching:
+            self._round_kicked = True  # one flush ends the round, with its host events
+        else:
+            self.flush()
 
     def _on_kick(self) -> None:
         self._kicked = False

@@ -402,10 +402,10 @@ async def test_frames_without_a_link_are_counted_then_a_peer_is_served() -> None
         guest.close()
 
 
-async def test_host_events_of_one_poller_round_leave_in_one_flush_without_a_loop_turn(
+async def test_link_and_host_events_of_one_round_leave_in_one_flush_without_a_loop_turn(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    """Host sockets in the poller kick; the round's end flushes, in the same callback."""
+    """Link frames and host events of one poller round leave in one flush, no loop turn."""
     natd_side, guest = pair
     shell, gateway, _log, _tap = make_shell(natd_side)
     shell.start()
@@ -423,13 +423,16 @@ async def test_host_events_of_one_poller_round_leave_in_one_flush_without_a_loop
 
             poller.register(ours, on_readable)
             theirs.send(b"x")
+        guest.send(VNET_HDR_NONE + b"from the guest")  # and a frame on the link
         # One wakeup of the poller, run by hand: nothing may wait for another loop turn.
         select_ready = select.select([poller.fd], [], [], 2)[0]
         assert select_ready == [poller.fd]
         poller._on_ready()
         assert flushes == [1] and not shell._kicked  # no call_soon left behind
-        got = sorted(await recv_all(guest, 3))
-        assert got == sorted(VNET_HDR_NONE + bytes([i]) * 60 + b"x" for i in range(3))
+        assert gateway.batches == [[b"from the guest"]]
+        got = sorted(await recv_all(guest, 4))
+        want = [VNET_HDR_NONE + bytes([i]) * 60 + b"x" for i in range(3)]
+        assert got == sorted([*want, VNET_HDR_NONE + b"from the guest"[::-1]])
     finally:
         for ours, theirs in hosts:
             poller.close_socket(ours)
