@@ -463,6 +463,41 @@ async def _partial_sends_queue_until_epollout() -> None:
         peer.close()
 
 
+async def _graceful_close_writes_the_queue_out_first() -> None:
+    """The core closes a flow whose bytes the host kernel has not all taken: none are lost."""
+    rig = Rig(tcp_buffer_bytes=1 << 20)
+    with listening(rig) as (listener, port):
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        g = await rig.connect(port)
+        peer, _ = listener.accept()
+        conn = rig.host.conns[g.flow]
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        payload = hashlib.sha256(b"close").digest() * 4096  # 128 KiB, the peer not reading
+        assert rig.push(g, payload, 0) == len(payload)
+        rig.send(g, FIN | ACK)
+        peer.shutdown(socket.SHUT_WR)  # the host is done too: natd FINs the guest
+        fin = await rig.wait_for(lambda s: s.has(FIN))
+        g.ack = (fin.seq + len(fin.payload) + 1) & 0xFFFFFFFF
+        rig.send(g, ACK)
+        assert await rig.until(lambda: rig.gw.tcp.flow_count == 0)
+        assert rig.host.conns == {} and rig.host.closing == {conn} and conn.queue
+        peer.setblocking(False)
+        got = bytearray()
+
+        def read_to_eof() -> bool:
+            try:
+                chunk = peer.recv(65536)
+            except BlockingIOError:
+                return False
+            got.extend(chunk)
+            return not chunk
+
+        assert await rig.until(read_to_eof, timeout=10)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        assert rig.host.closing == set()
+        peer.close()
+
+
 async def _peer_reset_while_guest_sends() -> None:
     rig = Rig()
     with listening(rig) as (listener, port):
@@ -583,6 +618,11 @@ def test_slow_connect_waits_for_epollout_then_times_out(run: Any) -> None:
 @LOOPS
 def test_partial_sends_queue_until_epollout(run: Any) -> None:
     run(_partial_sends_queue_until_epollout())
+
+
+@LOOPS
+def test_graceful_close_writes_the_queue_out_first(run: Any) -> None:
+    run(_graceful_close_writes_the_queue_out_first())
 
 
 @LOOPS
