@@ -320,10 +320,14 @@ class TcpHost:
                 return
         if ev & EPOLLIN:
             self._read(s)
-        elif ev & EPOLLHUP and self.conns.get(s.flow) is s:
-            if not s.eof:
+        elif ev & EPOLLHUP:
+            if s.state == _CLOSING:
+                self._drop(s, abort=True)  # nothing queued can go out any more
+            elif not s.eof:
                 self._read(s)  # the FIN (or the error) is read there
-            elif s.shut and not s.queue:
+            elif s.queue:
+                self._failed(s, errno.EPIPE)
+            else:
                 # Both ways shut: a hang-up reported on every round until the core closes.
                 self.poller.unregister(s.sock)
 
