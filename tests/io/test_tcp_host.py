@@ -8,7 +8,7 @@ import hashlib
 import socket
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,17 @@ from natd.wire.tcp import build_tcp_options
 
 LOOPS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
 """Every test on both loops: the daemon runs uvloop, whose transports differ in detail."""
+
+
+def on_both_loops(scenario: Callable[[], Coroutine[Any, Any, None]]) -> Any:
+    """A test that runs ``scenario`` on asyncio and on uvloop."""
+
+    @LOOPS
+    def test(run: Any) -> None:
+        run(scenario())
+
+    test.__doc__ = scenario.__doc__
+    return test
 
 
 class MiniShell:
@@ -308,34 +319,18 @@ async def _guest_data_reaches_host_and_window_tracks_host_acceptance() -> None:
         rig.host.close()
 
 
-@LOOPS
-def test_echo_half_close_and_cleanup(run: Any) -> None:
-    run(_echo_half_close_and_cleanup())
-
-
-@LOOPS
-def test_refused_port_gives_rst(run: Any) -> None:
-    run(_refused_port_gives_rst())
-
-
-@LOOPS
-def test_guest_rst_resets_the_host_connection(run: Any) -> None:
-    run(_guest_rst_resets_the_host_connection())
-
-
-@LOOPS
-def test_host_reset_mid_transfer_resets_the_guest(run: Any) -> None:
-    run(_host_reset_mid_transfer_resets_the_guest())
-
-
-@LOOPS
-def test_full_guest_side_pauses_host_reading_and_acks_resume_it(run: Any) -> None:
-    run(_full_guest_side_pauses_host_reading_and_acks_resume_it())
-
-
-@LOOPS
-def test_guest_data_reaches_host_and_window_tracks_host_acceptance(run: Any) -> None:
-    run(_guest_data_reaches_host_and_window_tracks_host_acceptance())
+test_echo_half_close_and_cleanup = on_both_loops(_echo_half_close_and_cleanup)
+test_refused_port_gives_rst = on_both_loops(_refused_port_gives_rst)
+test_guest_rst_resets_the_host_connection = on_both_loops(_guest_rst_resets_the_host_connection)
+test_host_reset_mid_transfer_resets_the_guest = on_both_loops(
+    _host_reset_mid_transfer_resets_the_guest
+)
+test_full_guest_side_pauses_host_reading_and_acks_resume_it = on_both_loops(
+    _full_guest_side_pauses_host_reading_and_acks_resume_it
+)
+test_guest_data_reaches_host_and_window_tracks_host_acceptance = on_both_loops(
+    _guest_data_reaches_host_and_window_tracks_host_acceptance
+)
 
 
 # -- the one-epoll layer: connect inline, queue partial sends, resets, half-closes, many flows --
@@ -374,12 +369,13 @@ async def _loopback_connect_is_inline() -> None:
         peer.close()
 
 
-async def _descriptor_reserve_refuses_as_no_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:
+async def _descriptor_reserve_refuses_as_no_descriptor() -> None:
     rig = Rig()
-    monkeypatch.setattr(RESERVED, "ceiling", 0)  # every new flow socket is over the reserve
     g = Guest(rig.gw, dst=GW_IP, dport=_free_port())
     g.seq = g.iss
-    rig.feed(g.frame(SYN))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RESERVED, "ceiling", 0)  # every new flow socket is over the reserve
+        rig.feed(g.frame(SYN))
     rst = await rig.wait_for(lambda s: s.has(RST))
     assert rst.ack == (g.iss + 1) & 0xFFFFFFFF
     assert rig.gw.counters["tcp.no_descriptor"] == 1
@@ -387,7 +383,7 @@ async def _descriptor_reserve_refuses_as_no_descriptor(monkeypatch: pytest.Monke
     assert rig.host.conns == {} and rig.host.connecting == {}
 
 
-async def _unreachable_gives_icmp_not_rst(monkeypatch: pytest.MonkeyPatch) -> None:
+async def _unreachable_gives_icmp_not_rst() -> None:
     rig = Rig()
     # The kernel refuses a TCP connect to a multicast address with ENETUNREACH at once (no
     # packet leaves); the guest's destination is mapped there instead of dialling anything.
@@ -396,11 +392,11 @@ async def _unreachable_gives_icmp_not_rst(monkeypatch: pytest.MonkeyPatch) -> No
     def to_multicast(self: socket.socket, address: Any) -> int:
         return real(self, ("224.0.0.1", address[1]))
 
-    monkeypatch.setattr(socket.socket, "connect_ex", to_multicast)
     g = Guest(rig.gw, dst=GW_IP, dport=_free_port())
     g.seq = g.iss
-    rig.feed(g.frame(SYN))
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect_ex", to_multicast)
+        rig.feed(g.frame(SYN))
     assert rig.gw.counters["tcp.unreachable"] == 1
     assert not any(s.has(RST) for s in rig.shell.segs)
     assert rig.host.conns == {} and rig.host.connecting == {}
@@ -437,14 +433,22 @@ async def _slow_connect_waits_for_epollout_then_times_out() -> None:
         rig.host.close()
 
 
+async def small_buffers(
+    rig: Rig, listener: socket.socket, port: int
+) -> tuple[Guest, socket.socket, Any]:
+    """A connected flow whose host kernel takes little: 4 KiB buffers on both ends."""
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    g = await rig.connect(port)
+    peer, _ = listener.accept()
+    conn = rig.host.conns[g.flow]
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return g, peer, conn
+
+
 async def _partial_sends_queue_until_epollout() -> None:
     rig = Rig(tcp_buffer_bytes=1 << 20)
     with listening(rig) as (listener, port):
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        g = await rig.connect(port)
-        peer, _ = listener.accept()
-        conn = rig.host.conns[g.flow]
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        g, peer, conn = await small_buffers(rig, listener, port)
         payload = hashlib.sha256(b"seed").digest() * 8192  # 256 KiB, the peer not reading
         # As far as the window goes: what the host kernel did not take is queued.
         off = rig.push(g, payload, 0)
@@ -467,11 +471,7 @@ async def _graceful_close_writes_the_queue_out_first() -> None:
     """The core closes a flow whose bytes the host kernel has not all taken: none are lost."""
     rig = Rig(tcp_buffer_bytes=1 << 20)
     with listening(rig) as (listener, port):
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        g = await rig.connect(port)
-        peer, _ = listener.accept()
-        conn = rig.host.conns[g.flow]
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        g, peer, conn = await small_buffers(rig, listener, port)
         payload = hashlib.sha256(b"close").digest() * 4096  # 128 KiB, the peer not reading
         assert rig.push(g, payload, 0) == len(payload)
         rig.send(g, FIN | ACK)
@@ -593,48 +593,20 @@ async def _many_concurrent_flows_each_echoed() -> None:
                 peer.close()
 
 
-@LOOPS
-def test_loopback_connect_is_inline(run: Any) -> None:
-    run(_loopback_connect_is_inline())
-
-
-@LOOPS
-def test_descriptor_reserve_refuses_as_no_descriptor(
-    run: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    run(_descriptor_reserve_refuses_as_no_descriptor(monkeypatch))
-
-
-@LOOPS
-def test_unreachable_gives_icmp_not_rst(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    run(_unreachable_gives_icmp_not_rst(monkeypatch))
-
-
-@LOOPS
-def test_slow_connect_waits_for_epollout_then_times_out(run: Any) -> None:
-    run(_slow_connect_waits_for_epollout_then_times_out())
-
-
-@LOOPS
-def test_partial_sends_queue_until_epollout(run: Any) -> None:
-    run(_partial_sends_queue_until_epollout())
-
-
-@LOOPS
-def test_graceful_close_writes_the_queue_out_first(run: Any) -> None:
-    run(_graceful_close_writes_the_queue_out_first())
-
-
-@LOOPS
-def test_peer_reset_while_guest_sends(run: Any) -> None:
-    run(_peer_reset_while_guest_sends())
-
-
-@LOOPS
-def test_host_half_closes_first_and_still_receives(run: Any) -> None:
-    run(_host_half_closes_first_and_still_receives())
-
-
-@LOOPS
-def test_many_concurrent_flows_each_echoed(run: Any) -> None:
-    run(_many_concurrent_flows_each_echoed())
+test_loopback_connect_is_inline = on_both_loops(_loopback_connect_is_inline)
+test_descriptor_reserve_refuses_as_no_descriptor = on_both_loops(
+    _descriptor_reserve_refuses_as_no_descriptor
+)
+test_unreachable_gives_icmp_not_rst = on_both_loops(_unreachable_gives_icmp_not_rst)
+test_slow_connect_waits_for_epollout_then_times_out = on_both_loops(
+    _slow_connect_waits_for_epollout_then_times_out
+)
+test_partial_sends_queue_until_epollout = on_both_loops(_partial_sends_queue_until_epollout)
+test_graceful_close_writes_the_queue_out_first = on_both_loops(
+    _graceful_close_writes_the_queue_out_first
+)
+test_peer_reset_while_guest_sends = on_both_loops(_peer_reset_while_guest_sends)
+test_host_half_closes_first_and_still_receives = on_both_loops(
+    _host_half_closes_first_and_still_receives
+)
+test_many_concurrent_flows_each_echoed = on_both_loops(_many_concurrent_flows_each_echoed)
