@@ -1,4 +1,6 @@
-"""One epoll for every host datagram socket (UDP flows, DNS upstreams, ping, UDP forwards).
+"""One epoll for every host socket and the guest link, watched by the loop as one reader.
+
+Datagram sockets (UDP flows, DNS upstreams, ping, UDP forwards) came first, for this reason.
 
 Why not ``loop.add_reader(sock_fd, ...)``: on uvloop each reader is a libuv ``uv_poll`` handle,
 and libuv stops the watcher when ``epoll`` reports ``EPOLLERR`` without ``EPOLLPRI``; uvloop then
