@@ -9,6 +9,8 @@ port actually bound is what ``forward.listening`` logs and ``natd ctl forward li
   the guest should see it) and whose host side is the accepted socket
   (``TcpHost.adopt``). From then on it is an ordinary flow: same buffers, same ops. If the guest
   refuses or never answers, the engine aborts the flow and the client sees a reset.
+  The listener sits in the loop's one poller (``register_events``), like the connections,
+  so the clients of one wakeup and the frames they cause leave in one flush.
   Under a flood: the backlog is the kernel's ``somaxconn`` (a short one leaves clients the
   kernel SYN-cookied waiting for an accept that never comes), the queue is accepted until
   empty, and a forward holds at most ``limits.max_inbound_per_forward`` live connections, a
@@ -43,7 +45,7 @@ from typing import Any, Literal
 
 from natd.io.fds import NO_DESCRIPTOR, RESERVED
 from natd.io.hostaddr import host_bytes
-from natd.io.poller import DatagramPoller, PollerLease
+from natd.io.poller import EPOLLIN, DatagramPoller, PollerLease
 from natd.io.tcp_host import TcpHost, reset_close
 from natd.io.udp_host import UdpHost
 from natd.stack.gateway import Gateway
@@ -142,16 +144,16 @@ class ForwardManager:
         self.log = log
         self.active: list[ActiveForward] = []
         self._lease = PollerLease(loop, gateway.log, gateway.counters)
-        self._udp_listeners = 0  # UDP forwards using the poller; the last one releases it
+        self._listeners = 0  # forwards using the poller; the last one releases it
 
     def _acquire_poller(self) -> DatagramPoller:
-        self._udp_listeners += 1
+        self._listeners += 1
         return self._lease.get()
 
     def _release_poller(self) -> None:
-        self._udp_listeners -= 1
-        if self._udp_listeners <= 0:
-            self._udp_listeners = 0
+        self._listeners -= 1
+        if self._listeners <= 0:
+            self._listeners = 0
             self._lease.release()
 
     # -- the daemon's operations -------------------------------------------------------------
@@ -162,15 +164,16 @@ class ForwardManager:
         port = int(sock.getsockname()[1])
         guest_ip = ipaddress.IPv4Address(fwd.guest_addr).packed
         active = ActiveForward(fwd, source, sock, port, guest_ip)
-        if fwd.proto == "tcp":
-            self.loop.add_reader(sock.fileno(), self._on_accept, active)
-        else:
-            try:
-                self._acquire_poller().register(sock, partial(self._on_datagram, active))
-            except OSError as exc:
-                self._release_poller()
-                sock.close()
-                raise listen_error(fwd, exc) from exc
+        try:
+            poller = self._acquire_poller()
+            if fwd.proto == "tcp":
+                poller.register_events(sock, partial(self._on_accept, active), EPOLLIN)
+            else:
+                poller.register(sock, partial(self._on_datagram, active))
+        except OSError as exc:
+            self._release_poller()
+            sock.close()
+            raise listen_error(fwd, exc) from exc
         self.active.append(active)
         self.log.info(
             "forward.listening",
@@ -263,20 +266,16 @@ class ForwardManager:
         if active.paused is not None:
             active.paused.cancel()
             active.paused = None
-        if active.forward.proto == "udp":
-            if self._lease.current is not None:
-                self._lease.current.close_socket(active.sock)
-                self._release_poller()
-            else:
-                active.sock.close()
-            return
-        with contextlib.suppress(OSError, ValueError, RuntimeError):
-            self.loop.remove_reader(active.sock.fileno())
-        active.sock.close()
+        if self._lease.current is not None:
+            self._lease.current.close_socket(active.sock)
+            self._release_poller()
+        else:
+            active.sock.close()
 
     # -- TCP ---------------------------------------------------------------------------------
 
-    def _on_accept(self, active: ActiveForward) -> None:
+    def _on_accept(self, active: ActiveForward, _events: int = EPOLLIN) -> None:
+        """Accept a batch (to ``EAGAIN``); the listener reports errors as accept() failures."""
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, address = active.sock.accept()
@@ -300,13 +299,16 @@ class ForwardManager:
         """Out of descriptors: stop accepting a moment instead of spinning on readiness."""
         self.gateway.counters["forward.accept_failed"] += 1
         self.log.warning("forward.accept_failed", forward=active.spec, error=exc.strerror)
-        with contextlib.suppress(OSError, ValueError):
-            self.loop.remove_reader(active.sock.fileno())
+        poller = self._lease.current
+        if poller is not None:
+            with contextlib.suppress(OSError, ValueError):
+                poller.modify(active.sock, 0)
 
         def again() -> None:
             active.paused = None
-            if active in self.active:
-                self.loop.add_reader(active.sock.fileno(), self._on_accept, active)
+            if active in self.active and poller is not None and not poller.closed:
+                with contextlib.suppress(OSError, ValueError):
+                    poller.modify(active.sock, EPOLLIN)
 
         active.paused = self.loop.call_later(EMFILE_BACKOFF, again)
 

@@ -1,4 +1,6 @@
-"""One epoll for every host datagram socket (UDP flows, DNS upstreams, ping, UDP forwards).
+"""One epoll for every host socket and the guest link, watched by the loop as one reader.
+
+Datagram sockets (UDP flows, DNS upstreams, ping, UDP forwards) came first, for this reason.
 
 Why not ``loop.add_reader(sock_fd, ...)``: on uvloop each reader is a libuv ``uv_poll`` handle,
 and libuv stops the watcher when ``epoll`` reports ``EPOLLERR`` without ``EPOLLPRI``; uvloop then
@@ -23,6 +25,16 @@ poller itself (``poller.errors_forced``; a socket whose error or hang-up cannot 
 dropped, ``poller.dropped``), and a socket whose handler raised on ``STUCK_ROUNDS`` consecutive
 rounds has its pending datagrams discarded (``poller.discarded``).
 
+Stream sockets (TCP flows, forward listeners) register with ``register_events``: one
+``on_event(events)`` handler that sees every event as the kernel reports it and owns the whole
+reaction (errors included), with the interest set changed by ``modify`` (``EPOLLOUT`` while a
+send queue is non-empty, no ``EPOLLIN`` while reading is paused). The datagram safety nets do
+not apply to them: their handlers close the socket or unregister it on an error or hang-up.
+
+After each round the ``round_end`` callbacks run (the shell's flush): host events of one
+wakeup leave in one flush, with no extra loop turn between an event and the frame it causes.
+``dispatching`` is True while handlers run, so a host side's ``kick()`` can wait for that.
+
 One poller per event loop, shared by every host side of a daemon: ``DatagramPoller.acquire(loop)``
 returns it (creating it on first use) and each user calls ``release()`` once when it shuts down;
 the last release closes the epoll. Owners unregister a socket before closing it
@@ -38,17 +50,28 @@ import socket
 import weakref
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 EPOLLIN = select.EPOLLIN
 EPOLLERR = select.EPOLLERR
 EPOLLHUP = select.EPOLLHUP
+EPOLLOUT = select.EPOLLOUT
+EPOLLRDHUP = select.EPOLLRDHUP
 MAX_EVENTS = 256  # events served per loop turn; the rest wait one turn (the TAP gets its turn)
 STUCK_ROUNDS = 64  # consecutive rounds of error (or handler failure) before the poller steps in
 ERRQUEUE_LIMIT = 256  # error-queue entries / datagrams discarded per forced clear
 _LOG_EVERY = 1000  # a handler failing in a loop must not flood the log
 
 Handler = Callable[[], object]
+
+
+class Pollable(Protocol):
+    """Anything with a descriptor: a socket, or a guest link (``natd.io.links``)."""
+
+    def fileno(self) -> int: ...
+
+
+EventHandler = Callable[[int], object]
 
 
 def clear_socket_error(sock: socket.socket, limit: int = ERRQUEUE_LIMIT) -> int:
@@ -69,15 +92,24 @@ def clear_socket_error(sock: socket.socket, limit: int = ERRQUEUE_LIMIT) -> int:
 
 
 class _Entry:
-    __slots__ = ("bad", "bad_round", "fail_round", "fails", "fd", "on_error", "on_readable", "sock")
+    __slots__ = (
+        "bad", "bad_round", "fail_round", "fails", "fd", "on_error", "on_event", "on_readable",
+        "sock",
+    )  # fmt: skip
 
     def __init__(
-        self, fd: int, sock: socket.socket, on_readable: Handler, on_error: Handler | None
+        self,
+        fd: int,
+        sock: socket.socket,
+        on_readable: Handler,
+        on_error: Handler | None,
+        on_event: EventHandler | None = None,
     ) -> None:
         self.fd = fd
         self.sock = sock
         self.on_readable = on_readable
         self.on_error = on_error
+        self.on_event = on_event
         self.bad = 0  # consecutive rounds with EPOLLERR/EPOLLHUP
         self.bad_round = -1
         self.fails = 0  # consecutive rounds whose handler raised
@@ -144,6 +176,8 @@ class DatagramPoller:
         self.closed = False
         self._users = 0
         self._round = 0
+        self.dispatching = False
+        self.round_end: list[Handler] = []
         self._entries: dict[int, _Entry] = {}
         self._epoll = select.epoll()  # close-on-exec
         self.fd = self._epoll.fileno()
@@ -185,18 +219,38 @@ class DatagramPoller:
 
         Without ``on_error`` the poller clears errors itself (``clear_socket_error``).
         """
+        fd = self._watch(sock, EPOLLIN)
+        self._entries[fd] = _Entry(fd, sock, on_readable, on_error)
+
+    def register_events(self, sock: Pollable, on_event: EventHandler, events: int) -> None:
+        """Watch a stream socket (or a link) for ``events``; ``on_event(ev)`` gets every report.
+
+        The datagram safety nets never touch these entries, so a link need not be a socket.
+        """
+        fd = self._watch(sock, events)
+        self._entries[fd] = _Entry(fd, cast(socket.socket, sock), _nothing, None, on_event)
+
+    def _watch(self, sock: Pollable, events: int) -> int:
+        """Add ``sock`` to the epoll (or change its events if it is in): its descriptor."""
         if self.closed:
             raise RuntimeError("poller is closed")
         fd = sock.fileno()
         if fd < 0:
             raise ValueError("socket is closed")
         if fd in self._entries:
-            self._epoll.modify(fd, EPOLLIN)
-        else:
-            self._epoll.register(fd, EPOLLIN)
-        self._entries[fd] = _Entry(fd, sock, on_readable, on_error)
+            try:
+                self._epoll.modify(fd, events)
+                return fd
+            except FileNotFoundError:  # closed without unregistering; the number was reused
+                pass
+        self._epoll.register(fd, events)
+        return fd
 
-    def unregister(self, sock: socket.socket) -> None:
+    def modify(self, sock: Pollable, events: int) -> None:
+        """Change what a registered socket is watched for (``EPOLLIN``, ``EPOLLOUT``...)."""
+        self._epoll.modify(sock.fileno(), events)
+
+    def unregister(self, sock: Pollable) -> None:
         """Stop watching ``sock`` (no-op if it is not watched); call it before closing."""
         fd = sock.fileno()
         if fd < 0:  # closed already: the kernel dropped it from the epoll; forget the entry
@@ -254,17 +308,44 @@ class DatagramPoller:
             return
         self._round += 1
         entries = self._entries
-        for fd, ev in events:
-            entry = entries.get(fd)
-            if entry is None:
-                continue  # unregistered by an earlier handler of this round
-            if ev == EPOLLIN:  # the common case
-                try:
-                    entry.on_readable()
-                except Exception:
-                    self._failed(entry, "readable")
-                continue
-            self._dispatch_slow(entry, ev)
+        self.dispatching = True
+        try:
+            for fd, ev in events:
+                entry = entries.get(fd)
+                if entry is None:
+                    continue  # unregistered by an earlier handler of this round
+                on_event = entry.on_event
+                if on_event is not None:
+                    try:
+                        on_event(ev)
+                    except Exception:
+                        self._failed_stream(entry)
+                    continue
+                if ev == EPOLLIN:  # the common case
+                    try:
+                        entry.on_readable()
+                    except Exception:
+                        self._failed(entry, "readable")
+                    continue
+                self._dispatch_slow(entry, ev)
+        finally:
+            self.dispatching = False
+        for hook in self.round_end:
+            try:
+                hook()
+            except Exception:
+                self.counters["poller.handler_errors"] += 1
+                if self.log is not None:
+                    self.log.exception("poller.round_end_failed")
+
+    def _failed_stream(self, entry: _Entry) -> None:
+        """A stream handler raised: count, log; unwatch it (level-triggered, it would spin)."""
+        self.counters["poller.handler_errors"] += 1
+        total = self.counters["poller.handler_errors"]
+        if self.log is not None and total % _LOG_EVERY == 1:
+            self.log.exception("poller.handler_failed", handler="event", fd=entry.fd, total=total)
+        self.unregister(entry.sock)
+        self.counters["poller.dropped"] += 1
 
     def _dispatch_slow(self, entry: _Entry, ev: int) -> None:
         entries = self._entries
@@ -336,6 +417,10 @@ class DatagramPoller:
         self.counters["poller.dropped"] += 1
         if self.log is not None:
             self.log.error("poller.socket_dropped", fd=entry.fd, reason="error not clearable")
+
+
+def _nothing() -> None:
+    """The datagram handler slot of a stream entry (never called)."""
 
 
 __all__ = ["DatagramPoller", "FlowSocket", "PollerLease", "clear_socket_error"]

@@ -2,13 +2,18 @@
 
 It pumps three kinds of events into the ``Gateway`` and drains what comes out:
 
-* Link readiness: one reader callback drains up to a batch of frames from the guest link (a
-  TAP or a socket: ``natd.io.links``), hands them to ``gateway.receive_frames`` in one call,
-  then flushes once (one ACK per flow per batch).
+* Link readiness: the link (a TAP or a socket: ``natd.io.links``) sits in the loop's one
+  poller with the host sockets; each round drains up to a batch of frames from it and hands
+  them to ``gateway.receive_frames`` in one call. The round ends in one flush for the frames
+  and every host event of that wakeup (one ACK per flow per batch, no extra loop turn).
 * Time: exactly one loop timer, always armed at ``gateway.next_deadline()``; a deadline that
   is already due when a flush ends is served inside that flush (once: never a busy loop).
 * Host events: host sides (TCP, UDP, DNS upstream, ping) feed results into the engines
-  themselves and call ``kick()``, which coalesces into one flush on the next loop turn.
+  themselves and call ``kick()``. Their sockets sit in the loop's one poller
+  (``natd.io.poller``): a kick from a poller handler is served by the one flush that ends the
+  poller's round (``round_end``), in the same wakeup; a kick during a flush needs nothing (the
+  flush takes the output again until there is none); any other kick coalesces into one flush
+  on the next loop turn.
 
 ``flush()`` writes the outbox's frames to the link (an offloaded frame — GSO, partial checksum —
 with its vnet header and its payload, a view of the flow's send buffer; only a link with
@@ -34,6 +39,7 @@ from typing import Any, Protocol
 
 from natd.io.links.base import READ_BATCH_LIMIT, Link, LinkGone
 from natd.io.pcap import Capture
+from natd.io.poller import EPOLLIN, DatagramPoller, PollerLease
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, Offloaded
 
@@ -83,6 +89,10 @@ class Shell:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._kicked = False
+        self._flushing = False  # a kick now is served by the flush in progress
+        self._round_kicked = False  # a kick from a poller handler: flush at the round's end
+        self._lease = PollerLease(loop, log, getattr(gateway, "counters", None))
+        self._poller: DatagramPoller | None = None
         self._reading = False
         self._stopped = False
         # The real Gateway hands out per-frame vnet headers (GSO) with its frames; a stand-in
@@ -106,15 +116,40 @@ class Shell:
 
     def kick(self) -> None:
         """Flush soon: host sides call this after feeding an event into the core."""
-        if not self._kicked and not self._stopped:
-            self._kicked = True
-            self.loop.call_soon(self._on_kick)
+        if self._kicked or self._stopped or self._flushing:
+            return
+        poller = self._poller
+        if poller is not None and poller.dispatching:
+            self._round_kicked = True
+            return
+        self._kicked = True
+        self.loop.call_soon(self._on_kick)
+
+    def _after_round(self) -> None:
+        """The poller's round is over: one flush for every host event it brought."""
+        if self._round_kicked:
+            self._round_kicked = False
+            if not self._stopped and not self._flushing:
+                self.flush()
 
     def flush(self) -> None:
         """Frames to the TAP, ops to their host sides, then re-arm the one timer."""
         self._flush(timer_ran=False)
 
     def _flush(self, timer_ran: bool) -> None:
+        if self._flushing:  # re-entered from an op (a host side): the outer flush goes on
+            return
+        self._flushing = True
+        try:
+            deadline, done = self._drain(timer_ran)
+        finally:
+            self._flushing = False
+        if not done:
+            self.kick()  # still producing: continue next turn rather than starve the loop
+        self._arm_timer(deadline)
+
+    def _drain(self, timer_ran: bool) -> tuple[float | None, bool]:
+        """Take and send output until there is none: (next deadline, whether it ran dry)."""
         gateway = self.gateway
         take = self._take_output
         deadline: float | None = None
@@ -139,11 +174,8 @@ class Shell:
                 timer_ran = True
                 self._run_timer()
                 continue
-            break
-        else:
-            self.kick()  # still producing: continue next turn rather than starve the loop
-            deadline = gateway.next_deadline()
-        self._arm_timer(deadline)
+            return deadline, True
+        return gateway.next_deadline(), False
 
     def _write_frames(self, frames: list[bytes], offloaded: Offloaded) -> None:
         """Every frame for the guest passes here: to the link, then one send of them all."""
@@ -194,6 +226,7 @@ class Shell:
 
     def start(self) -> None:
         """Start reading the link (if one is attached yet) and arm the timer."""
+        self._get_poller()
         if self.link is not None:
             self.attach(self.link)
         self.flush()
@@ -204,9 +237,22 @@ class Shell:
             self.detach()
         self.link = link
         if not self._stopped:
-            self.loop.add_reader(link.fileno(), self._on_readable)
+            self._get_poller().register_events(link, self._on_link_event, EPOLLIN)
             self._reading = True
             self.gateway.announce(self.loop.time())  # IPv6: unsolicited NA and RA
+
+    def _get_poller(self) -> DatagramPoller:
+        if self._poller is None:
+            self._poller = self._lease.get()
+            self._poller.round_end.append(self._after_round)
+        return self._poller
+
+    def _on_link_event(self, _events: int) -> None:
+        try:
+            self._on_readable()
+        except Exception:  # a link that fails this way is read again next round, not dropped
+            self.errors += 1
+            self.log.exception("link.read_failed")
 
     def detach(self) -> None:
         """Stop serving the current link (it is the caller's to close)."""
@@ -232,6 +278,10 @@ class Shell:
         """Stop reading, cancel the timer, close every host side (never raises)."""
         self._stopped = True
         self._stop_reading()
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            with contextlib.suppress(ValueError):
+                poller.round_end.remove(self._after_round)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -241,6 +291,7 @@ class Shell:
                 side.close()
             except Exception:
                 self.log.exception("host_side.close_failed", side=type(side).__name__)
+        self._lease.release()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -264,8 +315,8 @@ class Shell:
             return
         if self._reading:
             self._reading = False
-            with contextlib.suppress(OSError, ValueError):
-                self.loop.remove_reader(link.fileno())
+            if self._poller is not None:
+                self._poller.unregister(link)
         if self._writing:
             self._writing = False
             with contextlib.suppress(OSError, ValueError):
@@ -299,7 +350,11 @@ class Shell:
             except Exception:  # the core promises not to raise; if it does, keep serving
                 self.errors += 1
                 self.log.exception("gateway.receive_failed", frames=len(frames))
-        self.flush()
+        poller = self._poller
+        if poller is not None and poller.dispatching:
+            self._round_kicked = True  # one flush ends the round, with its host events
+        else:
+            self.flush()
 
     def _on_kick(self) -> None:
         self._kicked = False

@@ -1,23 +1,28 @@
 """Host TCP sockets for the TCP engine's flows: the shell half of every guest connection.
 
-One asyncio (uvloop) transport per flow. The core decides everything; this module only pumps:
+Raw non-blocking sockets in the loop's one epoll (``natd.io.poller``): no transport, protocol,
+task or future per flow. The core decides everything; this module maps ops to syscalls:
 
-* ``TcpConnect`` → a non-blocking ``connect()`` bounded by ``CONNECT_TIMEOUT``; success is
-  reported from ``connection_made`` (before any ``data_received`` can run, so no byte can reach
-  the core ahead of the SYN-ACK), failure as an errno (``ETIMEDOUT`` for the timeout).
-* ``TcpSend`` → ``transport.write``. The write buffer limits are (0, 0): ``pause_writing``
-  fires as soon as anything stays buffered and ``resume_writing`` once it has all gone to the
-  kernel, so after each write and on each resume the core learns exactly how many guest bytes
-  the host kernel has taken (``on_host_accepted``) and opens the guest's window by that much.
-* ``TcpPause`` / ``TcpResume`` → ``pause_reading`` / ``resume_reading`` (the guest's side is
-  full / drained, or the memory budget is spent / has room again).
-* ``TcpShutdown`` → ``write_eof`` (shutdown(SHUT_WR) once the buffer is flushed).
-* ``TcpClose`` → ``close`` (graceful, flushes), or with ``abort`` an RST: SO_LINGER 0, then
-  ``abort``. The flow is forgotten first, so no event for it reaches the core afterwards.
-  Once what the memory budget holds has fallen well below its high-water mark (flows closed
-  after a burst), freed heap memory is handed back to the system (``natd.io.memory.Trimmer``).
+* ``TcpConnect`` → ``connect_ex``. On loopback the handshake is over when it returns, so
+  success is reported at once; otherwise the socket waits for ``EPOLLOUT`` (bounded by
+  ``CONNECT_TIMEOUT``), failure goes in as an errno (``ETIMEDOUT`` for the timeout; ``EMFILE``
+  from the descriptor reserve, which the engine counts as ``tcp.no_descriptor``). No byte is
+  read before success has been reported.
+* ``TcpSend`` → ``send`` directly; what the kernel does not take waits in the flow's queue
+  (views, no copy), written with ``sendmsg`` on ``EPOLLOUT`` (watched only while the queue is
+  non-empty). After each send the core learns how many guest bytes the host kernel has taken
+  (``on_host_accepted``) and opens the guest's window by that much.
+* Reading: on ``EPOLLIN`` up to ``READS_PER_EVENT`` ``recv`` of ``READ_SIZE``; the core may
+  pause the flow right after a read (``host_paused``: its buffer is full or the memory budget
+  spent), which drops ``EPOLLIN`` at once. ``TcpPause`` / ``TcpResume`` do the same from ops.
+* ``TcpShutdown`` → ``shutdown(SHUT_WR)`` once the queue is empty.
+* ``TcpClose`` → ``close`` (graceful: a non-empty queue is written out first, the flow is
+  already forgotten), or with ``abort`` an RST (``SO_LINGER 0``, then ``close``). Once what the
+  memory budget holds has fallen well below its high-water mark, freed heap memory is handed
+  back to the system (``natd.io.memory.Trimmer``).
 
-Host events go into the core as ``gateway.tcp.on_host_*`` calls followed by ``shell.kick()``.
+Host events go into the core as ``gateway.tcp.on_host_*`` calls followed by ``shell.kick()``;
+from a poller handler that kick is served by the flush at the end of the poller's round.
 """
 
 from __future__ import annotations
@@ -29,15 +34,21 @@ import ctypes.util
 import errno
 import socket
 import struct
-from typing import Any, cast
+from collections import deque
+from itertools import islice
+from typing import Any
 
 from natd.io.fds import flow_socket
 from natd.io.hostaddr import family_of, host_text
 from natd.io.memory import Trimmer
+from natd.io.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, DatagramPoller, PollerLease
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpPause, TcpResume, TcpSend, TcpShutdown
 
 CONNECT_TIMEOUT = 10.0
+READ_SIZE = 256 * 1024  # as uvloop read: a bulk flow's chunks stay few and large
+READS_PER_EVENT = 4  # then the other sockets and the link get their turn (level-triggered)
+SENDMSG_PARTS = 64  # queued views per sendmsg
 # The ACK of a small guest segment waits up to this long for the host's reply to carry it: a
 # host socket answers a request within microseconds, so a request/response round trip costs
 # one TAP write instead of two (``TcpEngine.delayed_ack``).
@@ -76,75 +87,32 @@ def tune_allocator() -> bool:
     return ok
 
 
-class _Conn(asyncio.Protocol):
-    """The protocol of one connected host socket."""
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN)
+_CONNECTING, _OPEN, _CLOSING = 0, 1, 2
+
+
+class _Sock:
+    """One host socket: its flow, what waits to be written, what has been reported."""
 
     __slots__ = (
-        "eof", "flow", "forgotten", "host", "inbound", "reported", "transport", "written",
+        "eof", "events", "flow", "paused", "queue", "queued", "reported", "shut", "sock",
+        "state", "timer", "want_shut", "written",
     )  # fmt: skip
 
-    def __init__(self, host: TcpHost, flow: int, inbound: bool = False) -> None:
-        self.host = host
+    def __init__(self, flow: int, sock: socket.socket, state: int) -> None:
         self.flow = flow
-        self.inbound = inbound
-        self.transport: asyncio.Transport | None = None
-        self.written = 0
+        self.sock = sock
+        self.state = state
+        self.events = 0  # the interest registered now
+        self.queue: deque[memoryview] = deque()
+        self.queued = 0  # bytes in ``queue``
+        self.written = 0  # guest bytes handed to this socket, queued or sent
         self.reported = 0
-        self.eof = False
-        self.forgotten = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport; they have its methods.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=0, low=0)
-        self.host.connected(self)
-
-    def data_received(self, data: bytes) -> None:
-        if not self.forgotten:
-            host = self.host
-            engine = host.engine
-            engine.on_host_data(self.flow, data, host.shell.now())
-            if engine.host_paused(self.flow) and self.transport is not None:
-                # Now, not at the flush: libuv reads a readable socket up to 32 times in a
-                # row, so a pause that waits for the TcpPause op lets megabytes more in.
-                self.transport.pause_reading()
-            host.shell.kick()
-
-    def eof_received(self) -> bool:
-        if not self.forgotten:
-            self.eof = True
-            host = self.host
-            host.engine.on_host_eof(self.flow, host.shell.now())
-            host.shell.kick()
-        return True  # keep the socket open for writing: TCP half-close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.forgotten:
-            return
-        host = self.host
-        host.forget(self.flow)
-        now = host.shell.now()
-        if exc is not None:
-            err = getattr(exc, "errno", None) or errno.ECONNRESET
-            host.engine.on_host_error(self.flow, err, now)
-        elif not self.eof:
-            host.engine.on_host_eof(self.flow, now)
-        host.shell.kick()
-
-    def resume_writing(self) -> None:
-        self.report()
-        self.host.shell.kick()
-
-    def report(self) -> None:
-        """Tell the core how many guest bytes the host kernel has taken so far."""
-        transport = self.transport
-        if transport is None or self.forgotten:
-            return
-        accepted = self.written - transport.get_write_buffer_size()
-        if accepted > self.reported:
-            self.reported = accepted
-            self.host.engine.on_host_accepted(self.flow, accepted, self.host.shell.now())
+        self.eof = False  # the host's FIN was read
+        self.paused = False
+        self.want_shut = False  # shutdown(SHUT_WR) once the queue is empty
+        self.shut = False
+        self.timer: asyncio.TimerHandle | None = None  # the connect timeout
 
 
 class TcpHost:
@@ -159,41 +127,49 @@ class TcpHost:
         self.engine.delayed_ack = DELAYED_ACK
         self.shell = shell
         self.connect_timeout = CONNECT_TIMEOUT
-        self.conns: dict[int, _Conn] = {}
-        self.connecting: dict[int, _Pending] = {}
+        self.conns: dict[int, _Sock] = {}  # connected flows
+        self.connecting: dict[int, _Sock] = {}
+        self.closing: set[_Sock] = set()  # closed by the core, queue still being written
         self.trimmer = Trimmer(self.engine.budget)
         self._trim_handle: asyncio.Handle | None = None
+        self._lease = PollerLease(loop, gateway.log, gateway.counters)
+        self._read_view = memoryview(bytearray(READ_SIZE))  # every flow reads into this one
         tune_allocator()
+
+    @property
+    def poller(self) -> DatagramPoller:
+        return self._lease.get()
 
     # -- the HostSide protocol ---------------------------------------------------------------
 
     def perform(self, op: HostOp) -> None:
         if isinstance(op, TcpSend):
-            conn = self.conns.get(op.flow)
-            if conn is not None and conn.transport is not None:
-                conn.transport.write(op.data)
-                conn.written += len(op.data)
-                conn.report()
+            s = self.conns.get(op.flow)
+            if s is not None:
+                self._send(s, op.data)
         elif isinstance(op, TcpConnect):
             if op.flow not in self.conns and op.flow not in self.connecting:
                 self._connect(op)
         elif isinstance(op, TcpPause):
-            conn = self.conns.get(op.flow)
-            if conn is not None and conn.transport is not None and conn.transport.is_reading():
-                conn.transport.pause_reading()
+            s = self.conns.get(op.flow)
+            if s is not None and not s.paused:
+                s.paused = True
+                self._watch(s)
         elif isinstance(op, TcpResume):
-            conn = self.conns.get(op.flow)
-            if conn is not None and conn.transport is not None:
-                conn.transport.resume_reading()
+            s = self.conns.get(op.flow)
+            if s is not None and s.paused:
+                s.paused = False
+                self._watch(s)
         elif isinstance(op, TcpShutdown):
-            conn = self.conns.get(op.flow)
-            if conn is not None and conn.transport is not None and conn.transport.can_write_eof():
-                with contextlib.suppress(OSError, RuntimeError):
-                    conn.transport.write_eof()
+            s = self.conns.get(op.flow)
+            if s is not None and not s.shut:
+                s.want_shut = True
+                if not s.queue:
+                    self._shutdown(s)
         elif isinstance(op, TcpClose):
             self._close(op.flow, op.abort)
             if self._trim_handle is None and self.trimmer.due():
-                # After this flush, when the closed transports have let go of their buffers.
+                # After this flush, when the closed flows have let go of their buffers.
                 self._trim_handle = self.loop.call_later(TRIM_DELAY, self._trim)
 
     def _trim(self) -> None:
@@ -201,29 +177,17 @@ class TcpHost:
         self.trimmer.trim()
 
     def close(self) -> None:
-        """Shutdown: reset every host connection, cancel every connect."""
+        """Shutdown: reset every host connection, drop every connect."""
         if self._trim_handle is not None:
             self._trim_handle.cancel()
             self._trim_handle = None
         for flow in list(self.conns):
             self._close(flow, abort=True)
-        for pending in self.connecting.values():
-            self._cancel(pending)
-        self.connecting.clear()
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def connected(self, conn: _Conn) -> None:
-        """From ``connection_made``: register the flow and let the core SYN-ACK the guest."""
-        if self.connecting.pop(conn.flow, None) is None:  # closed while connecting
-            conn.forgotten = True
-            if conn.transport is not None:
-                _abort(conn.transport)
-            return
-        self.conns[conn.flow] = conn
-        if not conn.inbound:
-            self.engine.on_host_connected(conn.flow, self.shell.now())
-            self.shell.kick()
+        for flow in list(self.connecting):
+            self._close(flow, abort=True)
+        for s in list(self.closing):
+            self._drop(s, abort=True)
+        self._lease.release()
 
     def adopt(self, flow: int, sock: socket.socket) -> None:
         """A port forward's accepted client becomes the host side of inbound ``flow``.
@@ -235,53 +199,21 @@ class TcpHost:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError as exc:
+            s = _Sock(flow, sock, _OPEN)
+            self._register(s)
+        except (OSError, ValueError, RuntimeError) as exc:
             reset_close(sock)
-            self.engine.on_host_error(flow, exc.errno or errno.ECONNRESET, self.shell.now())
+            self.engine.on_host_error(
+                flow, getattr(exc, "errno", None) or errno.ECONNRESET, self.shell.now()
+            )
             self.shell.kick()
             return
-        pending = _Pending(task=self.loop.create_task(self._adopt(flow, sock)))
-        pending.accepted = sock
-        self.connecting[flow] = pending
+        self.conns[flow] = s
 
-    async def _adopt(self, flow: int, sock: socket.socket) -> None:
-        try:
-            await self.loop.connect_accepted_socket(
-                lambda: _Conn(self, flow, inbound=True), sock=sock
-            )
-        except OSError as exc:
-            reset_close(sock)
-            if self.connecting.pop(flow, None) is not None:
-                self.engine.on_host_error(flow, exc.errno or errno.ECONNRESET, self.shell.now())
-                self.shell.kick()
-
-    def forget(self, flow: int) -> _Conn | None:
-        conn = self.conns.pop(flow, None)
-        if conn is not None:
-            conn.forgotten = True
-        return conn
-
-    def _close(self, flow: int, abort: bool) -> None:
-        pending = self.connecting.pop(flow, None)
-        if pending is not None:
-            self._cancel(pending)
-        conn = self.forget(flow)
-        if conn is None or conn.transport is None:
-            return
-        if abort:
-            _abort(conn.transport)
-        else:
-            conn.transport.close()
+    # -- connecting --------------------------------------------------------------------------
 
     def _connect(self, op: TcpConnect) -> None:
-        """A non-blocking ``connect()``; no task, no future, no loop turn when it can be helped.
-
-        On loopback the handshake is over before ``connect()`` returns (the peer's SYN-ACK is
-        processed as the call releases the socket), so the socket is checked at once and, if
-        connected, handed to the transport straight away; otherwise one writer callback and
-        one timer wait for it. Per connection this replaced a task, an ``asyncio.timeout``, a
-        ``sock_connect`` future and two loop turns (conn/s was bounded by that overhead).
-        """
+        """``connect_ex``; on loopback it is done when it returns (no wait, no loop turn)."""
         flow = op.flow
         family = family_of(op.host)
         try:
@@ -298,97 +230,252 @@ class TcpHost:
                 err = _connect_state(sock)
         except OSError as exc:
             err = exc.errno or errno.ECONNREFUSED
-        if err == 0:
-            self._open_transport(flow, sock)
-        elif err in _IN_PROGRESS:
-            pending = _Pending(sock=sock)
-            self.connecting[flow] = pending
-            try:
-                self.loop.add_writer(sock.fileno(), self._on_connect_ready, flow)
-            except (OSError, ValueError) as exc:
-                del self.connecting[flow]
-                sock.close()
-                self._connect_failed(flow, getattr(exc, "errno", None) or errno.EBADF)
-                return
-            pending.timer = self.loop.call_later(
-                self.connect_timeout, self._on_connect_timeout, flow
-            )
-        else:
+        if err and err not in _IN_PROGRESS:
             sock.close()
             self._connect_failed(flow, err)
-
-    def _on_connect_ready(self, flow: int) -> None:
-        pending = self.connecting.get(flow)
-        if pending is None or pending.sock is None:
             return
-        sock = pending.sock
+        s = _Sock(flow, sock, _OPEN if err == 0 else _CONNECTING)
         try:
-            err = _connect_state(sock)
+            self._register(s)
+        except (OSError, ValueError, RuntimeError) as exc:
+            sock.close()
+            self._connect_failed(flow, getattr(exc, "errno", None) or errno.EBADF)
+            return
+        if err == 0:
+            self._connected(s)
+        else:
+            self.connecting[flow] = s
+            s.timer = self.loop.call_later(self.connect_timeout, self._on_connect_timeout, s)
+
+    def _connected(self, s: _Sock) -> None:
+        self.conns[s.flow] = s
+        self.engine.on_host_connected(s.flow, self.shell.now())
+        self.shell.kick()
+
+    def _on_connect_ready(self, s: _Sock) -> None:
+        try:
+            err = _connect_state(s.sock)
         except OSError as exc:
             err = exc.errno or errno.ECONNREFUSED
         if err in _IN_PROGRESS:
             return  # spurious wake-up: keep waiting
-        del self.connecting[flow]
-        self._cancel(pending, close=False)
+        del self.connecting[s.flow]
+        if s.timer is not None:
+            s.timer.cancel()
+            s.timer = None
         if err:
-            sock.close()
-            self._connect_failed(flow, err)
-        else:
-            self._open_transport(flow, sock)
-
-    def _on_connect_timeout(self, flow: int) -> None:
-        pending = self.connecting.get(flow)
-        if pending is None or pending.sock is None:
+            self._drop(s, abort=False)
+            self._connect_failed(s.flow, err)
             return
-        del self.connecting[flow]
-        pending.timer = None
-        self._cancel(pending)
-        self._connect_failed(flow, errno.ETIMEDOUT)
+        s.state = _OPEN
+        self._watch(s)
+        self._connected(s)
 
-    def _open_transport(self, flow: int, sock: socket.socket) -> None:
-        """Wrap a connected socket in a transport; ``connection_made`` reports success."""
-        self.connecting[flow] = _Pending(task=self.loop.create_task(self._transport(flow, sock)))
-
-    async def _transport(self, flow: int, sock: socket.socket) -> None:
-        try:
-            await self.loop.create_connection(lambda: _Conn(self, flow), sock=sock)
-        except OSError as exc:
-            sock.close()
-            if self.connecting.pop(flow, None) is not None:
-                self._connect_failed(flow, exc.errno or errno.ECONNREFUSED)
-        except asyncio.CancelledError:
-            sock.close()
-            raise
+    def _on_connect_timeout(self, s: _Sock) -> None:
+        s.timer = None
+        if self.connecting.get(s.flow) is not s:
+            return
+        del self.connecting[s.flow]
+        self._drop(s, abort=False)
+        self._connect_failed(s.flow, errno.ETIMEDOUT)
 
     def _connect_failed(self, flow: int, err: int) -> None:
-        self.connecting.pop(flow, None)
         self.engine.on_host_connect_failed(flow, err, self.shell.now())
         self.shell.kick()
 
-    def _cancel(self, pending: _Pending, close: bool = True) -> None:
-        """Stop waiting for a connect: its timer, its writer callback, its task or socket."""
-        if pending.timer is not None:
-            pending.timer.cancel()
-            pending.timer = None
-        if pending.accepted is not None:
-            # A forward's client whose guest gave up before its transport existed. Cancelling
-            # the task could close the socket with a FIN (a client would read a clean end);
-            # it finishes instead, and ``connected`` (the flow is no longer waited for) or
-            # ``_adopt``'s failure path resets the client.
-            _linger_reset(pending.accepted)
-            return
-        if pending.task is not None:
-            pending.task.cancel()  # the task closes its socket
-            return
-        sock = pending.sock
-        if sock is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self.loop.remove_writer(sock.fileno())
-            if close:
-                sock.close()
+    # -- events ------------------------------------------------------------------------------
 
+    def _register(self, s: _Sock) -> None:
+        s.events = self._interest(s)
+        self.poller.register_events(s.sock, lambda ev: self._on_event(s, ev), s.events)
 
-_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN)
+    def _interest(self, s: _Sock) -> int:
+        if s.state == _CONNECTING:
+            return EPOLLOUT
+        events = EPOLLOUT if s.queue else 0
+        if not s.paused and not s.eof and s.state == _OPEN:
+            events |= EPOLLIN
+        return events
+
+    def _watch(self, s: _Sock) -> None:
+        """Register the interest the socket's state asks for (one epoll_ctl if it changed)."""
+        events = self._interest(s)
+        if events != s.events:
+            s.events = events
+            self.poller.modify(s.sock, events)
+
+    def _on_event(self, s: _Sock, ev: int) -> None:
+        if s.state == _CONNECTING:
+            self._on_connect_ready(s)
+            return
+        if ev & EPOLLERR:
+            err = 0
+            with contextlib.suppress(OSError):
+                err = s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._failed(s, err or errno.ECONNRESET)
+            return
+        if ev & EPOLLOUT:
+            self._write_queue(s)
+            if s.state == _CLOSING or self.conns.get(s.flow) is not s:
+                return
+        if ev & EPOLLIN:
+            self._read(s)
+        elif ev & EPOLLHUP:
+            if s.state == _CLOSING:
+                self._drop(s, abort=True)  # nothing queued can go out any more
+            elif not s.eof:
+                self._read(s)  # the FIN (or the error) is read there
+            elif s.queue:
+                self._failed(s, errno.EPIPE)
+            else:
+                # Both ways shut: a hang-up reported on every round until the core closes.
+                self.poller.unregister(s.sock)
+
+    def _read(self, s: _Sock) -> None:
+        sock = s.sock
+        engine = self.engine
+        flow = s.flow
+        now = self.shell.now()
+        view = self._read_view
+        for _ in range(READS_PER_EVENT):
+            try:
+                n = sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._failed(s, exc.errno or errno.ECONNRESET)
+                return
+            data = view[:n].tobytes()  # exact size: the engine keeps it until the guest ACKs
+            if not n:
+                s.eof = True
+                self._watch(s)
+                engine.on_host_eof(flow, now)
+                break
+            engine.on_host_data(flow, data, now)
+            if engine.host_paused(flow):
+                # Now, not at the flush: more reads would let megabytes past the budget.
+                s.paused = True
+                self._watch(s)
+                break
+            if n < READ_SIZE:
+                break
+        self.shell.kick()
+
+    def _failed(self, s: _Sock, err: int) -> None:
+        """The host socket failed or was reset: forget it, RST the guest."""
+        if s.state == _CLOSING:
+            self._drop(s, abort=True)
+            return
+        if self.conns.get(s.flow) is s:
+            del self.conns[s.flow]
+            self._drop(s, abort=True)
+            self.engine.on_host_error(s.flow, err, self.shell.now())
+            self.shell.kick()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _send(self, s: _Sock, data: bytes | memoryview) -> None:
+        n = len(data)
+        if not n:
+            return
+        s.written += n
+        if s.queue:
+            s.queue.append(memoryview(data))
+            s.queued += n
+        else:
+            try:
+                sent = s.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._failed(s, exc.errno or errno.EPIPE)
+                return
+            if sent < n:
+                s.queue.append(memoryview(data)[sent:])
+                s.queued += n - sent
+                self._watch(s)
+        self._report(s)
+
+    def _write_queue(self, s: _Sock) -> None:
+        """``EPOLLOUT``: send what is queued (``sendmsg`` of many views), report, finish."""
+        queue = s.queue
+        while queue:
+            parts = list(islice(queue, SENDMSG_PARTS))
+            try:
+                sent = s.sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._failed(s, exc.errno or errno.EPIPE)
+                return
+            s.queued -= sent
+            full = sent < sum(map(len, parts))
+            while sent:
+                head = queue[0]
+                if len(head) <= sent:
+                    sent -= len(head)
+                    queue.popleft()
+                else:
+                    queue[0] = head[sent:]
+                    sent = 0
+            if full:
+                break  # the kernel took less than offered: wait for the next EPOLLOUT
+        if s.state == _CLOSING:
+            if not queue:
+                self._drop(s, abort=False)
+            return
+        if not queue and s.want_shut and not s.shut:
+            self._shutdown(s)
+        self._watch(s)
+        self._report(s)
+        self.shell.kick()
+
+    def _report(self, s: _Sock) -> None:
+        """Tell the core how many guest bytes the host kernel has taken so far."""
+        accepted = s.written - s.queued
+        if accepted > s.reported:
+            s.reported = accepted
+            self.engine.on_host_accepted(s.flow, accepted, self.shell.now())
+
+    def _shutdown(self, s: _Sock) -> None:
+        s.want_shut = False
+        s.shut = True
+        with contextlib.suppress(OSError):
+            s.sock.shutdown(socket.SHUT_WR)
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def _close(self, flow: int, abort: bool) -> None:
+        s = self.connecting.pop(flow, None)
+        if s is not None:
+            if s.timer is not None:
+                s.timer.cancel()
+                s.timer = None
+            self._drop(s, abort=False)
+            return
+        s = self.conns.pop(flow, None)
+        if s is None:
+            return
+        if abort or not s.queue:
+            self._drop(s, abort)
+            return
+        # Graceful with bytes still queued: they go out first, then the close (and its FIN).
+        s.state = _CLOSING
+        self.closing.add(s)
+        self._watch(s)
+
+    def _drop(self, s: _Sock, abort: bool) -> None:
+        """Unwatch and close (an RST with ``abort``); never raises."""
+        self.closing.discard(s)
+        s.queue.clear()
+        if abort:
+            _linger_reset(s.sock)
+        lease = self._lease.current
+        if lease is not None:
+            lease.close_socket(s.sock)
+        else:
+            with contextlib.suppress(OSError):
+                s.sock.close()
 
 
 def _connect_state(sock: socket.socket) -> int:
@@ -405,20 +492,6 @@ def _connect_state(sock: socket.socket) -> int:
     return 0
 
 
-class _Pending:
-    """A connect in progress: the socket and timer while it waits, or the task wrapping it."""
-
-    __slots__ = ("accepted", "sock", "task", "timer")
-
-    def __init__(
-        self, sock: socket.socket | None = None, task: asyncio.Task[None] | None = None
-    ) -> None:
-        self.sock = sock
-        self.task = task
-        self.timer: asyncio.TimerHandle | None = None
-        self.accepted: socket.socket | None = None  # a forward's client being adopted
-
-
 def _linger_reset(sock: socket.socket) -> None:
     """SO_LINGER 0: the close of this socket, whoever does it, sends an RST, not a FIN."""
     with contextlib.suppress(OSError):
@@ -429,11 +502,3 @@ def reset_close(sock: socket.socket) -> None:
     """Close with an RST: a client must never mistake a refusal for a clean end."""
     _linger_reset(sock)
     sock.close()
-
-
-def _abort(transport: asyncio.Transport) -> None:
-    """Abort a transport with an RST (SO_LINGER 0 first; ``abort`` alone may send a FIN)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        _linger_reset(sock)
-    transport.abort()

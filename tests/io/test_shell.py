@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import struct
 from collections import Counter
@@ -105,6 +106,19 @@ def make_shell(
     tap = TapLink(natd_side.fileno(), "t0")
     shell = Shell(asyncio.get_running_loop(), gateway, tap, log, **kw)  # type: ignore[arg-type]
     return shell, gateway, log, tap
+
+
+def count_flushes(shell: Shell) -> list[int]:
+    """Wrap ``shell.flush``: the returned one-item list counts its calls."""
+    count = [0]
+    real_flush = shell.flush
+
+    def counting_flush() -> None:
+        count[0] += 1
+        real_flush()
+
+    shell.flush = counting_flush  # type: ignore[method-assign]
+    return count
 
 
 async def recv_all(sock: socket.socket, count: int, timeout: float = 2.0) -> list[bytes]:
@@ -227,21 +241,13 @@ async def test_timer_cancelled_when_nothing_pending(
 async def test_kick_coalesces(pair: tuple[socket.socket, socket.socket]) -> None:
     natd_side, guest = pair
     shell, gateway, _log, _tap = make_shell(natd_side)
-    flushes = 0
-    real_flush = shell.flush
-
-    def counting_flush() -> None:
-        nonlocal flushes
-        flushes += 1
-        real_flush()
-
-    shell.flush = counting_flush  # type: ignore[method-assign]
+    flushes = count_flushes(shell)
     gateway.frames.append(b"abc" * 20)
     shell.kick()
     shell.kick()
     shell.kick()
     await asyncio.sleep(0.05)
-    assert flushes == 1
+    assert flushes == [1]
     assert await recv_all(guest, 1) == [VNET_HDR_NONE + b"abc" * 20]
 
 
@@ -394,3 +400,41 @@ async def test_frames_without_a_link_are_counted_then_a_peer_is_served() -> None
         shell.stop()
         link.close()
         guest.close()
+
+
+async def test_link_and_host_events_of_one_round_leave_in_one_flush_without_a_loop_turn(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Link frames and host events of one poller round leave in one flush, no loop turn."""
+    natd_side, guest = pair
+    shell, gateway, _log, _tap = make_shell(natd_side)
+    shell.start()
+    poller = shell._poller
+    assert poller is not None
+    flushes = count_flushes(shell)
+    hosts = [socket.socketpair() for _ in range(3)]
+    try:
+        for i, (ours, theirs) in enumerate(hosts):
+            ours.setblocking(False)
+
+            def on_readable(sock: socket.socket = ours, i: int = i) -> None:
+                gateway.frames.append(bytes([i]) * 60 + sock.recv(100))  # a host event
+                shell.kick()
+
+            poller.register(ours, on_readable)
+            theirs.send(b"x")
+        guest.send(VNET_HDR_NONE + b"from the guest")  # and a frame on the link
+        # One wakeup of the poller, run by hand: nothing may wait for another loop turn.
+        select_ready = select.select([poller.fd], [], [], 2)[0]
+        assert select_ready == [poller.fd]
+        poller._on_ready()
+        assert flushes == [1] and not shell._kicked  # no call_soon left behind
+        assert gateway.batches == [[b"from the guest"]]
+        got = sorted(await recv_all(guest, 4))
+        want = [VNET_HDR_NONE + bytes([i]) * 60 + b"x" for i in range(3)]
+        assert got == sorted([*want, VNET_HDR_NONE + b"from the guest"[::-1]])
+    finally:
+        for ours, theirs in hosts:
+            poller.close_socket(ours)
+            theirs.close()
+        shell.stop()

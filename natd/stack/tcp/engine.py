@@ -4,10 +4,10 @@ Theory of operation
 -------------------
 natd answers the guest's SYN *as the destination*: it is a small TCP endpoint per flow
 (``natd.stack.tcp.flow.TcpFlow``) and, on the other side, an ordinary socket client that the
-shell (``natd.io.tcp_host.TcpHost``) runs with asyncio transports.
+shell (``natd.io.tcp_host.TcpHost``) runs as a raw socket in the loop's one epoll.
 
-Why a buffered TCP per flow and not passt-style translation: asyncio transports hand natd
-bytes (``data_received``) and accept bytes (``write``); there is no ``MSG_PEEK``/``SO_PEEK_OFF``
+Why a buffered TCP per flow and not passt-style translation: the shell hands natd bytes it has
+read (``on_host_data``) and writes bytes natd gives it; there is no ``MSG_PEEK``/``SO_PEEK_OFF``
 and no way to leave data in the host socket until the guest ACKs it. So natd keeps what it
 sent the guest until it is ACKed (bounded by ``Limits.tcp_buffer_bytes``; reading the host
 socket pauses when the buffer is full), retransmits from that buffer, and copies in-order guest
