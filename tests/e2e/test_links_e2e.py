@@ -200,9 +200,22 @@ def master(ns: Netns, dev: str) -> str | None:
     return str(value) if value is not None else None
 
 
+_AS_NOBODY = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+
+
 def nobody_prefix(workdir: Path) -> list[str]:
-    """Run the test's Python as nobody: ``/root`` (pyenv's home) is not searchable by nobody, so
-    the interpreter's prefix is bind-mounted where it is, in a private mount namespace."""
+    """Run the test's Python as nobody. An interpreter nobody can already use (install.sh's venv
+    in /opt/natd) runs as it is; one under ``/root`` (pyenv's home is not searchable by nobody)
+    has its prefix bind-mounted where it is, in a private mount namespace."""
+    plain = [*_AS_NOBODY, "env", f"PYTHONPATH={Path.cwd()}"]
+    probe = subprocess.run(
+        [*plain, sys.executable, "-c", "import natd.cli, structlog, uvloop"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    if probe.returncode == 0:
+        return plain
     base = Path(sys.base_prefix)
     exe = Path(sys.executable).resolve()
     view = workdir / "py"
