@@ -114,9 +114,18 @@ def dead_end_uplink(runner: Runner, h: str) -> None:
 
 
 class Engine:
-    """Base: ``name``, ``unavailable()`` (reason or None), ``version()``, ``start()``."""
+    """Base: ``name``, ``unavailable()`` (reason or None), ``version()``, ``start()``.
+
+    ``binary`` is the peer's program (a name on PATH or a path): ``--slirp4netns PATH`` and
+    ``--pasta PATH`` swap in builds fresher than the distribution's."""
 
     name = "?"
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or self.name
+
+    def _missing(self, what: str) -> str | None:
+        return None if shutil.which(self.binary) else f"{self.binary}: {what} not found"
 
     def unavailable(self) -> str | None:
         raise NotImplementedError
@@ -171,8 +180,7 @@ class Natd(Engine):
         try:
             p = runner.spawn(
                 [*self._argv(), "run", "--netns", f"/run/netns/{g}", "--ready-fd", str(wfd),
-                 "--mtu", str(mtu), "--forward", f"tcp::{fwd_port}-:{GUEST_PORT}",
-                 "--log-level", "warning"],
+                 "--mtu", str(mtu), "--forward", f"tcp::{fwd_port}-:{GUEST_PORT}"],
                 h, pass_fds=(wfd,), env=self._env(), log=log,
             )
         finally:
@@ -196,10 +204,10 @@ class Slirp4netns(Engine):
     name = "slirp4netns"
 
     def unavailable(self) -> str | None:
-        return None if shutil.which("slirp4netns") else "slirp4netns not installed"
+        return self._missing("slirp4netns")
 
     def version(self) -> str:
-        r = subprocess.run(["slirp4netns", "--version"], capture_output=True, text=True,
+        r = subprocess.run([self.binary, "--version"], capture_output=True, text=True,
                            timeout=10)
         lines = r.stdout.splitlines()
         lib = next((ln for ln in lines if ln.startswith("libslirp")), "")
@@ -216,7 +224,7 @@ class Slirp4netns(Engine):
             # --configure gives the guest 10.0.2.100/24 via 10.0.2.2; host loopback is
             # reachable at 10.0.2.2 by default (--disable-host-loopback is opt-in).
             p = runner.spawn(
-                ["slirp4netns", "--configure", "--mtu", str(mtu), "--ready-fd", str(wfd),
+                [self.binary, "--configure", "--mtu", str(mtu), "--ready-fd", str(wfd),
                  "--api-socket", api, "--netns-type=path", f"/run/netns/{g}", "tap0"],
                 h, pass_fds=(wfd,), log=log,
             )
@@ -256,9 +264,15 @@ class Pasta(Engine):
     name = "pasta"
 
     def unavailable(self) -> str | None:
-        return None if shutil.which("pasta") else "pasta (passt) not installed"
+        return self._missing("pasta (passt)")
 
     def version(self) -> str:
+        """pasta's own ``--version`` when it knows it (source builds), else the Debian package's
+        (Debian's build says "unknown version")."""
+        r = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=10)
+        own = (r.stdout.strip().splitlines() or [""])[0]
+        if own and "unknown" not in own:
+            return f"{own} ({shutil.which(self.binary)})"
         r = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "passt"],
                            capture_output=True, text=True, timeout=10)
         return f"passt {r.stdout.strip()}" if r.returncode == 0 and r.stdout else "pasta ?"
@@ -272,7 +286,7 @@ class Pasta(Engine):
             dead_end_uplink(runner, h)
             log = s.log = f"pasta-{h}.log"
             p = runner.spawn(
-                ["pasta", "-f", "--runas", "0:0", "--config-net", "-m", str(mtu),
+                [self.binary, "-f", "--runas", "0:0", "--config-net", "-m", str(mtu),
                  "-a", s.guest_ip, "-n", "24", "-g", "10.0.2.2", "-I", "tap0", "-4",
                  "-D", "none", "-S", "none", "-t", f"{fwd_port}:{GUEST_PORT}", "-u", "none",
                  "-T", "none", "-U", "none", "--netns", f"/run/netns/{g}"],

@@ -131,15 +131,18 @@ def smoke(runner: Runner, setup: Setup) -> None:
         runner.stop(srv)
 
 
-def iperf_tcp(runner: Runner, setup: Setup, seconds: float, reverse: bool) -> float:
-    """iperf3 between the guest (client) and an iperf3 server on the host side; Gbit/s as seen
-    by the receiver. ``reverse`` = host→guest (-R)."""
+def _iperf(runner: Runner, setup: Setup, seconds: float, reverse: bool,
+           streams: int = 1) -> dict[str, Any]:
+    """iperf3 between the guest (client) and an iperf3 server on the host side; its JSON
+    ``end`` section. ``reverse`` = host→guest (-R)."""
     port = fresh_port()
     srv = _server(runner, setup, ["iperf3", "-s", "-1", "-B", setup.server_bind, "-p", str(port)],
                   port)
     try:
         argv = ["iperf3", "-c", setup.dial, "-p", str(port), "-t", f"{seconds:g}", "-J",
                 "--connect-timeout", "5000"]
+        if streams > 1:
+            argv += ["-P", str(streams)]
         if reverse:
             argv += ["-R", "--rcv-timeout", "5000"]
         r = runner.run(argv, setup.guest_ns, timeout=seconds + 15)
@@ -151,7 +154,48 @@ def iperf_tcp(runner: Runner, setup: Setup, seconds: float, reverse: bool) -> fl
     err = _iperf_error(data)
     if err:
         raise BenchError(f"iperf3: {err}")
-    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+    end: dict[str, Any] = data["end"]
+    return end
+
+
+def iperf_tcp(runner: Runner, setup: Setup, seconds: float, reverse: bool) -> float:
+    """One TCP stream guest→host (or host→guest); Gbit/s as seen by the receiver."""
+    return float(_iperf(runner, setup, seconds, reverse)["sum_received"]["bits_per_second"]) / 1e9
+
+
+def iperf_parallel(runner: Runner, setup: Setup, seconds: float, reverse: bool,
+                   streams: int) -> tuple[float, float]:
+    """``streams`` parallel TCP streams: (Gbit/s at the receiver, streams that moved nothing).
+    A stream starved to zero is the collapse this row looks for; the run failing as a whole
+    raises like any other figure."""
+    end = _iperf(runner, setup, seconds, reverse, streams)
+    per = end.get("streams", [])
+    starved = streams - len(per) + sum(
+        1 for st in per if int(st.get("receiver", {}).get("bytes", 0)) == 0)
+    return float(end["sum_received"]["bits_per_second"]) / 1e9, float(starved)
+
+
+def link_probe(runner: Runner, setup: Setup, n: int) -> tuple[int, int, int]:
+    """``n`` small numbered UDP datagrams guest → host echo server, one in flight: (sent, counted
+    by the server, echoed back). Gives the lossy link's counters frames without GSO to count."""
+    port = fresh_port()
+    srv = runner.spawn([PY, PROBES, "udp-count-server", "--bind", setup.server_bind, "--port",
+                        str(port)], setup.host_ns, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        wait_listening(runner, setup.host_ns, port, udp=True)
+        r = runner.run([PY, PROBES, "udp-loss-client", "--host", setup.dial, "--port", str(port),
+                        "--n", str(n), "--timeout", "0.02", "--seconds", "30"],
+                       setup.guest_ns, timeout=45)
+        if r.returncode != 0:
+            raise BenchError((r.stderr.strip().splitlines() or ["udp-loss-client failed"])[-1])
+        out = parse_json(r.stdout, "udp-loss-client")
+        assert srv.stdin is not None
+        srv.stdin.write(b"count\n")
+        srv.stdin.flush()
+        counted = int(_read_line(srv, 10, "udp-count-server"))
+    finally:
+        runner.stop(srv)
+    return int(out["sent"]), counted, int(out["echoed"])
 
 
 def iperf_forward(runner: Runner, setup: Setup, seconds: float) -> float:

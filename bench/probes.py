@@ -220,6 +220,64 @@ def hold_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def udp_count_server(args: argparse.Namespace) -> int:
+    """Echo every UDP datagram back to its sender and count them; print the count for each
+    line read on stdin (the far end of the link-loss probe)."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    srv.bind((args.bind, args.port))
+    srv.setblocking(False)
+    got = 0
+    sel = selectors.DefaultSelector()
+    sel.register(srv, selectors.EVENT_READ)
+    sel.register(sys.stdin, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is srv:
+                while True:
+                    try:
+                        data, peer = srv.recvfrom(2048)
+                    except BlockingIOError:
+                        break
+                    got += 1
+                    srv.sendto(data, peer)
+            else:
+                if not sys.stdin.readline():
+                    return 0
+                print(got, flush=True)
+
+
+def udp_loss_client(args: argparse.Namespace) -> int:
+    """Send ``n`` numbered datagrams one at a time (the next after the echo or ``timeout``
+    seconds), then collect late echoes for a while: which numbers came back. One in flight, so
+    what is lost is the link's doing, not a full queue."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((args.host, args.port))
+    pad = bytes(max(0, args.size - 8))
+    back: set[int] = set()
+    deadline = time.monotonic() + args.seconds
+
+    def collect(until: float, want: int | None) -> None:
+        while (left := until - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data = sock.recv(2048)
+            except (TimeoutError, ConnectionRefusedError):
+                return
+            back.add(got := int.from_bytes(data[:8], "big"))
+            if got == want:
+                return
+
+    sent = 0
+    while sent < args.n and time.monotonic() < deadline:
+        sock.send(sent.to_bytes(8, "big") + pad)
+        collect(min(deadline, time.monotonic() + args.timeout), sent)
+        sent += 1
+    collect(time.monotonic() + 0.5, None)  # late echoes count as delivered
+    print(json.dumps({"sent": sent, "echoed": len(back)}), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -230,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         "cps-client": cps_client,
         "hold-server": hold_server,
         "hold-client": hold_client,
+        "udp-count-server": udp_count_server,
+        "udp-loss-client": udp_loss_client,
     }
     for name in commands:
         sp = sub.add_parser(name)

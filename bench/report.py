@@ -1,5 +1,5 @@
 """Collected figures -> the markdown table (medians with min-max, natd's ratio to each peer) and
-the issue-6 target check."""
+the issue-6 and issue-14 target checks."""
 
 from __future__ import annotations
 
@@ -31,9 +31,19 @@ METRICS: list[Metric] = [
     Metric("g2h_65520", "TCP guest→host, MTU 65520", "Gbit/s", True),
     Metric("h2g_65520", "TCP host→guest, MTU 65520", "Gbit/s", True),
     Metric("fwd_1500", "TCP forwarded port host→guest, MTU 1500", "Gbit/s", True),
-    Metric("rr_p50", "64 B request/response p50", "µs", False, ".0f"),
-    Metric("rr_p99", "64 B request/response p99", "µs", False, ".0f"),
+    Metric("g2h_p16", "TCP guest→host, 16 streams, MTU 1500", "Gbit/s", True),
+    Metric("h2g_p16", "TCP host→guest, 16 streams, MTU 1500", "Gbit/s", True),
+    Metric("p16_starved", "16 streams: streams that moved nothing, both ways", "", False, ".0f",
+           ratio=False),
+    Metric("g2h_lossy", "TCP guest→host, 1 % frame loss each way, MTU 1500", "Gbit/s", True),
+    Metric("h2g_lossy", "TCP host→guest, 1 % frame loss each way, MTU 1500", "Gbit/s", True),
+    Metric("loss_g2h", "lossy link: frames lost guest→engine (counters)", "%", False, ".2f",
+           ratio=False),
+    Metric("loss_h2g", "lossy link: frames lost engine→guest (counters)", "%", False, ".2f",
+           ratio=False),
+    Metric("rr_p50", "64 B request/response p50, free", "µs", False, ".0f"),
     Metric("rr_p50_pin", "64 B request/response p50, 1 CPU", "µs", False, ".0f"),
+    Metric("rr_p99", "64 B request/response p99, free", "µs", False, ".0f"),
     Metric("rr_p99_pin", "64 B request/response p99, 1 CPU", "µs", False, ".0f"),
     Metric("cps_pin", "TCP connections per second, 1 CPU", "conn/s", True, ".0f"),
     Metric("udp_loss", "UDP loss, 1 Gbit/s offered guest→host", "%", False, ".1f", ratio=False),
@@ -189,6 +199,109 @@ def targets(res: Results) -> str:
         text, ok = t.check(res)
         mark = "—" if ok is None else ("yes" if ok else "**no**")
         lines.append(f"| {t.text} | {text} | {mark} |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One row of issue 14's targets table: what it said today, the target, how to check it."""
+
+    metric: str
+    today: str
+    target: str
+    check: Callable[[Results], tuple[str, bool | None]]
+
+
+def _both(*parts: tuple[str, float | None, float, bool]) -> tuple[str, bool | None]:
+    """Several ratios that must all hold: (label, value, bound, value must be ≥ bound?)."""
+    if any(v is None for _, v, _, _ in parts):
+        return "not measured", None
+    text = "; ".join(f"{label} {v:.2f}{X}" for label, v, _, _ in parts)
+    return text, all((v >= b) if up else (v <= b) for _, v, b, up in parts if v is not None)
+
+
+def _latency(key: str) -> Callable[[Results], tuple[str, bool | None]]:
+    def check(res: Results) -> tuple[str, bool | None]:
+        a, b = res.median("natd", key), res.median("slirp4netns", key)
+        if a is None or b is None:
+            return "not measured", None
+        return _both((f"{a:.0f} vs {b:.0f} µs =", a / b, 1.0, False))
+    return check
+
+
+def _cps(res: Results) -> tuple[str, bool | None]:
+    a, b = res.median("natd", "cps_pin"), res.median("pasta", "cps_pin")
+    if a is None or b is None:
+        return "not measured", None
+    return _both((f"{a / 1000:.1f}k vs {b / 1000:.1f}k =", a / b, 1.0, True))
+
+
+def _bulk(res: Results) -> tuple[str, bool | None]:
+    parts = []
+    for key, way in (("g2h_1500", "g→h"), ("h2g_1500", "h→g")):
+        m = BY_KEY[key]
+        parts += [(f"{way}", ratio(res, m, "slirp4netns"), 8.0, True),
+                  ("/ kernel", ratio(res, m, "kernel"), 0.8, True)]
+    return _both(*parts)
+
+
+def _lossy(res: Results) -> tuple[str, bool | None]:
+    text, ok = _both(*((way, ratio(res, BY_KEY[key], "kernel"), 0.5, True)
+                       for key, way in (("g2h_lossy", "g→h"), ("h2g_lossy", "h→g"))))
+    a, b = res.median("natd", "g2h_lossy"), res.median("natd", "h2g_lossy")
+    if a is not None and b is not None:
+        text += f" (natd {a:.2f} / {b:.2f} Gbit/s)"
+    return text, ok
+
+
+def _parallel(res: Results) -> tuple[str, bool | None]:
+    parts = []
+    for many, one, way in (("g2h_p16", "g2h_1500", "g→h"), ("h2g_p16", "h2g_1500", "h→g")):
+        a, b = res.median("natd", many), res.median("natd", one)
+        parts.append((way, None if a is None or b is None or b == 0 else a / b, 0.8, True))
+    text, ok = _both(*parts)
+    if ok is None:
+        return text, ok
+    starved = sum(res.values.get("natd", {}).get("p16_starved", []))
+    failed = sum(len(res.errors.get("natd", {}).get(k, [])) for k in ("g2h_p16", "h2g_p16"))
+    return (f"{text} the single stream; {starved:.0f} starved streams, {failed} failed runs",
+            ok and starved == 0 and failed == 0)
+
+
+def _idle(res: Results) -> tuple[str, bool | None]:
+    rss, n = res.median("natd", "rss_flows"), res.median("natd", "flows_open")
+    a, b = res.median("natd", "rr_p50_flows"), res.median("natd", "rr_p50")
+    if rss is None or n is None or a is None or b is None:
+        return "not measured", None
+    return (f"{rss:.0f} MB with {n:.0f} flows; RR p50 {b:.0f} → {a:.0f} µs ({a / b:.2f}{X})",
+            rss < 100 and n >= 10000 and a / b <= 1.25)
+
+
+ISSUE14: list[Goal] = [
+    Goal("RR p50, pinned to 1 CPU", f"1.36{DASH}1.54{X} slirp4netns", f"≤ 1.0{X} slirp4netns",
+         _latency("rr_p50_pin")),
+    Goal("RR p50, free", f"1.2{DASH}1.8{X} slirp4netns", f"≤ 1.0{X} slirp4netns",
+         _latency("rr_p50")),
+    Goal("connections/s, pinned", f"0.33{DASH}0.39{X} pasta (2.3k vs 6.6k)", f"≥ 1.0{X} pasta",
+         _cps),
+    Goal("g→h and h→g, offloads (MTU 1500)", f"16{X} / 7.8{X} slirp4netns",
+         f"≥ 8{X} slirp4netns, ≥ 0.8{X} kernel", _bulk),
+    Goal("g→h and h→g under 1 % loss each way", f"0.03{DASH}0.05{X} the kernel",
+         f"≥ 0.5{X} the kernel under the same loss", _lossy),
+    Goal("16 parallel streams, each way", f"0.85{DASH}0.93{X} single stream, 0 errors",
+         f"≥ 0.8{X} the single stream, 0 errors", _parallel),
+    Goal("10,000 idle flows", "99 MB RSS, RR flat", f"< 100 MB, RR flat (≤ 1.25{X})", _idle),
+]
+
+
+def issue14(res: Results) -> str:
+    """Issue 14's targets table: metric, what the issue measured, the target, this run, met?"""
+    lines = ["| metric | today (issue 14) | target | this run (natd) | met? |",
+             "|---|---|---|---|---|"]
+    for g in ISSUE14:
+        text, ok = g.check(res)
+        mark = "—" if ok is None else ("yes" if ok else "**no**")
+        lines.append(f"| {g.metric} | {g.today} | {g.target} | {text} | {mark} |")
     return "\n".join(lines)
 
 

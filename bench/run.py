@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """natd's benchmark: natd, slirp4netns, pasta and a kernel veth baseline side by side.
 
-    sudo python3 bench/run.py [--runs 3] [--quick] [--only natd,slirp4netns,pasta,kernel]
-                              [--seconds 5] [--out bench/RESULTS.md]
+    sudo python3 bench/run.py [--issue14] [--runs 3] [--quick] [--only natd,slirp4netns,...]
+                              [--slirp4netns PATH] [--pasta PATH] [--seconds 5] [--out FILE]
+
+The default run (``--issue14`` names it) measures every row and prints issue 14's targets table.
 
 Each engine serves a fresh guest namespace (see engines.py); the engines are interleaved and
 their order rotated every run; the table reports medians with min-max over the runs and natd's
@@ -31,6 +33,7 @@ from types import FrameType
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hotpath
+import lossy
 import measure
 import report
 from engines import ALL_ENGINES, Engine, Setup, last_error
@@ -38,6 +41,7 @@ from procs import BenchError, Runner
 
 MTUS = (1500, 65520)
 FWD_PORT = 15201
+LOSS_PERCENT = 1.0  # each way, on the guest's link (report.py's labels say 1 %)
 
 
 def log(msg: str) -> None:
@@ -83,7 +87,8 @@ class Bench:
         keys = [f"g2h_{mtu}", f"h2g_{mtu}"]
         if mtu == 1500:
             keys += ["fwd_1500", "udp_loss", "udp_rx", "rr_p50", "rr_p99", "rr_p50_pin",
-                     "rr_p99_pin", "cps_pin"]
+                     "rr_p99_pin", "cps_pin", "g2h_p16", "h2g_p16", "p16_starved",
+                     "loss_g2h", "loss_h2g", "g2h_lossy", "h2g_lossy"]
             if not self.args.quick:
                 keys += ["rss_base", "flows_open", "rss_flows", "rr_p50_flows"]
         return keys
@@ -119,12 +124,57 @@ class Bench:
                 self._do_many(s, ("rr_p50_pin", "rr_p99_pin"),
                               lambda: measure.request_response(r, s, a.rr_n, cpu))
                 self._do(s, "cps_pin", lambda: measure.conn_rate(r, s, a.cps_seconds, cpu))
+            self.parallel(s)
             if not a.quick:
                 keys = ("rss_base", "flows_open", "rss_flows", "rr_p50_flows")
                 self._do_many(s, keys, lambda: measure.idle_flows(
                     r, s, a.flows, a.flows_seconds, max(200, a.rr_n // 4)))
+            self.lossy(s)  # last: it leaves the link lossy
         finally:
             eng.stop(r, s)
+
+    def parallel(self, s: Setup) -> None:
+        """``--streams`` parallel streams each way; streams that moved nothing add up per run."""
+        starved: list[float] = []
+        for key, reverse in (("g2h_p16", False), ("h2g_p16", True)):
+            def p16(reverse: bool = reverse) -> float:
+                gbps, n = measure.iperf_parallel(self.runner, s, self.args.seconds, reverse,
+                                                 self.args.streams)
+                starved.append(n)
+                return gbps
+            self._do(s, key, p16)
+        if starved:
+            self.res.add(s.engine, "p16_starved", sum(starved))
+
+    def lossy(self, s: Setup) -> None:
+        """Make the guest's link lose LOSS_PERCENT of the frames each way, then one stream each
+        way through it. The rate is read on the counters, not trusted: egress over a probe of
+        small datagrams (no GSO frame to blur the count), ingress over the probe and both
+        transfers."""
+        r, a = self.runner, self.args
+        try:
+            lossy.apply(r, s, LOSS_PERCENT)
+            c0 = lossy.counters(r, s)
+            sent, counted, echoed = measure.link_probe(r, s, a.probe_n)
+            c1 = lossy.counters(r, s)
+        except BenchError as e:
+            for k in ("loss_g2h", "loss_h2g", "g2h_lossy", "h2g_lossy"):
+                self.res.fail(s.engine, k, f"lossy link: {e}")
+            log(f"  {s.engine} lossy link: FAILED {e}")
+            return
+        log(f"  {s.engine} link probe: {sent} datagrams, {counted} reached the server, "
+            f"{echoed} echoed back")
+        self._do(s, "g2h_lossy", lambda: measure.iperf_tcp(r, s, a.seconds, False))
+        self._do(s, "h2g_lossy", lambda: measure.iperf_tcp(r, s, a.seconds, True))
+        try:
+            c2 = lossy.counters(r, s)
+        except BenchError as e:
+            log(f"  {s.engine} lossy link counters after the transfers: {e}")
+            c2 = c1
+        self.res.add(s.engine, "loss_g2h", c1.loss_since(c0)[0])
+        self.res.add(s.engine, "loss_h2g", c2.loss_since(c0)[1])
+        log(f"  {s.engine} frames lost: g→h {c1.loss_since(c0)[0]:.2f} %, "
+            f"h→g {c2.loss_since(c0)[1]:.2f} %")
 
     def run(self, engines: list[Engine]) -> None:
         for run in range(self.args.runs):
@@ -213,7 +263,11 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
         "",
     ]
     if "natd" in res.engines and "natd" not in res.unavailable:
-        lines += ["## Issue 6 targets", "", report.targets(res), ""]
+        lines += ["## Issue 14 targets", "",
+                  "Ratios of the medians; latency ratios are natd ÷ peer (≤ 1 = natd as fast), "
+                  "throughput ratios natd ÷ peer (≥ 1 = natd faster).", "",
+                  report.issue14(res), "",
+                  "## Issue 6 targets", "", report.targets(res), ""]
     notes = [f"- {e}: not measured — {why}" for e, why in res.unavailable.items()]
     notes += [f"- {n}" for n in extra_notes]
     notes += [
@@ -225,7 +279,17 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
         "row dials the guest address directly. It is the ceiling, not a competitor.",
         "- pasta's forwarded port goes through its splice shortcut (socket to socket in the "
         "guest's loopback), not through its TAP; that is what pasta users get.",
-        "- 1 CPU rows pin the client, the server and the engine (all its threads) to CPU 0.",
+        "- 1 CPU rows pin the client, the server and the engine (all its threads) to CPU 0; "
+        "\"free\" rows let the scheduler place them on the machine's CPUs.",
+        "- natd runs at its default log level (info), as users run it.",
+        f"- lossy link: {LOSS_PERCENT:g} % of the frames each way on the guest's tap0 (the "
+        "kernel's: its veth end), a classic-BPF tc filter on clsact: egress TC_ACT_STOLEN (the "
+        "guest's TCP believes the frame left, as with netem), ingress TC_ACT_SHOT. A frame is "
+        "an skb: a 64 KB GSO frame is lost whole. \"frames lost\" rows are read on the device "
+        "and qdisc counters (egress over a small-datagram probe, ingress over the probe and the "
+        "transfers).",
+        f"- {args.streams} streams = iperf3 -P {args.streams}; \"starved\" counts streams whose "
+        "receiver got no byte, summed over both directions of a run.",
         "- conn/s = connect, one byte each way, close, serially; UDP = iperf3 -u -l 1400 -w 4M "
         "guest→host, loss as seen by the receiver (the kernel row shows what the client and "
         "receiver themselves manage on this machine).",
@@ -263,10 +327,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="after the runs, sample natd with py-spy for SECONDS per load "
                    "(iperf3 both ways, request/response) and add the summary to the report")
+    p.add_argument("--issue14", action="store_true",
+                   help="issue 14's table: the default run, named (every row, 3 runs)")
+    p.add_argument("--slirp4netns", metavar="PATH", help="slirp4netns binary (default: PATH's)")
+    p.add_argument("--pasta", metavar="PATH", help="pasta binary (default: PATH's)")
+    p.add_argument("--streams", type=int, default=16, help="iperf3 -P for the parallel rows")
+    p.add_argument("--probe-n", type=int, default=3000,
+                   help="datagrams of the lossy link's probe (its loss rate is read on them)")
     p.add_argument("--note", action="append", default=[], help="extra line for the notes")
     p.add_argument("--out", help="markdown report (default bench/RESULTS.md, "
                    "bench/RESULTS-quick.md with --quick); raw figures go next to it as .json")
     a = p.parse_args(argv)
+    if a.issue14 and (a.quick or a.runs < 3):
+        p.error("--issue14 wants medians of >= 3 runs: drop --quick / raise --runs")
     if a.quick:
         a.runs, a.seconds, a.udp_seconds, a.cps_seconds = 1, 2.0, 2.0, 2.0
     if a.out is None:
@@ -315,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     versions: dict[str, str] = {}
     engines: list[Engine] = []
     for name in args.engines:
-        eng = ALL_ENGINES[name]()
+        eng = ALL_ENGINES[name]({"slirp4netns": args.slirp4netns, "pasta": args.pasta}.get(name))
         why = eng.unavailable()
         if why:
             res.unavailable[name] = why

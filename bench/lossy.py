@@ -1,0 +1,82 @@
+"""A lossy guest link: a share of the frames lost each way on the guest namespace's ``tap0``.
+
+This kernel has neither ``sch_netem`` nor ``act_gact``, so the loss is a classic-BPF classifier
+in direct-action mode on a ``clsact`` qdisc (``ld rand; jge K; ret OK; ret VERDICT``):
+
+- egress (guest → engine) returns ``TC_ACT_STOLEN`` for the lost frames: the skb is consumed and
+  the guest's stack believes it left, as with netem. A ``TC_ACT_SHOT`` there reports the drop to
+  the sender, whose TCP resends at once, which flatters everyone.
+- ingress (engine → guest) returns ``TC_ACT_SHOT`` (no nftables here; on ingress the sender is
+  the engine, which cannot see the drop either way). The qdisc counts these drops, and the
+  device counts every frame it received first, so the ingress rate is read from counters.
+
+The same filters go on every engine's ``tap0`` and on the kernel baseline's veth end in the
+guest. A frame is one skb: an offloaded 64 KB GSO frame is lost whole, as netem would lose it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from engines import Setup
+from procs import BenchError, Runner, wrap
+
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_STOLEN = 0, 2, 4
+SKF_AD_RANDOM = 0xFFFFF000 + 56  # SKF_AD_OFF + SKF_AD_RANDOM: "ld rand" (prandom_u32)
+BPF_LD_W_ABS, BPF_JGE_K, BPF_RET_K = 0x20, 0x35, 0x06
+
+
+def cbpf_loss(percent: float, verdict: int) -> str:
+    """tc's ``bytecode`` string: ``verdict`` for ``percent`` % of frames, ``TC_ACT_OK`` else."""
+    if not 0.0 <= percent < 100.0:
+        raise BenchError(f"loss must be in [0, 100) %, not {percent:g}")
+    k = round(percent / 100.0 * (1 << 32))
+    ops = [(BPF_LD_W_ABS, 0, 0, SKF_AD_RANDOM), (BPF_JGE_K, 0, 1, k),
+           (BPF_RET_K, 0, 0, TC_ACT_OK), (BPF_RET_K, 0, 0, verdict)]
+    return f"{len(ops)}," + ",".join(f"{code} {jt} {jf} {kk}" for code, jt, jf, kk in ops)
+
+
+def apply(runner: Runner, setup: Setup, percent: float, dev: str = "tap0") -> None:
+    """Lose ``percent`` % of the frames each way on ``dev`` in the guest namespace (for good:
+    the setup is torn down after its lossy rows)."""
+    g = setup.guest_ns
+    runner.check(wrap(["tc", "qdisc", "add", "dev", dev, "clsact"], g))
+    for hook, verdict in (("egress", TC_ACT_STOLEN), ("ingress", TC_ACT_SHOT)):
+        runner.check(wrap(["tc", "filter", "add", "dev", dev, hook, "bpf", "da", "bytecode",
+                           cbpf_loss(percent, verdict)], g))
+
+
+@dataclass(frozen=True)
+class Counters:
+    """``dev``'s frame counters in the guest namespace. ``tc_seen`` counts every frame the clsact
+    qdisc saw, both ways, a GSO frame as its segments; ``tc_dropped`` the ingress drops."""
+
+    rx: int
+    tx: int
+    tc_seen: int
+    tc_dropped: int
+
+    def loss_since(self, before: Counters) -> tuple[float, float]:
+        """(% of frames lost guest→engine, % lost engine→guest) since ``before``. The egress
+        share is exact only while no GSO frame crossed (the probe's small datagrams): a stolen
+        frame shows as a frame the qdisc saw that the device never sent."""
+        rx, tx = self.rx - before.rx, self.tx - before.tx
+        out = (self.tc_seen - before.tc_seen) - rx  # egress frames offered to the filter
+        dropped_in = self.tc_dropped - before.tc_dropped
+        return (100.0 * (out - tx) / out if out > 0 else 0.0,
+                100.0 * dropped_in / rx if rx > 0 else 0.0)
+
+
+def counters(runner: Runner, setup: Setup, dev: str = "tap0") -> Counters:
+    g = setup.guest_ns
+    try:
+        link = json.loads(runner.check(wrap(["ip", "-j", "-s", "link", "show", dev], g)))
+        qdiscs = json.loads(runner.check(wrap(["tc", "-j", "-s", "qdisc", "show", "dev", dev],
+                                              g)))
+        st = link[0]["stats64"]
+        cls = next(q for q in qdiscs if q.get("kind") == "clsact")
+        return Counters(int(st["rx"]["packets"]), int(st["tx"]["packets"]), int(cls["packets"]),
+                        int(cls["drops"]))
+    except (json.JSONDecodeError, LookupError, StopIteration, TypeError, ValueError) as e:
+        raise BenchError(f"cannot read {dev}'s counters: {e!r}") from None
