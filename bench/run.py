@@ -55,15 +55,16 @@ class Bench:
         self.res = res
         self.loads: list[float] = []
 
-    def _do(self, s: Setup, key: str, fn: Callable[[], float]) -> None:
+    def _do(self, s: Setup, key: str, fn: Callable[[], float]) -> float | None:
         try:
             v = fn()
         except BenchError as e:
             self.res.fail(s.engine, key, str(e))
             log(f"  {s.engine} {key}: FAILED {e}")
-            return
+            return None
         self.res.add(s.engine, key, v)
         log(f"  {s.engine} {key}: {v:.4g} {report.BY_KEY[key].unit}")
+        return v
 
     def _do_many(self, s: Setup, keys: tuple[str, ...],
                  fn: Callable[[], tuple[float, ...] | dict[str, float | str]]) -> None:
@@ -87,7 +88,8 @@ class Bench:
         keys = [f"g2h_{mtu}", f"h2g_{mtu}"]
         if mtu == 1500:
             keys += ["fwd_1500", "udp_loss", "udp_rx", "rr_p50", "rr_p99", "rr_p50_pin",
-                     "rr_p99_pin", "cps_pin", "g2h_p16", "h2g_p16", "p16_starved",
+                     "rr_p99_pin", "cps_pin", "g2h_p16", "h2g_p16", "g2h_p16_x", "h2g_p16_x",
+                     "p16_starved",
                      "loss_g2h", "loss_h2g", "g2h_lossy", "h2g_lossy"]
             if not self.args.quick:
                 keys += ["rss_base", "flows_open", "rss_flows", "rr_p50_flows"]
@@ -111,8 +113,10 @@ class Bench:
                 for k in self.setup_keys(mtu):
                     self.res.fail(eng.name, k, f"{report.NA}{why}")
                 return
-            self._do(s, f"g2h_{mtu}", lambda: measure.iperf_tcp(r, s, a.seconds, False))
-            self._do(s, f"h2g_{mtu}", lambda: measure.iperf_tcp(r, s, a.seconds, True))
+            single = {
+                "g2h": self._do(s, f"g2h_{mtu}", lambda: measure.iperf_tcp(r, s, a.seconds, False)),
+                "h2g": self._do(s, f"h2g_{mtu}", lambda: measure.iperf_tcp(r, s, a.seconds, True)),
+            }
             if mtu != 1500:
                 return
             self._do(s, "fwd_1500", lambda: measure.iperf_forward(r, s, a.seconds))
@@ -124,7 +128,7 @@ class Bench:
                 self._do_many(s, ("rr_p50_pin", "rr_p99_pin"),
                               lambda: measure.request_response(r, s, a.rr_n, cpu))
                 self._do(s, "cps_pin", lambda: measure.conn_rate(r, s, a.cps_seconds, cpu))
-            self.parallel(s)
+            self.parallel(s, single)
             if not a.quick:
                 keys = ("rss_base", "flows_open", "rss_flows", "rr_p50_flows")
                 self._do_many(s, keys, lambda: measure.idle_flows(
@@ -133,16 +137,22 @@ class Bench:
         finally:
             eng.stop(r, s)
 
-    def parallel(self, s: Setup) -> None:
-        """``--streams`` parallel streams each way; streams that moved nothing add up per run."""
+    def parallel(self, s: Setup, single: dict[str, float | None]) -> None:
+        """``--streams`` parallel streams each way, and each as a multiple of the same setup's
+        single stream; streams that moved nothing add up per run."""
         starved: list[float] = []
-        for key, reverse in (("g2h_p16", False), ("h2g_p16", True)):
-            def p16(reverse: bool = reverse) -> float:
-                gbps, n = measure.iperf_parallel(self.runner, s, self.args.seconds, reverse,
-                                                 self.args.streams)
+        for way, reverse in (("g2h", False), ("h2g", True)):
+
+            def many(reverse: bool = reverse) -> float:
+                gbps, n = measure.iperf_parallel(
+                    self.runner, s, self.args.seconds, reverse, self.args.streams
+                )
                 starved.append(n)
                 return gbps
-            self._do(s, key, p16)
+
+            got, one = self._do(s, f"{way}_p16", many), single[way]
+            if got is not None and one:
+                self.res.add(s.engine, f"{way}_p16_x", got / one)
         if starved:
             self.res.add(s.engine, "p16_starved", sum(starved))
 
