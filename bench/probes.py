@@ -139,28 +139,34 @@ def cps_client(args: argparse.Namespace) -> int:
     return 0
 
 
-def hold_server(args: argparse.Namespace) -> int:
-    """Accept and keep every connection; print the count for each line read on stdin."""
-    srv = _listener(args.bind, args.port)
+def _serve_counting(srv: socket.socket, take: Callable[[socket.socket], None]) -> int:
+    """Call ``take(srv)`` while ``srv`` has something (until BlockingIOError), counting the
+    calls; print the count for each line read on stdin; return at stdin's end."""
     srv.setblocking(False)
-    held: list[socket.socket] = []
+    count = 0
     sel = selectors.DefaultSelector()
     sel.register(srv, selectors.EVENT_READ)
     sel.register(sys.stdin, selectors.EVENT_READ)
     while True:
         for key, _ in sel.select():
-            if key.fileobj is srv:
-                while True:
-                    try:
-                        conn, _ = srv.accept()
-                    except BlockingIOError:
-                        break
-                    held.append(conn)
-            else:
-                line = sys.stdin.readline()
-                if not line:
+            if key.fileobj is not srv:
+                if not sys.stdin.readline():
                     return 0
-                print(len(held), flush=True)
+                print(count, flush=True)
+                continue
+            while True:
+                try:
+                    take(srv)
+                except BlockingIOError:
+                    break
+                count += 1
+
+
+def hold_server(args: argparse.Namespace) -> int:
+    """Accept and keep every connection; print the count for each line read on stdin."""
+    held: list[socket.socket] = []
+    return _serve_counting(_listener(args.bind, args.port),
+                           lambda srv: held.append(srv.accept()[0]))
 
 
 def hold_client(args: argparse.Namespace) -> int:
@@ -226,25 +232,12 @@ def udp_count_server(args: argparse.Namespace) -> int:
     srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
     srv.bind((args.bind, args.port))
-    srv.setblocking(False)
-    got = 0
-    sel = selectors.DefaultSelector()
-    sel.register(srv, selectors.EVENT_READ)
-    sel.register(sys.stdin, selectors.EVENT_READ)
-    while True:
-        for key, _ in sel.select():
-            if key.fileobj is srv:
-                while True:
-                    try:
-                        data, peer = srv.recvfrom(2048)
-                    except BlockingIOError:
-                        break
-                    got += 1
-                    srv.sendto(data, peer)
-            else:
-                if not sys.stdin.readline():
-                    return 0
-                print(got, flush=True)
+
+    def echo(sock: socket.socket) -> None:
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(data, peer)
+
+    return _serve_counting(srv, echo)
 
 
 def udp_loss_client(args: argparse.Namespace) -> int:
