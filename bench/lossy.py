@@ -17,6 +17,7 @@ guest. A frame is one skb: an offloaded 64 KB GSO frame is lost whole, as netem 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 from engines import Setup
@@ -49,23 +50,34 @@ def apply(runner: Runner, setup: Setup, percent: float, dev: str = "tap0") -> No
 
 @dataclass(frozen=True)
 class Counters:
-    """``dev``'s frame counters in the guest namespace. ``tc_seen`` counts every frame the clsact
-    qdisc saw, both ways, a GSO frame as its segments; ``tc_dropped`` the ingress drops."""
+    """``dev``'s frame counters in the guest namespace. ``tx`` counts the frames that got past
+    the filter, whether the device then sent them or dropped them (a TAP whose reader lags drops
+    on a full queue: the engine's doing, not the link's). ``tc_seen`` counts every frame the
+    clsact qdisc saw, both ways, a GSO frame as its segments; ``tc_dropped`` the ingress drops."""
 
     rx: int
     tx: int
     tc_seen: int
     tc_dropped: int
 
-    def loss_since(self, before: Counters) -> tuple[float, float]:
-        """(% of frames lost guest→engine, % lost engine→guest) since ``before``. The egress
-        share is exact only while no GSO frame crossed (the probe's small datagrams): a stolen
-        frame shows as a frame the qdisc saw that the device never sent."""
+    def egress_loss_since(self, before: Counters) -> float:
+        """% of the frames the guest sent that the link lost since ``before``: a frame the
+        filters saw that is neither a received frame nor one the device took. Exact only while
+        no GSO frame crossed (the filters count a GSO frame as its segments, the device as one):
+        read it over the probe's small datagrams."""
         rx, tx = self.rx - before.rx, self.tx - before.tx
-        out = (self.tc_seen - before.tc_seen) - rx  # egress frames offered to the filter
-        dropped_in = self.tc_dropped - before.tc_dropped
-        return (100.0 * (out - tx) / out if out > 0 else 0.0,
-                100.0 * dropped_in / rx if rx > 0 else 0.0)
+        out = (self.tc_seen - before.tc_seen) - rx
+        if out <= 0 or out < tx:
+            raise BenchError(f"counters do not add up: {rx} frames in, {tx} out, "
+                             f"{self.tc_seen - before.tc_seen} seen by the filters")
+        return 100.0 * (out - tx) / out
+
+    def ingress_loss_since(self, before: Counters) -> float:
+        """% of the frames the guest's device received that the ingress filter dropped."""
+        rx = self.rx - before.rx
+        if rx <= 0:
+            raise BenchError("no frame received")
+        return 100.0 * (self.tc_dropped - before.tc_dropped) / rx
 
 
 def counters(runner: Runner, setup: Setup, dev: str = "tap0") -> Counters:
@@ -76,7 +88,25 @@ def counters(runner: Runner, setup: Setup, dev: str = "tap0") -> Counters:
                                               g)))
         st = link[0]["stats64"]
         cls = next(q for q in qdiscs if q.get("kind") == "clsact")
-        return Counters(int(st["rx"]["packets"]), int(st["tx"]["packets"]), int(cls["packets"]),
-                        int(cls["drops"]))
+        tx = int(st["tx"]["packets"]) + int(st["tx"]["dropped"])
+        return Counters(int(st["rx"]["packets"]), tx, int(cls["packets"]), int(cls["drops"]))
     except (json.JSONDecodeError, LookupError, StopIteration, TypeError, ValueError) as e:
         raise BenchError(f"cannot read {dev}'s counters: {e!r}") from None
+
+
+def settle(runner: Runner, setup: Setup, quiet: int = 20, window: float = 0.5,
+           timeout: float = 20.0) -> None:
+    """Wait until fewer than ``quiet`` frames cross the guest's link per ``window`` (e.g. the
+    idle-flows test's thousands of closing connections), so the probe's counts are its own."""
+    deadline = time.monotonic() + timeout
+    last = counters(runner, setup)
+    while True:
+        time.sleep(window)
+        now = counters(runner, setup)
+        if (now.rx - last.rx) + (now.tx - last.tx) < quiet:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"the guest's link is still busy after {timeout:.0f}s "
+                             f"({(now.rx - last.rx) + (now.tx - last.tx)} frames per "
+                             f"{window:g}s)")
+        last = now

@@ -164,27 +164,22 @@ class Bench:
         r, a = self.runner, self.args
         try:
             lossy.apply(r, s, LOSS_PERCENT)
+            lossy.settle(r, s)
             c0 = lossy.counters(r, s)
             sent, counted, echoed = measure.link_probe(r, s, a.probe_n)
             c1 = lossy.counters(r, s)
+            g2h = c1.egress_loss_since(c0)
         except BenchError as e:
             for k in ("loss_g2h", "loss_h2g", "g2h_lossy", "h2g_lossy"):
                 self.res.fail(s.engine, k, f"lossy link: {e}")
             log(f"  {s.engine} lossy link: FAILED {e}")
             return
         log(f"  {s.engine} link probe: {sent} datagrams, {counted} reached the server, "
-            f"{echoed} echoed back")
+            f"{echoed} echoed back; frames lost g→h {g2h:.2f} % (counters {c0} → {c1})")
+        self.res.add(s.engine, "loss_g2h", g2h)
         self._do(s, "g2h_lossy", lambda: measure.iperf_tcp(r, s, a.seconds, False))
         self._do(s, "h2g_lossy", lambda: measure.iperf_tcp(r, s, a.seconds, True))
-        try:
-            c2 = lossy.counters(r, s)
-        except BenchError as e:
-            log(f"  {s.engine} lossy link counters after the transfers: {e}")
-            c2 = c1
-        self.res.add(s.engine, "loss_g2h", c1.loss_since(c0)[0])
-        self.res.add(s.engine, "loss_h2g", c2.loss_since(c0)[1])
-        log(f"  {s.engine} frames lost: g→h {c1.loss_since(c0)[0]:.2f} %, "
-            f"h→g {c2.loss_since(c0)[1]:.2f} %")
+        self._do(s, "loss_h2g", lambda: lossy.counters(r, s).ingress_loss_since(c0))
 
     def run(self, engines: list[Engine]) -> None:
         for run in range(self.args.runs):
