@@ -225,6 +225,14 @@ def background_cpu(seconds: float = 1.0) -> float:
     return 100.0 * (b1 - b0) / max(1, t1 - t0)
 
 
+def congestion_control() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -293,6 +301,8 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
         "an skb: a 64 KB GSO frame is lost whole. \"frames lost\" rows are read on the device "
         "and qdisc counters (egress over a small-datagram probe, ingress over the probe and the "
         "transfers).",
+        f"- TCP in every namespace uses the machine's default congestion control "
+        f"({congestion_control()}); a new namespace inherits it.",
         f"- {args.streams} streams = iperf3 -P {args.streams}; \"starved\" counts streams whose "
         "receiver got no byte, summed over both directions of a run.",
         "- conn/s = connect, one byte each way, close, serially; UDP = iperf3 -u -l 1400 -w 4M "
