@@ -117,12 +117,14 @@ class Engine:
     """Base: ``name``, ``unavailable()`` (reason or None), ``version()``, ``start()``.
 
     ``binary`` is the peer's program (a name on PATH or a path): ``--slirp4netns PATH`` and
-    ``--pasta PATH`` swap in builds fresher than the distribution's."""
+    ``--pasta PATH`` swap in builds fresher than the distribution's. ``extra`` is appended to
+    the engine's command line (``--natd-args``: e.g. to see what a log level costs)."""
 
     name = "?"
 
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(self, binary: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.binary = binary or self.name
+        self.extra = extra
 
     def _missing(self, what: str) -> str | None:
         return None if shutil.which(self.binary) else f"{self.binary}: {what} not found"
@@ -180,7 +182,7 @@ class Natd(Engine):
         try:
             p = runner.spawn(
                 [*self._argv(), "run", "--netns", f"/run/netns/{g}", "--ready-fd", str(wfd),
-                 "--mtu", str(mtu), "--forward", f"tcp::{fwd_port}-:{GUEST_PORT}"],
+                 "--mtu", str(mtu), "--forward", f"tcp::{fwd_port}-:{GUEST_PORT}", *self.extra],
                 h, pass_fds=(wfd,), env=self._env(), log=log,
             )
         finally:

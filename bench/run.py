@@ -294,7 +294,8 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
         "guest's loopback), not through its TAP; that is what pasta users get.",
         "- 1 CPU rows pin the client, the server and the engine (all its threads) to CPU 0; "
         "\"free\" rows let the scheduler place them on the machine's CPUs.",
-        "- natd runs at its default log level (info), as users run it.",
+        (f"- natd ran with `{args.natd_args}` added to its defaults" if args.natd_args
+         else "- natd runs at its default log level (info), as users run it."),
         f"- lossy link: {LOSS_PERCENT:g} % of the frames each way on the guest's tap0 (the "
         "kernel's: its veth end), a classic-BPF tc filter on clsact: egress TC_ACT_STOLEN (the "
         "guest's TCP believes the frame left, as with netem), ingress TC_ACT_SHOT. A frame is "
@@ -346,6 +347,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="issue 14's table: the default run, named (every row, 3 runs)")
     p.add_argument("--slirp4netns", metavar="PATH", help="slirp4netns binary (default: PATH's)")
     p.add_argument("--pasta", metavar="PATH", help="pasta binary (default: PATH's)")
+    p.add_argument("--natd-args", default="", metavar="ARGS",
+                   help="extra natd options, e.g. '--log-level warning' (default: none: natd as "
+                   "users run it)")
     p.add_argument("--streams", type=int, default=16, help="iperf3 -P for the parallel rows")
     p.add_argument("--probe-n", type=int, default=3000,
                    help="datagrams of the lossy link's probe (its loss rate is read on them)")
@@ -403,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     versions: dict[str, str] = {}
     engines: list[Engine] = []
     for name in args.engines:
-        eng = ALL_ENGINES[name]({"slirp4netns": args.slirp4netns, "pasta": args.pasta}.get(name))
+        eng = ALL_ENGINES[name](
+            {"slirp4netns": args.slirp4netns, "pasta": args.pasta}.get(name),
+            tuple(shlex.split(args.natd_args)) if name == "natd" else (),
+        )
         why = eng.unavailable()
         if why:
             res.unavailable[name] = why
