@@ -94,10 +94,11 @@ def counters(runner: Runner, setup: Setup, dev: str = "tap0") -> Counters:
         raise BenchError(f"cannot read {dev}'s counters: {e!r}") from None
 
 
-def settle(runner: Runner, setup: Setup, quiet: int = 20, window: float = 0.5,
-           timeout: float = 20.0) -> None:
+def settle(runner: Runner, setup: Setup, quiet: int = 50, window: float = 0.5,
+           timeout: float = 60.0) -> None:
     """Wait until fewer than ``quiet`` frames cross the guest's link per ``window`` (e.g. the
-    idle-flows test's thousands of closing connections), so the probe's counts are its own."""
+    idle-flows test's thousands of closing connections; slirp4netns takes over 20 s to let go
+    of them), so the probe's counts are its own."""
     deadline = time.monotonic() + timeout
     last = counters(runner, setup)
     while True:
