@@ -246,10 +246,24 @@ def tool_version(argv: list[str]) -> str:
     return (r.stdout.strip().splitlines() or ["?"])[0]
 
 
+KEEP = "<!-- run.py end: what follows is other tools' (links.py, ...) and is kept -->\n"
+
+
+def kept_sections(old: str) -> str:
+    """What other tools wrote after run.py's part of the report (links.py keeps its own section
+    there between markers): run.py rewrites only its part."""
+    return old.split(KEEP, 1)[1] if KEEP in old else ""
+
+
 def write_report(path: str, args: argparse.Namespace, res: report.Results,
                  versions: dict[str, str], started: datetime.datetime, load0: str,
                  elapsed: float, extra_notes: list[str], bench_loads: list[float],
                  prof: str = "") -> str:
+    try:
+        with open(path) as f:
+            path_text = f.read()
+    except OSError:
+        path_text = ""
     m = machine()
     cmd = "python3 " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0]),
                                                           *sys.argv[1:]])
@@ -318,7 +332,7 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
         lines += ["## Profile: where natd's time goes", "", prof, ""]
     text = "\n".join(lines)
     with open(path, "w") as f:
-        f.write(text)
+        f.write(text + "\n" + KEEP + kept_sections(path_text))
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump({"args": vars(args), "versions": versions, "machine": m, **res.to_json()}, f,
                   indent=1, default=str)
