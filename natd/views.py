@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 from natd.io.control import (
-    FlowInfo,
     LeaseInfo,
     flows_result,
     leases_result,
@@ -19,26 +18,12 @@ from natd.io.forwards import ForwardManager
 from natd.io.shell import Shell
 from natd.log import sink as log_sink
 from natd.stack.gateway import Gateway
+from natd.stack.snapshot import FlowRow
 
 
-def flow_rows(gateway: Gateway) -> list[FlowInfo]:
-    """Every TCP and UDP flow as the control socket's ``flows`` shows it."""
-    return [
-        FlowInfo(
-            proto=r.proto,
-            guest_addr=r.guest_addr,
-            guest_port=r.guest_port,
-            remote_addr=r.remote_addr or "-",
-            remote_port=r.remote_port,
-            state=r.state,
-            bytes_out=r.bytes_out,
-            bytes_in=r.bytes_in,
-            started=r.started,
-            direction=r.direction,
-            flow_id=r.flow_id,
-        )
-        for r in gateway.tcp.rows() + gateway.udp.rows()
-    ]
+def flow_rows(gateway: Gateway) -> list[FlowRow]:
+    """Every TCP and UDP flow, as the core's snapshot rows."""
+    return gateway.tcp.rows() + gateway.udp.rows()
 
 
 def stats_view(gateway: Gateway, shell: Shell, forwards: ForwardManager, started: float) -> object:

@@ -43,6 +43,7 @@ from typing import Any
 
 from natd.stack.addresses import text as address_text
 from natd.stack.events import endpoint
+from natd.stack.snapshot import FlowRow
 
 Handler = Callable[[list[str]], Awaitable[object] | object]
 
@@ -455,25 +456,9 @@ def _mac(m: bytes | str) -> str:
     return m.lower()
 
 
-@dataclass(frozen=True, slots=True)
-class FlowInfo:
-    """One flow as ``flows`` shows it (addresses as bytes of 4 or 16, or text)."""
-
-    proto: str  # "tcp" | "udp" | "icmp"
-    guest_addr: bytes | str
-    guest_port: int
-    remote_addr: bytes | str
-    remote_port: int
-    state: str
-    bytes_out: int = 0  # guest → remote
-    bytes_in: int = 0  # remote → guest
-    started: float = 0.0  # monotonic seconds
-    direction: str = "out"  # "out" (guest dialled) | "in" (a port forward)
-    flow_id: int | None = None
-
-
-def flows_result(flows: Iterable[FlowInfo], now: float) -> list[dict[str, object]]:
-    """Flows as ``flows`` returns them: one object per flow, oldest first, age in seconds."""
+def flows_result(flows: Iterable[FlowRow], now: float) -> list[dict[str, object]]:
+    """Flows (the core's snapshot rows) as ``flows`` returns them: one object per flow, oldest
+    first, age in seconds; a flow with no remote yet shows ``-``."""
     rows: list[dict[str, object]] = []
     for f in sorted(flows, key=lambda f: f.started):
         rows.append(
@@ -482,7 +467,7 @@ def flows_result(flows: Iterable[FlowInfo], now: float) -> list[dict[str, object
                 "proto": f.proto,
                 "direction": f.direction,
                 "guest": endpoint(f.guest_addr, f.guest_port),
-                "remote": endpoint(f.remote_addr, f.remote_port),
+                "remote": endpoint(f.remote_addr, f.remote_port) if f.remote_addr else "-",
                 "state": f.state,
                 "bytes_out": f.bytes_out,
                 "bytes_in": f.bytes_in,

@@ -22,7 +22,6 @@ from natd.io.control import (
     ControlError,
     ControlServer,
     ControlSocketError,
-    FlowInfo,
     Handler,
     LeaseInfo,
     flows_result,
@@ -31,6 +30,7 @@ from natd.io.control import (
     no_args,
     stats_result,
 )
+from natd.stack.snapshot import FlowRow
 
 
 class RecordingLog:
@@ -655,20 +655,11 @@ def test_stats_result_groups_drops_by_reason() -> None:
 
 
 def test_flows_and_leases_results_are_json_rows() -> None:
+    guest = b"\x0a\x00\x02\x0f"
     flows = [
-        FlowInfo("udp", b"\x0a\x00\x02\x0f", 5353, "198.51.100.7", 53, "open", 10, 20, 95.0),
-        FlowInfo(
-            "tcp",
-            "10.0.2.15",
-            40000,
-            b"\xcb\x00\x71\x01",
-            443,
-            "ESTABLISHED",
-            1,
-            2,
-            50.0,
-            flow_id=7,
-        ),
+        FlowRow("udp", 3, guest, 5353, bytes((198, 51, 100, 7)), 53, "open", 10, 20, 95.0, "out"),
+        FlowRow("tcp", 7, guest, 40000, b"\xcb\x00\x71\x01", 443, "ESTABLISHED", 1, 2, 50.0, "out"),
+        FlowRow("udp", 9, guest, 5354, b"", 0, "open", 0, 0, 99.0, "out"),
     ]
     rows = flows_result(flows, now=100.0)
     assert rows[0] == {
@@ -683,9 +674,16 @@ def test_flows_and_leases_results_are_json_rows() -> None:
         "age": 50.0,
     }
     assert rows[1]["guest"] == "10.0.2.15:5353" and rows[1]["age"] == 5.0
+    assert rows[1]["remote"] == "198.51.100.7:53"
+    assert rows[2]["remote"] == "-"  # a UDP flow before its first datagram has no remote
     guest6 = bytes.fromhex("fd000010000000020000000000000f0f")
     (row6,) = flows_result(
-        [FlowInfo("tcp", guest6, 40000, bytes(15) + b"\x01", 80, "ESTABLISHED")], now=1.0
+        [
+            FlowRow(
+                "tcp", 1, guest6, 40000, bytes(15) + b"\x01", 80, "ESTABLISHED", 0, 0, 0.0, "out"
+            )
+        ],
+        now=1.0,
     )
     assert (row6["guest"], row6["remote"]) == ("[fd00:10:0:2::f0f]:40000", "[::1]:80")
     leases = [
