@@ -43,17 +43,11 @@ from natd.wire.ethernet import (
     build_ethernet,
 )
 from natd.wire.fastpath import decode_frame
-from natd.wire.icmp import (
-    ICMP_DEST_UNREACH,
-    ICMP_ECHO_REQUEST,
-    UNREACH_ADMIN,
-    build_icmp_error,
-    parse_icmp,
-)
-from natd.wire.icmpv6 import parse_icmpv6
+from natd.wire.icmp import ICMP_ECHO_REQUEST, parse_icmp
+from natd.wire.icmpv6 import ICMPV6_ECHO_REQUEST, parse_icmpv6
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, build_ipv4, parse_ipv4
 from natd.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
-from natd.wire.l3 import L3, build_ip, l3_from_ipv4, l3_from_ipv6
+from natd.wire.l3 import L3, WHY_ADMIN, build_error, build_ip, l3_from_ipv4, l3_from_ipv6
 from natd.wire.ndp import ND_REDIRECT, ND_ROUTER_SOLICIT
 from natd.wire.tcp import ACK, FIN, RST, SYN, TCP_HLEN, build_tcp, parse_tcp
 from natd.wire.udp import UDP_HLEN, parse_udp
@@ -64,6 +58,9 @@ _ZERO_MAC = bytes(6)
 _IPV6_ETHERTYPE = b"\x86\xdd"
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _LOOPBACK = bytes((127, 0, 0, 1))
+_LOOPBACK6 = bytes(15) + b"\x01"
+NAT64_PREFIX = bytes.fromhex("0064ff9b") + bytes(8)
+"""The well-known NAT64 prefix ``64:ff9b::/96`` (RFC 6052): its last 4 bytes are the IPv4 host."""
 _DHCP_SERVER_PORT = 67
 _DHCPV6_SERVER_PORT = 547
 _DNS_PORT = 53
@@ -198,6 +195,15 @@ class Gateway:
         self.outbox.frames.append(build_ethernet(mac, self.mac, ethertype, packet))
         return True
 
+    def send_error(
+        self, guest: bytes, why: int, original: bytes | memoryview, *,
+        origin: bytes | None = None, mtu: int = 0,
+    ) -> bool:  # fmt: skip
+        if origin is None:
+            origin = self.settings.gateway_ip if len(guest) == 4 else self.settings.gateway6
+        proto, message = build_error(origin, guest, why, original, mtu=mtu)
+        return self.send_ip(origin, guest, proto, message)
+
     def solicit(self, ip: bytes) -> None:
         """Ask the segment who has ``ip`` (used before natd can send to a silent guest)."""
         request = build_arp(ARP_REQUEST, self.mac, self.settings.gateway_ip, bytes(6), ip)
@@ -211,13 +217,25 @@ class Gateway:
     def host_destination(self, dst: bytes, port: int) -> tuple[bytes, int] | None:
         """Where a guest connection to ``dst``:``port`` is re-originated, or None if nowhere.
 
-        The gateway address means the host's loopback (unless disabled), the DNS address on
-        port 53 means the first upstream resolver, and the rest of the virtual network is not
-        re-originated at all.
+        The gateway address means the host's loopback of the same family (unless disabled),
+        the DNS address on port 53 means the first upstream resolver, ``64:ff9b::/96`` (with
+        ``nat64``) the IPv4 host in its last 4 bytes, and the rest of the virtual network is not
+        re-originated at all. Other IPv6 needs a host that can carry it (``host_ipv6``).
         """
-        if len(dst) != 4:
-            return None  # IPv6 is not re-originated yet (issue 12)
         s = self.settings
+        if len(dst) == 16:
+            if dst == s.gateway6:
+                return (_LOOPBACK6, port) if s.host_loopback else None
+            if dst == s.dns6:
+                return self.dns.upstreams[0] if port == _DNS_PORT and self.dns.upstreams else None
+            if dst[:12] == NAT64_PREFIX:
+                v4 = dst[12:]
+                if not s.nat64 or s.in_network(v4) or is_special(v4):
+                    return None
+                return v4, port
+            if not s.host_ipv6 or s.in_network6(dst) or is_special(dst) or is_link_local(dst):
+                return None
+            return dst, port
         if dst == s.gateway_ip:
             return (_LOOPBACK, port) if s.host_loopback else None
         if dst == s.dns_ip:
@@ -428,10 +446,24 @@ class Gateway:
                 ip.payload = memoryview(_with_udp_checksum(ip.src, ip.dst, l4))
             self.dns.on_guest_query(ip, now)  # the forwarder answers at ::3 as at .3
             return
-        if proto in (PROTO_TCP, PROTO_UDP, PROTO_ICMPV6):
+        if self._egress_denied(ip, csum):
+            return
+        if not self.settings.host_ipv6 and self._needs_host_ipv6(ip.dst):
+            self.icmpv6.refuse(ip, csum, message)  # no IPv6 on the host: refused at once
+        elif proto == PROTO_TCP:
+            self.tcp.on_guest_segment(ip, now, csum, src_mac)
+        elif proto in (PROTO_UDP, PROTO_ICMPV6):
             self.icmpv6.refuse(ip, csum, message)
         else:
             counters["drop.ipv6.protocol"] += 1
+
+    def _needs_host_ipv6(self, dst: bytes) -> bool:
+        """An IPv6 destination natd can only reach through the host's own IPv6 (not ``::2``,
+        ``::3`` or a NAT64 address, which work without it)."""
+        s = self.settings
+        if s.is_gateway(dst) or s.is_dns(dst):
+            return False
+        return not (s.nat64 and dst[:12] == NAT64_PREFIX)
 
     def announce(self, now: float) -> None:
         """A link is up (start, a new socket peer): IPv6 neighbours hear of the router."""
@@ -464,16 +496,24 @@ class Gateway:
             if n < 8 or l4[0] != ICMP_ECHO_REQUEST:
                 return False
             port = 0
+        elif proto == PROTO_ICMPV6:
+            if n < 8 or l4[0] != ICMPV6_ECHO_REQUEST:
+                return False
+            port = 0
         else:
             return False
         s = self.settings
         dst = ip.dst
-        if dst == s.gateway_ip:
-            kind = SERVICE if proto == PROTO_ICMP else HOST
-        elif dst == s.dns_ip:
-            kind = SERVICE if proto == PROTO_ICMP or port == _DNS_PORT else HOST
-        elif s.in_network(dst):
+        echo = port == 0 and proto != PROTO_TCP and proto != PROTO_UDP
+        if s.is_gateway(dst):
+            kind = SERVICE if echo else HOST
+        elif s.is_dns(dst):
+            kind = SERVICE if echo or port == _DNS_PORT else HOST
+        elif s.in_network(dst) or s.in_network6(dst):
             return False
+        elif len(dst) == 16 and dst[:12] == NAT64_PREFIX:
+            dst = dst[12:]  # the policy judges the IPv4 host NAT64 would dial
+            kind = OUTSIDE
         else:
             kind = OUTSIDE
         policy = s.policy
@@ -512,11 +552,13 @@ class Gateway:
             if proto == PROTO_UDP:
                 parse_udp(src, dst, l4, verify=True)
                 name = "udp"
-            else:
+            elif proto == PROTO_ICMP:
                 parse_icmp(l4, verify=True)
                 name = "icmp"
-            error = build_icmp_error(ICMP_DEST_UNREACH, UNREACH_ADMIN, ip.packet)
-            self.send_ipv4(self.settings.gateway_ip, src, PROTO_ICMP, error)
+            else:
+                parse_icmpv6(src, dst, l4, verify=not csum)
+                name = "icmpv6"
+            self.send_error(src, WHY_ADMIN, ip.packet)
         self.counters["policy.denied." + name] += 1
         key = (src, proto, dst, port)
         logged = self._denials_logged
@@ -531,7 +573,7 @@ class Gateway:
             guest=text(src),
             proto=name,
             dst=text(dst),
-            port=port if proto != PROTO_ICMP else None,
+            port=port if proto in (PROTO_TCP, PROTO_UDP) else None,
             reason=self.settings.policy.explain(proto, dst, port, kind),
         )
 

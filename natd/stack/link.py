@@ -52,6 +52,15 @@ class Link(Protocol):
         """
         ...
 
+    def send_error(
+        self, guest: bytes, why: int, original: bytes | memoryview, *,
+        origin: bytes | None = None, mtu: int = 0,
+    ) -> bool:  # fmt: skip
+        """Tell ``guest`` that ``original`` (the IP packet it sent) could not be delivered:
+        an ICMP or ICMPv6 error of the guest's family saying ``why`` (``natd.wire.l3.WHY_*``),
+        from ``origin`` (default: natd's gateway address of that family)."""
+        ...
+
     def send_frame(self, frame: bytes) -> None:
         """Queue a complete Ethernet frame for the guest."""
         ...

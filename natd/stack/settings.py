@@ -73,6 +73,10 @@ class GatewaySettings:
     ipv6: bool = True
     network6: ipaddress.IPv6Network = ipaddress.IPv6Network("fd00:10:0:2::/64")
     nat64: bool = False
+    # The host can carry IPv6 (the shell's probe: an AF_INET6 socket opens and a default IPv6
+    # route exists). False: guest IPv6 flows to the outside are refused at once (RST /
+    # ICMPv6 unreachable) while ::2, ::3 and NAT64 keep working.
+    host_ipv6: bool = True
     ra_interval: float = 600.0  # MaxRtrAdvInterval (RFC 4861 6.2.1)
 
     @property
@@ -92,6 +96,14 @@ class GatewaySettings:
         """The 8 leading bytes every address of the /64 shares."""
         return self.network6.network_address.packed[:8]
 
+    def is_gateway(self, ip: bytes) -> bool:
+        """The gateway address of either family (``.2`` or ``::2``)."""
+        return ip == self.gateway_ip or ip == self.gateway6
+
+    def is_dns(self, ip: bytes) -> bool:
+        """The DNS forwarder's address of either family (``.3`` or ``::3``)."""
+        return ip == self.dns_ip or ip == self.dns6
+
     def in_network6(self, ip: bytes) -> bool:
         return len(ip) == 16 and ip[:8] == self.network6.network_address.packed[:8]
 
@@ -109,7 +121,7 @@ class GatewaySettings:
 
     def in_network(self, ip: bytes) -> bool:
         """True for any address of the virtual network, including its broadcast."""
-        return int.from_bytes(ip, "big") & int(self.network.netmask) == int(
+        return len(ip) == 4 and int.from_bytes(ip, "big") & int(self.network.netmask) == int(
             self.network.network_address
         )
 

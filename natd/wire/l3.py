@@ -14,8 +14,28 @@ from dataclasses import dataclass
 
 from natd.wire.checksum import Buf, pseudo_sum
 from natd.wire.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6
-from natd.wire.ipv4 import IPv4Header, build_ipv4
-from natd.wire.ipv6 import IPv6Header, build_ipv6
+from natd.wire.icmp import (
+    ICMP_DEST_UNREACH,
+    ICMP_TIME_EXCEEDED,
+    UNREACH_FRAG_NEEDED,
+    build_icmp_error,
+)
+from natd.wire.icmp import UNREACH_ADMIN as _V4_ADMIN
+from natd.wire.icmp import UNREACH_HOST as _V4_HOST
+from natd.wire.icmp import UNREACH_NET as _V4_NET
+from natd.wire.icmp import UNREACH_PORT as _V4_PORT
+from natd.wire.icmpv6 import (
+    ICMPV6_DEST_UNREACH,
+    ICMPV6_PACKET_TOO_BIG,
+    ICMPV6_TIME_EXCEEDED,
+    build_icmpv6_error,
+)
+from natd.wire.icmpv6 import UNREACH_ADDRESS as _V6_ADDRESS
+from natd.wire.icmpv6 import UNREACH_ADMIN as _V6_ADMIN
+from natd.wire.icmpv6 import UNREACH_NO_ROUTE as _V6_NO_ROUTE
+from natd.wire.icmpv6 import UNREACH_PORT as _V6_PORT
+from natd.wire.ipv4 import PROTO_ICMP, IPv4Header, build_ipv4
+from natd.wire.ipv6 import PROTO_ICMPV6, IPv6Header, build_ipv6
 
 
 @dataclass(slots=True)
@@ -64,4 +84,55 @@ def build_ip(
     return ETHERTYPE_IPV6, build_ipv6(src, dst, proto, payload, hop_limit=hop_limit)
 
 
-__all__ = ["L3", "build_ip", "l3_from_ipv4", "l3_from_ipv6"]
+# Why a guest packet could not be delivered, in words both families have (``build_error``).
+WHY_NET = 0  # no route to the network        (ICMP 3/0,  ICMPv6 1/0)
+WHY_HOST = 1  # the host did not answer        (ICMP 3/1,  ICMPv6 1/3)
+WHY_PORT = 2  # nothing listens on the port    (ICMP 3/3,  ICMPv6 1/4)
+WHY_ADMIN = 3  # the policy forbids it         (ICMP 3/13, ICMPv6 1/1)
+WHY_TOO_BIG = 4  # the path's MTU is smaller   (ICMP 3/4,  ICMPv6 2/0), ``mtu`` set
+WHY_TTL = 5  # the hop limit ran out           (ICMP 11/0, ICMPv6 3/0)
+
+_V4_ERRORS = {
+    WHY_NET: (ICMP_DEST_UNREACH, _V4_NET),
+    WHY_HOST: (ICMP_DEST_UNREACH, _V4_HOST),
+    WHY_PORT: (ICMP_DEST_UNREACH, _V4_PORT),
+    WHY_ADMIN: (ICMP_DEST_UNREACH, _V4_ADMIN),
+    WHY_TOO_BIG: (ICMP_DEST_UNREACH, UNREACH_FRAG_NEEDED),
+    WHY_TTL: (ICMP_TIME_EXCEEDED, 0),
+}
+_V6_ERRORS = {
+    WHY_NET: (ICMPV6_DEST_UNREACH, _V6_NO_ROUTE),
+    WHY_HOST: (ICMPV6_DEST_UNREACH, _V6_ADDRESS),
+    WHY_PORT: (ICMPV6_DEST_UNREACH, _V6_PORT),
+    WHY_ADMIN: (ICMPV6_DEST_UNREACH, _V6_ADMIN),
+    WHY_TOO_BIG: (ICMPV6_PACKET_TOO_BIG, 0),
+    WHY_TTL: (ICMPV6_TIME_EXCEEDED, 0),
+}
+
+
+def build_error(
+    src: bytes, dst: bytes, why: int, original_packet: Buf, *, mtu: int = 0
+) -> tuple[int, bytes]:
+    """(protocol, message): the ICMP or ICMPv6 error (of ``dst``'s family) saying ``why``,
+    quoting ``original_packet``, from ``src``. One place maps the reasons natd has for
+    refusing a packet onto both families' codes, so no engine asks "which family"."""
+    if len(dst) == 4:
+        kind, code = _V4_ERRORS[why]
+        return PROTO_ICMP, build_icmp_error(kind, code, original_packet, mtu=mtu)
+    kind, code = _V6_ERRORS[why]
+    return PROTO_ICMPV6, build_icmpv6_error(src, dst, kind, code, original_packet, param=mtu)
+
+
+__all__ = [
+    "L3",
+    "WHY_ADMIN",
+    "WHY_HOST",
+    "WHY_NET",
+    "WHY_PORT",
+    "WHY_TOO_BIG",
+    "WHY_TTL",
+    "build_error",
+    "build_ip",
+    "l3_from_ipv4",
+    "l3_from_ipv6",
+]

@@ -12,6 +12,7 @@ import dpkt
 from helpers import RecordingLog, inet_checksum
 
 from natd.stack.gateway import Gateway
+from natd.stack.ops import TcpConnect
 from natd.stack.settings import GatewaySettings
 from natd.wire.checksum import pseudo_sum
 from natd.wire.ipv4 import PROTO_TCP, build_ipv4, parse_ipv4
@@ -56,8 +57,20 @@ def test_build_ip_picks_the_family_by_address_length() -> None:
     assert ethertype == 0x0800 and dpkt.ip.IP(packet).dst == G4
 
 
-def test_the_tcp_engine_answers_an_ipv6_syn_in_ipv6() -> None:
+def test_an_ipv6_syn_is_reoriginated_as_an_ipv6_host_connection() -> None:
     gw = Gateway(GatewaySettings(), log=RecordingLog())
+    assert gw.neighbours.claim(G6, GUEST_MAC, 0.0)
+    seg = syn(G6, R6)
+    packet = memoryview(build_ipv6(G6, R6, PROTO_TCP, seg))
+    gw.tcp.on_guest_segment(l3_from_ipv6(*parse_ipv6(packet), packet), 1.0, 0, GUEST_MAC)
+    frames, ops = gw.take_outbox()
+    assert frames == [] and len(ops) == 1
+    (op,) = ops
+    assert isinstance(op, TcpConnect) and (op.host, op.port) == (R6, 443)
+
+
+def test_without_host_ipv6_the_tcp_engine_answers_an_ipv6_syn_with_a_rst() -> None:
+    gw = Gateway(GatewaySettings(host_ipv6=False), log=RecordingLog())
     assert gw.neighbours.claim(G6, GUEST_MAC, 0.0)
     seg = syn(G6, R6)
     packet = memoryview(build_ipv6(G6, R6, PROTO_TCP, seg))

@@ -9,6 +9,7 @@ ICMPv6 checksums recomputed here (RFC 4443 2.3, with ``inet_checksum`` from the 
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import dpkt
@@ -265,18 +266,21 @@ def tcp_syn(dst: bytes, *, seq: int = 1000, bad: bool = False) -> bytes:
     return frame(seg[:16] + struct.pack("!H", csum) + seg[18:], 6, src=GUEST6, dst=dst, hlim=64)
 
 
-def test_v6_syn_refused_at_once_with_rst(gw: Gateway) -> None:
+def test_v6_syn_refused_at_once_with_rst_without_host_ipv6(gw: Gateway) -> None:
+    gw.settings = replace(gw.settings, host_ipv6=False)
     (reply,) = exchange(gw, [tcp_syn(REMOTE6, seq=1000)], 1.0)
     _, ip, l4 = read6(reply)
     assert ip.src == REMOTE6 and ip.dst == GUEST6 and ip.nxt == 6
     sport, dport, _seq, ack, _off, flags = struct.unpack("!HHIIBB", l4[:14])
     assert (sport, dport, ack, flags & 0x14) == (443, 40000, 1001, 0x14)  # RST|ACK
     assert gw.counters["ipv6.refused_no_route"] == 1
-    # to natd's own gateway too (IPv6 host flows are not carried yet)
-    assert len(exchange(gw, [tcp_syn(GW6)], 1.0)) == 1
+    # natd's own gateway is the host's ::1, which needs no IPv6 route: re-originated
+    gw.receive_frames([tcp_syn(GW6)], 1.0)
+    frames, ops = gw.take_outbox()
+    assert frames == [] and [(op.host, op.port) for op in ops] == [(bytes(15) + b"\1", 443)]
     # a corrupt SYN is dropped, never answered
     assert exchange(gw, [tcp_syn(REMOTE6, bad=True)], 1.0) == []
-    assert gw.counters["ipv6.refused_no_route"] == 2
+    assert gw.counters["ipv6.refused_no_route"] == 1
 
 
 def test_v6_udp_refused_with_unreachable_quoting_it(gw: Gateway) -> None:

@@ -121,9 +121,8 @@ from natd.stack.tcp.flow import TcpFlow
 from natd.wire import Malformed
 from natd.wire.checksum import word_sum
 from natd.wire.fastpath import L4_START, FastFrame
-from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_HOST, UNREACH_NET, build_icmp_error
-from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP
-from natd.wire.l3 import L3
+from natd.wire.ipv4 import PROTO_TCP
+from natd.wire.l3 import L3, WHY_HOST, WHY_NET
 from natd.wire.tcp import TCP_HLEN, build_tcp, build_tcp_options, parse_tcp_options
 
 _UNREACH_HOST_ERRNOS = frozenset(
@@ -748,9 +747,9 @@ class TcpEngine:
             err = errno.ETIMEDOUT
         code: int | None = None
         if err in _UNREACH_NET_ERRNOS:
-            code = UNREACH_NET
+            code = WHY_NET
         elif err in _UNREACH_HOST_ERRNOS:
-            code = UNREACH_HOST
+            code = WHY_HOST
         if code is None:
             # Out of descriptors is natd's failure, not the host's refusal: counted apart.
             self.counters["tcp.no_descriptor" if err in _NO_FD_ERRNOS else "tcp.refused"] += 1
@@ -759,10 +758,8 @@ class TcpEngine:
             reason = "refused" if err == errno.ECONNREFUSED else f"connect_error:{err}"
         else:
             self.counters["tcp.unreachable"] += 1
-            settings = self.link.settings
-            icmp = build_icmp_error(ICMP_DEST_UNREACH, code, flow.syn_packet)
-            self.link.send_ipv4(settings.gateway_ip, flow.guest_ip, PROTO_ICMP, icmp)
-            reason = "net_unreachable" if code == UNREACH_NET else "host_unreachable"
+            self.link.send_error(flow.guest_ip, code, flow.syn_packet)
+            reason = "net_unreachable" if code == WHY_NET else "host_unreachable"
             if err == errno.ETIMEDOUT:
                 reason = "connect_timeout"
         self.close(flow, reason, now)
