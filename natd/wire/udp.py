@@ -18,7 +18,11 @@ UDP_CHECKSUM_AT = 6
 def parse_udp(
     src: bytes, dst: bytes, data: Buf, verify: bool = True
 ) -> tuple[int, int, memoryview]:
-    """Parse a datagram into (sport, dport, payload view trimmed to the UDP length field)."""
+    """Parse a datagram into (sport, dport, payload view trimmed to the UDP length field).
+
+    A zero checksum means "none" over IPv4 (RFC 768) but is forbidden over IPv6 (RFC 8200 8.1):
+    with ``verify`` such an IPv6 datagram is malformed.
+    """
     n = len(data)
     if n < UDP_HLEN:
         raise Malformed("udp.short")
@@ -28,8 +32,12 @@ def parse_udp(
     view = memoryview(data)
     if length != n:
         view = view[:length]
-    if verify and csum and transport_checksum(src, dst, _PROTO_UDP, view) != 0:
-        raise Malformed("udp.bad_checksum")
+    if verify:
+        if not csum:
+            if len(src) == 16:
+                raise Malformed("udp.zero_checksum")
+        elif transport_checksum(src, dst, _PROTO_UDP, view) != 0:
+            raise Malformed("udp.bad_checksum")
     return sport, dport, view[UDP_HLEN:]
 
 

@@ -182,3 +182,15 @@ def test_udp_bad_checksum() -> None:
         parse_udp(GUEST_IP, bytes([93, 184, 216, 35]), raw)  # wrong pseudo-header
     assert info.value.reason == "udp.bad_checksum"
     assert parse_udp(GUEST_IP, bytes([93, 184, 216, 35]), raw, verify=False)[0] == 1000
+
+
+def test_udp_zero_checksum_is_malformed_over_ipv6() -> None:
+    g6 = bytes.fromhex("fd000010000000020000000000000015")
+    r6 = bytes.fromhex("fd000099000000000000000000000001")
+    dg = build_udp(g6, r6, 5000, 53, b"hello")
+    assert parse_udp(g6, r6, dg)[2] == b"hello"  # a real checksum passes
+    zeroed = dg[:6] + b"\x00\x00" + dg[8:]
+    with pytest.raises(Malformed) as err:
+        parse_udp(g6, r6, zeroed)
+    assert err.value.reason == "udp.zero_checksum"
+    assert parse_udp(g6, r6, zeroed, verify=False)[2] == b"hello"  # offloaded: trusted
