@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 import tomllib
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from natd.cli import main
 from natd.config import (
     Config,
     ConfigError,
@@ -163,7 +164,11 @@ ERRORS = [
     ("[[policy.rule]]\naction = 'deny'\ncidr = '10.0.0.1/8'\n", 3, f"{R0}.cidr",
      "'10.0.0.1/8' has host bits set (did you mean 10.0.0.0/8?)"),
     ("[[policy.rule]]\naction = 'deny'\ncidr = 'example.com'\n", 3, f"{R0}.cidr",
-     "'example.com' is not an IPv4 network like 198.51.100.0/24"),
+     "'example.com' is not an IPv4 or IPv6 network like 198.51.100.0/24 or 2001:db8::/32"),
+    ("[[policy.rule]]\naction = 'deny'\ncidr = '2001:db8::1/32'\n", 3, f"{R0}.cidr",
+     "'2001:db8::1/32' has host bits set (did you mean 2001:db8::/32?)"),
+    ("[[policy.rule]]\naction = 'deny'\ncidr = 'fd00::/129'\n", 3, f"{R0}.cidr",
+     "'fd00::/129' is not an IPv4 or IPv6 network like 198.51.100.0/24 or 2001:db8::/32"),
     (RULE + "ports = '2000-1000'\n", 4, f"{R0}.ports",
      "'2000-1000': the low port must come first"),
     (RULE + "ports = '70000'\n", 4, f"{R0}.ports", "'70000' is out of range (0-65535)"),
@@ -237,6 +242,55 @@ def test_settings_from_config_maps_policy_and_limits(tmp_path: Path) -> None:
     assert not s.policy.decide(6, bytes((198, 51, 100, 1)), 80)
     assert s.policy.decide(6, bytes((169, 254, 169, 254)), 80)
     assert not s.policy.decide(6, s.gateway_ip, 80, HOST)
+
+
+POLICY6 = """
+[[policy.rule]]
+action = "deny"
+cidr = "2001:db8:5::/48"
+ports = "22"
+proto = "tcp"
+
+[[policy.rule]]
+action = "allow"
+cidr = "fd00:ec2::254"
+proto = "tcp"
+
+[[policy.rule]]
+action = "deny"
+cidr = "203.0.113.0/24"
+"""
+
+
+def test_ipv6_rules_parse_render_and_reach_the_core(tmp_path: Path, capsys: Any) -> None:
+    path = write(tmp_path, POLICY6)
+    cfg = load(path)
+    assert cfg.policy.rules == (
+        PolicyRuleConfig("deny", IPv6Network("2001:db8:5::/48"), (22, 22), "tcp"),
+        PolicyRuleConfig("allow", IPv6Network("fd00:ec2::254/128"), None, "tcp"),
+        PolicyRuleConfig("deny", IPv4Network("203.0.113.0/24")),
+    )
+    assert roundtrip(cfg, tmp_path).policy == cfg.policy
+    # ``natd check-config`` prints the v6 rules as it prints the v4 ones.
+    assert main(["check-config", path]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)["policy"]["rule"]
+    cidrs = [r["cidr"] for r in printed]
+    assert cidrs == ["2001:db8:5::/48", "fd00:ec2::254/128", "203.0.113.0/24"]
+    policy = settings_from_config(cfg).policy
+    v6 = IPv6Address
+    assert not policy.decide(6, v6("2001:db8:5::9").packed, 22)
+    assert policy.decide(6, v6("2001:db8:5::9").packed, 23)
+    assert policy.decide(6, v6("fd00:ec2::254").packed, 80)  # opened by a rule about it alone
+    assert not policy.decide(17, v6("fd00:ec2::254").packed, 53)
+    assert not policy.decide(6, bytes((203, 0, 113, 1)), 22)  # families never cross
+
+
+def test_passt_no_protocol_denies_both_families(tmp_path: Path) -> None:
+    cfg = load_config(None, {"no_protocols": ["tcp"]}, resolv_conf=NO_RESOLV)
+    policy = settings_from_config(cfg).policy
+    assert not policy.decide(6, bytes((198, 51, 100, 1)), 80)
+    assert not policy.decide(6, IPv6Address("2001:db8::1").packed, 80)
+    assert policy.decide(17, IPv6Address("2001:db8::1").packed, 53)
 
 
 class _Log:

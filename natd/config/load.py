@@ -366,10 +366,8 @@ def _check_policy(values: Mapping[str, Value]) -> PolicyConfig:
         for proto in cast(Sequence[str], v.value):
             if proto not in ("tcp", "udp", "icmp"):
                 raise ConfigError(f"{v.label}: unknown protocol {proto!r}")
-            deny = PolicyRuleConfig(
-                "deny", IPv4Network("0.0.0.0/0"), None, cast(PolicyProto, proto)
-            )
-            rules.append(deny)
+            for everywhere in (IPv4Network("0.0.0.0/0"), IPv6Network("::/0")):
+                rules.append(PolicyRuleConfig("deny", everywhere, None, cast(PolicyProto, proto)))
     if (v := values.get("policy.rules")) is not None:
         for item in cast(list[Value], v.value):
             entry = cast(dict[str, object], item.value)

@@ -81,10 +81,11 @@ POLICY_PROTOS = ("tcp", "udp", "icmp", "any")
 
 @dataclass(frozen=True)
 class PolicyRuleConfig:
-    """One ``[[policy.rule]]``: ``action`` for destinations in ``cidr`` (``ports`` inclusive)."""
+    """One ``[[policy.rule]]``: ``action`` for destinations in ``cidr`` (IPv4 or IPv6;
+    ``ports`` inclusive)."""
 
     action: PolicyAction
-    cidr: IPv4Network
+    cidr: IPv4Network | IPv6Network
     ports: tuple[int, int] | None = None
     proto: PolicyProto = "any"
 

@@ -294,16 +294,20 @@ def parse_ports(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def parse_rule_cidr(text: str) -> IPv4Network:
-    """A rule's destination: ``198.51.100.0/24``, or a bare address for a /32."""
+def parse_rule_cidr(text: str) -> IPv4Network | IPv6Network:
+    """A rule's destination: ``198.51.100.0/24`` or ``2001:db8::/32``, or a bare address for
+    a /32 or /128."""
+    family: type[IPv4Network] | type[IPv6Network] = IPv6Network if ":" in text else IPv4Network
     try:
-        return IPv4Network(text, strict=True)
+        return family(text, strict=True)
     except ValueError:
         pass
     try:
-        net = IPv4Network(text, strict=False)
+        net = family(text, strict=False)
     except ValueError:
-        raise Invalid(f"{text!r} is not an IPv4 network like 198.51.100.0/24") from None
+        raise Invalid(
+            f"{text!r} is not an IPv4 or IPv6 network like 198.51.100.0/24 or 2001:db8::/32"
+        ) from None
     raise Invalid(f"{text!r} has host bits set (did you mean {net}?)")
 
 

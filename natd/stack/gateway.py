@@ -531,11 +531,12 @@ class Gateway:
             return False
         if proto == PROTO_UDP and self.udp.is_inbound_reply(ip.src, l4[0] << 8 | l4[1], dst, port):
             return False  # a reply on a flow natd opened inbound (a port forward)
-        self._deny(ip, csum, port, kind)
+        self._deny(ip, csum, dst, port, kind)
         return True
 
-    def _deny(self, ip: L3, csum: int, port: int, kind: int) -> None:
-        """Refuse a flow the policy denies, count it, and log it once per flow."""
+    def _deny(self, ip: L3, csum: int, judged: bytes, port: int, kind: int) -> None:
+        """Refuse a flow the policy denies, count it, and log it once per flow (``judged``:
+        the destination the policy decided on, a NAT64 address's IPv4 host)."""
         l4 = ip.payload
         src = ip.src
         dst = ip.dst
@@ -560,7 +561,7 @@ class Gateway:
                 name = "icmpv6"
             self.send_error(src, WHY_ADMIN, ip.packet)
         self.counters["policy.denied." + name] += 1
-        key = (src, proto, dst, port)
+        key = (src, proto, judged, port)
         logged = self._denials_logged
         if key in logged:
             logged.move_to_end(key)
@@ -572,9 +573,9 @@ class Gateway:
             "policy.denied",
             guest=text(src),
             proto=name,
-            dst=text(dst),
+            dst=text(judged),
             port=port if proto in (PROTO_TCP, PROTO_UDP) else None,
-            reason=self.settings.policy.explain(proto, dst, port, kind),
+            reason=self.settings.policy.explain(proto, judged, port, kind),
         )
 
     # -- time and output ---------------------------------------------------------------------

@@ -14,9 +14,10 @@ Three kinds of destination (``Policy.decide``'s ``kind``):
 
 * ``OUTSIDE`` — anything natd dials on the host's networks. ``restrict`` denies it all, whatever
   the rules say (that is libslirp's ``restrict``: full isolation; use ``default = "deny"`` plus
-  allow rules for an allow-list instead). Link-local ``169.254.0.0/16`` (cloud metadata
-  services) is denied unless an *allow rule inside 169.254.0.0/16* matches: a broad
-  ``0.0.0.0/0`` allow does not open the metadata service by accident.
+  allow rules for an allow-list instead). Link-local ``169.254.0.0/16`` and ``fe80::/10`` and
+  the IPv6 metadata address ``fd00:ec2::254`` (cloud metadata services,
+  ``addresses.denied_by_default``) are denied unless an *allow rule inside them* matches: a
+  broad ``0.0.0.0/0`` or ``::/0`` allow does not open the metadata service by accident.
 * ``HOST`` — TCP/UDP to the gateway address, i.e. the host's own loopback (only when
   ``host_loopback`` is on; ``Gateway.host_destination`` enforces that part). Rules apply (so a
   user can deny ``10.0.2.2`` port 22); ``restrict`` denies; else ``default``.
@@ -27,9 +28,13 @@ Three kinds of destination (``Policy.decide``'s ``kind``):
 Replies on flows natd opened *inbound* (port forwards) are not new outbound flows: the Gateway
 does not ask the policy about them.
 
+Both families: a rule's CIDR is IPv4 or IPv6 and matches destinations of its family only
+(a NAT64 destination is judged by the IPv4 host it stands for: the Gateway passes that one).
+``icmp`` means echo in either family: ICMPv6 (58) is decided as ICMP.
+
 The matcher is compiled at construction: each rule becomes a tuple of ints (network, mask, port
-bounds, protocol number), and the common case — no rules, no restrict, default allow — is one
-shift and compare per decision.
+bounds, protocol number) in its family's list, and the common case — no rules, no restrict,
+default allow — is one shift and compare per decision.
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from natd.stack.addresses import denied_by_default
+from natd.stack.addresses import V6_METADATA, denied_by_default
 
 PROTO_ANY = 0
 PROTO_ICMP = 1
 PROTO_TCP = 6
 PROTO_UDP = 17
+PROTO_ICMPV6 = 58  # decided as PROTO_ICMP: an ``icmp`` rule is about echo in either family
 PROTOCOLS: dict[str, int] = {
     "any": PROTO_ANY,
     "icmp": PROTO_ICMP,
@@ -57,6 +63,9 @@ HOST = 1
 SERVICE = 2
 
 LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
+LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
+METADATA6 = ipaddress.IPv6Network(V6_METADATA)
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # A compiled rule: (allow, network, mask, port_lo, port_hi, proto, usable_for_link_local, index)
 # port_lo = -1 means "no port range".
@@ -68,7 +77,7 @@ class PolicyRule:
     """One ordered rule: ``action`` (allow|deny) for ``network``, ``ports``, ``proto``."""
 
     action: str
-    network: ipaddress.IPv4Network
+    network: Network
     ports: tuple[int, int] | None = None
     proto: str = "any"
 
@@ -100,28 +109,31 @@ class Policy:
     rules: tuple[PolicyRule, ...] = ()
     restrict: bool = False
     default: str = "allow"
-    _compiled: tuple[_Compiled, ...] = field(init=False, repr=False, compare=False)
+    _compiled4: tuple[_Compiled, ...] = field(init=False, repr=False, compare=False)
+    _compiled6: tuple[_Compiled, ...] = field(init=False, repr=False, compare=False)
     _open: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.default not in ACTIONS:
             raise ValueError(f"default {self.default!r} is not allow or deny")
-        compiled: list[_Compiled] = []
+        compiled: dict[int, list[_Compiled]] = {4: [], 6: []}
         for index, rule in enumerate(self.rules):
             lo, hi = rule.ports if rule.ports is not None else (-1, -1)
-            compiled.append(
+            net = rule.network
+            compiled[net.version].append(
                 (
                     rule.action == "allow",
-                    int(rule.network.network_address),
-                    int(rule.network.netmask),
+                    int(net.network_address),
+                    int(net.netmask),
                     lo,
                     hi,
                     PROTOCOLS[rule.proto],
-                    rule.network.subnet_of(LINK_LOCAL),
+                    _about_denied_by_default(net),
                     index,
                 )
             )
-        object.__setattr__(self, "_compiled", tuple(compiled))
+        object.__setattr__(self, "_compiled4", tuple(compiled[4]))
+        object.__setattr__(self, "_compiled6", tuple(compiled[6]))
         object.__setattr__(
             self, "_open", not self.rules and not self.restrict and self.default == "allow"
         )
@@ -151,9 +163,12 @@ class Policy:
     def _verdict(self, proto: int, dst: bytes, port: int, kind: int) -> tuple[bool, str]:
         if self.restrict and kind != SERVICE:
             return False, "restrict"
+        if proto == PROTO_ICMPV6:
+            proto = PROTO_ICMP
         addr = int.from_bytes(dst, "big")
         link_local = kind == OUTSIDE and denied_by_default(dst)
-        for allow, net, mask, lo, hi, rproto, ll_ok, index in self._compiled:
+        compiled = self._compiled4 if len(dst) == 4 else self._compiled6
+        for allow, net, mask, lo, hi, rproto, ll_ok, index in compiled:
             if addr & mask != net or (rproto and rproto != proto):
                 continue
             if lo >= 0 and (proto == PROTO_ICMP or port < lo or port > hi):
@@ -168,6 +183,13 @@ class Policy:
         return self.default == "allow", f"default {self.default}"
 
 
+def _about_denied_by_default(net: Network) -> bool:
+    """A rule inside link-local or the IPv6 metadata address: only such a rule may open them."""
+    if net.version == 4:
+        return net.subnet_of(LINK_LOCAL)
+    return net.subnet_of(LINK_LOCAL6) or net.subnet_of(METADATA6)
+
+
 ALLOW_ALL = Policy()
 """The default policy: everything but link-local (cloud metadata) is allowed."""
 
@@ -177,10 +199,13 @@ __all__ = [
     "ALLOW_ALL",
     "HOST",
     "LINK_LOCAL",
+    "LINK_LOCAL6",
+    "METADATA6",
     "OUTSIDE",
     "PROTOCOLS",
     "PROTOCOL_NAMES",
     "SERVICE",
+    "Network",
     "Policy",
     "PolicyRule",
 ]

@@ -261,9 +261,13 @@ def check_ipv4(frame: bytes) -> tuple[dpkt.ethernet.Ethernet, dpkt.ip.IP]:
     return eth, packet
 
 
-def transport_ok(packet: dpkt.ip.IP, proto: int) -> bool:
+def transport_ok(packet: dpkt.ip.IP | dpkt.ip6.IP6, proto: int) -> bool:
+    """The transport checksum over the IPv4 (RFC 768) or IPv6 (RFC 8200 8.1) pseudo-header."""
     segment = bytes(packet.data)
-    pseudo = packet.src + packet.dst + struct.pack("!BBH", 0, proto, len(segment))
+    if isinstance(packet, dpkt.ip6.IP6):
+        pseudo = packet.src + packet.dst + struct.pack("!IxxxB", len(segment), proto)
+    else:
+        pseudo = packet.src + packet.dst + struct.pack("!BBH", 0, proto, len(segment))
     return inet_checksum(pseudo + segment) == 0
 
 

@@ -18,8 +18,9 @@ from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, TcpClose
 from natd.stack.settings import GatewaySettings, Limits
 from natd.wire.checksum import ones_sum
-from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet
-from natd.wire.ipv4 import PROTO_TCP, build_ipv4
+from natd.wire.ethernet import build_ethernet
+from natd.wire.ipv4 import PROTO_TCP
+from natd.wire.l3 import build_ip
 from natd.wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp, build_tcp_options
 from natd.wire.vnet import F_NEEDS_CSUM, VnetHdr, parse_vnet_hdr
 
@@ -29,8 +30,11 @@ GUEST_IP = bytes((10, 0, 2, 15))
 OTHER_MAC = bytes.fromhex("525400abcdef")
 OTHER_IP = bytes((10, 0, 2, 16))
 _MACS = {GUEST_IP: GUEST_MAC, OTHER_IP: OTHER_MAC}
+GUEST_IP6 = bytes.fromhex("fd000010000000020000000000000f0f")  # in natd's default /64
+_MACS[GUEST_IP6] = GUEST_MAC
 GW_IP = bytes((10, 0, 2, 2))
 REMOTE_IP = bytes((198, 51, 100, 10))
+REMOTE_IP6 = bytes.fromhex("fd000099000000000000000000000002")
 M32 = 0xFFFFFFFF
 
 __all__ = ["ACK", "FIN", "PSH", "RST", "SYN"]
@@ -56,10 +60,18 @@ class Seg:
 
 
 def parse_segment(frame: bytes) -> Seg | None:
-    """A TCP segment from one of natd's frames (None if the frame is not TCP)."""
-    eth, ip = check_ipv4(frame)
-    if ip.p != PROTO_TCP:
-        return None
+    """A TCP segment from one of natd's frames, IPv4 or IPv6 (None if the frame is not TCP)."""
+    ip: dpkt.ip.IP | dpkt.ip6.IP6
+    if frame[12:14] == b"\x86\xdd":
+        eth = dpkt.ethernet.Ethernet(frame)
+        ip = eth.data
+        assert isinstance(ip, dpkt.ip6.IP6) and ip.plen == len(frame) - 54
+        if ip.nxt != PROTO_TCP:
+            return None
+    else:
+        eth, ip = check_ipv4(frame)
+        if ip.p != PROTO_TCP:
+            return None
     assert eth.dst == _MACS[ip.dst]
     assert transport_ok(ip, PROTO_TCP), "bad TCP checksum from natd"
     tcp = ip.data
@@ -143,8 +155,8 @@ class Guest:
         )  # fmt: skip
         if corrupt:
             seg[16] ^= 0x55
-        packet = build_ipv4(self.ip, self.dst, PROTO_TCP, bytes(seg))
-        return build_ethernet(self.gw.mac, self.mac, ETHERTYPE_IPV4, packet)
+        ethertype, packet = build_ip(self.ip, self.dst, PROTO_TCP, bytes(seg))
+        return build_ethernet(self.gw.mac, self.mac, ethertype, packet)
 
     def feed(self, *frames: bytes) -> Out:
         """Frames in as one batch, then what the shell would do: flush and run due timers."""

@@ -7,7 +7,7 @@ RST and ICMP errors are checked by an independent parser, checksums included.
 from __future__ import annotations
 
 import dataclasses
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import dpkt
 import pytest
@@ -20,12 +20,13 @@ from helpers import (
     check_ipv4,
     echo_frame,
     ip,
+    ip6,
     ipv4_frame,
     transport_ok,
     udp_frame,
 )
 
-from natd.stack.gateway import Gateway
+from natd.stack.gateway import NAT64_PREFIX, Gateway
 from natd.stack.ops import DnsQuery, PingSend, TcpConnect, UdpSend
 from natd.stack.policy import (
     ALLOW_ALL,
@@ -36,6 +37,11 @@ from natd.stack.policy import (
 )
 from natd.stack.settings import GatewaySettings, Limits
 from natd.stack.tcp import state_of
+from natd.wire.ethernet import build_ethernet
+from natd.wire.icmpv6 import build_icmpv6_echo
+from natd.wire.l3 import build_ip
+from natd.wire.tcp import SYN, build_tcp
+from natd.wire.udp import build_udp
 
 TCP, UDP, ICMP = 6, 17, 1
 GUEST = ip("10.0.2.15")
@@ -445,3 +451,140 @@ def test_ping_limits_come_from_settings() -> None:
     assert (gw.ping.max_flows, gw.ping.max_per_guest) == (2, 1)
     feed(gw, echo_frame(ALLOWED, src=GUEST, ident=1), echo_frame(DENIED, src=GUEST, ident=2))
     assert gw.counters["ping.evicted"] == 1
+
+
+# -- IPv6 -------------------------------------------------------------------------------------
+
+GUEST6 = ip6("fd00:10:0:2::15")
+WORLD6 = ip6("2001:db8:1::10")
+DENIED6 = ip6("2001:db8:dead::10")
+METADATA6 = ip6("fd00:ec2::254")
+LINK_LOCAL6 = ip6("fe80::1")
+ICMPV6 = 58
+
+
+def rule6(
+    action: str, cidr: str, ports: tuple[int, int] | None = None, proto: str = "any"
+) -> PolicyRule:
+    return PolicyRule(action, IPv6Network(cidr), ports, proto)
+
+
+def test_ipv6_rules_match_their_family_only() -> None:
+    p = Policy(
+        rules=(
+            rule6("deny", "2001:db8:dead::/48"),
+            rule6("deny", "::/0", (22, 22), "tcp"),
+            rule("deny", "0.0.0.0/0", proto="icmp"),
+        )
+    )
+    assert not p.decide(TCP, DENIED6, 80)
+    assert p.decide(TCP, WORLD6, 80)
+    assert not p.decide(TCP, WORLD6, 22)
+    assert p.decide(TCP, ip("198.51.100.1"), 22)  # a v6 rule never matches IPv4
+    assert not p.decide(ICMP, ip("198.51.100.1"), 0)
+    assert p.decide(ICMPV6, WORLD6, 0)  # nor a v4 rule IPv6
+    assert p.explain(TCP, WORLD6, 22) == "rule 2: deny tcp ::/0 port 22"
+    # ``icmp`` rules are about echo in either family: ICMPv6 is decided as ICMP.
+    icmp = Policy(rules=(rule6("deny", "2001:db8::/32", proto="icmp"),))
+    assert not icmp.decide(ICMPV6, WORLD6, 0)
+    assert icmp.decide(UDP, WORLD6, 0)
+
+
+def test_ipv6_link_local_and_metadata_need_a_rule_about_them() -> None:
+    for policy in (ALLOW_ALL, Policy(rules=(rule6("allow", "::/0"),)), Policy(default="deny")):
+        for addr in (METADATA6, LINK_LOCAL6, ip6("febf::1")):
+            assert not policy.decide(TCP, addr, 80), (policy, addr)
+        assert policy.explain(TCP, METADATA6, 80) == "link_local"
+    assert ALLOW_ALL.decide(TCP, ip6("fec0::1"), 80)  # just outside fe80::/10
+    assert ALLOW_ALL.decide(TCP, ip6("fd00:ec2::253"), 80)
+    broad = Policy(rules=(rule6("allow", "fd00:ec2::/64"),))  # around it, not about it
+    assert not broad.decide(TCP, METADATA6, 80)
+    exact = Policy(rules=(rule6("allow", "fd00:ec2::254", (80, 80), "tcp"),))
+    assert exact.decide(TCP, METADATA6, 80) and not exact.decide(TCP, METADATA6, 443)
+    assert Policy(rules=(rule6("allow", "fe80::/64"),)).decide(UDP, LINK_LOCAL6, 53)
+
+
+def gateway6(policy: Policy = ALLOW_ALL) -> tuple[Gateway, RecordingLog]:
+    log = RecordingLog()
+    gw = Gateway(GatewaySettings(policy=policy), log=log)
+    assert gw.neighbours.claim(GUEST6, GUEST_MAC, NOW)
+    return gw, log
+
+
+def frame6(dst: bytes, proto: int, payload: bytes) -> bytes:
+    ethertype, packet = build_ip(GUEST6, dst, proto, payload)
+    return build_ethernet(GW_MAC, GUEST_MAC, ethertype, packet)
+
+
+def read6(frame: bytes) -> dpkt.ip6.IP6:
+    eth = dpkt.ethernet.Ethernet(frame)
+    packet = eth.data
+    assert eth.dst == GUEST_MAC and isinstance(packet, dpkt.ip6.IP6)
+    assert packet.dst == GUEST6
+    assert transport_ok(packet, packet.nxt)
+    return packet
+
+
+DENY6 = Policy(rules=(rule6("deny", "2001:db8:dead::/48"),))
+
+
+def test_denied_ipv6_syn_gets_a_reset_and_is_logged_with_the_ipv6_address() -> None:
+    gw, log = gateway6(DENY6)
+    syn = build_tcp(GUEST6, DENIED6, 40000, 443, 5000, 0, SYN, 65535)
+    frames, ops = feed(gw, frame6(DENIED6, TCP, syn))
+    assert ops == []
+    (frame,) = frames
+    packet = read6(frame)
+    assert packet.src == DENIED6
+    seg = packet.data
+    assert seg.flags == dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK and seg.ack == 5001
+    assert gw.counters["policy.denied.tcp"] == 1
+    (entry,) = denials(log)
+    assert entry["dst"] == "2001:db8:dead::10" and entry["guest"] == "fd00:10:0:2::15"
+    assert entry["reason"] == "rule 1: deny any 2001:db8:dead::/48"
+    # The allowed address is dialled.
+    syn = build_tcp(GUEST6, WORLD6, 40000, 443, 5000, 0, SYN, 65535)
+    _frames, ops = feed(gw, frame6(WORLD6, TCP, syn))
+    assert [(op.host, op.port) for op in ops if isinstance(op, TcpConnect)] == [(WORLD6, 443)]
+
+
+def test_denied_ipv6_udp_and_echo_get_admin_prohibited() -> None:
+    gw, log = gateway6(DENY6)
+    datagram = build_udp(GUEST6, DENIED6, 5555, 53, b"query")
+    echo = build_icmpv6_echo(GUEST6, DENIED6, 128, 7, 1, b"ping")
+    for proto, payload, name in ((UDP, datagram, "udp"), (ICMPV6, echo, "icmpv6")):
+        frames, ops = feed(gw, frame6(DENIED6, proto, payload))
+        assert ops == []
+        (frame,) = frames
+        packet = read6(frame)
+        assert packet.nxt == ICMPV6 and packet.src == gw.settings.gateway6
+        error = bytes(packet.data)
+        assert (error[0], error[1]) == (1, 1)  # destination unreachable, administratively
+        assert error[8:48] == frame6(DENIED6, proto, payload)[14:54]  # the packet, quoted
+        assert gw.counters[f"policy.denied.{name}"] == 1
+    assert [e["proto"] for e in denials(log)] == ["udp", "icmpv6"]
+
+
+def test_ipv6_link_local_metadata_is_refused_by_default() -> None:
+    gw, log = gateway6()
+    syn = build_tcp(GUEST6, METADATA6, 40000, 80, 1, 0, SYN, 65535)
+    frames, ops = feed(gw, frame6(METADATA6, TCP, syn))
+    assert ops == [] and read6(frames[0]).data.flags & dpkt.tcp.TH_RST
+    assert denials(log)[0]["reason"] == "link_local"
+
+
+def test_nat64_destinations_are_judged_by_their_ipv4_host() -> None:
+    policy = Policy(rules=(rule("deny", "203.0.113.0/24"),))
+    log = RecordingLog()
+    gw = Gateway(GatewaySettings(policy=policy, nat64=True), log=log)
+    assert gw.neighbours.claim(GUEST6, GUEST_MAC, NOW)
+    denied = NAT64_PREFIX + DENIED
+    syn = build_tcp(GUEST6, denied, 40000, 80, 1, 0, SYN, 65535)
+    frames, ops = feed(gw, frame6(denied, TCP, syn))
+    assert ops == [] and read6(frames[0]).src == denied
+    (entry,) = denials(log)
+    assert (entry["dst"], entry["reason"]) == ("203.0.113.10", "rule 1: deny any 203.0.113.0/24")
+    allowed = NAT64_PREFIX + ALLOWED
+    syn = build_tcp(GUEST6, allowed, 40000, 80, 1, 0, SYN, 65535)
+    _frames, ops = feed(gw, frame6(allowed, TCP, syn))
+    assert [(op.host, op.port) for op in ops if isinstance(op, TcpConnect)] == [(ALLOWED, 80)]

@@ -95,7 +95,6 @@ import heapq
 import secrets
 from collections.abc import Callable
 
-from natd.stack.addresses import text
 from natd.stack.budget import Budget
 from natd.stack.events import endpoint
 from natd.stack.link import Link
@@ -174,7 +173,9 @@ class TcpEngine:
         while ws < 14 and (0xFFFF << ws) < self.limit:
             ws += 1
         self.rcv_wscale = ws
+        # MSS from the MTU (RFC 9293 3.7.1, RFC 8200 8.3): the IPv6 header is 20 bytes longer.
         self.our_mss = link.settings.mtu - 40
+        self.our_mss6 = self.our_mss - 20
         self.tso = link.settings.tso  # segments to the guest up to 64 KB, partial checksums
         self._min_share = 2 * self.our_mss
         self.flows: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
@@ -457,12 +458,12 @@ class TcpEngine:
             counters["drop.tcp.no_neighbor"] += 1
             return
         mss = opts.mss if opts.mss is not None else DEFAULT_MSS
-        mss = max(TCP_MIN_MSS, min(mss, self.our_mss))
+        mss = max(TCP_MIN_MSS, min(mss, self.mss_for(src)))
         key = (src, sport, dst, dport)
         flow_id = self.link.new_flow_id()
-        guest = f"{text(src)}:{sport}"
-        remote = f"{text(dst)}:{dport}"
-        log = self.link.log.bind(flow=flow_id, guest=guest, remote=remote)
+        log = self.link.log.bind(
+            flow=flow_id, guest=endpoint(src, sport), remote=endpoint(dst, dport)
+        )
         syn_packet = bytes(ip.packet)  # what an ICMP error for it quotes
         flow = TcpFlow(
             self, flow_id, key, gmac, seq, self._isn(key, now), mss, opts.wscale, window,
@@ -591,13 +592,13 @@ class TcpEngine:
         flow_id = self.link.new_flow_id()
         log = self.link.log.bind(
             flow=flow_id,
-            guest=f"{text(guest_ip)}:{guest_port}",
-            remote=f"{text(src_ip)}:{src_port}",
+            guest=endpoint(guest_ip, guest_port),
+            remote=endpoint(src_ip, src_port),
             direction="in",
         )
         gmac = self.link.guest_mac(guest_ip) or b""
         flow = TcpFlow(
-            self, flow_id, key, gmac, 0, iss, self.our_mss, None, 0,
+            self, flow_id, key, gmac, 0, iss, self.mss_for(guest_ip), None, 0,
             INBOUND_TARGET, b"", log, now,
         )  # fmt: skip
         flow.state = SYN_SENT
@@ -617,7 +618,9 @@ class TcpEngine:
         return flow_id in self.by_id
 
     def send_syn(self, flow: TcpFlow) -> None:
-        options = build_tcp_options(mss=self.our_mss, wscale=self.rcv_wscale, sack_permitted=True)
+        options = build_tcp_options(
+            mss=self.mss_for(flow.guest_ip), wscale=self.rcv_wscale, sack_permitted=True
+        )
         segment = build_tcp(
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, flow.iss, 0, SYN,
             self._syn_window(flow.guest_ip), options=options,
@@ -655,7 +658,7 @@ class TcpEngine:
             self.counters["drop.tcp.bad_option"] += 1
             return
         mss = opts.mss if opts.mss is not None else DEFAULT_MSS
-        flow.mss = max(TCP_MIN_MSS, min(mss, self.our_mss))
+        flow.mss = max(TCP_MIN_MSS, min(mss, self.mss_for(flow.guest_ip)))
         flow.cwnd = 10 * flow.mss
         if opts.wscale is not None:
             flow.snd_wscale = opts.wscale
@@ -683,9 +686,12 @@ class TcpEngine:
         self.link.send_ip(src, dst, PROTO_TCP, segment)
 
     def send_synack(self, flow: TcpFlow) -> None:
-        """SYN-ACK with our MSS (MTU - 40) and, if the guest offered scaling, our scale."""
+        """SYN-ACK with our MSS (MTU - 40, or - 60 over IPv6) and, if the guest offered
+        scaling, our scale."""
         wscale = flow.rcv_wscale if flow.snd_wscale or flow.rcv_wscale else None
-        options = build_tcp_options(mss=self.our_mss, wscale=wscale, sack_permitted=flow.sack_ok)
+        options = build_tcp_options(
+            mss=self.mss_for(flow.guest_ip), wscale=wscale, sack_permitted=flow.sack_ok
+        )
         window = self._syn_window(flow.guest_ip)
         flow.rcv_adv = flow.rcv_nxt + window
         segment = build_tcp(
@@ -693,6 +699,10 @@ class TcpEngine:
             flow.rcv_nxt, SYN | ACK, window, options=options,
         )  # fmt: skip
         self.link.send_ip(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+
+    def mss_for(self, guest: bytes) -> int:
+        """The largest segment that fits the MTU in ``guest``'s family (4- or 16-byte address)."""
+        return self.our_mss if len(guest) == 4 else self.our_mss6
 
     def _syn_window(self, guest: bytes) -> int:
         """The (unscaled) window of a SYN or SYN-ACK: what one flow may have, in the budget."""
