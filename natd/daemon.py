@@ -75,6 +75,7 @@ from natd.wiring import (
     open_link,
     register_host_sides,
     settings_from_config,
+    with_host_ipv6,
 )
 
 NETNS_CHECK_INTERVAL = 1.0  # seconds between checks that the --netns namespace still exists
@@ -150,6 +151,7 @@ def run(cfg: Config, *, on_ready: Callable[[], None] | None = None) -> int:
     # Logged only now: a link failure must stay the one line on stderr.
     log.info("rlimit.nofile", soft_before=before, soft=now_soft, hard=hard)
     log_lowered(log, moved, why)
+    settings = with_host_ipv6(settings, log)
     netns_id = netns_identity(cfg.netns) if cfg.netns and cfg.tap_fd is None else None
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -44,6 +44,7 @@ def stats_view(gateway: Gateway, shell: Shell, forwards: ForwardManager, started
         "forwards": len(forwards.active),
         "limits": dataclasses.asdict(gateway.settings.limits),
         "policy": gateway.settings.policy.summary(),
+        "host_ipv6": gateway.settings.host_ipv6,  # the start-up probe (natd.io.ipv6probe)
         "log": {"dropped": log_sink().dropped, "write_errors": log_sink().write_errors},
         "descriptors": {
             "in_use": descriptors_in_use(),

@@ -8,11 +8,14 @@ depends on ``natd.config``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from natd.config import Config, Forward
 from natd.io.dns_upstream import DnsUpstream
 from natd.io.forwards import ForwardSpec
+from natd.io.ipv6probe import host_ipv6_unavailable
 from natd.io.links import (
     DgramLink,
     Link,
@@ -76,6 +79,30 @@ def settings_from_config(cfg: Config, *, tso: bool = False) -> GatewaySettings:
         policy=policy_from_config(cfg),
         dhcp=cfg.dhcp_server,
     )
+
+
+def with_host_ipv6(
+    settings: GatewaySettings,
+    log: Any,
+    probe: Callable[[], str | None] = host_ipv6_unavailable,
+) -> GatewaySettings:
+    """``settings`` with ``host_ipv6`` from the start-up probe (``natd.io.ipv6probe``).
+
+    A host that cannot carry IPv6 gets one line saying why and what it means; natd serves on.
+    With ``ipv6 = false`` nothing is probed: no IPv6 reaches the core at all.
+    """
+    if not settings.ipv6:
+        return settings
+    why = probe()
+    if why is None:
+        return settings
+    log.warning(
+        "ipv6.host_unavailable",
+        reason=why,
+        effect="guest IPv6 to the outside is refused at once; IPv4, the gateway (::2), "
+        "DNS (::3) and NAT64 keep working",
+    )
+    return dataclasses.replace(settings, host_ipv6=False)
 
 
 def policy_from_config(cfg: Config) -> Policy:

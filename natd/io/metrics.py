@@ -18,7 +18,8 @@ Families (all ``natd_…``, each with HELP):
   ``natd_flow_closes_total{proto,reason}``, ``natd_flow_events_suppressed_total``.
 * ``natd_drops_total{reason}``: every ``drop.*`` counter; ``natd_limit_refusals_total{limit}``.
 * ``natd_dhcp_leases``, ``natd_dhcp_events_total{event}``, ``natd_dns_events_total{event}``,
-  ``natd_policy_denials_total{proto}``, ``natd_<tcp|udp|ping|arp|icmp|forward>_events_total``.
+  ``natd_host_ipv6`` (1/0, the start-up probe), ``natd_policy_denials_total{proto}``,
+  ``natd_<tcp|udp|ping|arp|icmp|forward>_events_total``.
 * ``natd_process_*`` (prometheus_client's process collector: RSS, fds, CPU), ``natd_build_info``,
   ``natd_log_lines_dropped_total``, ``natd_pcap_*`` while a capture runs.
 """
@@ -147,6 +148,13 @@ class NatdCollector(Collector):
         leases = GaugeMetricFamily("natd_dhcp_leases", "DHCP and DHCPv6 leases and offers held")
         leases.add_metric([], len(gw.dhcp.leases(src.now())) + len(gw.dhcpv6.leases(src.now())))
         yield leases
+        host_ipv6 = GaugeMetricFamily(
+            "natd_host_ipv6",
+            "1 if the host can carry IPv6 (start-up probe); 0: guest IPv6 to the outside is "
+            "refused at once",
+        )
+        host_ipv6.add_metric([], int(gw.settings.host_ipv6))
+        yield host_ipv6
         yield from self._budget(gw)
         yield from self._shell_extras()
 

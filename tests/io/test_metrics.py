@@ -205,3 +205,10 @@ def test_bad_listen_specs(spec: str) -> None:
     with pytest.raises(Invalid, match=r"HOST:PORT or unix:PATH|needs a path"):
         parse_listen(spec)
     assert parse_listen("[::1]:9100") == ("::1", 9100)
+
+
+def test_host_ipv6_gauge_shows_the_start_up_probe() -> None:
+    for host_ipv6 in (True, False):
+        gw = Gateway(GatewaySettings(host_ipv6=host_ipv6))
+        body = MetricsServer(("x", 1), make_registry(sources(gw)), _NoLog()).render().decode()
+        assert samples(body)["natd_host_ipv6", ()] == int(host_ipv6)
