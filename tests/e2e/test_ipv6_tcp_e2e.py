@@ -349,6 +349,7 @@ def test_host_without_ipv6_degrades_per_family(build: Build, blob: Path, h1_ipv6
     if h1_ipv6 == "no_route":
         assert download(guest, f"http://[{GW6}]:8080/file") == sha256(blob)
     else:
+        # natd's connect to ::1 fails (EADDRNOTAVAIL): ICMPv6 address unreachable, at once.
         name, took, _ = probe(guest, CONNECT_PROBE, GW6, 8080)
-        assert name in ("ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH") and took < 1, (name, took)
+        assert name == "EHOSTUNREACH" and took < 1, (name, took)
     assert natd.alive()
