@@ -279,11 +279,18 @@ def test_ipv6_tcp_outside_loopback_dns_policy_nat64(build: Build, blob: Path) ->
         return max((int(e[field]) for e in ends), default=0)
 
     wait_for(lambda: closed("bytes_in") >= SIZE and closed("bytes_out") >= SIZE, 10, "closes")
+
+    def held_flow_listed() -> bool:
+        rows = ctl(world.control, "flows")
+        return any(r["proto"] == "tcp" and r["guest"].startswith(f"[{me}]:")
+                   and r["remote"] == f"[{WORLD6}]:80" and r["state"] == "ESTABLISHED"
+                   for r in rows)  # fmt: skip
+
     held = hold_connection(guest, WORLD6, 80)
-    rows = [r for r in ctl(world.control, "flows") if r["proto"] == "tcp"]
-    stop_process(held)
-    assert any(r["guest"].startswith(f"[{me}]:") and r["remote"] == f"[{WORLD6}]:80"
-               and r["state"] == "ESTABLISHED" for r in rows), rows  # fmt: skip
+    try:
+        wait_for(held_flow_listed, 10, "the held IPv6 connection in natd ctl flows")
+    finally:
+        stop_process(held)
 
     # ::2 is the host's ::1 (an HTTP server on [::1]:8080 in natd's namespace).
     assert download(guest, f"http://[{GW6}]:8080/file") == digest
