@@ -167,6 +167,8 @@ ERRORS = [
      "'example.com' is not an IPv4 or IPv6 network like 198.51.100.0/24 or 2001:db8::/32"),
     ("[[policy.rule]]\naction = 'deny'\ncidr = '2001:db8::1/32'\n", 3, f"{R0}.cidr",
      "'2001:db8::1/32' has host bits set (did you mean 2001:db8::/32?)"),
+    ("[[policy.rule]]\naction = 'deny'\ncidr = 'fe80::1%eth0'\n", 3, f"{R0}.cidr",
+     "'fe80::1%eth0': a rule's network has no zone (drop the %...)"),
     ("[[policy.rule]]\naction = 'deny'\ncidr = 'fd00::/129'\n", 3, f"{R0}.cidr",
      "'fd00::/129' is not an IPv4 or IPv6 network like 198.51.100.0/24 or 2001:db8::/32"),
     (RULE + "ports = '2000-1000'\n", 4, f"{R0}.ports",

@@ -297,6 +297,8 @@ def parse_ports(text: str) -> tuple[int, int]:
 def parse_rule_cidr(text: str) -> IPv4Network | IPv6Network:
     """A rule's destination: ``198.51.100.0/24`` or ``2001:db8::/32``, or a bare address for
     a /32 or /128."""
+    if "%" in text:  # ipaddress takes "fe80::1%eth0"; a rule matches addresses, not zones
+        raise Invalid(f"{text!r}: a rule's network has no zone (drop the %...)")
     family: type[IPv4Network] | type[IPv6Network] = IPv6Network if ":" in text else IPv4Network
     try:
         return family(text, strict=True)
