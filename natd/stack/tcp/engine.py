@@ -173,9 +173,7 @@ class TcpEngine:
         while ws < 14 and (0xFFFF << ws) < self.limit:
             ws += 1
         self.rcv_wscale = ws
-        # MSS from the MTU (RFC 9293 3.7.1, RFC 8200 8.3): the IPv6 header is 20 bytes longer.
-        self.our_mss = link.settings.mtu - 40
-        self.our_mss6 = self.our_mss - 20
+        self.our_mss = link.settings.mtu - 40  # over IPv4; ``mss_for`` gives either family's
         self.tso = link.settings.tso  # segments to the guest up to 64 KB, partial checksums
         self._min_share = 2 * self.our_mss
         self.flows: dict[tuple[bytes, int, bytes, int], TcpFlow] = {}
@@ -701,8 +699,10 @@ class TcpEngine:
         self.link.send_ip(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
 
     def mss_for(self, guest: bytes) -> int:
-        """The largest segment that fits the MTU in ``guest``'s family (4- or 16-byte address)."""
-        return self.our_mss if len(guest) == 4 else self.our_mss6
+        """The largest segment that fits the MTU in ``guest``'s family (RFC 9293 3.7.1): the
+        IPv6 header is 20 bytes longer (RFC 8200 8.3). Computed per SYN, not one more engine
+        attribute (see ``gateway_mac``)."""
+        return self.our_mss if len(guest) == 4 else self.our_mss - 20
 
     def _syn_window(self, guest: bytes) -> int:
         """The (unscaled) window of a SYN or SYN-ACK: what one flow may have, in the budget."""
