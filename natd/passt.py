@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from natd.config import Config, ConfigError, load_config
+from natd.config.model import DEFAULT_CIDR6
 from natd.log import error_line
 
 PROG = "natd-passt"
@@ -199,14 +200,19 @@ def overrides_from(ns: argparse.Namespace) -> dict[str, object]:
     gateway = _one(ns.gateway, "-g/--gateway")
     if gateway is not None and gateway != str(net.network_address + 2):
         raise UsageError(f"-g/--gateway {gateway}: natd's gateway is {net.network_address + 2}")
-    dns_forward = _one(ns.dns_forward, "--dns-forward")
-    if dns_forward is not None and dns_forward != str(net.network_address + 3):
-        raise UsageError(
-            f"--dns-forward {dns_forward}: natd's DNS forwarder is at {net.network_address + 3}"
-        )
-    # -D: the resolver passt would tell the guest. natd tells its own forwarder (.3) and asks
-    # these for it; natd's own address is no upstream, and IPv6 resolvers wait for IPv6.
-    dns = [d for d in ns.dns if d != "none" and ":" not in d and d != str(net.network_address + 3)]
+    # --dns-forward: once per IP version, as passt; natd's forwarder is .3 and ::3.
+    own_dns = (str(net.network_address + 3), str(ipaddress.IPv6Network(DEFAULT_CIDR6)[3]))
+    for family, given in (("IPv4", False), ("IPv6", True)):
+        asked = [v for v in ns.dns_forward if (":" in v) == given]
+        if len(asked) > 1:
+            raise UsageError(f"--dns-forward: given {len(asked)} times for {family}")
+        if asked and _canonical(asked[0]) not in own_dns:
+            raise UsageError(
+                f"--dns-forward {asked[0]}: natd's DNS forwarder is at {' and '.join(own_dns)}"
+            )
+    # -D: the resolver passt would tell the guest. natd tells its own forwarder (.3, ::3) and
+    # asks these for it; natd's own addresses are no upstream.
+    dns = [d for d in ns.dns if d != "none" and _canonical(d) not in own_dns]
     if dns:
         o["dns_upstreams"] = dns
     # One argument with spaces (QEMU 10.1 joins its list so) or several: the first is natd's
@@ -309,6 +315,14 @@ def _daemonize(cfg: Config, log_file: str | None) -> int:
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     return code if code > 0 else 1
+
+
+def _canonical(text: str) -> str:
+    """An address as ``ipaddress`` writes it (``FD00:10:0:2:0::3`` → ``fd00:10:0:2::3``)."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text  # not an address: the config loader names it
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 import tomllib
 from ipaddress import IPv4Address, IPv4Network
@@ -24,6 +25,7 @@ from natd.config import (
     reload_config,
     render_config,
 )
+from natd.config.values import format_upstream
 
 NET = IPv4Network("10.0.2.0/24")
 FIRST = IPv4Address("10.0.2.15")
@@ -113,21 +115,30 @@ def test_resolv_conf_parsing(tmp_path: Path) -> None:
     p.write_text(
         "# comment\n; other comment\nsearch example.org\n"
         "nameserver 192.0.2.1\n"
-        "nameserver 2001:db8::1\n"
+        "nameserver 2001:DB8::1\n"
         "nameserver   192.0.2.2   # trailing\n"
+        "nameserver fe80::1%eth0\n"
+        "nameserver fe80::2\n"  # link-local without its interface: cannot be dialled
+        "nameserver [::1]:53\n"  # resolv.conf has no ports
+        "nameserver 192.0.2.3:53\n"
         "nameserver not-an-address\n"
         "nameserver\n"
         "#nameserver 192.0.2.9\n"
         "nameserver 192.0.2.1\n"
         "options edns0\n"
     )
-    assert read_resolv_conf(str(p)) == (("192.0.2.1", 53), ("192.0.2.2", 53))
+    assert read_resolv_conf(str(p)) == (
+        ("192.0.2.1", 53),
+        ("2001:db8::1", 53),
+        ("192.0.2.2", 53),
+        ("fe80::1%eth0", 53),
+    )
 
 
-def test_resolv_conf_without_ipv4_nameservers_gives_no_upstreams(tmp_path: Path) -> None:
+def test_resolv_conf_ipv6_only_and_missing(tmp_path: Path) -> None:
     p = tmp_path / "resolv.conf"
     p.write_text("nameserver ::1\nsearch x\n")
-    assert load(resolv=str(p)).dns_upstreams == ()
+    assert load(resolv=str(p)).dns_upstreams == (("::1", 53),)
     assert read_resolv_conf(str(tmp_path / "missing")) == ()
 
 
@@ -137,18 +148,42 @@ def test_dns_upstream_option_replaces_resolv_conf(resolv: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "upstream"),
+    [
+        ("::1", ("::1", 53)),
+        ("[::1]:5353", ("::1", 5353)),
+        ("[FD00::1]", ("fd00::1", 53)),
+        ("fe80::1%eth0", ("fe80::1%eth0", 53)),
+        ("[fe80::1%eth0]:54", ("fe80::1%eth0", 54)),
+    ],
+)
+def test_ipv6_upstreams(text: str, upstream: tuple[str, int]) -> None:
+    assert parse_upstream(text) == upstream
+    assert load(dns_upstreams=[text]).dns_upstreams == (upstream,)
+    assert parse_upstream(format_upstream(*upstream)) == upstream  # what check-config prints
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("1.1.1", "upstream address '1.1.1' is not an IPv4 address"),
+        ("1.1.1", "upstream address '1.1.1' is not an IPv4 or IPv6 address"),
         ("1.1.1.1:0", "upstream port 0 is out of range (1-65535)"),
         ("1.1.1.1:65536", "upstream port 65536 is out of range (1-65535)"),
         ("1.1.1.1:dns", "upstream port 'dns' is not a port number (1-65535)"),
-        ("2001:db8::1", "IPv6 upstreams are not supported yet"),
-        ("[::1]:53", "IPv6 upstreams are not supported yet"),
+        ("2001:db8::g", "upstream address '2001:db8::g' is not an IPv4 or IPv6 address"),
+        ("[::1]:0", "upstream port 0 is out of range (1-65535)"),
+        ("[::1", "upstream '[::1' is not [IPV6]:PORT"),
+        ("[::1]53", "upstream '[::1]53' is not [IPV6]:PORT"),
+        ("ff02::1", "upstream address 'ff02::1' is not a unicast address"),
+        ("fe80::1", "upstream address 'fe80::1' is link-local: name its interface (fe80::1%eth0)"),
+        (
+            "fd00::1%eth0",
+            "upstream address 'fd00::1%eth0': only a link-local address takes a %zone",
+        ),
     ],
 )
 def test_bad_upstreams(text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
         parse_upstream(text)
     assert error_of(dns_upstreams=[text]) == f"option --dns-upstream {text!r}: {message}"
 

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from natd.config.model import Config
+from natd.config.values import format_upstream
 from natd.stack.limits import Limits
 
 
@@ -71,7 +72,7 @@ def render_config(cfg: Config) -> str:
     lines += [
         "",
         "[dns]",
-        f"upstream = {_toml_list([f'{a}:{p}' for a, p in cfg.dns_upstreams])}",
+        f"upstream = {_toml_list([format_upstream(a, p) for a, p in cfg.dns_upstreams])}",
     ]
     for fwd in cfg.forwards:
         lines += [

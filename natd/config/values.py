@@ -112,18 +112,49 @@ def default_pool(net: IPv4Network) -> tuple[IPv4Address, IPv4Address]:
     return start, end
 
 
+def _upstream_ip6(text: str) -> IPv6Address:
+    """An IPv6 resolver address; a link-local one needs its ``%interface`` (and only it may)."""
+    try:
+        ip = IPv6Address(text)
+    except ValueError:
+        raise Invalid(f"upstream address {text!r} is not an IPv4 or IPv6 address") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise Invalid(f"upstream address {text!r} is not a unicast address")
+    if ip.is_link_local and not ip.scope_id:
+        raise Invalid(f"upstream address {text!r} is link-local: name its interface (fe80::1%eth0)")
+    if ip.scope_id and not ip.is_link_local:
+        raise Invalid(f"upstream address {text!r}: only a link-local address takes a %zone")
+    return ip
+
+
 def parse_upstream(text: str) -> tuple[str, int]:
-    """``ADDR[:PORT]`` → (addr, port); port defaults to 53. IPv4 only for now."""
-    if text.count(":") > 1 or text.startswith("["):
-        raise Invalid("IPv6 upstreams are not supported yet")
+    """``ADDR[:PORT]`` → (addr, port); port defaults to 53. IPv6 as ``[ADDR]:PORT``,
+    ``[ADDR]`` or a bare ``ADDR`` (link-local with its zone: ``fe80::1%eth0``)."""
+    if text.startswith("["):
+        inner, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise Invalid(f"upstream {text!r} is not [IPV6]:PORT")
+        port = _port(rest[1:], "upstream port", allow_zero=False) if rest else 53
+        return str(_upstream_ip6(inner)), port
+    if text.count(":") > 1:
+        return str(_upstream_ip6(text)), 53
     addr, sep, port_text = text.partition(":")
-    ip = parse_ipv4(addr, "upstream address")
+    try:
+        ip = IPv4Address(addr)
+    except ValueError:
+        raise Invalid(f"upstream address {addr!r} is not an IPv4 or IPv6 address") from None
     port = _port(port_text, "upstream port", allow_zero=False) if sep else 53
     return str(ip), port
 
 
+def format_upstream(addr: str, port: int) -> str:
+    """What ``parse_upstream`` reads back: ``ADDR:PORT``, ``[IPV6]:PORT``."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 def read_resolv_conf(path: str = DEFAULT_RESOLV_CONF) -> tuple[tuple[str, int], ...]:
-    """The IPv4 ``nameserver`` lines of resolv.conf (IPv6 and junk skipped; missing file → ())."""
+    """The ``nameserver`` lines of resolv.conf, IPv4 and IPv6 in file order (junk and
+    link-local ones without a ``%interface`` skipped; missing file → ())."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
@@ -134,12 +165,12 @@ def read_resolv_conf(path: str = DEFAULT_RESOLV_CONF) -> tuple[tuple[str, int], 
         words = line.split()
         if len(words) < 2 or words[0] != "nameserver":
             continue
-        try:
-            ip = IPv4Address(words[1])
-        except ValueError:
-            continue  # IPv6 or garbage: not an error, there may be others
-        if (str(ip), 53) not in found:
-            found.append((str(ip), 53))
+        try:  # a bare address (resolv.conf has no ports): IPv4, or IPv6 with a zone if needed
+            ip = str(_upstream_ip6(words[1]) if ":" in words[1] else IPv4Address(words[1]))
+        except (Invalid, ValueError):
+            continue  # garbage: not an error, there may be others
+        if (ip, 53) not in found:
+            found.append((ip, 53))
     return tuple(found)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from natd.io.fds import NO_DESCRIPTOR, RESERVED
 from natd.io.hostaddr import family_of, host_text
 from natd.io.poller import DatagramPoller, PollerLease
+from natd.stack.addresses import is_link_local
 from natd.stack.events import endpoint
 from natd.stack.gateway import Gateway
 from natd.stack.ops import DnsQuery, HostOp
@@ -109,7 +110,7 @@ class DnsUpstream:
             if RESERVED.over(sock.fileno(), RESERVED.reserve // 2):
                 raise OSError(errno.EMFILE, "descriptor reserve")
             sock.setblocking(False)
-            sock.connect((host_text(address[0]), address[1]))
+            sock.connect((self._dial_text(address[0]), address[1]))
             q = _Query(qid, address, sock)
             self.poller.register(sock, partial(self._on_readable, q), partial(self._on_error, q))
         except OSError:
@@ -118,6 +119,16 @@ class DnsUpstream:
         self._queries[qid] = q
         q.timer = self.loop.call_later(self.gateway.dns.timeout + LINGER, self._close, q)
         return q
+
+    def _dial_text(self, host: bytes) -> str:
+        """The address to dial: a link-local upstream keeps the ``%interface`` its config
+        named (the core knows it as 16 bytes, which have no room for a zone)."""
+        if len(host) == 16 and is_link_local(host):
+            for configured, _port in self.gateway.settings.dns_upstreams:
+                zoned, sep, _zone = configured.partition("%")
+                if sep and socket.inet_pton(socket.AF_INET6, zoned) == host:
+                    return configured
+        return host_text(host)
 
     def _close(self, q: _Query) -> None:
         if self._queries.get(q.qid) is not q:
@@ -176,7 +187,7 @@ class DnsUpstream:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(TCP_TIMEOUT):
-                reader, writer = await asyncio.open_connection(host_text(op.host), op.port)
+                reader, writer = await asyncio.open_connection(self._dial_text(op.host), op.port)
                 writer.write(len(op.payload).to_bytes(2, "big") + op.payload)
                 await writer.drain()
                 size = int.from_bytes(await reader.readexactly(2), "big")

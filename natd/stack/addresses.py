@@ -26,6 +26,9 @@ _V6_LOOPBACK = bytes(15) + b"\x01"
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 V6_METADATA = ipaddress.IPv6Address("fd00:ec2::254").packed
 """The IPv6 address of the EC2 instance metadata service (the IPv6 ``169.254.169.254``)."""
+NAT64_PREFIX = bytes.fromhex("0064ff9b") + bytes(8)
+"""The well-known NAT64 prefix ``64:ff9b::/96`` (RFC 6052): its last 4 bytes are the IPv4 host.
+NAT64 (the gateway) and DNS64 (the DNS forwarder) both use it."""
 
 
 def is_multicast(addr: bytes) -> bool:
@@ -63,6 +66,7 @@ def text(addr: bytes) -> str:
 
 
 __all__ = [
+    "NAT64_PREFIX",
     "V6_METADATA",
     "denied_by_default",
     "is_link_local",

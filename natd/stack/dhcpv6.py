@@ -19,6 +19,7 @@ in the neighbour table (the source guard); ``leases`` shows them beside the IPv4
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from typing import Any
 
 from natd.stack.addresses import is_link_local
@@ -97,6 +98,8 @@ class Dhcpv6Server:
         self._by_ip: dict[bytes, _Binding] = {}
         self._timers: list[tuple[float, bytes, bytes]] = []  # (expiry, key, ip), lazy deletes
         self._declined: dict[bytes, float] = {}  # address → end of hold
+        # Told (mac, address, bound) as a binding starts and ends: the DNS forwarder's names.
+        self.on_binding: Callable[[bytes, bytes, bool], None] | None = None
 
     # -- input -----------------------------------------------------------------------------
 
@@ -253,6 +256,8 @@ class Dhcpv6Server:
             self._by_key[key] = binding
             self._by_ip[ip] = binding
             self.link.counters["dhcpv6.bound"] += 1
+            if self.on_binding is not None:
+                self.on_binding(mac, ip, True)
         binding.expiry = expiry
         heapq.heappush(self._timers, (expiry, key, ip))
         self.link.neighbours.bind(ip, mac, LEASE, now)
@@ -262,6 +267,8 @@ class Dhcpv6Server:
         if self._by_ip.get(binding.ip) is binding:
             del self._by_ip[binding.ip]
         self.link.neighbours.unbind(binding.ip, binding.mac)
+        if self.on_binding is not None:
+            self.on_binding(binding.mac, binding.ip, False)
 
     def _expire(self, now: float) -> None:
         timers = self._timers

@@ -5,11 +5,11 @@ Theory of operation
 A guest query is validated (``natd.wire.dns.parse_dns`` walks every section; malformed input is
 dropped and counted as ``drop.dns.<reason>``), then either answered locally or forwarded:
 
-- Local names (class IN): ``host.<domain>`` → the gateway address; every static lease with a
-  hostname as ``<hostname>.<domain>`` and bare ``<hostname>`` → its address. A and ANY get the
-  A record, every other type of such a name NOERROR with no answers (so AAAA does not fall
-  through to an upstream that would say NXDOMAIN). The reverse names (``in-addr.arpa``) of those
-  addresses answer PTR.
+- Local names (class IN, ``natd.stack.dns_names``): ``host.<domain>`` → the gateway (A ``.2``,
+  AAAA ``::2``); every reservation with a hostname as ``<hostname>.<domain>`` and bare
+  ``<hostname>`` → its address (AAAA: its ``ip6`` or its MAC's DHCPv6 bindings); their reverse
+  names answer PTR. Any other type of such a name is NOERROR with no answers (NODATA), so an
+  AAAA never falls through to an upstream that would say NXDOMAIN.
 - Everything else is forwarded to ``settings.dns_upstreams`` in order: the guest's bytes as-is
   (every type, EDNS, DNSSEC flags untouched) except the 16-bit id, which is replaced by a fresh
   random id per upstream attempt (``random.SystemRandom``: unpredictable to an off-path spoofer,
@@ -28,6 +28,10 @@ dropped and counted as ``drop.dns.<reason>``), then either answered locally or f
   header + question with TC set (RFC 1035 §4.2.1), which sends the guest to TCP as well.
 - A guest retransmission of a query that is still pending (same address, port, id and question)
   is absorbed rather than forwarded again (``dns.duplicate``).
+- DNS64 (``settings.nat64``, ``natd.stack.dns64``): an AAAA answer without AAAA records is held
+  while the same query asks A (a second leg of the same pending query: same slot of
+  ``max_dns_pending``, same timeouts and failover); the A records come back to the guest as
+  AAAA in ``64:ff9b::/96``. If the A leg fails or has nothing usable, the held answer goes.
 
 Host events (called by ``natd.io.dns_upstream.DnsUpstream``)
 ------------------------------------------------------------
@@ -46,6 +50,9 @@ import ipaddress
 import random
 from collections import OrderedDict
 
+from natd.stack.addresses import is_special
+from natd.stack.dns64 import a_query, needs_a_leg, negative_ttl, synthesise, wants_dns64
+from natd.stack.dns_names import LocalNames
 from natd.stack.events import endpoint
 from natd.stack.link import Link
 from natd.stack.ops import DnsQuery
@@ -61,15 +68,9 @@ from natd.wire.dns import (
     RCODE_REFUSED,
     RCODE_SERVFAIL,
     TYPE_A,
-    TYPE_ANY,
-    TYPE_PTR,
     DnsMessage,
     Name,
-    build_name,
-    build_record,
     build_response,
-    name_from_text,
-    name_key,
     parse_dns,
 )
 from natd.wire.ipv4 import PROTO_UDP
@@ -77,22 +78,30 @@ from natd.wire.l3 import L3
 from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
 
 _DNS_PORT = 53
-_LOCAL_TTL = 60
-_QNAME_PTR = b"\xc0\x0c"  # compression pointer to the question name at offset 12
+_MAX_HELD = 4096  # a bigger "no AAAA" answer is passed on as it is rather than held for DNS64
 
 
 class _Pending:
-    """One guest query in flight to an upstream; ``qid`` names its current attempt."""
+    """One guest query in flight to an upstream; ``qid`` names its current attempt.
+
+    ``query`` is what the upstream is asked and ``expect`` the question its answer must carry:
+    the guest's, or, during a DNS64 A leg, the same name asked as A (``held`` is then the AAAA
+    answer that goes to the guest if the A leg yields nothing)."""
 
     __slots__ = (
         "attempt",
         "deadline",
+        "dns64",
+        "expect",
         "guest_id",
         "guest_ip",
         "guest_port",
+        "guest_query",
+        "held",
         "qid",
         "query",
         "question",
+        "ttl_cap",
         "upstream",
         "upstream_id",
     )
@@ -111,7 +120,12 @@ class _Pending:
         self.guest_port = guest_port
         self.guest_id = guest_id
         self.question = question
+        self.expect = question
         self.query = query
+        self.guest_query = query
+        self.dns64 = False
+        self.held: bytes | None = None
+        self.ttl_cap = 0
         self.attempt = 0
         self.deadline = 0.0
         self.upstream: tuple[bytes, int] = (b"", 0)
@@ -141,39 +155,19 @@ class DnsForwarder:
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._by_upstream: dict[tuple[bytes, int, int], _Pending] = {}
         self._by_guest: dict[tuple[bytes, int, int], _Pending] = {}
-        self._names: dict[Name, bytes] = {}
-        self._reverse: dict[Name, Name] = {}
-        self._add_local(f"host.{s.domain}", s.gateway_ip)
-        for lease in s.static_leases:
-            if lease.hostname:
-                self._add_local(f"{lease.hostname}.{s.domain}", lease.ip)
-                self._add_local(lease.hostname, lease.ip, reverse=False)
+        self.names = LocalNames(s, link.log)
 
     def apply_settings(self, s: GatewaySettings) -> None:
         """Reload: new upstreams and static-lease names; queries in flight finish as they are."""
         self.upstreams = _packed(s.dns_upstreams)
         # No upstream left: a pending query's next retry must fail rather than pick one.
         self.attempts = max(2, len(self.upstreams)) if self.upstreams else 0
-        self._names.clear()
-        self._reverse.clear()
-        self._add_local(f"host.{s.domain}", s.gateway_ip)
-        for lease in s.static_leases:
-            if lease.hostname:
-                self._add_local(f"{lease.hostname}.{s.domain}", lease.ip)
-                self._add_local(lease.hostname, lease.ip, reverse=False)
+        self.names.apply(s)
 
-    def _add_local(self, text: str, ip: bytes, *, reverse: bool = True) -> None:
-        try:
-            name = name_from_text(text)
-        except (ValueError, UnicodeError):
-            self.link.log.warning("dns.bad_local_name", name=text)
-            return
-        if not name:
-            return
-        self._names[name_key(name)] = ip
-        if reverse:
-            arpa = ipaddress.IPv4Address(ip).reverse_pointer
-            self._reverse.setdefault(name_key(name_from_text(arpa)), name)
+    def on_lease6(self, mac: bytes, ip: bytes, bound: bool) -> None:
+        """The DHCPv6 server bound ``ip`` to ``mac`` (or the binding ended): a reserved
+        hostname without a static ``ip6`` answers AAAA with its MAC's bound addresses."""
+        self.names.lease6(mac, ip, bound)
 
     # -- guest side ---------------------------------------------------------------------------
 
@@ -216,25 +210,15 @@ class DnsForwarder:
         if dup is not None:  # same id reused for another question: the old one is abandoned
             self._forget(dup)
         p = _Pending(0, ip.src, sport, h.id, q.key, query)
+        p.dns64 = self.link.settings.nat64 and wants_dns64(msg)
         self._by_guest[guest_key] = p
         self._send_attempt(p, now)
 
     def _answer_locally(self, guest: bytes, port: int, query: bytes, msg: DnsMessage) -> bool:
         q = msg.questions[0]
-        key = name_key(q.name)
-        addr = self._names.get(key)
-        if addr is not None:
-            answers: tuple[bytes, ...] = ()
-            if q.qtype in (TYPE_A, TYPE_ANY):
-                answers = (build_record(TYPE_A, CLASS_IN, _LOCAL_TTL, addr, name=_QNAME_PTR),)
-        else:
-            target = self._reverse.get(key)
-            if target is None:
-                return False
-            answers = ()
-            if q.qtype in (TYPE_PTR, TYPE_ANY):
-                rdata = build_name(target)
-                answers = (build_record(TYPE_PTR, CLASS_IN, _LOCAL_TTL, rdata, name=_QNAME_PTR),)
+        answers = self.names.answer(q.name, q.qtype)
+        if answers is None:
+            return False
         self.link.counters["dns.local"] += 1
         response = build_response(query, msg, RCODE_NOERROR, answers, authoritative=True)
         self._reply(guest, port, response)
@@ -271,13 +255,17 @@ class DnsForwarder:
             self._send_attempt(p, now)
             return
         self._forget(p)
+        if p.held is not None:  # the DNS64 A leg failed: the AAAA answer stands
+            self.link.counters["dns64.a_failed"] += 1
+            self._reply(p.guest_ip, p.guest_port, p.held)
+            return
         self.link.counters["dns.servfail.upstreams_failed"] += 1
         self.link.log.info("dns.servfail", upstream=endpoint(*p.upstream))
         self._reply(p.guest_ip, p.guest_port, self._servfail(p))
 
     def _servfail(self, p: _Pending) -> bytes:
-        msg = parse_dns(p.query)  # validated when it arrived
-        return build_response(p.query, msg, RCODE_SERVFAIL)
+        msg = parse_dns(p.guest_query)  # validated when it arrived
+        return build_response(p.guest_query, msg, RCODE_SERVFAIL)
 
     def _forget(self, p: _Pending) -> None:
         self._pending.pop(p.qid, None)
@@ -308,17 +296,58 @@ class DnsForwarder:
         if not msg.header.flags & FLAG_QR or len(msg.questions) != 1:
             counters["drop.dns.question_mismatch"] += 1
             return
-        if msg.questions[0].key != p.question:
+        if msg.questions[0].key != p.expect:
             counters["drop.dns.question_mismatch"] += 1
             return
         last_upstream = p.attempt >= min(self.attempts, len(self.upstreams))
         if msg.header.rcode == RCODE_REFUSED and not last_upstream:
             self._retry_or_fail(p, now, "refused")
             return
+        if p.held is not None:
+            self._a_leg_answered(p, payload, msg)
+            return
+        if p.dns64 and needs_a_leg(payload, msg):
+            if len(payload) <= _MAX_HELD:
+                self._start_a_leg(p, payload, msg, now)
+                return
+            counters["dns64.too_big"] += 1
         self._forget(p)
         counters["dns.answers"] += 1
         answer = p.guest_id.to_bytes(2, "big") + payload[2:]
         self._reply(p.guest_ip, p.guest_port, answer, msg)
+
+    def _start_a_leg(self, p: _Pending, payload: bytes, msg: DnsMessage, now: float) -> None:
+        """Hold the AAAA answer and ask the same name as A (the query keeps its pending slot)."""
+        del self._by_upstream[(p.upstream[0], p.upstream[1], p.upstream_id)]
+        p.held = p.guest_id.to_bytes(2, "big") + payload[2:]
+        p.ttl_cap = negative_ttl(payload, msg)
+        p.query = a_query(p.guest_query, parse_dns(p.guest_query))
+        p.expect = (p.question[0], TYPE_A, CLASS_IN)
+        p.attempt = 0
+        self.link.counters["dns64.a_queries"] += 1
+        self._send_attempt(p, now)
+
+    def _a_leg_answered(self, p: _Pending, payload: bytes, msg: DnsMessage) -> None:
+        counters = self.link.counters
+        guest_msg = parse_dns(p.guest_query)
+        try:
+            reply = synthesise(p.guest_query, guest_msg, p.ttl_cap, payload, msg, self._nat64able)
+        except Malformed as exc:  # a CNAME whose target does not decode: wait for a good one
+            counters["drop.upstream." + exc.reason] += 1
+            return
+        self._forget(p)
+        counters["dns.answers"] += 1
+        if reply is None:
+            counters["dns64.nothing_to_synthesise"] += 1
+            reply = p.held
+        else:
+            counters["dns64.synthesised"] += 1
+        assert reply is not None  # held while the A leg runs
+        self._reply(p.guest_ip, p.guest_port, reply)
+
+    def _nat64able(self, v4: bytes) -> bool:
+        """An A record worth synthesising: one natd's NAT64 would dial (see dns64)."""
+        return not is_special(v4) and not self.link.settings.in_network(v4)
 
     def on_upstream_failed(self, query: int, now: float) -> None:
         """The host could not send attempt ``query`` or the upstream refused it: move on now."""

@@ -14,7 +14,13 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from natd.stack.addresses import is_link_local, is_multicast, is_special, text
+from natd.stack.addresses import (
+    NAT64_PREFIX,
+    is_link_local,
+    is_multicast,
+    is_special,
+    text,
+)
 from natd.stack.arp import ArpResponder
 from natd.stack.dhcp import DhcpServer
 from natd.stack.dhcpv6 import Dhcpv6Server
@@ -59,8 +65,6 @@ _IPV6_ETHERTYPE = b"\x86\xdd"
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _LOOPBACK = bytes((127, 0, 0, 1))
 _LOOPBACK6 = bytes(15) + b"\x01"
-NAT64_PREFIX = bytes.fromhex("0064ff9b") + bytes(8)
-"""The well-known NAT64 prefix ``64:ff9b::/96`` (RFC 6052): its last 4 bytes are the IPv4 host."""
 _DHCP_SERVER_PORT = 67
 _DHCPV6_SERVER_PORT = 547
 _DNS_PORT = 53
@@ -103,6 +107,7 @@ class Gateway:
         self.ndp = NdpResponder(self)
         self.icmpv6 = Icmpv6Responder(self)
         self.dhcpv6 = Dhcpv6Server(self)
+        self.dhcpv6.on_binding = self.dns.on_lease6  # reserved hostnames' AAAA follow leases
         self._engines = (
             self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping, self.events,
             self.ndp, self.icmpv6, self.dhcpv6,
@@ -618,4 +623,4 @@ def _not_guests(s: GatewaySettings) -> frozenset[bytes]:
     return frozenset((s.gateway_ip, s.dns_ip, s.network_address, s.broadcast))
 
 
-__all__ = ["Gateway"]
+__all__ = ["NAT64_PREFIX", "Gateway"]

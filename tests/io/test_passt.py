@@ -68,8 +68,17 @@ def test_addresses_default_to_natds_and_follow_a() -> None:
     assert cfg.dns_upstreams == (("127.0.0.1", 53),)
     o = mapped("-s", "/tmp/s", "--search", "corp.test lab.test")  # QEMU 10.1 joins its list
     assert o["domain"] == "corp.test"
-    o = mapped("-s", "/tmp/s", "-D", "10.0.2.3", "-D", "fd00::1", "-D", "127.0.0.1")
-    assert o["dns_upstreams"] == ["127.0.0.1"]  # natd's own forwarder is no upstream
+    o = mapped(
+        "-s", "/tmp/s", "-D", "10.0.2.3", "-D", "fd00::1", "-D", "FD00:10:0:2:0::3",
+        "-D", "127.0.0.1",
+    )  # fmt: skip
+    assert o["dns_upstreams"] == ["fd00::1", "127.0.0.1"]  # natd's own forwarder is no upstream
+    cfg6 = load_config(None, o, resolv_conf="/dev/null")
+    assert cfg6.dns_upstreams == (("fd00::1", 53), ("127.0.0.1", 53))
+    for forward in ("10.0.2.3", "fd00:10:0:2::3"):  # natd's forwarder, either family
+        mapped("-s", "/tmp/s", "--dns-forward", forward)
+    with pytest.raises(UsageError, match=r"at 10\.0\.2\.3 and fd00:10:0:2::3"):
+        mapped("-s", "/tmp/s", "--dns-forward", "fd00::3")
     assert cfg.domain == "example.test" and cfg.host_loopback is False
     assert (
         mapped("-s", "/tmp/s", "-i", "eth0", "-4", "--no-ra", "--map-host-loopback", "none")[

@@ -39,6 +39,7 @@ UP2 = ("192.0.2.53", 5353)
 # The same upstreams as the core names them in ops and host events (addresses as bytes).
 RAW1 = (bytes((127, 0, 0, 53)), 53)
 RAW2 = (bytes((192, 0, 2, 53)), 5353)
+GATEWAY6 = bytes.fromhex("fd000010000000020000000000000002")
 
 
 def gateway(*upstreams: tuple[str, int], **kw: object) -> Gateway:
@@ -227,8 +228,8 @@ def test_local_names() -> None:
         ("HOST.natd.internal.", TYPE_A, GATEWAY_IP),
         ("web.natd.internal", TYPE_A, bytes((10, 0, 2, 20))),
         ("web", TYPE_A, bytes((10, 0, 2, 20))),
-        ("web", TYPE_AAAA, None),
-        ("host.natd.internal", TYPE_AAAA, None),
+        ("web", TYPE_AAAA, None),  # a reservation without ip6 or DHCPv6 lease: NODATA
+        ("host.natd.internal", TYPE_AAAA, GATEWAY6),
         ("host.natd.internal", TYPE_MX, None),
     ]
     for i, (name, qtype, expect) in enumerate(cases):
@@ -242,8 +243,8 @@ def test_local_names() -> None:
             assert msg.answers == ()
         else:
             (rr,) = msg.answers
-            assert rr.rtype == TYPE_A
-            assert raw[rr.rdata_offset : rr.rdata_offset + 4] == expect
+            assert rr.rtype == qtype
+            assert raw[rr.rdata_offset : rr.rdata_offset + rr.rdata_length] == expect
     ask(gw, build_query(7, "2.2.0.10.in-addr.arpa", TYPE_PTR))
     raw = decode_udp(gw.take_outbox()[0][0])[3]
     (rr,) = parse_dns(raw).answers

@@ -330,10 +330,10 @@ def _dns_query(name: bytes, qtype: int) -> bytes:
 
 @pytest.mark.parametrize("partial", [False, True], ids=["checksummed", "partial-checksum"])
 def test_dns_over_udp_at_dns6_answered_from_dns6(partial: bool) -> None:
-    """The forwarder serves ::3 as it serves .3: a local name's A answered, its AAAA is NODATA
-    (never NXDOMAIN), from ::3 to the guest's port."""
+    """The forwarder serves ::3 as it serves .3: a local name's A and AAAA answered, a type it
+    has no record of is NODATA (never NXDOMAIN), from ::3 to the guest's port."""
     gw = make_gateway()[0]
-    for qtype, count in ((1, 1), (28, 0)):
+    for qtype, count in ((1, 1), (28, 1), (15, 0)):
         dg = struct.pack("!HHHH", 5353, 53, 8, 0) + _dns_query(b"host.natd.internal", qtype)
         dg = dg[:4] + struct.pack("!H", len(dg)) + dg[6:]
         pseudo = GUEST6 + DNS6 + struct.pack("!I3xB", len(dg), 17)
@@ -348,7 +348,10 @@ def test_dns_over_udp_at_dns6_answered_from_dns6(partial: bool) -> None:
         dns = dpkt.dns.DNS(l4[8:])
         assert dns.id == 0x4242 and dns.rcode == 0 and len(dns.an) == count
         if count:
-            assert dns.an[0].ip == bytes((10, 0, 2, 2))
+            assert dns.an[0].type == qtype
+            assert bytes(getattr(dns.an[0], "ip6" if qtype == 28 else "ip")) == (
+                GW6 if qtype == 28 else bytes((10, 0, 2, 2))
+            )
     assert gw.counters["ipv6.refused_no_route"] == 0
 
 
