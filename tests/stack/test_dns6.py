@@ -406,3 +406,31 @@ def test_ipv6_upstream_asked_and_answer_accepted_from_it_only() -> None:
     gw.dns.on_upstream_failed(op1.query, 0.2)
     (op2,) = upstream_ops(gw)
     assert (op2.host, op2.port) == (a6("fe80::1"), 53)  # the zone is the shell's business
+
+
+def test_dns64_sweep_of_damaged_answers_never_raises() -> None:
+    """Every truncation and every byte flipped of both legs' answers: a counted drop or an
+    answer to the guest, never an exception, and never a query left without an end."""
+    records = ("v4only.test. 60 IN CNAME x.test.", "x.test. 60 IN A 192.0.2.10")
+    for leg in ("aaaa", "a"):
+        gw = gateway(UPSTREAM, nat64=True)
+        for ident in range(600):
+            q = query("v4only.test", AAAA, ident)
+            if leg == "a":
+                op = start_a_leg(gw, q, SOA)
+                good = answer(op, *records)
+            else:
+                ask(gw, q)
+                (op,) = upstream_ops(gw)
+                good = answer(op, authority=(SOA,))
+            cut = ident % (len(good) + 1)
+            damaged = bytearray(good if ident % 2 else good[:cut])
+            if ident % 2:
+                at = 2 + ident // 2 % (len(good) - 2)  # keep the id: reach the parser
+                damaged[at] ^= 0xFF
+            gw.dns.on_upstream_answer(*RAW, bytes(damaged), 1.0)
+            gw.take_outbox()
+            gw.on_timer(1000.0 * (ident + 1))  # whatever is left ends by its timeouts
+            gw.on_timer(1000.0 * (ident + 1) + 10)
+            gw.take_outbox()
+            assert gw.dns.pending == 0
