@@ -89,11 +89,12 @@ def test_guest_kernel_slaac_rdisc6_ping_and_fast_refusal(
     udp = guest.run([sys.executable, "-c", probe], timeout=20).stdout.split()
     assert udp == ["OSError", str(errno.ENETUNREACH)], udp
 
-    # The DNS forwarder answers at ::3 over UDP (natd's own name: A, and NODATA for AAAA).
+    # The DNS forwarder answers at ::3 over UDP (natd's own name: A, AAAA, NODATA for MX).
     dig = ["dig", "+time=3", "+tries=1", f"@{DNS6}", "host.lab.internal"]
     assert guest.run([*dig, "A", "+short"], timeout=20).stdout.split() == ["10.0.2.2"]
-    aaaa = guest.run([*dig, "AAAA"], timeout=20).stdout
-    assert "status: NOERROR" in aaaa and "ANSWER: 0" in aaaa, aaaa
+    assert guest.run([*dig, "AAAA", "+short"], timeout=20).stdout.split() == [GW6]
+    mx = guest.run([*dig, "MX"], timeout=20).stdout
+    assert "status: NOERROR" in mx and "ANSWER: 0" in mx, mx
 
     # IPv4 beside it is unaffected.
     assert " 0% packet loss" in guest.ping(GATEWAY, count=1)

@@ -1,0 +1,134 @@
+"""The DNS forwarder's IPv6 side with real programs: ``dig`` in a guest asks natd at ``::3``.
+
+natd runs in a namespace of its own (``h1``: loopback only, no route anywhere) and serves the
+guest's ``tap0`` with ``--netns``; its upstream is dnsmasq on ``h1``'s loopback, on ``::1``
+and ``127.0.0.1``. Shown: AAAA for natd's own names and their ``ip6.arpa`` PTR; DNS64 with
+``nat64 = true`` (an A-only name comes back as ``64:ff9b::a.b.c.d``, a name with AAAA as it
+is); NODATA without nat64; an IPv6 upstream ``[::1]:PORT``. Every address dialled is inside
+namespaces this test made.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from harness import Guest, Natd, Netns, ctl, unique_name
+
+from natd.wire.dns import build_query
+
+DNS6 = "fd00:10:0:2::3"
+GUEST6 = "fd00:10:0:2::15"
+UPSTREAM_PORT = 5300  # free in h1, a namespace of this test's own
+WEB_MAC = "52:54:00:00:00:20"
+
+Start = Callable[[str], tuple[Guest, str]]
+
+
+def _dnsmasq_answers(h1: Netns, family: socket.AddressFamily, host: str) -> bool:
+    probe = (
+        "import socket, sys\n"
+        f"s = socket.socket({int(family)}, socket.SOCK_DGRAM); s.settimeout(0.3)\n"
+        f"s.sendto(bytes.fromhex({build_query(1, 'v4only.test').hex()!r}), "
+        f"({host!r}, {UPSTREAM_PORT}))\n"
+        "try:\n    s.recv(512)\nexcept OSError:\n    sys.exit(1)\n"
+    )
+    return h1.run(["python3", "-c", probe], check=False, timeout=10).returncode == 0
+
+
+@pytest.fixture
+def dns6_world(
+    namespaces: Callable[..., Netns], natd_process: Callable[..., Natd], tmp_path: Path
+) -> Iterator[Start]:
+    """``start(config)`` → (guest, control socket): h1 with dnsmasq on its loopback, natd in
+    h1 serving a new guest."""
+    if shutil.which("dnsmasq") is None or shutil.which("dig") is None:
+        pytest.fail("dnsmasq and dig are needed (see .ci/run)")
+    h1 = namespaces(unique_name("dns6h"))
+    h1.popen(
+        ["dnsmasq", "--no-resolv", "--no-hosts", "--keep-in-foreground", "--conf-file=/dev/null",
+         "--pid-file=", "--user=root", "--port", str(UPSTREAM_PORT), "--listen-address",
+         "127.0.0.1", "--listen-address", "::1", "--bind-interfaces",
+         "--local=/test/", "--host-record=v4only.test,192.0.2.10",
+         "--host-record=dual.test,192.0.2.11,fd00:db8::11"]
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not (
+        _dnsmasq_answers(h1, socket.AF_INET6, "::1")
+        and _dnsmasq_answers(h1, socket.AF_INET, "127.0.0.1")
+    ):
+        assert time.monotonic() < deadline, "dnsmasq did not answer in h1"
+    guests: list[Guest] = []
+
+    def start(config: str) -> tuple[Guest, str]:
+        guest = Guest(unique_name("dns6g"), workdir=tmp_path / f"g{len(guests)}")
+        guests.append(guest)
+        conf = tmp_path / f"natd{len(guests)}.toml"
+        conf.write_text(config)
+        control = str(tmp_path / f"natd{len(guests)}.sock")
+        guest.natd = natd_process(
+            ["--netns", guest.path, "--config", str(conf), "--control", control], netns_exec=h1
+        )
+        guest.configure_static()
+        # A static IPv6 address without DAD: dig can ask ::3 at once (no waiting for SLAAC).
+        guest.run(["ip", "-6", "addr", "add", f"{GUEST6}/64", "dev", "tap0", "nodad"])
+        return guest, control
+
+    yield start
+    for guest in reversed(guests):
+        guest.close()
+
+
+def _dig(guest: Guest, *args: str) -> str:
+    return guest.run(["dig", f"@{DNS6}", "+time=3", "+tries=2", *args], timeout=30).stdout
+
+
+def dig(guest: Guest, *args: str) -> str:
+    """The whole answer, which must be NOERROR."""
+    out = _dig(guest, *args)
+    assert "status: NOERROR" in out, out
+    return out
+
+
+def short(guest: Guest, *args: str) -> list[str]:
+    return _dig(guest, "+short", *args).split()
+
+
+def test_aaaa_local_names_dns64_and_ipv6_upstream(dns6_world: Start) -> None:
+    guest, control = dns6_world(
+        "[network]\nnat64 = true\n"
+        f'[dns]\nupstream = ["[::1]:{UPSTREAM_PORT}"]\n'
+        f'[[dhcp.static]]\nmac = "{WEB_MAC}"\nip = "10.0.2.20"\nhostname = "web"\n'
+        'ip6 = "fd00:10:0:2::20"\n'
+    )
+    # natd's own names: the gateway ::2 (what reaches the host's ::1) and a reservation's ip6
+    assert short(guest, "AAAA", "host.natd.internal") == ["fd00:10:0:2::2"]
+    assert short(guest, "AAAA", "web.natd.internal") == ["fd00:10:0:2::20"]
+    assert short(guest, "-x", "fd00:10:0:2::2") == ["host.natd.internal."]
+    # DNS64 through the IPv6 upstream: only an A record upstream → synthesised AAAA
+    assert short(guest, "AAAA", "v4only.test") == ["64:ff9b::c000:20a"]
+    full = dig(guest, "AAAA", "v4only.test")
+    flags = full.split("flags:")[1].split(";")[0].split()
+    assert "ANSWER: 1" in full and "ad" not in flags and "aa" not in flags, full
+    # a name with a real AAAA passes as it is; A is not touched
+    assert short(guest, "AAAA", "dual.test") == ["fd00:db8::11"]
+    assert short(guest, "A", "v4only.test") == ["192.0.2.10"]
+    assert "status: NXDOMAIN" in _dig(guest, "AAAA", "nope.test")  # passes as it is
+    counters = ctl(control, "stats")["counters"]
+    assert counters["dns64.synthesised"] >= 2 and counters["dns64.a_queries"] >= 2
+    assert counters["dns.local"] >= 3
+
+
+def test_without_nat64_an_a_only_name_is_nodata(dns6_world: Start) -> None:
+    guest, control = dns6_world(f'[dns]\nupstream = ["127.0.0.1:{UPSTREAM_PORT}"]\n')
+    out = dig(guest, "AAAA", "v4only.test")
+    assert "ANSWER: 0" in out and "64:ff9b" not in out, out
+    assert short(guest, "AAAA", "dual.test") == ["fd00:db8::11"]
+    # natd's own name: AAAA answered; a type it has no record of is NODATA, never NXDOMAIN
+    assert short(guest, "AAAA", "host.natd.internal") == ["fd00:10:0:2::2"]
+    assert "ANSWER: 0" in dig(guest, "MX", "host.natd.internal")
+    assert ctl(control, "stats")["counters"].get("dns64.a_queries", 0) == 0
