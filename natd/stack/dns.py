@@ -256,7 +256,7 @@ class DnsForwarder:
             return
         self._forget(p)
         if p.held is not None:  # the DNS64 A leg failed: the AAAA answer stands
-            self.link.counters["dns64.a_failed"] += 1
+            self.link.counters["dns.dns64.a_failed"] += 1
             self._reply(p.guest_ip, p.guest_port, p.held)
             return
         self.link.counters["dns.servfail.upstreams_failed"] += 1
@@ -310,7 +310,7 @@ class DnsForwarder:
             if len(payload) <= _MAX_HELD:
                 self._start_a_leg(p, payload, msg, now)
                 return
-            counters["dns64.too_big"] += 1
+            counters["dns.dns64.too_big"] += 1
         self._forget(p)
         counters["dns.answers"] += 1
         answer = p.guest_id.to_bytes(2, "big") + payload[2:]
@@ -324,7 +324,7 @@ class DnsForwarder:
         p.query = a_query(p.guest_query, parse_dns(p.guest_query))
         p.expect = (p.question[0], TYPE_A, CLASS_IN)
         p.attempt = 0
-        self.link.counters["dns64.a_queries"] += 1
+        self.link.counters["dns.dns64.a_queries"] += 1
         self._send_attempt(p, now)
 
     def _a_leg_answered(self, p: _Pending, payload: bytes, msg: DnsMessage) -> None:
@@ -338,10 +338,10 @@ class DnsForwarder:
         self._forget(p)
         counters["dns.answers"] += 1
         if reply is None:
-            counters["dns64.nothing_to_synthesise"] += 1
+            counters["dns.dns64.nothing_to_synthesise"] += 1
             reply = p.held
         else:
-            counters["dns64.synthesised"] += 1
+            counters["dns.dns64.synthesised"] += 1
         assert reply is not None  # held while the A leg runs
         self._reply(p.guest_ip, p.guest_port, reply)
 

@@ -119,7 +119,7 @@ def test_aaaa_local_names_dns64_and_ipv6_upstream(dns6_world: Start) -> None:
     assert short(guest, "A", "v4only.test") == ["192.0.2.10"]
     assert "status: NXDOMAIN" in _dig(guest, "AAAA", "nope.test")  # passes as it is
     counters = ctl(control, "stats")["counters"]
-    assert counters["dns64.synthesised"] >= 2 and counters["dns64.a_queries"] >= 2
+    assert counters["dns.dns64.synthesised"] >= 2 and counters["dns.dns64.a_queries"] >= 2
     assert counters["dns.local"] >= 3
 
 
@@ -131,4 +131,4 @@ def test_without_nat64_an_a_only_name_is_nodata(dns6_world: Start) -> None:
     # natd's own name: AAAA answered; a type it has no record of is NODATA, never NXDOMAIN
     assert short(guest, "AAAA", "host.natd.internal") == ["fd00:10:0:2::2"]
     assert "ANSWER: 0" in dig(guest, "MX", "host.natd.internal")
-    assert ctl(control, "stats")["counters"].get("dns64.a_queries", 0) == 0
+    assert ctl(control, "stats")["counters"].get("dns.dns64.a_queries", 0) == 0

@@ -172,9 +172,12 @@ async def test_udp_send_error_counted_not_raised() -> None:
 class FakeResolver:
     """UDP and TCP on the same loopback port answering A queries with 192.0.2.7."""
 
-    def __init__(self) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.udp = socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM
+        )
+        self.udp.bind((host, 0))
         self.udp.setblocking(False)
         self.port: int = self.udp.getsockname()[1]
         self.queries: list[bytes] = []
@@ -204,7 +207,7 @@ class FakeResolver:
 
     async def start(self) -> None:
         asyncio.get_running_loop().add_reader(self.udp.fileno(), self.on_udp)
-        self.tcp_server = await asyncio.start_server(self.on_tcp, "127.0.0.1", self.port)
+        self.tcp_server = await asyncio.start_server(self.on_tcp, self.host, self.port)
 
     def close(self) -> None:
         asyncio.get_running_loop().remove_reader(self.udp.fileno())
@@ -242,6 +245,49 @@ async def test_dns_forwarded_over_udp_and_tcp() -> None:
     finally:
         pump.close()
         resolver.close()
+
+
+async def test_dns_ipv6_upstream_over_udp_and_tcp() -> None:
+    """An upstream at ``[::1]:PORT``: the query socket is AF_INET6, UDP and TCP both answer."""
+    resolver = FakeResolver("::1")
+    try:
+        await resolver.start()
+    except OSError:
+        resolver.close()
+        pytest.skip("::1 port taken for TCP")
+    gw, pump = make(GatewaySettings(dns_upstreams=(("::1", resolver.port),)))
+    side = DnsUpstream(pump.loop, gw, pump)
+    pump.register(side)
+    try:
+        pump.feed([udp_frame(DNS, 5357, 53, build_query(0x5353, "x.test"))])
+        await pump.wait_for(lambda: len(pump.frames) == 1)
+        assert parse_dns(udp_of(pump.frames[0])[3]).answers
+        pump.sides.pop(DnsQuery)  # the next query's op goes over TCP instead
+        pump.feed([udp_frame(DNS, 5358, 53, build_query(0x5454, "y.test"))])
+        (op,) = [op for op in pump.ops if isinstance(op, DnsQuery)][1:]
+        assert op.host == socket.inet_pton(socket.AF_INET6, "::1")
+        side.perform(dataclasses.replace(op, transport="tcp"))
+        await pump.wait_for(lambda: len(pump.frames) == 2)
+        assert parse_dns(udp_of(pump.frames[1])[3]).header.id == 0x5454
+        assert len(resolver.queries) == 2
+    finally:
+        pump.close()
+        side.close()
+        resolver.close()
+
+
+async def test_link_local_upstream_dialled_with_its_zone() -> None:
+    """The core knows fe80::1 as 16 bytes; the socket is told the zone the config named."""
+    settings = GatewaySettings(dns_upstreams=(("fe80::1%lo", 53), ("fd00::1", 53)))
+    gw, pump = make(settings)
+    side = DnsUpstream(pump.loop, gw, pump)
+    try:
+        assert side._dial_text(socket.inet_pton(socket.AF_INET6, "fe80::1")) == "fe80::1%lo"
+        assert side._dial_text(socket.inet_pton(socket.AF_INET6, "fe80::2")) == "fe80::2"
+        assert side._dial_text(socket.inet_pton(socket.AF_INET6, "fd00::1")) == "fd00::1"
+    finally:
+        pump.close()
+        side.close()
 
 
 class PeerRecordingResolver(FakeResolver):

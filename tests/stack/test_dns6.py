@@ -263,7 +263,7 @@ def test_dns64_synthesises_aaaa_from_a_records() -> None:
     assert addresses(r, "real.v4only.test.") == (["64:ff9b::c000:20a", "64:ff9b::c633:6407"], 300)
     assert not r.flags & (dns.flags.AA | dns.flags.AD) and r.edns == 0
     assert gw.dns.pending == 0 and gw.next_deadline() is None
-    assert gw.counters["dns64.synthesised"] == 1 and gw.counters["dns64.a_queries"] == 1
+    assert gw.counters["dns.dns64.synthesised"] == 1 and gw.counters["dns.dns64.a_queries"] == 1
 
 
 def test_dns64_ttl_without_soa_is_at_most_600() -> None:
@@ -288,7 +288,7 @@ def test_dns64_leaves_real_aaaa_nxdomain_and_errors_alone() -> None:
         upstream = answer(op, *([record] if record else []), rcode=rcode)
         gw.dns.on_upstream_answer(*RAW, upstream, 0.1)
         assert replies(gw) == [q.to_wire()[:2] + upstream[2:]]  # byte for byte, guest's id
-    assert gw.counters["dns64.a_queries"] == 0
+    assert gw.counters["dns.dns64.a_queries"] == 0
 
 
 def test_dns64_only_mapped_aaaa_counts_as_none() -> None:
@@ -338,7 +338,7 @@ def test_dns64_a_leg_without_usable_records_returns_the_aaaa_answer() -> None:
         (a_op,) = upstream_ops(gw)
         gw.dns.on_upstream_answer(*RAW, answer(a_op, *records, rcode=rcode), 0.2)
         assert replies(gw) == [q.to_wire()[:2] + nodata[2:]]
-    assert gw.counters["dns64.nothing_to_synthesise"] == 3 and gw.dns.pending == 0
+    assert gw.counters["dns.dns64.nothing_to_synthesise"] == 3 and gw.dns.pending == 0
 
 
 def test_dns64_a_leg_times_out_like_any_query() -> None:
@@ -357,7 +357,8 @@ def test_dns64_a_leg_times_out_like_any_query() -> None:
     assert gw.take_outbox() == ([], [])  # the superseded attempt's answer no longer counts
     gw.on_timer(14.5)
     assert replies(gw) == [q.to_wire()[:2] + nodata[2:]]  # the AAAA answer stands
-    assert gw.counters["dns64.a_failed"] == 1 and gw.counters["dns.servfail.upstreams_failed"] == 0
+    assert gw.counters["dns.dns64.a_failed"] == 1
+    assert gw.counters["dns.servfail.upstreams_failed"] == 0
     assert gw.dns.pending == 0 and gw.next_deadline() is None
 
 
