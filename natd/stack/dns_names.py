@@ -63,7 +63,7 @@ class LocalNames:
         self._reverse: dict[Name, Name] = {}
         self._bound: dict[bytes, dict[bytes, None]] = {}  # MAC → its DHCPv6 addresses
         self._holder: dict[bytes, bytes] = {}  # DHCPv6 address → MAC
-        self.ipv6 = settings.ipv6
+        self.ipv6 = True
         self.apply(settings)
 
     def apply(self, s: GatewaySettings) -> None:
