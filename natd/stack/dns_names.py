@@ -8,6 +8,9 @@
   Names come only from the operator's reservations, never from what a client calls itself.
 - The reverse names of those addresses (``in-addr.arpa``, ``ip6.arpa``) answer PTR with the
   ``<hostname>.<domain>`` form.
+- With ``nat64``: ``ipv4only.arpa`` (RFC 8880 7.2: a DNS64 answers it itself, without asking
+  upstream): A → ``192.0.0.170`` and ``.171``, AAAA → the same under ``64:ff9b::/96``, so a
+  guest discovers the NAT64 prefix (RFC 7050; 464XLAT's CLAT does) even with no upstream.
 
 A local name asked for a type it has no record of is NODATA (NOERROR, no answers), never
 NXDOMAIN: the name exists, and a dual-stack guest must not conclude otherwise from its AAAA.
@@ -16,8 +19,10 @@ NXDOMAIN: the name exists, and a dual-stack guest must not conclude otherwise fr
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from typing import Any
 
+from natd.stack.addresses import NAT64_PREFIX
 from natd.stack.settings import GatewaySettings
 from natd.wire.dns import (
     CLASS_IN,
@@ -36,6 +41,8 @@ LOCAL_TTL = 60
 QNAME_PTR = b"\xc0\x0c"  # compression pointer to the question name at offset 12
 _IP6_ARPA = (b"ip6", b"arpa")
 _NIBBLES = frozenset(b"0123456789abcdef")
+_IPV4ONLY = (b"ipv4only", b"arpa")
+_IPV4ONLY_A = (bytes((192, 0, 0, 170)), bytes((192, 0, 0, 171)))  # RFC 7050 2.2
 
 
 def ip6_from_arpa(key: Name) -> bytes | None:
@@ -45,6 +52,16 @@ def ip6_from_arpa(key: Name) -> bytes | None:
     if any(len(label) != 1 or label[0] not in _NIBBLES for label in key[:32]):
         return None
     return bytes.fromhex("".join(label.decode() for label in reversed(key[:32])))
+
+
+def _addresses(qtype: int, v4: Sequence[bytes], v6: Sequence[bytes]) -> tuple[bytes, ...]:
+    """A and AAAA records (owner: the question name) as ``qtype`` asks for them."""
+    records = []
+    if qtype in (TYPE_A, TYPE_ANY):
+        records += [build_record(TYPE_A, CLASS_IN, LOCAL_TTL, ip, name=QNAME_PTR) for ip in v4]
+    if qtype in (TYPE_AAAA, TYPE_ANY):
+        records += [build_record(TYPE_AAAA, CLASS_IN, LOCAL_TTL, ip, name=QNAME_PTR) for ip in v6]
+    return tuple(records)
 
 
 def _arpa(ip: bytes) -> Name:
@@ -64,11 +81,13 @@ class LocalNames:
         self._bound: dict[bytes, dict[bytes, None]] = {}  # MAC → its DHCPv6 addresses
         self._holder: dict[bytes, bytes] = {}  # DHCPv6 address → MAC
         self.ipv6 = True
+        self.nat64 = False
         self.apply(settings)
 
     def apply(self, s: GatewaySettings) -> None:
         """(Re)build the names from settings: the gateway and the reservations."""
         self.ipv6 = s.ipv6
+        self.nat64 = s.nat64
         for table in (self._v4, self._v6, self._by_mac, self._mac_name, self._reverse):
             table.clear()
         self._add(f"host.{s.domain}", s.gateway_ip, s.gateway6, None)
@@ -129,17 +148,11 @@ class LocalNames:
         """The answer records (owner: the question name) for a local ``name`` asked with
         ``qtype`` (class IN); ``()`` is NODATA; None: not a local name, ask upstream."""
         key = name_key(name)
+        if key == _IPV4ONLY and self.nat64:
+            return _addresses(qtype, _IPV4ONLY_A, [NAT64_PREFIX + v4 for v4 in _IPV4ONLY_A])
         v4 = self._v4.get(key)
         if v4 is not None:
-            records = []
-            if qtype in (TYPE_A, TYPE_ANY):
-                records.append(build_record(TYPE_A, CLASS_IN, LOCAL_TTL, v4, name=QNAME_PTR))
-            if qtype in (TYPE_AAAA, TYPE_ANY):
-                records += [
-                    build_record(TYPE_AAAA, CLASS_IN, LOCAL_TTL, ip, name=QNAME_PTR)
-                    for ip in self.addresses6(key)
-                ]
-            return tuple(records)
+            return _addresses(qtype, [v4], self.addresses6(key))
         target = self._reverse_target(key)
         if target is None:
             return None

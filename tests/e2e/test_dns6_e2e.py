@@ -118,6 +118,8 @@ def test_aaaa_local_names_dns64_and_ipv6_upstream(dns6_world: Start) -> None:
     assert short(guest, "AAAA", "dual.test") == ["fd00:db8::11"]
     assert short(guest, "A", "v4only.test") == ["192.0.2.10"]
     assert "status: NXDOMAIN" in _dig(guest, "AAAA", "nope.test")  # passes as it is
+    # the NAT64 prefix is discoverable (RFC 7050): natd answers ipv4only.arpa itself
+    assert short(guest, "AAAA", "ipv4only.arpa") == ["64:ff9b::c000:aa", "64:ff9b::c000:ab"]
     counters = ctl(control, "stats")["counters"]
     assert counters["dns.dns64.synthesised"] >= 2 and counters["dns.dns64.a_queries"] >= 2
     assert counters["dns.local"] >= 3

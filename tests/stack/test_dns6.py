@@ -227,6 +227,22 @@ def test_reserved_hostname_follows_its_dhcpv6_lease() -> None:
     assert aaaa(201.0) == ["fd00:10:0:2::15"]
 
 
+def test_ipv4only_arpa_answered_locally_with_nat64() -> None:
+    """RFC 8880 7.2 / RFC 7050: the NAT64 prefix is discoverable without asking upstream."""
+    gw = gateway(UPSTREAM, nat64=True)
+    ask(gw, query("ipv4only.arpa", AAAA))
+    r = reply(gw)
+    assert r.rcode() == dns.rcode.NOERROR
+    assert addresses(r, "ipv4only.arpa.")[0] == ["64:ff9b::c000:aa", "64:ff9b::c000:ab"]
+    ask(gw, query("IPv4Only.Arpa", A))
+    (rrset,) = reply(gw).answer
+    assert sorted(rd.address for rd in rrset) == ["192.0.0.170", "192.0.0.171"]
+    # without NAT64 natd has no prefix to tell: the name is the upstream's business
+    gw = gateway(UPSTREAM)
+    ask(gw, query("ipv4only.arpa", AAAA))
+    assert len(upstream_ops(gw)) == 1
+
+
 # -- DNS64 -----------------------------------------------------------------------------------
 
 
