@@ -10,6 +10,7 @@ namespaces this test made.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import time
@@ -18,15 +19,18 @@ from pathlib import Path
 
 import pytest
 from harness import Guest, Natd, Netns, ctl, unique_name
+from test_faults_e2e import wait_for
+from test_v6wire_e2e import dhclient6
 
 from natd.wire.dns import build_query
 
 DNS6 = "fd00:10:0:2::3"
-GUEST6 = "fd00:10:0:2::15"
+GUEST6 = "fd00:10:0:2::40"  # set by hand; DHCPv6 hands out ::15 upward
 UPSTREAM_PORT = 5300  # free in h1, a namespace of this test's own
 WEB_MAC = "52:54:00:00:00:20"
+DB_MAC = "52:54:00:00:00:31"
 
-Start = Callable[[str], tuple[Guest, str]]
+Start = Callable[..., tuple[Guest, str]]
 
 
 def _dnsmasq_answers(h1: Netns, family: socket.AddressFamily, host: str) -> bool:
@@ -44,8 +48,8 @@ def _dnsmasq_answers(h1: Netns, family: socket.AddressFamily, host: str) -> bool
 def dns6_world(
     namespaces: Callable[..., Netns], natd_process: Callable[..., Natd], tmp_path: Path
 ) -> Iterator[Start]:
-    """``start(config)`` → (guest, control socket): h1 with dnsmasq on its loopback, natd in
-    h1 serving a new guest."""
+    """``start(config, mac=None)`` → (guest, control socket): h1 with dnsmasq on its loopback,
+    natd in h1 serving a new guest (whose ``tap0`` gets ``mac`` if given)."""
     if shutil.which("dnsmasq") is None or shutil.which("dig") is None:
         pytest.fail("dnsmasq and dig are needed (see .ci/run)")
     h1 = namespaces(unique_name("dns6h"))
@@ -64,8 +68,9 @@ def dns6_world(
         assert time.monotonic() < deadline, "dnsmasq did not answer in h1"
     guests: list[Guest] = []
 
-    def start(config: str) -> tuple[Guest, str]:
+    def start(config: str, mac: str | None = None) -> tuple[Guest, str]:
         guest = Guest(unique_name("dns6g"), workdir=tmp_path / f"g{len(guests)}")
+        guest.workdir.mkdir()
         guests.append(guest)
         conf = tmp_path / f"natd{len(guests)}.toml"
         conf.write_text(config)
@@ -73,6 +78,8 @@ def dns6_world(
         guest.natd = natd_process(
             ["--netns", guest.path, "--config", str(conf), "--control", control], netns_exec=h1
         )
+        if mac is not None:
+            guest.run(["ip", "link", "set", "tap0", "address", mac])
         guest.configure_static()
         # A static IPv6 address without DAD: dig can ask ::3 at once (no waiting for SLAAC).
         guest.run(["ip", "-6", "addr", "add", f"{GUEST6}/64", "dev", "tap0", "nodad"])
@@ -80,6 +87,8 @@ def dns6_world(
 
     yield start
     for guest in reversed(guests):
+        if guest.natd is not None:
+            guest.natd.close()
         guest.close()
 
 
@@ -134,3 +143,30 @@ def test_without_nat64_an_a_only_name_is_nodata(dns6_world: Start) -> None:
     assert short(guest, "AAAA", "host.natd.internal") == ["fd00:10:0:2::2"]
     assert "ANSWER: 0" in dig(guest, "MX", "host.natd.internal")
     assert ctl(control, "stats")["counters"].get("dns.dns64.a_queries", 0) == 0
+
+
+def _settled(guest: Guest) -> bool:
+    """Every IPv6 address of tap0 past DAD (dhclient -6 binds to the link-local one)."""
+    info = json.loads(guest.run(["ip", "-j", "-6", "addr", "show", "dev", "tap0"]).stdout)
+    addrs = [a for entry in info for a in entry.get("addr_info", [])]
+    return any(a.get("scope") == "link" for a in addrs) and not any(
+        a.get("tentative") for a in addrs
+    )
+
+
+def test_reserved_hostname_gets_the_address_dhclient6_leased(dns6_world: Start) -> None:
+    guest, control = dns6_world(
+        f'[dns]\nupstream = ["127.0.0.1:{UPSTREAM_PORT}"]\n'
+        f'[[dhcp.static]]\nmac = "{DB_MAC}"\nip = "10.0.2.31"\nhostname = "db"\n',
+        mac=DB_MAC,
+    )
+    out = dig(guest, "AAAA", "db.natd.internal")  # no IPv6 address yet: NODATA
+    assert "ANSWER: 0" in out, out
+    wait_for(lambda: _settled(guest), 20, "tap0's addresses past DAD")
+    got = dhclient6(guest, guest.workdir, "tap0")
+    assert got["reason"] == "BOUND6", got
+    leased = got["new_ip6_address"]
+    assert short(guest, "AAAA", "db.natd.internal") == [leased]
+    assert short(guest, "AAAA", "db") == [leased]
+    assert short(guest, "-x", leased) == ["db.natd.internal."]
+    assert any(row["ip"] == leased for row in ctl(control, "leases"))
