@@ -13,6 +13,7 @@ by sha256. Nothing is dialled outside these namespaces.
 from __future__ import annotations
 
 import hashlib
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -155,3 +156,21 @@ def test_ctl_forward_add_ipv6_at_run_time(net6: Net6) -> None:
     gone = net6.host.run(["curl", "-sS", "-g", "--max-time", "5", "http://[::1]:8082/"],
                          check=False, timeout=15)  # fmt: skip
     assert gone.returncode == 7, gone.stderr
+
+
+def test_a_taken_ipv6_port_exits_1_with_one_line(start_guest: Callable[..., Guest]) -> None:
+    guest = start_guest(natd=False)
+    with socket.socket(socket.AF_INET6) as squatter:
+        squatter.bind(("::1", 0))
+        squatter.listen(1)
+        port = squatter.getsockname()[1]
+        spec = f"tcp:[::1]:{port}-[{GUEST6}]:80"
+        natd = Natd(["--netns", guest.path, "--forward", spec], wait_ready=False)
+        try:
+            assert natd.wait(15) == 1
+            lines = [ln for ln in natd.stderr_text().splitlines() if ln.startswith("natd: ")]
+            assert lines == [
+                f"natd: forward {spec}: cannot listen on [::1]:{port}: Address already in use"
+            ]
+        finally:
+            natd.close()

@@ -133,3 +133,21 @@ async def test_ctl_forward_add_list_remove_with_ipv6_specs(tmp_path: Path) -> No
         await forward(["remove", f"tcp:[0:0::1]:{port}-[fd00:10:0:2:0::15]:80"])  # type: ignore[misc]
         await forward(["remove", f"udp:[::1]:{row['port']}-:53"])  # type: ignore[misc]
         assert await forward(["list"]) == []  # type: ignore[misc]
+
+
+async def test_reload_diffs_ipv6_forwards_by_address_not_spelling(tmp_path: Path) -> None:
+    conf = tmp_path / "net.toml"
+    keep, drop, new = free_port6(), free_port6(), free_port6(socket.SOCK_DGRAM)
+    write_config(conf, [f"tcp:[::1]:{keep}-[fd00:10:0:2::15]:80", f"tcp:[::1]:{drop}-:81"])
+    with running_daemon(asyncio.get_running_loop(), conf) as (daemon, _gw, _log):
+        (kept, _dropped) = daemon.forwards.active
+        write_config(
+            conf,
+            [f"tcp:[0::1]:{keep}-[fd00:10:0:2:0::15]:80", f"udp:[::1]:{new}-[fd00:10:0:2::15]:53"],
+        )
+        result = daemon.reload("test")
+        assert result["forwards_removed"] == [f"tcp:[::1]:{drop}-10.0.2.15:81"]
+        assert result["forwards_added"] == [f"udp:[::1]:{new}-[fd00:10:0:2::15]:53"]
+        assert daemon.forwards.find(kept.forward) is kept  # the very socket, untouched
+        with socket.socket(socket.AF_INET6) as probe, pytest.raises(ConnectionRefusedError):
+            probe.connect(("::1", drop))
