@@ -1,76 +1,25 @@
-"""IPv6 forward listeners on real ``::1`` sockets: V6ONLY listeners, a UDP round trip into an
-IPv6 guest and back, the taken-port message, and ``forward add|list|remove`` with IPv6 specs."""
+"""IPv6 forward listeners on real ``::1`` sockets: V6ONLY listeners of both families on one port,
+the taken-port message, ``forward add|list|remove`` and reload with IPv6 specs. (The UDP round
+trip into an IPv6 guest is ``test_forwards``' UDP test, run for both families.)"""
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 from pathlib import Path
 
 import pytest
-from test_forwards import manager, running_daemon, wait_for, write_config
+from test_forwards import manager, running_daemon, write_config
 
 from natd.config import Forward
 from natd.io.control import ControlError
 from natd.io.forwards import ForwardError
-from natd.wire.ethernet import ETHERTYPE_IPV6, build_ethernet, parse_ethernet
-from natd.wire.ipv6 import PROTO_UDP, build_ipv6, parse_ipv6
-from natd.wire.udp import build_udp, parse_udp
 from natd.wiring import forward_spec
-
-GUEST_MAC = b"\x52\x54\x00\x12\x34\x56"
-GUEST6 = ipaddress.IPv6Address("fd00:10:0:2::15").packed
-GW6 = ipaddress.IPv6Address("fd00:10:0:2::2").packed
-
 
 def free_port6(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET6, kind) as s:
         s.bind(("::1", 0))
         return int(s.getsockname()[1])
-
-
-async def test_udp_forward_from_ipv6_loopback_into_an_ipv6_guest_and_back() -> None:
-    loop = asyncio.get_running_loop()
-    gw, pump, fm, log = manager(loop)
-    gw.neighbours.claim(GUEST6, GUEST_MAC, loop.time())
-    fwd = Forward("udp", "::1", 0, "fd00:10:0:2::15", 5353)
-    active = fm.add(forward_spec(fwd), "config")
-    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    try:
-        assert active.sock.family == socket.AF_INET6
-        assert active.sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
-        (listening,) = log.named("forward.listening")
-        assert listening["host"] == f"[::1]:{active.port}"
-        assert listening["guest"] == "[fd00:10:0:2::15]:5353"
-        row = fm.rows()[0]
-        assert (row["host"], row["guest"]) == (f"[::1]:{active.port}", "[fd00:10:0:2::15]:5353")
-
-        client.bind(("::1", 0))
-        client.setblocking(False)
-        cport = client.getsockname()[1]
-        client.sendto(b"ping6?", ("::1", active.port))
-        await wait_for(lambda: pump.frames)
-        _d, _s, ethertype, packet = parse_ethernet(pump.frames[0])
-        assert ethertype == ETHERTYPE_IPV6
-        header, l4 = parse_ipv6(packet)
-        sport, dport, payload = parse_udp(header.src, header.dst, l4, verify=True)
-        # ::1 is the host's loopback: the guest sees the client at ::2, the client's own port.
-        assert (header.src, header.dst, sport, dport) == (GW6, GUEST6, cport, 5353)
-        assert bytes(payload) == b"ping6?"
-
-        reply = build_udp(GUEST6, GW6, 5353, cport, b"pong6!")
-        frame = build_ethernet(
-            gw.mac, GUEST_MAC, ETHERTYPE_IPV6, build_ipv6(GUEST6, GW6, PROTO_UDP, reply)
-        )
-        gw.receive_frames([frame], loop.time())
-        pump.flush()
-        data, source = await asyncio.wait_for(loop.sock_recvfrom(client, 100), 2.0)
-        assert data == b"pong6!"
-        assert source[:2] == ("::1", active.port)
-    finally:
-        client.close()
-        fm.close()
 
 
 async def test_all_interfaces_of_both_families_coexist_on_one_port() -> None:
