@@ -65,13 +65,15 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
+@pytest.fixture(params=["127.0.0.1", "::1"])
+def taken_port(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    """(host, port) where something already listens: an IPv4 and an IPv6 loopback port."""
+    host = str(request.param)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((host, 0))
     s.listen(1)
     try:
-        yield int(s.getsockname()[1])
+        yield host, int(s.getsockname()[1])
     finally:
         s.close()
 
@@ -143,14 +145,16 @@ async def test_udp_forward_port_zero_is_reported_and_carries_a_request_and_reply
         fm.close()
 
 
-async def test_port_taken_is_one_line_naming_the_forward(taken_port: int) -> None:
+async def test_port_taken_is_one_line_naming_the_forward(taken_port: tuple[str, int]) -> None:
     _gw, _pump, fm, _log = manager(asyncio.get_running_loop())
-    fwd = forward_spec(Forward("tcp", "127.0.0.1", taken_port, "10.0.2.15", 80))
+    host, port = taken_port
+    fwd = forward_spec(Forward("tcp", host, port, "10.0.2.15", 80))
     with pytest.raises(ForwardError) as exc_info:
         fm.add(fwd, "config")
+    shown = f"[{host}]" if ":" in host else host  # IPv6 in brackets, as it was written
     assert str(exc_info.value) == (
-        f"forward tcp:127.0.0.1:{taken_port}-10.0.2.15:80: "
-        f"cannot listen on 127.0.0.1:{taken_port}: Address already in use"
+        f"forward tcp:{shown}:{port}-10.0.2.15:80: "
+        f"cannot listen on {shown}:{port}: Address already in use"
     )
     assert fm.active == []
 
