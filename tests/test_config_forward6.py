@@ -4,10 +4,10 @@ rendering back, and which host sockets collide (IPv6 listeners are V6ONLY)."""
 from __future__ import annotations
 
 import tomllib
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
+from test_config import FIRST, NET, NET6, NO_RESOLV
 
 from natd.config import (
     ConfigError,
@@ -17,11 +17,6 @@ from natd.config import (
     parse_forward,
     render_config,
 )
-
-NET = IPv4Network("10.0.2.0/24")
-FIRST = IPv4Address("10.0.2.15")
-NET6 = IPv6Network("fd00:10:0:2::/64")
-NO_RESOLV = "/nonexistent/resolv.conf"
 
 
 def parse(spec: str) -> Forward:

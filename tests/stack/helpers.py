@@ -28,6 +28,9 @@ DEFAULTS = GatewaySettings()
 GW_IP = DEFAULTS.gateway_ip
 DNS_IP = DEFAULTS.dns_ip
 GW_MAC = DEFAULTS.gateway_mac
+ROUTER6 = DEFAULTS.router6  # fe80::2
+GW6 = DEFAULTS.gateway6  # fd00:10:0:2::2
+GUEST6 = bytes.fromhex("fd000010000000020000000000000015")  # fd00:10:0:2::15
 
 
 def ip(text: str) -> bytes:

@@ -14,9 +14,12 @@ from dataclasses import replace
 import dpkt
 import pytest
 from helpers import (
+    GUEST6,
     GUEST_MAC,
+    GW6,
     GW_IP,
     GW_MAC,
+    ROUTER6,
     icmp6,
     ip,
     ip6,
@@ -32,9 +35,6 @@ from natd.stack.settings import GatewaySettings
 from natd.stack.tcp import state_of
 from natd.stack.udp import INBOUND_RETRY
 
-ROUTER = ip6("fe80::2")
-GW6 = ip6("fd00:10:0:2::2")
-GUEST6 = ip6("fd00:10:0:2::15")
 CLIENT6 = ip6("fd00:99::7")  # a ULA client on the host's side
 LOOP6 = ip6("::1")
 GUEST4 = ip("10.0.2.15")
@@ -75,7 +75,7 @@ def check_ns(raw: bytes, target: bytes) -> None:
     eth, packet, l4 = read6(raw)
     group = solicited_node(target)
     assert eth.dst == b"\x33\x33" + group[12:]
-    assert (packet.src, packet.dst, packet.hlim, packet.nxt) == (ROUTER, group, 255, 58)
+    assert (packet.src, packet.dst, packet.hlim, packet.nxt) == (ROUTER6, group, 255, 58)
     assert (l4[0], l4[1]) == (135, 0)
     assert l4[8:24] == target
     assert l4[24:32] == b"\x01\x01" + GW_MAC  # source link-layer address option
@@ -84,8 +84,8 @@ def check_ns(raw: bytes, target: bytes) -> None:
 def na_from_guest(target: bytes = GUEST6, mac: bytes = GUEST_MAC) -> bytes:
     """The guest's solicited NA to natd's fe80::2 (what Linux answers an NS with)."""
     body = target + b"\x02\x01" + mac
-    msg = icmp6(136, 0x60000000, body, target, ROUTER)  # solicited | override
-    return ip6_frame(msg, 58, src=target, dst=ROUTER)
+    msg = icmp6(136, 0x60000000, body, target, ROUTER6)  # solicited | override
+    return ip6_frame(msg, 58, src=target, dst=ROUTER6)
 
 
 def tcp6(
