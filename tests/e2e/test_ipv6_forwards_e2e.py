@@ -2,9 +2,10 @@
 
 Everything lives in namespaces this test makes: natd runs inside its own namespace (``h``) with a
 veth to a "client" namespace (``fd00:99::1`` on natd's side, ``fd00:99::7`` on the client's:
-ULA addresses of our own), and serves a guest namespace through ``--netns``. The guest has
-``10.0.2.15`` and ``fd00:10:0:2::15`` set by hand (no DAD), so natd learns the guest's MAC for
-its IPv6 address only by asking (a Neighbour Solicitation) when the first client arrives.
+ULA addresses of our own; no default IPv6 route, so natd's probe finds no host IPv6), and
+serves a guest namespace through ``--netns``. The guest has ``10.0.2.15`` and
+``fd00:10:0:2::15`` set by hand (no DAD), so natd learns the guest's MAC for its IPv6 address
+only by asking (a Neighbour Solicitation) when the first client arrives.
 
 The guest's servers tell who they saw (``X-Peer``, the UDP echo's prefix); bodies are checked
 by sha256. Nothing is dialled outside these namespaces.
@@ -116,8 +117,12 @@ def test_ipv6_client_reaches_an_ipv6_guest_which_sees_its_real_address(net6: Net
     peer, _ = fetch(net6.client, f"http://[{NATD6}]:8080/peer", net6.workdir)
     assert peer == CLIENT6
     # natd had never heard from fd00:10:0:2::15: it asked (NS), the guest's kernel answered.
-    counters = ctl(net6.control, "stats")["counters"]
+    stats = ctl(net6.control, "stats")
+    counters = stats["counters"]
     assert counters["ndp.ns_out"] >= 1 and counters["ndp.na_in"] >= 1, counters
+    # natd's namespace has no default IPv6 route, so guest IPv6 to the outside is refused; the
+    # replies of a forward's flows are not (their host side is the forward's own socket).
+    assert stats["host_ipv6"] is False
     opened = [e for e in net6.natd.events() if e.get("event") == "flow.open"]
     assert any(e.get("direction") == "in" and CLIENT6 in str(e) for e in opened), opened
 
