@@ -175,8 +175,9 @@ def _address(addr: str, bracketed: bool, what: str) -> IPv4Address | IPv6Address
         ip = IPv6Address(addr)
     except ValueError:
         raise Invalid(f"{what} [{addr}] is not an IPv6 address") from None
-    if ip.scope_id is not None:
-        raise Invalid(f"{what} [{addr}]: zone indices (%...) are not supported")
+    if ip.scope_id is not None or ip.is_link_local:
+        # A link-local address means nothing without its interface, and natd binds no zones.
+        raise Invalid(f"{what} [{addr}] is link-local: zones (%IFACE) are not supported")
     if ip.ipv4_mapped is not None:
         raise Invalid(f"{what} [{addr}] is IPv4-mapped: write {ip.ipv4_mapped} without brackets")
     if ip.is_multicast:
