@@ -9,6 +9,7 @@ import errno
 import os
 import random
 import resource
+import socket
 import struct
 import time
 import traceback
@@ -63,6 +64,13 @@ from natd.stack.settings import Limits
 from natd.wire.checksum import transport_checksum
 
 # -- the simulated guests and host -----------------------------------------------------------
+
+# Port forward clients: loopback, outside, in-network and special, of both families.
+INBOUND_CLIENTS = tuple(
+    socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
+    for a in ("127.0.0.1", "192.0.2.1", "10.0.2.50", "127.0.0.2", "0.0.0.0",
+              "::1", "fd00:99::7", "fe80::1", "fd00:10:0:2::50", "::")
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -787,22 +795,28 @@ class Fuzzer:
         SYNs the guest; UDP: the client's datagrams go to the guest)."""
         rng = self.rng
         gw = self.gw
-        gip = self.guest_ips[self._guest()] if rng.random() < 0.9 else bytes((10, 0, 2, 77))
+        gi = self._guest()
+        roll = rng.random()
+        if roll < 0.7:
+            gip = self.guest_ips[gi]
+        elif roll < 0.9:  # an IPv6 guest (its SLAAC address), which natd may have to solicit
+            gip = v6.slaac(self.guest_macs[gi])
+        else:
+            gip = bytes((10, 0, 2, 77))
         gport = rng.choice((22, 80, 5201, 8080))
+        # Clients of either family, as the shell hands them over (bytes of 4 or 16).
+        client = rng.choice(INBOUND_CLIENTS)
         if rng.random() < 0.6:
-            client = rng.choice(("127.0.0.1", "192.0.2.1", "10.0.2.50", "127.0.0.2", "0.0.0.0"))
-            src_ip = gw.udp.shown_source(client)
             src_port = rng.randrange(1024, 65536)
 
             def open_tcp() -> None:
-                fid = gw.tcp.open_inbound(gip, gport, src_ip, src_port, self.now)
+                fid = gw.tcp.open_inbound(gip, gport, client, src_port, self.now)
                 if fid is not None:
                     self.host[fid] = HostFlow(connected=True)
 
-            self._later(f"tcp.open_inbound({gip.hex()}, {gport}, {src_ip.hex()}, {src_port})",
+            self._later(f"tcp.open_inbound({gip.hex()}, {gport}, {client.hex()}, {src_port})",
                         open_tcp)  # fmt: skip
         else:
-            client = rng.choice(("127.0.0.1", "192.0.2.1", "10.0.2.50", "127.0.0.2"))
             cport = rng.choice((5000, 5001, rng.randrange(1024, 65536)))
             payloads = [rng.randbytes(rng.choice((0, 1, 64, 1472, 1473)))
                         for _ in range(rng.randint(1, 3))]  # fmt: skip
@@ -817,7 +831,7 @@ class Fuzzer:
                 if close:
                     gw.udp.close_inbound(fid)
 
-            self._later(f"udp.open_inbound({gip.hex()}, {gport}, {client}, {cport})", udp_in)
+            self._later(f"udp.open_inbound({gip.hex()}, {gport}, {client.hex()}, {cport})", udp_in)
 
     def _host_tcp_reaction(self, fid: int, hf: HostFlow) -> None:
         rng = self.rng
@@ -1039,8 +1053,9 @@ class Fuzzer:
 
     def _check_ipv6(self, f: bytes) -> None:
         """An IPv6 frame natd sent: header sane, checksum right (never zero for UDP), ND at hop
-        limit 255, multicast only for ND to all nodes, from natd's addresses (a RST comes from
-        the address the guest dialled)."""
+        limit 255, multicast only for ND to all nodes (or an NS to a solicited-node group), from
+        natd's addresses (a RST comes from the address the guest dialled, a forward's datagram
+        from its client)."""
         dst_mac = f[0:6]
         if len(f) < 54 or f[14] >> 4 != 6:
             self._violation("bad_ipv6_header", f"{len(f)} bytes", f)
@@ -1059,10 +1074,17 @@ class Fuzzer:
         nd = nxt == 58 and 133 <= l4[0] <= 137
         if nd and hlim != 255:
             self._violation("nd_hop_limit", str(hlim), f)
-        if nxt != 6 and src not in (v6.ROUTER6, v6.GW6, v6.DNS6):
+        forward_client = nxt == 17 and src in INBOUND_CLIENTS  # a port forward's real client
+        if nxt != 6 and src not in (v6.ROUTER6, v6.GW6, v6.DNS6) and not forward_client:
             self._violation("ipv6_source_not_ours", src.hex(), f)
         if dst_mac[0] & 1:
-            if not (nd and dst == v6.ALL_NODES and dst_mac == v6.multicast_mac(dst)):
+            # RAs and NAs to all nodes; an NS (natd asking for a guest) to its target's
+            # solicited-node group, from fe80::2.
+            solicit = (
+                nd and l4[0] == 135 and src == v6.ROUTER6 and dst == v6.solicited_node(l4[8:24])
+            )
+            to_all = nd and dst == v6.ALL_NODES
+            if not ((to_all or solicit) and dst_mac == v6.multicast_mac(dst)):
                 self._violation("ipv6_multicast_misused", f"dst={dst.hex()}", f)
             return
         owner = self.gw.neighbors.get(dst)

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--forward",
         metavar="SPEC",
         action="append",
-        help="port forward tcp|udp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT (repeatable)",
+        help="port forward tcp|udp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT, IPv6 addresses "
+        "in brackets: tcp:[::1]:8080-[fd00:10:0:2::15]:80 (repeatable)",
     )
     run.add_argument(
         "--dns-upstream",

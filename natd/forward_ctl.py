@@ -24,7 +24,7 @@ def overlapping(forwards: ForwardManager, fwd: Forward) -> ActiveForward | None:
 
 def _parse(cfg: Config, spec: str) -> Forward:
     try:
-        return parse_forward(spec, cfg.cidr, cfg.pool[0])
+        return parse_forward(spec, cfg.cidr, cfg.pool[0], cfg.cidr6 if cfg.ipv6 else None)
     except ConfigError as exc:
         raise ControlError(str(exc)) from exc
 

@@ -6,7 +6,7 @@ import dataclasses
 import re
 import textwrap
 import tomllib
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from natd.config.values import format_upstream
 
 NET = IPv4Network("10.0.2.0/24")
 FIRST = IPv4Address("10.0.2.15")
+NET6 = IPv6Network("fd00:10:0:2::/64")
 
 
 @pytest.fixture
@@ -603,9 +604,9 @@ def test_every_option_reaches_the_config() -> None:
     ],
 )
 def test_forward_specs(spec: str, expected: Forward) -> None:
-    fwd = parse_forward(spec, NET, FIRST)
+    fwd = parse_forward(spec, NET, FIRST, NET6)
     assert fwd == expected
-    assert parse_forward(fwd.spec(), NET, FIRST) == fwd
+    assert parse_forward(fwd.spec(), NET, FIRST, NET6) == fwd
 
 
 @pytest.mark.parametrize(
@@ -621,7 +622,6 @@ def test_forward_specs(spec: str, expected: Forward) -> None:
         ("tcp::80-:0", "guest port 0 is out of range (1-65535)"),
         ("tcp::80-:http", "guest port 'http' is not a port number (1-65535)"),
         ("tcp:localhost:80-:80", "host address 'localhost' is not an IPv4 address"),
-        ("tcp:[::1]:80-:80", "host address '[::1]' is not an IPv4 address"),
         ("tcp::80-10.0.3.1:80", "guest address 10.0.3.1 is outside the network 10.0.2.0/24"),
         ("tcp::80-10.0.2.2:80", "guest address 10.0.2.2 is the gateway"),
         ("tcp::80-10.0.2.3:80", "guest address 10.0.2.3 is the DNS forwarder"),
@@ -631,7 +631,7 @@ def test_forward_specs(spec: str, expected: Forward) -> None:
 )
 def test_bad_forward_specs(spec: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_forward(spec, NET, FIRST)
+        parse_forward(spec, NET, FIRST, NET6)
     assert str(info.value) == f"forward {spec!r}: {problem}"
     assert error_of(forwards=[spec]) == f"option --forward {spec!r}: {problem}"
 
@@ -649,12 +649,12 @@ def test_bad_forward_specs(spec: str, problem: str) -> None:
     ],
 )
 def test_forward_overlap(a: str, b: str, overlap: bool) -> None:
-    fa, fb = parse_forward(a, NET, FIRST), parse_forward(b, NET, FIRST)
+    fa, fb = parse_forward(a, NET, FIRST, NET6), parse_forward(b, NET, FIRST, NET6)
     assert forwards_overlap(fa, fb) is overlap
     assert forwards_overlap(fb, fa) is overlap
     if overlap:
         assert error_of(forwards=[a, b]) == (
-            f"option --forward {b!r}: {fb.proto} {fb.host_addr}:{fb.host_port} overlaps "
+            f"option --forward {b!r}: {fb.proto} {fb.host} overlaps "
             f"option --forward {a!r} ({fa.spec()})"
         )
     else:

@@ -245,7 +245,7 @@ def load_config(
         dns_upstreams = read_resolv_conf(resolv_conf)
 
     forwards = (
-        _check_forwards(cast(list[Value], v.value), net, pool[0])
+        _check_forwards(cast(list[Value], v.value), net, pool[0], net6 if ipv6 else None)
         if (v := get("forwards")) is not None
         else ()
     )
@@ -471,21 +471,23 @@ def _short(label: str) -> str:
 
 
 def _check_forwards(
-    items: list[Value], net: IPv4Network, default_guest: IPv4Address
+    items: list[Value], net: IPv4Network, default_guest: IPv4Address, net6: IPv6Network | None
 ) -> tuple[Forward, ...]:
     out: list[tuple[Forward, Value]] = []
     for item in items:
         if isinstance(item.value, str):
-            fwd = _check(item, partial(forward_from_spec, item.value, net, default_guest))
+            fwd = _check(item, partial(forward_from_spec, item.value, net, default_guest, net6))
         else:
             e = cast(dict[str, str], item.value)
-            make = partial(make_forward, e["proto"], e["host"], e["guest"], net, default_guest)
+            make = partial(
+                make_forward, e["proto"], e["host"], e["guest"], net, default_guest, net6
+            )
             fwd = _check(item, make)
         for other, other_item in out:
             if forwards_overlap(fwd, other):
                 raise ConfigError(
                     f"{item.key_labels.get('host', item.label)}: "
-                    f"{fwd.proto} {fwd.host_addr}:{fwd.host_port} overlaps "
+                    f"{fwd.proto} {fwd.host} overlaps "
                     f"{_short(other_item.label)} ({other.spec()})"
                 )
         out.append((fwd, item))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal
 
+from natd.stack.events import endpoint
 from natd.stack.limits import Limits
 
 DEFAULT_CIDR = "10.0.2.0/24"
@@ -49,7 +50,11 @@ class Invalid(ConfigError):
 
 @dataclass(frozen=True)
 class Forward:
-    """One port forward: host ``host_addr:host_port`` → guest ``guest_addr:guest_port``."""
+    """One port forward: host ``host_addr:host_port`` → guest ``guest_addr:guest_port``.
+
+    Addresses are the canonical text of either family (``::1``, not ``[::1]``), so equal
+    forwards compare equal however they were spelled.
+    """
 
     proto: Proto
     host_addr: str
@@ -59,7 +64,16 @@ class Forward:
 
     def spec(self) -> str:
         """The QEMU hostfwd form, fully spelled out (``parse_forward`` accepts it back)."""
-        return f"{self.proto}:{self.host_addr}:{self.host_port}-{self.guest_addr}:{self.guest_port}"
+        return f"{self.proto}:{self.host}-{self.guest}"
+
+    @property
+    def host(self) -> str:
+        """``ADDR:PORT``, ``[IPV6]:PORT`` for IPv6 (the form the parser and the file take)."""
+        return endpoint(self.host_addr, self.host_port)
+
+    @property
+    def guest(self) -> str:
+        return endpoint(self.guest_addr, self.guest_port)
 
 
 @dataclass(frozen=True)

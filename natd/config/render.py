@@ -79,8 +79,8 @@ def render_config(cfg: Config) -> str:
             "",
             "[[forward]]",
             f"proto = {_toml_str(fwd.proto)}",
-            f"host = {_toml_str(f'{fwd.host_addr}:{fwd.host_port}')}",
-            f"guest = {_toml_str(f'{fwd.guest_addr}:{fwd.guest_port}')}",
+            f"host = {_toml_str(fwd.host)}",
+            f"guest = {_toml_str(fwd.guest)}",
         ]
     lines += ["", "[limits]"]
     for f in dataclasses.fields(Limits):

@@ -72,16 +72,17 @@ def parse_cidr6(text: str) -> IPv6Network:
     return net
 
 
-def parse_guest_ip6(text: str, net6: IPv6Network) -> IPv6Address:
-    """A static DHCPv6 address: in the /64, not natd's own (::2, ::3) nor the subnet-router ::."""
+def parse_guest_ip6(text: str, net6: IPv6Network, what: str = "ip6") -> IPv6Address:
+    """A guest's IPv6 address (a static DHCPv6 one, a forward's guest): in the /64, not natd's
+    own (::2, ::3) nor the subnet-router ::."""
     try:
         addr = IPv6Address(text)
     except ValueError:
         raise Invalid(f"{text!r} is not an IPv6 address") from None
     if addr not in net6:
-        raise Invalid(f"ip6 {addr} is outside the IPv6 network {net6}")
+        raise Invalid(f"{what} {addr} is outside the IPv6 network {net6}")
     if int(addr) - int(net6.network_address) < 4:
-        raise Invalid(f"ip6 {addr} is natd's own or reserved (::0 to ::3 of the prefix)")
+        raise Invalid(f"{what} {addr} is natd's own or reserved (::0 to ::3 of the prefix)")
     return addr
 
 
@@ -174,12 +175,45 @@ def read_resolv_conf(path: str = DEFAULT_RESOLV_CONF) -> tuple[tuple[str, int], 
     return tuple(found)
 
 
-def _split_addr_port(text: str) -> tuple[str, str]:
-    """``[ADDR]:PORT`` or bare ``PORT`` → (addr or "", port text)."""
+def _split_addr_port(text: str, side: str) -> tuple[str, bool, str]:
+    """``ADDR:PORT``, ``[IPV6]:PORT`` or bare ``PORT`` → (address or "", bracketed, port text).
+
+    IPv6 addresses must be in brackets (as in URLs and QEMU): their colons would otherwise be
+    read as the port separator.
+    """
+    if text.startswith("["):
+        addr, close, rest = text[1:].partition("]")
+        if not close:
+            raise Invalid(f"{side} {text!r} has '[' without ']' (write [IPV6]:PORT)")
+        if not rest.startswith(":"):
+            raise Invalid(f"{side} {text!r}: expected ':PORT' after ']' (write [IPV6]:PORT)")
+        return addr, True, rest[1:]
+    if "]" in text:
+        raise Invalid(f"{side} {text!r} has ']' without '[' (write [IPV6]:PORT)")
     addr, sep, port = text.rpartition(":")
     if not sep:
-        return "", text
-    return addr, port
+        return "", False, text
+    if ":" in addr:
+        raise Invalid(f"{side} address {addr!r} needs brackets: [{addr}]:{port}")
+    return addr, False, port
+
+
+def _address(addr: str, bracketed: bool, what: str) -> IPv4Address | IPv6Address:
+    """A bracketed IPv6 or a plain IPv4 address (``what`` names it in errors)."""
+    if not bracketed:
+        return parse_ipv4(addr, what)
+    try:
+        ip = IPv6Address(addr)
+    except ValueError:
+        raise Invalid(f"{what} [{addr}] is not an IPv6 address") from None
+    if ip.scope_id is not None or ip.is_link_local:
+        # A link-local address means nothing without its interface, and natd binds no zones.
+        raise Invalid(f"{what} [{addr}] is link-local: zones (%IFACE) are not supported")
+    if ip.ipv4_mapped is not None:
+        raise Invalid(f"{what} [{addr}] is IPv4-mapped: write {ip.ipv4_mapped} without brackets")
+    if ip.is_multicast:
+        raise Invalid(f"{what} [{addr}] is a multicast address")
+    return ip
 
 
 def check_guest_addr(ip: IPv4Address, net: IPv4Network, what: str) -> None:
@@ -203,19 +237,27 @@ def keyed(key: str, fn: Callable[[], _T]) -> _T:
         raise Invalid(str(e), key) from None
 
 
-def _host_side(host: str) -> tuple[IPv4Address, int]:
-    addr, port = _split_addr_port(host)
-    ip = parse_ipv4(addr, "host address") if addr else IPv4Address("127.0.0.1")
+_LOOPBACK = IPv4Address("127.0.0.1")
+
+
+def _host_side(host: str) -> tuple[IPv4Address | IPv6Address, int]:
+    addr, bracketed, port = _split_addr_port(host, "host")
+    ip = _address(addr, bracketed, "host address") if addr or bracketed else _LOOPBACK
     return ip, _port(port, "host port", allow_zero=True)
 
 
 def _guest_side(
-    guest: str, net: IPv4Network, default_guest: IPv4Address
-) -> tuple[IPv4Address, int]:
-    addr, port = _split_addr_port(guest)
-    ip = parse_ipv4(addr, "guest address") if addr else default_guest
+    guest: str, net: IPv4Network, default_guest: IPv4Address, net6: IPv6Network | None
+) -> tuple[IPv4Address | IPv6Address, int]:
+    addr, bracketed, port = _split_addr_port(guest, "guest")
+    ip = _address(addr, bracketed, "guest address") if addr or bracketed else default_guest
     guest_port = _port(port, "guest port", allow_zero=False)
-    check_guest_addr(ip, net, "guest address")
+    if isinstance(ip, IPv4Address):
+        check_guest_addr(ip, net, "guest address")
+    elif net6 is None:
+        raise Invalid(f"guest address [{ip}] is IPv6, but IPv6 is off ([network] ipv6 = false)")
+    else:
+        parse_guest_ip6(str(ip), net6, "guest address")
     return ip, guest_port
 
 
@@ -225,35 +267,43 @@ def make_forward(
     guest: str,
     net: IPv4Network,
     default_guest: IPv4Address,
+    net6: IPv6Network | None,
 ) -> Forward:
+    """A forward from its three parts; ``net6`` None when IPv6 is off (no IPv6 guest then)."""
     proto = proto_text.lower() or "tcp"
     if proto not in ("tcp", "udp"):
         raise Invalid(f"protocol {proto_text!r} is not tcp or udp", "proto")
     host_ip, host_port = keyed("host", partial(_host_side, host))
-    guest_ip, guest_port = keyed("guest", partial(_guest_side, guest, net, default_guest))
+    guest_ip, guest_port = keyed("guest", partial(_guest_side, guest, net, default_guest, net6))
     return Forward(cast(Proto, proto), str(host_ip), host_port, str(guest_ip), guest_port)
 
 
 _FORWARD_SYNTAX = "expected tcp|udp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT"
 
 
-def forward_from_spec(spec: str, net: IPv4Network, default_guest: IPv4Address) -> Forward:
+def forward_from_spec(
+    spec: str, net: IPv4Network, default_guest: IPv4Address, net6: IPv6Network | None
+) -> Forward:
     proto, sep, rest = spec.partition(":")
     host, dash, guest = rest.partition("-")
     if not sep or not dash or not host or not guest:
         raise Invalid(_FORWARD_SYNTAX)
-    return make_forward(proto, host, guest, net, default_guest)
+    return make_forward(proto, host, guest, net, default_guest, net6)
 
 
-def parse_forward(spec: str, cidr: IPv4Network, default_guest: IPv4Address) -> Forward:
+def parse_forward(
+    spec: str, cidr: IPv4Network, default_guest: IPv4Address, net6: IPv6Network | None
+) -> Forward:
     """Parse a QEMU hostfwd spec (``tcp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT``).
 
-    Empty HOSTADDR is 127.0.0.1 (never all interfaces unless asked with 0.0.0.0); empty GUESTADDR
-    is ``default_guest`` (the first DHCP address); empty protocol is tcp, as in QEMU. Host port 0
-    means "let the kernel pick one". The control server uses this for ``forward add``.
+    Empty HOSTADDR is 127.0.0.1 (never all interfaces unless asked with 0.0.0.0 or ``[::]``);
+    empty GUESTADDR is ``default_guest`` (the first DHCP address); empty protocol is tcp, as in
+    QEMU. IPv6 addresses go in brackets (``tcp:[::1]:8080-[fd00:10:0:2::15]:80``); an IPv6
+    guest must be in ``net6`` (None: IPv6 is off, so none is). Host port 0 means "let the
+    kernel pick one". The control server uses this for ``forward add``.
     """
     try:
-        return forward_from_spec(spec, cidr, default_guest)
+        return forward_from_spec(spec, cidr, default_guest, net6)
     except Invalid as e:
         raise ConfigError(f"forward {spec!r}: {e}") from None
 
@@ -269,11 +319,20 @@ class HostSocket(Protocol):
     def host_port(self) -> int: ...
 
 
+_ANY = ("0.0.0.0", "::")
+
+
 def forwards_overlap(a: HostSocket, b: HostSocket) -> bool:
-    """True if both would listen on the same host socket (0.0.0.0 covers every address)."""
+    """True if both would listen on the same host socket.
+
+    ``0.0.0.0`` covers every IPv4 address and ``::`` every IPv6 one; the families never
+    collide (IPv6 listeners are ``IPV6_V6ONLY``, so ``[::]:80`` and ``0.0.0.0:80`` coexist).
+    """
     if a.proto != b.proto or a.host_port != b.host_port or a.host_port == 0:
         return False
-    return a.host_addr == b.host_addr or "0.0.0.0" in (a.host_addr, b.host_addr)
+    if (":" in a.host_addr) != (":" in b.host_addr):
+        return False
+    return a.host_addr == b.host_addr or a.host_addr in _ANY or b.host_addr in _ANY
 
 
 def parse_mac(text: str) -> str:

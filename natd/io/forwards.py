@@ -1,8 +1,11 @@
 """Port forwards: host listeners whose clients are connected into the guest.
 
 One listening socket per forward, bound to exactly the address the forward names (127.0.0.1
-unless the user asked for another, 0.0.0.0 included). Host port 0 lets the kernel pick; the
-port actually bound is what ``forward.listening`` logs and ``natd ctl forward list`` shows.
+unless the user asked for another, 0.0.0.0 and ``[::]`` included). An IPv6 address gets an
+``AF_INET6`` socket with ``IPV6_V6ONLY`` set, so ``[::]:8080`` and ``0.0.0.0:8080`` are two
+forwards that coexist and every client arrives in its own family. Host port 0 lets the kernel
+pick; the port actually bound is what ``forward.listening`` logs and ``natd ctl forward list``
+shows. The guest side may be either family too, whatever the host side's.
 
 * TCP: each accepted connection becomes a flow the TCP engine opens *toward* the guest
   (``TcpEngine.open_inbound``: natd sends the SYN, from the client's own address and port as
@@ -24,8 +27,10 @@ port actually bound is what ``forward.listening`` logs and ``natd ctl forward li
   watched through the shared ``natd.io.poller.DatagramPoller`` like every host datagram
   socket (uvloop ends a ``loop.add_reader`` watch on the first ``EPOLLERR``).
 
-The guest sees the real client address; a loopback (or otherwise unreachable-from-the-guest)
-client appears as the gateway address (``UdpEngine.shown_source``), as with slirp4netns and passt.
+The guest sees the real client address when client and guest are of one family; a loopback (or
+otherwise unreachable-from-the-guest) client, or one of the other family, appears as the gateway
+address of the guest's family (``GatewaySettings.shown_source``), as with slirp4netns and passt.
+Clients go into the engines as the core's address bytes (4 or 16).
 
 Removing a forward closes its listener only: TCP connections that came through it carry on
 until they end. A UDP forward's client mappings cannot outlive the socket they reply through,
@@ -48,6 +53,7 @@ from natd.io.hostaddr import host_bytes
 from natd.io.poller import EPOLLIN, DatagramPoller, PollerLease
 from natd.io.tcp_host import TcpHost, reset_close
 from natd.io.udp_host import UdpHost
+from natd.stack.events import endpoint
 from natd.stack.gateway import Gateway
 
 # Accepts per readiness callback. The listener is level-triggered, so a longer queue is served
@@ -120,7 +126,7 @@ def listen_backlog(path: str = SOMAXCONN_PATH) -> int:
 def listen_error(fwd: ForwardSpec, exc: OSError) -> ForwardError:
     why = exc.strerror or str(exc)
     return ForwardError(
-        f"forward {fwd.label}: cannot listen on {fwd.host_addr}:{fwd.host_port}: {why}"
+        f"forward {fwd.label}: cannot listen on {endpoint(fwd.host_addr, fwd.host_port)}: {why}"
     )
 
 
@@ -162,7 +168,7 @@ class ForwardManager:
         """Bind and start serving ``fwd``; raises ForwardError naming the forward."""
         sock = self._bind(fwd)
         port = int(sock.getsockname()[1])
-        guest_ip = ipaddress.IPv4Address(fwd.guest_addr).packed
+        guest_ip = ipaddress.ip_address(fwd.guest_addr).packed
         active = ActiveForward(fwd, source, sock, port, guest_ip)
         try:
             poller = self._acquire_poller()
@@ -179,9 +185,9 @@ class ForwardManager:
             "forward.listening",
             forward=fwd.label,
             proto=fwd.proto,
-            host=f"{fwd.host_addr}:{port}",
+            host=endpoint(fwd.host_addr, port),
             port=port,
-            guest=f"{fwd.guest_addr}:{fwd.guest_port}",
+            guest=endpoint(fwd.guest_addr, fwd.guest_port),
             source=source,
         )
         return active
@@ -227,8 +233,8 @@ class ForwardManager:
         return [
             {
                 "proto": a.forward.proto,
-                "host": f"{a.forward.host_addr}:{a.port}",
-                "guest": f"{a.forward.guest_addr}:{a.forward.guest_port}",
+                "host": endpoint(a.forward.host_addr, a.port),
+                "guest": endpoint(a.forward.guest_addr, a.forward.guest_port),
                 "port": a.port,
                 "spec": a.spec,
                 "source": a.source,
@@ -247,8 +253,17 @@ class ForwardManager:
 
     def _bind(self, fwd: ForwardSpec) -> socket.socket:
         kind = socket.SOCK_STREAM if fwd.proto == "tcp" else socket.SOCK_DGRAM
-        sock = socket.socket(socket.AF_INET, kind | socket.SOCK_CLOEXEC)
+        ipv6 = ":" in fwd.host_addr
         try:
+            sock = socket.socket(
+                socket.AF_INET6 if ipv6 else socket.AF_INET, kind | socket.SOCK_CLOEXEC
+            )
+        except OSError as exc:  # EAFNOSUPPORT: a host without IPv6
+            raise listen_error(fwd, exc) from exc
+        try:
+            if ipv6:
+                # Each family its own forward: [::] must not take 0.0.0.0's clients (or port).
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if fwd.proto == "tcp":
                 # Restarting natd must not wait out TIME-WAIT; this does not let two listeners
                 # share a port on Linux.
@@ -313,7 +328,7 @@ class ForwardManager:
         active.paused = self.loop.call_later(EMFILE_BACKOFF, again)
 
     def _connect_inbound(
-        self, active: ActiveForward, conn: socket.socket, address: tuple[str, int]
+        self, active: ActiveForward, conn: socket.socket, address: tuple[Any, ...]
     ) -> None:
         client_host, client_port = str(address[0]), int(address[1])
         fwd = active.forward
@@ -323,10 +338,10 @@ class ForwardManager:
             reset_close(conn)
             return
         if self.tcp_host is not None:
-            src = self.gateway.udp.shown_source(host_bytes(client_host))
             flow = self.gateway.tcp.open_inbound(
-                active.guest_ip, fwd.guest_port, src, client_port, self.shell.now()
-            )
+                active.guest_ip, fwd.guest_port, host_bytes(client_host), client_port,
+                self.shell.now(),
+            )  # fmt: skip
         if flow is None:
             self.gateway.counters["forward.refused"] += 1
             reset_close(conn)
@@ -336,7 +351,7 @@ class ForwardManager:
             "forward.accepted",
             forward=active.spec,
             flow=flow,
-            client=f"{client_host}:{client_port}",
+            client=endpoint(client_host, client_port),
         )
         assert self.tcp_host is not None
         self.tcp_host.adopt(flow, conn)

@@ -193,8 +193,9 @@ class Gateway:
         if len(dst) == 4:
             return self.send_ipv4(src, dst, proto, payload, ttl=ttl)
         mac = self.neighbors.get(dst)
-        if mac is None:  # (no Neighbour Solicitation yet: IPv6 neighbours are learnt)
+        if mac is None:
             self.counters["tx.no_neighbor"] += 1
+            self.ndp.solicit(dst)  # IPv6's ARP request; the caller retries, as for IPv4
             return False
         ethertype, packet = build_ip(src, dst, proto, payload, hop_limit=ttl)
         self.outbox.frames.append(build_ethernet(mac, self.mac, ethertype, packet))
@@ -451,9 +452,19 @@ class Gateway:
                 ip.payload = memoryview(_with_udp_checksum(ip.src, ip.dst, l4))
             self.dns.on_guest_query(ip, now)  # the forwarder answers at ::3 as at .3
             return
+        if proto == PROTO_UDP and self._forward_reply(ip):
+            # A reply to a port forward's client: its flow exists, the host socket too.
+            if csum:
+                ip.payload = memoryview(_with_udp_checksum(ip.src, ip.dst, l4))
+            self.udp.on_guest_datagram(ip, now, src_mac)
+            return
         if self._egress_denied(ip, csum):
             return
-        if not self.settings.host_ipv6 and self._needs_host_ipv6(ip.dst):
+        if (
+            not self.settings.host_ipv6
+            and self._needs_host_ipv6(ip.dst)
+            and not self._forward_reply(ip)
+        ):
             self.icmpv6.refuse(ip, csum, message)  # no IPv6 on the host: refused at once
         elif proto == PROTO_TCP:
             self.tcp.on_guest_segment(ip, now, csum, src_mac)
@@ -469,6 +480,20 @@ class Gateway:
         if s.is_gateway(dst) or s.is_dns(dst):
             return False
         return not (s.nat64 and dst[:12] == NAT64_PREFIX)
+
+    def _forward_reply(self, ip: L3) -> bool:
+        """Does this guest packet belong to a flow a port forward opened toward the guest
+        (natd's SYN, a client's datagram)? Its host side exists already: neither a missing
+        host IPv6 route nor the egress policy may refuse it."""
+        l4 = ip.payload
+        if len(l4) < 4:
+            return False
+        sport, dport = l4[0] << 8 | l4[1], l4[2] << 8 | l4[3]
+        if ip.proto == PROTO_TCP:
+            return (ip.src, sport, ip.dst, dport) in self.tcp.flows
+        if ip.proto == PROTO_UDP:
+            return self.udp.is_inbound_reply(ip.src, sport, ip.dst, dport)
+        return False
 
     def announce(self, now: float) -> None:
         """A link is up (start, a new socket peer): IPv6 neighbours hear of the router."""

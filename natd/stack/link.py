@@ -48,6 +48,9 @@ class Link(Protocol):
     def send_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = 64) -> bool:
         """``send_ipv4`` for either family: IPv4 for 4-byte addresses, IPv6 for 16-byte ones.
 
+        An unknown IPv6 neighbour is asked for with a Neighbour Solicitation, as an IPv4 one
+        with ARP (False is returned; the caller retries).
+
         What an engine uses to answer an ``L3`` view (``natd.wire.l3``) in its own family.
         """
         ...

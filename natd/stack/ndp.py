@@ -10,6 +10,9 @@ natd is the segment's router: link-local ``fe80::2`` with the gateway MAC, plus 
 * learns guests' addresses from their NS (source) and NA (target) through the neighbour table,
   so the source guard covers IPv6: an NA claiming an address another MAC owns, or one of natd's
   own, is dropped and counted ``drop.spoofed_source``;
+* asks for a guest's MAC when natd must send to an address it has not seen (a port forward's
+  first SYN or datagram): a Neighbour Solicitation from ``fe80::2`` to the address's
+  solicited-node group (``solicit``), whose NA answer is learnt as above — IPv6's ARP request;
 * sends Router Advertisements from ``fe80::2``: the prefix with the on-link and autonomous flags
   (guests SLAAC), the link MTU, RDNSS ``::3`` and DNSSL (the DHCP domain, RFC 8106), the O flag
   (DHCPv6 has DNS information), M off, router lifetime 1800 s. On ``announce`` (start, a new link
@@ -39,8 +42,10 @@ from natd.wire.ndp import (
     PrefixInfo,
     RouterSolicitation,
     build_na,
+    build_ns,
     build_ra,
     parse_ndp,
+    solicited_node,
 )
 
 ROUTER_LIFETIME = 1800  # seconds (RFC 4861 AdvDefaultLifetime = 3 × MaxRtrAdvInterval)
@@ -155,6 +160,20 @@ class NdpResponder:
         self._unicast_in_window += 1
         self._send_ra(ip.src, src_mac)
         counters["ra.solicited"] += 1
+
+    def solicit(self, target: bytes) -> None:
+        """Ask who has guest address ``target`` (RFC 4861 7.2.2): an NS to its solicited-node
+        group. Only for addresses a guest may hold (in the /64 or link-local)."""
+        s: GatewaySettings = self.link.settings
+        if not s.ipv6 or self.owned(target):
+            return
+        if not (s.in_network6(target) or is_link_local(target)):
+            self.link.counters["drop.ndp.solicit_off_link"] += 1
+            return
+        group = solicited_node(target)
+        ns = build_ns(s.router6, group, target, source_mac=self.link.mac)
+        self._send(multicast_mac(group), s.router6, group, ns)
+        self.link.counters["ndp.ns_out"] += 1
 
     def _multicast_ra(self, now: float) -> None:
         if now - self._last_multicast_ra < MIN_DELAY_BETWEEN_RAS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from natd.stack.addresses import is_link_local, is_special
 from natd.stack.limits import Limits as Limits  # re-exported: the core's name for it
 from natd.stack.policy import ALLOW_ALL, Policy
 
@@ -106,6 +107,26 @@ class GatewaySettings:
 
     def in_network6(self, ip: bytes) -> bool:
         return len(ip) == 16 and ip[:8] == self.network6.network_address.packed[:8]
+
+    def shown_source(self, client: bytes, guest: bytes) -> bytes:
+        """The address ``guest`` sees for a port forward's host ``client`` (both engines ask).
+
+        The client's real address when the families match, like slirp4netns and passt; but
+        where the guest could not answer that address itself — the host's loopback, special or
+        link-local addresses, addresses of the virtual network, the other family — the client
+        appears as the gateway address of the guest's family (``.2`` or ``::2``), so the
+        guest's replies still come back to natd.
+        """
+        gateway = self.gateway_ip if len(guest) == 4 else self.gateway6
+        if (
+            len(client) != len(guest)
+            or is_special(client)
+            or is_link_local(client)
+            or self.in_network(client)
+            or self.in_network6(client)
+        ):
+            return gateway
+        return client
 
     @property
     def netmask(self) -> bytes:

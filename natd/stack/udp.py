@@ -27,13 +27,15 @@ Port forwards (inbound)
 -----------------------
 A UDP port forward (``natd.io.forwards``) keeps one *inbound* flow per host client
 (address, port): ``open_inbound`` creates it, ``on_host_inbound`` delivers the client's
-datagram to the guest from the client's own address and port (a loopback, in-network or
-special client address is shown as the gateway address, as slirp does), and the guest's replies
+datagram to the guest from the client's own address and port, in the guest's family (a
+loopback, link-local, in-network, special or other-family client is shown as the gateway address
+of the guest's family, as slirp does: ``GatewaySettings.shown_source``), and the guest's replies
 to that address and port come back as ``UdpSend(flow, client_host, client_port)``, which the
 host side sends from the forward's listening socket. Inbound flows idle out like outbound ones
 (``UdpClose``) and are bounded by ``limits.max_udp_flows`` on their own (LRU). A datagram for a
-guest whose MAC is not known yet triggers an ARP request (``send_ipv4`` does) and is kept and
-retried ``INBOUND_RETRIES`` times, ``INBOUND_RETRY`` seconds apart.
+guest whose MAC is not known yet triggers an ARP request or a Neighbour Solicitation
+(``send_ip`` does) and is kept and retried ``INBOUND_RETRIES`` times, ``INBOUND_RETRY`` seconds
+apart.
 
 Host events (called by ``natd.io.udp_host.UdpHost``)
 ----------------------------------------------------
@@ -72,7 +74,8 @@ from natd.wire.fastpath import (
     l4_checksum_ok,
 )
 from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_ADMIN, UNREACH_PORT, build_icmp_error
-from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, build_ipv4
+from natd.wire.ipv4 import IPV4_HLEN, PROTO_ICMP, PROTO_UDP, build_ipv4
+from natd.wire.ipv6 import IPV6_HLEN
 from natd.wire.l3 import L3
 from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
 
@@ -412,27 +415,18 @@ class UdpEngine:
 
     # -- port forwards (inbound) ----------------------------------------------------------------
 
-    def shown_source(self, addr: bytes) -> bytes:
-        """The address the guest sees for a forward's client at ``host``.
-
-        The real address, like slirp4netns and passt; but the host's loopback, addresses of the
-        virtual network itself and special ones are not reachable from the guest, so those
-        clients appear as the gateway address (where the guest's replies come back to natd).
-        """
-        s = self.link.settings
-        if len(addr) != 4 or is_special(addr) or s.in_network(addr):
-            return s.gateway_ip
-        return addr
-
     def open_inbound(
         self, guest_ip: bytes, guest_port: int, client_host: bytes, client_port: int, now: float
     ) -> int | None:
         """A flow for a new client of a UDP forward to ``guest_ip``:``guest_port``; its id.
 
-        None when another client already shows up to the guest with the same address and port
-        (two loopback addresses, same port): the datagram is dropped, the client may retry.
+        The guest sees the client as ``settings.shown_source`` says (its real address, or the
+        gateway's of the guest's family). None when another client already shows up to the
+        guest with the same address and port (two loopback addresses, same port): the datagram
+        is dropped, the client may retry.
         """
-        key = (guest_ip, guest_port, self.shown_source(client_host), client_port)
+        shown = self.link.settings.shown_source(client_host, guest_ip)
+        key = (guest_ip, guest_port, shown, client_port)
         old = self._inbound.get(key)
         if old is not None:
             if (old.client_host, old.client_port) == (client_host, client_port):
@@ -467,15 +461,16 @@ class UdpEngine:
         if f is None:
             return False
         counters = self.link.counters
-        if len(payload) > self.link.settings.mtu - 20 - UDP_HLEN:
-            counters["drop.udp.too_big"] += 1
+        ip_hlen = IPV4_HLEN if len(f.guest_ip) == 4 else IPV6_HLEN
+        if len(payload) > self.link.settings.mtu - ip_hlen - UDP_HLEN:
+            counters["drop.udp.too_big"] += 1  # natd does not fragment
             return True
         self._inbound.move_to_end(f.key)
         f.last_active = now
         f.bytes_in += len(payload)
         counters["udp.forward_rx"] += 1
         if not self._deliver(f, payload):
-            f.pending = payload  # ARP is on its way; the newest datagram waits for it
+            f.pending = payload  # ARP/NS is on its way; the newest datagram waits for it
             f.retries = 0
             f.retry_at = now + INBOUND_RETRY
         return True
@@ -498,8 +493,10 @@ class UdpEngine:
             self._close_inbound(f, "forward_closed", tell_host=False)
 
     def _deliver(self, f: UdpInbound, payload: bytes) -> bool:
+        """The client's datagram to the guest in the guest's family; False: its MAC is not known
+        yet (``send_ip`` asked the segment: ARP or a Neighbour Solicitation)."""
         segment = build_udp(f.src_ip, f.guest_ip, f.client_port, f.guest_port, payload)
-        return self.link.send_ipv4(f.src_ip, f.guest_ip, PROTO_UDP, segment)
+        return self.link.send_ip(f.src_ip, f.guest_ip, PROTO_UDP, segment)
 
     def _close_inbound(self, f: UdpInbound, reason: str, *, tell_host: bool = True) -> None:
         del self._inbound[f.key]

@@ -24,11 +24,11 @@ from harness import FIRST_LEASE, GATEWAY, NATD_MAIN, Guest, Natd, listening_port
 
 MiB = 1 << 20
 
-# HTTP server for the guest: /blob is SIZE random bytes, /slow the same paced over ~3 s,
-# anything else the peer address. Every answer carries the peer it saw (X-Peer) and the
-# body's sha256 (X-Sha256).
+# HTTP server for the guest (either family, by the address it binds): /blob is SIZE random
+# bytes, /slow the same paced over ~3 s, anything else the peer address. Every answer carries
+# the peer it saw (X-Peer) and the body's sha256 (X-Sha256).
 HTTP_SERVER = r"""
-import hashlib, http.server, os, socketserver, sys, time
+import hashlib, http.server, os, socket, socketserver, sys, time
 host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 blob = os.urandom(size)
 
@@ -56,6 +56,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 class Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
     def server_bind(self):  # no getfqdn(): the guest's DNS is not what this test is about
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = "guest", self.server_address[1]
@@ -65,10 +67,11 @@ print("ready", flush=True)
 server.serve_forever()
 """
 
-# UDP echo for the guest: answers "<peer addr>:<peer port> <data>".
+# UDP echo for the guest: answers "<peer addr>:<peer port> <data>". Either family (as the server
+# above), by the address it binds.
 UDP_ECHO = r"""
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], int(sys.argv[2])))
 print("ready", flush=True)
 while True:

@@ -21,12 +21,16 @@ from natd.io.udp_host import UdpHost
 from natd.stack.gateway import Gateway
 from natd.wire.ethernet import ETHERTYPE_IPV4, build_ethernet, parse_ethernet
 from natd.wire.ipv4 import PROTO_UDP, build_ipv4, parse_ipv4
+from natd.wire.ipv6 import parse_ipv6
+from natd.wire.l3 import build_ip
 from natd.wire.udp import build_udp, parse_udp
 from natd.wiring import forward_spec, settings_from_config
 
 GUEST_MAC = b"\x52\x54\x00\x12\x34\x56"
 GUEST = bytes((10, 0, 2, 15))
 GATEWAY = bytes((10, 0, 2, 2))
+GUEST6 = bytes.fromhex("fd000010000000020000000000000015")
+GATEWAY6 = bytes.fromhex("fd000010000000020000000000000002")
 
 
 class Events:
@@ -61,13 +65,15 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def taken_port() -> Iterator[int]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
+@pytest.fixture(params=["127.0.0.1", "::1"])
+def taken_port(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    """(host, port) where something already listens: an IPv4 and an IPv6 loopback port."""
+    host = str(request.param)
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((host, 0))
     s.listen(1)
     try:
-        yield int(s.getsockname()[1])
+        yield host, int(s.getsockname()[1])
     finally:
         s.close()
 
@@ -90,57 +96,65 @@ async def wait_for(pred: Any, timeout: float = 2.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_udp_forward_port_zero_is_reported_and_carries_a_request_and_reply() -> None:
+@pytest.mark.parametrize(
+    ("fwd", "client_host", "guest", "shown", "shown_host"),
+    [
+        (Forward("udp", "127.0.0.1", 0, "10.0.2.15", 5353), "127.0.0.1", GUEST, GATEWAY, "{}"),
+        # IPv6 (a V6ONLY listener): the host's ::1 is shown to the guest as the gateway ::2.
+        (Forward("udp", "::1", 0, "fd00:10:0:2::15", 5353), "::1", GUEST6, GATEWAY6, "[{}]"),
+    ],
+)
+async def test_udp_forward_port_zero_is_reported_and_carries_a_request_and_reply(
+    fwd: Forward, client_host: str, guest: bytes, shown: bytes, shown_host: str
+) -> None:
     loop = asyncio.get_running_loop()
     gw, pump, fm, log = manager(loop)
-    active = fm.add(forward_spec(Forward("udp", "127.0.0.1", 0, "10.0.2.15", 5353)), "config")
+    gw.neighbours.claim(guest, GUEST_MAC, loop.time())
+    active = fm.add(forward_spec(fwd), "config")
+    family = socket.AF_INET6 if ":" in client_host else socket.AF_INET
+    client = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        assert active.port != 0
+        assert active.port != 0 and active.sock.family == family
+        if family == socket.AF_INET6:
+            assert active.sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        host = f"{shown_host.format(client_host)}:{active.port}"
         (listening,) = log.named("forward.listening")
-        assert listening["port"] == active.port
-        assert listening["host"] == f"127.0.0.1:{active.port}"
-        assert fm.rows()[0]["host"] == f"127.0.0.1:{active.port}"
+        assert (listening["port"], listening["host"]) == (active.port, host)
+        assert fm.rows()[0]["host"] == host
 
-        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        client.bind(("127.0.0.1", 0))
+        client.bind((client_host, 0))
         client.setblocking(False)
         cport = client.getsockname()[1]
-        client.sendto(b"ping?", ("127.0.0.1", active.port))
+        client.sendto(b"ping?", (client_host, active.port))
         await wait_for(lambda: pump.frames)
         _d, _s, ethertype, packet = parse_ethernet(pump.frames[0])
-        assert ethertype == ETHERTYPE_IPV4
-        header, l4 = parse_ipv4(packet)
+        header, l4 = parse_ipv4(packet) if ethertype == ETHERTYPE_IPV4 else parse_ipv6(packet)
         sport, dport, payload = parse_udp(header.src, header.dst, l4, verify=True)
-        assert (header.src, header.dst, sport, dport, bytes(payload)) == (
-            GATEWAY,
-            GUEST,
-            cport,
-            5353,
-            b"ping?",
-        )
+        assert (header.src, header.dst, sport, dport) == (shown, guest, cport, 5353)
+        assert bytes(payload) == b"ping?"
         assert fm.rows()[0]["connections"] == 1
 
-        reply = build_udp(GUEST, GATEWAY, 5353, cport, b"pong!")
-        frame = build_ethernet(
-            gw.mac, GUEST_MAC, ETHERTYPE_IPV4, build_ipv4(GUEST, GATEWAY, PROTO_UDP, reply)
-        )
-        gw.receive_frames([frame], loop.time())
+        reply = build_udp(guest, shown, 5353, cport, b"pong!")
+        ethertype, packet = build_ip(guest, shown, PROTO_UDP, reply)
+        gw.receive_frames([build_ethernet(gw.mac, GUEST_MAC, ethertype, packet)], loop.time())
         pump.flush()
         data, source = await asyncio.wait_for(loop.sock_recvfrom(client, 100), 2.0)
-        assert (data, source) == (b"pong!", ("127.0.0.1", active.port))
-        client.close()
+        assert (data, source[:2]) == (b"pong!", (client_host, active.port))
     finally:
+        client.close()
         fm.close()
 
 
-async def test_port_taken_is_one_line_naming_the_forward(taken_port: int) -> None:
+async def test_port_taken_is_one_line_naming_the_forward(taken_port: tuple[str, int]) -> None:
     _gw, _pump, fm, _log = manager(asyncio.get_running_loop())
-    fwd = forward_spec(Forward("tcp", "127.0.0.1", taken_port, "10.0.2.15", 80))
+    host, port = taken_port
+    fwd = forward_spec(Forward("tcp", host, port, "10.0.2.15", 80))
     with pytest.raises(ForwardError) as exc_info:
         fm.add(fwd, "config")
+    shown = f"[{host}]" if ":" in host else host  # IPv6 in brackets, as it was written
     assert str(exc_info.value) == (
-        f"forward tcp:127.0.0.1:{taken_port}-10.0.2.15:80: "
-        f"cannot listen on 127.0.0.1:{taken_port}: Address already in use"
+        f"forward tcp:{shown}:{port}-10.0.2.15:80: "
+        f"cannot listen on {shown}:{port}: Address already in use"
     )
     assert fm.active == []
 

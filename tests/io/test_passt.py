@@ -57,6 +57,17 @@ def test_port_specs() -> None:
     assert [f.spec() for f in cfg.forwards][:1] == ["tcp:127.0.0.1:22-10.0.2.15:22"]
 
 
+def test_port_specs_with_an_ipv6_host_address() -> None:
+    o = mapped("-s", "/tmp/s", "-t", "::1/8080:80", "-u", "::/5353:53,fd00:99::1/54")
+    assert o["forwards"] == ["tcp:[::1]:8080-:80", "udp:[::]:5353-:53", "udp:[fd00:99::1]:54-:54"]
+    cfg = load_config(None, o, resolv_conf="/dev/null")
+    assert [f.spec() for f in cfg.forwards] == [
+        "tcp:[::1]:8080-10.0.2.15:80",
+        "udp:[::]:5353-10.0.2.15:53",
+        "udp:[fd00:99::1]:54-10.0.2.15:54",
+    ]
+
+
 def test_addresses_default_to_natds_and_follow_a() -> None:
     cfg = load_config(None, mapped("-s", "/tmp/s"), resolv_conf="/dev/null")
     assert str(cfg.cidr) == "10.0.2.0/24" and str(cfg.pool[0]) == "10.0.2.15"

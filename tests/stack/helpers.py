@@ -28,6 +28,9 @@ DEFAULTS = GatewaySettings()
 GW_IP = DEFAULTS.gateway_ip
 DNS_IP = DEFAULTS.dns_ip
 GW_MAC = DEFAULTS.gateway_mac
+ROUTER6 = DEFAULTS.router6  # fe80::2
+GW6 = DEFAULTS.gateway6  # fd00:10:0:2::2
+GUEST6 = bytes.fromhex("fd000010000000020000000000000015")  # fd00:10:0:2::15
 
 
 def ip(text: str) -> bytes:
@@ -299,3 +302,46 @@ def read_arp(frame: bytes) -> tuple[dpkt.ethernet.Ethernet, dpkt.arp.ARP]:
 
 def drops(gw: Gateway) -> dict[str, int]:
     return {k: v for k, v in gw.counters.items() if k.startswith("drop.")}
+
+
+# -- IPv6 (built by hand: struct and the RFC 1071 sum above) ----------------------------------
+
+
+def ip6_frame(
+    l4: bytes,
+    nxt: int,
+    *,
+    src: bytes,
+    dst: bytes,
+    hlim: int = 255,
+    mac: bytes = GUEST_MAC,
+    dst_mac: bytes = GW_MAC,
+) -> bytes:
+    """An Ethernet + IPv6 frame; ``l4`` must already carry its checksum."""
+    header = struct.pack("!IHBB16s16s", 6 << 28, len(l4), nxt, hlim, src, dst)
+    return dst_mac + mac + b"\x86\xdd" + header + l4
+
+
+def l4_checksum6(src: bytes, dst: bytes, nxt: int, l4: bytes, at: int) -> bytes:
+    """``l4`` with its checksum (at byte ``at``) computed over the IPv6 pseudo-header."""
+    pseudo = src + dst + struct.pack("!I3xB", len(l4), nxt)
+    zeroed = l4[:at] + b"\0\0" + l4[at + 2 :]
+    return zeroed[:at] + struct.pack("!H", inet_checksum(pseudo + zeroed)) + zeroed[at + 2 :]
+
+
+def icmp6(kind: int, word: int, body: bytes, src: bytes, dst: bytes) -> bytes:
+    """An ICMPv6 message with its checksum computed here, independently of natd."""
+    return l4_checksum6(src, dst, 58, struct.pack("!BBHI", kind, 0, 0, word) + body, 2)
+
+
+def read6(raw: bytes) -> tuple[dpkt.ethernet.Ethernet, dpkt.ip6.IP6, bytes]:
+    """Parse a frame natd sent and check its ICMPv6/TCP/UDP checksum independently."""
+    eth = dpkt.ethernet.Ethernet(raw)
+    assert eth.type == 0x86DD and eth.src == GW_MAC
+    packet = bytes(eth.data)
+    ip = eth.data
+    assert isinstance(ip, dpkt.ip6.IP6)
+    l4 = packet[40 : 40 + ip.plen]
+    pseudo = ip.src + ip.dst + struct.pack("!I3xB", len(l4), ip.nxt)
+    assert inet_checksum(pseudo + l4) == 0, "bad upper-layer checksum"
+    return eth, ip, l4

@@ -14,8 +14,18 @@ from pathlib import Path
 
 import dpkt
 import pytest
-from helpers import GUEST2_MAC, GUEST_MAC, GW_MAC, exchange, inet_checksum, make_gateway
+from helpers import (
+    GUEST2_MAC,
+    GUEST_MAC,
+    GW_MAC,
+    exchange,
+    icmp6,
+    inet_checksum,
+    make_gateway,
+    read6,
+)
 from helpers import ip6 as a6
+from helpers import ip6_frame as frame
 
 from natd.stack.gateway import Gateway
 from natd.stack.settings import GatewaySettings
@@ -34,29 +44,6 @@ CAPTURE = Path(__file__).resolve().parents[1] / "wire" / "data" / "kernel_dad_rs
 
 def solicited(addr: bytes) -> bytes:
     return a6("ff02::1:ff00:0")[:13] + addr[13:]
-
-
-def frame(
-    l4: bytes,
-    nxt: int,
-    *,
-    src: bytes,
-    dst: bytes,
-    hlim: int = 255,
-    mac: bytes = GUEST_MAC,
-    dst_mac: bytes = GW_MAC,
-) -> bytes:
-    """An Ethernet + IPv6 frame; ``l4`` must already carry its checksum."""
-    header = struct.pack("!IHBB16s16s", 6 << 28, len(l4), nxt, hlim, src, dst)
-    return dst_mac + mac + b"\x86\xdd" + header + l4
-
-
-def icmp6(kind: int, word: int, body: bytes, src: bytes, dst: bytes) -> bytes:
-    """An ICMPv6 message with its checksum computed here, independently of natd."""
-    msg = struct.pack("!BBHI", kind, 0, 0, word) + body
-    pseudo = src + dst + struct.pack("!I3xB", len(msg), 58)
-    csum = inet_checksum(pseudo + msg)
-    return msg[:2] + struct.pack("!H", csum) + msg[4:]
 
 
 def lladdr(kind: int, mac: bytes) -> bytes:
@@ -88,19 +75,6 @@ def rs(*, src: bytes = GUEST_LL) -> bytes:
         icmp6(133, 0, body, src, ALL_ROUTERS), 58, src=src, dst=ALL_ROUTERS,
         dst_mac=b"\x33\x33\x00\x00\x00\x02",
     )  # fmt: skip
-
-
-def read6(raw: bytes) -> tuple[dpkt.ethernet.Ethernet, dpkt.ip6.IP6, bytes]:
-    """Parse a frame natd sent and check its ICMPv6/TCP checksum independently."""
-    eth = dpkt.ethernet.Ethernet(raw)
-    assert eth.type == 0x86DD and eth.src == GW_MAC
-    packet = bytes(eth.data)
-    ip = eth.data
-    assert isinstance(ip, dpkt.ip6.IP6)
-    l4 = packet[40 : 40 + ip.plen]
-    pseudo = ip.src + ip.dst + struct.pack("!I3xB", len(l4), ip.nxt)
-    assert inet_checksum(pseudo + l4) == 0, "bad upper-layer checksum"
-    return eth, ip, l4
 
 
 def options(body: bytes) -> dict[int, list[bytes]]:

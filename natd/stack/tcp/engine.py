@@ -564,15 +564,18 @@ class TcpEngine:
     # -- port forwards: natd opens the connection toward the guest ---------------------------
 
     def open_inbound(
-        self, guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: int, now: float
+        self, guest_ip: bytes, guest_port: int, client_ip: bytes, src_port: int, now: float
     ) -> int | None:
-        """A flow for a forward's client: natd SYNs ``guest_ip``:``guest_port`` from
-        ``src_ip``:``src_port`` (RFC 9293 active open). Its id, or None when the 4-tuple is
-        taken or a limit is reached (the caller resets the client).
+        """A flow for a forward's client at ``client_ip``:``src_port``: natd SYNs
+        ``guest_ip``:``guest_port`` from the address the guest is shown for that client
+        (``settings.shown_source``: the real one, or the gateway's of the guest's family) and
+        ``src_port`` (RFC 9293 active open). Its id, or None when the 4-tuple is taken or a
+        limit is reached (the caller resets the client).
 
         The host side (the accepted socket) is the shell's; the flow then behaves like any
         other. A guest RST or silence aborts it (``TcpClose(abort=True)``: the client is reset).
         """
+        src_ip = self.link.settings.shown_source(client_ip, guest_ip)
         key = (guest_ip, guest_port, src_ip, src_port)
         limits = self.limits
         if key in self.flows:
