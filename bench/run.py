@@ -353,6 +353,12 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
         "guest→host, loss as seen by the receiver (the kernel row shows what the client and "
         "receiver themselves manage on this machine).",
     ]
+    if args.ipv6:
+        notes.append(
+            "- IPv6 rows: the same setups over IPv6, servers on the host namespace's ::1, the "
+            "guest dials the engine's IPv6 gateway (natd and pasta fd00:10:0:2::2, slirp4netns "
+            "fd00::2; the kernel's veth has fd00:10:0:2::2 itself); ULA addresses inside the "
+            "bench's namespaces only.")
     lines += ["## Notes", "", *notes, ""]
     fails = report.failures(res)
     if fails:
