@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from harness import Guest, Natd, Netns
+from harness import Guest, Natd, Netns, unique_name
 from test_faults_e2e import wait_for
 from test_ndp_e2e import _slaac
 from test_offload_e2e import SIZE, HostServer, stopped_counters, transfer_both_ways
@@ -26,12 +26,13 @@ from natd.io.netns import entered_netns
 HOST6 = "fd42:6f:1::1"  # natd's namespace, on its veth
 WORLD6 = "fd42:6f:1::2"  # the world namespace, where the servers listen
 MSS6 = 1440  # 1500 - 40 - 20
+PREFIX = "natgso6"  # this file's namespaces
 
 
 @pytest.fixture
 def world(namespaces: Callable[..., Netns]) -> tuple[Netns, Netns]:
     """(host, world): natd's namespace and the world, joined by a veth, IPv6 only."""
-    host, world = namespaces(), namespaces()
+    host, world = namespaces(unique_name(PREFIX)), namespaces(unique_name(PREFIX))
     host.run(["ip", "link", "add", "wv0", "type", "veth", "peer", "name", "wv1", "netns",
               world.name])  # fmt: skip
     for ns, iface, addr in ((host, "wv0", HOST6), (world, "wv1", WORLD6)):
@@ -59,7 +60,7 @@ def world_servers(world: tuple[Netns, Netns]) -> Iterator[Callable[..., HostServ
 
 @pytest.fixture
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    made = Guest(workdir=tmp_path_factory.mktemp("guest6"))
+    made = Guest(unique_name(PREFIX), workdir=tmp_path_factory.mktemp("guest6"))
     yield made
     made.close()
 
