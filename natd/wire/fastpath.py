@@ -138,22 +138,8 @@ def decode_frame(frame: Buf) -> FastFrame | None:
             return None
         if _from_bytes(frame[ETH_HLEN:L4_START], "big") % 0xFFFF:
             return None
-        return (
-            17,
-            dst_mac,
-            src_mac,
-            src,
-            dst,
-            sport,
-            dport,
-            0,
-            0,
-            0,
-            0,
-            UDP_FRAME_MIN,
-            L4_START + length,
-            L4_START,
-        )
+        return (17, dst_mac, src_mac, src, dst, sport, dport, 0, 0, 0, 0, UDP_FRAME_MIN,
+                L4_START + length, L4_START)  # fmt: skip
     if frame[12] == _ETHERTYPE6_HI and frame[13] == _ETHERTYPE6_LO:
         return decode_frame6(frame)
     return None
@@ -191,22 +177,8 @@ def decode_frame6(frame: Buf) -> FastFrame | None:
             return None
         if L4_START6 + length > n or udp_length < 8 or udp_length > length:
             return None
-        return (
-            17,
-            dst_mac,
-            src_mac,
-            src,
-            dst,
-            sport,
-            dport,
-            0,
-            0,
-            0,
-            0,
-            UDP_FRAME_MIN6,
-            L4_START6 + udp_length,
-            L4_START6,
-        )
+        return (17, dst_mac, src_mac, src, dst, sport, dport, 0, 0, 0, 0, UDP_FRAME_MIN6,
+                L4_START6 + udp_length, L4_START6)  # fmt: skip
     return None
 
 
