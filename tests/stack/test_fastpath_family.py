@@ -125,7 +125,9 @@ def play_tcp(run: Run) -> None:
     assert run.slow_frames == handshake_slow or not run.fast
 
 
-def play_udp(run: Run) -> None:
+def play_udp(run: Run) -> bool:
+    """The scripted datagrams; False if the first one opened no flow (nothing to compare)."""
+
     def datagram(payload: bytes, corrupt: bool = False, field: bytes = b"") -> bytes:
         l4 = bytearray(build_udp(run.src, run.dst, 5353, 53535, payload))
         if corrupt:
@@ -136,11 +138,14 @@ def play_udp(run: Run) -> None:
 
     first = run.slow_frames
     run.feed([datagram(b"first")])  # opens the flow: slow path
+    if not any(isinstance(op, UdpSend) for op in run.steps[-1][1]):
+        return False
     run.feed([datagram(b"second"), datagram(b"third")])
     run.feed([datagram(b"corrupt", corrupt=True)])  # the slow path counts it
     run.feed([datagram(b"none", field=b"\x00\x00")])  # IPv4: no checksum; IPv6: refused (RFC 8200)
     run.feed([datagram(b"partial", field=b"\x12\x34")], [F_NEEDS_CSUM])
     assert not run.fast or run.slow_frames - first <= 3
+    return True
 
 
 def outcome(run: Run) -> tuple[list[tuple[list[bytes], list[Any]]], dict[str, int]]:
@@ -164,18 +169,20 @@ def test_tcp_fast_path_equals_slow_path(family: int, monkeypatch: pytest.MonkeyP
     assert b"".join(sends).endswith(b"partial")
 
 
-def test_udp_fast_path_equals_slow_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """IPv4 only while IPv6 UDP is refused by the gateway: the decode and checksum of IPv6
-    UDP are checked in tests/wire/test_wire_fastpath6.py."""
-    fast = Run(4, fast=True)
-    play_udp(fast)
+@pytest.mark.parametrize("family", [4, 6])
+def test_udp_fast_path_equals_slow_path(family: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = Run(family, fast=True)
+    if not play_udp(fast):
+        assert family == 6
+        pytest.skip("IPv6 UDP to the outside is refused on this tree (not re-originated yet)")
     with monkeypatch.context() as m:
         _no_fast_path(m)
-        slow = Run(4, fast=False)
+        slow = Run(family, fast=False)
         play_udp(slow)
     assert outcome(fast) == outcome(slow)
     payloads = [op.payload for _f, ops in fast.steps for op in ops if isinstance(op, UdpSend)]
-    assert payloads == [b"first", b"second", b"third", b"none", b"partial"]
+    none = [b"none"] if family == 4 else []  # a zero checksum is "none" in IPv4 only
+    assert payloads == [b"first", b"second", b"third", *none, b"partial"]
 
 
 def test_ipv6_hop_limit_zero_and_multicast_take_the_slow_path() -> None:
