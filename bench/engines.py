@@ -8,6 +8,13 @@ the engines in ``H`` instead of the root namespace means nothing they do can rea
 The kernel baseline has no engine: a veth pair joins ``H`` (10.0.2.2) and ``G`` (10.0.2.15) and
 the servers listen on 10.0.2.2 in ``H`` — plain kernel forwarding without a loopback hop or NAT
 (the machine has neither iptables nor nft), i.e. the ceiling a user-space engine can approach.
+
+With ``ipv6`` (``run.py --ipv6``) each setup also gets IPv6 between the same namespaces:
+``bind6`` is where host-side servers listen (``::1`` in ``H``, the kernel's veth address for the
+baseline) and ``dial6`` what the guest dials (the engine's gateway address that leads to the
+host's ``::1``). The guest configures itself from the engine's Router Advertisement (natd,
+slirp4netns) or from the engine's own setup (pasta), and the bench waits until its address has
+left ``tentative``. Every IPv6 address is a ULA inside these namespaces.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ class Setup:
     guest_ip: str
     fwd: tuple[str, int] | None  # (addr, port) in host_ns that reaches guest port GUEST_PORT
     fwd_note: str = ""
+    bind6: str | None = None  # IPv6 (``ipv6``): host-side servers listen here, in host_ns
+    dial6: str | None = None  # ... and the guest dials this to reach them
     pid: int | None = None  # the engine process (for RSS and pinning); None for the kernel
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     log: str | None = None  # the engine's stderr file in the runner's tmpdir
@@ -97,20 +106,46 @@ def _guest_static(runner: Runner, g: str, dev: str, ip: str, mtu: int) -> None:
     runner.check(["ip", "-n", g, "route", "add", "default", "via", "10.0.2.2"])
 
 
+def wait_global6(runner: Runner, g: str, dev: str, timeout: float = 20.0) -> str:
+    """The guest's global IPv6 address on ``dev`` once it has left ``tentative`` (DAD) and a
+    default route is there: what SLAAC from an engine's Router Advertisement gives."""
+    deadline = time.monotonic() + timeout
+    while True:
+        addrs = subprocess.run(
+            wrap(["ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "global"], g),
+            capture_output=True, text=True, timeout=10,
+        ).stdout
+        route = subprocess.run(
+            wrap(["ip", "-6", "route", "show", "default"], g),
+            capture_output=True, text=True, timeout=10,
+        ).stdout
+        ready = [ln.split()[3] for ln in addrs.splitlines() if "tentative" not in ln]
+        if ready and route.strip():
+            return ready[0].split("/")[0]
+        if time.monotonic() > deadline:
+            raise BenchError(f"no IPv6 in the guest after {timeout:.0f}s ({addrs.strip()!r})")
+        time.sleep(0.1)
+
+
 def host_gateway(runner: Runner, h: str, dev: str) -> None:
     """H's end of a kernel-forwarded baseline: 10.0.2.2/24 on ``dev``, up."""
     runner.check(["ip", "-n", h, "addr", "add", "10.0.2.2/24", "dev", dev])
     runner.check(["ip", "-n", h, "link", "set", dev, "up"])
 
 
-def dead_end_uplink(runner: Runner, h: str) -> None:
+def dead_end_uplink(runner: Runner, h: str, ipv6: bool = False) -> None:
     """pasta and passt refuse to start without a routable "external" interface to copy: give H
-    a veth pair whose both ends stay in H, with a default route to nowhere."""
+    a veth pair whose both ends stay in H, with a default route to nowhere (IPv6 too, with
+    ``ipv6``: a ULA address and a default route to an address nobody holds)."""
     runner.check(["ip", "-n", h, "link", "add", "hx0", "type", "veth", "peer", "name", "hx1"])
     runner.check(["ip", "-n", h, "addr", "add", "192.0.2.1/24", "dev", "hx0"])
+    if ipv6:
+        runner.check(["ip", "-n", h, "addr", "add", "fd00:bad:1::1/64", "dev", "hx0", "nodad"])
     runner.check(["ip", "-n", h, "link", "set", "hx0", "up"])
     runner.check(["ip", "-n", h, "link", "set", "hx1", "up"])
     runner.check(["ip", "-n", h, "route", "add", "default", "via", "192.0.2.254"])
+    if ipv6:
+        runner.check(["ip", "-n", h, "-6", "route", "add", "default", "via", "fd00:bad:1::fe"])
 
 
 class Engine:
@@ -118,13 +153,17 @@ class Engine:
 
     ``binary`` is the peer's program (a name on PATH or a path): ``--slirp4netns PATH`` and
     ``--pasta PATH`` swap in builds fresher than the distribution's. ``extra`` is appended to
-    the engine's command line (``--natd-args``: e.g. to see what a log level costs)."""
+    the engine's command line (``--natd-args``: e.g. to see what a log level costs). ``ipv6``:
+    set up IPv6 too (``Setup.bind6``/``dial6``)."""
 
     name = "?"
 
-    def __init__(self, binary: str | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, binary: str | None = None, extra: tuple[str, ...] = (), ipv6: bool = False
+    ) -> None:
         self.binary = binary or self.name
         self.extra = extra
+        self.ipv6 = ipv6
 
     def _missing(self, what: str) -> str | None:
         return None if shutil.which(self.binary) else f"{self.binary}: {what} not found"
@@ -192,6 +231,9 @@ class Natd(Engine):
         try:
             _wait_ready(rfd, p, 20.0, "natd")
             _guest_static(runner, g, "tap0", s.guest_ip, mtu)
+            if self.ipv6:  # natd serves IPv6 by default: SLAAC from its RA, ::2 -> host ::1
+                wait_global6(runner, g, "tap0")
+                s.bind6, s.dial6 = "::1", "fd00:10:0:2::2"
         except BenchError as e:
             tail = _log_tail(runner, log)
             self.stop(runner, s)
@@ -225,9 +267,12 @@ class Slirp4netns(Engine):
         try:
             # --configure gives the guest 10.0.2.100/24 via 10.0.2.2; host loopback is
             # reachable at 10.0.2.2 by default (--disable-host-loopback is opt-in).
+            # --enable-ipv6: libslirp's RA gives the guest fd00::/64 (SLAAC) via fd00::2, which
+            # leads to the host's ::1 as 10.0.2.2 leads to 127.0.0.1.
+            v6 = ["--enable-ipv6"] if self.ipv6 else []
             p = runner.spawn(
                 [self.binary, "--configure", "--mtu", str(mtu), "--ready-fd", str(wfd),
-                 "--api-socket", api, "--netns-type=path", f"/run/netns/{g}", "tap0"],
+                 "--api-socket", api, *v6, "--netns-type=path", f"/run/netns/{g}", "tap0"],
                 h, pass_fds=(wfd,), log=log,
             )
         finally:
@@ -247,6 +292,9 @@ class Slirp4netns(Engine):
                 reply = c.recv(4096).decode(errors="replace")
             if '"return"' not in reply or "error" in reply:
                 raise BenchError(f"slirp4netns add_hostfwd: {reply.strip()}")
+            if self.ipv6:
+                wait_global6(runner, g, "tap0")
+                s.bind6, s.dial6 = "::1", "fd00::2"
         except (BenchError, OSError) as e:
             tail = _log_tail(runner, log)
             self.stop(runner, s)
@@ -284,12 +332,14 @@ class Pasta(Engine):
         s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15",
                   ("127.0.0.1", fwd_port),
                   fwd_note="pasta splices loopback forwards socket-to-socket, bypassing its TAP")
+        # IPv6: pinned like IPv4 (fd00:10:0:2::15, gateway ::2, mapped to the host's ::1).
+        v6 = ["-a", "fd00:10:0:2::15", "-g", "fd00:10:0:2::2"] if self.ipv6 else ["-4"]
         try:
-            dead_end_uplink(runner, h)
+            dead_end_uplink(runner, h, self.ipv6)
             log = s.log = f"pasta-{h}.log"
             p = runner.spawn(
                 [self.binary, "-f", "--runas", "0:0", "--config-net", "-m", str(mtu),
-                 "-a", s.guest_ip, "-n", "24", "-g", "10.0.2.2", "-I", "tap0", "-4",
+                 "-a", s.guest_ip, "-n", "24", "-g", "10.0.2.2", "-I", "tap0", *v6,
                  "-D", "none", "-S", "none", "-t", f"{fwd_port}:{GUEST_PORT}", "-u", "none",
                  "-T", "none", "-U", "none", "--netns", f"/run/netns/{g}"],
                 h, log=log,
@@ -308,6 +358,9 @@ class Pasta(Engine):
                     raise BenchError("pasta did not configure tap0 within 20s")
                 time.sleep(0.05)
             runner.check(["ip", "-n", g, "link", "set", "tap0", "mtu", str(mtu)])
+            if self.ipv6:
+                wait_global6(runner, g, "tap0")
+                s.bind6, s.dial6 = "::1", "fd00:10:0:2::2"
         except BaseException:
             self.stop(runner, s)
             raise
@@ -334,6 +387,12 @@ class Kernel(Engine):
                           "peer", "name", "tap0", "netns", g])
             host_gateway(runner, h, "kv0")
             _guest_static(runner, g, "tap0", s.guest_ip, mtu)
+            if self.ipv6:  # the same veth, IPv6 on both ends (no DAD: nobody else is there)
+                s.bind6 = s.dial6 = "fd00:10:0:2::2"
+                runner.check(["ip", "-n", h, "addr", "add", "fd00:10:0:2::2/64", "dev", "kv0",
+                              "nodad"])  # fmt: skip
+                runner.check(["ip", "-n", g, "addr", "add", "fd00:10:0:2::15/64", "dev", "tap0",
+                              "nodad"])  # fmt: skip
         except BaseException:
             self.stop(runner, s)
             raise

@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 
 def _listener(bind: str, port: int, backlog: int = 4096) -> socket.socket:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A TCP listener on ``bind`` (an IPv6 address gives an IPv6 socket)."""
+    srv = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((bind, port))
     srv.listen(backlog)

@@ -2,9 +2,11 @@
 """natd's benchmark: natd, slirp4netns, pasta and a kernel veth baseline side by side.
 
     sudo python3 bench/run.py [--issue14] [--runs 3] [--quick] [--only natd,slirp4netns,...]
-                              [--slirp4netns PATH] [--pasta PATH] [--seconds 5] [--out FILE]
+                              [--ipv6] [--slirp4netns PATH] [--pasta PATH] [--seconds 5]
+                              [--out FILE]
 
-The default run (``--issue14`` names it) measures every row and prints issue 14's targets table.
+The default run (``--issue14`` names it) measures every row and prints issue 14's targets table;
+``--issue14`` adds the IPv6 rows (``--ipv6``: g→h, h→g and RR over IPv6, MTU 1500) to it.
 
 Each engine serves a fresh guest namespace (see engines.py); the engines are interleaved and
 their order rotated every run; the table reports medians with min-max over the runs and natd's
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from types import FrameType
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +43,7 @@ from engines import ALL_ENGINES, Engine, Setup, last_error
 from procs import BenchError, Runner
 
 MTUS = (1500, 65520)
+IPV6_KEYS = ("g2h6_1500", "h2g6_1500", "rr6_p50", "rr6_p99")
 FWD_PORT = 15201
 LOSS_PERCENT = 1.0  # each way, on the guest's link (report.py's labels say 1 %)
 
@@ -93,6 +97,8 @@ class Bench:
                      "loss_g2h", "loss_h2g", "g2h_lossy", "h2g_lossy"]
             if not self.args.quick:
                 keys += ["rss_base", "flows_open", "rss_flows", "rr_p50_flows"]
+            if self.args.ipv6:
+                keys += list(IPV6_KEYS)
         return keys
 
     def one(self, eng: Engine, mtu: int) -> None:
@@ -124,6 +130,8 @@ class Bench:
                           lambda: measure.udp_loss(r, s, a.udp_seconds, a.udp_rate))
             self._do_many(s, ("rr_p50", "rr_p99"),
                           lambda: measure.request_response(r, s, a.rr_n, None))
+            if a.ipv6:
+                self.ipv6(s)
             with measure.pinned(s) as cpu:
                 self._do_many(s, ("rr_p50_pin", "rr_p99_pin"),
                               lambda: measure.request_response(r, s, a.rr_n, cpu))
@@ -136,6 +144,27 @@ class Bench:
             self.lossy(s)  # last: it leaves the link lossy
         finally:
             eng.stop(r, s)
+
+    def ipv6(self, s: Setup) -> None:
+        """The same guest and host over IPv6: one stream each way and the free RR, measured
+        like their IPv4 rows on a view of the setup whose addresses are the IPv6 ones."""
+        r, a = self.runner, self.args
+        if s.bind6 is None or s.dial6 is None:
+            for k in IPV6_KEYS:
+                self.res.fail(s.engine, k, "no IPv6 in this setup")
+            return
+        s6 = replace(s, server_bind=s.bind6, dial=s.dial6)
+        try:
+            measure.smoke(r, s6)
+        except BenchError as e:
+            for k in IPV6_KEYS:
+                self.res.fail(s.engine, k, f"IPv6: {e}")
+            log(f"  {s.engine} IPv6: {e}")
+            return
+        self._do(s6, "g2h6_1500", lambda: measure.iperf_tcp(r, s6, a.seconds, False))
+        self._do(s6, "h2g6_1500", lambda: measure.iperf_tcp(r, s6, a.seconds, True))
+        self._do_many(s6, ("rr6_p50", "rr6_p99"),
+                      lambda: measure.request_response(r, s6, a.rr_n, None))
 
     def parallel(self, s: Setup, single: dict[str, float | None]) -> None:
         """``--streams`` parallel streams each way, and each as a multiple of the same setup's
@@ -324,6 +353,12 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
         "guest→host, loss as seen by the receiver (the kernel row shows what the client and "
         "receiver themselves manage on this machine).",
     ]
+    if args.ipv6:
+        notes.append(
+            "- IPv6 rows: the same setups over IPv6, servers on the host namespace's ::1, the "
+            "guest dials the engine's IPv6 gateway (natd and pasta fd00:10:0:2::2, slirp4netns "
+            "fd00::2; the kernel's veth has fd00:10:0:2::2 itself); ULA addresses inside the "
+            "bench's namespaces only.")
     lines += ["## Notes", "", *notes, ""]
     fails = report.failures(res)
     if fails:
@@ -358,7 +393,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after the runs, sample natd with py-spy for SECONDS per load "
                    "(iperf3 both ways, request/response) and add the summary to the report")
     p.add_argument("--issue14", action="store_true",
-                   help="issue 14's table: the default run, named (every row, 3 runs)")
+                   help="issue 14's table: the default run, named (every row, 3 runs, and "
+                   "the IPv6 rows)")
+    p.add_argument("--ipv6", action="store_true",
+                   help="IPv6 rows too: TCP g->h, h->g and RR over IPv6 at MTU 1500 (every "
+                   "engine that can: natd, pasta, slirp4netns --enable-ipv6, kernel veth)")
     p.add_argument("--slirp4netns", metavar="PATH", help="slirp4netns binary (default: PATH's)")
     p.add_argument("--pasta", metavar="PATH", help="pasta binary (default: PATH's)")
     p.add_argument("--natd-args", default="", metavar="ARGS",
@@ -373,6 +412,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.issue14 and (a.quick or a.runs < 3):
         p.error("--issue14 wants medians of >= 3 runs: drop --quick / raise --runs")
+    if a.issue14:
+        a.ipv6 = True
     if a.quick:
         a.runs, a.seconds, a.udp_seconds, a.cps_seconds = 1, 2.0, 2.0, 2.0
     if a.out is None:
@@ -424,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         eng = ALL_ENGINES[name](
             {"slirp4netns": args.slirp4netns, "pasta": args.pasta}.get(name),
             tuple(shlex.split(args.natd_args)) if name == "natd" else (),
+            ipv6=args.ipv6,
         )
         why = eng.unavailable()
         if why:

@@ -266,10 +266,10 @@ class Gateway:
         flags (``F_NEEDS_CSUM``: the L4 checksum is partial, ``F_DATA_VALID``: the kernel
         checked it; 0: verify as usual). A flagged checksum is never verified.
 
-        The common frame (Ethernet + IPv4 without options + TCP, for an ESTABLISHED flow, from
-        a known neighbor) is decoded with one ``struct`` call (``natd.wire.fastpath``) and
-        handed to the TCP engine as plain values; everything else takes the slow path, which
-        checks and explains every header.
+        The common frame (Ethernet + IPv4 without options or IPv6 without extension headers +
+        TCP, for an ESTABLISHED flow, from a known neighbor) is decoded with one ``struct``
+        call (``natd.wire.fastpath``) and handed to the TCP engine as plain values; everything
+        else takes the slow path, which checks and explains every header.
         """
         counters = self.counters
         tcp_frame = self.tcp.on_guest_frame
@@ -289,7 +289,8 @@ class Gateway:
                     and f[1] == mac
                     and neighbors.get(f[3]) == f[2]
                     and not f[2][0] & 1
-                    and f[4][0] < 224  # not addresses.is_multicast, inline
+                    # not addresses.is_multicast, inline: IPv4 224/4 and up, IPv6 ff00::/8
+                    and (f[4][0] < 224 or (len(f[4]) == 16 and f[4][0] != 0xFF))
                     and f[4] != broadcast
                     and f[2] != mac
                     and (

@@ -65,11 +65,10 @@ from natd.wire.fastpath import (
     DPORT,
     DST_IP,
     PAYLOAD_END,
+    PAYLOAD_START,
     SPORT,
     SRC_IP,
     SRC_MAC,
-    UDP_CSUM_AT,
-    UDP_FRAME_MIN,
     FastFrame,
     l4_checksum_ok,
 )
@@ -204,14 +203,10 @@ class UdpEngine:
             or entry[0].mac != f[SRC_MAC]
         ):
             return False
-        if (
-            not csum
-            and (frame[UDP_CSUM_AT] or frame[UDP_CSUM_AT + 1])
-            and not l4_checksum_ok(frame, f)
-        ):
+        if not csum and not l4_checksum_ok(frame, f):  # either family; no checksum: v4 only
             return False
         flow, host, port = entry
-        payload = bytes(frame[UDP_FRAME_MIN : f[PAYLOAD_END]])
+        payload = bytes(frame[f[PAYLOAD_START] : f[PAYLOAD_END]])
         self._table.touch(flow, now)
         self._send(flow, f[DST_IP], host, port, payload)
         return True

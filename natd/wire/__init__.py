@@ -16,8 +16,8 @@ header and a payload that may be a ``memoryview``, checksums filled in (RFC 1071
 the ``int.from_bytes % 0xFFFF`` identity in ``checksum.py``).
 
 The hot path (guest TCP/UDP data) skips the per-layer parsers: ``fastpath.decode_frame`` reads
-Ethernet + IPv4 + TCP/UDP with a single precompiled ``struct`` call into a tuple, and returns
-None for anything unusual so the slow path can deal with it and give a reason.
+Ethernet + IPv4 or IPv6 + TCP/UDP with a single precompiled ``struct`` call into a tuple, and
+returns None for anything unusual so the slow path can deal with it and give a reason.
 
 No state, logging or I/O lives here; misuse by natd itself (a 5-byte address) may assert or
 raise ``struct.error``, input from a guest may not.

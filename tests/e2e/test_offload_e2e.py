@@ -64,12 +64,13 @@ def payload(size: int = SIZE) -> bytes:
 
 
 class HostServer:
-    """One-connection host server on 127.0.0.1: 'sink' answers "<bytes> <sha256>", 'source'
-    sends ``payload()`` and closes."""
+    """One-connection host server on ``bind`` (default 127.0.0.1; an IPv6 address gives an
+    IPv6 socket, made in the namespace the caller is in): 'sink' answers "<bytes> <sha256>",
+    'source' sends ``payload()`` and closes."""
 
-    def __init__(self, mode: str, size: int = SIZE) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, mode: str, size: int = SIZE, bind: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET)
+        self.sock.bind((bind, 0))
         self.sock.listen(1)
         self.port = self.sock.getsockname()[1]
         self.mode = mode
@@ -128,17 +129,20 @@ def started(natd: Natd) -> dict[str, object]:
 
 
 def transfer_both_ways(
-    guest: Guest, servers: Callable[..., HostServer], size: int = SIZE, timeout: float = 60
+    guest: Guest,
+    servers: Callable[..., HostServer],
+    size: int = SIZE,
+    timeout: float = 60,
+    dial: str = GATEWAY,
 ) -> None:
-    """``size`` bytes up and down through natd, checked by sha256 on the receiving side."""
+    """``size`` bytes up and down through natd, checked by sha256 on the receiving side; the
+    guest dials ``dial`` at the port of each server ``servers(mode, size)`` made."""
     digest = hashlib.sha256(payload(size)).hexdigest()
     sink = servers("sink", size)
-    up = guest.run(
-        [sys.executable, "-c", UPLOAD, GATEWAY, str(sink.port), str(size)], timeout=timeout
-    )
+    up = guest.run([sys.executable, "-c", UPLOAD, dial, str(sink.port), str(size)], timeout=timeout)
     assert up.stdout.split() == [str(size), digest]
     source = servers("source", size)
-    down = guest.run([sys.executable, "-c", DOWNLOAD, GATEWAY, str(source.port)], timeout=timeout)
+    down = guest.run([sys.executable, "-c", DOWNLOAD, dial, str(source.port)], timeout=timeout)
     assert down.stdout.split() == [str(size), digest]
 
 

@@ -10,7 +10,15 @@ from collections.abc import Iterator
 import pytest
 
 from natd.io.links.tap import TapError, TapGone, TapLink, adopt_tap_fd
-from natd.wire.vnet import VIRTIO_NET_HDR_LEN, VNET_HDR_NONE
+from natd.wire.vnet import (
+    F_NEEDS_CSUM,
+    GSO_ECN,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    VIRTIO_NET_HDR_LEN,
+    VNET_HDR_NONE,
+    build_vnet_hdr,
+)
 
 FRAME = bytes(range(60))
 
@@ -70,6 +78,32 @@ def test_write_prepends_header(pair: tuple[socket.socket, socket.socket]) -> Non
     assert guest.recv(2000) == VNET_HDR_NONE + FRAME
     assert guest.recv(2000) == VNET_HDR_NONE + FRAME[:20]
     assert link.tx_frames == 2
+
+
+def test_gso_frames_are_counted_per_family_each_way(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    natd_side, guest = pair
+    link = TapLink(natd_side.fileno(), "t0")
+    assert "tap.rx_gso_tcpv6" not in link.stats()
+    v6 = build_vnet_hdr(F_NEEDS_CSUM, GSO_TCPV6, 74, 1440, 54, 16)
+    v4_ecn = build_vnet_hdr(F_NEEDS_CSUM, GSO_TCPV4 | GSO_ECN, 54, 1460, 34, 16)
+    for hdr in (v6, v6, v4_ecn, build_vnet_hdr(F_NEEDS_CSUM, 0x42, 54, 1, 34, 16)):
+        guest.send(hdr + FRAME)
+    guest.send(build_vnet_hdr(F_NEEDS_CSUM, 0, 54, 0, 34, 16) + FRAME)  # no GSO: not counted
+    assert [bytes(f) for f in link.read_batch()] == [FRAME] * 5
+    assert link.rx_csum == [F_NEEDS_CSUM] * 5
+    assert link.write(FRAME, v6, b"payload")
+    assert link.write(FRAME)
+    assert guest.recv(2000) == v6 + FRAME + b"payload"
+    stats = link.stats()
+    gso = {k: v for k, v in stats.items() if "_gso_" in k}
+    assert gso == {
+        "tap.rx_gso_tcpv6": 2,
+        "tap.rx_gso_tcpv4": 1,
+        "tap.rx_gso_66": 1,
+        "tap.tx_gso_tcpv6": 1,
+    }
 
 
 def test_write_without_header(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -68,7 +68,7 @@ def common_frames(draw: st.DrawFn) -> bytes:
 def test_fast_path_agrees_with_slow_path(raw: bytes) -> None:
     fields = fp.decode_frame(raw)
     assert fields is not None
-    assert len(fields) == 13
+    assert len(fields) == 14
     assert_fast_agrees(raw, fields)
     assert fp.l4_checksum_ok(raw, fields)
     view_fields = fp.decode_frame(memoryview(raw))
@@ -102,6 +102,7 @@ def test_tcp_fields_by_name() -> None:
         333,
         54,
         59,
+        34,
     )
 
 
@@ -121,6 +122,7 @@ def test_udp_fields_by_name() -> None:
         0,
         42,
         45,
+        34,
     )
 
 

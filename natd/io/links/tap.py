@@ -4,12 +4,13 @@ The device is opened with ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`` from the start,
 read or written carries a 10-byte ``virtio_net_hdr`` in front, and offloads are switched on
 (``TUNSETOFFLOAD`` CSUM|TSO4|TSO6): the guest's kernel then hands natd TCP segments of up to
 64 KB with partial checksums (``F_NEEDS_CSUM``: never verified, the bit is passed to the core
-per frame in ``rx_csum``), and natd may write 64 KB ``GSO_TCPV4`` frames that the kernel cuts
-and checksums. That is the whole speed story: a TAP read or write costs the same whatever its
-size, so fewer, bigger frames. ``offloads`` says whether the TAP took them (the daemon sets
-``GatewaySettings.tso`` from it); a TAP that refuses them, or an fd handed over with
-``--tap-fd`` without ``IFF_VNET_HDR`` (``TUNGETIFF`` tells), gets plain MSS-sized frames with
-full checksums, and both work.
+per frame in ``rx_csum``), and natd may write 64 KB ``GSO_TCPV4`` / ``GSO_TCPV6`` frames that
+the kernel cuts and checksums. That is the whole speed story: a TAP read or write costs the
+same whatever its size, so fewer, bigger frames. Those big frames are counted each way by GSO
+type (``tap.rx_gso_tcpv4`` … ``tap.tx_gso_tcpv6``), so the offloads at work show per family.
+``offloads`` says whether the TAP took them (the daemon sets ``GatewaySettings.tso`` from it);
+a TAP that refuses them, or an fd handed over with ``--tap-fd`` without ``IFF_VNET_HDR``
+(``TUNGETIFF`` tells), gets plain MSS-sized frames with full checksums, and both work.
 
 Reads are drained in batches by the shell; writes never block: a full queue drops the frame
 and counts it (``tx_dropped``) the way a NIC would. A TAP that disappears (device deleted,
@@ -36,7 +37,16 @@ import pytun
 
 from natd.io.links.base import READ_BATCH_LIMIT, TAP_MTU, Frame, LinkError, LinkGone, RxFrame
 from natd.io.netns import entered_netns
-from natd.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, VIRTIO_NET_HDR_LEN, VNET_HDR_NONE
+from natd.wire.vnet import (
+    F_DATA_VALID,
+    F_NEEDS_CSUM,
+    GSO_ECN,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    GSO_UDP,
+    VIRTIO_NET_HDR_LEN,
+    VNET_HDR_NONE,
+)
 
 # ioctl numbers from <linux/if_tun.h> (_IOW/_IOR('T', n, int)).
 TUNSETIFF = 0x400454CA
@@ -61,6 +71,8 @@ TX_QUEUE_LEN = 10000
 
 READ_SIZE = 65536 + 128  # the largest TAP frame (MTU 65535 + Ethernet) plus any header
 _CSUM_FLAGS = F_NEEDS_CSUM | F_DATA_VALID
+_GSO_TYPE = 0xFF & ~GSO_ECN  # the vnet gso_type byte without its ECN bit
+_GSO_NAMES = {GSO_TCPV4: "tcpv4", GSO_UDP: "udp", GSO_TCPV6: "tcpv6"}
 BATCH_LIMIT = READ_BATCH_LIMIT
 
 # The TAP's names for the link-wide errors (the TAP was the only link once).
@@ -107,6 +119,9 @@ class TapLink:
         self.tx_frames = 0
         self.tx_dropped = 0
         self.tx_errors = 0
+        # Frames bigger than the MTU each way, by vnet gso_type (index; ECN bit dropped).
+        self.rx_gso = [0] * (_GSO_TYPE + 1)
+        self.tx_gso = [0] * (_GSO_TYPE + 1)
         self.last_tx_error: OSError | None = None
         self.closed = False
         # One slot per frame of a batch (4 MB): reads land there, frames are views of it.
@@ -130,6 +145,7 @@ class TapLink:
         hlen = self.vnet_hdr_len
         flags: list[int] = []
         trusted = 0
+        gso = self.rx_gso
         readv = os.readv
         slots = self._slots
         iovs = self._iovs
@@ -152,6 +168,8 @@ class TapLink:
                 f = slot[0] & _CSUM_FLAGS
                 flags.append(f)
                 trusted |= f
+                if slot[1]:
+                    gso[slot[1] & _GSO_TYPE] += 1
             else:
                 frames.append(slot[:n])
         self.rx_frames += len(frames)
@@ -173,6 +191,8 @@ class TapLink:
                     os.writev(self.fd, (vnet, self._hdr_pad, frame, payload))
                 else:
                     os.writev(self.fd, (vnet, frame, payload))
+                if vnet is not None and vnet[1]:
+                    self.tx_gso[vnet[1] & _GSO_TYPE] += 1
             elif payload:
                 os.writev(self.fd, (frame, payload))
             else:
@@ -191,14 +211,20 @@ class TapLink:
         """Nothing to do: ``write`` sent every frame already."""
 
     def stats(self) -> dict[str, int]:
-        """Counters for the daemon's summary log and the control API."""
-        return {
+        """Counters for the daemon's summary log and the control API (GSO counters only for
+        a type seen at least once; an unknown type is ``gso_<number>``)."""
+        out = {
             "tap.rx_frames": self.rx_frames,
             "tap.rx_short": self.rx_short,
             "tap.tx_frames": self.tx_frames,
             "tap.tx_dropped": self.tx_dropped,
             "tap.tx_errors": self.tx_errors,
         }
+        for way, counts in (("rx", self.rx_gso), ("tx", self.tx_gso)):
+            for kind, n in enumerate(counts):
+                if n:
+                    out[f"tap.{way}_gso_{_GSO_NAMES.get(kind, str(kind))}"] = n
+        return out
 
     def close(self) -> None:
         """Close the fd (idempotent); a non-persistent TAP disappears with it."""

@@ -119,7 +119,7 @@ from natd.stack.tcp.constants import (
 from natd.stack.tcp.flow import TcpFlow
 from natd.wire import Malformed
 from natd.wire.checksum import word_sum
-from natd.wire.fastpath import L4_START, FastFrame
+from natd.wire.fastpath import FastFrame
 from natd.wire.ipv4 import PROTO_TCP
 from natd.wire.l3 import L3, WHY_HOST, WHY_NET
 from natd.wire.tcp import TCP_HLEN, build_tcp, build_tcp_options, parse_tcp_options
@@ -328,14 +328,14 @@ class TcpEngine:
             return False  # another MAC than the flow's: the slow path drops it, counted
         end = f[12]
         if not trusted:
-            n = end - L4_START
-            if (word_sum(frame[L4_START:end]) + flow.pseudo + n) % 0xFFFF:
+            l4 = f[13]  # IPv4 or IPv6: flow.pseudo is the family's pseudo-header sum
+            if (word_sum(frame[l4:end]) + flow.pseudo + end - l4) % 0xFFFF:
                 self.counters["drop.tcp.bad_checksum"] += 1
                 return True
         start = f[11]
         sacks = (
-            self._sacks(frame[L4_START + TCP_HLEN : start])
-            if flow.sack_ok and start > L4_START + TCP_HLEN
+            self._sacks(frame[f[13] + TCP_HLEN : start])
+            if flow.sack_ok and start - f[13] > TCP_HLEN
             else ()
         )
         flow.on_segment(f[7], f[8], f[9], f[10], memoryview(frame)[start:end], now, sacks)
