@@ -1,15 +1,19 @@
-"""ICMP echo to the outside for the ping engine's flows.
+"""ICMP and ICMPv6 echo to the outside for the ping engine's flows.
 
-Preferred: one unprivileged ping socket per flow (``socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)``).
-The kernel replaces the echo identifier with the socket's own "port" and delivers only that
-socket's replies, so a reply belongs to the flow whose socket it arrived on; the engine restores
-the guest's identifier. ``IP_RECVERR`` brings destination-unreachable errors for the socket's
-requests (the error queue quotes the original echo: its sequence number and payload).
+Preferred: one unprivileged ping socket per flow (``socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)``,
+or ``AF_INET6``/``IPPROTO_ICMPV6`` for an IPv6 host: the family of the address the host pings,
+so a NAT64 flow is an IPv4 one). The kernel replaces the echo identifier with the socket's own
+"port" (and sums ICMPv6 itself) and delivers only that socket's replies, so a reply belongs to
+the flow whose socket it arrived on; the engine restores the guest's identifier.
+``IP_RECVERR`` / ``IPV6_RECVERR`` bring the errors for the socket's requests (unreachable,
+fragmentation needed / packet too big, time exceeded; the error queue quotes the original
+echo: its sequence number and payload).
 
-Ping sockets need the process's group in ``net.ipv4.ping_group_range`` (a per-namespace sysctl;
-the default "1 0" allows nobody). Without it, natd falls back to one shared raw ICMP socket
-(needs root / CAP_NET_RAW), giving each flow an identifier of its own and demultiplexing replies
-and errors by (source, identifier). With neither, every request is answered with
+Ping sockets of both families need the process's group in ``net.ipv4.ping_group_range`` (a
+per-namespace sysctl; the default "1 0" allows nobody). Without it, natd falls back to one
+shared raw socket per family (``IPPROTO_ICMP`` / ``IPPROTO_ICMPV6``; needs root /
+CAP_NET_RAW), giving each flow an identifier of its own and demultiplexing replies and errors
+by (source, identifier). With neither, every request is answered with
 "communication administratively prohibited" and the log says which sysctl fixes it.
 
 All sockets are watched through the shared ``natd.io.poller.DatagramPoller`` (not
@@ -30,21 +34,24 @@ import socket
 from functools import partial
 from typing import Any
 
-from natd.io.fds import NO_DESCRIPTOR, flow_socket
-from natd.io.hostaddr import host_bytes, host_text
+from natd.io.fds import NO_DESCRIPTOR
+from natd.io.hostaddr import host_bytes
 from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
-from natd.io.udp_host import IP_RECVERR, read_error_queue
+from natd.io.udp_host import error_queue_socket, read_error_queue, sockaddr
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, PingClose, PingSend
 from natd.wire import Malformed
-from natd.wire.icmp import (
-    ICMP_DEST_UNREACH,
-    ICMP_ECHO_REPLY,
-    ICMP_ECHO_REQUEST,
-    build_icmp_echo,
-    parse_icmp,
+from natd.wire.icmp import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, build_icmp_echo, parse_icmp
+from natd.wire.icmpv6 import (
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
+    ICMPV6_PACKET_TOO_BIG,
+    build_icmpv6_echo_unsummed,
+    parse_icmpv6,
 )
 from natd.wire.ipv4 import PROTO_ICMP, parse_ipv4
+from natd.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
+from natd.wire.l3 import WHY_TOO_BIG, why_of
 
 BATCH = 64
 RECV_SIZE = 65535
@@ -78,7 +85,7 @@ class PingHost:
         self.mode = mode  # decided on first use unless forced (tests)
         self.socket_failures = 0
         self._dgram: dict[int, FlowSocket] = {}
-        self._raw: socket.socket | None = None
+        self._raw: dict[bool, socket.socket] = {}  # v6? → the shared raw socket
         self._raw_ids = itertools.count(random.randrange(1, 0xFFFF))
         self._raw_by_flow: dict[int, tuple[bytes, int]] = {}
         self._raw_by_key: dict[tuple[bytes, int], int] = {}
@@ -112,17 +119,22 @@ class PingHost:
                 )
         return self.mode
 
-    def _open_raw(self) -> socket.socket:
-        if self._raw is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    def _open_raw(self, v6: bool = False) -> socket.socket:
+        sock = self._raw.get(v6)
+        if sock is None:
+            if v6:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+            else:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
             try:
                 sock.setblocking(False)
-                self.poller.register(sock, self._on_raw_readable)  # errors: the poller clears
+                # errors: the poller clears them
+                self.poller.register(sock, partial(self._on_raw_readable, sock, v6))
             except OSError:
                 sock.close()
                 raise
-            self._raw = sock
-        return self._raw
+            self._raw[v6] = sock
+        return sock
 
     # -- ops -----------------------------------------------------------------------------------
 
@@ -143,11 +155,9 @@ class PingHost:
         f = self._dgram.get(op.flow)
         if f is None:
             sock = None
+            proto = socket.IPPROTO_ICMP if len(op.host) == 4 else socket.IPPROTO_ICMPV6
             try:
-                sock = flow_socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-                sock.setblocking(False)
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+                sock = error_queue_socket(op.host, socket.SOCK_DGRAM, proto)
                 f = FlowSocket(op.flow, sock)
                 self.poller.register(
                     sock, partial(self._on_dgram_readable, f), partial(self._on_dgram_error, f)
@@ -169,8 +179,7 @@ class PingHost:
                 self.shell.kick()
                 return
             self._dgram[op.flow] = f
-        request = build_icmp_echo(ICMP_ECHO_REQUEST, 0, op.seq, op.payload)  # kernel sets ident
-        self._sendto(f.sock, request, op)
+        self._sendto(f.sock, _request(op.host, 0, op), op)  # the kernel sets the ident
 
     def _send_raw(self, op: PingSend) -> None:
         key = self._raw_by_flow.get(op.flow)
@@ -183,12 +192,17 @@ class PingHost:
             key = (op.host, ident)
             self._raw_by_flow[op.flow] = key
             self._raw_by_key[key] = op.flow
-        request = build_icmp_echo(ICMP_ECHO_REQUEST, key[1], op.seq, op.payload)
-        self._sendto(self._open_raw(), request, op)
+        try:
+            sock = self._open_raw(len(op.host) == 16)
+        except OSError as exc:  # the IPv6 raw socket may fail where the IPv4 one worked
+            self.gateway.counters["drop.ping.host_send_error"] += 1
+            self.log.debug("ping.send_failed", flow=op.flow, error=str(exc))
+            return
+        self._sendto(sock, _request(op.host, key[1], op), op)
 
     def _sendto(self, sock: socket.socket, request: bytes, op: PingSend) -> None:
         try:
-            sock.sendto(request, (host_text(op.host), 0))
+            sock.sendto(request, sockaddr(op.host, 0))
         except (BlockingIOError, InterruptedError):
             self.gateway.counters["drop.ping.host_send_full"] += 1
         except OSError as exc:
@@ -209,12 +223,11 @@ class PingHost:
             except OSError:
                 got_error = True
                 break
-            try:
-                msg = parse_icmp(data, verify=False)  # the kernel checked it
-            except Malformed:
+            if len(data) < 8:
                 continue
-            if msg.type == ICMP_ECHO_REPLY:
-                ping.on_host_echo_reply(f.flow, msg.seq, bytes(msg.payload), now)
+            if data[0] == ICMP_ECHO_REPLY or data[0] == ICMPV6_ECHO_REPLY:  # (kernel-checked)
+                # the socket's family is the request's: type 0 only on IPv4, 129 only on IPv6
+                ping.on_host_echo_reply(f.flow, data[6] << 8 | data[7], data[8:], now)
         if got_error and self._dgram.get(f.flow) is f:
             self._drain_dgram_errors(f, now)
         self.shell.kick()
@@ -228,16 +241,14 @@ class PingHost:
 
     def _drain_dgram_errors(self, f: FlowSocket, now: float) -> None:
         ping = self.gateway.ping
-        for _address, quoted, code, _info, _origin in read_error_queue(f.sock):
-            if len(quoted) >= 8 and quoted[0] == ICMP_ECHO_REQUEST:
+        for _address, quoted, why, mtu in read_error_queue(f.sock):
+            if len(quoted) >= 8 and quoted[0] in (ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST):
                 seq = int.from_bytes(quoted[6:8], "big")
-                ping.on_host_unreachable(f.flow, seq, quoted[8:], code, now)
+                ping.on_host_unreachable(f.flow, seq, quoted[8:], why, now, mtu=mtu)
 
-    def _on_raw_readable(self) -> None:
-        sock = self._raw
-        if sock is None:
-            return
-        ping = self.gateway.ping
+    def _on_raw_readable(self, sock: socket.socket, v6: bool) -> None:
+        """Replies and errors on a shared raw socket: an IPv4 one reads whole IP packets, an
+        IPv6 one ICMPv6 messages (RFC 3542: no IPv6 header, checksum verified by the kernel)."""
         now = self.shell.now()
         for _ in range(BATCH):
             try:
@@ -247,26 +258,54 @@ class PingHost:
             except OSError:
                 break
             try:
-                _header, l4 = parse_ipv4(packet)
-                msg = parse_icmp(l4, verify=True)
-                if msg.type == ICMP_ECHO_REPLY:
-                    flow = self._raw_by_key.get((host_bytes(address[0]), msg.ident))
-                    if flow is not None:
-                        ping.on_host_echo_reply(flow, msg.seq, bytes(msg.payload), now)
-                elif msg.type == ICMP_DEST_UNREACH:
-                    inner, inner_l4 = parse_ipv4(bytes(msg.payload))
-                    if inner.proto != PROTO_ICMP or len(inner_l4) < 8:
-                        continue
-                    if inner_l4[0] != ICMP_ECHO_REQUEST:
-                        continue
-                    ident = (inner_l4[4] << 8) | inner_l4[5]
-                    seq = (inner_l4[6] << 8) | inner_l4[7]
-                    flow = self._raw_by_key.get((inner.dst, ident))
-                    if flow is not None:
-                        ping.on_host_unreachable(flow, seq, bytes(inner_l4[8:]), msg.code, now)
+                if v6:
+                    msg = parse_icmpv6(bytes(16), bytes(16), packet, verify=False)
+                    self._raw_message(host_bytes(address[0]), msg.type, msg.code, msg.word,
+                                      msg.payload, now)  # fmt: skip
+                else:
+                    _header, l4 = parse_ipv4(packet)
+                    m4 = parse_icmp(l4, verify=True)
+                    word = m4.ident << 16 | m4.seq
+                    self._raw_message(host_bytes(address[0]), m4.type, m4.code, word,
+                                      m4.payload, now)  # fmt: skip
             except Malformed:
                 continue
         self.shell.kick()
+
+    def _raw_message(
+        self, src: bytes, kind: int, code: int, word: int, body: memoryview, now: float
+    ) -> None:
+        """One ICMP or ICMPv6 message from ``src`` on a raw socket: an echo reply or an error
+        quoting one of natd's requests is handed to its flow, anything else ignored."""
+        ping = self.gateway.ping
+        v6 = len(src) == 16
+        if kind == (ICMPV6_ECHO_REPLY if v6 else ICMP_ECHO_REPLY):
+            flow = self._raw_by_key.get((src, word >> 16))
+            if flow is not None:
+                ping.on_host_echo_reply(flow, word & 0xFFFF, bytes(body), now)
+            return
+        why = why_of(v6, kind, code)
+        if why is None:
+            return
+        if v6:
+            inner6, quoted = parse_ipv6(body)
+            dst, proto, request = inner6.dst, inner6.proto, ICMPV6_ECHO_REQUEST
+        else:
+            inner4, quoted = parse_ipv4(body)
+            dst, proto, request = inner4.dst, inner4.proto, ICMP_ECHO_REQUEST
+        if proto != (PROTO_ICMPV6 if v6 else PROTO_ICMP) or len(quoted) < 8 or quoted[0] != request:
+            return
+        flow = self._raw_by_key.get((dst, quoted[4] << 8 | quoted[5]))
+        if flow is None:
+            return
+        if why != WHY_TOO_BIG:
+            mtu = 0
+        elif v6:
+            mtu = word if kind == ICMPV6_PACKET_TOO_BIG else 0
+        else:
+            mtu = word & 0xFFFF  # RFC 1191: the next-hop MTU in the low half
+        seq = quoted[6] << 8 | quoted[7]
+        ping.on_host_unreachable(flow, seq, bytes(quoted[8:]), why, now, mtu=mtu)
 
     # -- teardown ------------------------------------------------------------------------------
 
@@ -287,13 +326,21 @@ class PingHost:
                 self._close_flow(flow)
         self._raw_by_flow.clear()
         self._raw_by_key.clear()
-        if self._raw is not None:
+        for sock in self._raw.values():
             if self._lease.current is not None:
-                self._lease.current.close_socket(self._raw)
+                self._lease.current.close_socket(sock)
             else:
-                self._raw.close()
-            self._raw = None
+                sock.close()
+        self._raw.clear()
         self._lease.release()
+
+
+def _request(host: bytes, ident: int, op: PingSend) -> bytes:
+    """The echo request ``op`` asks for, to ``host``: ICMP (summed here) or ICMPv6 (summed by
+    the kernel, which alone knows the source address)."""
+    if len(host) == 4:
+        return build_icmp_echo(ICMP_ECHO_REQUEST, ident, op.seq, op.payload)
+    return build_icmpv6_echo_unsummed(ICMPV6_ECHO_REQUEST, ident, op.seq, op.payload)
 
 
 __all__ = ["MODE_DGRAM", "MODE_NONE", "MODE_RAW", "SYSCTL_HINT", "PingHost"]

@@ -1,13 +1,17 @@
 """Host UDP sockets for the UDP engine's flows.
 
-One non-blocking socket per flow, created on the flow's first ``UdpSend``: bound to
-127.0.0.1 for flows to the host's loopback (the gateway address) and to 0.0.0.0 otherwise, with
-an ephemeral port the kernel picks. Sockets are *not* connected (a guest port talks to many
-peers through one flow), so ICMP errors are collected with ``IP_RECVERR``: the error queue
-(``recvmsg(MSG_ERRQUEUE)``) gives the original destination, the quoted payload and the ICMP
-type/code, which the engine turns into a destination-unreachable for the guest
-(``UdpEngine.on_host_unreachable``). A pending error also fails the next ``sendto`` once
-(``sock_alloc_send_skb`` reports ``sk_err``); that send is retried after the queue is drained.
+One non-blocking socket per flow, created on the flow's first ``UdpSend``, of the family of
+its host address (``family_of``: an IPv6 guest's NAT64 flow is an IPv4 socket): bound to
+127.0.0.1 / ``::1`` for flows to the host's loopback (the gateway address) and to 0.0.0.0 /
+``::`` (``IPV6_V6ONLY``) otherwise, with an ephemeral port the kernel picks. Sockets are *not*
+connected (a guest port talks to many peers through one flow), so ICMP errors are collected
+with ``IP_RECVERR`` / ``IPV6_RECVERR``: the error queue (``recvmsg(MSG_ERRQUEUE)``) gives the
+original destination, the quoted payload and the ICMP or ICMPv6 type/code (destination
+unreachable, fragmentation needed / packet too big with the MTU, time exceeded), which
+``read_error_queue`` names as a ``natd.wire.l3`` reason and the engine turns into an error in
+the guest's family (``UdpEngine.on_host_unreachable``). A pending error also fails the next
+``sendto`` once (``sock_alloc_send_skb`` reports ``sk_err``); that send is retried after the
+queue is drained.
 
 The sockets are watched through the shared ``natd.io.poller.DatagramPoller``, never with
 ``loop.add_reader``: uvloop silently stops reading a socket once it reports ``EPOLLERR``,
@@ -34,44 +38,63 @@ from functools import partial
 from typing import Any
 
 from natd.io.fds import NO_DESCRIPTOR, flow_socket
-from natd.io.hostaddr import host_bytes, host_text
+from natd.io.hostaddr import family_of, host_bytes, host_text
 from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, UdpClose, UdpSend
-from natd.wire.icmp import (
-    ICMP_DEST_UNREACH,
-    UNREACH_ADMIN,
-    UNREACH_FRAG_NEEDED,
-    UNREACH_HOST,
-    UNREACH_NET,
-    UNREACH_PORT,
-)
+from natd.wire.l3 import WHY_ADMIN, WHY_HOST, WHY_NET, WHY_PORT, WHY_TOO_BIG, why_of
 
 BATCH = 64
 RECV_SIZE = 65535
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 SO_EE_ORIGIN_ICMP = 2
+SO_EE_ORIGIN_ICMP6 = 3
 _EXT_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
+_LOOPBACK6 = bytes(15) + b"\x01"
 
-# What a failed sendto means for the guest (errno → ICMP unreachable code).
-SEND_ERRNO_CODES = {
-    errno.ECONNREFUSED: UNREACH_PORT,
-    errno.EHOSTUNREACH: UNREACH_HOST,
-    errno.ENETUNREACH: UNREACH_NET,
-    errno.EACCES: UNREACH_ADMIN,
-    errno.EPERM: UNREACH_ADMIN,
+# What a failed sendto means for the guest (errno → a ``natd.wire.l3`` reason).
+SEND_ERRNO_WHY = {
+    errno.ECONNREFUSED: WHY_PORT,
+    errno.EHOSTUNREACH: WHY_HOST,
+    errno.ENETUNREACH: WHY_NET,
+    errno.EACCES: WHY_ADMIN,
+    errno.EPERM: WHY_ADMIN,
 }
 
 
-def read_error_queue(
-    sock: socket.socket, limit: int = BATCH
-) -> list[tuple[Any, bytes, int, int, int]]:
-    """Drain ``IP_RECVERR`` destination-unreachable entries.
+def sockaddr(host: bytes, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    """The ``sockaddr`` tuple for ``host`` (4 or 16 bytes): AF_INET6 takes four items."""
+    if len(host) == 4:
+        return host_text(host), port
+    return host_text(host), port, 0, 0
 
-    Each is (original destination address, quoted payload, ICMP code, info, origin); info is
-    the next-hop MTU for "fragmentation needed".
+
+def error_queue_socket(host: bytes, kind: int, proto: int = 0) -> socket.socket:
+    """A non-blocking flow socket of ``host``'s family whose ICMP / ICMPv6 errors are queued
+    (``IP_RECVERR`` / ``IPV6_RECVERR``); an IPv6 one carries IPv6 only (no mapped IPv4)."""
+    sock = flow_socket(family_of(host), kind, proto)
+    try:
+        sock.setblocking(False)
+        if len(host) == 4:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def read_error_queue(sock: socket.socket, limit: int = BATCH) -> list[tuple[Any, bytes, int, int]]:
+    """Drain the ``IP_RECVERR`` / ``IPV6_RECVERR`` entries natd relays to guests.
+
+    Each is (original destination address, quoted payload, why, mtu): ``why`` a
+    ``natd.wire.l3`` reason, ``mtu`` the next-hop MTU of "fragmentation needed" / "packet too
+    big" (0 otherwise). Local errors (no ICMP behind them) are skipped.
     """
-    out: list[tuple[Any, bytes, int, int, int]] = []
+    out: list[tuple[Any, bytes, int, int]] = []
     for _ in range(limit):
         try:
             data, ancdata, _flags, address = sock.recvmsg(RECV_SIZE, 512, socket.MSG_ERRQUEUE)
@@ -80,10 +103,17 @@ def read_error_queue(
         except OSError:
             break
         for level, kind, cdata in ancdata:
-            if level == socket.IPPROTO_IP and kind == IP_RECVERR and len(cdata) >= _EXT_ERR.size:
-                _errno, origin, ee_type, ee_code, _pad, info, _data = _EXT_ERR.unpack_from(cdata)
-                if origin == SO_EE_ORIGIN_ICMP and ee_type == ICMP_DEST_UNREACH:
-                    out.append((address, data, ee_code, info, origin))
+            if len(cdata) < _EXT_ERR.size:
+                continue
+            _errno, origin, ee_type, ee_code, _pad, info, _data = _EXT_ERR.unpack_from(cdata)
+            if level == socket.IPPROTO_IP and kind == IP_RECVERR:
+                why = why_of(False, ee_type, ee_code) if origin == SO_EE_ORIGIN_ICMP else None
+            elif level == socket.IPPROTO_IPV6 and kind == IPV6_RECVERR:
+                why = why_of(True, ee_type, ee_code) if origin == SO_EE_ORIGIN_ICMP6 else None
+            else:
+                continue
+            if why is not None:
+                out.append((address, data, why, info if why == WHY_TOO_BIG else 0))
     return out
 
 
@@ -149,11 +179,13 @@ class UdpHost:
 
     def _open(self, op: UdpSend) -> FlowSocket | None:
         sock: socket.socket | None = None
+        host = op.host
         try:
-            sock = flow_socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-            sock.bind(("127.0.0.1" if op.host[0] == 127 else "0.0.0.0", 0))
+            sock = error_queue_socket(host, socket.SOCK_DGRAM)
+            if len(host) == 4:
+                sock.bind(("127.0.0.1" if host[0] == 127 else "0.0.0.0", 0))
+            else:
+                sock.bind(("::1" if host == _LOOPBACK6 else "::", 0, 0, 0))
             f = FlowSocket(op.flow, sock)
             self.poller.register(sock, partial(self._on_readable, f), partial(self._on_error, f))
         except OSError as exc:  # EMFILE, or the epoll is out of watches (max_user_watches)
@@ -181,7 +213,7 @@ class UdpHost:
                 return
         for attempt in range(2):
             try:
-                f.sock.sendto(op.payload, (host_text(op.host), op.port))
+                f.sock.sendto(op.payload, sockaddr(op.host, op.port))
                 return
             except (BlockingIOError, InterruptedError):
                 self.send_dropped += 1
@@ -193,11 +225,11 @@ class UdpHost:
                     # from the error queue, then retry this datagram.
                     self._drain_errors(f)
                     continue
-                code = SEND_ERRNO_CODES.get(exc.errno or 0)
+                why = SEND_ERRNO_WHY.get(exc.errno or 0)
                 now = self.shell.now()
-                if code is not None:
+                if why is not None:
                     self.gateway.udp.on_host_unreachable(
-                        op.flow, op.host, op.port, op.payload, now, code=code
+                        op.flow, op.host, op.port, op.payload, now, why=why
                     )
                 elif exc.errno == errno.EMSGSIZE:
                     self.gateway.counters["drop.udp.host_too_big"] += 1
@@ -238,12 +270,11 @@ class UdpHost:
 
     def _drain_errors(self, f: FlowSocket) -> None:
         now = self.shell.now()
-        for address, data, code, info, _origin in read_error_queue(f.sock):
+        for address, data, why, mtu in read_error_queue(f.sock):
             if not isinstance(address, tuple):
                 continue
-            mtu = info if code == UNREACH_FRAG_NEEDED else 0
             self.gateway.udp.on_host_unreachable(
-                f.flow, host_bytes(address[0]), address[1], data, now, code=code, mtu=mtu
+                f.flow, host_bytes(address[0]), address[1], data, now, why=why, mtu=mtu
             )
 
     def _close_flow(self, flow: int) -> None:
@@ -266,4 +297,4 @@ class UdpHost:
         return len(self._flows)
 
 
-__all__ = ["UdpHost", "read_error_queue"]
+__all__ = ["UdpHost", "error_queue_socket", "read_error_queue", "sockaddr"]

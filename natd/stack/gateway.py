@@ -398,7 +398,8 @@ class Gateway:
             self.counters["drop.ipv4.protocol"] += 1
 
     def _receive_ipv6(self, src_mac: bytes, packet: memoryview, now: float, csum: int) -> None:
-        """IPv6 through the L3 view: NDP, echo to natd's addresses, refusal of the rest."""
+        """IPv6 through the L3 view: NDP, DHCPv6, echo to natd's addresses, DNS at ``::3``;
+        TCP, UDP and echo to the outside to their engines (refused at once without host IPv6)."""
         counters = self.counters
         if src_mac[0] & 1 or src_mac == self.mac or src_mac == _ZERO_MAC:
             raise Malformed("eth.bad_source")
@@ -443,14 +444,15 @@ class Gateway:
         if message is not None and self.ndp.owned(ip.dst):
             self.icmpv6.on_echo(ip, message)
             return
+        if proto == PROTO_UDP and csum and len(l4) >= UDP_HLEN:
+            # A partial (or kernel-checked) checksum: fill it in, the UDP engines verify.
+            ip.payload = memoryview(_with_udp_checksum(ip.src, ip.dst, l4))
         if (
             proto == PROTO_UDP
             and ip.dst == self.settings.dns6
             and len(l4) >= 4
             and (l4[2] << 8 | l4[3]) == _DNS_PORT
         ):
-            if csum:  # a partial (or kernel-checked) checksum: fill it in, the forwarder verifies
-                ip.payload = memoryview(_with_udp_checksum(ip.src, ip.dst, l4))
             self.dns.on_guest_query(ip, now)  # the forwarder answers at ::3 as at .3
             return
         if proto == PROTO_UDP and self._forward_reply(ip):
@@ -469,8 +471,10 @@ class Gateway:
             self.icmpv6.refuse(ip, csum, message)  # no IPv6 on the host: refused at once
         elif proto == PROTO_TCP:
             self.tcp.on_guest_segment(ip, now, csum, src_mac)
-        elif proto in (PROTO_UDP, PROTO_ICMPV6):
-            self.icmpv6.refuse(ip, csum, message)
+        elif proto == PROTO_UDP:
+            self.udp.on_guest_datagram(ip, now, src_mac)
+        elif proto == PROTO_ICMPV6:
+            self.ping.on_guest_icmp(ip, now, src_mac, message)
         else:
             counters["drop.ipv6.protocol"] += 1
 

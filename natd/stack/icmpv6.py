@@ -1,10 +1,11 @@
 """ICMPv6 for natd's own IPv6 addresses, and the immediate refusal of IPv6 flows.
 
 Echo requests to the router, gateway or DNS address are answered (RFC 4443 4.2), from the
-address that was pinged. Until IPv6 flows are re-originated on the host, every guest IPv6 flow
-natd cannot serve is refused at once, so a dual-stack guest's Happy Eyeballs falls back to IPv4
-in milliseconds instead of waiting out a SYN timeout: a TCP SYN gets a RST, a UDP datagram or
-an echo request a Destination Unreachable (code 0, no route) quoting the packet. Counted
+address that was pinged. When the host has no IPv6 (``settings.host_ipv6`` False) every guest
+IPv6 flow that would need it is refused at once (the Gateway asks, ``refuse``), so a dual-stack
+guest's Happy Eyeballs falls back to IPv4 in milliseconds instead of waiting out a SYN
+timeout: a TCP SYN gets a RST, a UDP datagram or an echo request a Destination Unreachable
+(code 0, no route) quoting the packet. Counted
 ``ipv6.refused_no_route``. Segments that open nothing (a stray ACK, a RST) are dropped counted.
 """
 
@@ -30,7 +31,7 @@ from natd.wire.udp import parse_udp
 
 
 class Icmpv6Responder:
-    """Echo for natd's addresses; RST / unreachable for IPv6 flows natd does not carry."""
+    """Echo for natd's addresses; RST / unreachable for IPv6 flows the host cannot carry."""
 
     def __init__(self, link: Any) -> None:
         self.link = link
@@ -51,7 +52,7 @@ class Icmpv6Responder:
             counters["icmpv6.echo_reply"] += 1
 
     def refuse(self, ip: L3, csum: int, message: Icmpv6Message | None = None) -> None:
-        """Refuse a guest IPv6 packet natd cannot carry (yet); see the module docstring.
+        """Refuse a guest IPv6 packet the host cannot carry; see the module docstring.
 
         The checksum is verified first (``Malformed`` propagates, counted by the Gateway): a
         corrupt packet is dropped, never answered.

@@ -2,26 +2,32 @@
 
 Theory of operation
 -------------------
-A flow is one host UDP socket for one guest (address, port) and one destination policy:
-``loopback`` (the gateway address, which means the host's 127.0.0.1) or ``outside`` (any other
-address natd re-originates). Keeping the two apart means a socket that talks to the outside
-never hands the guest a datagram from a host-local process, and the host side can bind the
-loopback socket to 127.0.0.1 only. Within a flow the mapping is endpoint-independent (one host
-port whatever the guest talks to, RFC 4787 §4.1) and the filtering address-dependent (§5): a
-datagram from the host is delivered only if the guest has sent to that peer address (any port,
-so TFTP-style servers that answer from a new port work). Replies are shown to the guest from
-the address and port they really came from; 127.0.0.1 is shown as the gateway address.
+A flow is one host UDP socket for one guest (address, port) and one route: ``loopback`` (the
+gateway address, which means the host's 127.0.0.1 or ``::1``), ``outside`` (any other address
+natd re-originates, in the guest's family) or ``nat64`` (an IPv6 guest's ``64:ff9b::/96``
+destination, dialled over IPv4). Keeping them apart means a socket that talks to the outside
+never hands the guest a datagram from a host-local process, the host side can bind the
+loopback socket to the loopback address only, and each socket has one family.
+
+Within a flow the mapping is endpoint-independent (one host port whatever the guest talks to,
+RFC 4787 §4.1) and the filtering address-dependent (§5): a datagram from the host is delivered
+only if the guest has sent to that peer address (any port, so TFTP-style servers that answer
+from a new port work). Each flow remembers, per host address
+it sent to, the address the guest addressed (``UdpFlow.peers``): replies are shown from it, so
+127.0.0.1 (``::1``) reads as the gateway address and a NAT64 host as its ``64:ff9b::`` address,
+with the port they really came from. Replies over IPv6 always carry a UDP checksum (RFC 8200
+8.1); a guest's IPv6 datagram with checksum 0 is dropped (``drop.udp.zero_checksum6``).
 
 Destinations ``Gateway.host_destination`` will not re-originate are not dialled: the gateway
-and DNS addresses answer ICMP port unreachable (they are "hosts" natd emulates), everything
-else in the virtual network or special (loopback, multicast, broadcast) is dropped and
-counted (``drop.udp.no_route``). The gateway already drops guest broadcast/multicast.
+and DNS addresses (of either family) answer port unreachable (they are "hosts" natd
+emulates), everything else in the virtual network or special (loopback, multicast, broadcast)
+is dropped and counted (``drop.udp.no_route``). The gateway already drops guest broadcast/multicast.
 
 Bounds: ``limits.max_udp_flows`` in total and ``limits.max_udp_flows_per_guest`` per guest
 address, least-recently-used eviction (``udp.evicted``, logged); a flow idle (no datagram
 either way) for ``limits.udp_idle_timeout`` seconds is closed (``UdpClose``); at most
-``MAX_PEERS`` remembered peers per flow. Host datagrams larger than one guest frame
-(MTU - 28) are dropped and counted: natd does not fragment.
+``MAX_PEERS`` remembered peers per flow. Host datagrams larger than one guest frame (MTU - 28,
+or MTU - 48 for IPv6) are dropped and counted: natd does not fragment.
 
 Port forwards (inbound)
 -----------------------
@@ -41,10 +47,11 @@ Host events (called by ``natd.io.udp_host.UdpHost``)
 ----------------------------------------------------
 - ``on_host_datagram(flow, host, port, payload, now)``: a datagram arrived on the flow's socket
   from ``host`` (the address as bytes, 4 or 16) : ``port``.
-- ``on_host_unreachable(flow, host, port, payload, now, code=UNREACH_PORT, mtu=0)``: an ICMP
-  error (IP_RECVERR queue) or a send error said the datagram with ``payload`` to ``host``:``port``
-  could not be delivered; the guest gets ICMP destination unreachable quoting the datagram it
-  sent (rebuilt from the flow's addresses and ``payload``).
+- ``on_host_unreachable(flow, host, port, payload, now, why=WHY_PORT, mtu=0)``: an ICMP or
+  ICMPv6 error (the IP_RECVERR / IPV6_RECVERR queue) or a send error said the datagram with
+  ``payload`` to ``host``:``port`` could not be delivered, for the reason ``why``
+  (``natd.wire.l3``); the guest gets the error in its own family (``relayed_error``: RFC 7915
+  across NAT64) quoting the datagram it sent (rebuilt from the flow's addresses and ``payload``).
 - ``on_host_failed(flow, now)``: the host could not create the flow's socket (e.g. EMFILE); the
   flow is forgotten.
 """
@@ -72,10 +79,9 @@ from natd.wire.fastpath import (
     FastFrame,
     l4_checksum_ok,
 )
-from natd.wire.icmp import ICMP_DEST_UNREACH, UNREACH_ADMIN, UNREACH_PORT, build_icmp_error
-from natd.wire.ipv4 import IPV4_HLEN, PROTO_ICMP, PROTO_UDP, build_ipv4
+from natd.wire.ipv4 import IPV4_HLEN, PROTO_UDP
 from natd.wire.ipv6 import IPV6_HLEN
-from natd.wire.l3 import L3
+from natd.wire.l3 import L3, WHY_ADMIN, WHY_PORT, build_ip, relayed_error
 from natd.wire.udp import UDP_HLEN, build_udp, parse_udp
 
 MAX_PEERS = 64
@@ -83,8 +89,13 @@ FAST_MAX = 4096  # 4-tuples remembered for the fast path (then it starts over)
 INBOUND_RETRY = 0.25  # seconds between tries of a datagram for a guest not ARPed yet
 INBOUND_RETRIES = 8
 _LOOPBACK = b"\x7f\x00\x00\x01"
+_LOOPBACK6 = bytes(15) + b"\x01"
+ROUTE_OUTSIDE = 0  # the flow's host socket dials other hosts of the guest's family
+ROUTE_LOOPBACK = 1  # the host's loopback (the guest addressed the gateway)
+ROUTE_NAT64 = 2  # IPv4 hosts for an IPv6 guest (64:ff9b::/96)
+_IP_HLEN = {4: IPV4_HLEN, 16: IPV6_HLEN}  # the guest family's header: what fits in a frame
 
-FlowKey = tuple[bytes, int, bool]  # guest ip, guest port, loopback policy
+FlowKey = tuple[bytes, int, int]  # guest ip, guest port, route
 InboundKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, shown source ip, source port
 
 
@@ -141,19 +152,20 @@ class UdpFlow:
         "key",
         "last_active",
         "log",
-        "loopback",
         "mac",
         "peers",
+        "route",
         "started",
     )
 
     def __init__(self, flow_id: int, key: FlowKey, now: float, log: Any, mac: bytes) -> None:
         self.id = flow_id
         self.key = key
-        self.guest_ip, self.guest_port, self.loopback = key
+        self.guest_ip, self.guest_port, self.route = key
         self.mac = mac  # the guest MAC that opened it: the only one it takes datagrams from
         self.last_active = self.started = now
-        self.peers: OrderedDict[bytes, None] = OrderedDict()  # guest-visible peer addresses
+        # host address → the address the guest sent to (and is shown replies from)
+        self.peers: OrderedDict[bytes, bytes] = OrderedDict()
         self.bytes_in = 0
         self.bytes_out = 0
         self.log = log
@@ -212,12 +224,13 @@ class UdpEngine:
         return True
 
     def _send(self, flow: UdpFlow, dst: bytes, host: bytes, port: int, payload: bytes) -> None:
-        """One guest datagram out of ``flow``; ``dst`` becomes a peer replies may come from."""
+        """One guest datagram out of ``flow``; ``host`` becomes a peer replies may come from,
+        shown to the guest as ``dst``."""
         peers = flow.peers
-        if dst in peers:
-            peers.move_to_end(dst)
+        if host in peers:
+            peers.move_to_end(host)
         else:
-            peers[dst] = None
+            peers[host] = dst
             if len(peers) > MAX_PEERS:
                 peers.popitem(last=False)
         flow.bytes_out += len(payload)
@@ -234,6 +247,9 @@ class UdpEngine:
         if dport == 0 or sport == 0:
             link.counters["drop.udp.port_zero"] += 1
             return
+        if len(dst) == 16 and not (ip.payload[6] or ip.payload[7]):
+            link.counters["drop.udp.zero_checksum6"] += 1  # RFC 8200 8.1: not optional
+            return
         if self._inbound:
             inbound = self._inbound.get((ip.src, sport, dst, dport))
             if inbound is not None:  # a reply to a port forward's client
@@ -248,14 +264,18 @@ class UdpEngine:
         target = link.host_destination(dst, dport)
         if target is None:
             s = link.settings
-            if dst in (s.gateway_ip, s.dns_ip):
+            if s.is_gateway(dst) or s.is_dns(dst):
                 link.counters["udp.port_unreachable"] += 1
-                self._send_unreachable(ip.src, dst, sport, dport, payload, UNREACH_PORT, 0, dst)
+                self._send_unreachable(ip.src, dst, sport, dport, payload, WHY_PORT, 0, dst)
             else:
                 link.counters["drop.udp.no_route"] += 1
             return
         host, port = target
-        key: FlowKey = (ip.src, sport, host == _LOOPBACK)
+        if host in (_LOOPBACK, _LOOPBACK6):
+            route = ROUTE_LOOPBACK
+        else:
+            route = ROUTE_OUTSIDE if len(host) == len(dst) else ROUTE_NAT64
+        key: FlowKey = (ip.src, sport, route)
         flow = self._table.get(key)
         mac = mac or link.guest_mac(ip.src) or bytes(6)
         if flow is None:
@@ -283,7 +303,7 @@ class UdpEngine:
             gone = victim[0]
             self._evictions.evicted(now, reason=victim[1], guest=_guest_port(gone.key))
         flow_id = self.link.new_flow_id()
-        log = self.link.log.bind(flow=flow_id, guest=f"{text(guest)}:{key[1]}", loopback=key[2])
+        log = self.link.log.bind(flow=flow_id, guest=_guest_port(key), route=key[2])
         flow = UdpFlow(flow_id, key, now, log, mac)
         self._table.add(flow)
         self.link.counters["udp.flows_opened"] += 1
@@ -301,7 +321,7 @@ class UdpEngine:
             self.link.outbox.ops.append(UdpClose(flow.id))
         flow.log.debug("udp.close", reason=reason, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in)
         # Closed at its last datagram (idle, evicted, failed): duration = first to last.
-        remote = next(reversed(flow.peers), b"") if flow.peers else "-"
+        remote = next(reversed(flow.peers.values())) if flow.peers else "-"
         self.link.events.flow_close(
             "udp", flow.id, flow.guest_ip, flow.guest_port, remote, None, flow.last_active,
             opened_at=flow.started, bytes_out=flow.bytes_out, bytes_in=flow.bytes_in, reason=reason,
@@ -309,16 +329,14 @@ class UdpEngine:
 
     # -- host side ----------------------------------------------------------------------------
 
-    def _visible(self, flow: UdpFlow, addr: bytes) -> bytes | None:
-        """The address the guest is shown for host address ``addr``, or None to drop."""
-        if len(addr) != 4:
-            return None  # (IPv6 host sockets come with IPv6 guests)
+    def _unsolicited(self, flow: UdpFlow, addr: bytes) -> str:
+        """Why a datagram from ``addr`` (not a peer of ``flow``) is dropped: the counter."""
         s = self.link.settings
-        if flow.loopback:
-            return s.gateway_ip if addr == _LOOPBACK else None
-        if is_special(addr) or s.in_network(addr):
-            return None
-        return addr
+        if flow.route == ROUTE_LOOPBACK or is_special(addr) or s.in_network(addr):
+            return "drop.udp.bad_host_source"  # never a peer of this flow, whatever the guest sends
+        if len(addr) == 16 and s.in_network6(addr):
+            return "drop.udp.bad_host_source"
+        return "drop.udp.unsolicited"
 
     def on_host_datagram(
         self, flow: int, host: bytes, port: int, payload: bytes, now: float
@@ -328,22 +346,19 @@ class UdpEngine:
         if f is None:
             counters["drop.udp.no_flow"] += 1
             return
-        src = self._visible(f, host)
+        src = f.peers.get(host)
         if src is None:
-            counters["drop.udp.bad_host_source"] += 1
+            counters[self._unsolicited(f, host)] += 1
             return
-        if src not in f.peers:
-            counters["drop.udp.unsolicited"] += 1
-            return
-        s = self.link.settings
-        if len(payload) > s.mtu - 20 - UDP_HLEN:
+        guest = f.guest_ip
+        if len(payload) > self.link.settings.mtu - _IP_HLEN[len(guest)] - UDP_HLEN:
             counters["drop.udp.too_big"] += 1
             return
         self._touch(f, now)
         f.bytes_in += len(payload)
         counters["udp.rx"] += 1
-        segment = build_udp(src, f.guest_ip, port, f.guest_port, payload)
-        self.link.send_ipv4(src, f.guest_ip, PROTO_UDP, segment)
+        segment = build_udp(src, guest, port, f.guest_port, payload)  # checksum always set
+        self.link.send_ip(src, guest, PROTO_UDP, segment)
 
     def on_host_unreachable(
         self,
@@ -352,7 +367,7 @@ class UdpEngine:
         port: int,
         payload: bytes,
         now: float,
-        code: int = UNREACH_PORT,
+        why: int = WHY_PORT,
         mtu: int = 0,
     ) -> None:
         counters = self.link.counters
@@ -360,15 +375,16 @@ class UdpEngine:
         if f is None:
             counters["drop.udp.no_flow"] += 1
             return
-        dst = self._visible(f, host)
-        if dst is None or dst not in f.peers:
+        dst = f.peers.get(host)
+        if dst is None:
             counters["drop.udp.unreachable_unknown_peer"] += 1
             return
         counters["udp.unreachable"] += 1
+        why, mtu = relayed_error(why, mtu, host, f.guest_ip, self.link.settings.mtu)
         # The final host answers "port unreachable" from itself; anything else came from a
         # router on the way, which the guest sees as its gateway.
-        origin = dst if code == UNREACH_PORT else self.link.settings.gateway_ip
-        self._send_unreachable(f.guest_ip, dst, f.guest_port, port, payload, code, mtu, origin)
+        origin = dst if why == WHY_PORT else None
+        self._send_unreachable(f.guest_ip, dst, f.guest_port, port, payload, why, mtu, origin)
 
     def on_host_failed(
         self, flow: int, now: float, refused: tuple[bytes, int, bytes] | None = None
@@ -384,11 +400,10 @@ class UdpEngine:
         self.link.counters["udp.host_failed"] += 1
         if refused is not None:
             host, port, payload = refused
-            dst = self._visible(f, host)
+            dst = f.peers.get(host)
             if dst is not None:
-                gateway = self.link.settings.gateway_ip
                 self._send_unreachable(
-                    f.guest_ip, dst, f.guest_port, port, payload, UNREACH_ADMIN, 0, gateway
+                    f.guest_ip, dst, f.guest_port, port, payload, WHY_ADMIN, 0, None
                 )
         self._close(f, "host_failed", tell_host=False)
 
@@ -399,14 +414,15 @@ class UdpEngine:
         sport: int,
         dport: int,
         payload: bytes | memoryview,
-        code: int,
+        why: int,
         mtu: int,
-        origin: bytes,
+        origin: bytes | None,
     ) -> None:
-        """ICMP destination unreachable to the guest, quoting (a rebuild of) its datagram."""
-        original = build_ipv4(guest, dst, PROTO_UDP, build_udp(guest, dst, sport, dport, payload))
-        icmp = build_icmp_error(ICMP_DEST_UNREACH, code, original, mtu=mtu)
-        self.link.send_ipv4(origin, guest, PROTO_ICMP, icmp)
+        """An ICMP or ICMPv6 error (``why``) to the guest, quoting (a rebuild of) its datagram;
+        from ``origin``, or from the gateway when None."""
+        datagram = build_udp(guest, dst, sport, dport, payload)
+        original = build_ip(guest, dst, PROTO_UDP, datagram)[1]
+        self.link.send_error(guest, why, original, origin=origin, mtu=mtu)
 
     # -- port forwards (inbound) ----------------------------------------------------------------
 
@@ -456,8 +472,7 @@ class UdpEngine:
         if f is None:
             return False
         counters = self.link.counters
-        ip_hlen = IPV4_HLEN if len(f.guest_ip) == 4 else IPV6_HLEN
-        if len(payload) > self.link.settings.mtu - ip_hlen - UDP_HLEN:
+        if len(payload) > self.link.settings.mtu - _IP_HLEN[len(f.guest_ip)] - UDP_HLEN:
             counters["drop.udp.too_big"] += 1  # natd does not fragment
             return True
         self._inbound.move_to_end(f.key)
@@ -564,7 +579,7 @@ class UdpEngine:
                 f.bytes_out, f.bytes_in, f.started, "out", last, len(f.peers),
             )
             for f in self._table.values()
-            for last in (next(reversed(f.peers)) if f.peers else b"",)
+            for last in (next(reversed(f.peers.values())) if f.peers else b"",)
         ]  # fmt: skip
         rows += [
             FlowRow(

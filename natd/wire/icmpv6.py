@@ -106,6 +106,12 @@ def build_icmpv6_echo(
     return build_icmpv6(src, dst, kind, 0, (ident & 0xFFFF) << 16 | (seq & 0xFFFF), payload)
 
 
+def build_icmpv6_echo_unsummed(kind: int, ident: int, seq: int, payload: Buf) -> bytes:
+    """An echo request or reply with checksum 0, for a host socket that sums it itself: the
+    kernel computes ICMPv6 checksums on ping and raw ICMPv6 sockets (RFC 3542 3.1)."""
+    return ICMPV6_HDR.pack(kind, 0, 0, (ident & 0xFFFF) << 16 | (seq & 0xFFFF)) + bytes(payload)
+
+
 def build_icmpv6_error(
     src: bytes, dst: bytes, kind: int, code: int, original_packet: Buf, *, param: int = 0
 ) -> bytes:
@@ -151,6 +157,7 @@ __all__ = [
     "Icmpv6Message",
     "build_icmpv6",
     "build_icmpv6_echo",
+    "build_icmpv6_echo_unsummed",
     "build_icmpv6_error",
     "is_error",
     "parse_icmpv6",

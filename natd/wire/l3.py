@@ -33,9 +33,11 @@ from natd.wire.icmpv6 import (
 from natd.wire.icmpv6 import UNREACH_ADDRESS as _V6_ADDRESS
 from natd.wire.icmpv6 import UNREACH_ADMIN as _V6_ADMIN
 from natd.wire.icmpv6 import UNREACH_NO_ROUTE as _V6_NO_ROUTE
+from natd.wire.icmpv6 import UNREACH_POLICY as _V6_POLICY
 from natd.wire.icmpv6 import UNREACH_PORT as _V6_PORT
+from natd.wire.icmpv6 import UNREACH_REJECT_ROUTE as _V6_REJECT
 from natd.wire.ipv4 import PROTO_ICMP, IPv4Header, build_ipv4
-from natd.wire.ipv6 import PROTO_ICMPV6, IPv6Header, build_ipv6
+from natd.wire.ipv6 import IPV6_MIN_MTU, PROTO_ICMPV6, IPv6Header, build_ipv6
 
 
 @dataclass(slots=True)
@@ -123,6 +125,53 @@ def build_error(
     return PROTO_ICMPV6, build_icmpv6_error(src, dst, kind, code, original_packet, param=mtu)
 
 
+# What the host's kernel reported (an ICMP or ICMPv6 type and code) in the same words, so a
+# host error reaches the guest in the guest's family (RFC 7915 4.2 for the IPv4 codes).
+_V4_UNREACH_WHY = {
+    _V4_NET: WHY_NET, _V4_HOST: WHY_HOST, _V4_PORT: WHY_PORT, UNREACH_FRAG_NEEDED: WHY_TOO_BIG,
+    9: WHY_ADMIN, 10: WHY_ADMIN, _V4_ADMIN: WHY_ADMIN,  # net / host / communication prohibited
+}  # fmt: skip
+_V6_UNREACH_WHY = {
+    _V6_NO_ROUTE: WHY_NET, _V6_ADMIN: WHY_ADMIN, _V6_ADDRESS: WHY_HOST, _V6_PORT: WHY_PORT,
+    _V6_POLICY: WHY_ADMIN, _V6_REJECT: WHY_ADMIN,
+}  # fmt: skip
+
+
+def why_of(v6: bool, kind: int, code: int) -> int | None:
+    """The reason an ICMP (``v6`` False) or ICMPv6 error of ``kind``/``code`` gives, or None
+    for a message that is not an error natd relays. Unknown unreachable codes mean "no route"
+    (IPv4 "host" codes 7, 12 "host"), as RFC 7915 translates them."""
+    if v6:
+        if kind == ICMPV6_DEST_UNREACH:
+            return _V6_UNREACH_WHY.get(code, WHY_NET)
+        if kind == ICMPV6_PACKET_TOO_BIG:
+            return WHY_TOO_BIG
+        return WHY_TTL if kind == ICMPV6_TIME_EXCEEDED else None
+    if kind == ICMP_DEST_UNREACH:
+        return _V4_UNREACH_WHY.get(code, WHY_HOST if code in (7, 12) else WHY_NET)
+    return WHY_TTL if kind == ICMP_TIME_EXCEEDED else None
+
+
+_HEADER_GROWTH = 20  # an IPv6 header is 20 bytes longer than an IPv4 one without options
+
+
+def relayed_error(why: int, mtu: int, host: bytes, guest: bytes, guest_mtu: int) -> tuple[int, int]:
+    """(why, mtu) to tell ``guest`` about a host error on a flow natd dials at ``host``.
+
+    Within a family the reason and MTU pass as they are. Across NAT64 (an IPv4 host for an
+    IPv6 guest) RFC 7915 4.2 applies: "host unreachable" becomes "no route" (1/0), and a
+    "fragmentation needed" MTU grows by the header difference (never past the guest's MTU,
+    never below IPv6's minimum) into a Packet Too Big.
+    """
+    if len(host) == len(guest):
+        return why, mtu
+    if why == WHY_HOST:
+        return WHY_NET, 0
+    if why == WHY_TOO_BIG:
+        return why, max(IPV6_MIN_MTU, min(mtu + _HEADER_GROWTH, guest_mtu))
+    return why, mtu
+
+
 __all__ = [
     "L3",
     "WHY_ADMIN",
@@ -135,4 +184,6 @@ __all__ = [
     "build_ip",
     "l3_from_ipv4",
     "l3_from_ipv6",
+    "relayed_error",
+    "why_of",
 ]

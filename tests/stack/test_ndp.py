@@ -257,7 +257,8 @@ def test_v6_syn_refused_at_once_with_rst_without_host_ipv6(gw: Gateway) -> None:
     assert gw.counters["ipv6.refused_no_route"] == 1
 
 
-def test_v6_udp_refused_with_unreachable_quoting_it(gw: Gateway) -> None:
+def test_v6_udp_refused_with_unreachable_quoting_it_without_host_ipv6(gw: Gateway) -> None:
+    gw.settings = replace(gw.settings, host_ipv6=False)
     dg = struct.pack("!HHHH", 5353, 53, 8 + 4, 0) + b"dns?"
     pseudo = GUEST6 + REMOTE6 + struct.pack("!I3xB", len(dg), 17)
     dg = dg[:6] + struct.pack("!H", inet_checksum(pseudo + dg)) + dg[8:]

@@ -15,6 +15,7 @@ from natd.wire.icmp import (
     parse_icmp,
 )
 from natd.wire.ipv4 import PROTO_ICMP, parse_ipv4
+from natd.wire.l3 import WHY_HOST
 
 
 def echo(ident: int, seq: int, payload: bytes = b"abcdefgh", dst: bytes = OUTSIDE) -> bytes:
@@ -99,7 +100,7 @@ def test_unreachable_and_failed_quote_the_request() -> None:
     gw = new_gateway()
     gw.receive_frames([echo(0xABCD, 9, b"payload!")], now=0.0)
     (op,) = gw.take_outbox()[1]
-    gw.ping.on_host_unreachable(op.flow, 9, b"payload!", UNREACH_HOST, now=0.1)
+    gw.ping.on_host_unreachable(op.flow, 9, b"payload!", WHY_HOST, now=0.1)
     gw.ping.on_host_failed(op.flow, 10, b"payload!", now=0.2)
     frames = gw.take_outbox()[0]
     assert len(frames) == 2

@@ -23,11 +23,11 @@ from natd.stack.settings import GatewaySettings, Limits
 from natd.wire.icmp import (
     ICMP_DEST_UNREACH,
     UNREACH_ADMIN,
-    UNREACH_HOST,
     UNREACH_PORT,
     parse_icmp,
 )
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_UDP, parse_ipv4
+from natd.wire.l3 import WHY_HOST
 from natd.wire.udp import parse_udp
 
 
@@ -175,7 +175,7 @@ def test_port_unreachable_quotes_guest_datagram() -> None:
     assert parse_udp(GUEST_IP, OUTSIDE, quoted_l4) == (40000, 9999, memoryview(b"ping?"))
     # other codes come from the gateway (a router on the way)
     gw.udp.on_host_unreachable(
-        op.flow, bytes((198, 51, 100, 10)), 9999, b"ping?", now=0.2, code=UNREACH_HOST
+        op.flow, bytes((198, 51, 100, 10)), 9999, b"ping?", now=0.2, why=WHY_HOST
     )
     (frame,) = gw.take_outbox()[0]
     assert decode_ip(frame)[1].src == GATEWAY_IP
