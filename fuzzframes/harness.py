@@ -45,6 +45,7 @@ from fuzzframes.frames import (
     udp,
 )
 from fuzzframes.mutate import Mutator
+from natd.stack.addresses import is_link_local, is_special
 from natd.stack.gateway import Gateway
 from natd.stack.ops import (
     DnsQuery,
@@ -62,6 +63,7 @@ from natd.stack.ops import (
 )
 from natd.stack.settings import Limits
 from natd.wire.checksum import transport_checksum
+from natd.wire.l3 import WHY_ADMIN, WHY_HOST, WHY_NET, WHY_PORT, WHY_TOO_BIG, WHY_TTL
 
 # -- the simulated guests and host -----------------------------------------------------------
 
@@ -181,6 +183,8 @@ _ERRNOS = (
     errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EMFILE,
     errno.EADDRNOTAVAIL, errno.ECONNRESET, errno.EPIPE, 0, 9999,
 )  # fmt: skip
+# Host error reasons (natd.wire.l3): "port" twice, it is the common one.
+_WHYS = (WHY_NET, WHY_HOST, WHY_PORT, WHY_PORT, WHY_ADMIN, WHY_TOO_BIG, WHY_TTL)
 _OP_TYPES = (
     TcpConnect,
     TcpSend,
@@ -768,6 +772,8 @@ class Fuzzer:
             hf.paused = False
             self._host_tcp_reaction(op.flow, hf)
         elif isinstance(op, UdpSend):
+            if len(op.host) == 16:
+                self.result.kinds["host.udp6"] += 1  # (IPv6 reached the UDP engine)
             self.udp_flows[op.flow] = (op.host, op.port)
             while len(self.udp_flows) > 512:
                 self.udp_flows.popitem(last=False)
@@ -775,6 +781,8 @@ class Fuzzer:
         elif isinstance(op, UdpClose):
             self.udp_flows.pop(op.flow, None)
         elif isinstance(op, PingSend):
+            if len(op.host) == 16:
+                self.result.kinds["host.ping6"] += 1
             self.ping_flows[op.flow] = op
             while len(self.ping_flows) > 512:
                 self.ping_flows.popitem(last=False)
@@ -869,7 +877,7 @@ class Fuzzer:
         fid, host, port = op.flow, op.host, op.port
         if r < 0.6:
             if rng.random() < 0.15:  # from another address/port (filtering must decide)
-                host = rng.choice(("192.0.2.1", "127.0.0.1", host))
+                host = rng.choice((bytes((192, 0, 2, 1)), bytes((127, 0, 0, 1)), host))
                 port = rng.choice((port, port % 65535 + 1, 53))
             payload = rng.randbytes(rng.choice((0, 1, 48, 512, 1472, 1473, 4000)))
             self._later(
@@ -877,12 +885,12 @@ class Fuzzer:
                 lambda: gw.udp.on_host_datagram(fid, host, port, payload, self.now),
             )
         elif r < 0.75:
-            code = rng.choice((0, 1, 3, 3, 4, 13, 15))
+            why = rng.choice(_WHYS)
             mtu = rng.choice((0, 576, 1280, 68))
             payload = op.payload
-            self._later(f"udp.on_host_unreachable({fid}, {host}:{port}, code={code})",
+            self._later(f"udp.on_host_unreachable({fid}, {host!r}:{port}, why={why})",
                         lambda: gw.udp.on_host_unreachable(fid, host, port, payload, self.now,
-                                                           code, mtu))  # fmt: skip
+                                                           why, mtu))  # fmt: skip
         elif r < 0.8:
             self._later(f"udp.on_host_failed({fid})", lambda: gw.udp.on_host_failed(fid, self.now))
 
@@ -897,10 +905,11 @@ class Fuzzer:
                 lambda: gw.ping.on_host_echo_reply(fid, seq, payload, self.now),
             )
         elif r < 0.85:
-            code = rng.choice((0, 1, 3, 13))
+            why = rng.choice(_WHYS)
+            mtu = 1280 if why == WHY_TOO_BIG else 0
             self._later(
-                f"ping.on_host_unreachable({fid}, {seq}, code={code})",
-                lambda: gw.ping.on_host_unreachable(fid, seq, payload, code, self.now),
+                f"ping.on_host_unreachable({fid}, {seq}, why={why})",
+                lambda: gw.ping.on_host_unreachable(fid, seq, payload, why, self.now, mtu),
             )
         elif r < 0.9:
             self._later(
@@ -1054,8 +1063,8 @@ class Fuzzer:
     def _check_ipv6(self, f: bytes) -> None:
         """An IPv6 frame natd sent: header sane, checksum right (never zero for UDP), ND at hop
         limit 255, multicast only for ND to all nodes (or an NS to a solicited-node group), from
-        natd's addresses (a RST comes from the address the guest dialled, a forward's datagram
-        from its client)."""
+        natd's addresses or an outside one (a RST, a UDP reply, an echo reply come from the
+        address the guest dialled, a forward's datagram from its client)."""
         dst_mac = f[0:6]
         if len(f) < 54 or f[14] >> 4 != 6:
             self._violation("bad_ipv6_header", f"{len(f)} bytes", f)
@@ -1075,7 +1084,12 @@ class Fuzzer:
         if nd and hlim != 255:
             self._violation("nd_hop_limit", str(hlim), f)
         forward_client = nxt == 17 and src in INBOUND_CLIENTS  # a port forward's real client
-        if nxt != 6 and src not in (v6.ROUTER6, v6.GW6, v6.DNS6) and not forward_client:
+        if (
+            nxt != 6
+            and src not in (v6.ROUTER6, v6.GW6, v6.DNS6)
+            and not forward_client
+            and (self.settings.in_network6(src) or is_link_local(src) or is_special(src))
+        ):  # replies from the outside come from the address pinged / sent to, never the segment's
             self._violation("ipv6_source_not_ours", src.hex(), f)
         if dst_mac[0] & 1:
             # RAs and NAs to all nodes; an NS (natd asking for a guest) to its target's

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -277,10 +278,14 @@ def test_hypothesis_mutated_seed_frames(data: st.DataObject) -> None:
 @pytest.mark.parametrize("mtu", [1500, 1280])
 def test_ipv6_frames_reach_every_v6_engine_and_replies_fit(mtu: int) -> None:
     """The IPv6 generators (NDP with zero-length options, extension-header chains, fragments,
-    DHCPv6) reach NDP, RA, DHCPv6 and the refusals; at MTU 1280 every reply still fits (the
-    output checks flag any frame over the MTU)."""
+    DHCPv6) reach NDP, RA, DHCPv6, the UDP and ping engines (host replies and errors back as
+    IPv6) and, once the host has no IPv6, the refusals; at MTU 1280 every reply still fits
+    (the output checks flag any frame over the MTU)."""
     fz = Fuzzer(7, sample_every=5000, mtu=mtu, mix=(0.8, 0.15, 0.05))
     res = fz.run(4000)
+    assert res.kinds["host.udp6"] > 0 and res.kinds["host.ping6"] > 0  # sent on the host
+    fz.gw.settings = replace(fz.gw.settings, host_ipv6=False)
+    res = fz.run(5000)
     assert res.escape_count == 0, _escapes(res)
     assert _unexpected(res) == []
     counters = fz.gw.counters

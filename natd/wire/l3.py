@@ -158,17 +158,17 @@ _HEADER_GROWTH = 20  # an IPv6 header is 20 bytes longer than an IPv4 one withou
 def relayed_error(why: int, mtu: int, host: bytes, guest: bytes, guest_mtu: int) -> tuple[int, int]:
     """(why, mtu) to tell ``guest`` about a host error on a flow natd dials at ``host``.
 
-    Within a family the reason and MTU pass as they are. Across NAT64 (an IPv4 host for an
-    IPv6 guest) RFC 7915 4.2 applies: "host unreachable" becomes "no route" (1/0), and a
-    "fragmentation needed" MTU grows by the header difference (never past the guest's MTU,
-    never below IPv6's minimum) into a Packet Too Big.
+    Within a family the reason and MTU pass as they are (the MTU only for "too big"). Across
+    NAT64 (an IPv4 host for an IPv6 guest) RFC 7915 4.2 applies: "host unreachable" becomes
+    "no route" (1/0), and a "fragmentation needed" MTU grows by the header difference (never
+    past the guest's MTU, never below IPv6's minimum) into a Packet Too Big.
     """
-    if len(host) == len(guest):
-        return why, mtu
-    if why == WHY_HOST:
-        return WHY_NET, 0
-    if why == WHY_TOO_BIG:
-        return why, max(IPV6_MIN_MTU, min(mtu + _HEADER_GROWTH, guest_mtu))
+    if why != WHY_TOO_BIG:
+        mtu = 0  # only Packet Too Big has one: the word is 0 (unused) in every other error
+    elif len(host) != len(guest):
+        mtu = max(IPV6_MIN_MTU, min(mtu + _HEADER_GROWTH, guest_mtu))
+    if why == WHY_HOST and len(host) != len(guest):
+        why = WHY_NET
     return why, mtu
 
 
