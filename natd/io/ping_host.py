@@ -7,7 +7,8 @@ so a NAT64 flow is an IPv4 one). The kernel replaces the echo identifier with th
 the flow whose socket it arrived on; the engine restores the guest's identifier.
 ``IP_RECVERR`` / ``IPV6_RECVERR`` bring the errors for the socket's requests (unreachable,
 fragmentation needed / packet too big, time exceeded; the error queue quotes the original
-echo: its sequence number and payload).
+echo: its sequence number and payload). A request the host refuses to send (no route,
+prohibited: ``SEND_ERRNO_WHY``) is answered to the guest at once with that error.
 
 Ping sockets of both families need the process's group in ``net.ipv4.ping_group_range`` (a
 per-namespace sysctl; the default "1 0" allows nobody). Without it, natd falls back to one
@@ -37,7 +38,7 @@ from typing import Any
 from natd.io.fds import NO_DESCRIPTOR
 from natd.io.hostaddr import host_bytes
 from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
-from natd.io.udp_host import error_queue_socket, read_error_queue, sockaddr
+from natd.io.udp_host import SEND_ERRNO_WHY, error_queue_socket, read_error_queue, sockaddr
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, PingClose, PingSend
 from natd.wire import Malformed
@@ -179,7 +180,7 @@ class PingHost:
                 self.shell.kick()
                 return
             self._dgram[op.flow] = f
-        self._sendto(f.sock, _request(op.host, 0, op), op)  # the kernel sets the ident
+        self._sendto(f.sock, _request(op.host, 0, op), op, f)  # the kernel sets the ident
 
     def _send_raw(self, op: PingSend) -> None:
         key = self._raw_by_flow.get(op.flow)
@@ -200,14 +201,31 @@ class PingHost:
             return
         self._sendto(sock, _request(op.host, key[1], op), op)
 
-    def _sendto(self, sock: socket.socket, request: bytes, op: PingSend) -> None:
-        try:
-            sock.sendto(request, sockaddr(op.host, 0))
-        except (BlockingIOError, InterruptedError):
-            self.gateway.counters["drop.ping.host_send_full"] += 1
-        except OSError as exc:
-            self.gateway.counters["drop.ping.host_send_error"] += 1
-            self.log.debug("ping.send_failed", flow=op.flow, error=str(exc))
+    def _sendto(
+        self, sock: socket.socket, request: bytes, op: PingSend, f: FlowSocket | None = None
+    ) -> None:
+        """Send ``op``'s request; a send the host refuses (no route, prohibited) is answered
+        to the guest at once. On a flow's ping socket a failure may be an earlier request's
+        ICMP error (``sk_err``): its queued errors are reported and the send tried again."""
+        for attempt in range(2):
+            try:
+                sock.sendto(request, sockaddr(op.host, 0))
+                return
+            except (BlockingIOError, InterruptedError):
+                self.gateway.counters["drop.ping.host_send_full"] += 1
+                return
+            except OSError as exc:
+                now = self.shell.now()
+                if attempt == 0 and f is not None and self._drain_dgram_errors(f, now):
+                    continue
+                why = SEND_ERRNO_WHY.get(exc.errno or 0)
+                if why is None:
+                    self.gateway.counters["drop.ping.host_send_error"] += 1
+                    self.log.debug("ping.send_failed", flow=op.flow, error=str(exc))
+                else:
+                    self.gateway.ping.on_host_unreachable(op.flow, op.seq, op.payload, why, now)
+                self.shell.kick()
+                return
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -239,12 +257,15 @@ class PingHost:
             f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # an error not queued
         self.shell.kick()
 
-    def _drain_dgram_errors(self, f: FlowSocket, now: float) -> None:
+    def _drain_dgram_errors(self, f: FlowSocket, now: float) -> int:
+        """Report the socket's queued errors to the engine; how many there were."""
         ping = self.gateway.ping
-        for _address, quoted, why, mtu in read_error_queue(f.sock):
+        errors = read_error_queue(f.sock)
+        for _address, quoted, why, mtu in errors:
             if len(quoted) >= 8 and quoted[0] in (ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST):
                 seq = int.from_bytes(quoted[6:8], "big")
                 ping.on_host_unreachable(f.flow, seq, quoted[8:], why, now, mtu=mtu)
+        return len(errors)
 
     def _on_raw_readable(self, sock: socket.socket, v6: bool) -> None:
         """Replies and errors on a shared raw socket: an IPv4 one reads whole IP packets, an

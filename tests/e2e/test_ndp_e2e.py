@@ -77,8 +77,9 @@ def test_guest_kernel_slaac_rdisc6_ping_and_fast_refusal(
     assert curl.returncode == 7, (curl.returncode, curl.stderr)  # could not connect
     assert took < 1.0, f"v6 refusal took {took:.2f}s"
 
-    # A v6 UDP datagram gets an unreachable (no route) at once. Linux reports that soft error
-    # to a UDP socket only with IPV6_RECVERR (as resolvers set it): then recv fails with it.
+    # A v6 UDP datagram to ::2 (not carried without host_loopback) gets a port unreachable from
+    # ::2 at once, as .2 answers over IPv4. Linux reports that soft error to a UDP socket only
+    # with IPV6_RECVERR (as resolvers set it): then recv fails with it.
     probe = (
         "import socket\n"
         "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(5)\n"
@@ -87,7 +88,7 @@ def test_guest_kernel_slaac_rdisc6_ping_and_fast_refusal(
         "try:\n    s.recv(10)\nexcept OSError as e:\n    print(type(e).__name__, e.errno)\n"
     )
     udp = guest.run([sys.executable, "-c", probe], timeout=20).stdout.split()
-    assert udp == ["OSError", str(errno.ENETUNREACH)], udp
+    assert udp == ["ConnectionRefusedError", str(errno.ECONNREFUSED)], udp
 
     # The DNS forwarder answers at ::3 over UDP (natd's own name: A, AAAA, NODATA for MX).
     dig = ["dig", "+time=3", "+tries=1", f"@{DNS6}", "host.lab.internal"]
@@ -100,7 +101,7 @@ def test_guest_kernel_slaac_rdisc6_ping_and_fast_refusal(
     assert " 0% packet loss" in guest.ping(GATEWAY, count=1)
 
     counters = ctl(control, "stats")["counters"]
-    assert counters["ipv6.refused_no_route"] >= 1  # the UDP datagram
+    assert counters["udp.port_unreachable"] >= 1  # the UDP datagram
     assert counters["tcp.not_reoriginated"] >= 1  # the SYN
     assert counters["ra.sent"] >= 1 and counters["icmpv6.echo_reply"] >= 1
 
