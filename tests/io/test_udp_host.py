@@ -9,7 +9,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from udpdns_pump import make
+from udpdns_pump import closed_port, loopback_udp, make, serving
 
 from natd.io.dns_upstream import DnsUpstream
 from natd.io.ping_host import MODE_DGRAM, MODE_NONE, MODE_RAW, PingHost
@@ -67,54 +67,12 @@ def udp_of(frame: bytes) -> tuple[IPv4Header, int, int, bytes]:
 @pytest.fixture
 def echo_server() -> Iterator[socket.socket]:
     """A loopback UDP socket; tests drive it by hand (recvfrom/sendto)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(2.0)
-    try:
+    with loopback_udp() as sock:
         yield sock
-    finally:
-        sock.close()
-
-
-def closed_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
-
-
-async def test_udp_round_trip_via_gateway_address(echo_server: socket.socket) -> None:
-    gw, pump = make()
-    host = UdpHost(pump.loop, gw, pump)
-    pump.register(host)
-    try:
-        port = echo_server.getsockname()[1]
-        pump.feed([udp_frame(GATEWAY, 40000, port, b"hello")])
-        data, peer = await asyncio.to_thread(echo_server.recvfrom, 2048)
-        assert data == b"hello" and peer[0] == "127.0.0.1"
-        echo_server.sendto(b"HELLO", peer)
-        await pump.wait_for(lambda: len(pump.frames) == 1)
-        header, sport, dport, payload = udp_of(pump.frames[0])
-        assert (header.src, header.dst, sport, dport) == (GATEWAY, GUEST, port, 40000)
-        assert payload == b"HELLO"
-        # many datagrams, one flow, one socket; sizes up to the MTU
-        sizes = [1, 100, 1000, 1472] * 5
-        pump.feed([udp_frame(GATEWAY, 40000, port, bytes([i]) * n) for i, n in enumerate(sizes)])
-        got = [await asyncio.to_thread(echo_server.recvfrom, 2048) for _ in sizes]
-        assert [len(d) for d, _ in got] == sizes
-        assert {p for _d, p in got} == {peer}
-        assert len(host) == 1
-    finally:
-        pump.close()
-    assert len(host) == 0
 
 
 async def test_port_unreachable_reaches_guest_as_icmp() -> None:
-    gw, pump = make()
-    host = UdpHost(pump.loop, gw, pump)
-    pump.register(host)
-    try:
+    async with serving(UdpHost) as (gw, pump, host):
         port = closed_port()
         pump.feed([udp_frame(GATEWAY, 40001, port, b"anyone?")])
         await pump.wait_for(lambda: len(pump.frames) >= 1)
@@ -128,8 +86,6 @@ async def test_port_unreachable_reaches_guest_as_icmp() -> None:
         # the socket survives the error and still works
         assert len(host) == 1
         assert gw.counters["udp.unreachable"] == 1
-    finally:
-        pump.close()
 
 
 async def test_udp_close_and_idle_timeout_close_socket(echo_server: socket.socket) -> None:
@@ -150,10 +106,7 @@ async def test_udp_close_and_idle_timeout_close_socket(echo_server: socket.socke
 
 
 async def test_udp_send_error_counted_not_raised() -> None:
-    gw, pump = make()
-    host = UdpHost(pump.loop, gw, pump)
-    pump.register(host)
-    try:
+    async with serving(UdpHost) as (gw, pump, host):
         pump.feed([udp_frame(OUTSIDE, 40003, 7, b"x")])
         (op,) = [op for op in pump.ops if isinstance(op, UdpSend)]
         # make the engine's flow look unopened on the host, then fail its creation
@@ -162,8 +115,6 @@ async def test_udp_send_error_counted_not_raised() -> None:
         bad = dataclasses.replace(op, port=0)
         host.perform(bad)  # an error with no ICMP meaning: counted, nothing raised
         assert gw.counters["drop.udp.host_send_error"] == 1
-    finally:
-        pump.close()
 
 
 # -- DNS upstream ------------------------------------------------------------------------------

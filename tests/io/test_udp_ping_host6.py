@@ -1,4 +1,5 @@
-"""UdpHost and PingHost over IPv6 with real ``::1`` sockets and the real core.
+"""UdpHost and PingHost over IPv6 (and the round trip over both families) with real loopback
+sockets and the real core.
 
 Guest frames go in through the Gateway (``::2`` is the host's ``::1``); what natd sends the
 guest is read back with dpkt and its upper-layer checksum recomputed over the IPv6
@@ -11,11 +12,10 @@ import asyncio
 import dataclasses
 import socket
 import struct
-from collections.abc import Iterator
 
 import dpkt
 import pytest
-from udpdns_pump import make
+from udpdns_pump import closed_port, loopback_udp, make, serving
 
 from natd.io.ping_host import MODE_RAW, PingHost
 from natd.io.udp_host import UdpHost
@@ -24,6 +24,7 @@ from natd.stack.settings import GatewaySettings
 from natd.wire.ethernet import ETHERTYPE_IPV6, build_ethernet
 from natd.wire.icmpv6 import build_icmpv6_echo
 from natd.wire.ipv6 import PROTO_ICMPV6, PROTO_UDP, build_ipv6
+from natd.wire.l3 import build_ip
 from natd.wire.udp import build_udp
 
 GUEST_MAC = b"\x52\x54\x00\x12\x34\x56"
@@ -41,7 +42,7 @@ def guest_frame(dst: bytes, proto: int, l4: bytes) -> bytes:
 
 
 def udp6_frame(dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
-    return guest_frame(dst, PROTO_UDP, build_udp(GUEST6, dst, sport, dport, payload))
+    return udp_frame(GUEST6, dst, sport, dport, payload)
 
 
 def read6(frame: bytes) -> tuple[dpkt.ip6.IP6, bytes]:
@@ -55,55 +56,70 @@ def read6(frame: bytes) -> tuple[dpkt.ip6.IP6, bytes]:
     return ip, l4
 
 
-@pytest.fixture
-def server6() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    sock.bind(("::1", 0))
-    sock.settimeout(2.0)
-    try:
-        yield sock
-    finally:
-        sock.close()
+GUEST4, GW4 = socket.inet_aton("10.0.2.15"), socket.inet_aton("10.0.2.2")
 
 
-async def test_udp6_round_trip_via_gateway6(server6: socket.socket) -> None:
-    gw, pump = make()
-    host = UdpHost(pump.loop, gw, pump)
-    pump.register(host)
-    try:
-        port = server6.getsockname()[1]
-        pump.feed([udp6_frame(GW6, 40000, port, b"hello")])
-        data, peer = await asyncio.to_thread(server6.recvfrom, 2048)
-        assert data == b"hello" and peer[0] == "::1"
-        server6.sendto(b"HELLO", peer)
-        await pump.wait_for(lambda: len(pump.frames) == 1)
-        ip, l4 = read6(pump.frames[0])
-        assert (ip.src, ip.dst, ip.nxt) == (GW6, GUEST6, PROTO_UDP)
-        sport, dport, _length, csum = struct.unpack("!HHHH", l4[:8])
-        assert (sport, dport, l4[8:]) == (port, 40000, b"HELLO") and csum != 0
-        # one flow, one socket; sizes up to what fits a 1500-byte IPv6 packet, both ways
-        sizes = [1, 100, 1000, 1452] * 3
-        pump.feed([udp6_frame(GW6, 40000, port, bytes([i]) * n) for i, n in enumerate(sizes)])
-        got = [await asyncio.to_thread(server6.recvfrom, 2048) for _ in sizes]
-        assert [len(d) for d, _ in got] == sizes and {p for _d, p in got} == {peer}
-        for d, _ in got:
-            server6.sendto(d, peer)
-        await pump.wait_for(lambda: len(pump.frames) == 1 + len(sizes))
-        assert [len(read6(f)[1]) - 8 for f in pump.frames[1:]] == sizes
-        assert len(host) == 1
-    finally:
-        pump.close()
+def udp_frame(guest: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
+    """A guest UDP frame of ``dst``'s family (natd's builders: the input side)."""
+    ethertype, packet = build_ip(
+        guest, dst, PROTO_UDP, build_udp(guest, dst, sport, dport, payload)
+    )
+    return build_ethernet(GW_MAC, GUEST_MAC, ethertype, packet)
+
+
+def read_udp(frame: bytes) -> tuple[bytes, bytes, int, int, bytes]:
+    """(src, dst, sport, dport, payload) of a datagram natd sent the guest, in either family,
+    its checksum present and recomputed here over the family's pseudo-header."""
+    ip = dpkt.ethernet.Ethernet(frame).data
+    raw = bytes(ip)
+    l4 = raw[40 : 40 + ip.plen] if ip.v == 6 else raw[ip.hl * 4 : ip.len]
+    proto = ip.nxt if ip.v == 6 else ip.p
+    assert proto == PROTO_UDP
+    length = (
+        struct.pack("!I3xB", len(l4), proto) if ip.v == 6 else struct.pack("!xBH", proto, len(l4))
+    )
+    assert l4[6:8] != b"\0\0" and dpkt.in_cksum(ip.src + ip.dst + length + l4) == 0
+    sport, dport = struct.unpack("!HH", l4[:4])
+    return ip.src, ip.dst, sport, dport, l4[8:]
+
+
+@pytest.mark.parametrize(
+    ("loopback", "guest", "gateway", "largest"),
+    [("127.0.0.1", GUEST4, GW4, 1472), ("::1", GUEST6, GW6, 1452)],
+    ids=["ipv4", "ipv6"],
+)
+async def test_udp_round_trip_via_the_gateway_address(
+    loopback: str, guest: bytes, gateway: bytes, largest: int
+) -> None:
+    """The gateway address (``.2`` / ``::2``) is the host's loopback of the same family."""
+    async with serving(UdpHost) as (_gw, pump, host):
+        with loopback_udp(loopback) as server:
+            port = server.getsockname()[1]
+            pump.feed([udp_frame(guest, gateway, 40000, port, b"hello")])
+            data, peer = await asyncio.to_thread(server.recvfrom, 2048)
+            assert data == b"hello" and peer[0] == loopback
+            server.sendto(b"HELLO", peer)
+            await pump.wait_for(lambda: len(pump.frames) == 1)
+            assert read_udp(pump.frames[0]) == (gateway, guest, port, 40000, b"HELLO")
+            # one flow, one socket; sizes up to what fits a 1500-byte packet, both ways
+            sizes = [1, 100, 1000, largest] * 3
+            frames = [
+                udp_frame(guest, gateway, 40000, port, bytes([i]) * n) for i, n in enumerate(sizes)
+            ]
+            pump.feed(frames)
+            got = [await asyncio.to_thread(server.recvfrom, 2048) for _ in sizes]
+            assert [len(d) for d, _ in got] == sizes and {p for _d, p in got} == {peer}
+            for d, _ in got:
+                server.sendto(d, peer)
+            await pump.wait_for(lambda: len(pump.frames) == 1 + len(sizes))
+            assert [read_udp(f)[4] for f in pump.frames[1:]] == [d for d, _ in got]
+            assert len(host) == 1
     assert len(host) == 0
 
 
 async def test_udp6_port_unreachable_reaches_guest_as_icmpv6() -> None:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-        s.bind(("::1", 0))
-        closed = s.getsockname()[1]
-    gw, pump = make()
-    host = UdpHost(pump.loop, gw, pump)
-    pump.register(host)
-    try:
+    closed = closed_port("::1")
+    async with serving(UdpHost) as (gw, pump, host):
         sent = udp6_frame(GW6, 40001, closed, b"anyone?")
         pump.feed([sent])
         await pump.wait_for(lambda: len(pump.frames) >= 1)
@@ -111,8 +127,6 @@ async def test_udp6_port_unreachable_reaches_guest_as_icmpv6() -> None:
         assert (ip.src, ip.nxt, l4[0], l4[1]) == (GW6, PROTO_ICMPV6, 1, 4)  # from ::2 itself
         assert l4[8:] == sent[14:]  # the guest's datagram, quoted whole
         assert gw.counters["udp.unreachable"] == 1 and len(host) == 1
-    finally:
-        pump.close()
 
 
 def raw6_allowed() -> bool:
@@ -179,15 +193,10 @@ async def test_ping6_raw_socket_relays_an_icmpv6_error_quoting_the_request() -> 
 
 async def test_udp6_flow_socket_is_ipv6_only() -> None:
     """A flow's IPv6 socket never takes IPv4-mapped traffic (NAT64 flows have their own)."""
-    gw, pump = make()
-    host = UdpHost(pump.loop, gw, pump)
-    pump.register(host)
-    try:
+    async with serving(UdpHost) as (_gw, pump, host):
         pump.feed([udp6_frame(GW6, 40002, 9, b"x")])
         (op,) = [op for op in pump.ops if isinstance(op, UdpSend)]
         sock = host._flows[op.flow].sock
         assert sock.family == socket.AF_INET6
         assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
         assert sock.getsockname()[0] == "::1"
-    finally:
-        pump.close()

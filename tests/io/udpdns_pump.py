@@ -7,8 +7,10 @@ host side under test.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
 
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp
@@ -83,6 +85,41 @@ class Pump:
 def make(settings: GatewaySettings | None = None) -> tuple[Gateway, Pump]:
     gw = Gateway(settings or GatewaySettings())
     return gw, Pump(asyncio.get_running_loop(), gw)
+
+
+@contextlib.contextmanager
+def loopback_udp(host: str = "127.0.0.1") -> Iterator[socket.socket]:
+    """A UDP socket on a loopback address (``::1`` for IPv6); tests drive it by hand."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        s.settimeout(2.0)
+        yield s
+
+
+def closed_port(host: str = "127.0.0.1") -> int:
+    """A loopback UDP port nothing listens on (just released)."""
+    with loopback_udp(host) as s:
+        port: int = s.getsockname()[1]
+    return port
+
+
+Side = TypeVar("Side")
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    side: Callable[[asyncio.AbstractEventLoop, Gateway, Pump], Side],
+    settings: GatewaySettings | None = None,
+) -> AsyncIterator[tuple[Gateway, Pump, Side]]:
+    """A gateway and pump with the host side ``side(loop, gateway, pump)`` performing its ops
+    (only for sides whose ops dial loopback: every op the engine emits is performed)."""
+    gw, pump = make(settings)
+    host = side(pump.loop, gw, pump)
+    pump.register(host)
+    try:
+        yield gw, pump, host
+    finally:
+        pump.close()
 
 
 def tcp_segments(frames: list[bytes]) -> list[tuple[IPv4Header, TcpSegment]]:
