@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import random
 import socket
+import struct
 from functools import partial
 from typing import Any
 
@@ -44,9 +45,11 @@ from natd.stack.ops import HostOp, PingClose, PingSend
 from natd.wire import Malformed
 from natd.wire.icmp import ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, build_icmp_echo, parse_icmp
 from natd.wire.icmpv6 import (
+    ICMPV6_DEST_UNREACH,
     ICMPV6_ECHO_REPLY,
     ICMPV6_ECHO_REQUEST,
     ICMPV6_PACKET_TOO_BIG,
+    ICMPV6_TIME_EXCEEDED,
     build_icmpv6_echo_unsummed,
     parse_icmpv6,
 )
@@ -56,6 +59,12 @@ from natd.wire.l3 import WHY_TOO_BIG, why_of
 
 BATCH = 64
 RECV_SIZE = 65535
+ICMP6_FILTER = 1  # <netinet/icmp6.h>: a bitmap of 256 types, a set bit blocks the type
+_RAW6_PASS = (ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, ICMPV6_ECHO_REPLY)
+_RAW6_FILTER = struct.pack(
+    "=8I",
+    *(0xFFFFFFFF & ~sum(1 << (t & 31) for t in _RAW6_PASS if t >> 5 == word) for word in range(8)),
+)
 SYSCTL_HINT = (
     "allow unprivileged ping sockets in natd's network namespace: "
     "sysctl -w net.ipv4.ping_group_range='0 2147483647' (or run natd with CAP_NET_RAW)"
@@ -125,6 +134,8 @@ class PingHost:
         if sock is None:
             if v6:
                 sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+                with contextlib.suppress(OSError):  # only what natd reads, not the NDP chatter
+                    sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, _RAW6_FILTER)
             else:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
             try:
