@@ -16,7 +16,7 @@ from a new port work). Each flow remembers, per host address
 it sent to, the address the guest addressed (``UdpFlow.peers``): replies are shown from it, so
 127.0.0.1 (``::1``) reads as the gateway address and a NAT64 host as its ``64:ff9b::`` address,
 with the port they really came from. Replies over IPv6 always carry a UDP checksum (RFC 8200
-8.1); a guest's IPv6 datagram with checksum 0 is dropped (``drop.udp.zero_checksum6``).
+8.1; ``parse_udp`` drops a guest's IPv6 datagram without one, ``drop.udp.zero_checksum``).
 
 Destinations ``Gateway.host_destination`` will not re-originate are not dialled: the gateway
 and DNS addresses (of either family) answer port unreachable (they are "hosts" natd
@@ -246,9 +246,6 @@ class UdpEngine:
         dst = ip.dst
         if dport == 0 or sport == 0:
             link.counters["drop.udp.port_zero"] += 1
-            return
-        if len(dst) == 16 and not (ip.payload[6] or ip.payload[7]):
-            link.counters["drop.udp.zero_checksum6"] += 1  # RFC 8200 8.1: not optional
             return
         if self._inbound:
             inbound = self._inbound.get((ip.src, sport, dst, dport))
