@@ -177,23 +177,30 @@ class PingHost:
             except OSError as exc:
                 if sock is not None:
                     sock.close()
-                self.socket_failures += 1
-                if exc.errno in NO_DESCRIPTOR:
-                    self.gateway.counters["ping.no_descriptor"] += 1
-                if self.socket_failures % 1000 == 1:  # EMFILE storms must not flood the log
-                    self.log.warning(
-                        "ping.socket_failed",
-                        flow=op.flow,
-                        error=str(exc),
-                        total=self.socket_failures,
-                    )
-                self.gateway.ping.on_host_failed(op.flow, op.seq, op.payload, self.shell.now())
-                self.shell.kick()
+                self._socket_failed(op, exc)
                 return
             self._dgram[op.flow] = f
         self._sendto(f.sock, _request(op.host, 0, op), op, f)  # the kernel sets the ident
 
+    def _socket_failed(self, op: PingSend, exc: OSError) -> None:
+        """No socket for ``op`` (out of descriptors, no IPv6 on the host): the guest is told
+        "administratively prohibited" and the engine forgets the flow."""
+        self.socket_failures += 1
+        if exc.errno in NO_DESCRIPTOR:
+            self.gateway.counters["ping.no_descriptor"] += 1
+        if self.socket_failures % 1000 == 1:  # EMFILE storms must not flood the log
+            self.log.warning(
+                "ping.socket_failed", flow=op.flow, error=str(exc), total=self.socket_failures
+            )
+        self.gateway.ping.on_host_failed(op.flow, op.seq, op.payload, self.shell.now())
+        self.shell.kick()
+
     def _send_raw(self, op: PingSend) -> None:
+        try:
+            sock = self._open_raw(len(op.host) == 16)
+        except OSError as exc:  # the IPv6 raw socket may fail where the IPv4 one worked
+            self._socket_failed(op, exc)
+            return
         key = self._raw_by_flow.get(op.flow)
         if key is None:
             ident = 0
@@ -204,12 +211,6 @@ class PingHost:
             key = (op.host, ident)
             self._raw_by_flow[op.flow] = key
             self._raw_by_key[key] = op.flow
-        try:
-            sock = self._open_raw(len(op.host) == 16)
-        except OSError as exc:  # the IPv6 raw socket may fail where the IPv4 one worked
-            self.gateway.counters["drop.ping.host_send_error"] += 1
-            self.log.debug("ping.send_failed", flow=op.flow, error=str(exc))
-            return
         self._sendto(sock, _request(op.host, key[1], op), op)
 
     def _sendto(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import socket
 import struct
 
@@ -188,6 +189,29 @@ async def test_ping6_raw_socket_relays_an_icmpv6_error_quoting_the_request() -> 
         assert struct.unpack("!B3xHH", bytes(inner.data)[:8]) == (128, 0xAB, 3)
     finally:
         side.close()
+        pump.close()
+
+
+async def test_ping6_without_an_ipv6_raw_socket_answers_admin_prohibited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host whose IPv6 sockets fail (IPv6 disabled: EAFNOSUPPORT) tells the guest at once."""
+    gw, pump = make()
+    side = PingHost(pump.loop, gw, pump, mode=MODE_RAW)
+
+    def no_ipv6(v6: bool = False) -> socket.socket:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(side, "_open_raw", no_ipv6)
+    pump.register(side)  # safe: the only socket it could open fails
+    try:
+        sent = echo6_frame(REMOTE6, 0x77, 1, b"anyone?")
+        pump.feed([sent])
+        await pump.wait_for(lambda: len(pump.frames) >= 1)
+        ip, l4 = read6(pump.frames[0])
+        assert (ip.src, l4[0], l4[1]) == (GW6, 1, 1) and l4[8:] == sent[14:]
+        assert len(gw.ping) == 0 and gw.counters["ping.host_failed"] == 1
+    finally:
         pump.close()
 
 
