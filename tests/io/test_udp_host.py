@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
+import struct
 from collections.abc import Iterator
 
+import dpkt
 import pytest
 from udpdns_pump import closed_port, loopback_udp, make, serving
 
@@ -404,4 +406,34 @@ async def test_ping_unavailable_answers_admin_prohibited() -> None:
         msg = parse_icmp(l4)
         assert (header.src, msg.type, msg.code) == (GATEWAY, ICMP_DEST_UNREACH, UNREACH_ADMIN)
     finally:
+        pump.close()
+
+
+async def test_ping_raw_time_exceeded_and_frag_needed_reach_the_guest() -> None:
+    """ICMP errors on the raw socket (the IP packet as the kernel delivers it) go to the flow
+    whose request they quote: time exceeded as 11/0, fragmentation needed with its MTU."""
+    gw, pump = make()
+    side = PingHost(pump.loop, gw, pump, mode=MODE_RAW)  # not registered: nothing is sent
+    try:
+        pump.feed([ping_frame(0x4242, 5, b"far away")])
+        (op,) = [op for op in pump.ops if isinstance(op, PingSend)]
+        side._raw_by_flow[op.flow] = (op.host, 0x99)  # the identifier natd would have chosen
+        side._raw_by_key[(op.host, 0x99)] = op.flow
+        router = bytes((192, 0, 2, 1))
+        quoted = build_ipv4(gw.settings.gateway_ip, op.host, PROTO_ICMP,
+                            build_icmp_echo(ICMP_ECHO_REQUEST, 0x99, 5, b"far away"))  # fmt: skip
+        for kind, code, word, expect in ((11, 0, 0, (11, 0, 0)), (3, 4, 1400, (3, 4, 1400))):
+            error = struct.pack("!BBHI", kind, code, 0, word) + quoted
+            csum = dpkt.in_cksum(error)
+            error = error[:2] + struct.pack("!H", csum) + error[4:]
+            side._raw_message(router, kind, code, word, memoryview(error[8:]), pump.now())
+            pump.flush()
+            header, l4 = decode(pump.frames[-1])
+            msg = parse_icmp(l4)
+            assert (header.src, msg.type, msg.code, msg.seq) == (GATEWAY, *expect)
+            inner, inner_l4 = parse_ipv4(bytes(msg.payload))
+            assert (inner.src, inner.dst) == (GUEST, OUTSIDE)  # the guest's own request
+            assert parse_icmp(inner_l4).ident == 0x4242
+    finally:
+        side.close()
         pump.close()
