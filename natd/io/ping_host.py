@@ -54,7 +54,7 @@ from natd.wire.icmpv6 import (
     parse_icmpv6,
 )
 from natd.wire.ipv4 import PROTO_ICMP, parse_ipv4
-from natd.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
+from natd.wire.ipv6 import PROTO_ICMPV6
 from natd.wire.l3 import WHY_TOO_BIG, why_of
 
 BATCH = 64
@@ -320,13 +320,17 @@ class PingHost:
         why = why_of(v6, kind, code)
         if why is None:
             return
+        # The quote is natd's own request, cut short (an error quotes at most 576 / 1280 bytes
+        # in all): its header's fixed fields and the echo's first 8 bytes are all that is read.
+        inner = bytes(body)
         if v6:
-            inner6, quoted = parse_ipv6(body)
-            dst, proto, request = inner6.dst, inner6.proto, ICMPV6_ECHO_REQUEST
+            dst, proto, quoted = inner[24:40], inner[6:7], inner[40:]
+            request, want = ICMPV6_ECHO_REQUEST, PROTO_ICMPV6
         else:
-            inner4, quoted = parse_ipv4(body)
-            dst, proto, request = inner4.dst, inner4.proto, ICMP_ECHO_REQUEST
-        if proto != (PROTO_ICMPV6 if v6 else PROTO_ICMP) or len(quoted) < 8 or quoted[0] != request:
+            ihl = (inner[0] & 0x0F) * 4 if inner else 0
+            dst, proto, quoted = inner[16:20], inner[9:10], inner[ihl:]
+            request, want = ICMP_ECHO_REQUEST, PROTO_ICMP
+        if proto != bytes((want,)) or len(quoted) < 8 or quoted[0] != request:
             return
         flow = self._raw_by_key.get((dst, quoted[4] << 8 | quoted[5]))
         if flow is None:
@@ -338,7 +342,7 @@ class PingHost:
         else:
             mtu = word & 0xFFFF  # RFC 1191: the next-hop MTU in the low half
         seq = quoted[6] << 8 | quoted[7]
-        ping.on_host_unreachable(flow, seq, bytes(quoted[8:]), why, now, mtu=mtu)
+        ping.on_host_unreachable(flow, seq, quoted[8:], why, now, mtu=mtu)
 
     # -- teardown ------------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from test_ndp_e2e import _slaac
 H6, WORLD6 = "fd77::1", "fd77::10"
 H4, WORLD4 = "198.51.100.1", "198.51.100.10"
 NAT64_WORLD = "64:ff9b::c633:640a"  # 64:ff9b::198.51.100.10 as ping and Python print it
+FAR6, FAR4 = "fd88::20", "203.0.113.20"  # behind world, on a 1280-byte link
+NAT64_FAR = "64:ff9b::cb00:7114"  # 64:ff9b::203.0.113.20
 NO_ROUTE_IN_WORLD = "fd78::1"
 REFUSED_BY_HOST = "fd79::1"
 PORT = 9999
@@ -90,6 +92,22 @@ def world6(
         w.run(["ip", "-6", "addr", "add", f"{WORLD6}/64", "dev", vw, "nodad"])
         w.run(["ip", "link", "set", vw, "up"])
         w.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])  # in world only
+        # Behind world, a far host on a 1280-byte link: world answers bigger packets with
+        # Packet Too Big (IPv6) / fragmentation needed (IPv4, DF set by natd's host sockets).
+        far = namespaces(unique_name("v6uf"))
+        wf, fw = unique_name("v6x")[:15], unique_name("v6f")[:15]
+        w.run(["ip", "link", "add", wf, "mtu", "1280", "type", "veth", "peer", "name", fw,
+               "netns", far.name])  # fmt: skip
+        w.run(["ip", "addr", "add", "203.0.113.1/24", "dev", wf])
+        w.run(["ip", "-6", "addr", "add", "fd88::1/64", "dev", wf, "nodad"])
+        w.run(["ip", "link", "set", wf, "up"])
+        w.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        far.run(["ip", "link", "set", fw, "mtu", "1280", "up"])
+        far.run(["ip", "addr", "add", f"{FAR4}/24", "dev", fw])
+        far.run(["ip", "-6", "addr", "add", f"{FAR6}/64", "dev", fw, "nodad"])
+        far.run(["ip", "route", "add", "default", "via", "203.0.113.1"])
+        far.run(["ip", "-6", "route", "add", "default", "via", "fd88::1"])
+        h.run(["ip", "route", "add", "203.0.113.0/24", "via", WORLD4])
         if ping_sockets:  # namespaced sysctl, in natd's own test namespace only
             h.run(["sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647"])
         config = tmp_path / f"natd-{h.name}.toml"
@@ -106,9 +124,9 @@ def world6(
     return build
 
 
-def _ping6(guest: Guest, dst: str, count: int = 3) -> subprocess.CompletedProcess[str]:
+def _ping6(guest: Guest, dst: str, count: int = 3, *more: str) -> subprocess.CompletedProcess[str]:
     return guest.run(
-        ["ping", "-6", "-n", "-c", str(count), "-i", "0.3", "-W", "3", "-p", "c0ffee", dst],
+        ["ping", "-6", "-n", "-c", str(count), "-i", "0.3", "-W", "3", "-p", "c0ffee", *more, dst],
         check=False,
         timeout=30,
     )
@@ -133,6 +151,13 @@ def test_ping6_out_nat64_and_errors(world6: Callable[[bool], Any], ping_sockets:
     assert "From fd00:10:0:2::2 icmp_seq=1 Destination unreachable: Address unreachable" in (
         got.stdout
     )
+    # A 1448-byte echo to the far host: world's Packet Too Big (mtu 1280) reaches the guest
+    # from ::2; through NAT64 world's "fragmentation needed" (mtu 1280) arrives as Packet Too
+    # Big with mtu 1300 (RFC 7915: + 20). Smaller echoes get through both ways.
+    for dst, mtu in ((FAR6, 1280), (NAT64_FAR, 1300)):
+        got = _ping6(guest, dst, 1, "-M", "do", "-s", "1400")
+        assert f"From fd00:10:0:2::2 icmp_seq=1 Packet too big: mtu={mtu}" in got.stdout, got
+        assert "1 received" in _ping6(guest, dst, 1, "-s", "1000").stdout
     raw = [e for e in natd.events() if e.get("event") == "ping.raw_socket"]
     assert bool(raw) == (not ping_sockets)
 
