@@ -11,6 +11,7 @@ server. Every address dialled lives in these namespaces.
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from collections.abc import Callable
@@ -69,6 +70,21 @@ for dst in sys.argv[1:]:
         print(dst, "refused")
     except socket.timeout:
         print(dst, "timeout")
+"""
+
+# A 1400-byte datagram that must not be fragmented (IPV6_MTU_DISCOVER = DO) to a host behind
+# a 1280-byte link: the Packet Too Big natd relays fails the guest's recv (EMSGSIZE, with
+# IPV6_RECVERR) and sets the guest kernel's path MTU (IPV6_MTU on the connected socket).
+PMTU_PROBE = f"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(5)
+s.setsockopt(socket.IPPROTO_IPV6, 25, 1)  # IPV6_RECVERR
+s.setsockopt(socket.IPPROTO_IPV6, 23, 2)  # IPV6_MTU_DISCOVER = IPV6_PMTUDISC_DO
+s.connect((sys.argv[1], {PORT})); s.send(b"x" * 1400)
+try:
+    s.recv(10); print("data")
+except OSError as e:
+    print(e.errno, s.getsockopt(socket.IPPROTO_IPV6, 24))  # IPV6_MTU: the path MTU
 """
 
 
@@ -183,6 +199,10 @@ def test_udp6_and_nat64_udp_to_the_world(world6: Callable[[bool], Any]) -> None:
     assert [f for f in fields if len(f) == 2] == [[WORLD6, "refused"], [NAT64_WORLD, "refused"]]
     # the world saw natd's host addresses, never the guest's: IPv6 for IPv6, IPv4 for NAT64
     assert stdout.split() == [H6, f"::ffff:{H4}"], stdout
+    # Packet Too Big for a datagram: from world itself (1280), and through NAT64 (1280 + 20)
+    for dst, mtu in ((FAR6, 1280), (NAT64_FAR, 1300)):
+        got = guest.run([sys.executable, "-c", PMTU_PROBE, dst], timeout=20).stdout.split()
+        assert got == [str(errno.EMSGSIZE), str(mtu)], (dst, got)
     counters = ctl(control, "stats")["counters"]
-    assert counters["udp.unreachable"] >= 2 and counters["udp.rx"] >= 2
+    assert counters["udp.unreachable"] >= 4 and counters["udp.rx"] >= 2
     assert counters.get("ipv6.refused_no_route", 0) == 0
