@@ -36,10 +36,15 @@ import struct
 from functools import partial
 from typing import Any
 
-from natd.io.fds import NO_DESCRIPTOR
 from natd.io.hostaddr import host_bytes
 from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
-from natd.io.udp_host import SEND_ERRNO_WHY, error_queue_socket, read_error_queue, sockaddr
+from natd.io.udp_host import (
+    SEND_ERRNO_WHY,
+    SocketFailures,
+    error_queue_socket,
+    read_error_queue,
+    sockaddr,
+)
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, PingClose, PingSend
 from natd.wire import Malformed
@@ -93,7 +98,7 @@ class PingHost:
         self.shell = shell
         self.log: Any = gateway.log.bind(side="ping")
         self.mode = mode  # decided on first use unless forced (tests)
-        self.socket_failures = 0
+        self.failures = SocketFailures("ping", gateway.counters, self.log)
         self._dgram: dict[int, FlowSocket] = {}
         self._raw: dict[bool, socket.socket] = {}  # v6? → the shared raw socket
         self._raw_ids = itertools.count(random.randrange(1, 0xFFFF))
@@ -185,13 +190,7 @@ class PingHost:
     def _socket_failed(self, op: PingSend, exc: OSError) -> None:
         """No socket for ``op`` (out of descriptors, no IPv6 on the host): the guest is told
         "administratively prohibited" and the engine forgets the flow."""
-        self.socket_failures += 1
-        if exc.errno in NO_DESCRIPTOR:
-            self.gateway.counters["ping.no_descriptor"] += 1
-        if self.socket_failures % 1000 == 1:  # EMFILE storms must not flood the log
-            self.log.warning(
-                "ping.socket_failed", flow=op.flow, error=str(exc), total=self.socket_failures
-            )
+        self.failures.note(op.flow, exc)
         self.gateway.ping.on_host_failed(op.flow, op.seq, op.payload, self.shell.now())
         self.shell.kick()
 

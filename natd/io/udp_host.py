@@ -87,6 +87,27 @@ def error_queue_socket(host: bytes, kind: int, proto: int = 0) -> socket.socket:
     return sock
 
 
+class SocketFailures:
+    """Flow sockets a host side could not open (EMFILE, no IPv6 on the host...): counted
+    (``<kind>.no_descriptor`` when out of descriptors) and logged once per 1000, so an EMFILE
+    storm cannot flood the log."""
+
+    def __init__(self, kind: str, counters: Any, log: Any) -> None:
+        self.kind = kind
+        self.counters = counters
+        self.log = log
+        self.total = 0
+
+    def note(self, flow: int, exc: OSError) -> None:
+        self.total += 1
+        if exc.errno in NO_DESCRIPTOR:
+            self.counters[self.kind + ".no_descriptor"] += 1
+        if self.total % 1000 == 1:
+            self.log.warning(
+                self.kind + ".socket_failed", flow=flow, error=str(exc), total=self.total
+            )
+
+
 def read_error_queue(sock: socket.socket, limit: int = BATCH) -> list[tuple[Any, bytes, int, int]]:
     """Drain the ``IP_RECVERR`` / ``IPV6_RECVERR`` entries natd relays to guests.
 
@@ -131,7 +152,7 @@ class UdpHost:
         # Inbound (port forward) flows: flow → (listening socket, client address, on_close).
         self._inbound: dict[int, tuple[socket.socket, tuple[str, int], Callable[[int], None]]] = {}
         self.send_dropped = 0
-        self.socket_failures = 0
+        self.failures = SocketFailures("udp", gateway.counters, self.log)
         self._lease = PollerLease(loop, gateway.log, gateway.counters)
 
     @property
@@ -191,13 +212,7 @@ class UdpHost:
         except OSError as exc:  # EMFILE, or the epoll is out of watches (max_user_watches)
             if sock is not None:
                 sock.close()
-            self.socket_failures += 1
-            if exc.errno in NO_DESCRIPTOR:
-                self.gateway.counters["udp.no_descriptor"] += 1
-            if self.socket_failures % 1000 == 1:  # EMFILE storms must not flood the log
-                self.log.warning(
-                    "udp.socket_failed", flow=op.flow, error=str(exc), total=self.socket_failures
-                )
+            self.failures.note(op.flow, exc)
             refused = (op.host, op.port, op.payload)
             self.gateway.udp.on_host_failed(op.flow, self.shell.now(), refused)
             self.shell.kick()
@@ -297,4 +312,4 @@ class UdpHost:
         return len(self._flows)
 
 
-__all__ = ["UdpHost", "error_queue_socket", "read_error_queue", "sockaddr"]
+__all__ = ["SocketFailures", "UdpHost", "error_queue_socket", "read_error_queue", "sockaddr"]
