@@ -109,8 +109,10 @@ async def test_udp_close_and_idle_timeout_close_socket(echo_server: socket.socke
 
 async def test_udp_send_error_counted_not_raised() -> None:
     async with serving(UdpHost) as (gw, pump, host):
-        pump.feed([udp_frame(OUTSIDE, 40003, 7, b"x")])
+        # to the gateway, i.e. the host's loopback: nothing in this test leaves the machine
+        pump.feed([udp_frame(GATEWAY, 40003, 7, b"x")])
         (op,) = [op for op in pump.ops if isinstance(op, UdpSend)]
+        assert op.host == bytes((127, 0, 0, 1))
         # make the engine's flow look unopened on the host, then fail its creation
         host.perform(UdpClose(op.flow))
         # port 0: sendto fails (EINVAL) before anything is sent
