@@ -11,8 +11,9 @@ its peer's end of stream.
 
 Options are passt's (``man passt``), mapped onto natd's config; addresses not given are natd's
 (``10.0.2.15``, gateway ``.2``, DNS ``.3``), not the host's as passt's are. What natd cannot do
-with passt's meaning (``--vhost-user``, ``-6``, ``-t all``, a gateway other than ``.2``…) and
-anything unknown is one line naming the option, exit 2.
+with passt's meaning (``--vhost-user``, ``-t all``, a gateway other than ``.2``, forwards under
+``-6``…) and anything unknown is one line naming the option, exit 2. ``-6`` serves IPv6 only
+(natd's prefix, SLAAC; no DHCPv4, ARP or IPv4 at all), ``-4`` IPv4 only.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(name, action="store_true")
     add("--no-dhcp", action="store_true")
     for name in ("--no-ndp", "--no-ra", "--no-dhcpv6"):
-        add(name, action="store_true")  # natd serves no IPv6 here: already off
+        add(name, action="store_true")  # accepted, no effect: natd's IPv6 needs its RA
     add("--vhost-user", nargs=0, action=_refuse("not supported (natd speaks the socket protocols)"))
     return p
 
@@ -152,20 +153,29 @@ def _range(text: str, opt: str, spec: str) -> tuple[int, int]:
 
 
 def _one(values: list[str], opt: str) -> str | None:
-    """passt takes these once per IP version; natd serves IPv4, so once."""
+    """passt takes these once per IP version; natd's IPv6 addresses are its prefix's (SLAAC,
+    router fe80::2), so only the IPv4 one, once."""
     v4 = [v for v in values if ":" not in v]
     if len(v4) > 1:
         raise UsageError(f"{opt}: given {len(v4)} times for IPv4")
     if len(values) > len(v4):
-        raise UsageError(f"{opt} {values[-1]}: natd serves IPv4 here")
+        raise UsageError(f"{opt} {values[-1]}: natd's IPv6 addresses are its own ({DEFAULT_CIDR6})")
     return v4[0] if v4 else None
 
 
 def overrides_from(ns: argparse.Namespace) -> dict[str, object]:
     """The natd ``load_config`` overrides passt's options mean."""
-    if ns.ipv6_only:
-        raise UsageError("-6/--ipv6-only: natd serves IPv4 here")
     o: dict[str, object] = {}
+    if ns.ipv4_only and ns.ipv6_only:
+        raise UsageError("-4/--ipv4-only and -6/--ipv6-only: at most one")
+    if ns.ipv4_only:
+        o["ipv6"] = False
+    if ns.ipv6_only:
+        o["ipv4"] = False
+        if any(spec != "none" for spec in ns.tcp_ports + ns.udp_ports):
+            # passt would forward to the guest's IPv6 address; natd needs a fixed one, and an
+            # IPv6-only guest's is its own SLAAC choice.
+            raise UsageError("-6/--ipv6-only with -t/-u: natd forwards to the guest's IPv4")
     if ns.fd is not None and ns.socket is not None:
         raise UsageError("--fd and --socket: exactly one link")
     if ns.fd is not None:

@@ -61,6 +61,7 @@ def settings_from_config(cfg: Config, *, tso: bool = False) -> GatewaySettings:
         str(cfg.cidr),
         mtu=cfg.mtu,
         ipv6=cfg.ipv6,
+        ipv4=cfg.ipv4,
         network6=cfg.cidr6,
         nat64=cfg.nat64,
         host_loopback=cfg.host_loopback,

@@ -4,8 +4,9 @@
 ``cidr`` str, ``mtu`` int, ``host_loopback`` bool, ``tap_name`` str, ``netns`` str, ``tap_fd`` int,
 ``bridge`` str, ``persist`` bool, ``socket`` str, ``socket_dgram`` str, ``link_fd`` int,
 ``one_off`` bool, ``pid_file`` str, ``pool`` [first, last] (natd-passt's ``--address``),
-``domain`` str, ``forwards`` sequence of hostfwd spec strings, ``dns_upstreams`` sequence of
-``ADDR[:PORT]`` strings, ``ready_fd`` int, ``control`` str, ``log_format`` str, ``log_level`` str.
+``ipv4``/``ipv6`` bool (natd-passt ``-6``/``-4``), ``domain`` str, ``forwards`` sequence of
+hostfwd spec strings, ``dns_upstreams`` sequence of ``ADDR[:PORT]`` strings, ``ready_fd``
+int, ``control`` str, ``log_format`` str, ``log_level`` str.
 Exactly one link: a TAP (``tap_name``/``netns``, or ``tap_fd``) or one socket option; the MTU
 defaults to 1500 on a TAP and 65520 on a socket.
 ``reload_config`` re-reads the file for SIGHUP with the same overrides winning.
@@ -100,6 +101,8 @@ _OPTION_NAMES = {
     "one_off": "--one-off",
     "pid_file": "--pid",
     "dhcp_server": "--no-dhcp",
+    "ipv4": "-6/--ipv6-only",
+    "ipv6": "-4/--ipv4-only",
     "no_protocols": "--no-tcp/--no-udp/--no-icmp",
     "pool": "--address",
     "domain": "--search",
@@ -192,6 +195,9 @@ def load_config(
         net6 = _check(v, partial(parse_cidr6, _str(v)))
     ipv6 = _bool(get("ipv6"), True)
     nat64 = _bool(get("nat64"), False)
+    ipv4 = _bool(get("ipv4"), True)
+    if not ipv4 and not ipv6:
+        raise ConfigError("IPv4 and IPv6 both off: natd would serve nothing")
 
     link = _check_link(values)
     on_socket = any(link[n] is not None for n in ("socket", "socket_dgram", "link_fd"))
@@ -277,6 +283,7 @@ def load_config(
         cidr6=net6,
         ipv6=ipv6,
         nat64=nat64,
+        ipv4=ipv4,
         mtu=mtu,
         host_loopback=host_loopback,
         source_guard=source_guard,

@@ -142,6 +142,8 @@ class Config:
     cidr6: IPv6Network = _DEFAULT_NET6
     ipv6: bool = True
     nat64: bool = False
+    # natd-passt ``-6/--ipv6-only``: no IPv4 on the segment (frames ignored, nothing sent).
+    ipv4: bool = True
     mtu: int = DEFAULT_MTU
     host_loopback: bool = True
     tap_name: str = "natd0"

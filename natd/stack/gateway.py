@@ -48,7 +48,7 @@ from natd.wire.ethernet import (
     ETHERTYPE_IPV6,
     build_ethernet,
 )
-from natd.wire.fastpath import decode_frame
+from natd.wire.fastpath import decode_frame, decode_frame6
 from natd.wire.icmp import ICMP_ECHO_REQUEST, parse_icmp
 from natd.wire.icmpv6 import ICMPV6_ECHO_REQUEST, parse_icmpv6
 from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, build_ipv4, parse_ipv4
@@ -176,6 +176,9 @@ class Gateway:
     def send_ipv4(
         self, src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = 64
     ) -> bool:
+        if not self.settings.ipv4:
+            self.counters["tx.ipv4.off"] += 1  # e.g. a forward to an IPv4 guest: nothing sent
+            return False
         if dst == _LIMITED_BROADCAST or dst == self._broadcast:
             mac = BROADCAST_MAC
         else:
@@ -212,6 +215,8 @@ class Gateway:
 
     def solicit(self, ip: bytes) -> None:
         """Ask the segment who has ``ip`` (used before natd can send to a silent guest)."""
+        if not self.settings.ipv4:
+            return  # no ARP either: send_ipv4 has counted why nothing went
         request = build_arp(ARP_REQUEST, self.mac, self.settings.gateway_ip, bytes(6), ip)
         self.outbox.frames.append(build_ethernet(BROADCAST_MAC, self.mac, ETHERTYPE_ARP, request))
         self.counters["arp.solicit"] += 1
@@ -272,6 +277,8 @@ class Gateway:
         else takes the slow path, which checks and explains every header.
         """
         counters = self.counters
+        # IPv4 off (natd-passt -6): the IPv6-only decode, so no IPv4 frame takes the fast path.
+        decode = decode_frame if self.settings.ipv4 else decode_frame6
         tcp_frame = self.tcp.on_guest_frame
         udp_frame = self.udp.on_guest_frame
         mac = self.mac
@@ -283,7 +290,7 @@ class Gateway:
             csum = csum_flags[count] if csum_flags is not None else 0
             count += 1
             try:
-                f = decode_frame(frame)
+                f = decode(frame)
                 if (
                     f is not None
                     and f[1] == mac
@@ -327,7 +334,9 @@ class Gateway:
         if src_mac[0] & 1 or src_mac == self.mac:
             raise Malformed("eth.bad_source")
         ethertype = (view[12] << 8) | view[13]
-        if ethertype == ETHERTYPE_IPV4:
+        if ethertype in (ETHERTYPE_IPV4, ETHERTYPE_ARP) and not self.settings.ipv4:
+            self.counters["ignored.ipv4.off"] += 1
+        elif ethertype == ETHERTYPE_IPV4:
             self._receive_ipv4(src_mac, dst_mac == BROADCAST_MAC, view[ETH_HLEN:], now, csum)
         elif ethertype == ETHERTYPE_ARP:
             self.arp.on_arp(src_mac, parse_arp(view[ETH_HLEN:]), now)

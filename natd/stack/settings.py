@@ -72,6 +72,9 @@ class GatewaySettings:
     # IPv6 on the segment (natd.stack.ndp): the /64 natd advertises, its router (link-local
     # fe80::2 with the gateway MAC), gateway ::2 and DNS ::3. ``ipv6`` False: no IPv6 at all.
     ipv6: bool = True
+    # natd-passt -6: no IPv4 at all (IPv4 and ARP frames counted ``ignored.ipv4.off``, no
+    # DHCPv4, nothing IPv4 sent). The daemon never has both families off.
+    ipv4: bool = True
     network6: ipaddress.IPv6Network = ipaddress.IPv6Network("fd00:10:0:2::/64")
     nat64: bool = False
     # The host can carry IPv6 (the shell's probe: an AF_INET6 socket opens and a default IPv6

@@ -8,15 +8,26 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from linkpeer import dhcp_over_stream
+from linkpeer import (
+    GUEST_MAC,
+    dhcp_discover,
+    dhcp_offer,
+    dhcp_over_stream,
+    recv_stream,
+    send_stream,
+)
 
-from natd.config import load_config
+from natd.config import ConfigError, load_config
 from natd.passt import UsageError, build_parser, main, overrides_from
 from natd.stack.policy import PROTO_ICMP, PROTO_TCP, PROTO_UDP, SERVICE
+from natd.wire.arp import ARP_REQUEST, build_arp
+from natd.wire.ethernet import ETHERTYPE_ARP, ETHERTYPE_IPV6, build_ethernet
+from natd.wire.ipv6 import build_ipv6
+from natd.wire.ndp import ALL_ROUTERS, build_rs
 from natd.wiring import settings_from_config
 
 PASST = [sys.executable, "-m", "natd.passt"]
@@ -106,7 +117,9 @@ def test_addresses_default_to_natds_and_follow_a() -> None:
         (["--bogus"], "--bogus"),
         (["-t", "all"], "-t/--tcp-ports all"),
         (["-g", "10.0.2.1"], "-g/--gateway 10.0.2.1"),
-        (["-6"], "-6/--ipv6-only"),
+        (["-4", "-6"], "-4/--ipv4-only and -6/--ipv6-only"),
+        (["-6", "-t", "22"], "-6/--ipv6-only with -t/-u"),
+        (["-6", "-a", "fd00::5"], "-a/--address fd00::5"),
         (["--no-tcp", "-t", "22"], "--no-tcp"),
         (["-t", "70000"], "-t/--tcp-ports 70000"),
     ],
@@ -117,6 +130,23 @@ def test_refused_options_exit_2_with_one_line(
     assert main(["-s", "/tmp/natd-passt-never", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("natd-passt: ") and named in err
+
+
+def test_one_family_options() -> None:
+    """``-6``: IPv6 only (settings.ipv4 False, IPv6 on); ``-4``: IPv4 only; neither: both."""
+    only6 = settings_from_config(
+        load_config(None, mapped("-s", "/tmp/s", "-6"), resolv_conf="/dev/null")
+    )
+    only4 = settings_from_config(
+        load_config(None, mapped("-s", "/tmp/s", "--ipv4-only"), resolv_conf="/dev/null")
+    )
+    both = settings_from_config(load_config(None, mapped("-s", "/tmp/s"), resolv_conf="/dev/null"))
+    assert (only6.ipv4, only6.ipv6) == (False, True)
+    assert (only4.ipv4, only4.ipv6) == (True, False)
+    assert (both.ipv4, both.ipv6) == (True, True)
+    assert mapped("-s", "/tmp/s", "-6", "-t", "none")["ipv4"] is False  # no forward: fine
+    with pytest.raises(ConfigError, match="both off"):
+        load_config(None, {"ipv4": False, "ipv6": False}, resolv_conf="/dev/null")
 
 
 def test_mac_addr_is_accepted_and_natd_keeps_its_own() -> None:
@@ -277,3 +307,79 @@ def test_launch_failure_is_the_launchers_status(tmp_path: Path) -> None:
     )  # fmt: skip
     assert launcher.returncode == 1
     assert "such.sock" in launcher.stderr
+
+
+# -- one family only, over a real stream link -------------------------------------------------
+
+GUEST_LL = bytes.fromhex("fe80000000000000505400fffe123456")
+ROUTER_SOLICIT = build_ethernet(
+    b"\x33\x33\x00\x00\x00\x02", GUEST_MAC, ETHERTYPE_IPV6,
+    build_ipv6(GUEST_LL, ALL_ROUTERS, 58, build_rs(GUEST_LL, source_mac=GUEST_MAC), hop_limit=255),
+)  # fmt: skip
+ARP_FOR_GATEWAY = build_ethernet(
+    b"\xff" * 6, GUEST_MAC, ETHERTYPE_ARP,
+    build_arp(ARP_REQUEST, GUEST_MAC, bytes([10, 0, 2, 15]), bytes(6), bytes([10, 0, 2, 2])),
+)  # fmt: skip
+
+
+def _ethertype(frame: bytes) -> int:
+    return frame[12] << 8 | frame[13]
+
+
+def _is_ra_to_guest(frame: bytes) -> bool:
+    """natd's unicast answer to ROUTER_SOLICIT (not its unsolicited multicast RA)."""
+    return _ethertype(frame) == ETHERTYPE_IPV6 and frame[38:54] == GUEST_LL and frame[54] == 134
+
+
+def frames_until(
+    vm: socket.socket, done: Callable[[bytes], bool], timeout: float = 15
+) -> list[bytes]:
+    """Every frame natd sends up to and including the first ``done`` one."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        seen.append(recv_stream(vm, deadline))
+        if done(seen[-1]):
+            return seen
+
+
+@pytest.fixture
+def foreground() -> Iterator[Callable[..., socket.socket]]:
+    """``start(*options)``: natd-passt -f on one end of a stream socketpair; the VM's end."""
+    procs: list[subprocess.Popen[bytes]] = []
+    ends: list[socket.socket] = []
+
+    def start(*options: str) -> socket.socket:
+        vm, natd_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd = natd_end.fileno()
+        argv = [*PASST, "-f", "-q", *LOOPBACK_DNS, "-F", str(fd), *options]
+        procs.append(subprocess.Popen(argv, pass_fds=(fd,), stderr=subprocess.DEVNULL))
+        natd_end.close()
+        ends.append(vm)
+        return vm
+
+    yield start
+    for vm in ends:
+        vm.close()  # --fd is one-off: natd exits 0 at the peer's end of stream
+    for proc in procs:
+        assert proc.wait(timeout=30) == 0
+
+
+def test_ipv6_only_answers_no_ipv4(foreground: Callable[..., socket.socket]) -> None:
+    """-6: a DHCP DISCOVER and an ARP request, then an RS. natd handles a stream's frames in
+    order, so anything it answered to the first two would come before the RA to the third."""
+    vm = foreground("-6")
+    for frame in (dhcp_discover(), ARP_FOR_GATEWAY, ROUTER_SOLICIT):
+        send_stream(vm, frame)
+    seen = frames_until(vm, _is_ra_to_guest)
+    assert all(_ethertype(f) == ETHERTYPE_IPV6 for f in seen), [f[:14].hex() for f in seen]
+
+
+def test_ipv4_only_answers_no_ipv6(foreground: Callable[..., socket.socket]) -> None:
+    """-4: an RS, then a DISCOVER; the OFFER comes, and no IPv6 frame at all (no RA, no NA
+    at start either)."""
+    vm = foreground("-4")
+    send_stream(vm, ROUTER_SOLICIT)
+    send_stream(vm, dhcp_discover())
+    seen = frames_until(vm, lambda f: _ethertype(f) == 0x0800 and dhcp_offer(f) is not None)
+    assert not [f for f in seen if _ethertype(f) == ETHERTYPE_IPV6]
