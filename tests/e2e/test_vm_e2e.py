@@ -5,10 +5,12 @@ what the guest's init (``tests/vm/init.sh``) reports on its serial console: the 
 its MTU applied, a ping of the gateway (and the biggest one the MTU allows unfragmented), a DNS
 answer that only the test's loopback dnsmasq knows, a sha256-checked download from and upload to
 an HTTP server on the host's loopback, and a forward from the host into the guest's HTTP server.
-Transports: a bridged TAP (also two guests at once, and across a natd restart), --socket (also
-as nobody), --socket-dgram, --fd with stream and datagram socketpairs, and natd-passt launched
-as QEMU 10.1 and libvirt launch passt. natd, dnsmasq, the HTTP server and QEMU all run inside a
-namespace the test creates, so the guest can reach nothing else. About 10 s per test under TCG.
+The bridged TAP guest also does IPv6 from natd's RA: SLAAC, a ping of ``::2``, a download from
+and an upload to the host's ``[::1]``. Transports: a bridged TAP (also two guests at once, and
+across a natd restart), --socket (also as nobody), --socket-dgram, --fd with stream and datagram
+socketpairs, and natd-passt launched as QEMU 10.1 and libvirt launch passt. natd, dnsmasq, the
+HTTP server and QEMU all run inside a namespace the test creates, so the guest can reach nothing
+else. About 10 s per test under TCG.
 """
 
 from __future__ import annotations
@@ -81,25 +83,28 @@ class VmNet:
 
     def boot(
         self, netdev: str, pass_fds: tuple[int, ...] = (), user: AsUser | None = None,
-        mac: str = GUEST_MAC, **extra: str,
+        mac: str = GUEST_MAC, ipv6: bool = False, **extra: str,
     ) -> Vm:  # fmt: skip
-        """QEMU in the namespace (as ``user`` if given, its serial log in that user's dir)."""
+        """QEMU in the namespace (as ``user`` if given, its serial log in that user's dir);
+        ``ipv6``: the guest also runs the IPv6 checks."""
         workdir = self.workdir
         if user is not None:
             workdir = user.private_dir()
             self.cleanups.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
         vm = Vm(
-            self.image, netdev, workdir, cmdline={**guest_args(self.host), **extra},
+            self.image, netdev, workdir, cmdline={**guest_args(self.host, ipv6), **extra},
             prefix=(user or self.ns).exec_prefix(), pass_fds=pass_fds, mac=mac,
             name=f"vm{len(self.vms)}",
         )  # fmt: skip
         self.vms.append(vm)
         return vm
 
-    def check(self, mtu: int, restart: Callable[[], None] | None = None) -> None:
+    def check(
+        self, mtu: int, restart: Callable[[], None] | None = None, ipv6: bool = False
+    ) -> None:
         """Every check of every guest booted passed; once serving, natd logged nothing at warning
         or above (start-up notes about this machine, e.g. limits.lowered, are not the guest's)."""
-        run_all_checks(self.vms, self.host, FORWARD_PORT, mtu, restart)
+        run_all_checks(self.vms, self.host, FORWARD_PORT, mtu, restart, ipv6)
         for natd in self.natds:
             events = natd.events()
             started = next((i for i, e in enumerate(events) if e.get("event") == "started"), 0)
@@ -147,15 +152,17 @@ VM_TAP_NETDEV = "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
 
 
 def test_vm_on_a_bridge_with_natds_tap(vmnet: VmNet) -> None:
-    """QEMU's TAP and natd's TAP as two ports of a Linux bridge (vnet_hdr offloads on QEMU's)."""
+    """QEMU's TAP and natd's TAP as two ports of a Linux bridge (vnet_hdr offloads on QEMU's).
+    After its IPv4 checks the guest kernel SLAACs from natd's RA (address, default route via
+    fe80::2), pings ``::2``, and downloads from and uploads to the host's ``[::1]`` through it."""
     ns = vmnet.ns
     _bridge_with_vm_tap(ns)
     ns.run(["ip", "tuntap", "add", "tnatd", "mode", "tap"])
     ns.run(["ip", "link", "set", "tnatd", "master", "br0"])
     ns.run(["ip", "link", "set", "tnatd", "up"])
     vmnet.natd("--tap", "tnatd")
-    vmnet.boot(VM_TAP_NETDEV.format(tap="tvm"))
-    vmnet.check(TAP_MTU)
+    vmnet.boot(VM_TAP_NETDEV.format(tap="tvm"), ipv6=True)
+    vmnet.check(TAP_MTU, ipv6=True)
 
 
 def test_two_vms_on_the_bridge_share_natd(vmnet: VmNet) -> None:

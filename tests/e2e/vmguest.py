@@ -13,6 +13,7 @@ test creates, so whatever the guest sends can reach nothing but that namespace's
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.server
 import ipaddress
@@ -46,6 +47,8 @@ GUEST_PORT = 80
 GUEST_MAC = "52:54:00:12:34:56"
 DOWNLOAD_BYTES = 2 << 20
 HTTP_PORT = 8000  # the namespace is the test's own: fixed ports cannot collide
+GATEWAY6 = "fd00:10:0:2::2"  # natd's IPv6 gateway: the host's ::1 behind it
+ROUTER6 = "fe80::2"
 FORWARD_PORT = 8080
 BOOT_TIMEOUT = 150.0  # TCG on a loaded 2-core machine: generous, polled
 
@@ -87,7 +90,7 @@ def in_netns(ns: Netns, fn: Callable[[], T]) -> T:
 
 
 class HostSide:
-    """The host services a guest reaches through natd: HTTP on 127.0.0.1 and a dnsmasq.
+    """The host services a guest reaches through natd: HTTP on 127.0.0.1 and ::1, a dnsmasq.
 
     ``GET /download`` is random bytes of known sha256; ``POST /upload`` hashes the body and
     answers with the hex digest (recorded in ``uploads``); ``GET /release`` blocks until the
@@ -102,10 +105,13 @@ class HostSide:
         self.uploads: list[str] = []
         self.released = threading.Event()
         self.again = threading.Event()
-        self.http = in_netns(ns, self._make_server)
-        self.http_port = self.http.server_address[1]
-        self._thread = threading.Thread(target=self.http.serve_forever, daemon=True)
-        self._thread.start()
+        self.https = [
+            in_netns(ns, functools.partial(self._make_server, addr))
+            for addr in ("127.0.0.1", "::1")
+        ]
+        self.http_port = HTTP_PORT
+        for server in self.https:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
         self.dns_port = 53  # port 53: natd-passt, like passt, finds it through resolv.conf
         log = workdir / "dnsmasq.log"
         self.dnsmasq = ns.popen(
@@ -114,7 +120,7 @@ class HostSide:
              f"--address=/{DNS_NAME}/{DNS_ANSWER}", "--log-facility=" + str(log)],
         )  # fmt: skip
 
-    def _make_server(self) -> http.server.ThreadingHTTPServer:
+    def _make_server(self, addr: str) -> http.server.ThreadingHTTPServer:
         host = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -150,12 +156,13 @@ class HostSide:
 
         class Server(http.server.ThreadingHTTPServer):
             daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
 
             def server_bind(self) -> None:  # no getfqdn()
                 self.socket.bind(self.server_address)
                 self.server_address = self.socket.getsockname()
 
-        return Server(("127.0.0.1", HTTP_PORT), Handler)
+        return Server((addr, HTTP_PORT), Handler)
 
     def wait_dns_ready(self, timeout: float = 10) -> None:
         """dnsmasq answers once its UDP socket is bound: poll for it."""
@@ -186,8 +193,9 @@ class HostSide:
 
     def close(self) -> None:
         self.released.set()
-        self.http.shutdown()
-        self.http.server_close()
+        for server in self.https:
+            server.shutdown()
+            server.server_close()
         stop_process(self.dnsmasq)
 
 
@@ -283,9 +291,12 @@ class Vm:
             stop_process(self.proc, timeout=5)
 
 
-def guest_args(host: HostSide) -> dict[str, str]:
-    """The kernel command line words that make init.sh run every check."""
+def guest_args(host: HostSide, ipv6: bool = False) -> dict[str, str]:
+    """The kernel command line words that make init.sh run every check (``ipv6``: the IPv6
+    ones too, after the IPv4 ones)."""
+    v6 = {"http6": f"[{GATEWAY6}]:{host.http_port}"} if ipv6 else {}
     return {
+        **v6,
         "http": f"{GATEWAY}:{host.http_port}",
         "dnsname": DNS_NAME,
         "fwdport": str(GUEST_PORT),
@@ -300,13 +311,15 @@ def run_all_checks(
     forward_port: int,
     mtu: int,
     restart: Callable[[], None] | None = None,
+    ipv6: bool = False,
 ) -> list[dict[str, str]]:
     """Wait for the guests' checks, do the forward from the host side, and assert every one.
 
     Several guests share the network: each gets its own lease (.15 upward), every transfer of
     each is checked, and the forward reaches the one holding the first address. With
     ``restart`` (and ``again=1`` on the guests' command line) the guests then wait while
-    ``restart`` runs and do every transfer a second time, reported as ``again_*``.
+    ``restart`` runs and do every transfer a second time, reported as ``again_*``. ``ipv6``:
+    the guests also SLAAC'd from natd's RA and did a ping, a download and an upload over IPv6.
     """
     for vm in vms:
         vm.wait_for("forward")
@@ -328,7 +341,7 @@ def run_all_checks(
     leases = [got.get("lease_ip") for got in results]
     first = ipaddress.ip_address(FIRST_LEASE)
     assert sorted(leases) == [str(first + i) for i in range(len(vms))], context
-    rounds = ("", "again_") if restart is not None else ("",)
+    rounds: tuple[str, ...] = ("", "again_") if restart is not None else ("",)
     for got in results:
         assert "error" not in got, context
         assert got.get("lease_router") == GATEWAY, context
@@ -340,6 +353,14 @@ def run_all_checks(
             assert got.get(f"{p}dns") == DNS_ANSWER, context
             assert got.get(f"{p}download_sha256") == host.download_sha256, context
             assert got.get(f"{p}upload_reply") == got.get(f"{p}upload_sha256"), context
+    if ipv6:
+        for got in results:
+            assert got.get("v6addr", "").startswith("fd00:10:0:2:"), context
+            assert got.get("v6router") == ROUTER6, context
+            assert got.get("v6ping") == "ok", context
+            assert got.get("v6download_sha256") == host.download_sha256, context
+            assert got.get("v6upload_reply") == got.get("v6upload_sha256"), context
+        rounds += ("v6",)
     sent = [got.get(f"{p}upload_sha256") for got in results for p in rounds]
     assert sorted(host.uploads) == sorted(sent), context  # type: ignore[type-var]
     target = results[leases.index(FIRST_LEASE)]

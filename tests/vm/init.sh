@@ -75,6 +75,38 @@ transfers() {
 
 transfers ""
 
+# natd.http6=[ADDR]:PORT: after the IPv4 checks, IPv6 from natd's Router Advertisement alone
+# (the kernel's own SLAAC): a global address out of tentative, the default route via fe80::2,
+# a ping of natd's gateway ::2, and a download and an upload through it to the host's [::1].
+if [ -n "$arg_http6" ]; then
+  i=0
+  until v6=$(ip -6 -o addr show dev eth0 scope global | grep -v tentative | awk '{print $4}') \
+      && [ -n "$v6" ]; do
+    i=$((i + 1)); [ $i -gt 200 ] && fail "no SLAAC address"; usleep 100000
+  done
+  say "v6addr=$v6"
+  i=0
+  until via=$(ip -6 route show default | awk '/via/ {print $3; exit}') && [ -n "$via" ]; do
+    i=$((i + 1)); [ $i -gt 100 ] && fail "no IPv6 default route"; usleep 100000
+  done
+  say "v6router=$via"
+  gw6=${arg_http6%]:*}; gw6=${gw6#[}
+  if ping -6 -c 1 -W 5 "$gw6" >/dev/null 2>&1; then say "v6ping=ok"; else say "v6ping=fail"; fi
+  if wget -q -O /tmp/down6 "http://$arg_http6/download"; then
+    say "v6download_sha256=$(sha256sum /tmp/down6 | cut -d' ' -f1)"
+  else
+    say "v6download_sha256=failed"
+  fi
+  rm -f /tmp/down6
+  dd if=/dev/urandom bs=1024 count="${arg_upkb:-768}" 2>/dev/null | base64 > /tmp/up6
+  say "v6upload_sha256=$(sha256sum /tmp/up6 | cut -d' ' -f1)"
+  if wget -q -O /tmp/upreply6 --post-file=/tmp/up6 "http://$arg_http6/upload"; then
+    say "v6upload_reply=$(cat /tmp/upreply6)"
+  else
+    say "v6upload_reply=failed"
+  fi
+fi
+
 if [ -n "$arg_fwdport" ]; then
   dd if=/dev/urandom of=/www/fwd.bin bs=1024 count="${arg_fwdkb:-256}" 2>/dev/null
   say "forward_sha256=$(sha256sum /www/fwd.bin | cut -d' ' -f1)"
