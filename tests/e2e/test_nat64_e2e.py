@@ -7,7 +7,8 @@ loopback that knows ``v4only.test`` by its A record only. The guest namespace (n
 ``--netns``) has no IPv4 at all: no DHCPv4 client, ``ip -4 addr flush``; it SLAACs from natd's
 RA and resolves through ``fd00:10:0:2::3`` (a private ``/etc/netns/NAME/resolv.conf``, which
 ``ip netns exec`` mounts over ``/etc/resolv.conf``). ``curl http://v4only.test:PORT/…`` with
-no family flag: the name resolves to ``64:ff9b::c633:6407`` and natd dials ``198.51.100.7``.
+no family flag: the name resolves to ``64:ff9b::c633:6407`` and natd dials ``198.51.100.7``;
+``ping -6 v4only.test`` is answered by the IPv4 host through NAT64 too.
 Nothing leaves namespaces this test made.
 """
 
@@ -126,6 +127,10 @@ def test_ipv6_only_guest_reaches_ipv4_server_by_name(
         assert put.returncode == 0, put.stderr
         # The world server saw natd's IPv4 host address: the flow really crossed to IPv4.
         assert put.stdout.split() == [sha256(blob), f"::ffff:{H1_4}"]
+
+        # ICMPv6 echo by name, translated to ICMP toward the IPv4 host and back.
+        ping = guest.run(["ping", "-6", "-n", "-c", "2", "-W", "5", NAME], timeout=30).stdout
+        assert f"from {SYNTHESISED}" in ping and " 0% packet loss" in ping, ping
 
         counters = ctl(control, "stats")["counters"]
         assert counters["dns.dns64.synthesised"] >= 1, counters
