@@ -123,6 +123,17 @@ class Netns:
         sh(["ip", "netns", "del", self.name], check=False)
 
 
+def veth_ipv4(a: Netns, b: Netns, a_cidr: str, b_cidr: str, prefix: str = "v") -> tuple[str, str]:
+    """A veth pair made inside ``a`` with its peer moved to ``b``, each end up with its IPv4
+    address (``a.b.c.d/len``); the two interface names."""
+    va, vb = unique_name(f"{prefix}a")[:15], unique_name(f"{prefix}b")[:15]
+    a.run(["ip", "link", "add", va, "type", "veth", "peer", "name", vb, "netns", b.name])
+    for ns, iface, cidr in ((a, va, a_cidr), (b, vb, b_cidr)):
+        ns.run(["ip", "addr", "add", cidr, "dev", iface])
+        ns.run(["ip", "link", "set", iface, "up"])
+    return va, vb
+
+
 def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 5) -> int:
     """Signal one process by PID, wait, SIGKILL if it lingers; its exit status."""
     if proc.poll() is None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import Guest, Natd, Netns, ctl, unique_name
+from harness import Guest, Natd, Netns, ctl, unique_name, veth_ipv4
 from test_faults_e2e import wait_for
 from test_ipv6_tcp_e2e import blob, curl, serve, sha256, slaac  # noqa: F401 - blob: a fixture
 
@@ -80,12 +80,7 @@ def test_ipv6_only_guest_reaches_ipv4_server_by_name(
 ) -> None:
     h1 = namespaces(unique_name("n64h"))
     world = namespaces(unique_name("n64w"))
-    vh, vw = unique_name("n64vh")[:15], unique_name("n64vw")[:15]
-    h1.run(["ip", "link", "add", vh, "type", "veth", "peer", "name", vw, "netns", world.name])
-    h1.run(["ip", "addr", "add", f"{H1_4}/24", "dev", vh])
-    h1.run(["ip", "link", "set", vh, "up"])
-    world.run(["ip", "addr", "add", f"{WORLD4}/24", "dev", vw])
-    world.run(["ip", "link", "set", vw, "up"])
+    veth_ipv4(h1, world, f"{H1_4}/24", f"{WORLD4}/24", prefix="n64v")  # IPv4 only
     serve(world, "::", PORT, blob)  # dual-stack socket; only IPv4 can reach it from h1
     start_dnsmasq(h1)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import GATEWAY, Guest, Natd, Netns, stop_process, unique_name
+from harness import GATEWAY, Guest, Natd, Netns, stop_process, veth_ipv4
 
 WORLD_HOST = "198.51.100.10"
 NATD_WORLD_ADDR = "198.51.100.1"
@@ -344,12 +344,7 @@ def world(
 ) -> tuple[Guest, Netns]:
     h1 = namespaces()
     w = namespaces()
-    vh, vw = unique_name("vh")[:15], unique_name("vw")[:15]
-    h1.run(["ip", "link", "add", vh, "type", "veth", "peer", "name", vw, "netns", w.name])
-    h1.run(["ip", "addr", "add", f"{NATD_WORLD_ADDR}/24", "dev", vh])
-    h1.run(["ip", "link", "set", vh, "up"])
-    w.run(["ip", "addr", "add", f"{WORLD_HOST}/24", "dev", vw])
-    w.run(["ip", "link", "set", vw, "up"])
+    veth_ipv4(h1, w, f"{NATD_WORLD_ADDR}/24", f"{WORLD_HOST}/24")
     guest = start_guest(natd=False)
     guest.natd = natd_process(["--netns", guest.path], netns_exec=h1)
     guest.configure_static()

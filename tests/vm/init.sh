@@ -41,6 +41,23 @@ say "addr=$(ip -4 -o addr show dev eth0 | awk '{print $4}')"
 
 gw=${arg_gw:-10.0.2.2}
 
+# A download from and an upload to http://$2 (HOST:PORT); keys prefixed with $1.
+http_both() {
+  if wget -q -O /tmp/down "http://$2/download"; then
+    say "${1}download_sha256=$(sha256sum /tmp/down | cut -d' ' -f1)"
+  else
+    say "${1}download_sha256=failed"
+  fi
+  # Text, not raw bytes: busybox wget --post-file sends strlen() of the file, so a NUL ends it.
+  dd if=/dev/urandom bs=1024 count="${arg_upkb:-768}" 2>/dev/null | base64 > /tmp/up
+  say "${1}upload_sha256=$(sha256sum /tmp/up | cut -d' ' -f1)"
+  if wget -q -O /tmp/upreply --post-file=/tmp/up "http://$2/upload"; then
+    say "${1}upload_reply=$(cat /tmp/upreply)"
+  else
+    say "${1}upload_reply=failed"
+  fi
+}
+
 # Ping, DNS, download and upload; every key is prefixed with $1 (empty the first time).
 transfers() {
   p=$1
@@ -58,19 +75,7 @@ transfers() {
     say "${p}dns=${answer:-none}"
   fi
   [ -n "$arg_http" ] || return 0
-  if wget -q -O /tmp/down "http://$arg_http/download"; then
-    say "${p}download_sha256=$(sha256sum /tmp/down | cut -d' ' -f1)"
-  else
-    say "${p}download_sha256=failed"
-  fi
-  # Text, not raw bytes: busybox wget --post-file sends strlen() of the file, so a NUL ends it.
-  dd if=/dev/urandom bs=1024 count="${arg_upkb:-768}" 2>/dev/null | base64 > /tmp/up
-  say "${p}upload_sha256=$(sha256sum /tmp/up | cut -d' ' -f1)"
-  if wget -q -O /tmp/upreply --post-file=/tmp/up "http://$arg_http/upload"; then
-    say "${p}upload_reply=$(cat /tmp/upreply)"
-  else
-    say "${p}upload_reply=failed"
-  fi
+  http_both "$p" "$arg_http"
 }
 
 transfers ""
@@ -92,19 +97,7 @@ if [ -n "$arg_http6" ]; then
   say "v6router=$via"
   gw6=${arg_http6%]:*}; gw6=${gw6#[}
   if ping -6 -c 1 -W 5 "$gw6" >/dev/null 2>&1; then say "v6ping=ok"; else say "v6ping=fail"; fi
-  if wget -q -O /tmp/down6 "http://$arg_http6/download"; then
-    say "v6download_sha256=$(sha256sum /tmp/down6 | cut -d' ' -f1)"
-  else
-    say "v6download_sha256=failed"
-  fi
-  rm -f /tmp/down6
-  dd if=/dev/urandom bs=1024 count="${arg_upkb:-768}" 2>/dev/null | base64 > /tmp/up6
-  say "v6upload_sha256=$(sha256sum /tmp/up6 | cut -d' ' -f1)"
-  if wget -q -O /tmp/upreply6 --post-file=/tmp/up6 "http://$arg_http6/upload"; then
-    say "v6upload_reply=$(cat /tmp/upreply6)"
-  else
-    say "v6upload_reply=failed"
-  fi
+  http_both v6 "$arg_http6"
 fi
 
 if [ -n "$arg_fwdport" ]; then
