@@ -29,6 +29,7 @@ from helpers import (
 from test_ndp import ns, rs
 
 from natd.stack.gateway import Gateway
+from natd.stack.neighbours import LEASE
 
 GUEST = ip("10.0.2.15")
 
@@ -71,6 +72,24 @@ def test_nothing_ipv4_is_sent_with_ipv4_off() -> None:
     assert not on.send_ipv4(GW_IP, GUEST, 17, b"x" * 8)  # unknown neighbour: ARP asked
     (request,) = on.take_outbox()[0]
     assert request[:6] == BROADCAST and request[12:14] == b"\x08\x06"
+
+
+@pytest.mark.parametrize("ipv4", [True, False])
+def test_forwards_to_a_known_ipv4_guest_send_only_with_ipv4_on(ipv4: bool) -> None:
+    """The guest's IPv4 address bound to its MAC (as a restored lease is): a TCP forward's SYN
+    and a UDP forward's datagram go out with IPv4 on; with it off nothing goes, not even ARP."""
+    gw: Gateway = make_gateway(ipv4=ipv4)[0]
+    gw.neighbours.bind(GUEST, GUEST_MAC, LEASE, 0.0)
+    assert gw.tcp.open_inbound(GUEST, 80, ip("127.0.0.1"), 40000, 1.0) is not None
+    udp = gw.udp.open_inbound(GUEST, 53, ip("127.0.0.1"), 40001, 1.0)
+    assert udp is not None
+    gw.udp.on_host_inbound(udp, b"question", 1.0)
+    frames, _ops = gw.take_outbox()
+    if ipv4:
+        assert len(frames) == 2, frames
+        assert all(f[:6] == GUEST_MAC and f[12:14] == b"\x08\x00" for f in frames)
+    else:
+        assert frames == []
 
 
 def test_ipv6_still_served_with_ipv4_off() -> None:
