@@ -7,8 +7,9 @@ level) from every tree in turn (interleaved, order rotated per run), pushes ``--
 ``iperf3 -n`` guest→host and host→guest, and reads natd's utime/stime from ``/proc/PID/stat``
 just before and after each transfer. Prints one line per transfer, then per tree and way the
 median and min–max of CPU s/GB (total, user, sys) and of Gbit/s (only meaningful on a quiet
-machine). ``--perf DIR`` records ``perf record -g`` on natd during one extra transfer per way and
-keeps its data in DIR and prints where the time goes by DSO and symbol (Python frames show as the interpreter);
+machine). ``--perf DIR`` records ``perf record -g`` on natd during one extra transfer per way, keeps
+the data in DIR and prints where the time goes by DSO and symbol (Python frames show as the
+interpreter);
 ``--cprofile DIR`` runs natd under cProfile for one extra transfer per way and prints its
 top functions by self time.
 """
@@ -24,9 +25,9 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import measure  # noqa: E402
-from engines import Natd, Setup  # noqa: E402
-from procs import BenchError, Runner  # noqa: E402
+import measure
+from engines import Natd, Setup
+from procs import BenchError, Runner
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
