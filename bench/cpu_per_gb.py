@@ -8,7 +8,9 @@ level) from every tree in turn (interleaved, order rotated per run), pushes ``--
 streams that moved nothing counted as starved), and reads natd's utime/stime from ``/proc/PID/stat``
 just before and after each transfer. Prints one line per transfer, then per tree and way the
 median and min–max of CPU s/GB (total, user, sys) and of Gbit/s (only meaningful on a quiet
-machine). ``--perf DIR`` records ``perf record -g`` on natd during one extra transfer per
+machine), and of the iperf3 pair's own CPU (``peers``, from ``RUSAGE_CHILDREN``) and the sum
+(``total``): ``--tree kernel=kernel`` adds the kernel's veth baseline, whose whole cost is in
+``peers``. ``--perf DIR`` records ``perf record -g`` on natd during one extra transfer per
 way, keeps the data in DIR and prints where the time goes by DSO and symbol (Python frames
 show as the interpreter); ``--cprofile DIR`` runs natd under cProfile for one extra transfer
 per way (with the last ``--streams`` count) and prints its top functions by self time.
@@ -20,13 +22,14 @@ import argparse
 import json
 import os
 import pstats
+import resource
 import statistics
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure
-from engines import Natd, Setup
+from engines import Engine, Kernel, Natd, Setup
 from procs import BenchError, Runner
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -51,11 +54,20 @@ class TreeNatd(Natd):
         return env
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of every thread of ``pid`` so far."""
+def cpu_times(pid: int | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of every thread of ``pid`` so far ((0, 0) for no engine
+    process: the kernel baseline)."""
+    if pid is None:
+        return 0.0, 0.0
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+def _children() -> float:
+    """CPU seconds of this process's reaped children (the iperf3 pair of a transfer)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def transfer(
@@ -85,12 +97,13 @@ def transfer(
             argv += ["-R", "--rcv-timeout", "5000"]
         if streams > 1:
             argv += ["-P", str(streams)]
-        assert setup.pid is not None
         u0, s0 = cpu_times(setup.pid)
+        c0 = _children()
         r = runner.run(argv, setup.guest_ns, timeout=120)
         u1, s1 = cpu_times(setup.pid)
     finally:
         runner.stop(srv)
+    peers = _children() - c0  # the iperf3 client and server, both reaped by now
     data = measure.parse_json(r.stdout, "iperf3")
     if "error" in data:
         raise BenchError(f"iperf3: {data['error']}")
@@ -106,6 +119,8 @@ def transfer(
         "user": (u1 - u0) / gb,
         "sys": (s1 - s0) / gb,
         "cpu": (u1 - u0 + s1 - s0) / gb,
+        "peers": peers / gb,
+        "total": (u1 - u0 + s1 - s0 + peers) / gb,
         "gbps": float(got["bits_per_second"]) / 1e9,
         "starved": float(starved),
     }
@@ -115,7 +130,7 @@ WAYS = (("g2h", False), ("h2g", True))
 
 
 def one_run(
-    runner: Runner, eng: Natd, nbytes: int, streams: list[int]
+    runner: Runner, eng: Engine, nbytes: int, streams: list[int]
 ) -> dict[str, dict[str, float]]:
     """Each way with each stream count (``g2h``, ``g2h-P16`` ...) through one fresh natd."""
     setup = eng.start(runner, 1500, measure.fresh_port())
@@ -186,7 +201,8 @@ def main() -> int:
         "--tree",
         action="append",
         default=[],
-        help="NAME=PATH of a natd tree (repeat for A/B); default: this one",
+        help="NAME=PATH of a natd tree (repeat for A/B; PATH 'kernel': the veth baseline); "
+        "default: this one",
     )
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument(
@@ -214,7 +230,8 @@ def main() -> int:
             order = trees[i % len(trees) :] + trees[: i % len(trees)]
             for name, path in order:
                 try:
-                    res = one_run(runner, TreeNatd(path), nbytes, streams)
+                    eng = Kernel() if path == "kernel" else TreeNatd(path)
+                    res = one_run(runner, eng, nbytes, streams)
                 except BenchError as e:
                     print(f"run {i} {name}: failed: {e}", flush=True)
                     continue
@@ -235,7 +252,7 @@ def main() -> int:
                 continue
             row = summary.setdefault(name, {}).setdefault(way, {})
             parts = []
-            for key in ("cpu", "user", "sys", "gbps", "starved"):
+            for key in ("cpu", "user", "sys", "peers", "total", "gbps", "starved"):
                 vals = [f[key] for f in figs]
                 row[key] = [statistics.median(vals), min(vals), max(vals)]
                 parts.append(f"{key} {row[key][0]:.3f} ({row[key][1]:.3f}–{row[key][2]:.3f})")
