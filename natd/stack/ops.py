@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+Payload = bytes | bytearray | memoryview
+
 
 @dataclass(frozen=True, slots=True)
 class TcpConnect:
@@ -30,10 +32,15 @@ class TcpConnect:
 
 @dataclass(frozen=True, slots=True)
 class TcpSend:
-    """Write ``data`` (guest → host bytes, in order) to the flow's host socket."""
+    """Write ``data`` (guest → host bytes, in order) to the flow's host socket.
+
+    With ``TcpEngine.gather_sends`` ``data`` is a tuple of views of the guest frames the bytes
+    came in (no join in Python): they are valid only until the link is read again, so the
+    host side writes them when it performs the op and copies whatever it has to keep.
+    """
 
     flow: int
-    data: bytes
+    data: bytes | tuple[Payload, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +136,6 @@ HostOp = (
 )
 
 
-Payload = bytes | bytearray | memoryview
 Offloaded = dict[int, tuple[bytes, Payload]]
 """Frame index → (virtio_net_hdr, payload) for frames the TAP's kernel side finishes; an empty
 header means a complete frame only gathered from two pieces (no copy of a big payload)."""
