@@ -44,16 +44,7 @@ from natd.io.hostaddr import family_of, host_text
 from natd.io.memory import Trimmer
 from natd.io.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, DatagramPoller, PollerLease
 from natd.stack.gateway import Gateway
-from natd.stack.ops import (
-    HostOp,
-    Payload,
-    TcpClose,
-    TcpConnect,
-    TcpPause,
-    TcpResume,
-    TcpSend,
-    TcpShutdown,
-)
+from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpPause, TcpResume, TcpSend, TcpShutdown
 
 CONNECT_TIMEOUT = 10.0
 READ_SIZE = 256 * 1024  # as uvloop read: a bulk flow's chunks stay few and large
@@ -135,7 +126,6 @@ class TcpHost:
         self.gateway = gateway
         self.engine = gateway.tcp
         self.engine.delayed_ack = DELAYED_ACK
-        self.engine.gather_sends = True  # every TcpSend is performed before the link is read
         self.shell = shell
         self.connect_timeout = CONNECT_TIMEOUT
         self.conns: dict[int, _Sock] = {}  # connected flows
@@ -388,32 +378,24 @@ class TcpHost:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _send(self, s: _Sock, data: bytes | tuple[Payload, ...]) -> None:
-        """Write at once what the kernel takes; queue the rest (a tuple of views of guest
-        frames is gathered by one ``sendmsg``, and what is left of it copied: the frames'
-        buffer is reused by the next link read)."""
-        n = sum(map(len, data)) if isinstance(data, tuple) else len(data)
+    def _send(self, s: _Sock, data: bytes | memoryview) -> None:
+        n = len(data)
         if not n:
             return
         s.written += n
         if s.queue:
-            s.queue.append(memoryview(_owned(data)))
+            s.queue.append(memoryview(data))
             s.queued += n
         else:
             try:
-                if not isinstance(data, tuple):
-                    sent = s.sock.send(data)
-                elif len(data) == 1:
-                    sent = s.sock.send(data[0])
-                else:
-                    sent = s.sock.sendmsg(data) if len(data) <= SENDMSG_PARTS else 0
+                sent = s.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 self._failed(s, exc.errno or errno.EPIPE)
                 return
             if sent < n:
-                s.queue.append(memoryview(_owned(data))[sent:])
+                s.queue.append(memoryview(data)[sent:])
                 s.queued += n - sent
                 self._watch(s)
         self._report(s)
@@ -498,11 +480,6 @@ class TcpHost:
         else:
             with contextlib.suppress(OSError):
                 s.sock.close()
-
-
-def _owned(data: bytes | tuple[Payload, ...]) -> bytes:
-    """Bytes of our own for the queue: a guest frame's view dies with the next link read."""
-    return b"".join(data) if isinstance(data, tuple) else data
 
 
 def _connect_state(sock: socket.socket) -> int:

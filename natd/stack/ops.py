@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-Payload = bytes | bytearray | memoryview
-
 
 @dataclass(frozen=True, slots=True)
 class TcpConnect:
@@ -32,15 +30,10 @@ class TcpConnect:
 
 @dataclass(frozen=True, slots=True)
 class TcpSend:
-    """Write ``data`` (guest → host bytes, in order) to the flow's host socket.
-
-    With ``TcpEngine.gather_sends`` ``data`` is a tuple of views of the guest frames the bytes
-    came in (no join in Python): they are valid only until the link is read again, so the
-    host side writes them when it performs the op and copies whatever it has to keep.
-    """
+    """Write ``data`` (guest → host bytes, in order) to the flow's host socket."""
 
     flow: int
-    data: bytes | tuple[Payload, ...]
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +129,7 @@ HostOp = (
 )
 
 
+Payload = bytes | bytearray | memoryview
 Offloaded = dict[int, tuple[bytes, Payload]]
 """Frame index → (virtio_net_hdr, payload) for frames the TAP's kernel side finishes; an empty
 header means a complete frame only gathered from two pieces (no copy of a big payload)."""

@@ -101,20 +101,6 @@ class Rig:
         self.gw.tcp.end_batch(now)
         self.shell.flush()
 
-    def feed_batch(self, frames: list[bytes]) -> None:
-        """One batch as a TAP link hands it over: views of one reused buffer, which the next
-        read overwrites (here: right after the flush)."""
-        slots = bytearray(b"".join(frames))
-        views, at = [], 0
-        for f in frames:
-            views.append(memoryview(slots)[at : at + len(f)])
-            at += len(f)
-        now = self.loop.time()
-        self.gw.receive_frames(views, now)
-        self.shell.flush()
-        del views
-        slots[:] = bytes(len(slots))  # the next read: whatever was not copied is gone
-
     def send(self, g: Guest, flags: int, payload: bytes = b"") -> None:
         self.feed(g.frame(flags, payload))
         g.seq = (g.seq + len(payload) + (1 if flags & (SYN | FIN) else 0)) & 0xFFFFFFFF
@@ -481,41 +467,6 @@ async def _partial_sends_queue_until_epollout() -> None:
         peer.close()
 
 
-async def _gathered_batches_survive_the_link_buffer_reuse() -> None:
-    """A batch's guest bytes go to the host socket as views of the link's buffer (one
-    ``sendmsg``); what the kernel does not take is copied before the buffer is reused."""
-    rig = Rig(tcp_buffer_bytes=1 << 20)
-    assert rig.gw.tcp.gather_sends
-    with listening(rig) as (listener, port):
-        g, peer, conn = await small_buffers(rig, listener, port)
-        payload = hashlib.sha256(b"gather").digest() * 8192  # 256 KiB
-        peer.setblocking(False)
-        got = bytearray()
-        off = 0
-        queued_once = False
-        deadline = rig.loop.time() + 10
-        while rig.loop.time() < deadline and len(got) < len(payload):
-            flow = rig.gw.tcp.by_id[g.flow]
-            frames = []
-            while off < len(payload) and len(frames) < 8:
-                if flow.rcv_adv - flow.rcv_nxt - 1460 * len(frames) < 1460:
-                    break
-                chunk = payload[off : off + 1460]
-                frames.append(g.frame(ACK, chunk))
-                g.seq = (g.seq + len(chunk)) & 0xFFFFFFFF
-                off += len(chunk)
-            if frames:
-                rig.feed_batch(frames)
-                queued_once = queued_once or bool(conn.queue)
-            try:
-                got += peer.recv(65536)
-            except BlockingIOError:
-                await asyncio.sleep(0.002)
-        assert queued_once  # the kernel refused part of a gathered batch at least once
-        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
-        peer.close()
-
-
 async def _graceful_close_writes_the_queue_out_first() -> None:
     """The core closes a flow whose bytes the host kernel has not all taken: none are lost."""
     rig = Rig(tcp_buffer_bytes=1 << 20)
@@ -651,9 +602,6 @@ test_slow_connect_waits_for_epollout_then_times_out = on_both_loops(
     _slow_connect_waits_for_epollout_then_times_out
 )
 test_partial_sends_queue_until_epollout = on_both_loops(_partial_sends_queue_until_epollout)
-test_gathered_batches_survive_the_link_buffer_reuse = on_both_loops(
-    _gathered_batches_survive_the_link_buffer_reuse
-)
 test_graceful_close_writes_the_queue_out_first = on_both_loops(
     _graceful_close_writes_the_queue_out_first
 )

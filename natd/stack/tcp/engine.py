@@ -154,11 +154,6 @@ class TcpEngine:
     # (``TcpFlow.flush``). 0 (ACK every batch at once) unless the shell turns it on: its host
     # sockets answer within microseconds (``natd.io.tcp_host.DELAYED_ACK``).
     delayed_ack = 0.0
-    # Whether a batch's guest bytes go to the host as the tuple of views they arrived in
-    # (``TcpSend.data``, written with one ``sendmsg``) instead of joined into one ``bytes``.
-    # Off in the sans-IO core (ops outlive nothing there); the shell that performs every
-    # ``TcpSend`` before it reads the link again turns it on (``natd.io.tcp_host``).
-    gather_sends = False
 
     send_frame: Callable[[bytes], None]
 

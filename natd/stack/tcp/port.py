@@ -34,7 +34,6 @@ class Port(Protocol[F]):
     rcv_wscale: int
     tso: bool
     delayed_ack: float
-    gather_sends: bool
     connect_timeout: float
     keepalive_idle: float
     keepalive_interval: float

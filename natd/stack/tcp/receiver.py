@@ -1,7 +1,6 @@
 """Guest → host: what takes the guest's bytes in order, holds them and acknowledges them.
 
-In-order data is ACKed once it is in ``to_host`` (one ``TcpSend`` per batch: joined, or its
-views as they are with ``gather_sends``);
+In-order data is ACKed once it is in ``to_host`` (joined into one ``TcpSend`` per batch);
 out-of-order data is held inside the advertised window as merged ranges; the window natd
 advertises never promises more than it can hold (``limit``, the receive share, the budget).
 """
@@ -219,14 +218,10 @@ class Receiver(Tcb):
         small = False
         if self.to_host:
             chunks = self.to_host
+            data = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
             self.to_host = []
-            if self.eng.gather_sends:  # the views go to ``sendmsg`` as they are (no copy)
-                self.eng.emit(TcpSend(self.id, tuple(chunks)))
-                small = sum(map(len, chunks)) < self.mss
-            else:
-                data = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
-                self.eng.emit(TcpSend(self.id, data))
-                small = len(data) < self.mss
+            self.eng.emit(TcpSend(self.id, data))
+            small = len(data) < self.mss
         if self.ack_pending and self.state != CLOSED:
             delay = self.eng.delayed_ack
             if (
