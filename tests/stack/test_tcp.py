@@ -372,8 +372,8 @@ def test_rto_retransmits_with_exponential_backoff() -> None:
     out = g.host_data(b"L" * 1000)
     first = out.only()
     times = []
-    for _ in range(400):
-        out = g.advance(0.05)
+    for _ in range(1000):
+        out = g.advance(0.01)
         if out.segs:
             seg = out.only()
             assert seg.seq == first.seq and seg.payload == first.payload

@@ -18,7 +18,7 @@ from tcp_helpers import (
 )
 
 from natd.stack.ops import TcpSend
-from natd.stack.tcp.constants import MAX_RTO
+from natd.stack.tcp.constants import INITIAL_RTO, MAX_RTO, MIN_RTO
 from natd.stack.tcp.flow import TcpFlow
 from natd.stack.tcp.template import GSO_MAX_PAYLOAD
 from natd.wire.tcp import ACK, RST, SYN, build_tcp_options
@@ -29,10 +29,14 @@ SACK_PERMITTED = 4
 SACK = 5
 
 
-def established(*, sack: bool = True, **kw: object) -> Guest:
+def established(*, sack: bool = True, rtt: float = 0.0, **kw: object) -> Guest:
+    """A connected guest whose ACK of the SYN-ACK took ``rtt``: natd's first RTT sample."""
     gw, _ = new_gateway()
     g = Guest(gw, sack=sack, **kw)  # type: ignore[arg-type]
-    g.establish()
+    g.syn()
+    g.connected()
+    g.now += rtt
+    assert g.send(ACK).segs == []
     return g
 
 
@@ -196,7 +200,7 @@ def test_a_lost_64k_gso_frame_is_resent_as_one_gso_frame() -> None:
 
 
 def test_karn_no_rtt_sample_from_a_resent_segment_and_backoff_capped_then_reset() -> None:
-    g = established(sack=False)
+    g = established(sack=False, rtt=0.01)
     f = flow_of(g)
     out = g.host_data(b"k" * 1000)
     g.now += 0.01
@@ -229,7 +233,7 @@ def test_karn_no_rtt_sample_from_a_resent_segment_and_backoff_capped_then_reset(
 
 
 def timed(g: Guest, rtt: float = 0.01) -> TcpFlow:
-    """One clean RTT sample, so natd has an SRTT (the tail loss probe needs one)."""
+    """One more clean RTT sample of ``rtt`` (the handshake's was the same): SRTT is ``rtt``."""
     f = flow_of(g)
     out = g.host_data(b"t" * 100)
     g.now += rtt
@@ -240,7 +244,7 @@ def timed(g: Guest, rtt: float = 0.01) -> TcpFlow:
 
 
 def test_a_lost_tail_is_found_by_a_probe_not_an_rto() -> None:
-    g = established()
+    g = established(rtt=0.01)
     f = timed(g)
     out = g.host_data(b"T" * (3 * MSS))  # all three segments are lost
     una, top = out.segs[0].seq, out.segs[-1].seq + len(out.segs[-1].payload)
@@ -260,7 +264,7 @@ def test_a_lost_tail_is_found_by_a_probe_not_an_rto() -> None:
 
 
 def test_a_lost_resend_is_resent_again_before_the_rto() -> None:
-    g = established()
+    g = established(rtt=0.01)
     f = timed(g)
     assert len(g.host_data(b"w" * (10 * MSS)).segs) == 10  # cwnd has grown: all go out
     una = f.snd_una
@@ -331,7 +335,7 @@ def test_after_an_rto_go_back_n_resends_in_growing_gso_frames() -> None:
 
 
 def test_a_small_answer_the_guest_acks_late_gets_no_probe() -> None:
-    g = established()
+    g = established(rtt=0.001)
     f = timed(g, rtt=0.001)
     out = g.host_data(b"r" * 200)  # a request's answer; the guest delays its ACK 40 ms
     assert len(out.segs) == 1
@@ -340,3 +344,112 @@ def test_a_small_answer_the_guest_acks_late_gets_no_probe() -> None:
     g.send(ACK)
     assert g.gw.counters["tcp.tlp_probes"] == 0 and g.gw.counters["tcp.retransmits"] == 0
     assert f.rtx_at == 0.0
+
+
+# -- issue 14: a host → guest transfer that stalled for seconds at its start --------------------
+#
+# The shell's clock (uvloop's ``loop.time()``) ticks in milliseconds; the guest's link answers in
+# microseconds, so a round trip usually reads 0. natd took SRTT == 0 for "no sample yet": such a
+# flow had no tail loss probe and a 1 s RTO, and after that RTO Karn's rule timed nothing, so
+# one more loss cost 2 s more. Two losses at the start of a 2 s iperf3 run moved ~100 KB.
+
+
+def lossy_transfer(
+    g: GsoGuest, data: bytes, lose: set[int] = frozenset(), lose_acks: set[int] = frozenset()
+) -> float:
+    """Move ``data`` host → guest over a link that loses natd's data frames numbered in
+    ``lose`` and the guest's ACKs numbered in ``lose_acks`` (from 0, in sending order). The
+    guest keeps out-of-order bytes and ACKs every frame with SACK blocks, within the same tick;
+    the clock moves 1 ms only while nothing is on the wire. Returns the seconds it took."""
+    f = flow_of(g)
+    base, start = g.ack, g.now
+    got = bytearray(len(data))
+    have: list[tuple[int, int]] = []  # byte ranges (offsets) the guest holds, merged
+    queue = g.host_data(data).segs
+    frames = acks = 0
+    while not (have == [(0, len(data))] and len(f.sndbuf) == 0):
+        assert g.now - start < 10.0, f"stalled: {have[:3]} after {g.now - start:.1f} s"
+        if not queue:
+            queue = g.advance(0.001).segs
+            continue
+        seg = queue.pop(0)
+        if not seg.payload:
+            continue
+        frames += 1
+        if frames - 1 in lose:
+            continue
+        lo = (seg.seq - base) & M32
+        hi = lo + len(seg.payload)
+        got[lo:hi] = seg.payload
+        have = merged([*have, (lo, hi)])
+        acks += 1
+        if acks - 1 in lose_acks:
+            continue
+        cum = have[0][1] if have[0][0] == 0 else 0
+        g.ack = (base + cum) & M32
+        above = [(base + a, base + b) for a, b in reversed(have) if a > cum][:3]
+        queue += sack(g, *above).segs
+    assert bytes(got) == data
+    return g.now - start
+
+
+def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def gso_established() -> GsoGuest:
+    """Connected within one tick: the handshake's round trip reads 0 on the clock."""
+    g = GsoGuest(tso_gateway(), sack=True)
+    g.establish()
+    return g
+
+
+def test_a_round_trip_within_one_tick_still_gives_an_rtt_estimate() -> None:
+    g = gso_established()
+    f = flow_of(g)
+    assert f.srtt > 0 and f.rto == MIN_RTO  # the handshake's sample, though it read 0
+    # Issue 14's trace: the first flight (one 10 MSS frame) lost, then natd's first resend lost
+    # too. Before: an RTO at 1 s, then one at 2 s more (nothing timed after go-back-N): 3 s.
+    took = lossy_transfer(g, bytes(range(251)) * 800, lose={0, 1})
+    assert took < 0.5, took
+    assert g.gw.counters["tcp.tlp_probes"] == 1
+
+
+def test_a_lost_ack_of_the_second_flight_is_found_by_a_probe_not_a_1s_rto() -> None:
+    # Issue 14's other trace: the first flight's ACK is natd's only sample and reads 0; the
+    # guest's ACK of the second flight is lost. Before: nothing until the 1 s RTO.
+    g = gso_established()
+    took = lossy_transfer(g, bytes(range(251)) * 800, lose_acks={1})
+    assert took < 0.05, took
+    assert g.gw.counters["tcp.rto"] == 0 and g.gw.counters["tcp.tlp_probes"] == 1
+
+
+def test_the_handshake_is_the_first_rtt_sample_unless_the_syn_was_resent() -> None:
+    g = established(rtt=0.004)
+    assert abs(flow_of(g).srtt - 0.004) < 1e-12 and flow_of(g).rto == MIN_RTO
+    # A resent SYN-ACK: which one the ACK answers is unknown (Karn), so no sample.
+    gw, _ = new_gateway()
+    g = Guest(gw, sack=True)
+    g.syn()
+    first = g.connected()
+    assert g.advance(1.0).only().seq == first.seq  # the SYN-ACK again
+    g.now += 0.004
+    g.send(ACK)
+    assert flow_of(g).srtt == 0.0 and flow_of(g).rto == INITIAL_RTO
+    # A forward's flow: natd's SYN, the guest's SYN-ACK 3 ms later.
+    gw, _ = new_gateway()
+    g = Guest(gw, dport=5555, sport=22)
+    g.feed(g.frame(RST, seq=1))  # any frame: natd learns the guest's MAC
+    flow = gw.tcp.open_inbound(GUEST_IP, 22, REMOTE_IP, 5555, g.now)
+    assert flow is not None
+    syn = g.drain().only()
+    g.now += 0.003
+    g.seq, g.ack = 777, (syn.seq + 1) & M32
+    g.send(SYN | ACK, options=build_tcp_options(mss=1460, wscale=7, sack_permitted=True))
+    assert abs(gw.tcp.by_id[flow].srtt - 0.003) < 1e-12

@@ -31,6 +31,10 @@ INITIAL_RTO = 1.0  # RFC 6298 2.1
 MIN_RTO = 0.2  # Linux's floor; the guest is one hop away on a virtual link
 MAX_RTO = 60.0  # RFC 6298 2.5
 CLOCK_G = 0.001
+# The shortest RTT sample. A round trip inside one tick of a coarse clock reads 0 (uvloop's
+# ``loop.time()`` ticks in ms; the guest's link answers in µs): still a sample, or the flow would
+# stay without an estimate — no tail loss probe, a 1 s RTO backed off to seconds (issue 14).
+RTT_FLOOR = 1e-6
 TCP_MIN_MSS = 88  # Linux's floor for a peer's MSS option
 DEFAULT_MSS = 536  # RFC 9293 3.7.1: no MSS option
 
@@ -52,6 +56,7 @@ __all__ = [
     "OOO_MAX_RANGES",
     "PSH",
     "RST",
+    "RTT_FLOOR",
     "SACK_MAX_BLOCKS",
     "SACK_MAX_RANGES",
     "SYN",

@@ -525,6 +525,7 @@ class TcpEngine:
         if seq == flow.irs:
             self.counters["tcp.syn_absorbed"] += 1
             self.send_synack(flow)
+            flow.rtt_seq = 0  # Karn: which SYN-ACK the ACK answers is unknown now
         else:
             self.challenge_ack(flow, now)
 
@@ -610,6 +611,7 @@ class TcpEngine:
         # max_inbound_per_forward) and must not use up the guest's egress flows.
         log.debug("tcp.open")
         self.send_syn(flow)
+        flow.time_handshake(now)
         flow.rtx_at = now + 1.0
         self.arm(flow, flow.rtx_at)
         return flow_id
@@ -745,6 +747,7 @@ class TcpEngine:
         flow.last_rx = now
         self.note_receiver(flow_id, now)
         self.send_synack(flow)
+        flow.time_handshake(now)
         flow.rtx_at = now + 1.0
         self.arm(flow, flow.rtx_at)
 

@@ -202,6 +202,7 @@ class TcpFlow(Template, Sender, Receiver):
         self.rtx_count = 0
         self.backoff = 0
         self.rto = INITIAL_RTO
+        self.handshake_rtt(now)
         if self.host_eof:
             self.fin_seq = self.snd_una + len(self.sndbuf)
 
@@ -275,6 +276,7 @@ class TcpFlow(Template, Sender, Receiver):
             eng.abort(self, "handshake_timeout", now)
             return
         eng.counters["tcp.retransmits"] += 1
+        self.rtt_seq = 0  # Karn: a resent SYN(-ACK) is not timed
         if self.state == SYN_SENT:
             eng.send_syn(self)
         else:

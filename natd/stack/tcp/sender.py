@@ -25,6 +25,7 @@ from natd.stack.tcp.constants import (
     MAX_RTO,
     MIN_RTO,
     PSH,
+    RTT_FLOOR,
     SACK_MAX_RANGES,
     TLP_MIN,
     WC_DELACK,
@@ -208,14 +209,7 @@ class Sender(Tcb):
         mss = self.mss
         # RTT sample (RFC 6298 2.2/2.3; Karn: only never-retransmitted data is timed)
         if self.rtt_seq and seg_ack >= self.rtt_seq:
-            r = now - self.rtt_at
-            if self.srtt:
-                self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
-                self.srtt = 0.875 * self.srtt + 0.125 * r
-            else:
-                self.srtt = r
-                self.rttvar = r / 2
-            self.rtt_seq = 0
+            self.rtt_sample(now - self.rtt_at)
         if self.srtt:
             rto = self.srtt + max(CLOCK_G, 4 * self.rttvar)
             self.rto = MIN_RTO if rto < MIN_RTO else MAX_RTO if rto > MAX_RTO else rto
@@ -258,6 +252,36 @@ class Sender(Tcb):
                     self.eng.enter_time_wait(self, now)  # CLOSING → TIME-WAIT
                 else:
                     self.eng.close(self, "closed", now)  # LAST-ACK → CLOSED
+
+    def rtt_sample(self, r: float) -> None:
+        """Fold one round-trip time into SRTT and RTTVAR (RFC 6298 2.2/2.3); SRTT 0 means
+        no sample yet, so a reading of 0 counts as ``RTT_FLOOR``."""
+        if r < RTT_FLOOR:
+            r = RTT_FLOOR
+        if self.srtt:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
+            self.srtt = 0.875 * self.srtt + 0.125 * r
+        else:
+            self.srtt = r
+            self.rttvar = r / 2
+        self.rtt_seq = 0
+
+    def time_handshake(self, now: float) -> None:
+        """Time the SYN-ACK (or a forward's SYN) just sent: the guest's answer is the first
+        RTT sample (RFC 6298 2.2 allows it; Linux takes it too). Without it the first data
+        flight has no SRTT: no tail loss probe, a 1 s RTO, and, since Karn's rule times no
+        resend, a loss in the go-back-N after it costs another 2 s (issue 14's stall)."""
+        self.rtt_seq = self.iss + 1
+        self.rtt_at = now
+
+    def handshake_rtt(self, now: float) -> None:
+        """The guest ACKed our SYN: take the handshake's sample unless the SYN was resent
+        (Karn)."""
+        if self.rtt_seq:
+            self.rtt_sample(now - self.rtt_at)
+            rto = self.srtt + max(CLOCK_G, 4 * self.rttvar)
+            self.rto = MIN_RTO if rto < MIN_RTO else MAX_RTO if rto > MAX_RTO else rto
+        self.rtt_seq = 0
 
     def _on_dupack(self, now: float) -> None:
         self.dupacks += 1
