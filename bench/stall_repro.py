@@ -104,8 +104,10 @@ def longest_stall(samples: list[str]) -> float:
     best, since, last = 0.0, 0.0, -1
     for line in samples:
         t, _, rest = line.strip().partition(" ")
-        got = next(
-            (int(w.split(":")[1]) for w in rest.split() if w.startswith("bytes_received:")), None
+        # "dport" matches iperf3's control connection too: the data one has the most bytes
+        got = max(
+            (int(w.split(":")[1]) for w in rest.split() if w.startswith("bytes_received:")),
+            default=None,
         )
         if got is None:
             continue

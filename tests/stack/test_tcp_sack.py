@@ -418,7 +418,7 @@ def test_a_round_trip_within_one_tick_still_gives_an_rtt_estimate() -> None:
     # too. Before: an RTO at 1 s, then one at 2 s more (nothing timed after go-back-N): 3 s.
     took = lossy_transfer(g, bytes(range(251)) * 800, lose={0, 1})
     assert took < 0.5, took
-    assert g.gw.counters["tcp.tlp_probes"] == 1
+    assert g.gw.counters["tcp.tlp_probes"] == 1 and g.gw.counters["tcp.stalled"] == 0
 
 
 def test_a_lost_ack_of_the_second_flight_is_found_by_a_probe_not_a_1s_rto() -> None:
@@ -453,3 +453,16 @@ def test_the_handshake_is_the_first_rtt_sample_unless_the_syn_was_resent() -> No
     g.seq, g.ack = 777, (syn.seq + 1) & M32
     g.send(SYN | ACK, options=build_tcp_options(mss=1460, wscale=7, sack_permitted=True))
     assert abs(gw.tcp.by_id[flow].srtt - 0.003) < 1e-12
+
+
+def test_a_flow_that_moves_nothing_for_a_second_is_counted_stalled() -> None:
+    g = gso_established()
+    g.host_data(b"s" * 5000)  # the guest hears nothing from now on
+    fired = []
+    while len(fired) < 5:
+        out = g.advance(0.01)
+        if out.segs:
+            fired.append((round(g.now - 100.0, 2), g.gw.counters["tcp.stalled"]))
+    # A probe at 2 ms, then RTOs of 0.2, 0.4, 0.8 s: not stalls yet; the 1.6 s one is.
+    assert [n for _, n in fired] == [0, 0, 0, 0, 1], fired
+    assert fired[-1][0] >= 3.0

@@ -35,6 +35,9 @@ CLOCK_G = 0.001
 # ``loop.time()`` ticks in ms; the guest's link answers in µs): still a sample, or the flow would
 # stay without an estimate — no tail loss probe, a 1 s RTO backed off to seconds (issue 14).
 RTT_FLOOR = 1e-6
+# An RTO this long that expires means the flow moved nothing for that long (on a µs link with an
+# RTT estimate: three backoffs in a row): counted as ``tcp.stalled``, a cheap stall detector.
+STALL_RTO = 1.0
 TCP_MIN_MSS = 88  # Linux's floor for a peer's MSS option
 DEFAULT_MSS = 536  # RFC 9293 3.7.1: no MSS option
 
@@ -59,6 +62,7 @@ __all__ = [
     "RTT_FLOOR",
     "SACK_MAX_BLOCKS",
     "SACK_MAX_RANGES",
+    "STALL_RTO",
     "SYN",
     "SYN_RCVD",
     "SYN_SENT",

@@ -27,6 +27,7 @@ from natd.stack.tcp.constants import (
     PSH,
     RTT_FLOOR,
     SACK_MAX_RANGES,
+    STALL_RTO,
     TLP_MIN,
     WC_DELACK,
     WRAP,
@@ -530,6 +531,8 @@ class Sender(Tcb):
         self.rtt_seq = 0
         self.sacked = []  # the guest may renege (RFC 2018 8): go back N from una, all of it
         self.tlp_seq = self.rack_lost = 0
+        if self.rto >= STALL_RTO:
+            eng.counters["tcp.stalled"] += 1  # no progress for a second or more (issue 14)
         self.rto = min(self.rto * 2, MAX_RTO)
         eng.counters["tcp.retransmits"] += 1
         eng.counters["tcp.rto"] += 1
