@@ -69,19 +69,25 @@ def test_sack_permitted_answered_only_when_the_guest_offers_it() -> None:
         assert flow_of(g).sack_ok is offered
 
 
+def inbound_synack(answer_after: float = 0.0, sack_permitted: bool = True) -> TcpFlow:
+    """A forward's flow: natd's SYN to the guest, the guest's SYN-ACK ``answer_after`` later."""
+    gw, _ = new_gateway()
+    g = Guest(gw, dport=5555, sport=22)
+    g.feed(g.frame(RST, seq=1))  # any frame: natd learns the guest's MAC
+    flow = gw.tcp.open_inbound(GUEST_IP, 22, REMOTE_IP, 5555, g.now)
+    assert flow is not None
+    syn = g.drain().only()
+    assert SACK_PERMITTED in syn.opts
+    g.now += answer_after
+    g.seq, g.ack = 777, (syn.seq + 1) & M32
+    options = build_tcp_options(mss=1460, wscale=7, sack_permitted=sack_permitted)
+    g.send(SYN | ACK, options=options)
+    return gw.tcp.by_id[flow]
+
+
 def test_inbound_syn_offers_sack_and_the_guests_synack_decides() -> None:
     for answered in (True, False):
-        gw, _ = new_gateway()
-        g = Guest(gw, dport=5555, sport=22)
-        g.feed(g.frame(RST, seq=1))  # any frame: natd learns the guest's MAC
-        flow = gw.tcp.open_inbound(GUEST_IP, 22, REMOTE_IP, 5555, g.now)
-        assert flow is not None
-        syn = g.drain().only()
-        assert SACK_PERMITTED in syn.opts
-        g.seq, g.ack = 777, (syn.seq + 1) & M32
-        options = build_tcp_options(mss=1460, wscale=7, sack_permitted=answered)
-        g.send(SYN | ACK, options=options)
-        assert gw.tcp.by_id[flow].sack_ok is answered
+        assert inbound_synack(sack_permitted=answered).sack_ok is answered
 
 
 def test_no_sack_blocks_without_negotiation() -> None:
@@ -443,16 +449,7 @@ def test_the_handshake_is_the_first_rtt_sample_unless_the_syn_was_resent() -> No
     g.send(ACK)
     assert flow_of(g).srtt == 0.0 and flow_of(g).rto == INITIAL_RTO
     # A forward's flow: natd's SYN, the guest's SYN-ACK 3 ms later.
-    gw, _ = new_gateway()
-    g = Guest(gw, dport=5555, sport=22)
-    g.feed(g.frame(RST, seq=1))  # any frame: natd learns the guest's MAC
-    flow = gw.tcp.open_inbound(GUEST_IP, 22, REMOTE_IP, 5555, g.now)
-    assert flow is not None
-    syn = g.drain().only()
-    g.now += 0.003
-    g.seq, g.ack = 777, (syn.seq + 1) & M32
-    g.send(SYN | ACK, options=build_tcp_options(mss=1460, wscale=7, sack_permitted=True))
-    assert abs(gw.tcp.by_id[flow].srtt - 0.003) < 1e-12
+    assert abs(inbound_synack(answer_after=0.003).srtt - 0.003) < 1e-12
 
 
 def test_a_flow_that_moves_nothing_for_a_second_is_counted_stalled() -> None:
