@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any
 
 from natd.stack.addresses import text as address_text
+from natd.stack.ratelog import TokenBucket
 
 OUT = "out"
 IN = "in"
@@ -49,8 +50,7 @@ class FlowEvents:
 
     def __init__(self, log: Any) -> None:
         self.log = log
-        self._tokens = self.burst
-        self._refilled: float | None = None
+        self._bucket = TokenBucket(self.rate, self.burst)
         self._summary_due: float | None = None
         self.pending_suppressed = 0  # refused since the last summary line
         self.suppressed = 0  # refused in total
@@ -60,17 +60,17 @@ class FlowEvents:
         self.closed_bytes_out: Counter[str] = Counter()  # proto → guest → remote bytes
         self.closed_bytes_in: Counter[str] = Counter()  # proto → remote → guest bytes
 
+    def set_limit(self, rate: float, burst: float) -> None:
+        """Change the sustained rate and the burst (a full bucket)."""
+        self.rate = rate
+        self.burst = burst
+        self._bucket = TokenBucket(rate, burst)
+
     def _admit(self, now: float) -> bool:
         """One token from the bucket, refilled on the core's clock; False: suppress."""
-        last = self._refilled
-        if last is not None and now > last:
-            self._tokens = min(self.burst, self._tokens + (now - last) * self.rate)
-        if last is None or now > last:
-            self._refilled = now
         if self._summary_due is not None and now >= self._summary_due:
             self.on_timer(now)
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self._bucket.take(now):
             self.logged += 1
             return True
         self.suppressed += 1

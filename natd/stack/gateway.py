@@ -34,6 +34,7 @@ from natd.stack.neighbours import NeighbourTable
 from natd.stack.ops import HostOp, Offloaded, Outbox
 from natd.stack.ping import PingEngine
 from natd.stack.policy import HOST, OUTSIDE, SERVICE
+from natd.stack.ratelog import TokenBucket
 from natd.stack.settings import GatewaySettings, Limits
 from natd.stack.tcp import TcpEngine
 from natd.stack.udp import UdpEngine
@@ -71,6 +72,8 @@ _DNS_PORT = 53
 _MAX_NEIGHBORS = 65536  # bounds the table even on a /8 virtual network
 _MAX_DENIALS_LOGGED = 4096  # distinct denied (guest, proto, dst, port) remembered for the log
 _MAX_DECISIONS = 8192  # cached policy verdicts per (proto, dst, port, kind); cleared when full
+ERRORS_PER_SECOND = 1000.0  # ICMP/ICMPv6 errors natd may send, sustained
+ERRORS_BURST = 50.0
 _NEW_TCP_MASK = SYN | ACK | RST | FIN  # a SYN with none of the others opens a flow
 
 
@@ -84,7 +87,11 @@ class Gateway:
         self.counters: Counter[str] = Counter()
         self.log: Any = log if log is not None else NullLog()
         self.events = FlowEvents(self.log)
-        self._now = 0.0  # the latest batch's clock, for ``learn_neighbor`` (it has no ``now``)
+        self._now = 0.0  # the latest batch's or timer's clock, for calls that have no ``now``
+        # ICMP/ICMPv6 errors natd originates, both families: Linux's defaults
+        # (net.ipv4.icmp_msgs_per_sec 1000, icmp_msgs_burst 50), so a guest cannot make natd
+        # answer a flood of refused packets one for one.
+        self._error_bucket = TokenBucket(ERRORS_PER_SECOND, ERRORS_BURST)
         self.neighbours = NeighbourTable(
             self.counters,
             self.log,
@@ -208,6 +215,9 @@ class Gateway:
         self, guest: bytes, why: int, original: bytes | memoryview, *,
         origin: bytes | None = None, mtu: int = 0,
     ) -> bool:  # fmt: skip
+        if not self._error_bucket.take(self._now):
+            self.counters["drop.icmp_error_rate"] += 1  # RFC 1812 4.3.2.8, RFC 4443 2.4 (f)
+            return False
         if origin is None:
             origin = self.settings.gateway_ip if len(guest) == 4 else self.settings.gateway6
         proto, message = build_error(origin, guest, why, original, mtu=mtu)
@@ -636,6 +646,7 @@ class Gateway:
         return best
 
     def on_timer(self, now: float) -> None:
+        self._now = now
         for engine in self._engines:
             engine.on_timer(now)
 

@@ -15,17 +15,14 @@ from typing import Any
 
 from natd.stack.addresses import is_link_local
 from natd.wire.icmpv6 import (
-    ICMPV6_DEST_UNREACH,
     ICMPV6_ECHO_REPLY,
     ICMPV6_ECHO_REQUEST,
-    UNREACH_NO_ROUTE,
     Icmpv6Message,
     build_icmpv6_echo,
-    build_icmpv6_error,
     is_error,
 )
 from natd.wire.ipv6 import PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
-from natd.wire.l3 import L3
+from natd.wire.l3 import L3, WHY_NET
 from natd.wire.tcp import ACK, FIN, RST, SYN, build_tcp, parse_tcp
 from natd.wire.udp import parse_udp
 
@@ -83,10 +80,7 @@ class Icmpv6Responder:
                     return
             s = self.link.settings
             origin = s.router6 if is_link_local(src) else s.gateway6
-            error = build_icmpv6_error(
-                origin, src, ICMPV6_DEST_UNREACH, UNREACH_NO_ROUTE, ip.packet
-            )
-            self.link.send_ip(origin, src, PROTO_ICMPV6, error)
+            self.link.send_error(src, WHY_NET, ip.packet, origin=origin)
         counters["ipv6.refused_no_route"] += 1
 
     def next_deadline(self) -> float | None:

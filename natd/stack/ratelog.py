@@ -1,5 +1,9 @@
-"""Log once per burst: a hostile guest repeating a refused act is counted every time, logged
-once per interval (with how many were left unlogged), so it cannot flood the log."""
+"""Rate limits on the core's clock.
+
+``BurstLog``: a hostile guest repeating a refused act is counted every time, logged once per
+interval (with how many were left unlogged), so it cannot flood the log. ``TokenBucket``: at
+most ``burst`` at once and ``rate`` per second sustained (flow events, ICMP errors).
+"""
 
 from __future__ import annotations
 
@@ -25,4 +29,28 @@ class BurstLog:
         return suppressed
 
 
-__all__ = ["BurstLog"]
+class TokenBucket:
+    """``take(now)`` is True while tokens last; they refill at ``rate`` per second up to
+    ``burst``. The clock is the caller's (the core's ``now``); a clock that goes back is ignored."""
+
+    __slots__ = ("_refilled", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._refilled: float | None = None
+
+    def take(self, now: float) -> bool:
+        last = self._refilled
+        if last is None or now > last:
+            if last is not None:
+                self._tokens = min(self.burst, self._tokens + (now - last) * self.rate)
+            self._refilled = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+__all__ = ["BurstLog", "TokenBucket"]

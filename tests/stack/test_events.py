@@ -90,9 +90,7 @@ def test_udp_forward_flow_is_reported_inbound() -> None:
 def test_storm_is_rate_limited_and_the_suppressed_are_summarised() -> None:
     log = RecordingLog()
     events = FlowEvents(log)
-    events.burst = 10.0
-    events.rate = 5.0
-    events._tokens = 10.0
+    events.set_limit(rate=5.0, burst=10.0)
     for i in range(100):  # 100 opens within one second
         events.flow_open("tcp", i, GUEST, 1000 + i, OUTSIDE, 80, 100.0 + i / 100)
     logged = _events(log, "flow.open")
@@ -114,7 +112,7 @@ def test_storm_is_rate_limited_and_the_suppressed_are_summarised() -> None:
 
 def test_gateway_timer_writes_the_summary() -> None:
     gw, log = new_gateway()
-    gw.events.burst = gw.events._tokens = 1.0
+    gw.events.set_limit(rate=gw.events.rate, burst=1.0)
     for i in range(5):
         gw.events.flow_open("udp", i, GUEST, i + 1, OUTSIDE, 53, 1.0)
     deadline = gw.next_deadline()

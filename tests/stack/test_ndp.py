@@ -271,6 +271,23 @@ def test_v6_udp_refused_with_unreachable_quoting_it_without_host_ipv6(gw: Gatewa
     assert gw.counters["ipv6.refused_no_route"] == 1
 
 
+def test_errors_natd_originates_are_rate_limited(gw: Gateway) -> None:
+    """A flood of refused packets is not answered one for one: a burst of 50 errors, then
+    1000 a second (Linux's icmp_msgs_burst / icmp_msgs_per_sec), the rest counted."""
+    gw.settings = replace(gw.settings, host_ipv6=False)
+    frames = []
+    for port in range(1000, 1100):
+        dg = struct.pack("!HHHH", port, 53, 8 + 4, 0) + b"dns?"
+        pseudo = GUEST6 + REMOTE6 + struct.pack("!I3xB", len(dg), 17)
+        dg = dg[:6] + struct.pack("!H", inet_checksum(pseudo + dg)) + dg[8:]
+        frames.append(frame(dg, 17, src=GUEST6, dst=REMOTE6, hlim=64))
+    assert len(exchange(gw, frames, 1.0)) == 50
+    assert gw.counters["drop.icmp_error_rate"] == 50
+    assert gw.counters["ipv6.refused_no_route"] == 100  # every one seen and counted
+    assert len(exchange(gw, frames[:30], 1.01)) == 10  # 10 ms refill 10 tokens
+    assert len(exchange(gw, frames[:30], 2.0)) == 30  # refilled after a second
+
+
 def test_fragments_dropped_counted(gw: Gateway) -> None:
     frag = struct.pack("!BxHI", 17, 0 | 1, 0xCAFE) + bytes(16)
     assert exchange(gw, [frame(frag, 44, src=GUEST6, dst=REMOTE6, hlim=64)], 1.0) == []
