@@ -47,6 +47,10 @@ class Sender(Tcb):
         una = self.snd_una
         end = una + len(buf)
         nxt = self.snd_nxt
+        if nxt >= end and not self.host_eof and not (self.in_recovery and self.sacked):
+            # Everything sent (the ACK of a request's answer): no hole to resend, no FIN, and
+            # nothing unsent for a persist timer. Once per guest ACK, so it returns early.
+            return
         wnd = self.snd_wnd
         cwnd = self.cwnd
         edge = una + (wnd if wnd < cwnd else cwnd)
