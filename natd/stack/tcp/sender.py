@@ -45,7 +45,7 @@ class Sender(Tcb):
             return
         buf = self.sndbuf
         una = self.snd_una
-        end = una + len(buf)
+        end = una + buf.size  # (``.size``, not ``len()``: no Python call per segment)
         nxt = self.snd_nxt
         if nxt >= end and not self.host_eof and not (self.in_recovery and self.sacked):
             # Everything sent (the ACK of a request's answer): no hole to resend, no FIN, and
@@ -195,7 +195,8 @@ class Sender(Tcb):
         una = self.snd_una
         acked = seg_ack - una
         buf = self.sndbuf
-        data = acked if acked <= len(buf) else len(buf)
+        size = buf.size
+        data = acked if acked <= size else size
         if data:
             buf.consume(data)
             self.bytes_to_guest += data
@@ -252,7 +253,7 @@ class Sender(Tcb):
         else:
             self.rtx_at = 0.0
             self.pto_armed = False
-        if self.host_paused and len(buf) <= self.eng.limit // 2:
+        if self.host_paused and buf.size <= self.eng.limit // 2:
             self.eng.try_resume(self)
         if self.host_eof and not self.fin_acked and seg_ack > self.fin_seq:
             self.fin_acked = True
@@ -463,7 +464,7 @@ class Sender(Tcb):
         eng = self.eng
         eng.budget.charge(self.guest_ip, len(data))
         if not self.host_paused:
-            if len(self.sndbuf) >= eng.limit:
+            if self.sndbuf.size >= eng.limit:
                 self.host_paused = True
                 eng.emit(TcpPause(self.id))
             elif eng.budget.over(self.guest_ip):
