@@ -319,15 +319,21 @@ class TcpEngine:
         self, frame: bytes | memoryview, f: FastFrame, trusted: int, now: float
     ) -> bool:
         """The hot path: a frame ``natd.wire.fastpath.decode_frame`` decoded (``f``) for an
-        ESTABLISHED flow goes straight to it, without building header objects.
+        ESTABLISHED (or SYN-RECEIVED) flow goes straight to it, without building header
+        objects.
 
         ``trusted``: the TAP said the checksum is partial or already checked (vnet flags):
         never verify it. False means "not mine": the caller takes the slow path
         (``on_guest_segment``), which handles every other state and every reply.
         """
         flow = self.flows.get((f[3], f[5], f[4], f[6]))
-        if flow is None or flow.state != ESTABLISHED or flow.gmac != f[2]:
+        if flow is None or flow.gmac != f[2]:
             return False  # another MAC than the flow's: the slow path drops it, counted
+        state = flow.state
+        if state != ESTABLISHED and (state != SYN_RCVD or f[9] & SYN):
+            # (The ACK of our SYN-ACK comes this way too: once per connection, no header
+            # objects; a repeated SYN takes the slow path, which answers it.)
+            return False
         end = f[12]
         if not trusted:
             l4 = f[13]  # IPv4 or IPv6: flow.pseudo is the family's pseudo-header sum
