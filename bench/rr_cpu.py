@@ -78,9 +78,17 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def _ticks(pid: int) -> tuple[int, int]:
+    """utime and stime of ``pid`` in clock ticks (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 @dataclass
 class Sample:
     rr_us: float  # natd CPU µs per round trip
+    rr_user: float  # the share of it in user space (utime / (utime + stime), 10 ms ticks)
     conn_us: float  # natd CPU µs per connection
     rr_n: int
     conns: int
@@ -167,12 +175,14 @@ def measure(runner: Runner, eng: TreeNatd, rr_n: int, seconds: float, pin: bool)
         assert s.pid is not None
         _rr(runner, s, 50, None)  # warm up: imports, first flow, allocator
         with pinned(s) if pin else contextlib.nullcontext() as cpu:
-            c0 = cpu_seconds(s.pid)
+            c0, t0 = cpu_seconds(s.pid), _ticks(s.pid)
             n = _rr(runner, s, rr_n, cpu)
-            c1 = cpu_seconds(s.pid)
+            c1, t1 = cpu_seconds(s.pid), _ticks(s.pid)
             k = _conns(runner, s, seconds, cpu)
             c2 = cpu_seconds(s.pid)
-        return Sample((c1 - c0) / n * 1e6, (c2 - c1) / k * 1e6, n, k)
+        user, system = t1[0] - t0[0], t1[1] - t0[1]
+        share = user / (user + system) if user + system else 0.0
+        return Sample((c1 - c0) / n * 1e6, share, (c2 - c1) / k * 1e6, n, k)
     finally:
         eng.stop(runner, s)
 
@@ -181,9 +191,11 @@ def _calls(path: str) -> dict[str, tuple[int, float]]:
     """cProfile's call counts (primitive + recursive) and own time per function."""
     st = pstats.Stats(path)
     out: dict[str, tuple[int, float]] = {}
-    for (file, line, name), (_cc, nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+    for (file, _line, name), (_cc, nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
         short = file.rsplit("/natd/", 1)[-1] if "/natd/" in file else os.path.basename(file)
-        out[f"{short}:{line}({name})"] = (nc, tt)
+        key = f"{short}({name})"  # no line numbers: trees are compared function by function
+        old = out.get(key, (0, 0.0))
+        out[key] = (old[0] + nc, old[1] + tt)
     return out
 
 
@@ -264,21 +276,22 @@ def main() -> int:
                 smp = measure(runner, TreeNatd(tree), args.rr, args.conn_seconds, not args.free)
                 samples[tree].append(smp)
                 print(
-                    f"run {i + 1} {tree}: {smp.rr_us:.1f} µs/RR ({smp.rr_n}), "
-                    f"{smp.conn_us:.0f} µs/conn ({smp.conns})",
+                    f"run {i + 1} {tree}: {smp.rr_us:.1f} µs/RR ({smp.rr_n}, "
+                    f"{smp.rr_user:.0%} user), {smp.conn_us:.0f} µs/conn ({smp.conns})",
                     flush=True,
                 )
         where = "free" if args.free else "pinned to CPU 0"
         when = time.strftime("%H:%M UTC", time.gmtime())
         print(f"\nnatd CPU per transaction, {args.runs} runs, median (min–max), {where}, {when}")
-        print("| tree | µs CPU per 64 B round trip | µs CPU per connection |")
-        print("|---|---|---|")
+        print("| tree | µs CPU per 64 B round trip | user share | µs CPU per connection |")
+        print("|---|---|---|---|")
         for tree, ss in samples.items():
             rr = [x.rr_us for x in ss]
             cn = [x.conn_us for x in ss]
+            user = statistics.median(x.rr_user for x in ss)
             print(
                 f"| {tree} | {statistics.median(rr):.1f} ({min(rr):.1f}–{max(rr):.1f}) | "
-                f"{statistics.median(cn):.0f} ({min(cn):.0f}–{max(cn):.0f}) |"
+                f"{user:.0%} | {statistics.median(cn):.0f} ({min(cn):.0f}–{max(cn):.0f}) |"
             )
         return 0
     except BenchError as e:
