@@ -292,7 +292,8 @@ class Sender(Tcb):
                 at = pto
                 self.pto_armed = True
         self.rtx_at = at
-        self.eng.arm(self, at)
+        if at < self.sched:  # (``arm``'s own test, saving the call on every send)
+            self.eng.arm(self, at)
 
     def _probe(self, now: float) -> None:
         """The tail loss probe (RFC 8985 7.3): resend the last MSS sent; its SACK (or ACK)
@@ -467,7 +468,7 @@ class Sender(Tcb):
             if self.sndbuf.size >= eng.limit:
                 self.host_paused = True
                 eng.emit(TcpPause(self.id))
-            elif eng.budget.over(self.guest_ip):
+            elif eng.budget.room(self.guest_ip) <= 0:  # (``Budget.over``, one call less)
                 self.host_paused = True
                 eng.emit(TcpPause(self.id))
                 eng.budget.pauses += 1
