@@ -227,12 +227,12 @@ class TcpHost:
         flow = op.flow
         family = family_of(op.host)
         try:
-            sock = flow_socket(family, socket.SOCK_STREAM)
+            # Non-blocking from birth: no FIONBIO ioctl per connection.
+            sock = flow_socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE/ENFILE (or the reserve)/ENOBUFS: RST, keep serving
             self._connect_failed(flow, exc.errno or errno.EMFILE)
             return
         try:
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             err = sock.connect_ex((host_text(op.host), op.port))
