@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from engines import Natd, Setup
 from measure import PY, _server, fresh_port, parse_json, pinned
@@ -94,75 +95,34 @@ class Sample:
     conns: int
 
 
-def _rr(runner: Runner, s: Setup, n: int, cpu: str | None) -> int:
+def _load(
+    runner: Runner, s: Setup, server: str, client: list[str], cpu: str | None, timeout: float
+) -> dict[str, Any]:
+    """A host-side ``probes.py`` server and a guest-side client against it: the client's JSON."""
     port = fresh_port()
-    srv = _server(
-        runner,
-        s,
-        [PY, PROBES, "echo-server", "--bind", s.server_bind, "--port", str(port)],
-        port,
-        cpu,
-    )
+    argv = [PY, PROBES, server, "--bind", s.server_bind, "--port", str(port)]
+    srv = _server(runner, s, argv, port, cpu)
     try:
-        r = runner.run(
-            [
-                PY,
-                PROBES,
-                "rr-client",
-                "--host",
-                s.dial,
-                "--port",
-                str(port),
-                "--n",
-                str(n),
-                "--warmup",
-                "0",
-                "--seconds",
-                "120",
-            ],
-            s.guest_ns,
-            cpu,
-            timeout=150,
-        )
+        argv = [PY, PROBES, *client, "--host", s.dial, "--port", str(port)]
+        r = runner.run(argv, s.guest_ns, cpu, timeout=timeout)
     finally:
         runner.stop(srv)
     if r.returncode != 0:
-        raise BenchError((r.stderr.strip().splitlines() or ["rr-client failed"])[-1][:120])
-    done = int(parse_json(r.stdout, "rr-client")["n"])
+        raise BenchError((r.stderr.strip().splitlines() or [f"{client[0]} failed"])[-1][:120])
+    return parse_json(r.stdout, client[0])
+
+
+def _rr(runner: Runner, s: Setup, n: int, cpu: str | None) -> int:
+    client = ["rr-client", "--n", str(n), "--warmup", "0", "--seconds", "120"]
+    done = int(_load(runner, s, "echo-server", client, cpu, 150)["n"])
     if done != n:
         raise BenchError(f"rr-client made {done} of {n} round trips")
     return done
 
 
 def _conns(runner: Runner, s: Setup, seconds: float, cpu: str | None) -> int:
-    port = fresh_port()
-    srv = _server(
-        runner,
-        s,
-        [PY, PROBES, "cps-server", "--bind", s.server_bind, "--port", str(port)],
-        port,
-        cpu,
-    )
-    try:
-        r = runner.run(
-            [
-                PY,
-                PROBES,
-                "cps-client",
-                "--host",
-                s.dial,
-                "--port",
-                str(port),
-                "--seconds",
-                f"{seconds:g}",
-            ],
-            s.guest_ns,
-            cpu,
-            timeout=seconds + 30,
-        )
-    finally:
-        runner.stop(srv)
-    data = parse_json(r.stdout, "cps-client")
+    client = ["cps-client", "--seconds", f"{seconds:g}"]
+    data = _load(runner, s, "cps-server", client, cpu, seconds + 30)
     if data["errors"] or not data["conns"]:
         raise BenchError(f"cps-client: {data['conns']} connections, {data['errors']} errors")
     return int(data["conns"])
