@@ -283,9 +283,13 @@ def test_ipv6_frames_reach_every_v6_engine_and_replies_fit(mtu: int) -> None:
     (the output checks flag any frame over the MTU)."""
     fz = Fuzzer(7, sample_every=5000, mtu=mtu, mix=(0.8, 0.15, 0.05))
     res = fz.run(4000)
+    for _ in range(4):  # each frame's generator is drawn at random: a few more until both ran
+        if res.kinds["host.udp6"] and res.kinds["host.ping6"]:
+            break
+        res = fz.run(res.frames + 2000)  # (frames and the result accumulate)
     assert res.kinds["host.udp6"] > 0 and res.kinds["host.ping6"] > 0  # sent on the host
     fz.gw.settings = replace(fz.gw.settings, host_ipv6=False)
-    res = fz.run(5000)
+    res = fz.run(res.frames + 1000)
     assert res.escape_count == 0, _escapes(res)
     assert _unexpected(res) == []
     counters = fz.gw.counters

@@ -358,13 +358,20 @@ class Shell:
 
     def _on_kick(self) -> None:
         self._kicked = False
-        if not self._stopped:
+        if not self._stopped and not self._flushing:  # (in a flush, that flush goes on)
             self.flush()
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
         if self._stopped:
+            return
+        deadline = self.gateway.next_deadline()
+        if deadline is not None and deadline > self.loop.time() + _MIN_TIMER_DELAY:
+            # Woken early: the deadline this timer was armed for has gone (a flow closed, a
+            # delayed ACK rode on the answer; ``_arm_timer`` keeps an earlier timer rather
+            # than re-arm on every flush). Nothing is due: no engine runs, no flush.
+            self._arm_timer(deadline)
             return
         self._run_timer()
         self._flush(timer_ran=True)

@@ -4,10 +4,12 @@ Raw non-blocking sockets in the loop's one epoll (``natd.io.poller``): no transp
 task or future per flow. The core decides everything; this module maps ops to syscalls:
 
 * ``TcpConnect`` → ``connect_ex``. On loopback the handshake is over when it returns, so
-  success is reported at once; otherwise the socket waits for ``EPOLLOUT`` (bounded by
-  ``CONNECT_TIMEOUT``), failure goes in as an errno (``ETIMEDOUT`` for the timeout; ``EMFILE``
-  from the descriptor reserve, which the engine counts as ``tcp.no_descriptor``). No byte is
-  read before success has been reported.
+  success is reported at once; otherwise the socket waits for ``EPOLLOUT``, bounded by
+  ``CONNECT_TIMEOUT``: the core's own deadline for a connecting flow (``TcpEngine.
+  connect_timeout``, set from here), which times it out like a failed connect (``ETIMEDOUT``)
+  and closes it with a ``TcpClose`` — no loop timer per pending connect. Failure goes in as
+  an errno (``EMFILE`` from the descriptor reserve, which the engine counts as
+  ``tcp.no_descriptor``). No byte is read before success has been reported.
 * ``TcpSend`` → ``send`` directly; what the kernel does not take waits in the flow's queue
   (views, no copy), written with ``sendmsg`` on ``EPOLLOUT`` (watched only while the queue is
   non-empty). After each send the core learns how many guest bytes the host kernel has taken
@@ -97,7 +99,7 @@ class _Sock:
 
     __slots__ = (
         "eof", "events", "flow", "paused", "queue", "queued", "reported", "shut", "sock",
-        "state", "timer", "want_shut", "written",
+        "state", "want_shut", "written",
     )  # fmt: skip
 
     def __init__(self, flow: int, sock: socket.socket, state: int) -> None:
@@ -113,7 +115,6 @@ class _Sock:
         self.paused = False
         self.want_shut = False  # shutdown(SHUT_WR) once the queue is empty
         self.shut = False
-        self.timer: asyncio.TimerHandle | None = None  # the connect timeout
 
 
 class TcpHost:
@@ -126,8 +127,8 @@ class TcpHost:
         self.gateway = gateway
         self.engine = gateway.tcp
         self.engine.delayed_ack = DELAYED_ACK
+        self.engine.connect_timeout = CONNECT_TIMEOUT
         self.shell = shell
-        self.connect_timeout = CONNECT_TIMEOUT
         self.conns: dict[int, _Sock] = {}  # connected flows
         self.connecting: dict[int, _Sock] = {}
         self.closing: set[_Sock] = set()  # closed by the core, queue still being written
@@ -139,6 +140,15 @@ class TcpHost:
     @property
     def poller(self) -> DatagramPoller:
         return self._lease.get()
+
+    @property
+    def connect_timeout(self) -> float:
+        """How long a host connect may take: the core's deadline for a connecting flow."""
+        return self.engine.connect_timeout
+
+    @connect_timeout.setter
+    def connect_timeout(self, seconds: float) -> None:
+        self.engine.connect_timeout = seconds
 
     # -- the HostSide protocol ---------------------------------------------------------------
 
@@ -217,12 +227,12 @@ class TcpHost:
         flow = op.flow
         family = family_of(op.host)
         try:
-            sock = flow_socket(family, socket.SOCK_STREAM)
+            # Non-blocking from birth: no FIONBIO ioctl per connection.
+            sock = flow_socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:  # EMFILE/ENFILE (or the reserve)/ENOBUFS: RST, keep serving
             self._connect_failed(flow, exc.errno or errno.EMFILE)
             return
         try:
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             err = sock.connect_ex((host_text(op.host), op.port))
@@ -244,8 +254,7 @@ class TcpHost:
         if err == 0:
             self._connected(s)
         else:
-            self.connecting[flow] = s
-            s.timer = self.loop.call_later(self.connect_timeout, self._on_connect_timeout, s)
+            self.connecting[flow] = s  # the core's deadline bounds the wait (TcpClose)
 
     def _connected(self, s: _Sock) -> None:
         self.conns[s.flow] = s
@@ -260,9 +269,6 @@ class TcpHost:
         if err in _IN_PROGRESS:
             return  # spurious wake-up: keep waiting
         del self.connecting[s.flow]
-        if s.timer is not None:
-            s.timer.cancel()
-            s.timer = None
         if err:
             self._drop(s, abort=False)
             self._connect_failed(s.flow, err)
@@ -270,14 +276,6 @@ class TcpHost:
         s.state = _OPEN
         self._watch(s)
         self._connected(s)
-
-    def _on_connect_timeout(self, s: _Sock) -> None:
-        s.timer = None
-        if self.connecting.get(s.flow) is not s:
-            return
-        del self.connecting[s.flow]
-        self._drop(s, abort=False)
-        self._connect_failed(s.flow, errno.ETIMEDOUT)
 
     def _connect_failed(self, flow: int, err: int) -> None:
         self.engine.on_host_connect_failed(flow, err, self.shell.now())
@@ -452,9 +450,6 @@ class TcpHost:
     def _close(self, flow: int, abort: bool) -> None:
         s = self.connecting.pop(flow, None)
         if s is not None:
-            if s.timer is not None:
-                s.timer.cancel()
-                s.timer = None
             self._drop(s, abort=False)
             return
         s = self.conns.pop(flow, None)

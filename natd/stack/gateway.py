@@ -119,6 +119,7 @@ class Gateway:
             self.arp, self.dhcp, self.icmp, self.tcp, self.udp, self.dns, self.ping, self.events,
             self.ndp, self.icmpv6, self.dhcpv6,
         )  # fmt: skip
+        self._deadlines = tuple(engine.next_deadline for engine in self._engines)
         self._apply_limits(settings.limits)
         # Denied flows already logged (LRU): a guest retrying a denied destination is counted
         # every time but logged once.
@@ -639,8 +640,8 @@ class Gateway:
         # Called at least once per flush (several times per TCP connection): a plain loop, no
         # generator or list per call.
         best: float | None = None
-        for engine in self._engines:
-            d = engine.next_deadline()
+        for next_deadline in self._deadlines:  # bound once: no attribute lookup per engine
+            d = next_deadline()
             if d is not None and (best is None or d < best):
                 best = d
         return best

@@ -307,6 +307,27 @@ async def test_real_gateway_answers_arp(pair: tuple[socket.socket, socket.socket
     assert (arp.op, arp.spa, arp.tpa) == (ARP_REPLY, settings.gateway_ip, guest_ip)
 
 
+async def test_early_wakeup_runs_no_engine_and_rearms(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A timer armed for a deadline that has since moved later (the shell keeps the earlier
+    timer rather than re-arm per flush) wakes up, runs no engine, and re-arms for the new one."""
+    natd_side, _guest = pair
+    shell, gateway, _log, _tap = make_shell(natd_side)
+    loop = asyncio.get_running_loop()
+    gateway.deadline = loop.time() + 0.05
+    shell.flush()
+    later = loop.time() + 10.0
+    gateway.deadline = later
+    shell.flush()  # keeps the timer armed for the earlier deadline
+    deadline = loop.time() + 2.0
+    while shell._timer_at != later and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert shell._timer_at == later
+    assert gateway.timer_calls == []
+    shell.stop()
+
+
 async def test_due_deadline_served_within_the_flush(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:

@@ -748,3 +748,34 @@ def test_inbound_flow_to_a_silent_guest_gives_up() -> None:
 def test_inbound_collision_is_refused() -> None:
     g, _flow, _syn = _inbound()
     assert g.gw.tcp.open_inbound(GUEST_IP, 22, REMOTE_IP, 5555, g.now) is None
+
+
+def test_a_closed_flows_timers_leave_no_deadline() -> None:
+    """A flow reset by the guest leaves its heap entries behind (the heap is lazy); they must
+    not be reported as deadlines, or the shell's timer wakes the loop for nothing."""
+    g = established()
+    assert g.gw.tcp.next_deadline() is not None  # keepalive (at least)
+    g.send(ACK | PSH, b"q")  # a small request: its delayed ACK is armed
+    g.send(RST)
+    assert g.gw.tcp.flow_count == 0
+    assert g.gw.tcp.next_deadline() is None
+    assert g.gw.next_deadline() is None
+
+
+def test_the_handshakes_ack_takes_the_fast_path_a_repeated_syn_does_not() -> None:
+    gw, _ = new_gateway()
+    g = Guest(gw)
+    slow: list[int] = []
+    on_guest_segment = gw.tcp.on_guest_segment
+    gw.tcp.on_guest_segment = lambda *a, **kw: (  # type: ignore[method-assign]
+        slow.append(1),
+        on_guest_segment(*a, **kw),
+    )[1]
+    g.syn()
+    g.connected()
+    assert len(slow) == 1  # the SYN
+    out = g.feed(g.frame(SYN, seq=g.iss, options=build_tcp_options(mss=1460, wscale=7)))
+    assert len(slow) == 2 and out.only().has(SYN | ACK)  # answered by the slow path
+    g.send(ACK)
+    assert len(slow) == 2
+    assert state_of(gw.tcp, g.flow) == "ESTABLISHED"

@@ -94,6 +94,7 @@ import hashlib
 import heapq
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 from natd.stack.budget import Budget
 from natd.stack.events import endpoint
@@ -132,13 +133,14 @@ _NO_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 _HOST_ACTIVE = frozenset({SYN_RCVD, ESTABLISHED, SYN_SENT})
+_DEBUG = 10  # the logging module's DEBUG level, as structlog's filtering loggers take it
 
 
 class TcpEngine:
     """The flow table, the timers, and the replies for segments that belong to no flow."""
 
     # Tunables (class attributes so a test can shorten them on an instance).
-    connect_timeout = 30.0  # core-side guard; the shell times connect() out sooner (10 s)
+    connect_timeout = 30.0  # a host connect's bound; the shell sets its own (10 s)
     time_wait = 30.0  # 2*MSL, short: the guest is one virtual hop away
     keepalive_idle = 7200.0  # RFC 1122 4.2.3.6 / RFC 5382 REQ-5
     keepalive_interval = 75.0
@@ -317,15 +319,21 @@ class TcpEngine:
         self, frame: bytes | memoryview, f: FastFrame, trusted: int, now: float
     ) -> bool:
         """The hot path: a frame ``natd.wire.fastpath.decode_frame`` decoded (``f``) for an
-        ESTABLISHED flow goes straight to it, without building header objects.
+        ESTABLISHED (or SYN-RECEIVED) flow goes straight to it, without building header
+        objects.
 
         ``trusted``: the TAP said the checksum is partial or already checked (vnet flags):
         never verify it. False means "not mine": the caller takes the slow path
         (``on_guest_segment``), which handles every other state and every reply.
         """
         flow = self.flows.get((f[3], f[5], f[4], f[6]))
-        if flow is None or flow.state != ESTABLISHED or flow.gmac != f[2]:
+        if flow is None or flow.gmac != f[2]:
             return False  # another MAC than the flow's: the slow path drops it, counted
+        state = flow.state
+        if state != ESTABLISHED and (state != SYN_RCVD or f[9] & SYN):
+            # (The ACK of our SYN-ACK comes this way too: once per connection, no header
+            # objects; a repeated SYN takes the slow path, which answers it.)
+            return False
         end = f[12]
         if not trusted:
             l4 = f[13]  # IPv4 or IPv6: flow.pseudo is the family's pseudo-header sum
@@ -459,9 +467,7 @@ class TcpEngine:
         mss = max(TCP_MIN_MSS, min(mss, self.mss_for(src)))
         key = (src, sport, dst, dport)
         flow_id = self.link.new_flow_id()
-        log = self.link.log.bind(
-            flow=flow_id, guest=endpoint(src, sport), remote=endpoint(dst, dport)
-        )
+        log = self.link.log  # bound only when a line is written (``_flow_log``)
         syn_packet = bytes(ip.packet)  # what an ICMP error for it quotes
         flow = TcpFlow(
             self, flow_id, key, gmac, seq, self._isn(key, now), mss, opts.wscale, window,
@@ -474,8 +480,11 @@ class TcpEngine:
         self.pending_connects += 1
         self.arm(flow, flow.deadline())
         # debug: at info, rendering one line per open and per close was ~30% of natd's time
-        # at 2k connections/s; ``tcp.close`` (info) carries the flow's story.
-        log.debug("tcp.open", host=endpoint(*target), mss=mss, wscale=opts.wscale)
+        # at 2k connections/s; ``tcp.close`` (info) carries the flow's story. Not even the
+        # arguments are built unless debug lines are written.
+        if _debug_on(log):
+            self._flow_log(flow).debug("tcp.open", host=endpoint(*target), mss=mss,
+                                  wscale=opts.wscale)  # fmt: skip
         self.emit(TcpConnect(flow_id, target[0], target[1]))
 
     def _refuse(
@@ -874,13 +883,26 @@ class TcpEngine:
             opened_at=flow.opened_at, bytes_out=flow.bytes_to_host, bytes_in=flow.bytes_to_guest,
             reason=reason, direction="in" if flow.inbound else "out",
         )  # fmt: skip
-        flow.log.debug(
+        if not _debug_on(flow.log):
+            return
+        self._flow_log(flow).debug(
             "tcp.close",
             reason=reason,
             state="TIME-WAIT" if reason == "time_wait" else flow.state_name(),
             bytes_to_host=flow.bytes_to_host,
             bytes_to_guest=flow.bytes_to_guest,
             duration=round(now - flow.opened_at, 3),
+        )
+
+    def _flow_log(self, flow: TcpFlow) -> Any:
+        """The flow's logger with its context bound: built per line, not per flow (a SYN
+        costs no logger; an outbound flow keeps the link's own until it has something to say)."""
+        if flow.log is not self.link.log:
+            return flow.log  # bound already (a forward's inbound flow)
+        return flow.log.bind(
+            flow=flow.id,
+            guest=endpoint(flow.guest_ip, flow.guest_port),
+            remote=endpoint(flow.remote_ip, flow.remote_port),
         )
 
     # -- batching and time -------------------------------------------------------------------
@@ -936,7 +958,17 @@ class TcpEngine:
             return self._dirty_at
         if self._wake_at:
             return self._wake_at
-        best = self._heap[0][0] if self._heap else None
+        heap = self._heap
+        by_id = self.by_id
+        while heap:
+            when, flow_id = heap[0]
+            flow = by_id.get(flow_id)
+            if flow is not None and flow.sched == when:
+                break
+            # A closed flow's entry (or one superseded by an earlier arm): had it stayed on
+            # top, the shell's timer would wake the loop for nothing (~1.5 per connection).
+            heapq.heappop(heap)
+        best = heap[0][0] if heap else None
         if self.time_wait_table:
             until = next(iter(self.time_wait_table.values()))[0]
             if best is None or until < best:
@@ -963,6 +995,13 @@ class TcpEngine:
             if flow.state != CLOSED:
                 self.arm(flow, flow.deadline())
         self.end_batch(now)
+
+
+def _debug_on(log: Any) -> bool:
+    """Would ``log.debug`` write anything? (structlog's filtering loggers can tell; a logger
+    that cannot is asked every time.)"""
+    enabled = getattr(log, "is_enabled_for", None)
+    return enabled is None or bool(enabled(_DEBUG))
 
 
 def state_of(engine: TcpEngine, flow_id: int) -> str:

@@ -47,8 +47,12 @@ class Sender(Tcb):
             return
         buf = self.sndbuf
         una = self.snd_una
-        end = una + len(buf)
+        end = una + buf.size  # (``.size``, not ``len()``: no Python call per segment)
         nxt = self.snd_nxt
+        if nxt >= end and not self.host_eof and not (self.in_recovery and self.sacked):
+            # Everything sent (the ACK of a request's answer): no hole to resend, no FIN, and
+            # nothing unsent for a persist timer. Once per guest ACK, so it returns early.
+            return
         wnd = self.snd_wnd
         cwnd = self.cwnd
         edge = una + (wnd if wnd < cwnd else cwnd)
@@ -193,7 +197,8 @@ class Sender(Tcb):
         una = self.snd_una
         acked = seg_ack - una
         buf = self.sndbuf
-        data = acked if acked <= len(buf) else len(buf)
+        size = buf.size
+        data = acked if acked <= size else size
         if data:
             buf.consume(data)
             self.bytes_to_guest += data
@@ -243,7 +248,7 @@ class Sender(Tcb):
         else:
             self.rtx_at = 0.0
             self.pto_armed = False
-        if self.host_paused and len(buf) <= self.eng.limit // 2:
+        if self.host_paused and buf.size <= self.eng.limit // 2:
             self.eng.try_resume(self)
         if self.host_eof and not self.fin_acked and seg_ack > self.fin_seq:
             self.fin_acked = True
@@ -312,7 +317,8 @@ class Sender(Tcb):
                 at = pto
                 self.pto_armed = True
         self.rtx_at = at
-        self.eng.arm(self, at)
+        if at < self.sched:  # (``arm``'s own test, saving the call on every send)
+            self.eng.arm(self, at)
 
     def _probe(self, now: float) -> None:
         """The tail loss probe (RFC 8985 7.3): resend the last MSS sent; its SACK (or ACK)
@@ -484,10 +490,10 @@ class Sender(Tcb):
         eng = self.eng
         eng.budget.charge(self.guest_ip, len(data))
         if not self.host_paused:
-            if len(self.sndbuf) >= eng.limit:
+            if self.sndbuf.size >= eng.limit:
                 self.host_paused = True
                 eng.emit(TcpPause(self.id))
-            elif eng.budget.over(self.guest_ip):
+            elif eng.budget.room(self.guest_ip) <= 0:  # (``Budget.over``, one call less)
                 self.host_paused = True
                 eng.emit(TcpPause(self.id))
                 eng.budget.pauses += 1
