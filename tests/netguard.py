@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import sys
 from typing import Any
 
 _EVENTS = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg"})
@@ -50,20 +52,66 @@ def outside(family: int, address: Any) -> str | None:
     return str(ip)
 
 
-def hook(event: str, args: tuple[Any, ...]) -> None:
-    if not GUARD.armed or event not in _EVENTS:
-        return
+def _destination(event: str, args: tuple[Any, ...]) -> tuple[str, object] | None:
+    """(destination, port) of an audited socket call that aims past loopback, else None."""
+    if event not in _EVENTS:
+        return None
     sock, address = args[0], args[1]
     if address is None:  # sendmsg on a connected socket: its connect was checked
-        return
+        return None
     try:
         family = sock.family
     except (AttributeError, OSError):
-        return
+        return None
     dest = outside(family, address)
-    if dest is None or dest in GUARD.allowed:
+    if dest is None:
+        return None
+    return dest, address[1] if isinstance(address, tuple) and len(address) > 1 else "?"
+
+
+def hook(event: str, args: tuple[Any, ...]) -> None:
+    """The pytest process's hook: armed by tests/conftest.py around each non-e2e test."""
+    if not GUARD.armed or (found := _destination(event, args)) is None:
         return
-    port = address[1] if isinstance(address, tuple) and len(address) > 1 else "?"
+    dest, port = found
+    if dest in GUARD.allowed:
+        return
     message = f"{event} to {dest} (port {port}) from the pytest process"
     GUARD.violations.append(message)
     raise OutsideTraffic(message)
+
+
+MARK = "natd-netguard:"
+
+
+def arm_subprocess(root_netns: int) -> None:
+    """Guard a natd started by the e2e harness (tests/e2e/harness.py ``NATD_MAIN``).
+
+    A natd the tests run in the root namespace (``--netns`` serves the guest from there) must
+    dial only loopback; one run inside a test's namespace may dial anything there. The calling
+    thread's namespace is compared with ``root_netns`` (the pytest process's) at each call that
+    aims past loopback; such a call from the root namespace writes ``MARK`` and the destination
+    to stderr (the harness fails the test on it) and raises instead of sending.
+    """
+
+    def natd_hook(event: str, args: tuple[Any, ...]) -> None:
+        if (found := _destination(event, args)) is None:
+            return
+        try:
+            here = os.stat("/proc/thread-self/ns/net").st_ino
+        except OSError:
+            here = root_netns  # cannot tell: assume the worst
+        if here != root_netns:
+            return
+        dest, port = found
+        message = f"{event} to {dest} (port {port}) from the root namespace"
+        sys.stderr.write(f"{MARK} {message}\n")
+        sys.stderr.flush()
+        raise OutsideTraffic(message)
+
+    sys.addaudithook(natd_hook)
+
+
+def root_netns_inode() -> int:
+    """The calling thread's network namespace (the pytest process runs in the root one)."""
+    return os.stat("/proc/thread-self/ns/net").st_ino

@@ -6,6 +6,7 @@ without the guard the call fails with EBADF, so even a broken guard sends nothin
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netguard import GUARD, OutsideTraffic, outside
+from netguard import GUARD, MARK, OutsideTraffic, outside, root_netns_inode
 
 OUT4 = ("198.51.100.10", 9)
 OUT6 = ("2001:db8::10", 9, 0, 0)
@@ -123,3 +124,53 @@ def test_a_test_that_swallows_the_refusal_still_fails(tmp_path: Path) -> None:
     assert "1 failed, 1 passed" in run.stdout
     assert "FAILED test_leak.py::test_swallows_the_error" in run.stdout
     assert "sendto to 198.51.100.10 (port 9)" in run.stdout
+
+
+# -- the natd processes of the e2e harness -----------------------------------------------------
+
+PROBE = """
+import socket
+sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+sock.close()
+for address in (("::1", 9), ("2001:db8::10", 9)):
+    try:
+        sock.sendto(b"x", address)
+    except OSError as e:
+        print(address[0], "kernel", e.errno)
+    except Exception as e:
+        print(address[0], type(e).__name__)
+"""
+
+
+def run_probe(prefix: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", prefix + PROBE], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_harness_natd_in_the_root_namespace_dials_only_loopback() -> None:
+    """``NATD_MAIN`` arms the guard before natd runs: from the root namespace an outside
+    destination is refused before the kernel and named on stderr (the e2e fixture fails on it)."""
+    sys.path.insert(0, str(Path(__file__).with_name("e2e")))
+    try:
+        harness = importlib.import_module("harness")
+    finally:
+        sys.path.pop(0)
+    assert harness.NATD_MAIN.startswith(harness.NATD_GUARD)
+    run = run_probe(harness.NATD_GUARD)
+    assert run.stdout.split("\n")[:2] == ["::1 kernel 9", "2001:db8::10 OutsideTraffic"], run
+    assert run.stderr == (
+        f"{MARK} socket.sendto to 2001:db8::10 (port 9) from the root namespace\n"
+    ), run.stderr
+
+
+def test_harness_natd_in_a_test_namespace_may_dial_anything() -> None:
+    """A natd whose namespace is not the pytest process's is left alone (here: a guard told
+    another inode is the root one)."""
+    here = str(Path(__file__).parent)
+    run = run_probe(
+        f"import sys; sys.path.insert(0, {here!r}); import netguard; "
+        f"netguard.arm_subprocess({root_netns_inode() + 1}); "
+    )
+    assert run.stdout.split("\n")[:2] == ["::1 kernel 9", "2001:db8::10 kernel 9"], run
+    assert run.stderr == ""

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from harness import Guest, Natd, Netns
+from netguard import MARK
 
 _HERE = Path(__file__).parent
 NATDS = pytest.StashKey[list[Natd]]()
@@ -70,8 +71,13 @@ def natd_process(request: pytest.FixtureRequest) -> Iterator[Callable[..., Natd]
         return natd
 
     yield start
+    leaks: list[str] = []
     for natd in started:
+        leaks += [f"natd pid {natd.pid}: {line}" for line in natd.stderr_text().splitlines()
+                  if line.startswith(MARK)]  # fmt: skip
         natd.close()
+    if leaks:
+        pytest.fail("natd dialled past loopback from the root namespace:\n" + "\n".join(leaks))
 
 
 @pytest.fixture
