@@ -90,21 +90,19 @@ def test_outside_ok_marker_allows_named_addresses_only() -> None:
 SWALLOWED = """
 import socket
 
-def test_swallows_the_error():
+def send(address):
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.close()
     try:
-        sock.sendto(b"x", ("198.51.100.10", 9))
+        sock.sendto(b"x", address)
     except Exception:
         pass  # like natd's host side, which counts a send error as a drop
 
+def test_swallows_the_error():
+    send(("198.51.100.10", 9))
+
 def test_stays_on_loopback():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.close()
-    try:
-        sock.sendto(b"x", ("127.0.0.1", 9))
-    except OSError:
-        pass
+    send(("127.0.0.1", 9))
 """
 
 
