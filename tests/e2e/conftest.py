@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 from harness import Guest, Natd, Netns
-from netguard import MARK
 
 _HERE = Path(__file__).parent
 NATDS = pytest.StashKey[list[Natd]]()
@@ -71,11 +70,9 @@ def natd_process(request: pytest.FixtureRequest) -> Iterator[Callable[..., Natd]
         return natd
 
     yield start
-    leaks: list[str] = []
     for natd in started:
-        leaks += [f"natd pid {natd.pid}: {line}" for line in natd.stderr_text().splitlines()
-                  if line.startswith(MARK)]  # fmt: skip
-        natd.close()
+        natd.close()  # idempotent: start_guest may have closed it already
+    leaks = [f"natd pid {natd.pid}: {line}" for natd in started for line in natd.refused_dials]
     if leaks:
         pytest.fail("natd dialled past loopback from the root namespace:\n" + "\n".join(leaks))
 
