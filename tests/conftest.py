@@ -1,14 +1,15 @@
-"""A guard for the in-process tests: no socket in the pytest process may reach past loopback.
+"""A guard for the tests: from the root namespace, no socket may reach past loopback.
 
-Why: the non-e2e tests run in the root namespace of a machine with a real uplink (IPv4 and a
-global IPv6 default route). A test that lets natd's host side ``sendto``/``connect`` a
-documentation or guest-chosen address sends real packets out of the machine. A Python audit
-hook sees every ``socket.connect``/``connect_ex``/``sendto``/``sendmsg`` of the pytest process
-(also those asyncio makes) and, while a non-e2e test runs, refuses a destination that is not
-loopback or unspecified: the call raises, and the test's report is turned into a failure even if
-the code under test swallowed the error. e2e tests (marker ``e2e``) are exempt: they dial inside
-namespaces they created, and their programs run as subprocesses this hook does not see. Neither
-does it see sockets used from C (uvloop's own transports).
+Why: the tests run in the root namespace of a machine with a real uplink (IPv4 and a global
+IPv6 default route). A test that lets natd's host side ``sendto``/``connect`` a documentation or
+guest-chosen address sends real packets out of the machine. A Python audit hook sees every
+``socket.connect``/``connect_ex``/``sendto``/``sendmsg`` of the pytest process (also those
+asyncio makes) and, while a test runs, refuses a destination that is not loopback or unspecified
+if the calling thread is in the root namespace (an e2e test's thread that entered a namespace it
+made may dial there): the call raises, and the test's report is turned into a failure even if
+the code under test swallowed the error. The natd processes of the e2e harness arm the same
+check (tests/e2e/harness.py ``NATD_MAIN``); other programs the tests run are not covered, nor
+are sockets used from C (uvloop's own transports).
 
 A test whose outside destination provably sends nothing (a TCP connect to multicast, which the
 kernel refuses with ENETUNREACH before any packet) says so with
@@ -27,7 +28,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from netguard import GUARD, hook  # noqa: E402
+from netguard import GUARD, hook, root_netns_inode  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -36,14 +37,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "outside_ok(*addresses, reason): the test's socket calls to these non-loopback "
         "addresses provably send nothing (see tests/conftest.py)",
     )
+    GUARD.root_netns = root_netns_inode()
     sys.addaudithook(hook)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    """Arm the guard for the whole protocol (fixtures included) of every non-e2e test."""
+    """Arm the guard for the whole protocol (fixtures included) of every test."""
     GUARD.violations.clear()
-    GUARD.armed = item.get_closest_marker("e2e") is None
+    GUARD.armed = True
     allowed: set[str] = set()
     for mark in item.iter_markers("outside_ok"):
         allowed.update(str(a) for a in mark.args)
@@ -66,4 +68,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if hasattr(report, "wasxfail"):
         del report.wasxfail  # an expected failure does not excuse a leak
     report.outcome = "failed"
-    report.longrepr = "traffic outside loopback from an in-process test:\n  " + "\n  ".join(found)
+    report.longrepr = "traffic past loopback from the root namespace:\n  " + "\n  ".join(found)

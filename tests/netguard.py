@@ -20,6 +20,7 @@ class _Guard:
 
     def __init__(self) -> None:
         self.armed = False
+        self.root_netns = 0  # the pytest process's namespace when armed (the root one)
         self.allowed: frozenset[str] = frozenset()
         self.violations: list[str] = []
 
@@ -69,14 +70,24 @@ def _destination(event: str, args: tuple[Any, ...]) -> tuple[str, object] | None
     return dest, address[1] if isinstance(address, tuple) and len(address) > 1 else "?"
 
 
+def from_netns(inode: int) -> bool:
+    """Whether the calling thread is in the network namespace ``inode`` (true if unknown)."""
+    try:
+        return os.stat("/proc/thread-self/ns/net").st_ino == inode
+    except OSError:
+        return True  # cannot tell: assume the worst
+
+
 def hook(event: str, args: tuple[Any, ...]) -> None:
-    """The pytest process's hook: armed by tests/conftest.py around each non-e2e test."""
+    """The pytest process's hook: armed by tests/conftest.py around each test."""
     if not GUARD.armed or (found := _destination(event, args)) is None:
         return
+    if not from_netns(GUARD.root_netns):
+        return  # an e2e test's thread inside a namespace it made
     dest, port = found
     if dest in GUARD.allowed:
         return
-    message = f"{event} to {dest} (port {port}) from the pytest process"
+    message = f"{event} to {dest} (port {port}) from the root namespace (pytest)"
     GUARD.violations.append(message)
     raise OutsideTraffic(message)
 
@@ -95,13 +106,7 @@ def arm_subprocess(root_netns: int) -> None:
     """
 
     def natd_hook(event: str, args: tuple[Any, ...]) -> None:
-        if (found := _destination(event, args)) is None:
-            return
-        try:
-            here = os.stat("/proc/thread-self/ns/net").st_ino
-        except OSError:
-            here = root_netns  # cannot tell: assume the worst
-        if here != root_netns:
+        if (found := _destination(event, args)) is None or not from_netns(root_netns):
             return
         dest, port = found
         message = f"{event} to {dest} (port {port}) from the root namespace"

@@ -78,6 +78,17 @@ def test_loopback_passes_to_the_kernel() -> None:
     assert GUARD.violations == []
 
 
+def test_a_thread_outside_the_root_namespace_may_dial_anything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As an e2e test's thread that entered its namespace (here: the guard told another inode
+    is the root one)."""
+    monkeypatch.setattr(GUARD, "root_netns", root_netns_inode() + 1)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        closed().sendto(b"x", OUT4)
+    assert GUARD.violations == []
+
+
 @pytest.mark.outside_ok("198.51.100.10", reason="this test's own allowance")
 def test_outside_ok_marker_allows_named_addresses_only() -> None:
     with pytest.raises(OSError, match="Bad file descriptor"):
