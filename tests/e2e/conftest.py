@@ -71,7 +71,10 @@ def natd_process(request: pytest.FixtureRequest) -> Iterator[Callable[..., Natd]
 
     yield start
     for natd in started:
-        natd.close()
+        natd.close()  # idempotent: start_guest may have closed it already
+    leaks = [f"natd pid {natd.pid}: {line}" for natd in started for line in natd.refused_dials]
+    if leaks:
+        pytest.fail("natd dialled past loopback from the root namespace:\n" + "\n".join(leaks))
 
 
 @pytest.fixture

@@ -33,9 +33,20 @@ from typing import Any
 PID = os.getpid()
 _names = itertools.count()
 
+_TESTS = Path(__file__).resolve().parent.parent
+if str(_TESTS) not in sys.path:
+    sys.path.insert(0, str(_TESTS))
+
+from netguard import MARK, root_netns_inode  # noqa: E402
+
 # natd started through its CLI entry point with the interpreter running the tests, so the
-# tests exercise the checkout even where the console script is not on PATH.
-NATD_MAIN = "import sys; from natd.cli import main; sys.exit(main())"
+# tests exercise the checkout even where the console script is not on PATH. It first arms
+# tests/netguard.py: from the root namespace (the pytest process's) it dials only loopback.
+NATD_GUARD = (
+    f"import sys; sys.path.insert(0, {str(_TESTS)!r}); import netguard; del sys.path[0]; "
+    f"netguard.arm_subprocess({root_netns_inode()}); "
+)
+NATD_MAIN = NATD_GUARD + "from natd.cli import main; sys.exit(main())"
 GATEWAY = "10.0.2.2"
 DNS = "10.0.2.3"
 FIRST_LEASE = "10.0.2.15"
@@ -179,6 +190,8 @@ class Natd:
             "--ready-fd", str(ready_w), "--log-format", "json", "--log-level", "debug",
         ]  # fmt: skip
         self.argv = argv
+        # tests/netguard.py lines: dials past loopback refused in the root namespace
+        self.refused_dials: list[str] = []
         try:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
                 argv,
@@ -237,6 +250,9 @@ class Natd:
 
     def close(self) -> None:
         self.stop()
+        if not self._stderr.closed:  # the log goes away below: keep what the guard wrote
+            lines = self.stderr_text().splitlines()
+            self.refused_dials = [line for line in lines if line.startswith(MARK)]
         self._stderr.close()
         with contextlib.suppress(OSError):
             self.stderr_path.unlink()

@@ -14,6 +14,7 @@ time (:func:`assert_survived`):
 
 Every flood is bounded (``-c`` and ``timeout``); every address is 10.0.2.2 (host loopback),
 10.0.2.3, or inside a ``world`` namespace the test made (203.0.113.0/24, routed to it only).
+The garbage frames' mutants address anything: natd serves them from a loopback-only namespace.
 """
 
 from __future__ import annotations
@@ -147,7 +148,25 @@ def free_port(
     raise AssertionError(f"no free port in {low}-{high}")
 
 
-def wait_listening(host: str, port: int, timeout: float = 10) -> None:
+WAIT_LISTENING = """
+import socket, sys, time
+host, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    with socket.socket() as s:
+        if s.connect_ex((host, port)) == 0:
+            sys.exit(0)
+    time.sleep(0.05)
+sys.exit(1)
+"""
+
+
+def wait_listening(host: str, port: int, timeout: float = 10, ns: Netns | None = None) -> None:
+    """Poll until ``host:port`` accepts, from the pytest process or inside ``ns``."""
+    if ns is not None:
+        argv = [sys.executable, "-c", WAIT_LISTENING, host, str(port), str(timeout)]
+        if ns.run(argv, timeout=timeout + 10, check=False).returncode != 0:
+            raise AssertionError(f"nothing listening on {host}:{port} in {ns.name}")
+        return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -165,10 +184,15 @@ def make_file(path: Path, size: int) -> str:
 
 
 class HostServers:
-    """Servers on the host's loopback (reached from the guest as 10.0.2.2), stopped by PID."""
+    """Servers on the host's loopback (reached from the guest as 10.0.2.2), stopped by PID.
 
-    def __init__(self, workdir: Path) -> None:
+    ``ns``: natd's host namespace when natd does not run in the root one; its loopback is then
+    the one the guest reaches, so the servers run there.
+    """
+
+    def __init__(self, workdir: Path, ns: Netns | None = None) -> None:
         self.workdir = workdir
+        self.ns = ns
         self.procs: list[subprocess.Popen[Any]] = []
         self.script = workdir / "peer.py"
         self.script.write_text(PEER)
@@ -183,7 +207,7 @@ class HostServers:
             port = free_port()
             self._start([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
                          "--directory", str(self.www), str(port)])  # fmt: skip
-            wait_listening("127.0.0.1", port)
+            wait_listening("127.0.0.1", port, ns=self.ns)
             self.http_port = port
         return self.http_port
 
@@ -198,7 +222,8 @@ class HostServers:
 
     def _start(self, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
         kw.setdefault("stdout", subprocess.DEVNULL)
-        proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL, text=True, **kw)
+        prefix = self.ns.exec_prefix() if self.ns is not None else []
+        proc = subprocess.Popen([*prefix, *argv], stderr=subprocess.DEVNULL, text=True, **kw)
         self.procs.append(proc)
         return proc
 
@@ -275,6 +300,11 @@ class Served:
 def serve(start_guest: Callable[..., Guest], servers: HostServers, *natd_args: str) -> Served:
     control = str(servers.workdir / "natd.sock")
     guest = start_guest("--control", control, *natd_args)
+    return ready(guest, control, servers)
+
+
+def ready(guest: Guest, control: str, servers: HostServers) -> Served:
+    """The guest configured by hand and the baseline taken."""
     assert guest.natd is not None
     guest.configure_static()
     served = Served(guest, guest.natd, control, servers)
@@ -324,6 +354,32 @@ def servers(tmp_path: Path) -> Iterator[HostServers]:
 @pytest.fixture
 def served(start_guest: Callable[..., Guest], servers: HostServers) -> Served:
     return serve(start_guest, servers)
+
+
+@pytest.fixture
+def confined(
+    namespaces: Callable[..., Netns],
+    start_guest: Callable[..., Guest],
+    natd_process: Callable[..., Natd],
+    tmp_path: Path,
+) -> Iterator[Served]:
+    """natd (and its host servers) in a namespace with nothing but loopback.
+
+    For abuse whose destinations are arbitrary (mutated frames): natd dials what the guest
+    addresses, and from the root namespace that would be the real network (and the DNS
+    upstream the real resolver). Here every such dial fails inside the namespace.
+    """
+    host = namespaces()
+    (tmp_path / "confined").mkdir()
+    servers = HostServers(tmp_path / "confined", ns=host)
+    guest = start_guest(natd=False)
+    control = str(servers.workdir / "natd.sock")
+    guest.natd = natd_process(
+        ["--netns", guest.path, "--control", control, "--dns-upstream", "127.0.0.1"],
+        netns_exec=host,
+    )
+    yield ready(guest, control, servers)
+    servers.close()
 
 
 def hping(s: Served, args: str, count: int = 20000, interval: str = "u100") -> str:
@@ -617,7 +673,10 @@ print(n)
 """
 
 
-def test_raw_garbage_frames(served: Served, tmp_path: Path) -> None:
+def test_raw_garbage_frames(confined: Served, tmp_path: Path) -> None:
+    """Mutants reach every parser; their mangled destinations are dialled only in natd's
+    loopback-only namespace (``confined``), never from the root one."""
+    served = confined
     script = tmp_path / "garbage.py"
     script.write_text(GARBAGE)
     with served.sampler() as sampler:
