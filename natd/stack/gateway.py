@@ -88,9 +88,9 @@ class Gateway:
         self.log: Any = log if log is not None else NullLog()
         self.events = FlowEvents(self.log)
         self._now = 0.0  # the latest batch's or timer's clock, for calls that have no ``now``
-        # ICMP/ICMPv6 errors natd originates, both families: Linux's defaults
-        # (net.ipv4.icmp_msgs_per_sec 1000, icmp_msgs_burst 50), so a guest cannot make natd
-        # answer a flood of refused packets one for one.
+        # ICMP/ICMPv6 errors for natd's own refusals (policy, no route), both families, at
+        # Linux's defaults (net.ipv4.icmp_msgs_per_sec 1000, icmp_msgs_burst 50): a guest
+        # cannot make natd answer a flood of refused packets one for one.
         self._error_bucket = TokenBucket(ERRORS_PER_SECOND, ERRORS_BURST)
         self.neighbours = NeighbourTable(
             self.counters,
@@ -214,9 +214,9 @@ class Gateway:
 
     def send_error(
         self, guest: bytes, why: int, original: bytes | memoryview, *,
-        origin: bytes | None = None, mtu: int = 0,
+        origin: bytes | None = None, mtu: int = 0, refusal: bool = False,
     ) -> bool:  # fmt: skip
-        if not self._error_bucket.take(self._now):
+        if refusal and not self._error_bucket.take(self._now):
             self.counters["drop.icmp_error_rate"] += 1  # RFC 1812 4.3.2.8, RFC 4443 2.4 (f)
             return False
         if origin is None:
@@ -614,7 +614,7 @@ class Gateway:
             else:
                 parse_icmpv6(src, dst, l4, verify=not csum)
                 name = "icmpv6"
-            self.send_error(src, WHY_ADMIN, ip.packet)
+            self.send_error(src, WHY_ADMIN, ip.packet, refusal=True)
         self.counters["policy.denied." + name] += 1
         key = (src, proto, judged, port)
         logged = self._denials_logged

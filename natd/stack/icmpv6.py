@@ -80,7 +80,7 @@ class Icmpv6Responder:
                     return
             s = self.link.settings
             origin = s.router6 if is_link_local(src) else s.gateway6
-            self.link.send_error(src, WHY_NET, ip.packet, origin=origin)
+            self.link.send_error(src, WHY_NET, ip.packet, origin=origin, refusal=True)
         counters["ipv6.refused_no_route"] += 1
 
     def next_deadline(self) -> float | None:

@@ -57,11 +57,15 @@ class Link(Protocol):
 
     def send_error(
         self, guest: bytes, why: int, original: bytes | memoryview, *,
-        origin: bytes | None = None, mtu: int = 0,
+        origin: bytes | None = None, mtu: int = 0, refusal: bool = False,
     ) -> bool:  # fmt: skip
         """Tell ``guest`` that ``original`` (the IP packet it sent) could not be delivered:
         an ICMP or ICMPv6 error of the guest's family saying ``why`` (``natd.wire.l3.WHY_*``),
-        from ``origin`` (default: natd's gateway address of that family)."""
+        from ``origin`` (default: natd's gateway address of that family).
+
+        ``refusal``: natd itself refuses the packet (policy, no route, nothing there), so the
+        error is rate-limited as a router's are (RFC 1812 4.3.2.8, RFC 4443 2.4 f); False: natd
+        relays what the host's stack reported for this packet, one for one, as the host did."""
         ...
 
     def send_frame(self, frame: bytes) -> None:

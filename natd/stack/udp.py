@@ -263,7 +263,9 @@ class UdpEngine:
             s = link.settings
             if s.is_gateway(dst) or s.is_dns(dst):
                 link.counters["udp.port_unreachable"] += 1
-                self._send_unreachable(ip.src, dst, sport, dport, payload, WHY_PORT, 0, dst)
+                self._send_unreachable(
+                    ip.src, dst, sport, dport, payload, WHY_PORT, 0, dst, refusal=True
+                )
             else:
                 link.counters["drop.udp.no_route"] += 1
             return
@@ -414,12 +416,14 @@ class UdpEngine:
         why: int,
         mtu: int,
         origin: bytes | None,
+        *,
+        refusal: bool = False,
     ) -> None:
         """An ICMP or ICMPv6 error (``why``) to the guest, quoting (a rebuild of) its datagram;
-        from ``origin``, or from the gateway when None."""
+        from ``origin``, or from the gateway when None (``refusal``: see ``Link.send_error``)."""
         datagram = build_udp(guest, dst, sport, dport, payload)
         original = build_ip(guest, dst, PROTO_UDP, datagram)[1]
-        self.link.send_error(guest, why, original, origin=origin, mtu=mtu)
+        self.link.send_error(guest, why, original, origin=origin, mtu=mtu, refusal=refusal)
 
     # -- port forwards (inbound) ----------------------------------------------------------------
 

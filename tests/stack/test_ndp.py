@@ -272,7 +272,7 @@ def test_v6_udp_refused_with_unreachable_quoting_it_without_host_ipv6(gw: Gatewa
 
 
 def test_errors_natd_originates_are_rate_limited(gw: Gateway) -> None:
-    """A flood of refused packets is not answered one for one: a burst of 50 errors, then
+    """A flood of packets natd refuses is not answered one for one: a burst of 50 errors, then
     1000 a second (Linux's icmp_msgs_burst / icmp_msgs_per_sec), the rest counted."""
     gw.settings = replace(gw.settings, host_ipv6=False)
     frames = []
