@@ -148,6 +148,18 @@ def dead_end_uplink(runner: Runner, h: str, ipv6: bool = False) -> None:
         runner.check(["ip", "-n", h, "-6", "route", "add", "default", "via", "fd00:bad:1::fe"])
 
 
+def passt_version(binary: str) -> str:
+    """pasta's or passt's own ``--version`` when it knows it (source builds), else the Debian
+    package's (Debian's build says "unknown version")."""
+    r = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    own = (r.stdout.strip().splitlines() or [""])[0]
+    if own and "unknown" not in own:
+        return f"{own} ({shutil.which(binary)})"
+    r = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "passt"],
+                       capture_output=True, text=True, timeout=10)
+    return f"passt {r.stdout.strip()}" if r.returncode == 0 and r.stdout else f"{binary} ?"
+
+
 class Engine:
     """Base: ``name``, ``unavailable()`` (reason or None), ``version()``, ``start()``.
 
@@ -317,15 +329,7 @@ class Pasta(Engine):
         return self._missing("pasta (passt)")
 
     def version(self) -> str:
-        """pasta's own ``--version`` when it knows it (source builds), else the Debian package's
-        (Debian's build says "unknown version")."""
-        r = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=10)
-        own = (r.stdout.strip().splitlines() or [""])[0]
-        if own and "unknown" not in own:
-            return f"{own} ({shutil.which(self.binary)})"
-        r = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "passt"],
-                           capture_output=True, text=True, timeout=10)
-        return f"passt {r.stdout.strip()}" if r.returncode == 0 and r.stdout else "pasta ?"
+        return passt_version(self.binary)
 
     def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
         h, g = runner.add_ns("h"), runner.add_ns("g")

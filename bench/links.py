@@ -2,6 +2,10 @@
 """The plain path and the socket links: natd against slirp4netns and passt's socket mode.
 
     sudo python3 bench/links.py [--runs 3] [--seconds 5] [--out bench/RESULTS.md]
+                                [--slirp4netns PATH] [--passt PATH] [--natd-args ARGS]
+
+``run.py`` measures the same rows in its own runs (unless ``--no-links``) through ``plan``,
+``measure_run``, ``section`` and ``GOALS`` here; this script runs them alone.
 
 Rows (iperf3 in a guest namespace to a server on the host namespace's loopback, via 10.0.2.2):
 
@@ -14,8 +18,9 @@ Rows (iperf3 in a guest namespace to a server on the host namespace's loopback, 
   stack behind the second TAP: what the relay path allows at most.
 
 Engines run interleaved, order rotated each run; medians with min–max; natd's ratio to the
-peer. The section it writes replaces the one between the markers in ``--out``. Everything lives
-in namespaces the bench creates and is removed on exit (engines.py / procs.py bookkeeping).
+peer; natd at its default log level. The section it writes replaces the one between the
+markers in ``--out``. Everything lives in namespaces the bench creates and is removed on exit
+(engines.py / procs.py bookkeeping).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import atexit
 import datetime
 import fcntl
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -32,12 +38,13 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import measure
+import report
 from engines import (
     Engine,
     Natd,
@@ -47,6 +54,8 @@ from engines import (
     _wait_ready,
     dead_end_uplink,
     host_gateway,
+    last_error,
+    passt_version,
 )
 from procs import REPO_DIR, BenchError, Runner
 
@@ -56,16 +65,38 @@ BEGIN, END = "<!-- links.py begin -->", "<!-- links.py end -->"
 FWD_PORT = 15201  # slirp4netns's setup adds a forward; nothing here uses it
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+Log = Callable[[str], None]
+Groups = list[tuple[int, list[Engine]]]  # (MTU, the engines measured against each other there)
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def build_relay(runner: Runner) -> str:
-    out = runner.path("tap_relay")
-    runner.check(["gcc", "-O2", "-pthread", "-o", out, RELAY_SRC], timeout=120)
-    return out
+class Relay:
+    """``tap_relay.c`` built by the bench into its own temporary directory (so never stale), or
+    why it could not be: the socket rows then fail with that reason, the plain rows still run."""
+
+    def __init__(self, runner: Runner) -> None:
+        self._exe: str | None = None
+        self.error = ""
+        cc = shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            self.error = "no C compiler (gcc) to build tap_relay.c: install.sh installs gcc"
+            return
+        out = runner.path("tap_relay")
+        try:
+            runner.check([cc, "-O2", "-pthread", "-o", out, RELAY_SRC], timeout=120)
+        except BenchError as e:
+            self.error = f"building tap_relay.c: {e}"
+            return
+        self._exe = out
+
+    def require(self) -> str:
+        """The relay's path; BenchError with the reason when it could not be built."""
+        if self._exe is None:
+            raise BenchError(self.error)
+        return self._exe
 
 
 def plain_tap_in(ns: str) -> int:
@@ -79,9 +110,9 @@ def plain_tap_in(ns: str) -> int:
     return fd
 
 
-def relay(runner: Runner, s: Setup, exe: str, ns: str, tap: str, mode: str, path: str) -> None:
+def relay(runner: Runner, s: Setup, r: Relay, ns: str, tap: str, mode: str, path: str) -> None:
     name = f"relay-{ns}-{tap}.log"
-    p = runner.spawn([exe, tap, "stream", mode, path], ns, log=name)
+    p = runner.spawn([r.require(), tap, "stream", mode, path], ns, log=name)
     s.procs.append(p)
     wait_relay(p, path if mode == "listen" else None, ns, tap)
 
@@ -100,7 +131,8 @@ def wait_relay(p: subprocess.Popen[bytes], path: str | None, ns: str, tap: str) 
 
 
 class NatdLink(Natd):
-    """natd in H serving G through ``link_args`` (a plain TAP fd, or a socket + the relay)."""
+    """natd in H serving G through ``link_args`` (a plain TAP fd, or a socket + the relay), at
+    its default log level (``extra``: run.py's ``--natd-args``)."""
 
     def _serve(self, runner: Runner, s: Setup, link_args: list[str], fds: tuple[int, ...],
                then: Callable[[], None]) -> Setup:
@@ -109,7 +141,7 @@ class NatdLink(Natd):
         try:
             p = runner.spawn(
                 [*self._argv(), "run", *link_args, "--ready-fd", str(wfd), "--mtu", str(s.mtu),
-                 "--dns-upstream", "127.0.0.1", "--log-level", "warning"],
+                 "--dns-upstream", "127.0.0.1", *self.extra],
                 s.host_ns, pass_fds=(wfd, *fds), env=self._env(), log=s.log,
             )  # fmt: skip
         finally:
@@ -134,17 +166,23 @@ class NatdPlain(NatdLink):
     def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
         h, g = runner.add_ns("h"), runner.add_ns("g")
         s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15", None)
-        tap = plain_tap_in(g)
+        try:
+            tap = plain_tap_in(g)
+        except OSError as e:
+            self.stop(runner, s)
+            raise BenchError(f"plain TAP in {g}: {e}") from None
         return self._serve(runner, s, ["--tap-fd", str(tap)], (tap,), lambda: None)
 
 
 class NatdSocket(NatdLink):
     name = "natd --socket"
 
-    def __init__(self, relay_exe: str) -> None:
-        self.relay = relay_exe
+    def __init__(self, r: Relay, extra: tuple[str, ...] = ()) -> None:
+        super().__init__(None, extra)
+        self.relay = r
 
     def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
+        self.relay.require()  # no relay, no namespaces: fail before making any
         h, g = runner.add_ns("h"), runner.add_ns("g")
         s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15", None)
         path = runner.path(f"natd-{h}.sock")
@@ -155,18 +193,18 @@ class NatdSocket(NatdLink):
 class PasstSocket(Engine):
     name = "passt -s"
 
-    def __init__(self, relay_exe: str) -> None:
-        self.relay = relay_exe
+    def __init__(self, r: Relay, binary: str | None = None) -> None:
+        super().__init__(binary or "passt")
+        self.relay = r
 
     def unavailable(self) -> str | None:
-        return None if shutil.which("passt") else "passt not installed"
+        return self._missing("passt")
 
     def version(self) -> str:
-        r = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "passt"],
-                           capture_output=True, text=True, timeout=10)  # fmt: skip
-        return f"passt {r.stdout.strip()}" if r.returncode == 0 else "passt ?"
+        return passt_version(self.binary)
 
     def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
+        self.relay.require()  # no relay, no namespaces: fail before making any
         h, g = runner.add_ns("h"), runner.add_ns("g")
         s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15", None)
         path = runner.path(f"passt-{h}.sock")
@@ -174,9 +212,9 @@ class PasstSocket(Engine):
             dead_end_uplink(runner, h)
             s.log = f"passt-{h}.log"
             p = runner.spawn(
-                ["passt", "-f", "--runas", "0:0", "-s", path, "-m", str(mtu), "-a", s.guest_ip,
-                 "-n", "24", "-g", "10.0.2.2", "-4", "-D", "none", "-S", "none", "-t", "none",
-                 "-u", "none"],
+                [self.binary, "-f", "--runas", "0:0", "-s", path, "-m", str(mtu),
+                 "-a", s.guest_ip, "-n", "24", "-g", "10.0.2.2", "-4", "-D", "none", "-S", "none",
+                 "-t", "none", "-u", "none"],
                 h, log=s.log,
             )  # fmt: skip
             s.procs.append(p)
@@ -197,8 +235,9 @@ class PasstSocket(Engine):
 class RelayCeiling(Engine):
     name = "relay ceiling"
 
-    def __init__(self, relay_exe: str) -> None:
-        self.relay = relay_exe
+    def __init__(self, r: Relay) -> None:
+        super().__init__()
+        self.relay = r
 
     def unavailable(self) -> str | None:
         return None
@@ -207,6 +246,7 @@ class RelayCeiling(Engine):
         return "tap_relay.c x2 + the kernel's stack"
 
     def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
+        self.relay.require()  # no relay, no namespaces: fail before making any
         h, g = runner.add_ns("h"), runner.add_ns("g")
         s = Setup(self.name, mtu, h, g, "10.0.2.2", "10.0.2.2", "10.0.2.15", None)
         path = runner.path(f"ceiling-{h}.sock")
@@ -243,19 +283,184 @@ NOTES = [
 ]
 
 
-def fmt(vals: list[float]) -> str:
-    if not vals:
-        return "—"
-    med = statistics.median(vals)
-    return f"{med:.2f} ({min(vals):.2f}–{max(vals):.2f})" if len(vals) > 1 else f"{med:.2f}"
+def plan(runner: Runner, res: report.Results, natd_extra: tuple[str, ...] = (),
+         slirp4netns: str | None = None, passt: str | None = None) -> Groups:
+    """The engines of each MTU group, relay built; an engine that is not installed is left out
+    with its reason in ``res.unavailable``."""
+    r = Relay(runner)
+    groups: Groups = [
+        (1500, [NatdPlain(None, natd_extra), Slirp4netns(slirp4netns)]),
+        (65520, [NatdSocket(r, natd_extra), PasstSocket(r, passt), RelayCeiling(r)]),
+    ]
+    out: Groups = []
+    for mtu, engines in groups:
+        ok = []
+        for eng in engines:
+            why = eng.unavailable()
+            if why:
+                res.unavailable[eng.name] = why
+            else:
+                ok.append(eng)
+        out.append((mtu, ok))
+    return out
 
 
-def ratio(a: list[float], b: list[float]) -> str:
+ENGINES = [NatdPlain.name, Slirp4netns.name, NatdSocket.name, PasstSocket.name, RelayCeiling.name]
+
+
+def versions(groups: Groups) -> dict[str, str]:
+    return {eng.name: eng.version() for _, engines in groups for eng in engines}
+
+
+def measure_run(runner: Runner, groups: Groups, run: int,
+                seconds: float, res: report.Results, say: Log = log) -> None:
+    """One run of every group: its engines in an order rotated by ``run``, each on a fresh
+    setup, one iperf3 stream each way."""
+    for mtu, engines in groups:
+        k = run % len(engines) if engines else 0
+        for eng in engines[k:] + engines[:k]:
+            say(f"links, MTU {mtu}: {eng.name}")
+            measure_one(runner, eng, mtu, seconds, res, say)
+
+
+def measure_one(runner: Runner, eng: Engine, mtu: int, seconds: float, res: report.Results,
+                say: Log) -> None:
+    keys = (f"g2h_{mtu}", f"h2g_{mtu}")
+    try:
+        s = eng.start(runner, mtu, FWD_PORT)
+    except BenchError as e:
+        say(f"  {eng.name} MTU {mtu}: setup failed: {e}")
+        for key in keys:
+            res.fail(eng.name, key, f"{report.NA}setup: {e}")
+        return
+    try:
+        try:
+            measure.smoke(runner, s)
+        except BenchError as e:
+            why = f"{e}" + (f" (engine log: {tail})" if (tail := last_error(runner, s)) else "")
+            say(f"  {eng.name} MTU {mtu}: {why}")
+            for key in keys:
+                res.fail(eng.name, key, f"{report.NA}{why}")
+            return
+        for key, reverse in zip(keys, (False, True), strict=True):
+            try:
+                v = measure.iperf_tcp(runner, s, seconds, reverse)
+            except BenchError as e:
+                res.fail(eng.name, key, str(e))
+                say(f"  {eng.name} {key}: FAILED {e}")
+                continue
+            res.add(eng.name, key, v)
+            say(f"  {eng.name} {key}: {v:.2f} Gbit/s")
+    finally:
+        eng.stop(runner, s)
+
+
+# -- the report ---------------------------------------------------------------------------------
+X = report.X
+
+
+def _ratio(res: report.Results, natd: str, peer: str, key: str) -> float | None:
+    return report.ratio(res, report.BY_KEY[key], peer, base=natd)
+
+
+def _gbps(res: report.Results, natd: str, mtu: int) -> str:
+    a, b = res.median(natd, f"g2h_{mtu}"), res.median(natd, f"h2g_{mtu}")
+    return f" (natd {a:.2f} / {b:.2f} Gbit/s)" if a is not None and b is not None else ""
+
+
+def _plain(res: report.Results) -> tuple[str, bool | None]:
+    text, ok = report.all_hold(*(
+        (way, _ratio(res, NatdPlain.name, Slirp4netns.name, key), 2.0, True)
+        for key, way in (("g2h_1500", "g→h"), ("h2g_1500", "h→g"))))
+    return text + _gbps(res, NatdPlain.name, 1500), ok
+
+
+def _stream(res: report.Results) -> tuple[str, bool | None]:
+    text, ok = report.all_hold(("g→h", _ratio(res, NatdSocket.name, PasstSocket.name,
+                                                "g2h_65520"), 1.5, True))
+    h2g = _ratio(res, NatdSocket.name, PasstSocket.name, "h2g_65520")
+    if ok is not None and h2g is not None:
+        text += f"; h→g {h2g:.2f}{X} (no target)"
+    return text + _gbps(res, NatdSocket.name, 65520), ok
+
+
+GOALS: list[report.Goal] = [
+    report.Goal("plain TAP (`--tap-fd`, no vnet_hdr), g→h and h→g, MTU 1500",
+                f"g→h 1.46{X} / h→g 0.51{X} slirp4netns (issue 11's links.py run)",
+                f"≥ 2{X} slirp4netns each way (issue 11)", _plain),
+    report.Goal("stream socket (`--socket`), MTU 65520",
+                f"g→h 1.92{X} / h→g 0.35{X} `passt -s` (issue 11's links.py run)",
+                f"≥ 1.5{X} `passt -s` g→h (issue 11)", _stream),
+]
+
+
+def goal_rows(res: report.Results) -> list[tuple[report.Goal, report.Results]]:
+    """GOALS checked on these figures: rows for report.issue14's table."""
+    return [(g, res) for g in GOALS]
+
+
+def pairing(a: list[float], b: list[float]) -> str:
+    """natd ÷ peer of the medians, with the worst and the best pairing of single runs."""
     if not a or not b or statistics.median(b) == 0:
         return "—"
     r = statistics.median(a) / statistics.median(b)
     lo, hi = min(a) / max(b), max(a) / min(b) if min(b) else float("inf")
-    return f"{r:.2f}× ({lo:.2f}–{hi:.2f})"
+    return f"{r:.2f}{X} ({lo:.2f}{report.DASH}{hi:.2f})"
+
+
+ROWS = [
+    ("guest→host, MTU 1500, plain TAP (no vnet_hdr)", NatdPlain.name, Slirp4netns.name,
+     "g2h_1500"),
+    ("host→guest, MTU 1500, plain TAP (no vnet_hdr)", NatdPlain.name, Slirp4netns.name,
+     "h2g_1500"),
+    ("guest→host, MTU 65520, stream socket", NatdSocket.name, PasstSocket.name, "g2h_65520"),
+    ("host→guest, MTU 65520, stream socket", NatdSocket.name, PasstSocket.name, "h2g_65520"),
+]  # fmt: skip
+
+
+def section(res: report.Results, command: str, started: datetime.datetime,
+            vers: dict[str, str], runs: int, notes: Sequence[str] = ()) -> str:
+    """The markdown section (between BEGIN and END) for these figures."""
+    lines = [
+        BEGIN,
+        "## Plain path and socket links (issue 11)",
+        "",
+        f"- command: `{command}`",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC; {runs} run{'s' if runs != 1 else ''}; load "
+        f"average at the end: {measure.loadavg()}",
+        "- versions: " + "; ".join(f"{k}: {v}" for k, v in vers.items()),
+        "- iperf3 TCP, guest namespace → host namespace's 127.0.0.1 via 10.0.2.2, receiver's "
+        "Gbit/s; medians (min–max); ratio = natd ÷ peer (min–max = worst and best pairing); "
+        "natd at its default log level",
+        "",
+        "| row | natd | peer | natd ÷ peer |",
+        "|---|---|---|---|",
+    ]
+    for label, natd, peer, key in ROWS:
+        m = report.BY_KEY[key]
+        a, b = res.values.get(natd, {}).get(key, []), res.values.get(peer, {}).get(key, [])
+        lines.append(f"| {label} (vs {peer}) | {report.cell(res, natd, m)} | "
+                     f"{report.cell(res, peer, m)} | {pairing(a, b)} |")
+    for key in ("g2h_65520", "h2g_65520"):
+        c = report.cell(res, RelayCeiling.name, report.BY_KEY[key])
+        lines.append(f"| relay ceiling {key[:3]}, MTU 65520 (two relays + kernel) | — | {c} | — |")
+    lines += ["", report.goals_table(goal_rows(res)), "", "Notes:"]
+    lines += [f"- {e}: not measured — {why}" for e, why in res.unavailable.items()]
+    lines += [f"- {n}" for n in [*notes, *NOTES]]
+    fails = report.failures(res)
+    if fails:
+        lines += ["", "Failures:", fails]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def with_section(text: str, section: str) -> str:
+    """``text`` with its links section replaced by ``section`` (appended if it had none)."""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        return head + section + ("\n" + tail if tail else "")
+    return text.rstrip("\n") + "\n\n" + section if text.strip() else section
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    p.add_argument("--slirp4netns", metavar="PATH", help="slirp4netns binary (default: PATH's)")
+    p.add_argument("--passt", metavar="PATH", help="passt binary (default: PATH's)")
+    p.add_argument("--natd-args", default="", metavar="ARGS",
+                   help="extra natd options (default: none: natd as users run it)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/links.py needs root", file=sys.stderr)
@@ -275,120 +484,29 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_term)
-    exe = build_relay(runner)
-    groups: list[tuple[int, list[Engine]]] = [
-        (1500, [NatdPlain(), Slirp4netns()]),
-        (65520, [NatdSocket(exe), PasstSocket(exe), RelayCeiling(exe)]),
-    ]
-    vals: dict[tuple[str, int, str], list[float]] = {}
-    errors: list[str] = []
-    started = datetime.datetime.now(datetime.timezone.utc)
+    res = report.Results(engines=list(ENGINES))
+    started = datetime.datetime.now(datetime.UTC)
+    groups = plan(runner, res, tuple(shlex.split(args.natd_args)), args.slirp4netns, args.passt)
+    notes: list[str] = []
     try:
         for run in range(args.runs):
-            for mtu, engines in groups:
-                k = run % len(engines)
-                for eng in engines[k:] + engines[:k]:
-                    log(f"run {run + 1}/{args.runs} MTU {mtu}: {eng.name}")
-                    try:
-                        s = eng.start(runner, mtu, FWD_PORT)
-                    except BenchError as e:
-                        errors.append(f"{eng.name} MTU {mtu}: setup: {e}")
-                        continue
-                    try:
-                        measure.smoke(runner, s)
-                        for d, rev in (("g2h", False), ("h2g", True)):
-                            try:
-                                v = measure.iperf_tcp(runner, s, args.seconds, rev)
-                            except BenchError as e:
-                                errors.append(f"{eng.name} MTU {mtu} {d}: {e}")
-                                continue
-                            vals.setdefault((eng.name, mtu, d), []).append(v)
-                            log(f"  {d}: {v:.2f} Gbit/s")
-                    except BenchError as e:
-                        errors.append(f"{eng.name} MTU {mtu}: {e}")
-                    finally:
-                        eng.stop(runner, s)
+            log(f"run {run + 1}/{args.runs}")
+            measure_run(runner, groups, run, args.seconds, res)
     except KeyboardInterrupt:
-        errors.append("interrupted: partial figures")
+        notes.append("the run was interrupted: partial figures")
     finally:
         runner.cleanup()
-    text = report(vals, errors, args, started)
+    cmd = "sudo python3 " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    text = section(res, cmd, started, versions(groups), args.runs, notes)
     print(text)
-    write_section(args.out, text)
-    return 0
-
-
-def report(vals: dict[tuple[str, int, str], list[float]], errors: list[str],
-           args: argparse.Namespace, started: datetime.datetime) -> str:
-    def v(name: str, mtu: int, d: str) -> list[float]:
-        return vals.get((name, mtu, d), [])
-
-    lines = [
-        BEGIN,
-        "## Plain path and socket links (issue 11)",
-        "",
-        f"- command: `sudo python3 bench/links.py --runs {args.runs} --seconds {args.seconds:g}`",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC; load average at the end: "
-        f"{' '.join(open('/proc/loadavg').read().split()[:3])}",
-        "- iperf3 TCP, guest namespace → host namespace's 127.0.0.1 via 10.0.2.2, receiver's "
-        "Gbit/s; medians (min–max); ratio = natd ÷ peer (min–max = worst and best pairing)",
-        "",
-        "| row | natd | peer | natd ÷ peer |",
-        "|---|---|---|---|",
-    ]
-    rows = [
-        ("guest→host, MTU 1500, plain TAP (no vnet_hdr)", "natd plain --tap-fd", "slirp4netns",
-         1500, "g2h"),
-        ("host→guest, MTU 1500, plain TAP (no vnet_hdr)", "natd plain --tap-fd", "slirp4netns",
-         1500, "h2g"),
-        ("guest→host, MTU 65520, stream socket", "natd --socket", "passt -s", 65520, "g2h"),
-        ("host→guest, MTU 65520, stream socket", "natd --socket", "passt -s", 65520, "h2g"),
-    ]  # fmt: skip
-    for label, natd, peer, mtu, d in rows:
-        a, b = v(natd, mtu, d), v(peer, mtu, d)
-        lines.append(f"| {label} (vs {peer}) | {fmt(a)} | {fmt(b)} | {ratio(a, b)} |")
-    for d in ("g2h", "h2g"):
-        c = v("relay ceiling", 65520, d)
-        lines.append(f"| relay ceiling {d}, MTU 65520 (two relays + kernel) | — | {fmt(c)} | — |")
-    targets = [
-        ("plain MTU 1500 guest→host ≥ 2× slirp4netns", "natd plain --tap-fd", "slirp4netns",
-         1500, "g2h", 2.0),
-        ("plain MTU 1500 host→guest ≥ 2× slirp4netns", "natd plain --tap-fd", "slirp4netns",
-         1500, "h2g", 2.0),
-        ("stream MTU 65520 guest→host ≥ 1.5× passt", "natd --socket", "passt -s", 65520, "g2h",
-         1.5),
-        ("stream MTU 65520 host→guest ≥ 1.5× passt", "natd --socket", "passt -s", 65520, "h2g",
-         1.5),
-    ]  # fmt: skip
-    lines += ["", "| target (issue 11) | natd ÷ peer | met? |", "|---|---|---|"]
-    for label, natd, peer, mtu, d, want in targets:
-        a, b = v(natd, mtu, d), v(peer, mtu, d)
-        if a and b:
-            r = statistics.median(a) / statistics.median(b)
-            lines.append(f"| {label} | {r:.2f}× | {'yes' if r >= want else '**no**'} |")
-        else:
-            lines.append(f"| {label} | — | not measured |")
-    lines += ["", "Notes:", *(f"- {n}" for n in NOTES)]
-    if errors:
-        lines += ["", "Failures:", *(f"- {e}" for e in errors)]
-    lines.append(END)
-    return "\n".join(lines) + "\n"
-
-
-def write_section(path: str, section: str) -> None:
     try:
-        with open(path) as f:
-            text = f.read()
+        with open(args.out) as f:
+            old = f.read()
     except FileNotFoundError:
-        text = ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as f:
-        f.write(text)
+        old = ""
+    with open(args.out, "w") as f:
+        f.write(with_section(old, text))
+    return 0
 
 
 if __name__ == "__main__":

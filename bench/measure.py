@@ -29,6 +29,12 @@ def fresh_port() -> int:
     return port
 
 
+def loadavg() -> str:
+    """The machine's 1, 5 and 15 min load averages: how busy the shared cores were."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 # -- CPU pinning ----------------------------------------------------------------------------------
 def _set_affinity(pid: int, cpus: set[int]) -> None:
     """Pin every thread of ``pid`` (taskset -a)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # typographic characters for the report, spelled as escapes to keep the source ASCII-unambiguous
@@ -220,7 +220,7 @@ class Goal:
     check: Callable[[Results], tuple[str, bool | None]]
 
 
-def _both(*parts: tuple[str, float | None, float, bool]) -> tuple[str, bool | None]:
+def all_hold(*parts: tuple[str, float | None, float, bool]) -> tuple[str, bool | None]:
     """Several ratios that must all hold: (label, value, bound, value must be ≥ bound?)."""
     if any(v is None for _, v, _, _ in parts):
         return "not measured", None
@@ -233,7 +233,7 @@ def _latency(key: str) -> Callable[[Results], tuple[str, bool | None]]:
         a, b = res.median("natd", key), res.median("slirp4netns", key)
         if a is None or b is None:
             return "not measured", None
-        return _both((f"{a:.0f} vs {b:.0f} µs =", a / b, 1.0, False))
+        return all_hold((f"{a:.0f} vs {b:.0f} µs =", a / b, 1.0, False))
     return check
 
 
@@ -241,7 +241,7 @@ def _cps(res: Results) -> tuple[str, bool | None]:
     a, b = res.median("natd", "cps_pin"), res.median("pasta", "cps_pin")
     if a is None or b is None:
         return "not measured", None
-    return _both((f"{a / 1000:.1f}k vs {b / 1000:.1f}k =", a / b, 1.0, True))
+    return all_hold((f"{a / 1000:.1f}k vs {b / 1000:.1f}k =", a / b, 1.0, True))
 
 
 def _bulk(res: Results) -> tuple[str, bool | None]:
@@ -250,11 +250,11 @@ def _bulk(res: Results) -> tuple[str, bool | None]:
         m = BY_KEY[key]
         parts += [(f"{way}", ratio(res, m, "slirp4netns"), 8.0, True),
                   ("/ kernel", ratio(res, m, "kernel"), 0.8, True)]
-    return _both(*parts)
+    return all_hold(*parts)
 
 
 def _lossy(res: Results) -> tuple[str, bool | None]:
-    text, ok = _both(*((way, ratio(res, BY_KEY[key], "kernel"), 0.5, True)
+    text, ok = all_hold(*((way, ratio(res, BY_KEY[key], "kernel"), 0.5, True)
                        for key, way in (("g2h_lossy", "g→h"), ("h2g_lossy", "h→g"))))
     a, b = res.median("natd", "g2h_lossy"), res.median("natd", "h2g_lossy")
     if a is not None and b is not None:
@@ -263,7 +263,7 @@ def _lossy(res: Results) -> tuple[str, bool | None]:
 
 
 def _parallel(res: Results) -> tuple[str, bool | None]:
-    text, ok = _both(*((way, res.median("natd", key), 0.8, True)
+    text, ok = all_hold(*((way, res.median("natd", key), 0.8, True)
                        for key, way in (("g2h_p16_x", "g→h"), ("h2g_p16_x", "h→g"))))
     if ok is None:
         return text, ok
@@ -299,11 +299,18 @@ ISSUE14: list[Goal] = [
 ]
 
 
-def issue14(res: Results) -> str:
-    """Issue 14's targets table: metric, what the issue measured, the target, this run, met?"""
-    lines = ["| metric | today (issue 14) | target | this run (natd) | met? |",
+def issue14(res: Results, more: Sequence[tuple[Goal, Results]] = ()) -> str:
+    """Issue 14's targets table: metric, what the issue measured, the target, this run, met?
+    ``more``: further goals checked on their own figures (links.py's plain path and socket
+    link rows, measured by their own engines)."""
+    return goals_table([(g, res) for g in ISSUE14] + list(more))
+
+
+def goals_table(rows: Sequence[tuple[Goal, Results]]) -> str:
+    """Each goal checked on its figures: metric, what was measured before, target, now, met?"""
+    lines = ["| metric | today | target | this run (natd) | met? |",
              "|---|---|---|---|---|"]
-    for g in ISSUE14:
+    for g, res in rows:
         text, ok = g.check(res)
         mark = "—" if ok is None else ("yes" if ok else "**no**")
         lines.append(f"| {g.metric} | {g.today} | {g.target} | {text} | {mark} |")

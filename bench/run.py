@@ -2,11 +2,14 @@
 """natd's benchmark: natd, slirp4netns, pasta and a kernel veth baseline side by side.
 
     sudo python3 bench/run.py [--issue14] [--runs 3] [--quick] [--only natd,slirp4netns,...]
-                              [--ipv6] [--slirp4netns PATH] [--pasta PATH] [--seconds 5]
-                              [--out FILE]
+                              [--ipv6] [--no-links] [--slirp4netns PATH] [--pasta PATH]
+                              [--passt PATH] [--seconds 5] [--out FILE]
 
 The default run (``--issue14`` names it) measures every row and prints issue 14's targets table;
-``--issue14`` adds the IPv6 rows (``--ipv6``: g→h, h→g and RR over IPv6, MTU 1500) to it.
+``--issue14`` adds the IPv6 rows (``--ipv6``: g→h, h→g and RR over IPv6, MTU 1500) to it. With
+natd among the engines it also measures links.py's rows (the plain path: natd ``--tap-fd``
+without vnet_hdr vs slirp4netns; the stream socket: natd ``--socket`` vs ``passt -s``) in the
+same runs, unless ``--no-links``.
 
 Each engine serves a fresh guest namespace (see engines.py); the engines are interleaved and
 their order rotated every run; the table reports medians with min-max over the runs and natd's
@@ -36,6 +39,7 @@ from types import FrameType
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hotpath
+import links
 import lossy
 import measure
 import report
@@ -53,10 +57,13 @@ def log(msg: str) -> None:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, runner: Runner, res: report.Results) -> None:
+    def __init__(self, args: argparse.Namespace, runner: Runner, res: report.Results,
+                 links_plan: links.Groups, links_res: report.Results) -> None:
         self.args = args
         self.runner = runner
         self.res = res
+        self.links_plan = links_plan  # empty: no links rows (--no-links, or natd not measured)
+        self.links_res = links_res
         self.loads: list[float] = []
 
     def _do(self, s: Setup, key: str, fn: Callable[[], float]) -> float | None:
@@ -219,6 +226,10 @@ class Bench:
                 for eng in order:
                     log(f"run {run + 1}/{self.args.runs}, MTU {mtu}: {eng.name}")
                     self.one(eng, mtu)
+            if self.links_plan:
+                log(f"run {run + 1}/{self.args.runs}: the plain path and socket links")
+                links.measure_run(self.runner, self.links_plan, run, self.args.seconds,
+                                  self.links_res, log)
 
 
 def machine() -> dict[str, str]:
@@ -262,11 +273,6 @@ def congestion_control() -> str:
         return "?"
 
 
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
 def tool_version(argv: list[str]) -> str:
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
@@ -287,15 +293,17 @@ def kept_sections(old: str) -> str:
 def write_report(path: str, args: argparse.Namespace, res: report.Results,
                  versions: dict[str, str], started: datetime.datetime, load0: str,
                  elapsed: float, extra_notes: list[str], bench_loads: list[float],
-                 prof: str = "") -> str:
+                 prof: str = "", links_res: report.Results | None = None,
+                 links_versions: dict[str, str] | None = None) -> str:
+    """RESULTS.md's run.py part (table, targets, notes), links.py's section when the links
+    rows were measured (replacing the old one in the kept part), and the raw figures as .json."""
     try:
         with open(path) as f:
             path_text = f.read()
     except OSError:
         path_text = ""
     m = machine()
-    cmd = "python3 " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0]),
-                                                          *sys.argv[1:]])
+    cmd = "python3 " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     lines = [
         "# natd benchmark results",
         "",
@@ -303,7 +311,7 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
         f"- date: {started.strftime('%Y-%m-%d %H:%M %Z').strip()} ({elapsed / 60:.1f} min)",
         f"- machine: {m['nproc']} CPUs, {m['cpu']}, {m['mem']} RAM, Linux {m['kernel']}, "
         f"Python {m['python']}",
-        f"- load average at start / end: {load0} / {loadavg()}",
+        f"- load average at start / end: {load0} / {measure.loadavg()}",
         "- other work's CPU share with the bench idle (1 s samples): "
         + ", ".join(f"{x:.0f} %" for x in bench_loads),
         f"- runs: {args.runs}; iperf3 TCP {args.seconds:g} s, UDP {args.udp_seconds:g} s at "
@@ -321,8 +329,11 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
     if "natd" in res.engines and "natd" not in res.unavailable:
         lines += ["## Issue 14 targets", "",
                   "Ratios of the medians; latency ratios are natd ÷ peer (≤ 1 = natd as fast), "
-                  "throughput ratios natd ÷ peer (≥ 1 = natd faster).", "",
-                  report.issue14(res), "",
+                  "throughput ratios natd ÷ peer (≥ 1 = natd faster)."
+                  + (" The plain-TAP and stream-socket rows are issue 11's targets, measured in "
+                     "the same runs by links.py's engines (its section below)." if links_res
+                     else ""), "",
+                  report.issue14(res, links.goal_rows(links_res) if links_res else ()), "",
                   "## Issue 6 targets", "", report.targets(res), ""]
     notes = [f"- {e}: not measured — {why}" for e, why in res.unavailable.items()]
     notes += [f"- {n}" for n in extra_notes]
@@ -366,12 +377,20 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
     if prof:
         lines += ["## Profile: where natd's time goes", "", prof, ""]
     text = "\n".join(lines)
+    kept = kept_sections(path_text)
+    raw = {"args": vars(args), "versions": versions, "machine": m, **res.to_json()}
+    shown = text
+    if links_res is not None:
+        section = links.section(links_res, "sudo " + cmd, started.astimezone(datetime.UTC),
+                                links_versions or {}, args.runs)
+        kept = links.with_section(kept, section)
+        shown += "\n" + section
+        raw["links"] = {"versions": links_versions, **links_res.to_json()}
     with open(path, "w") as f:
-        f.write(text + "\n" + KEEP + kept_sections(path_text))
+        f.write(text + "\n" + KEEP + kept)
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump({"args": vars(args), "versions": versions, "machine": m, **res.to_json()}, f,
-                  indent=1, default=str)
-    return text
+        json.dump(raw, f, indent=1, default=str)
+    return shown
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -400,6 +419,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "engine that can: natd, pasta, slirp4netns --enable-ipv6, kernel veth)")
     p.add_argument("--slirp4netns", metavar="PATH", help="slirp4netns binary (default: PATH's)")
     p.add_argument("--pasta", metavar="PATH", help="pasta binary (default: PATH's)")
+    p.add_argument("--passt", metavar="PATH",
+                   help="passt binary for the stream-socket row (default: the passt beside "
+                   "--pasta PATH if there is one, else PATH's)")
+    p.add_argument("--no-links", action="store_true",
+                   help="skip links.py's rows (natd's plain TAP vs slirp4netns, natd --socket "
+                   "vs passt -s, the relay ceiling), measured by default whenever natd is")
     p.add_argument("--natd-args", default="", metavar="ARGS",
                    help="extra natd options, e.g. '--log-level warning' (default: none: natd as "
                    "users run it)")
@@ -416,6 +441,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.ipv6 = True
     if a.quick:
         a.runs, a.seconds, a.udp_seconds, a.cps_seconds = 1, 2.0, 2.0, 2.0
+    if a.passt is None and a.pasta:
+        beside = os.path.join(os.path.dirname(a.pasta), "passt")
+        a.passt = beside if os.access(beside, os.X_OK) else None
     if a.out is None:
         here = os.path.dirname(os.path.abspath(__file__))
         a.out = os.path.join(here, "RESULTS-quick.md" if a.quick else "RESULTS.md")
@@ -456,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, on_term)
 
     started = datetime.datetime.now().astimezone()
-    load0 = loadavg()
+    load0 = measure.loadavg()
     t0 = time.monotonic()
     res = report.Results(engines=list(args.engines))
     versions: dict[str, str] = {}
@@ -477,7 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     versions["iperf3"] = tool_version(["iperf3", "--version"]).split(" (")[0]
     interrupted = False
     prof = ""
-    bench = Bench(args, runner, res)
+    links_res = report.Results(engines=list(links.ENGINES))
+    links_plan: links.Groups = []
+    if "natd" in versions and not args.no_links:
+        links_plan = links.plan(runner, links_res, tuple(shlex.split(args.natd_args)),
+                                args.slirp4netns, args.passt)
+    links_versions = links.versions(links_plan)
+    bench = Bench(args, runner, res, links_plan, links_res)
     try:
         if engines:
             bench.run(engines)
@@ -507,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         notes.append("the run was interrupted: partial figures")
     text = write_report(args.out, args, res, versions, started, load0, time.monotonic() - t0,
-                        notes, bench.loads, prof)
+                        notes, bench.loads, prof, links_res if links_plan else None,
+                        links_versions)
     print(text)
     log(f"written {args.out}")
     return 130 if interrupted else 0
