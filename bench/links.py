@@ -404,6 +404,8 @@ def pairing(a: list[float], b: list[float]) -> str:
     if not a or not b or statistics.median(b) == 0:
         return "—"
     r = statistics.median(a) / statistics.median(b)
+    if len(a) == len(b) == 1:
+        return f"{r:.2f}{X}"
     lo, hi = min(a) / max(b), max(a) / min(b) if min(b) else float("inf")
     return f"{r:.2f}{X} ({lo:.2f}{report.DASH}{hi:.2f})"
 

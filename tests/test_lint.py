@@ -1,7 +1,8 @@
 """Lint, format and type checks as part of the one test command (versions pinned in pyproject).
 
 Each runs the pinned tool as a subprocess of this interpreter, on the tree the tests run from;
-a failure shows the tool's own report.
+a failure shows the tool's own report. ``bench/`` is linted and format-checked too (not typed:
+its scripts are run by hand, with root).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "args",
     [
-        ["ruff", "check", "natd", "tests", "fuzzframes"],
-        ["ruff", "format", "--check", "natd", "tests", "fuzzframes"],
+        ["ruff", "check", "natd", "tests", "fuzzframes", "bench"],
+        ["ruff", "format", "--check", "natd", "tests", "fuzzframes", "bench"],
         ["mypy", "--strict", "natd"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],
