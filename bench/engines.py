@@ -113,11 +113,15 @@ def wait_global6(runner: Runner, g: str, dev: str, timeout: float = 20.0) -> str
     while True:
         addrs = subprocess.run(
             wrap(["ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "global"], g),
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout
         route = subprocess.run(
             wrap(["ip", "-6", "route", "show", "default"], g),
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout
         ready = [ln.split()[3] for ln in addrs.splitlines() if "tentative" not in ln]
         if ready and route.strip():
@@ -155,8 +159,12 @@ def passt_version(binary: str) -> str:
     own = (r.stdout.strip().splitlines() or [""])[0]
     if own and "unknown" not in own:
         return f"{own} ({shutil.which(binary)})"
-    r = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "passt"],
-                       capture_output=True, text=True, timeout=10)
+    r = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", "passt"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     return f"passt {r.stdout.strip()}" if r.returncode == 0 and r.stdout else f"{binary} ?"
 
 
@@ -209,7 +217,10 @@ class Natd(Engine):
 
     def unavailable(self) -> str | None:
         r = subprocess.run(
-            [*self._argv(), "--version"], capture_output=True, text=True, env=self._env(),
+            [*self._argv(), "--version"],
+            capture_output=True,
+            text=True,
+            env=self._env(),
             timeout=30,
         )
         if r.returncode != 0:
@@ -219,22 +230,40 @@ class Natd(Engine):
 
     def version(self) -> str:
         r = subprocess.run(
-            [*self._argv(), "--version"], capture_output=True, text=True, env=self._env(),
+            [*self._argv(), "--version"],
+            capture_output=True,
+            text=True,
+            env=self._env(),
             timeout=30,
         )
         return (r.stdout.strip() or r.stderr.strip()).splitlines()[0] if r.returncode == 0 else "?"
 
     def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
         h, g = runner.add_ns("h"), runner.add_ns("g")
-        s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15",
-                  ("127.0.0.1", fwd_port))
+        s = Setup(
+            self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15", ("127.0.0.1", fwd_port)
+        )
         rfd, wfd = os.pipe()
         log = s.log = f"natd-{h}.log"
         try:
             p = runner.spawn(
-                [*self._argv(), "run", "--netns", f"/run/netns/{g}", "--ready-fd", str(wfd),
-                 "--mtu", str(mtu), "--forward", f"tcp::{fwd_port}-:{GUEST_PORT}", *self.extra],
-                h, pass_fds=(wfd,), env=self._env(), log=log,
+                [
+                    *self._argv(),
+                    "run",
+                    "--netns",
+                    f"/run/netns/{g}",
+                    "--ready-fd",
+                    str(wfd),
+                    "--mtu",
+                    str(mtu),
+                    "--forward",
+                    f"tcp::{fwd_port}-:{GUEST_PORT}",
+                    *self.extra,
+                ],
+                h,
+                pass_fds=(wfd,),
+                env=self._env(),
+                log=log,
             )
         finally:
             os.close(wfd)
@@ -263,16 +292,16 @@ class Slirp4netns(Engine):
         return self._missing("slirp4netns")
 
     def version(self) -> str:
-        r = subprocess.run([self.binary, "--version"], capture_output=True, text=True,
-                           timeout=10)
+        r = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=10)
         lines = r.stdout.splitlines()
         lib = next((ln for ln in lines if ln.startswith("libslirp")), "")
         return f"{lines[0] if lines else '?'} ({lib})" if lib else (lines[0] if lines else "?")
 
     def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
         h, g = runner.add_ns("h"), runner.add_ns("g")
-        s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.100",
-                  ("127.0.0.1", fwd_port))
+        s = Setup(
+            self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.100", ("127.0.0.1", fwd_port)
+        )
         api = runner.path(f"slirp-{h}.sock")
         rfd, wfd = os.pipe()
         log = s.log = f"slirp-{h}.log"
@@ -283,9 +312,23 @@ class Slirp4netns(Engine):
             # leads to the host's ::1 as 10.0.2.2 leads to 127.0.0.1.
             v6 = ["--enable-ipv6"] if self.ipv6 else []
             p = runner.spawn(
-                [self.binary, "--configure", "--mtu", str(mtu), "--ready-fd", str(wfd),
-                 "--api-socket", api, *v6, "--netns-type=path", f"/run/netns/{g}", "tap0"],
-                h, pass_fds=(wfd,), log=log,
+                [
+                    self.binary,
+                    "--configure",
+                    "--mtu",
+                    str(mtu),
+                    "--ready-fd",
+                    str(wfd),
+                    "--api-socket",
+                    api,
+                    *v6,
+                    "--netns-type=path",
+                    f"/run/netns/{g}",
+                    "tap0",
+                ],
+                h,
+                pass_fds=(wfd,),
+                log=log,
             )
         finally:
             os.close(wfd)
@@ -293,9 +336,15 @@ class Slirp4netns(Engine):
         s.pid = p.pid
         try:
             _wait_ready(rfd, p, 20.0, "slirp4netns")
-            req = {"execute": "add_hostfwd", "arguments": {
-                "proto": "tcp", "host_addr": "127.0.0.1", "host_port": fwd_port,
-                "guest_port": GUEST_PORT}}
+            req = {
+                "execute": "add_hostfwd",
+                "arguments": {
+                    "proto": "tcp",
+                    "host_addr": "127.0.0.1",
+                    "host_port": fwd_port,
+                    "guest_port": GUEST_PORT,
+                },
+            }
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
                 c.settimeout(5)
                 c.connect(api)
@@ -333,27 +382,68 @@ class Pasta(Engine):
 
     def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
         h, g = runner.add_ns("h"), runner.add_ns("g")
-        s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15",
-                  ("127.0.0.1", fwd_port),
-                  fwd_note="pasta splices loopback forwards socket-to-socket, bypassing its TAP")
+        s = Setup(
+            self.name,
+            mtu,
+            h,
+            g,
+            "127.0.0.1",
+            "10.0.2.2",
+            "10.0.2.15",
+            ("127.0.0.1", fwd_port),
+            fwd_note="pasta splices loopback forwards socket-to-socket, bypassing its TAP",
+        )
         # IPv6: pinned like IPv4 (fd00:10:0:2::15, gateway ::2, mapped to the host's ::1).
         v6 = ["-a", "fd00:10:0:2::15", "-g", "fd00:10:0:2::2"] if self.ipv6 else ["-4"]
         try:
             dead_end_uplink(runner, h, self.ipv6)
             log = s.log = f"pasta-{h}.log"
             p = runner.spawn(
-                [self.binary, "-f", "--runas", "0:0", "--config-net", "-m", str(mtu),
-                 "-a", s.guest_ip, "-n", "24", "-g", "10.0.2.2", "-I", "tap0", *v6,
-                 "-D", "none", "-S", "none", "-t", f"{fwd_port}:{GUEST_PORT}", "-u", "none",
-                 "-T", "none", "-U", "none", "--netns", f"/run/netns/{g}"],
-                h, log=log,
+                [
+                    self.binary,
+                    "-f",
+                    "--runas",
+                    "0:0",
+                    "--config-net",
+                    "-m",
+                    str(mtu),
+                    "-a",
+                    s.guest_ip,
+                    "-n",
+                    "24",
+                    "-g",
+                    "10.0.2.2",
+                    "-I",
+                    "tap0",
+                    *v6,
+                    "-D",
+                    "none",
+                    "-S",
+                    "none",
+                    "-t",
+                    f"{fwd_port}:{GUEST_PORT}",
+                    "-u",
+                    "none",
+                    "-T",
+                    "none",
+                    "-U",
+                    "none",
+                    "--netns",
+                    f"/run/netns/{g}",
+                ],
+                h,
+                log=log,
             )
             s.procs.append(p)
             s.pid = p.pid
             deadline = time.monotonic() + 20
             while True:
-                out = subprocess.run(wrap(["ip", "-4", "-o", "addr", "show", "dev", "tap0"], g),
-                                     capture_output=True, text=True, timeout=10).stdout
+                out = subprocess.run(
+                    wrap(["ip", "-4", "-o", "addr", "show", "dev", "tap0"], g),
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout
                 if s.guest_ip in out:
                     break
                 if p.poll() is not None:
@@ -382,13 +472,38 @@ class Kernel(Engine):
 
     def start(self, runner: Runner, mtu: int, fwd_port: int) -> Setup:
         h, g = runner.add_ns("h"), runner.add_ns("g")
-        s = Setup(self.name, mtu, h, g, "10.0.2.2", "10.0.2.2", "10.0.2.15",
-                  ("10.0.2.15", GUEST_PORT),
-                  fwd_note="kernel: the host dials the guest address directly (routed, no DNAT)")
+        s = Setup(
+            self.name,
+            mtu,
+            h,
+            g,
+            "10.0.2.2",
+            "10.0.2.2",
+            "10.0.2.15",
+            ("10.0.2.15", GUEST_PORT),
+            fwd_note="kernel: the host dials the guest address directly (routed, no DNAT)",
+        )
         try:
             # created from inside H; the peer is moved straight into G
-            runner.check(["ip", "-n", h, "link", "add", "kv0", "mtu", str(mtu), "type", "veth",
-                          "peer", "name", "tap0", "netns", g])
+            runner.check(
+                [
+                    "ip",
+                    "-n",
+                    h,
+                    "link",
+                    "add",
+                    "kv0",
+                    "mtu",
+                    str(mtu),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "tap0",
+                    "netns",
+                    g,
+                ]
+            )
             host_gateway(runner, h, "kv0")
             _guest_static(runner, g, "tap0", s.guest_ip, mtu)
             if self.ipv6:  # the same veth, IPv6 on both ends (no DAD: nobody else is there)

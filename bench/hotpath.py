@@ -79,8 +79,9 @@ def _top(counter: Counter[str], total: int, n: int, only_natd: bool = False) -> 
     rows = ["| % of samples | function |", "|---:|---|"]
     shown = 0
     for name, c in counter.most_common():
-        if only_natd and ("natd/" not in name or "natd/cli.py" in name
-                          or name == "run (natd/daemon.py)"):
+        if only_natd and (
+            "natd/" not in name or "natd/cli.py" in name or name == "run (natd/daemon.py)"
+        ):
             continue  # the entry points are on every stack: no information
         rows.append(f"| {100 * c / total:.1f} | `{name}` |")
         shown += 1
@@ -100,18 +101,33 @@ def _gist(prof: Profile) -> str:
     top = [(n, c) for n, c in prof.self_time.most_common() if "natd/" in n][:3]
     tops = ", ".join(f"`{n.split(' (')[0]}` {100 * c / prof.samples:.0f} %" for n, c in top)
     pct = 100 / prof.samples
-    return (f"Busy samples: {ours * pct:.0f} % in natd's own Python (top: {tops}); "
-            f"{loop * pct:.0f} % inside uvloop's C event loop with no Python frame above "
-            f"`asyncio.run` (epoll, host-socket reads and writes done in C); {rest * pct:.0f} % "
-            "in other stdlib code. A system call made from Python counts for the function "
-            "making it.")
+    return (
+        f"Busy samples: {ours * pct:.0f} % in natd's own Python (top: {tops}); "
+        f"{loop * pct:.0f} % inside uvloop's C event loop with no Python frame above "
+        f"`asyncio.run` (epoll, host-socket reads and writes done in C); {rest * pct:.0f} % "
+        "in other stdlib code. A system call made from Python counts for the function "
+        "making it."
+    )
 
 
 def _record(runner: Runner, setup: Setup, seconds: float, out: str) -> subprocess.Popen[bytes]:
     assert setup.pid is not None
     return runner.spawn(
-        ["py-spy", "record", "--pid", str(setup.pid), "--duration", f"{seconds:.0f}",
-         "--rate", "200", "--nonblocking", "--format", "raw", "--output", out],
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(setup.pid),
+            "--duration",
+            f"{seconds:.0f}",
+            "--rate",
+            "200",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            out,
+        ],
         log=os.path.basename(out) + ".log",
     )
 
@@ -122,13 +138,29 @@ def _load(runner: Runner, setup: Setup, kind: str, seconds: float) -> str:
         gbps = measure.iperf_tcp(runner, setup, seconds, kind == "h2g")
         return f"{gbps:.2f} Gbit/s"
     port = measure.fresh_port()
-    srv = runner.spawn([sys.executable, PROBES, "echo-server", "--bind", setup.server_bind,
-                        "--port", str(port)], setup.host_ns)
+    srv = runner.spawn(
+        [sys.executable, PROBES, "echo-server", "--bind", setup.server_bind, "--port", str(port)],
+        setup.host_ns,
+    )
     try:
         wait_listening(runner, setup.host_ns, port)
-        r = runner.run([sys.executable, PROBES, "rr-client", "--host", setup.dial, "--port",
-                        str(port), "--n", "10000000", "--seconds", f"{seconds:g}"],
-                       setup.guest_ns, timeout=seconds + 20)
+        r = runner.run(
+            [
+                sys.executable,
+                PROBES,
+                "rr-client",
+                "--host",
+                setup.dial,
+                "--port",
+                str(port),
+                "--n",
+                "10000000",
+                "--seconds",
+                f"{seconds:g}",
+            ],
+            setup.guest_ns,
+            timeout=seconds + 20,
+        )
     finally:
         runner.stop(srv)
     data = measure.parse_json(r.stdout, "rr-client")
@@ -154,7 +186,7 @@ def profile_natd(runner: Runner, seconds: float, fwd_port: int) -> str:
     parts: list[str] = [
         f"py-spy {_version()} sampling natd (PID of the daemon, all threads, non-blocking, "
         f"200 Hz, idle samples excluded) for {seconds:g} s per load, MTU 1500. "
-        "\"self\" = the function was on top of the stack; \"inclusive\" = it was anywhere on "
+        '"self" = the function was on top of the stack; "inclusive" = it was anywhere on '
         "it (natd's own functions only).",
         "",
     ]
@@ -178,13 +210,24 @@ def profile_natd(runner: Runner, seconds: float, fwd_port: int) -> str:
                 tail = _tail(runner.path(os.path.basename(out) + ".log"))
                 parts += [f"### {title}: {figure}", "", f"py-spy produced no profile: {tail}", ""]
                 continue
-            parts += [f"### {title}: {figure} ({prof.samples} samples)", "",
-                      _gist(prof), "",
-                      "Self:", "", *_top(prof.self_time, prof.samples, 15), "",
-                      "Inclusive (natd):", "",
-                      *_top(prof.inclusive, prof.samples, 15, only_natd=True), "",
-                      "Hottest natd lines (innermost natd frame of each sample):", "",
-                      *_top(prof.self_lines, prof.samples, 12), ""]
+            parts += [
+                f"### {title}: {figure} ({prof.samples} samples)",
+                "",
+                _gist(prof),
+                "",
+                "Self:",
+                "",
+                *_top(prof.self_time, prof.samples, 15),
+                "",
+                "Inclusive (natd):",
+                "",
+                *_top(prof.inclusive, prof.samples, 15, only_natd=True),
+                "",
+                "Hottest natd lines (innermost natd frame of each sample):",
+                "",
+                *_top(prof.self_lines, prof.samples, 12),
+                "",
+            ]
     except BenchError as e:
         parts.append(f"profile aborted: {e}")
     finally:

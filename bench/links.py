@@ -134,8 +134,14 @@ class NatdLink(Natd):
     """natd in H serving G through ``link_args`` (a plain TAP fd, or a socket + the relay), at
     its default log level (``extra``: run.py's ``--natd-args``)."""
 
-    def _serve(self, runner: Runner, s: Setup, link_args: list[str], fds: tuple[int, ...],
-               then: Callable[[], None]) -> Setup:
+    def _serve(
+        self,
+        runner: Runner,
+        s: Setup,
+        link_args: list[str],
+        fds: tuple[int, ...],
+        then: Callable[[], None],
+    ) -> Setup:
         rfd, wfd = os.pipe()
         s.log = f"natd-{s.host_ns}.log"
         try:
@@ -186,8 +192,13 @@ class NatdSocket(NatdLink):
         h, g = runner.add_ns("h"), runner.add_ns("g")
         s = Setup(self.name, mtu, h, g, "127.0.0.1", "10.0.2.2", "10.0.2.15", None)
         path = runner.path(f"natd-{h}.sock")
-        return self._serve(runner, s, ["--socket", path], (),
-                           lambda: relay(runner, s, self.relay, g, "tap0", "connect", path))
+        return self._serve(
+            runner,
+            s,
+            ["--socket", path],
+            (),
+            lambda: relay(runner, s, self.relay, g, "tap0", "connect", path),
+        )
 
 
 class PasstSocket(Engine):
@@ -283,8 +294,13 @@ NOTES = [
 ]
 
 
-def plan(runner: Runner, res: report.Results, natd_extra: tuple[str, ...] = (),
-         slirp4netns: str | None = None, passt: str | None = None) -> Groups:
+def plan(
+    runner: Runner,
+    res: report.Results,
+    natd_extra: tuple[str, ...] = (),
+    slirp4netns: str | None = None,
+    passt: str | None = None,
+) -> Groups:
     """The engines of each MTU group, relay built; an engine that is not installed is left out
     with its reason in ``res.unavailable``."""
     r = Relay(runner)
@@ -312,8 +328,9 @@ def versions(groups: Groups) -> dict[str, str]:
     return {eng.name: eng.version() for _, engines in groups for eng in engines}
 
 
-def measure_run(runner: Runner, groups: Groups, run: int,
-                seconds: float, res: report.Results, say: Log = log) -> None:
+def measure_run(
+    runner: Runner, groups: Groups, run: int, seconds: float, res: report.Results, say: Log = log
+) -> None:
     """One run of every group: its engines in an order rotated by ``run``, each on a fresh
     setup, one iperf3 stream each way."""
     for mtu, engines in groups:
@@ -323,8 +340,9 @@ def measure_run(runner: Runner, groups: Groups, run: int,
             measure_one(runner, eng, mtu, seconds, res, say)
 
 
-def measure_one(runner: Runner, eng: Engine, mtu: int, seconds: float, res: report.Results,
-                say: Log) -> None:
+def measure_one(
+    runner: Runner, eng: Engine, mtu: int, seconds: float, res: report.Results, say: Log
+) -> None:
     keys = (f"g2h_{mtu}", f"h2g_{mtu}")
     try:
         s = eng.start(runner, mtu, FWD_PORT)
@@ -369,15 +387,19 @@ def _gbps(res: report.Results, natd: str, mtu: int) -> str:
 
 
 def _plain(res: report.Results) -> tuple[str, bool | None]:
-    text, ok = report.all_hold(*(
-        (way, _ratio(res, NatdPlain.name, Slirp4netns.name, key), 2.0, True)
-        for key, way in (("g2h_1500", "g→h"), ("h2g_1500", "h→g"))))
+    text, ok = report.all_hold(
+        *(
+            (way, _ratio(res, NatdPlain.name, Slirp4netns.name, key), 2.0, True)
+            for key, way in (("g2h_1500", "g→h"), ("h2g_1500", "h→g"))
+        )
+    )
     return text + _gbps(res, NatdPlain.name, 1500), ok
 
 
 def _stream(res: report.Results) -> tuple[str, bool | None]:
-    text, ok = report.all_hold(("g→h", _ratio(res, NatdSocket.name, PasstSocket.name,
-                                                "g2h_65520"), 1.5, True))
+    text, ok = report.all_hold(
+        ("g→h", _ratio(res, NatdSocket.name, PasstSocket.name, "g2h_65520"), 1.5, True)
+    )
     h2g = _ratio(res, NatdSocket.name, PasstSocket.name, "h2g_65520")
     if ok is not None and h2g is not None:
         text += f"; h→g {h2g:.2f}{X} (no target)"
@@ -385,12 +407,18 @@ def _stream(res: report.Results) -> tuple[str, bool | None]:
 
 
 GOALS: list[report.Goal] = [
-    report.Goal("plain TAP (`--tap-fd`, no vnet_hdr), g→h and h→g, MTU 1500",
-                f"g→h 1.46{X} / h→g 0.51{X} slirp4netns (issue 11's links.py run)",
-                f"≥ 2{X} slirp4netns each way (issue 11)", _plain),
-    report.Goal("stream socket (`--socket`), MTU 65520",
-                f"g→h 1.92{X} / h→g 0.35{X} `passt -s` (issue 11's links.py run)",
-                f"≥ 1.5{X} `passt -s` g→h (issue 11)", _stream),
+    report.Goal(
+        "plain TAP (`--tap-fd`, no vnet_hdr), g→h and h→g, MTU 1500",
+        f"g→h 1.46{X} / h→g 0.51{X} slirp4netns (issue 11's links.py run)",
+        f"≥ 2{X} slirp4netns each way (issue 11)",
+        _plain,
+    ),
+    report.Goal(
+        "stream socket (`--socket`), MTU 65520",
+        f"g→h 1.92{X} / h→g 0.35{X} `passt -s` (issue 11's links.py run)",
+        f"≥ 1.5{X} `passt -s` g→h (issue 11)",
+        _stream,
+    ),
 ]
 
 
@@ -420,8 +448,14 @@ ROWS = [
 ]  # fmt: skip
 
 
-def section(res: report.Results, command: str, started: datetime.datetime,
-            vers: dict[str, str], runs: int, notes: Sequence[str] = ()) -> str:
+def section(
+    res: report.Results,
+    command: str,
+    started: datetime.datetime,
+    vers: dict[str, str],
+    runs: int,
+    notes: Sequence[str] = (),
+) -> str:
     """The markdown section (between BEGIN and END) for these figures."""
     lines = [
         BEGIN,
@@ -441,8 +475,10 @@ def section(res: report.Results, command: str, started: datetime.datetime,
     for label, natd, peer, key in ROWS:
         m = report.BY_KEY[key]
         a, b = res.values.get(natd, {}).get(key, []), res.values.get(peer, {}).get(key, [])
-        lines.append(f"| {label} (vs {peer}) | {report.cell(res, natd, m)} | "
-                     f"{report.cell(res, peer, m)} | {pairing(a, b)} |")
+        lines.append(
+            f"| {label} (vs {peer}) | {report.cell(res, natd, m)} | "
+            f"{report.cell(res, peer, m)} | {pairing(a, b)} |"
+        )
     for key in ("g2h_65520", "h2g_65520"):
         c = report.cell(res, RelayCeiling.name, report.BY_KEY[key])
         lines.append(f"| relay ceiling {key[:3]}, MTU 65520 (two relays + kernel) | — | {c} | — |")
@@ -472,8 +508,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     p.add_argument("--slirp4netns", metavar="PATH", help="slirp4netns binary (default: PATH's)")
     p.add_argument("--passt", metavar="PATH", help="passt binary (default: PATH's)")
-    p.add_argument("--natd-args", default="", metavar="ARGS",
-                   help="extra natd options (default: none: natd as users run it)")
+    p.add_argument(
+        "--natd-args",
+        default="",
+        metavar="ARGS",
+        help="extra natd options (default: none: natd as users run it)",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/links.py needs root", file=sys.stderr)

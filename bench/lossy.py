@@ -33,8 +33,12 @@ def cbpf_loss(percent: float, verdict: int) -> str:
     if not 0.0 <= percent < 100.0:
         raise BenchError(f"loss must be in [0, 100) %, not {percent:g}")
     k = round(percent / 100.0 * (1 << 32))
-    ops = [(BPF_LD_W_ABS, 0, 0, SKF_AD_RANDOM), (BPF_JGE_K, 0, 1, k),
-           (BPF_RET_K, 0, 0, TC_ACT_OK), (BPF_RET_K, 0, 0, verdict)]
+    ops = [
+        (BPF_LD_W_ABS, 0, 0, SKF_AD_RANDOM),
+        (BPF_JGE_K, 0, 1, k),
+        (BPF_RET_K, 0, 0, TC_ACT_OK),
+        (BPF_RET_K, 0, 0, verdict),
+    ]
     return f"{len(ops)}," + ",".join(f"{code} {jt} {jf} {kk}" for code, jt, jf, kk in ops)
 
 
@@ -44,8 +48,23 @@ def apply(runner: Runner, setup: Setup, percent: float, dev: str = "tap0") -> No
     g = setup.guest_ns
     runner.check(wrap(["tc", "qdisc", "add", "dev", dev, "clsact"], g))
     for hook, verdict in (("egress", TC_ACT_STOLEN), ("ingress", TC_ACT_SHOT)):
-        runner.check(wrap(["tc", "filter", "add", "dev", dev, hook, "bpf", "da", "bytecode",
-                           cbpf_loss(percent, verdict)], g))
+        runner.check(
+            wrap(
+                [
+                    "tc",
+                    "filter",
+                    "add",
+                    "dev",
+                    dev,
+                    hook,
+                    "bpf",
+                    "da",
+                    "bytecode",
+                    cbpf_loss(percent, verdict),
+                ],
+                g,
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -68,8 +87,10 @@ class Counters:
         rx, tx = self.rx - before.rx, self.tx - before.tx
         out = (self.tc_seen - before.tc_seen) - rx
         if out <= 0 or out < tx:
-            raise BenchError(f"counters do not add up: {rx} frames in, {tx} out, "
-                             f"{self.tc_seen - before.tc_seen} seen by the filters")
+            raise BenchError(
+                f"counters do not add up: {rx} frames in, {tx} out, "
+                f"{self.tc_seen - before.tc_seen} seen by the filters"
+            )
         return 100.0 * (out - tx) / out
 
     def ingress_loss_since(self, before: Counters) -> float:
@@ -84,8 +105,7 @@ def counters(runner: Runner, setup: Setup, dev: str = "tap0") -> Counters:
     g = setup.guest_ns
     try:
         link = json.loads(runner.check(wrap(["ip", "-j", "-s", "link", "show", dev], g)))
-        qdiscs = json.loads(runner.check(wrap(["tc", "-j", "-s", "qdisc", "show", "dev", dev],
-                                              g)))
+        qdiscs = json.loads(runner.check(wrap(["tc", "-j", "-s", "qdisc", "show", "dev", dev], g)))
         st = link[0]["stats64"]
         cls = next(q for q in qdiscs if q.get("kind") == "clsact")
         tx = int(st["tx"]["packets"]) + int(st["tx"]["dropped"])
@@ -94,8 +114,9 @@ def counters(runner: Runner, setup: Setup, dev: str = "tap0") -> Counters:
         raise BenchError(f"cannot read {dev}'s counters: {e!r}") from None
 
 
-def settle(runner: Runner, setup: Setup, quiet: int = 50, window: float = 0.5,
-           timeout: float = 60.0) -> None:
+def settle(
+    runner: Runner, setup: Setup, quiet: int = 50, window: float = 0.5, timeout: float = 60.0
+) -> None:
     """Wait until fewer than ``quiet`` frames cross the guest's link per ``window`` (e.g. the
     idle-flows test's thousands of closing connections; slirp4netns takes over 20 s to let go
     of them), so the probe's counts are its own."""
@@ -107,7 +128,9 @@ def settle(runner: Runner, setup: Setup, quiet: int = 50, window: float = 0.5,
         if (now.rx - last.rx) + (now.tx - last.tx) < quiet:
             return
         if time.monotonic() > deadline:
-            raise BenchError(f"the guest's link is still busy after {timeout:.0f}s "
-                             f"({(now.rx - last.rx) + (now.tx - last.tx)} frames per "
-                             f"{window:g}s)")
+            raise BenchError(
+                f"the guest's link is still busy after {timeout:.0f}s "
+                f"({(now.rx - last.rx) + (now.tx - last.tx)} frames per "
+                f"{window:g}s)"
+            )
         last = now

@@ -109,8 +109,14 @@ def rss_mb(pid: int) -> float:
     raise BenchError("no VmRSS line")
 
 
-def _server(runner: Runner, setup: Setup, argv: list[str], port: int, cpu: str | None = None,
-            udp: bool = False) -> subprocess.Popen[bytes]:
+def _server(
+    runner: Runner,
+    setup: Setup,
+    argv: list[str],
+    port: int,
+    cpu: str | None = None,
+    udp: bool = False,
+) -> subprocess.Popen[bytes]:
     p = runner.spawn(argv, setup.host_ns, cpu)
     try:
         wait_listening(runner, setup.host_ns, port, udp=udp)
@@ -124,12 +130,32 @@ def _server(runner: Runner, setup: Setup, argv: list[str], port: int, cpu: str |
 def smoke(runner: Runner, setup: Setup) -> None:
     """A few 64-byte round trips guest → gateway → host loopback: does TCP work at all?"""
     port = fresh_port()
-    srv = _server(runner, setup, [PY, PROBES, "echo-server", "--bind", setup.server_bind,
-                                  "--port", str(port)], port)
+    srv = _server(
+        runner,
+        setup,
+        [PY, PROBES, "echo-server", "--bind", setup.server_bind, "--port", str(port)],
+        port,
+    )
     try:
-        r = runner.run([PY, PROBES, "rr-client", "--host", setup.dial, "--port", str(port),
-                        "--n", "20", "--warmup", "0", "--timeout", "5"],
-                       setup.guest_ns, timeout=15)
+        r = runner.run(
+            [
+                PY,
+                PROBES,
+                "rr-client",
+                "--host",
+                setup.dial,
+                "--port",
+                str(port),
+                "--n",
+                "20",
+                "--warmup",
+                "0",
+                "--timeout",
+                "5",
+            ],
+            setup.guest_ns,
+            timeout=15,
+        )
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["?"])[-1]
             raise BenchError(f"no TCP through the engine: {last[:120]}")
@@ -137,16 +163,28 @@ def smoke(runner: Runner, setup: Setup) -> None:
         runner.stop(srv)
 
 
-def _iperf(runner: Runner, setup: Setup, seconds: float, reverse: bool,
-           streams: int = 1) -> dict[str, Any]:
+def _iperf(
+    runner: Runner, setup: Setup, seconds: float, reverse: bool, streams: int = 1
+) -> dict[str, Any]:
     """iperf3 between the guest (client) and an iperf3 server on the host side; its JSON
     ``end`` section. ``reverse`` = host→guest (-R)."""
     port = fresh_port()
-    srv = _server(runner, setup, ["iperf3", "-s", "-1", "-B", setup.server_bind, "-p", str(port)],
-                  port)
+    srv = _server(
+        runner, setup, ["iperf3", "-s", "-1", "-B", setup.server_bind, "-p", str(port)], port
+    )
     try:
-        argv = ["iperf3", "-c", setup.dial, "-p", str(port), "-t", f"{seconds:g}", "-J",
-                "--connect-timeout", "5000"]
+        argv = [
+            "iperf3",
+            "-c",
+            setup.dial,
+            "-p",
+            str(port),
+            "-t",
+            f"{seconds:g}",
+            "-J",
+            "--connect-timeout",
+            "5000",
+        ]
         if streams > 1:
             argv += ["-P", str(streams)]
         if reverse:
@@ -169,15 +207,19 @@ def iperf_tcp(runner: Runner, setup: Setup, seconds: float, reverse: bool) -> fl
     return float(_iperf(runner, setup, seconds, reverse)["sum_received"]["bits_per_second"]) / 1e9
 
 
-def iperf_parallel(runner: Runner, setup: Setup, seconds: float, reverse: bool,
-                   streams: int) -> tuple[float, float]:
+def iperf_parallel(
+    runner: Runner, setup: Setup, seconds: float, reverse: bool, streams: int
+) -> tuple[float, float]:
     """``streams`` parallel TCP streams: (Gbit/s at the receiver, streams that moved nothing).
     A stream starved to zero is the collapse this row looks for; the run failing as a whole
     raises like any other figure."""
     end = _iperf(runner, setup, seconds, reverse, streams)
     per = end.get("streams", [])
-    starved = streams - len(per) + sum(
-        1 for st in per if int(st.get("receiver", {}).get("bytes", 0)) == 0)
+    starved = (
+        streams
+        - len(per)
+        + sum(1 for st in per if int(st.get("receiver", {}).get("bytes", 0)) == 0)
+    )
     return float(end["sum_received"]["bits_per_second"]) / 1e9, float(starved)
 
 
@@ -185,13 +227,33 @@ def link_probe(runner: Runner, setup: Setup, n: int) -> tuple[int, int, int]:
     """``n`` small numbered UDP datagrams guest → host echo server, one in flight: (sent, counted
     by the server, echoed back). Gives the lossy link's counters frames without GSO to count."""
     port = fresh_port()
-    srv = runner.spawn([PY, PROBES, "udp-count-server", "--bind", setup.server_bind, "--port",
-                        str(port)], setup.host_ns, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    srv = runner.spawn(
+        [PY, PROBES, "udp-count-server", "--bind", setup.server_bind, "--port", str(port)],
+        setup.host_ns,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
         wait_listening(runner, setup.host_ns, port, udp=True)
-        r = runner.run([PY, PROBES, "udp-loss-client", "--host", setup.dial, "--port", str(port),
-                        "--n", str(n), "--timeout", "0.02", "--seconds", "30"],
-                       setup.guest_ns, timeout=45)
+        r = runner.run(
+            [
+                PY,
+                PROBES,
+                "udp-loss-client",
+                "--host",
+                setup.dial,
+                "--port",
+                str(port),
+                "--n",
+                str(n),
+                "--timeout",
+                "0.02",
+                "--seconds",
+                "30",
+            ],
+            setup.guest_ns,
+            timeout=45,
+        )
         if r.returncode != 0:
             raise BenchError((r.stderr.strip().splitlines() or ["udp-loss-client failed"])[-1])
         out = parse_json(r.stdout, "udp-loss-client")
@@ -213,8 +275,22 @@ def iperf_forward(runner: Runner, setup: Setup, seconds: float) -> float:
     try:
         wait_listening(runner, setup.guest_ns, GUEST_PORT)
         addr, hport = setup.fwd
-        r = runner.run(["iperf3", "-c", addr, "-p", str(hport), "-t", f"{seconds:g}", "-J",
-                        "--connect-timeout", "5000"], setup.host_ns, timeout=seconds + 15)
+        r = runner.run(
+            [
+                "iperf3",
+                "-c",
+                addr,
+                "-p",
+                str(hport),
+                "-t",
+                f"{seconds:g}",
+                "-J",
+                "--connect-timeout",
+                "5000",
+            ],
+            setup.host_ns,
+            timeout=seconds + 15,
+        )
     except BenchError as e:
         raise BenchError(f"stall ({e})") from None
     finally:
@@ -229,15 +305,35 @@ def iperf_forward(runner: Runner, setup: Setup, seconds: float) -> float:
 def udp_loss(runner: Runner, setup: Setup, seconds: float, rate: str) -> tuple[float, float]:
     """iperf3 -u guest→host at a fixed offered rate: (loss %, received Mbit/s)."""
     port = fresh_port()
-    srv = _server(runner, setup, ["iperf3", "-s", "-1", "-B", setup.server_bind, "-p", str(port)],
-                  port)
+    srv = _server(
+        runner, setup, ["iperf3", "-s", "-1", "-B", setup.server_bind, "-p", str(port)], port
+    )
     try:
         # 4 MB socket buffers: a receiver descheduled for a moment on a busy 2-core machine
         # must not count as the engine's loss
-        r = runner.run(["iperf3", "-c", setup.dial, "-p", str(port), "-u", "-b", rate,
-                        "-l", "1400", "-w", "4M", "-t", f"{seconds:g}", "-J",
-                        "--connect-timeout", "5000"],
-                       setup.guest_ns, timeout=seconds + 15)
+        r = runner.run(
+            [
+                "iperf3",
+                "-c",
+                setup.dial,
+                "-p",
+                str(port),
+                "-u",
+                "-b",
+                rate,
+                "-l",
+                "1400",
+                "-w",
+                "4M",
+                "-t",
+                f"{seconds:g}",
+                "-J",
+                "--connect-timeout",
+                "5000",
+            ],
+            setup.guest_ns,
+            timeout=seconds + 15,
+        )
     except BenchError as e:
         raise BenchError(f"stall ({e})") from None
     finally:
@@ -253,11 +349,32 @@ def udp_loss(runner: Runner, setup: Setup, seconds: float, rate: str) -> tuple[f
 def request_response(runner: Runner, setup: Setup, n: int, cpu: str | None) -> tuple[float, float]:
     """64-byte ping-pong, guest client ↔ host echo server, ``n`` round trips: (p50, p99) in µs."""
     port = fresh_port()
-    srv = _server(runner, setup, [PY, PROBES, "echo-server", "--bind", setup.server_bind,
-                                  "--port", str(port)], port, cpu)
+    srv = _server(
+        runner,
+        setup,
+        [PY, PROBES, "echo-server", "--bind", setup.server_bind, "--port", str(port)],
+        port,
+        cpu,
+    )
     try:
-        r = runner.run([PY, PROBES, "rr-client", "--host", setup.dial, "--port", str(port),
-                        "--n", str(n), "--seconds", "20"], setup.guest_ns, cpu, timeout=30)
+        r = runner.run(
+            [
+                PY,
+                PROBES,
+                "rr-client",
+                "--host",
+                setup.dial,
+                "--port",
+                str(port),
+                "--n",
+                str(n),
+                "--seconds",
+                "20",
+            ],
+            setup.guest_ns,
+            cpu,
+            timeout=30,
+        )
     finally:
         runner.stop(srv)
     if r.returncode != 0:
@@ -269,11 +386,30 @@ def request_response(runner: Runner, setup: Setup, n: int, cpu: str | None) -> t
 def conn_rate(runner: Runner, setup: Setup, seconds: float, cpu: str | None) -> float:
     """Connections per second: connect, one byte each way, close, serially for ``seconds``."""
     port = fresh_port()
-    srv = _server(runner, setup, [PY, PROBES, "cps-server", "--bind", setup.server_bind,
-                                  "--port", str(port)], port, cpu)
+    srv = _server(
+        runner,
+        setup,
+        [PY, PROBES, "cps-server", "--bind", setup.server_bind, "--port", str(port)],
+        port,
+        cpu,
+    )
     try:
-        r = runner.run([PY, PROBES, "cps-client", "--host", setup.dial, "--port", str(port),
-                        "--seconds", f"{seconds:g}"], setup.guest_ns, cpu, timeout=seconds + 20)
+        r = runner.run(
+            [
+                PY,
+                PROBES,
+                "cps-client",
+                "--host",
+                setup.dial,
+                "--port",
+                str(port),
+                "--seconds",
+                f"{seconds:g}",
+            ],
+            setup.guest_ns,
+            cpu,
+            timeout=seconds + 20,
+        )
     finally:
         runner.stop(srv)
     data = parse_json(r.stdout, "cps-client")
@@ -282,8 +418,9 @@ def conn_rate(runner: Runner, setup: Setup, seconds: float, cpu: str | None) -> 
     return float(data["rate"])
 
 
-def idle_flows(runner: Runner, setup: Setup, n: int, seconds: float,
-               rr_n: int) -> dict[str, float | str]:
+def idle_flows(
+    runner: Runner, setup: Setup, n: int, seconds: float, rr_n: int
+) -> dict[str, float | str]:
     """Open up to ``n`` idle TCP connections guest → host within ``seconds`` and keep them: the
     engine's RSS before and with them, how many the host side accepted, and the 64-byte RR p50
     while they are open (per-packet cost should not grow with the flow count). A value that is
@@ -292,15 +429,33 @@ def idle_flows(runner: Runner, setup: Setup, n: int, seconds: float,
     if setup.pid is not None:
         out["rss_base"] = rss_mb(setup.pid)
     port = fresh_port()
-    hold = runner.spawn([PY, PROBES, "hold-server", "--bind", setup.server_bind,
-                         "--port", str(port)], setup.host_ns,
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    hold = runner.spawn(
+        [PY, PROBES, "hold-server", "--bind", setup.server_bind, "--port", str(port)],
+        setup.host_ns,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     client: subprocess.Popen[bytes] | None = None
     try:
         wait_listening(runner, setup.host_ns, port)
-        client = runner.spawn([PY, PROBES, "hold-client", "--host", setup.dial, "--port",
-                               str(port), "--n", str(n), "--seconds", f"{seconds:g}"],
-                              setup.guest_ns, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        client = runner.spawn(
+            [
+                PY,
+                PROBES,
+                "hold-client",
+                "--host",
+                setup.dial,
+                "--port",
+                str(port),
+                "--n",
+                str(n),
+                "--seconds",
+                f"{seconds:g}",
+            ],
+            setup.guest_ns,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         opened = parse_json(_read_line(client, seconds + 15, "hold-client"), "hold-client")
         # wait until the host side has accepted what the guest believes is open
         accepted = 0

@@ -66,8 +66,10 @@ def rr_client(args: argparse.Namespace) -> int:
     try:
         sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
     except OSError as e:
-        raise SystemExit(f"rr-client: connect to {args.host}:{args.port} failed: "
-                         f"{e.strerror or e or type(e).__name__}") from None
+        raise SystemExit(
+            f"rr-client: connect to {args.host}:{args.port} failed: "
+            f"{e.strerror or e or type(e).__name__}"
+        ) from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     msg = os.urandom(args.size)
     buf = bytearray(args.size)
@@ -166,8 +168,9 @@ def _serve_counting(srv: socket.socket, take: Callable[[socket.socket], None]) -
 def hold_server(args: argparse.Namespace) -> int:
     """Accept and keep every connection; print the count for each line read on stdin."""
     held: list[socket.socket] = []
-    return _serve_counting(_listener(args.bind, args.port),
-                           lambda srv: held.append(srv.accept()[0]))
+    return _serve_counting(
+        _listener(args.bind, args.port), lambda srv: held.append(srv.accept()[0])
+    )
 
 
 def hold_client(args: argparse.Namespace) -> int:

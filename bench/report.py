@@ -33,18 +33,34 @@ METRICS: list[Metric] = [
     Metric("fwd_1500", "TCP forwarded port host→guest, MTU 1500", "Gbit/s", True),
     Metric("g2h_p16", "TCP guest→host, 16 streams, MTU 1500", "Gbit/s", True),
     Metric("h2g_p16", "TCP host→guest, 16 streams, MTU 1500", "Gbit/s", True),
-    Metric("g2h_p16_x", "16 streams ÷ one stream, guest→host (same run)", "×", True,
-           ratio=False),
-    Metric("h2g_p16_x", "16 streams ÷ one stream, host→guest (same run)", "×", True,
-           ratio=False),
-    Metric("p16_starved", "16 streams: streams that moved nothing, both ways", "", False, ".0f",
-           ratio=False),
+    Metric("g2h_p16_x", "16 streams ÷ one stream, guest→host (same run)", "×", True, ratio=False),
+    Metric("h2g_p16_x", "16 streams ÷ one stream, host→guest (same run)", "×", True, ratio=False),
+    Metric(
+        "p16_starved",
+        "16 streams: streams that moved nothing, both ways",
+        "",
+        False,
+        ".0f",
+        ratio=False,
+    ),
     Metric("g2h_lossy", "TCP guest→host, 1 % frame loss each way, MTU 1500", "Gbit/s", True),
     Metric("h2g_lossy", "TCP host→guest, 1 % frame loss each way, MTU 1500", "Gbit/s", True),
-    Metric("loss_g2h", "lossy link: frames lost guest→engine (counters)", "%", False, ".2f",
-           ratio=False),
-    Metric("loss_h2g", "lossy link: frames lost engine→guest (counters)", "%", False, ".2f",
-           ratio=False),
+    Metric(
+        "loss_g2h",
+        "lossy link: frames lost guest→engine (counters)",
+        "%",
+        False,
+        ".2f",
+        ratio=False,
+    ),
+    Metric(
+        "loss_h2g",
+        "lossy link: frames lost engine→guest (counters)",
+        "%",
+        False,
+        ".2f",
+        ratio=False,
+    ),
     Metric("rr_p50", "64 B request/response p50, free", "µs", False, ".0f"),
     Metric("rr_p50_pin", "64 B request/response p50, 1 CPU", "µs", False, ".0f"),
     Metric("rr_p99", "64 B request/response p99, free", "µs", False, ".0f"),
@@ -70,9 +86,11 @@ class Results:
 
     engines: list[str]
     values: dict[str, dict[str, list[float]]] = field(
-        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
     errors: dict[str, dict[str, list[str]]] = field(
-        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+        default_factory=lambda: defaultdict(lambda: defaultdict(list))
+    )
     unavailable: dict[str, str] = field(default_factory=dict)
 
     def add(self, engine: str, key: str, value: float) -> None:
@@ -131,8 +149,9 @@ def table(res: Results) -> str:
     head = ["metric", *engines, *(f"natd ÷ {p}" for p in peers)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in METRICS:
-        if not any(res.values.get(e, {}).get(m.key) or res.errors.get(e, {}).get(m.key)
-                   for e in engines):
+        if not any(
+            res.values.get(e, {}).get(m.key) or res.errors.get(e, {}).get(m.key) for e in engines
+        ):
             continue
         label = f"{m.label} ({m.unit})" if m.unit else m.label
         row = [label, *(cell(res, e, m) for e in engines)]
@@ -155,6 +174,7 @@ def _ratio_target(key: str, peer: str, need: float) -> Callable[[Results], tuple
         if r is None:
             return "not measured", None
         return f"{r:.2f}{X}", r >= need
+
     return check
 
 
@@ -187,12 +207,15 @@ def _flat_target(res: Results) -> tuple[str, bool | None]:
 TARGETS: list[Target] = [
     Target(f"guest→host MTU 1500 ≥ 4{X} slirp4netns", _ratio_target("g2h_1500", "slirp4netns", 4)),
     Target(f"host→guest MTU 1500 ≥ 3{X} slirp4netns", _ratio_target("h2g_1500", "slirp4netns", 3)),
-    Target(f"forwarded port host→guest ≥ 3{X} slirp4netns",
-           _ratio_target("fwd_1500", "slirp4netns", 3)),
-    Target(f"guest→host MTU 65520 ≥ 1.5{X} slirp4netns",
-           _ratio_target("g2h_65520", "slirp4netns", 1.5)),
-    Target(f"host→guest MTU 65520 ≥ 1.5{X} slirp4netns",
-           _ratio_target("h2g_65520", "slirp4netns", 1.5)),
+    Target(
+        f"forwarded port host→guest ≥ 3{X} slirp4netns", _ratio_target("fwd_1500", "slirp4netns", 3)
+    ),
+    Target(
+        f"guest→host MTU 65520 ≥ 1.5{X} slirp4netns", _ratio_target("g2h_65520", "slirp4netns", 1.5)
+    ),
+    Target(
+        f"host→guest MTU 65520 ≥ 1.5{X} slirp4netns", _ratio_target("h2g_65520", "slirp4netns", 1.5)
+    ),
     Target(f"request/response p50 (1 CPU) ≤ 1.25{X} slirp4netns", _rr_target),
     Target("connections per second (1 CPU) ≥ pasta", _ratio_target("cps_pin", "pasta", 1.0)),
     Target("UDP at 1 Gbit/s offered: < 1 % loss", _udp_target),
@@ -234,6 +257,7 @@ def _latency(key: str) -> Callable[[Results], tuple[str, bool | None]]:
         if a is None or b is None:
             return "not measured", None
         return all_hold((f"{a:.0f} vs {b:.0f} µs =", a / b, 1.0, False))
+
     return check
 
 
@@ -248,14 +272,20 @@ def _bulk(res: Results) -> tuple[str, bool | None]:
     parts = []
     for key, way in (("g2h_1500", "g→h"), ("h2g_1500", "h→g")):
         m = BY_KEY[key]
-        parts += [(f"{way}", ratio(res, m, "slirp4netns"), 8.0, True),
-                  ("/ kernel", ratio(res, m, "kernel"), 0.8, True)]
+        parts += [
+            (f"{way}", ratio(res, m, "slirp4netns"), 8.0, True),
+            ("/ kernel", ratio(res, m, "kernel"), 0.8, True),
+        ]
     return all_hold(*parts)
 
 
 def _lossy(res: Results) -> tuple[str, bool | None]:
-    text, ok = all_hold(*((way, ratio(res, BY_KEY[key], "kernel"), 0.5, True)
-                       for key, way in (("g2h_lossy", "g→h"), ("h2g_lossy", "h→g"))))
+    text, ok = all_hold(
+        *(
+            (way, ratio(res, BY_KEY[key], "kernel"), 0.5, True)
+            for key, way in (("g2h_lossy", "g→h"), ("h2g_lossy", "h→g"))
+        )
+    )
     a, b = res.median("natd", "g2h_lossy"), res.median("natd", "h2g_lossy")
     if a is not None and b is not None:
         text += f" (natd {a:.2f} / {b:.2f} Gbit/s)"
@@ -263,14 +293,20 @@ def _lossy(res: Results) -> tuple[str, bool | None]:
 
 
 def _parallel(res: Results) -> tuple[str, bool | None]:
-    text, ok = all_hold(*((way, res.median("natd", key), 0.8, True)
-                       for key, way in (("g2h_p16_x", "g→h"), ("h2g_p16_x", "h→g"))))
+    text, ok = all_hold(
+        *(
+            (way, res.median("natd", key), 0.8, True)
+            for key, way in (("g2h_p16_x", "g→h"), ("h2g_p16_x", "h→g"))
+        )
+    )
     if ok is None:
         return text, ok
     starved = sum(res.values.get("natd", {}).get("p16_starved", []))
     failed = sum(len(res.errors.get("natd", {}).get(k, [])) for k in ("g2h_p16", "h2g_p16"))
-    return (f"{text} the single stream; {starved:.0f} starved streams, {failed} failed runs",
-            ok and starved == 0 and failed == 0)
+    return (
+        f"{text} the single stream; {starved:.0f} starved streams, {failed} failed runs",
+        ok and starved == 0 and failed == 0,
+    )
 
 
 def _idle(res: Results) -> tuple[str, bool | None]:
@@ -278,23 +314,43 @@ def _idle(res: Results) -> tuple[str, bool | None]:
     a, b = res.median("natd", "rr_p50_flows"), res.median("natd", "rr_p50")
     if rss is None or n is None or a is None or b is None:
         return "not measured", None
-    return (f"{rss:.0f} MB with {n:.0f} flows; RR p50 {b:.0f} → {a:.0f} µs ({a / b:.2f}{X})",
-            rss < 100 and n >= 10000 and a / b <= 1.25)
+    return (
+        f"{rss:.0f} MB with {n:.0f} flows; RR p50 {b:.0f} → {a:.0f} µs ({a / b:.2f}{X})",
+        rss < 100 and n >= 10000 and a / b <= 1.25,
+    )
 
 
 ISSUE14: list[Goal] = [
-    Goal("RR p50, pinned to 1 CPU", f"1.36{DASH}1.54{X} slirp4netns", f"≤ 1.0{X} slirp4netns",
-         _latency("rr_p50_pin")),
-    Goal("RR p50, free", f"1.2{DASH}1.8{X} slirp4netns", f"≤ 1.0{X} slirp4netns",
-         _latency("rr_p50")),
-    Goal("connections/s, pinned", f"0.33{DASH}0.39{X} pasta (2.3k vs 6.6k)", f"≥ 1.0{X} pasta",
-         _cps),
-    Goal("g→h and h→g, offloads (MTU 1500)", f"16{X} / 7.8{X} slirp4netns",
-         f"≥ 8{X} slirp4netns, ≥ 0.8{X} kernel", _bulk),
-    Goal("g→h and h→g under 1 % loss each way", f"0.03{DASH}0.05{X} the kernel",
-         f"≥ 0.5{X} the kernel under the same loss", _lossy),
-    Goal("16 parallel streams, each way", f"0.85{DASH}0.93{X} single stream, 0 errors",
-         f"≥ 0.8{X} the single stream, 0 errors", _parallel),
+    Goal(
+        "RR p50, pinned to 1 CPU",
+        f"1.36{DASH}1.54{X} slirp4netns",
+        f"≤ 1.0{X} slirp4netns",
+        _latency("rr_p50_pin"),
+    ),
+    Goal(
+        "RR p50, free", f"1.2{DASH}1.8{X} slirp4netns", f"≤ 1.0{X} slirp4netns", _latency("rr_p50")
+    ),
+    Goal(
+        "connections/s, pinned", f"0.33{DASH}0.39{X} pasta (2.3k vs 6.6k)", f"≥ 1.0{X} pasta", _cps
+    ),
+    Goal(
+        "g→h and h→g, offloads (MTU 1500)",
+        f"16{X} / 7.8{X} slirp4netns",
+        f"≥ 8{X} slirp4netns, ≥ 0.8{X} kernel",
+        _bulk,
+    ),
+    Goal(
+        "g→h and h→g under 1 % loss each way",
+        f"0.03{DASH}0.05{X} the kernel",
+        f"≥ 0.5{X} the kernel under the same loss",
+        _lossy,
+    ),
+    Goal(
+        "16 parallel streams, each way",
+        f"0.85{DASH}0.93{X} single stream, 0 errors",
+        f"≥ 0.8{X} the single stream, 0 errors",
+        _parallel,
+    ),
     Goal("10,000 idle flows", "99 MB RSS, RR flat", f"< 100 MB, RR flat (≤ 1.25{X})", _idle),
 ]
 
@@ -308,8 +364,7 @@ def issue14(res: Results, more: Sequence[tuple[Goal, Results]] = ()) -> str:
 
 def goals_table(rows: Sequence[tuple[Goal, Results]]) -> str:
     """Each goal checked on its figures: metric, what was measured before, target, now, met?"""
-    lines = ["| metric | today | target | this run (natd) | met? |",
-             "|---|---|---|---|---|"]
+    lines = ["| metric | today | target | this run (natd) | met? |", "|---|---|---|---|---|"]
     for g, res in rows:
         text, ok = g.check(res)
         mark = "—" if ok is None else ("yes" if ok else "**no**")
@@ -332,6 +387,7 @@ def failures(res: Results) -> str:
         for reason, keys in by_reason.items():
             n = count[reason]
             what = ", ".join(keys) if len(keys) <= 4 else f"{len(keys)} figures"
-            lines.append(f"- {e}: {reason.removeprefix(NA)} — {what} ({n} failure"
-                         f"{'s' if n > 1 else ''})")
+            lines.append(
+                f"- {e}: {reason.removeprefix(NA)} — {what} ({n} failure{'s' if n > 1 else ''})"
+            )
     return "\n".join(lines)

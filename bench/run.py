@@ -57,8 +57,14 @@ def log(msg: str) -> None:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, runner: Runner, res: report.Results,
-                 links_plan: links.Groups, links_res: report.Results) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        runner: Runner,
+        res: report.Results,
+        links_plan: links.Groups,
+        links_res: report.Results,
+    ) -> None:
         self.args = args
         self.runner = runner
         self.res = res
@@ -77,8 +83,12 @@ class Bench:
         log(f"  {s.engine} {key}: {v:.4g} {report.BY_KEY[key].unit}")
         return v
 
-    def _do_many(self, s: Setup, keys: tuple[str, ...],
-                 fn: Callable[[], tuple[float, ...] | dict[str, float | str]]) -> None:
+    def _do_many(
+        self,
+        s: Setup,
+        keys: tuple[str, ...],
+        fn: Callable[[], tuple[float, ...] | dict[str, float | str]],
+    ) -> None:
         try:
             out = fn()
         except BenchError as e:
@@ -92,16 +102,33 @@ class Bench:
                 self.res.fail(s.engine, k, v)
             else:
                 self.res.add(s.engine, k, v)
-        log(f"  {s.engine} " + ", ".join(
-            f"{k}={v}" if isinstance(v, str) else f"{k}={v:.4g}" for k, v in pairs))
+        log(
+            f"  {s.engine} "
+            + ", ".join(f"{k}={v}" if isinstance(v, str) else f"{k}={v:.4g}" for k, v in pairs)
+        )
 
     def setup_keys(self, mtu: int) -> list[str]:
         keys = [f"g2h_{mtu}", f"h2g_{mtu}"]
         if mtu == 1500:
-            keys += ["fwd_1500", "udp_loss", "udp_rx", "rr_p50", "rr_p99", "rr_p50_pin",
-                     "rr_p99_pin", "cps_pin", "g2h_p16", "h2g_p16", "g2h_p16_x", "h2g_p16_x",
-                     "p16_starved",
-                     "loss_g2h", "loss_h2g", "g2h_lossy", "h2g_lossy"]
+            keys += [
+                "fwd_1500",
+                "udp_loss",
+                "udp_rx",
+                "rr_p50",
+                "rr_p99",
+                "rr_p50_pin",
+                "rr_p99_pin",
+                "cps_pin",
+                "g2h_p16",
+                "h2g_p16",
+                "g2h_p16_x",
+                "h2g_p16_x",
+                "p16_starved",
+                "loss_g2h",
+                "loss_h2g",
+                "g2h_lossy",
+                "h2g_lossy",
+            ]
             if not self.args.quick:
                 keys += ["rss_base", "flows_open", "rss_flows", "rr_p50_flows"]
             if self.args.ipv6:
@@ -133,21 +160,31 @@ class Bench:
             if mtu != 1500:
                 return
             self._do(s, "fwd_1500", lambda: measure.iperf_forward(r, s, a.seconds))
-            self._do_many(s, ("udp_loss", "udp_rx"),
-                          lambda: measure.udp_loss(r, s, a.udp_seconds, a.udp_rate))
-            self._do_many(s, ("rr_p50", "rr_p99"),
-                          lambda: measure.request_response(r, s, a.rr_n, None))
+            self._do_many(
+                s, ("udp_loss", "udp_rx"), lambda: measure.udp_loss(r, s, a.udp_seconds, a.udp_rate)
+            )
+            self._do_many(
+                s, ("rr_p50", "rr_p99"), lambda: measure.request_response(r, s, a.rr_n, None)
+            )
             if a.ipv6:
                 self.ipv6(s)
             with measure.pinned(s) as cpu:
-                self._do_many(s, ("rr_p50_pin", "rr_p99_pin"),
-                              lambda: measure.request_response(r, s, a.rr_n, cpu))
+                self._do_many(
+                    s,
+                    ("rr_p50_pin", "rr_p99_pin"),
+                    lambda: measure.request_response(r, s, a.rr_n, cpu),
+                )
                 self._do(s, "cps_pin", lambda: measure.conn_rate(r, s, a.cps_seconds, cpu))
             self.parallel(s, single)
             if not a.quick:
                 keys = ("rss_base", "flows_open", "rss_flows", "rr_p50_flows")
-                self._do_many(s, keys, lambda: measure.idle_flows(
-                    r, s, a.flows, a.flows_seconds, max(200, a.rr_n // 4)))
+                self._do_many(
+                    s,
+                    keys,
+                    lambda: measure.idle_flows(
+                        r, s, a.flows, a.flows_seconds, max(200, a.rr_n // 4)
+                    ),
+                )
             self.lossy(s)  # last: it leaves the link lossy
         finally:
             eng.stop(r, s)
@@ -170,8 +207,9 @@ class Bench:
             return
         self._do(s6, "g2h6_1500", lambda: measure.iperf_tcp(r, s6, a.seconds, False))
         self._do(s6, "h2g6_1500", lambda: measure.iperf_tcp(r, s6, a.seconds, True))
-        self._do_many(s6, ("rr6_p50", "rr6_p99"),
-                      lambda: measure.request_response(r, s6, a.rr_n, None))
+        self._do_many(
+            s6, ("rr6_p50", "rr6_p99"), lambda: measure.request_response(r, s6, a.rr_n, None)
+        )
 
     def parallel(self, s: Setup, single: dict[str, float | None]) -> None:
         """``--streams`` parallel streams each way, and each as a multiple of the same setup's
@@ -210,8 +248,10 @@ class Bench:
                 self.res.fail(s.engine, k, f"lossy link: {e}")
             log(f"  {s.engine} lossy link: FAILED {e}")
             return
-        log(f"  {s.engine} link probe: {sent} datagrams, {counted} reached the server, "
-            f"{echoed} echoed back; frames lost g→h {g2h:.2f} % (counters {c0} → {c1})")
+        log(
+            f"  {s.engine} link probe: {sent} datagrams, {counted} reached the server, "
+            f"{echoed} echoed back; frames lost g→h {g2h:.2f} % (counters {c0} → {c1})"
+        )
         self.res.add(s.engine, "loss_g2h", g2h)
         self._do(s, "g2h_lossy", lambda: measure.iperf_tcp(r, s, a.seconds, False))
         self._do(s, "h2g_lossy", lambda: measure.iperf_tcp(r, s, a.seconds, True))
@@ -228,8 +268,9 @@ class Bench:
                     self.one(eng, mtu)
             if self.links_plan:
                 log(f"run {run + 1}/{self.args.runs}: the plain path and socket links")
-                links.measure_run(self.runner, self.links_plan, run, self.args.seconds,
-                                  self.links_res, log)
+                links.measure_run(
+                    self.runner, self.links_plan, run, self.args.seconds, self.links_res, log
+                )
 
 
 def machine() -> dict[str, str]:
@@ -245,8 +286,13 @@ def machine() -> dict[str, str]:
             if line.startswith("MemTotal"):
                 mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
                 break
-    return {"nproc": str(os.cpu_count()), "kernel": platform.release(), "cpu": cpu, "mem": mem,
-            "python": platform.python_version()}
+    return {
+        "nproc": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "mem": mem,
+        "python": platform.python_version(),
+    }
 
 
 def background_cpu(seconds: float = 1.0) -> float:
@@ -290,11 +336,20 @@ def kept_sections(old: str) -> str:
     return old.split(KEEP, 1)[1] if KEEP in old else ""
 
 
-def write_report(path: str, args: argparse.Namespace, res: report.Results,
-                 versions: dict[str, str], started: datetime.datetime, load0: str,
-                 elapsed: float, extra_notes: list[str], bench_loads: list[float],
-                 prof: str = "", links_res: report.Results | None = None,
-                 links_versions: dict[str, str] | None = None) -> str:
+def write_report(
+    path: str,
+    args: argparse.Namespace,
+    res: report.Results,
+    versions: dict[str, str],
+    started: datetime.datetime,
+    load0: str,
+    elapsed: float,
+    extra_notes: list[str],
+    bench_loads: list[float],
+    prof: str = "",
+    links_res: report.Results | None = None,
+    links_versions: dict[str, str] | None = None,
+) -> str:
     """RESULTS.md's run.py part (table, targets, notes), links.py's section when the links
     rows were measured (replacing the old one in the kept part), and the raw figures as .json."""
     try:
@@ -316,8 +371,11 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
         + ", ".join(f"{x:.0f} %" for x in bench_loads),
         f"- runs: {args.runs}; iperf3 TCP {args.seconds:g} s, UDP {args.udp_seconds:g} s at "
         f"{args.udp_rate}bit/s; RR {args.rr_n} round trips; conn/s {args.cps_seconds:g} s; "
-        + ("idle flows skipped (--quick)" if args.quick
-           else f"{args.flows} idle flows asked, {args.flows_seconds:g} s allowed to open them"),
+        + (
+            "idle flows skipped (--quick)"
+            if args.quick
+            else f"{args.flows} idle flows asked, {args.flows_seconds:g} s allowed to open them"
+        ),
         "- versions: " + "; ".join(f"{k}: {v}" for k, v in versions.items()),
         "",
         f"Medians over the runs, (min{report.DASH}max) when there is more than one run. "
@@ -327,38 +385,52 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
         "",
     ]
     if "natd" in res.engines and "natd" not in res.unavailable:
-        lines += ["## Issue 14 targets", "",
-                  "Ratios of the medians; latency ratios are natd ÷ peer (≤ 1 = natd as fast), "
-                  "throughput ratios natd ÷ peer (≥ 1 = natd faster)."
-                  + (" The plain-TAP and stream-socket rows are issue 11's targets, measured in "
-                     "the same runs by links.py's engines (its section below)." if links_res
-                     else ""), "",
-                  report.issue14(res, links.goal_rows(links_res) if links_res else ()), "",
-                  "## Issue 6 targets", "", report.targets(res), ""]
+        lines += [
+            "## Issue 14 targets",
+            "",
+            "Ratios of the medians; latency ratios are natd ÷ peer (≤ 1 = natd as fast), "
+            "throughput ratios natd ÷ peer (≥ 1 = natd faster)."
+            + (
+                " The plain-TAP and stream-socket rows are issue 11's targets, measured in "
+                "the same runs by links.py's engines (its section below)."
+                if links_res
+                else ""
+            ),
+            "",
+            report.issue14(res, links.goal_rows(links_res) if links_res else ()),
+            "",
+            "## Issue 6 targets",
+            "",
+            report.targets(res),
+            "",
+        ]
     notes = [f"- {e}: not measured — {why}" for e, why in res.unavailable.items()]
     notes += [f"- {n}" for n in extra_notes]
     notes += [
-        "- Topology: every engine runs in a fresh \"host\" namespace and serves a fresh guest "
+        '- Topology: every engine runs in a fresh "host" namespace and serves a fresh guest '
         "namespace; host-side servers listen on the host namespace's 127.0.0.1 and the guest "
         "dials the gateway 10.0.2.2 (slirp4netns's guest is 10.0.2.100, the others 10.0.2.15).",
         "- kernel = a veth pair, guest 10.0.2.15 ↔ host namespace 10.0.2.2, servers listening "
-        "on 10.0.2.2: plain kernel forwarding, no NAT, no loopback hop; its \"forwarded port\" "
+        'on 10.0.2.2: plain kernel forwarding, no NAT, no loopback hop; its "forwarded port" '
         "row dials the guest address directly. It is the ceiling, not a competitor.",
         "- pasta's forwarded port goes through its splice shortcut (socket to socket in the "
         "guest's loopback), not through its TAP; that is what pasta users get.",
         "- 1 CPU rows pin the client, the server and the engine (all its threads) to CPU 0; "
-        "\"free\" rows let the scheduler place them on the machine's CPUs.",
-        (f"- natd ran with `{args.natd_args}` added to its defaults" if args.natd_args
-         else "- natd runs at its default log level (info), as users run it."),
+        '"free" rows let the scheduler place them on the machine\'s CPUs.',
+        (
+            f"- natd ran with `{args.natd_args}` added to its defaults"
+            if args.natd_args
+            else "- natd runs at its default log level (info), as users run it."
+        ),
         f"- lossy link: {LOSS_PERCENT:g} % of the frames each way on the guest's tap0 (the "
         "kernel's: its veth end), a classic-BPF tc filter on clsact: egress TC_ACT_STOLEN (the "
         "guest's TCP believes the frame left, as with netem), ingress TC_ACT_SHOT. A frame is "
-        "an skb: a 64 KB GSO frame is lost whole. \"frames lost\" rows are read on the device "
+        'an skb: a 64 KB GSO frame is lost whole. "frames lost" rows are read on the device '
         "and qdisc counters (egress over a small-datagram probe, ingress over the probe and the "
         "transfers).",
         f"- TCP in every namespace uses the machine's default congestion control "
         f"({congestion_control()}); a new namespace inherits it.",
-        f"- {args.streams} streams = iperf3 -P {args.streams}; \"starved\" counts streams whose "
+        f'- {args.streams} streams = iperf3 -P {args.streams}; "starved" counts streams whose '
         "receiver got no byte, summed over both directions of a run.",
         "- conn/s = connect, one byte each way, close, serially; UDP = iperf3 -u -l 1400 -w 4M "
         "guest→host, loss as seen by the receiver (the kernel row shows what the client and "
@@ -369,7 +441,8 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
             "- IPv6 rows: the same setups over IPv6, servers on the host namespace's ::1, the "
             "guest dials the engine's IPv6 gateway (natd and pasta fd00:10:0:2::2, slirp4netns "
             "fd00::2; the kernel's veth has fd00:10:0:2::2 itself); ULA addresses inside the "
-            "bench's namespaces only.")
+            "bench's namespaces only."
+        )
     lines += ["## Notes", "", *notes, ""]
     fails = report.failures(res)
     if fails:
@@ -381,8 +454,13 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
     raw = {"args": vars(args), "versions": versions, "machine": m, **res.to_json()}
     shown = text
     if links_res is not None:
-        section = links.section(links_res, "sudo " + cmd, started.astimezone(datetime.UTC),
-                                links_versions or {}, args.runs)
+        section = links.section(
+            links_res,
+            "sudo " + cmd,
+            started.astimezone(datetime.UTC),
+            links_versions or {},
+            args.runs,
+        )
         kept = links.with_section(kept, section)
         shown += "\n" + section
         raw["links"] = {"versions": links_versions, **links_res.to_json()}
@@ -396,44 +474,78 @@ def write_report(path: str, args: argparse.Namespace, res: report.Results,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="repetitions per engine (default 3)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke mode: 1 run, 2 s transfers, no idle-flows test")
-    p.add_argument("--only", default=",".join(ALL_ENGINES),
-                   help="comma-separated engines (default: %(default)s)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke mode: 1 run, 2 s transfers, no idle-flows test"
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(ALL_ENGINES),
+        help="comma-separated engines (default: %(default)s)",
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="iperf3 TCP duration")
     p.add_argument("--udp-seconds", type=float, default=3.0)
     p.add_argument("--udp-rate", default="1G", help="iperf3 -b for the UDP loss test")
     p.add_argument("--cps-seconds", type=float, default=3.0)
     p.add_argument("--rr-n", type=int, default=2000, help="request/response round trips")
     p.add_argument("--flows", type=int, default=10000, help="idle TCP flows for the RSS test")
-    p.add_argument("--flows-seconds", type=float, default=30.0,
-                   help="time allowed to open the idle flows (slow engines get fewer)")
-    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
-                   help="after the runs, sample natd with py-spy for SECONDS per load "
-                   "(iperf3 both ways, request/response) and add the summary to the report")
-    p.add_argument("--issue14", action="store_true",
-                   help="issue 14's table: the default run, named (every row, 3 runs, and "
-                   "the IPv6 rows)")
-    p.add_argument("--ipv6", action="store_true",
-                   help="IPv6 rows too: TCP g->h, h->g and RR over IPv6 at MTU 1500 (every "
-                   "engine that can: natd, pasta, slirp4netns --enable-ipv6, kernel veth)")
+    p.add_argument(
+        "--flows-seconds",
+        type=float,
+        default=30.0,
+        help="time allowed to open the idle flows (slow engines get fewer)",
+    )
+    p.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the runs, sample natd with py-spy for SECONDS per load "
+        "(iperf3 both ways, request/response) and add the summary to the report",
+    )
+    p.add_argument(
+        "--issue14",
+        action="store_true",
+        help="issue 14's table: the default run, named (every row, 3 runs, and the IPv6 rows)",
+    )
+    p.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="IPv6 rows too: TCP g->h, h->g and RR over IPv6 at MTU 1500 (every "
+        "engine that can: natd, pasta, slirp4netns --enable-ipv6, kernel veth)",
+    )
     p.add_argument("--slirp4netns", metavar="PATH", help="slirp4netns binary (default: PATH's)")
     p.add_argument("--pasta", metavar="PATH", help="pasta binary (default: PATH's)")
-    p.add_argument("--passt", metavar="PATH",
-                   help="passt binary for the stream-socket row (default: the passt beside "
-                   "--pasta PATH if there is one, else PATH's)")
-    p.add_argument("--no-links", action="store_true",
-                   help="skip links.py's rows (natd's plain TAP vs slirp4netns, natd --socket "
-                   "vs passt -s, the relay ceiling), measured by default whenever natd is")
-    p.add_argument("--natd-args", default="", metavar="ARGS",
-                   help="extra natd options, e.g. '--log-level warning' (default: none: natd as "
-                   "users run it)")
+    p.add_argument(
+        "--passt",
+        metavar="PATH",
+        help="passt binary for the stream-socket row (default: the passt beside "
+        "--pasta PATH if there is one, else PATH's)",
+    )
+    p.add_argument(
+        "--no-links",
+        action="store_true",
+        help="skip links.py's rows (natd's plain TAP vs slirp4netns, natd --socket "
+        "vs passt -s, the relay ceiling), measured by default whenever natd is",
+    )
+    p.add_argument(
+        "--natd-args",
+        default="",
+        metavar="ARGS",
+        help="extra natd options, e.g. '--log-level warning' (default: none: natd as users run it)",
+    )
     p.add_argument("--streams", type=int, default=16, help="iperf3 -P for the parallel rows")
-    p.add_argument("--probe-n", type=int, default=3000,
-                   help="datagrams of the lossy link's probe (its loss rate is read on them)")
+    p.add_argument(
+        "--probe-n",
+        type=int,
+        default=3000,
+        help="datagrams of the lossy link's probe (its loss rate is read on them)",
+    )
     p.add_argument("--note", action="append", default=[], help="extra line for the notes")
-    p.add_argument("--out", help="markdown report (default bench/RESULTS.md, "
-                   "bench/RESULTS-quick.md with --quick); raw figures go next to it as .json")
+    p.add_argument(
+        "--out",
+        help="markdown report (default bench/RESULTS.md, "
+        "bench/RESULTS-quick.md with --quick); raw figures go next to it as .json",
+    )
     a = p.parse_args(argv)
     if a.issue14 and (a.quick or a.runs < 3):
         p.error("--issue14 wants medians of >= 3 runs: drop --quick / raise --runs")
@@ -450,8 +562,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     bad = [n for n in names if n not in ALL_ENGINES]
     if bad or not names:
-        p.error(f"--only: unknown engine(s) {', '.join(bad) or '(none)'}; "
-                f"choose from {', '.join(ALL_ENGINES)}")
+        p.error(
+            f"--only: unknown engine(s) {', '.join(bad) or '(none)'}; "
+            f"choose from {', '.join(ALL_ENGINES)}"
+        )
     a.engines = names
     return a
 
@@ -508,8 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     links_res = report.Results(engines=list(links.ENGINES))
     links_plan: links.Groups = []
     if "natd" in versions and not args.no_links:
-        links_plan = links.plan(runner, links_res, tuple(shlex.split(args.natd_args)),
-                                args.slirp4netns, args.passt)
+        links_plan = links.plan(
+            runner, links_res, tuple(shlex.split(args.natd_args)), args.slirp4netns, args.passt
+        )
     links_versions = links.versions(links_plan)
     bench = Bench(args, runner, res, links_plan, links_res)
     try:
@@ -528,21 +643,36 @@ def main(argv: list[str] | None = None) -> int:
     notes = list(args.note)
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if "pasta" in versions and not args.quick and nofile < 2 * args.flows + 100:
-        notes.append(f"pasta keeps two file descriptors per TCP flow (a socket and a timerfd); "
-                     f"this machine's hard RLIMIT_NOFILE is {nofile}, so pasta tops out just "
-                     f"below {nofile // 2} flows and new connections then time out")
+        notes.append(
+            f"pasta keeps two file descriptors per TCP flow (a socket and a timerfd); "
+            f"this machine's hard RLIMIT_NOFILE is {nofile}, so pasta tops out just "
+            f"below {nofile // 2} flows and new connections then time out"
+        )
     bench.loads.append(background_cpu())
     busy = max(bench.loads)
     if busy > 10.0:
-        notes.append(f"other work was running on the machine: with the bench idle it took "
-                     f"{', '.join(f'{x:.0f}' for x in bench.loads)} % of all CPUs (sampled "
-                     "for 1 s before each run and at the end); figures are noisy — compare "
-                     "engines within one run, not with other machines")
+        notes.append(
+            f"other work was running on the machine: with the bench idle it took "
+            f"{', '.join(f'{x:.0f}' for x in bench.loads)} % of all CPUs (sampled "
+            "for 1 s before each run and at the end); figures are noisy — compare "
+            "engines within one run, not with other machines"
+        )
     if interrupted:
         notes.append("the run was interrupted: partial figures")
-    text = write_report(args.out, args, res, versions, started, load0, time.monotonic() - t0,
-                        notes, bench.loads, prof, links_res if links_plan else None,
-                        links_versions)
+    text = write_report(
+        args.out,
+        args,
+        res,
+        versions,
+        started,
+        load0,
+        time.monotonic() - t0,
+        notes,
+        bench.loads,
+        prof,
+        links_res if links_plan else None,
+        links_versions,
+    )
     print(text)
     log(f"written {args.out}")
     return 130 if interrupted else 0
