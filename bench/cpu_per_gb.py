@@ -81,22 +81,8 @@ def transfer(
     )
     try:
         measure.wait_listening(runner, setup.host_ns, port)
-        argv = [
-            "iperf3",
-            "-c",
-            setup.dial,
-            "-p",
-            str(port),
-            "-n",
-            str(nbytes),
-            "-J",
-            "--connect-timeout",
-            "5000",
-        ]
-        if reverse:
-            argv += ["-R", "--rcv-timeout", "5000"]
-        if streams > 1:
-            argv += ["-P", str(streams)]
+        par = ["-P", str(streams)] if streams > 1 else []
+        argv = measure.iperf_client(setup.dial, port, "-n", str(nbytes), *par, reverse=reverse)
         u0, s0 = cpu_times(setup.pid)
         c0 = _children()
         r = runner.run(argv, setup.guest_ns, timeout=120)

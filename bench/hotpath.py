@@ -11,13 +11,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
 import measure
 from engines import Natd, Setup
-from procs import PROBES, BenchError, Runner, wait_listening
+from procs import BenchError, Runner
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
 
@@ -137,32 +136,9 @@ def _load(runner: Runner, setup: Setup, kind: str, seconds: float) -> str:
     if kind in ("g2h", "h2g"):
         gbps = measure.iperf_tcp(runner, setup, seconds, kind == "h2g")
         return f"{gbps:.2f} Gbit/s"
-    port = measure.fresh_port()
-    srv = runner.spawn(
-        [sys.executable, PROBES, "echo-server", "--bind", setup.server_bind, "--port", str(port)],
-        setup.host_ns,
+    r = measure.round_trips(
+        runner, setup, None, seconds + 20, "--n", "10000000", "--seconds", f"{seconds:g}"
     )
-    try:
-        wait_listening(runner, setup.host_ns, port)
-        r = runner.run(
-            [
-                sys.executable,
-                PROBES,
-                "rr-client",
-                "--host",
-                setup.dial,
-                "--port",
-                str(port),
-                "--n",
-                "10000000",
-                "--seconds",
-                f"{seconds:g}",
-            ],
-            setup.guest_ns,
-            timeout=seconds + 20,
-        )
-    finally:
-        runner.stop(srv)
     data = measure.parse_json(r.stdout, "rr-client")
     return f"{data['n']} round trips, p50 {data['p50_us']:.0f} µs"
 

@@ -54,7 +54,6 @@ from engines import (
     _wait_ready,
     dead_end_uplink,
     host_gateway,
-    last_error,
     passt_version,
 )
 from procs import REPO_DIR, BenchError, Runner
@@ -344,22 +343,13 @@ def measure_one(
     runner: Runner, eng: Engine, mtu: int, seconds: float, res: report.Results, say: Log
 ) -> None:
     keys = (f"g2h_{mtu}", f"h2g_{mtu}")
-    try:
-        s = eng.start(runner, mtu, FWD_PORT)
-    except BenchError as e:
-        say(f"  {eng.name} MTU {mtu}: setup failed: {e}")
+    s = measure.working(runner, eng, mtu, FWD_PORT)
+    if isinstance(s, str):
+        say(f"  {eng.name} MTU {mtu}: {s}")
         for key in keys:
-            res.fail(eng.name, key, f"{report.NA}setup: {e}")
+            res.fail(eng.name, key, f"{report.NA}{s}")
         return
     try:
-        try:
-            measure.smoke(runner, s)
-        except BenchError as e:
-            why = f"{e}" + (f" (engine log: {tail})" if (tail := last_error(runner, s)) else "")
-            say(f"  {eng.name} MTU {mtu}: {why}")
-            for key in keys:
-                res.fail(eng.name, key, f"{report.NA}{why}")
-            return
         for key, reverse in zip(keys, (False, True), strict=True):
             try:
                 v = measure.iperf_tcp(runner, s, seconds, reverse)

@@ -42,29 +42,17 @@ def cbpf_loss(percent: float, verdict: int) -> str:
     return f"{len(ops)}," + ",".join(f"{code} {jt} {jf} {kk}" for code, jt, jf, kk in ops)
 
 
-def apply(runner: Runner, setup: Setup, percent: float, dev: str = "tap0") -> None:
+def apply(
+    runner: Runner, setup: Setup, percent: float, dev: str = "tap0", only: str | None = None
+) -> None:
     """Lose ``percent`` % of the frames each way on ``dev`` in the guest namespace (for good:
-    the setup is torn down after its lossy rows)."""
+    the setup is torn down after its lossy rows); ``only`` = "egress" or "ingress": that way."""
     g = setup.guest_ns
     runner.check(wrap(["tc", "qdisc", "add", "dev", dev, "clsact"], g))
     for hook, verdict in (("egress", TC_ACT_STOLEN), ("ingress", TC_ACT_SHOT)):
-        runner.check(
-            wrap(
-                [
-                    "tc",
-                    "filter",
-                    "add",
-                    "dev",
-                    dev,
-                    hook,
-                    "bpf",
-                    "da",
-                    "bytecode",
-                    cbpf_loss(percent, verdict),
-                ],
-                g,
-            )
-        )
+        if only in (None, hook):
+            bpf = ["bpf", "da", "bytecode", cbpf_loss(percent, verdict)]
+            runner.check(wrap(["tc", "filter", "add", "dev", dev, hook, *bpf], g))
 
 
 @dataclass(frozen=True)

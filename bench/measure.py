@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from engines import GUEST_PORT, Setup
+from engines import GUEST_PORT, Engine, Setup, last_error
 from procs import PROBES, BenchError, Runner, wait_listening
 
 PY = sys.executable
@@ -126,41 +126,61 @@ def _server(
     return p
 
 
+def probe_client(setup: Setup, kind: str, port: int, *opts: str) -> list[str]:
+    """argv of one of probes.py's clients (``kind``) in the guest, dialing the host side's
+    ``port`` through the engine."""
+    return [PY, PROBES, kind, "--host", setup.dial, "--port", str(port), *opts]
+
+
+def iperf_client(dial: str, port: int, *opts: str, reverse: bool = False) -> list[str]:
+    """An iperf3 client's argv: JSON out, a 5 s connect timeout; ``reverse`` (-R) adds a receive
+    timeout, so a transfer that stalls ends instead of hanging."""
+    argv = ["iperf3", "-c", dial, "-p", str(port), "-J", "--connect-timeout", "5000", *opts]
+    return argv + (["-R", "--rcv-timeout", "5000"] if reverse else [])
+
+
 # -- measurements ---------------------------------------------------------------------------------
-def smoke(runner: Runner, setup: Setup) -> None:
-    """A few 64-byte round trips guest → gateway → host loopback: does TCP work at all?"""
+def round_trips(
+    runner: Runner, setup: Setup, cpu: str | None, timeout: float, *opts: str
+) -> subprocess.CompletedProcess[str]:
+    """The probes' echo server on the host side and its ``rr-client`` (with ``opts``) in the
+    guest, dialing through the engine; the client's result, the server stopped."""
     port = fresh_port()
-    srv = _server(
-        runner,
-        setup,
-        [PY, PROBES, "echo-server", "--bind", setup.server_bind, "--port", str(port)],
-        port,
-    )
+    echo = [PY, PROBES, "echo-server", "--bind", setup.server_bind, "--port", str(port)]
+    srv = _server(runner, setup, echo, port, cpu)
     try:
-        r = runner.run(
-            [
-                PY,
-                PROBES,
-                "rr-client",
-                "--host",
-                setup.dial,
-                "--port",
-                str(port),
-                "--n",
-                "20",
-                "--warmup",
-                "0",
-                "--timeout",
-                "5",
-            ],
-            setup.guest_ns,
-            timeout=15,
-        )
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["?"])[-1]
-            raise BenchError(f"no TCP through the engine: {last[:120]}")
+        client = probe_client(setup, "rr-client", port, *opts)
+        return runner.run(client, setup.guest_ns, cpu, timeout=timeout)
     finally:
         runner.stop(srv)
+
+
+def working(runner: Runner, eng: Engine, mtu: int, fwd_port: int) -> Setup | str:
+    """``eng`` set up afresh at ``mtu`` with TCP working through it, or why not (its setup
+    failed, or no round trip passed: then with the engine's last error line); a setup that does
+    not work is stopped here."""
+    try:
+        s = eng.start(runner, mtu, fwd_port)
+    except BenchError as e:
+        return f"setup: {e}"
+    try:
+        smoke(runner, s)
+    except BenchError as e:
+        tail = last_error(runner, s)
+        eng.stop(runner, s)
+        return f"{e}" + (f" (engine log: {tail})" if tail else "")
+    except BaseException:
+        eng.stop(runner, s)
+        raise
+    return s
+
+
+def smoke(runner: Runner, setup: Setup) -> None:
+    """A few 64-byte round trips guest → gateway → host loopback: does TCP work at all?"""
+    r = round_trips(runner, setup, None, 15, "--n", "20", "--warmup", "0", "--timeout", "5")
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        raise BenchError(f"no TCP through the engine: {last[:120]}")
 
 
 def _iperf(
@@ -173,22 +193,8 @@ def _iperf(
         runner, setup, ["iperf3", "-s", "-1", "-B", setup.server_bind, "-p", str(port)], port
     )
     try:
-        argv = [
-            "iperf3",
-            "-c",
-            setup.dial,
-            "-p",
-            str(port),
-            "-t",
-            f"{seconds:g}",
-            "-J",
-            "--connect-timeout",
-            "5000",
-        ]
-        if streams > 1:
-            argv += ["-P", str(streams)]
-        if reverse:
-            argv += ["-R", "--rcv-timeout", "5000"]
+        par = ["-P", str(streams)] if streams > 1 else []
+        argv = iperf_client(setup.dial, port, "-t", f"{seconds:g}", *par, reverse=reverse)
         r = runner.run(argv, setup.guest_ns, timeout=seconds + 15)
     except BenchError as e:
         raise BenchError(f"stall ({e})") from None
@@ -235,25 +241,9 @@ def link_probe(runner: Runner, setup: Setup, n: int) -> tuple[int, int, int]:
     )
     try:
         wait_listening(runner, setup.host_ns, port, udp=True)
-        r = runner.run(
-            [
-                PY,
-                PROBES,
-                "udp-loss-client",
-                "--host",
-                setup.dial,
-                "--port",
-                str(port),
-                "--n",
-                str(n),
-                "--timeout",
-                "0.02",
-                "--seconds",
-                "30",
-            ],
-            setup.guest_ns,
-            timeout=45,
-        )
+        opts = ("--n", str(n), "--timeout", "0.02", "--seconds", "30")
+        client = probe_client(setup, "udp-loss-client", port, *opts)
+        r = runner.run(client, setup.guest_ns, timeout=45)
         if r.returncode != 0:
             raise BenchError((r.stderr.strip().splitlines() or ["udp-loss-client failed"])[-1])
         out = parse_json(r.stdout, "udp-loss-client")
@@ -275,22 +265,8 @@ def iperf_forward(runner: Runner, setup: Setup, seconds: float) -> float:
     try:
         wait_listening(runner, setup.guest_ns, GUEST_PORT)
         addr, hport = setup.fwd
-        r = runner.run(
-            [
-                "iperf3",
-                "-c",
-                addr,
-                "-p",
-                str(hport),
-                "-t",
-                f"{seconds:g}",
-                "-J",
-                "--connect-timeout",
-                "5000",
-            ],
-            setup.host_ns,
-            timeout=seconds + 15,
-        )
+        argv = iperf_client(addr, hport, "-t", f"{seconds:g}")
+        r = runner.run(argv, setup.host_ns, timeout=seconds + 15)
     except BenchError as e:
         raise BenchError(f"stall ({e})") from None
     finally:
@@ -311,29 +287,8 @@ def udp_loss(runner: Runner, setup: Setup, seconds: float, rate: str) -> tuple[f
     try:
         # 4 MB socket buffers: a receiver descheduled for a moment on a busy 2-core machine
         # must not count as the engine's loss
-        r = runner.run(
-            [
-                "iperf3",
-                "-c",
-                setup.dial,
-                "-p",
-                str(port),
-                "-u",
-                "-b",
-                rate,
-                "-l",
-                "1400",
-                "-w",
-                "4M",
-                "-t",
-                f"{seconds:g}",
-                "-J",
-                "--connect-timeout",
-                "5000",
-            ],
-            setup.guest_ns,
-            timeout=seconds + 15,
-        )
+        udp = ["-u", "-b", rate, "-l", "1400", "-w", "4M", "-t", f"{seconds:g}"]
+        r = runner.run(iperf_client(setup.dial, port, *udp), setup.guest_ns, timeout=seconds + 15)
     except BenchError as e:
         raise BenchError(f"stall ({e})") from None
     finally:
@@ -348,35 +303,7 @@ def udp_loss(runner: Runner, setup: Setup, seconds: float, rate: str) -> tuple[f
 
 def request_response(runner: Runner, setup: Setup, n: int, cpu: str | None) -> tuple[float, float]:
     """64-byte ping-pong, guest client ↔ host echo server, ``n`` round trips: (p50, p99) in µs."""
-    port = fresh_port()
-    srv = _server(
-        runner,
-        setup,
-        [PY, PROBES, "echo-server", "--bind", setup.server_bind, "--port", str(port)],
-        port,
-        cpu,
-    )
-    try:
-        r = runner.run(
-            [
-                PY,
-                PROBES,
-                "rr-client",
-                "--host",
-                setup.dial,
-                "--port",
-                str(port),
-                "--n",
-                str(n),
-                "--seconds",
-                "20",
-            ],
-            setup.guest_ns,
-            cpu,
-            timeout=30,
-        )
-    finally:
-        runner.stop(srv)
+    r = round_trips(runner, setup, cpu, 30, "--n", str(n), "--seconds", "20")
     if r.returncode != 0:
         raise BenchError((r.stderr.strip().splitlines() or ["rr-client failed"])[-1][:120])
     data = parse_json(r.stdout, "rr-client")
@@ -394,22 +321,8 @@ def conn_rate(runner: Runner, setup: Setup, seconds: float, cpu: str | None) -> 
         cpu,
     )
     try:
-        r = runner.run(
-            [
-                PY,
-                PROBES,
-                "cps-client",
-                "--host",
-                setup.dial,
-                "--port",
-                str(port),
-                "--seconds",
-                f"{seconds:g}",
-            ],
-            setup.guest_ns,
-            cpu,
-            timeout=seconds + 20,
-        )
+        client = probe_client(setup, "cps-client", port, "--seconds", f"{seconds:g}")
+        r = runner.run(client, setup.guest_ns, cpu, timeout=seconds + 20)
     finally:
         runner.stop(srv)
     data = parse_json(r.stdout, "cps-client")
@@ -439,19 +352,7 @@ def idle_flows(
     try:
         wait_listening(runner, setup.host_ns, port)
         client = runner.spawn(
-            [
-                PY,
-                PROBES,
-                "hold-client",
-                "--host",
-                setup.dial,
-                "--port",
-                str(port),
-                "--n",
-                str(n),
-                "--seconds",
-                f"{seconds:g}",
-            ],
+            probe_client(setup, "hold-client", port, "--n", str(n), "--seconds", f"{seconds:g}"),
             setup.guest_ns,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

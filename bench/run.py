@@ -43,7 +43,7 @@ import links
 import lossy
 import measure
 import report
-from engines import ALL_ENGINES, Engine, Setup, last_error
+from engines import ALL_ENGINES, Engine, Setup
 from procs import BenchError, Runner
 
 MTUS = (1500, 65520)
@@ -137,22 +137,13 @@ class Bench:
 
     def one(self, eng: Engine, mtu: int) -> None:
         a, r = self.args, self.runner
-        try:
-            s = eng.start(r, mtu, FWD_PORT)
-        except BenchError as e:
-            log(f"  {eng.name} mtu {mtu}: setup failed: {e}")
+        s = measure.working(r, eng, mtu, FWD_PORT)
+        if isinstance(s, str):
+            log(f"  {eng.name} mtu {mtu}: {s}")
             for k in self.setup_keys(mtu):
-                self.res.fail(eng.name, k, f"{report.NA}setup: {e}")
+                self.res.fail(eng.name, k, f"{report.NA}{s}")
             return
         try:
-            try:
-                measure.smoke(r, s)
-            except BenchError as e:
-                why = f"{e}" + (f" (engine log: {tail})" if (tail := last_error(r, s)) else "")
-                log(f"  {eng.name} mtu {mtu}: {why}")
-                for k in self.setup_keys(mtu):
-                    self.res.fail(eng.name, k, f"{report.NA}{why}")
-                return
             single = {
                 "g2h": self._do(s, f"g2h_{mtu}", lambda: measure.iperf_tcp(r, s, a.seconds, False)),
                 "h2g": self._do(s, f"h2g_{mtu}", lambda: measure.iperf_tcp(r, s, a.seconds, True)),

@@ -23,11 +23,12 @@ import sys
 import threading
 import time
 
+import lossy
 from engines import Natd, Setup
-from lossy import TC_ACT_SHOT, TC_ACT_STOLEN, cbpf_loss
 from measure import (
     conn_rate,
     fresh_port,
+    iperf_client,
     iperf_parallel,
     iperf_tcp,
     link_probe,
@@ -47,30 +48,6 @@ COUNTERS = (
     "tcp.window_probes",
     "tcp.stalled",
 )
-
-
-def make_lossy(runner: Runner, setup: Setup, percent: float, only: str | None) -> None:
-    g = setup.guest_ns
-    runner.check(wrap(["tc", "qdisc", "add", "dev", "tap0", "clsact"], g))
-    for hook, verdict in (("egress", TC_ACT_STOLEN), ("ingress", TC_ACT_SHOT)):
-        if only in (None, hook):
-            runner.check(
-                wrap(
-                    [
-                        "tc",
-                        "filter",
-                        "add",
-                        "dev",
-                        "tap0",
-                        hook,
-                        "bpf",
-                        "da",
-                        "bytecode",
-                        cbpf_loss(percent, verdict),
-                    ],
-                    g,
-                )
-            )
 
 
 def stats(sock: str) -> dict[str, int]:
@@ -136,25 +113,8 @@ def one(runner: Runner, setup: Setup, sock: str, seconds: float, pcap: str) -> d
         before = stats(sock)
         sampler = threading.Thread(target=sample_ss, args=(setup.guest_ns, port, samples, stop))
         sampler.start()
-        r = runner.run(
-            [
-                "iperf3",
-                "-c",
-                setup.dial,
-                "-p",
-                str(port),
-                "-t",
-                f"{seconds:g}",
-                "-J",
-                "-R",
-                "--connect-timeout",
-                "5000",
-                "--rcv-timeout",
-                "5000",
-            ],
-            setup.guest_ns,
-            timeout=seconds + 20,
-        )
+        argv = iperf_client(setup.dial, port, "-t", f"{seconds:g}", reverse=True)
+        r = runner.run(argv, setup.guest_ns, timeout=seconds + 20)
         stop.set()
         sampler.join()
         after = stats(sock)
@@ -228,7 +188,7 @@ def one_setup(runner: Runner, a: argparse.Namespace, results: list[int], first: 
             iperf_parallel(runner, setup, 2.0, rev, 16)
         conn_rate(runner, setup, 2.0, None)
         udp_loss(runner, setup, 2.0, "1G")
-    make_lossy(runner, setup, a.loss, a.only)
+    lossy.apply(runner, setup, a.loss, only=a.only)
     if a.warm:
         link_probe(runner, setup, 3000)
     for i in range(first, first + a.runs):
