@@ -324,6 +324,7 @@ ENGINES = [NatdPlain.name, Slirp4netns.name, NatdSocket.name, PasstSocket.name, 
 
 
 def versions(groups: Groups) -> dict[str, str]:
+    """Each engine's version, for the report's header."""
     return {eng.name: eng.version() for _, engines in groups for eng in engines}
 
 
@@ -342,6 +343,7 @@ def measure_run(
 def measure_one(
     runner: Runner, eng: Engine, mtu: int, seconds: float, res: report.Results, say: Log
 ) -> None:
+    """One fresh setup of ``eng``: one iperf3 stream each way into ``res``, or why not."""
     keys = (f"g2h_{mtu}", f"h2g_{mtu}")
     s = measure.working(runner, eng, mtu, FWD_PORT)
     if isinstance(s, str):
