@@ -40,6 +40,7 @@ from typing import Any
 from natd.io.fds import NO_DESCRIPTOR, flow_socket
 from natd.io.hostaddr import family_of, host_bytes, host_text
 from natd.io.poller import DatagramPoller, FlowSocket, PollerLease
+from natd.stack.addresses import LOOPBACK6
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, UdpClose, UdpSend
 from natd.wire.l3 import WHY_ADMIN, WHY_HOST, WHY_NET, WHY_PORT, WHY_TOO_BIG, why_of
@@ -51,7 +52,6 @@ IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 SO_EE_ORIGIN_ICMP = 2
 SO_EE_ORIGIN_ICMP6 = 3
 _EXT_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
-_LOOPBACK6 = bytes(15) + b"\x01"
 
 # What a failed sendto means for the guest (errno → a ``natd.wire.l3`` reason).
 SEND_ERRNO_WHY = {
@@ -206,7 +206,7 @@ class UdpHost:
             if len(host) == 4:
                 sock.bind(("127.0.0.1" if host[0] == 127 else "0.0.0.0", 0))
             else:
-                sock.bind(("::1" if host == _LOOPBACK6 else "::", 0, 0, 0))
+                sock.bind(("::1" if host == LOOPBACK6 else "::", 0, 0, 0))
             f = FlowSocket(op.flow, sock)
             self.poller.register(sock, partial(self._on_readable, f), partial(self._on_error, f))
         except OSError as exc:  # EMFILE, or the epoll is out of watches (max_user_watches)

@@ -22,7 +22,10 @@ from __future__ import annotations
 import ipaddress
 
 _V6_UNSPECIFIED = bytes(16)
-_V6_LOOPBACK = bytes(15) + b"\x01"
+LOOPBACK4 = bytes((127, 0, 0, 1))
+"""The host loopback natd dials for the gateway address (IPv4)."""
+LOOPBACK6 = bytes(15) + b"\x01"
+"""The host loopback ``::1`` natd dials for ``::2``."""
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 V6_METADATA = ipaddress.IPv6Address("fd00:ec2::254").packed
 """The IPv6 address of the EC2 instance metadata service (the IPv6 ``169.254.169.254``)."""
@@ -49,7 +52,7 @@ def is_special(addr: bytes) -> bool:
     if len(addr) == 4:
         first = addr[0]
         return first == 0 or first == 127 or first >= 224
-    return addr in (_V6_UNSPECIFIED, _V6_LOOPBACK) or addr[0] == 0xFF or addr[:12] == _V4_MAPPED
+    return addr in (_V6_UNSPECIFIED, LOOPBACK6) or addr[0] == 0xFF or addr[:12] == _V4_MAPPED
 
 
 def denied_by_default(addr: bytes) -> bool:
@@ -66,6 +69,8 @@ def text(addr: bytes) -> str:
 
 
 __all__ = [
+    "LOOPBACK4",
+    "LOOPBACK6",
     "NAT64_PREFIX",
     "V6_METADATA",
     "denied_by_default",

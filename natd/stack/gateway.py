@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from natd.stack.addresses import (
+    LOOPBACK4,
+    LOOPBACK6,
     NAT64_PREFIX,
     is_link_local,
     is_multicast,
@@ -64,8 +66,6 @@ _IPV6_MULTICAST_MAC = b"\x33\x33"
 _ZERO_MAC = bytes(6)
 _IPV6_ETHERTYPE = b"\x86\xdd"
 _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
-_LOOPBACK = bytes((127, 0, 0, 1))
-_LOOPBACK6 = bytes(15) + b"\x01"
 _DHCP_SERVER_PORT = 67
 _DHCPV6_SERVER_PORT = 547
 _DNS_PORT = 53
@@ -247,7 +247,7 @@ class Gateway:
         s = self.settings
         if len(dst) == 16:
             if dst == s.gateway6:
-                return (_LOOPBACK6, port) if s.host_loopback else None
+                return (LOOPBACK6, port) if s.host_loopback else None
             if dst == s.dns6:
                 return self.dns.upstreams[0] if port == _DNS_PORT and self.dns.upstreams else None
             if dst[:12] == NAT64_PREFIX:
@@ -259,7 +259,7 @@ class Gateway:
                 return None
             return dst, port
         if dst == s.gateway_ip:
-            return (_LOOPBACK, port) if s.host_loopback else None
+            return (LOOPBACK4, port) if s.host_loopback else None
         if dst == s.dns_ip:
             if port == _DNS_PORT and self.dns.upstreams:
                 return self.dns.upstreams[0]
@@ -477,8 +477,6 @@ class Gateway:
             return
         if proto == PROTO_UDP and self._forward_reply(ip):
             # A reply to a port forward's client: its flow exists, the host socket too.
-            if csum:
-                ip.payload = memoryview(_with_udp_checksum(ip.src, ip.dst, l4))
             self.udp.on_guest_datagram(ip, now, src_mac)
             return
         if self._egress_denied(ip, csum):
@@ -486,7 +484,7 @@ class Gateway:
         if (
             not self.settings.host_ipv6
             and self._needs_host_ipv6(ip.dst)
-            and not self._forward_reply(ip)
+            and not (proto == PROTO_TCP and self._forward_reply(ip))
         ):
             self.icmpv6.refuse(ip, csum, message)  # no IPv6 on the host: refused at once
         elif proto == PROTO_TCP:

@@ -61,7 +61,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from natd.stack.addresses import is_special, text
+from natd.stack.addresses import LOOPBACK4, LOOPBACK6, is_special, text
 from natd.stack.events import endpoint
 from natd.stack.flowtable import EvictionLog, FlowTable, TableBound, accept_mac
 from natd.stack.link import Link
@@ -88,8 +88,6 @@ MAX_PEERS = 64
 FAST_MAX = 4096  # 4-tuples remembered for the fast path (then it starts over)
 INBOUND_RETRY = 0.25  # seconds between tries of a datagram for a guest not ARPed yet
 INBOUND_RETRIES = 8
-_LOOPBACK = b"\x7f\x00\x00\x01"
-_LOOPBACK6 = bytes(15) + b"\x01"
 ROUTE_OUTSIDE = 0  # the flow's host socket dials other hosts of the guest's family
 ROUTE_LOOPBACK = 1  # the host's loopback (the guest addressed the gateway)
 ROUTE_NAT64 = 2  # IPv4 hosts for an IPv6 guest (64:ff9b::/96)
@@ -270,7 +268,7 @@ class UdpEngine:
                 link.counters["drop.udp.no_route"] += 1
             return
         host, port = target
-        if host in (_LOOPBACK, _LOOPBACK6):
+        if host in (LOOPBACK4, LOOPBACK6):
             route = ROUTE_LOOPBACK
         else:
             route = ROUTE_OUTSIDE if len(host) == len(dst) else ROUTE_NAT64
