@@ -163,6 +163,27 @@ def test_tap_by_name_inside_a_namespace(
     assert "2 received" in host.run(["ping", "-n", "-c", "2", "-W", "2", GATEWAY]).stdout
 
 
+def test_host_side_tap_takes_no_router_advertisement(
+    namespaces: Callable[..., Netns], natd_process: Callable[..., Natd]
+) -> None:
+    """Without --netns the TAP's kernel end is natd's own host: natd's RAs reach it (rdisc6
+    reads them there) but it must not SLAAC an address or route its IPv6 into natd."""
+    host = namespaces()
+    tap = f"nr{os.getpid() % 100000}"
+    natd_process(["--tap", tap], netns_exec=host)
+    deadline = time.monotonic() + 10
+    while "tentative" in host.run(["ip", "-6", "addr", "show", "dev", tap]).stdout or (
+        "fe80::" not in host.run(["ip", "-6", "addr", "show", "dev", tap]).stdout
+    ):  # the link-local address is usable: the kernel has sent its own Router Solicitation
+        assert time.monotonic() < deadline, "the TAP's link-local address never settled"
+        time.sleep(0.1)
+    ra = host.run(["rdisc6", "-1", "-w", "2000", tap]).stdout
+    assert "fd00:10:0:2::/64" in ra and "fe80::2" in ra  # natd's RA did reach this kernel
+    assert host.run(["sysctl", "-n", f"net.ipv6.conf.{tap}.accept_ra"]).stdout.strip() == "0"
+    assert tap not in host.run(["ip", "-6", "route", "show", "default"]).stdout
+    assert "fd00:10:0:2:" not in host.run(["ip", "-6", "addr", "show", "dev", tap]).stdout
+
+
 GARBAGE = r"""
 import random, socket, struct, sys
 

@@ -248,8 +248,13 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _create(name: str, mtu: int | None, bridge: str | None, persist: bool) -> TapLink:
-    """Create or attach TAP ``name`` in the current namespace, set its MTU, bring it up."""
+def _create(
+    name: str, mtu: int | None, bridge: str | None, persist: bool, host_side: bool = False
+) -> TapLink:
+    """Create or attach TAP ``name`` in the current namespace, set its MTU, bring it up.
+
+    ``host_side``: the TAP's kernel end is natd's own namespace (no ``--netns``), not a guest's;
+    it is kept from taking natd's Router Advertisements (``_refuse_ra``)."""
     existed = _ifindex(name) is not None
     dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TAP | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
     try:
@@ -264,11 +269,29 @@ def _create(name: str, mtu: int | None, bridge: str | None, persist: bool) -> Ta
         _set_txqueuelen(str(dev.name), TX_QUEUE_LEN)
         if bridge is not None:
             set_master(str(dev.name), bridge)
+        if host_side:
+            _refuse_ra(str(dev.name))
         dev.up()
         return TapLink(fd, str(dev.name), VIRTIO_NET_HDR_LEN, owner=dev, offloads=offloads)
     except BaseException:
         dev.close()
         raise
+
+
+def _refuse_ra(name: str) -> None:
+    """Keep natd's own namespace from becoming a SLAAC client of natd through this TAP.
+
+    Without ``--netns`` the TAP's kernel end is the host natd runs on (a bridge port, or
+    nothing). Left alone, that kernel would take natd's Router Advertisements, give itself an
+    address in natd's prefix and a default route via natd: the host's own IPv6 would go into
+    natd, and natd's re-originated flows could loop back through it. IPv4 needs no such care
+    (the host runs no DHCP client on the TAP unless asked); this makes IPv6 the same: opt-in
+    (``sysctl net.ipv6.conf.NAME.accept_ra=1`` by hand). Only this interface's settings are
+    touched; with IPv6 disabled there is nothing to set.
+    """
+    for key in ("accept_ra", "autoconf"):
+        with contextlib.suppress(OSError), open(f"/proc/sys/net/ipv6/conf/{name}/{key}", "w") as f:
+            f.write("0")
 
 
 def _ifindex(name: str) -> int | None:
@@ -349,7 +372,7 @@ def open_tap(
     """
     try:
         if netns is None:
-            return _create(name, mtu, bridge, persist)
+            return _create(name, mtu, bridge, persist, host_side=True)
         with entered_netns(netns):
             return _create(name, mtu, bridge, persist)
     except (OSError, pytun.Error) as exc:
