@@ -325,7 +325,7 @@ class TcpHost:
             self._write_queue(s)
             if s.state == _CLOSING or self.conns.get(s.flow) is not s:
                 return
-        if ev & EPOLLIN:
+        if ev & (EPOLLIN | EPOLLRDHUP):  # (the kernel reports RDHUP with IN; never spin on it)
             self._read(s, ev)
         elif ev & EPOLLHUP:
             if s.state == _CLOSING:
