@@ -50,9 +50,11 @@ class TreeNatd(Natd):
         self.prof = prof
 
     def _argv(self) -> list[str]:
+        # -P: no current directory at the head of sys.path. ``python -m`` puts it there, ahead
+        # of PYTHONPATH, so run from a checkout every tree was that checkout's natd.
         if self.prof is None:
-            return [sys.executable, "-m", "natd.cli"]
-        return [sys.executable, "-m", "cProfile", "-o", self.prof, "-m", "natd.cli"]
+            return [sys.executable, "-P", "-m", "natd.cli"]
+        return [sys.executable, "-P", "-m", "cProfile", "-o", self.prof, "-m", "natd.cli"]
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)

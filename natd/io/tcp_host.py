@@ -44,7 +44,15 @@ from typing import Any
 from natd.io.fds import flow_socket
 from natd.io.hostaddr import family_of, host_text
 from natd.io.memory import Trimmer
-from natd.io.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, DatagramPoller, PollerLease
+from natd.io.poller import (
+    EPOLLERR,
+    EPOLLHUP,
+    EPOLLIN,
+    EPOLLOUT,
+    EPOLLRDHUP,
+    DatagramPoller,
+    PollerLease,
+)
 from natd.stack.gateway import Gateway
 from natd.stack.ops import HostOp, TcpClose, TcpConnect, TcpPause, TcpResume, TcpSend, TcpShutdown
 
@@ -91,6 +99,7 @@ def tune_allocator() -> bool:
 
 
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN)
+_ESTABLISHED = b"\x01"  # tcpi_state (the first byte of TCP_INFO) of an established socket
 _CONNECTING, _OPEN, _CLOSING = 0, 1, 2
 
 
@@ -292,7 +301,7 @@ class TcpHost:
             return EPOLLOUT
         events = EPOLLOUT if s.queue else 0
         if not s.paused and not s.eof and s.state == _OPEN:
-            events |= EPOLLIN
+            events |= EPOLLIN | EPOLLRDHUP  # RDHUP: the host's FIN is in (see ``_read``)
         return events
 
     def _watch(self, s: _Sock) -> None:
@@ -316,8 +325,8 @@ class TcpHost:
             self._write_queue(s)
             if s.state == _CLOSING or self.conns.get(s.flow) is not s:
                 return
-        if ev & EPOLLIN:
-            self._read(s)
+        if ev & (EPOLLIN | EPOLLRDHUP):  # (the kernel reports RDHUP with IN; never spin on it)
+            self._read(s, ev)
         elif ev & EPOLLHUP:
             if s.state == _CLOSING:
                 self._drop(s, abort=True)  # nothing queued can go out any more
@@ -329,7 +338,12 @@ class TcpHost:
                 # Both ways shut: a hang-up reported on every round until the core closes.
                 self.poller.unregister(s.sock)
 
-    def _read(self, s: _Sock) -> None:
+    def _read(self, s: _Sock, ev: int = 0) -> None:
+        """Up to ``READS_PER_EVENT`` reads into the engine. When the host has shut its side
+        (``EPOLLRDHUP`` in ``ev``) and a read came up short, a 1-byte ``MSG_PEEK`` asks whether
+        its FIN is next: then data and EOF go in together and natd's FIN rides on the data's
+        last segment (a request/response connection: one TAP frame, one guest ACK and one
+        loop round less). The peek consumes nothing, so a byte that raced in is read later."""
         sock = s.sock
         engine = self.engine
         flow = s.flow
@@ -353,7 +367,16 @@ class TcpHost:
                 self._watch(s)
                 engine.on_host_eof(flow, now)
                 break
-            engine.on_host_data(flow, data, now)
+            eof = False
+            if n < READ_SIZE and ev & EPOLLRDHUP:
+                # (Nothing there yet, or an error: the next round sees it.)
+                with contextlib.suppress(OSError):
+                    eof = not recv(1, socket.MSG_PEEK)
+            engine.on_host_data(flow, data, now, eof)
+            if eof:
+                s.eof = True
+                self._watch(s)
+                break
             if engine.host_paused(flow):
                 # Now, not at the flush: more reads would let megabytes past the budget.
                 s.paused = True
@@ -478,7 +501,13 @@ class TcpHost:
 
 
 def _connect_state(sock: socket.socket) -> int:
-    """0 once a non-blocking connect has succeeded, its errno if it failed, else EINPROGRESS."""
+    """0 once a non-blocking connect has succeeded, its errno if it failed, else EINPROGRESS.
+
+    First the state byte of ``TCP_INFO`` (one syscall): on loopback the handshake is over
+    when ``connect`` returns, so ESTABLISHED is the common answer; otherwise ``SO_ERROR``,
+    then ``getpeername`` (ENOTCONN while the SYN is still out)."""
+    if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == _ESTABLISHED:
+        return 0
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         return err

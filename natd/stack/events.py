@@ -109,12 +109,17 @@ class FlowEvents:
         now: float,
         *,
         direction: str = OUT,
-        host: str | None = None,
+        host: str | tuple[bytes, int] | None = None,
     ) -> None:
-        """A flow started carrying traffic (TCP: the handshake's host side succeeded)."""
+        """A flow started carrying traffic (TCP: the handshake's host side succeeded).
+
+        ``host``: where natd dialled, as text or as (address, port), formatted only if the
+        event is logged (a connection storm's opens are mostly suppressed)."""
         self.opened[proto] += 1
         if self._admit(now):
             where = (endpoint(guest, guest_port), endpoint(remote, remote_port))
+            if isinstance(host, tuple):
+                host = endpoint(*host)
             self._emit("flow.open", proto, flow_id, direction, where, host=host)
 
     def flow_close(

@@ -551,6 +551,30 @@ async def _host_half_closes_first_and_still_receives() -> None:
         peer.close()
 
 
+async def _host_answer_and_close_go_out_as_one_fin_segment() -> None:
+    """A server that answers and closes at once (``probes.py cps-server``): natd reads the
+    answer and the FIN in one round (``EPOLLRDHUP``, then a peek), so one segment carries the
+    data, the ACK of the request and natd's FIN; the guest's FIN then closes the flow."""
+    rig = Rig()
+    rig.gw.tcp.delayed_ack = 0.001  # as the shell runs it
+    with listening(rig) as (listener, port):
+        g = await rig.connect(port)
+        peer, _ = listener.accept()
+        rig.send(g, ACK | PSH, b"x")
+        peer.settimeout(5)
+        assert peer.recv(1) == b"x"
+        peer.sendall(b"y")
+        peer.close()  # data and FIN are both in natd's socket before its next round
+        seg = await rig.wait_for(lambda s: bool(s.payload))
+        assert seg.payload == b"y" and seg.has(FIN | ACK) and seg.ack == g.seq
+        assert rig.shell.segs == []  # no separate ACK, window update or FIN
+        g.ack = (seg.seq + 2) & 0xFFFFFFFF
+        rig.send(g, FIN | ACK)
+        assert await rig.until(lambda: rig.gw.tcp.flow_count == 0)
+        assert rig.host.conns == {} and rig.host.closing == set()
+        assert rig.gw.counters["tcp.reset"] == 0
+
+
 FLOWS = 1000
 
 
@@ -622,3 +646,6 @@ test_host_half_closes_first_and_still_receives = on_both_loops(
     _host_half_closes_first_and_still_receives
 )
 test_many_concurrent_flows_each_echoed = on_both_loops(_many_concurrent_flows_each_echoed)
+test_host_answer_and_close_go_out_as_one_fin_segment = on_both_loops(
+    _host_answer_and_close_go_out_as_one_fin_segment
+)

@@ -559,7 +559,8 @@ def test_host_closes_first_guest_keeps_sending_then_time_wait_frees() -> None:
     assert out.ops == [TcpSend(g.flow, b"more from the guest")]
     out = g.send(FIN | ACK)
     assert out.only().ack == g.seq
-    assert TcpShutdown(g.flow) in out.ops and TcpClose(g.flow) in out.ops
+    # The flow ends in this step: the graceful close gives the host its FIN, no shutdown first.
+    assert out.ops == [TcpClose(g.flow)]
     assert state_of(gw.tcp, g.flow) == "TIME-WAIT"
     # a retransmitted FIN in TIME-WAIT is ACKed again
     out = g.feed(g.frame(FIN | ACK, seq=(g.seq - 1) & M32))
@@ -576,6 +577,34 @@ def test_fin_piggybacks_on_the_last_data_segment() -> None:
     out = g.drain()
     assert out.segs[-1].has(FIN)
     assert b"".join(s.payload for s in out.segs) == b"tail"
+
+
+def test_data_with_the_hosts_eof_is_one_fin_segment() -> None:
+    """The shell read the host's last bytes and its FIN together (``eof=True``): natd's FIN
+    rides on the data's segment, and the guest's one ACK of both moves natd to FIN-WAIT-2."""
+    g = established()
+    g.gw.tcp.on_host_data(g.flow, b"tail", g.now, eof=True)
+    out = g.drain()
+    seg = out.only()
+    assert seg.has(FIN | ACK) and seg.payload == b"tail"
+    assert g.take(out) == b"tail"
+    g.send(ACK)
+    assert state_of(g.gw.tcp, g.flow) == "FIN-WAIT-2"
+    out = g.send(FIN | ACK)
+    assert out.only().ack == g.seq and out.ops == [TcpClose(g.flow)]
+    assert state_of(g.gw.tcp, g.flow) == "TIME-WAIT"
+
+
+def test_guest_fin_before_natds_fin_is_acked_still_shuts_the_host_down() -> None:
+    """CLOSING and LAST-ACK keep the half-close: the host gets ``TcpShutdown`` when the
+    guest's FIN arrives while natd's own FIN is not yet ACKed, the close comes later."""
+    g = established()
+    g.gw.tcp.on_host_eof(g.flow, g.now)
+    fin = g.drain().only()
+    out = g.send(FIN | ACK)  # crosses natd's FIN: does not ACK it
+    assert out.ops == [TcpShutdown(g.flow)]
+    g.ack = (fin.seq + 1) & M32
+    assert g.send(ACK).ops == [TcpClose(g.flow)]
 
 
 def test_simultaneous_close() -> None:
@@ -779,3 +808,32 @@ def test_the_handshakes_ack_takes_the_fast_path_a_repeated_syn_does_not() -> Non
     g.send(ACK)
     assert len(slow) == 2
     assert state_of(gw.tcp, g.flow) == "ESTABLISHED"
+
+
+def _small_request_delayed(g: Guest) -> None:
+    """The shell's delayed ACK on; a small request goes to the host, which takes it."""
+    g.gw.tcp.delayed_ack = 0.001
+    out = g.send(ACK | PSH, b"x")
+    assert out.segs == [] and out.ops == [TcpSend(g.flow, b"x")]
+    g.gw.tcp.on_host_accepted(g.flow, 1, g.now)
+    assert g.drain().segs == []  # no window update of its own: the pending ACK carries it
+
+
+def test_the_first_requests_window_update_rides_on_the_answer() -> None:
+    """The SYN-ACK's window is not scaled, so the host taking the first request opens it
+    widely; with an ACK delayed for the answer, that answer carries the update (one frame)."""
+    g = established()
+    _small_request_delayed(g)
+    g.gw.tcp.on_host_data(g.flow, b"y", g.now, eof=True)
+    seg = g.drain().only()
+    assert seg.payload == b"y" and seg.has(FIN | ACK) and seg.ack == g.seq
+    assert seg.window << g.natd_wscale > 0xFFFF  # the opened window
+
+
+def test_without_an_answer_the_delayed_ack_carries_the_opened_window() -> None:
+    g = established()
+    _small_request_delayed(g)
+    out = g.advance(0.001)
+    ack = out.only()
+    assert ack.payload == b"" and ack.ack == g.seq
+    assert ack.window << g.natd_wscale > 0xFFFF

@@ -67,7 +67,8 @@ Host events (called by the shell's ``TcpHost``, which then calls ``shell.kick()`
 * ``on_host_connect_failed(flow, err, now)`` — ``err`` an errno (ETIMEDOUT for the timeout).
   ECONNREFUSED → RST; ENETUNREACH → ICMP net unreachable; EHOSTUNREACH/ETIMEDOUT and the
   other "no route" errors → ICMP host unreachable; anything else → RST.
-* ``on_host_data(flow, data, now)`` — bytes read from the host socket.
+* ``on_host_data(flow, data, now, eof=False)`` — bytes read from the host socket; ``eof``:
+  the host's FIN was read right behind them (natd's FIN then rides on their last segment).
 * ``on_host_eof(flow, now)`` — the host half-closed; a FIN follows the buffered data.
 * ``on_host_error(flow, err, now)`` — the host socket failed or was reset: RST the guest.
 * ``on_host_accepted(flow, total, now)`` — the host kernel has taken ``total`` bytes of guest
@@ -789,10 +790,11 @@ class TcpEngine:
                 reason = "connect_timeout"
         self.close(flow, reason, now)
 
-    def on_host_data(self, flow_id: int, data: bytes, now: float) -> None:
+    def on_host_data(self, flow_id: int, data: bytes, now: float, eof: bool = False) -> None:
+        """``eof``: the host's FIN was read right after ``data`` (one FIN-carrying segment)."""
         flow = self.by_id.get(flow_id)
         if flow is not None and flow.state in _HOST_ACTIVE:
-            flow.on_host_data(data, now)
+            flow.on_host_data(data, now, eof)
 
     def host_paused(self, flow_id: int) -> bool:
         """True when the flow's host socket must not be read (buffer full or budget spent)."""
@@ -870,7 +872,7 @@ class TcpEngine:
 
     def _log_open(self, flow: TcpFlow, now: float) -> None:
         inbound = flow.inbound
-        host = None if inbound else endpoint(*flow.target)  # where natd dialled
+        host = None if inbound else flow.target  # where natd dialled (formatted if logged)
         self.link.events.flow_open(
             "tcp", flow.id, flow.guest_ip, flow.guest_port, flow.remote_ip, flow.remote_port,
             now, direction="in" if inbound else "out", host=host,

@@ -207,14 +207,21 @@ class TcpFlow(Template, Sender, Receiver):
             self.fin_seq = self.snd_una + len(self.sndbuf)
 
     def on_guest_fin(self, now: float) -> None:
-        """The guest finished sending: pass the EOF on (shutdown SHUT_WR), ACK it at once."""
+        """The guest finished sending: pass the EOF on (shutdown SHUT_WR), ACK it at once.
+
+        When natd's own FIN is ACKed already the flow ends here: its ``TcpClose`` (a graceful
+        close, after any queued bytes) sends the host its FIN, so no ``TcpShutdown`` (one
+        syscall per connection less; the host's EOF was read, so nothing unread turns the
+        close into an RST)."""
         self.rcv_nxt += 1
         self.guest_fin = True
         self.ack_pending = False  # the one ACK below covers the data and the FIN
         self.flush()
-        self.eng.emit(TcpShutdown(self.id))
+        done = self.host_eof and self.fin_acked
+        if not done:
+            self.eng.emit(TcpShutdown(self.id))
         self.send_ack()
-        if self.host_eof and self.fin_acked:
+        if done:
             self.eng.enter_time_wait(self, now)  # FIN-WAIT-2 → TIME-WAIT
 
     # -- timers ------------------------------------------------------------------------------

@@ -244,7 +244,10 @@ class Receiver(Tcb):
             return
         self.eng.credit(self.guest_ip, total - self.accepted, now)
         self.accepted = total
-        if self.state != ESTABLISHED or self.guest_fin:
+        if self.state != ESTABLISHED or self.guest_fin or self.delack_at:
+            # (A delayed ACK is due within ``delayed_ack``, or rides on the host's answer: it
+            # carries the opened window. A window update now was one more TAP frame per
+            # connection, the first request's: the SYN-ACK's window is not scaled.)
             return
         eng = self.eng
         limit = min(eng.limit, eng.rx_share)

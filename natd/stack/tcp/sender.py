@@ -483,10 +483,15 @@ class Sender(Tcb):
 
     # -- host events -------------------------------------------------------------------------
 
-    def on_host_data(self, data: bytes, now: float) -> None:
+    def on_host_data(self, data: bytes, now: float, eof: bool = False) -> None:
+        """Bytes read from the host; ``eof``: the host's FIN came right behind them, so the
+        FIN rides on their last segment instead of a segment (and a guest ACK) of its own."""
         if self.host_eof:
             return
         self.sndbuf.append(data)
+        if eof:
+            self.host_eof = True
+            self.fin_seq = self.snd_una + self.sndbuf.size
         eng = self.eng
         eng.budget.charge(self.guest_ip, len(data))
         if not self.host_paused:
