@@ -45,8 +45,10 @@ class TreeNatd(Natd):
 
     def _argv(self) -> list[str]:
         if self.cprofile:
-            return [sys.executable, "-m", "cProfile", "-o", self.cprofile, "-m", "natd.cli"]
-        return [sys.executable, "-m", "natd.cli"]
+            return [sys.executable, "-P", "-m", "cProfile", "-o", self.cprofile, "-m", "natd.cli"]
+        # -P: ``python -m`` would put the working directory ahead of PYTHONPATH, so run from a
+        # checkout every tree measured that checkout's natd.
+        return [sys.executable, "-P", "-m", "natd.cli"]
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -83,9 +83,3 @@ class ArpResponder:
         mac = link.settings.gateway_mac
         announce = build_arp(ARP_REQUEST, mac, ip, _ZERO_MAC, ip)
         link.send_frame(build_ethernet(BROADCAST_MAC, mac, ETHERTYPE_ARP, announce))
-
-    def next_deadline(self) -> float | None:
-        return None
-
-    def on_timer(self, now: float) -> None:
-        return None

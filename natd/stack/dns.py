@@ -380,8 +380,10 @@ class DnsForwarder:
         self.link.send_ip(source, guest, PROTO_UDP, segment)
 
     def next_deadline(self) -> float | None:
-        for p in self._pending.values():
-            return p.deadline
+        pending = self._pending
+        if pending:  # (asked in every flush: no ``values()`` call when nothing is pending)
+            for p in pending.values():
+                return p.deadline
         return None
 
     def on_timer(self, now: float) -> None:

@@ -55,8 +55,10 @@ class FlowTable(Generic[K, F]):
 
     def oldest(self) -> F | None:
         """The least recently active flow (the next to idle out or to be evicted)."""
-        for flow in self._by_key.values():
-            return flow
+        by_key = self._by_key
+        if by_key:  # (asked in every flush: no ``values()`` call on an empty table)
+            for flow in by_key.values():
+                return flow
         return None
 
     def has_guest(self, guest: bytes) -> bool:

@@ -33,9 +33,3 @@ class IcmpResponder:
         reply = build_icmp_echo(ICMP_ECHO_REPLY, message.ident, message.seq, message.payload)
         if self.link.send_ipv4(ip.dst, ip.src, PROTO_ICMP, reply):
             counters["icmp.echo_reply"] += 1
-
-    def next_deadline(self) -> float | None:
-        return None
-
-    def on_timer(self, now: float) -> None:
-        return None

@@ -83,11 +83,5 @@ class Icmpv6Responder:
             self.link.send_error(src, WHY_NET, ip.packet, origin=origin, refusal=True)
         counters["ipv6.refused_no_route"] += 1
 
-    def next_deadline(self) -> float | None:
-        return None
-
-    def on_timer(self, now: float) -> None:
-        return None
-
 
 __all__ = ["Icmpv6Responder"]

@@ -545,11 +545,14 @@ class UdpEngine:
         deadline: float | None = None
         if (oldest := self._table.oldest()) is not None:
             deadline = oldest.last_active + self.idle_timeout
-        for f in self._inbound.values():
+        inbound = self._inbound
+        if not inbound:  # the common case (no UDP forwards in use): asked in every flush
+            return deadline
+        for f in inbound.values():
             idle = f.last_active + self.idle_timeout
             deadline = idle if deadline is None else min(deadline, idle)
             break
-        for f in self._inbound.values():
+        for f in inbound.values():
             if f.pending is not None:
                 deadline = f.retry_at if deadline is None else min(deadline, f.retry_at)
         return deadline

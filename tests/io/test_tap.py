@@ -70,6 +70,62 @@ def test_batch_limit(pair: tuple[socket.socket, socket.socket]) -> None:
     assert order == list(range(100))
 
 
+def _counting_readv(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the TAP's ``readv`` calls and how many found the queue empty (EAGAIN)."""
+    counts = [0, 0]
+    real = os.readv
+
+    def readv(fd: int, buffers: object) -> int:
+        counts[0] += 1
+        try:
+            return real(fd, buffers)  # type: ignore[arg-type]
+        except BlockingIOError:
+            counts[1] += 1
+            raise
+
+    monkeypatch.setattr(os, "readv", readv)
+    return counts
+
+
+def test_one_frame_wakeups_mostly_skip_the_eagain_read(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request/response guest sends one frame per wake-up: after the first, most wake-ups
+    read that frame and stop, instead of a second read that meets EAGAIN."""
+    natd_side, guest = pair
+    link = TapLink(natd_side.fileno(), "t0")
+    counts = _counting_readv(monkeypatch)
+    got = []
+    for i in range(40):
+        guest.send(VNET_HDR_NONE + i.to_bytes(2, "big") + FRAME)
+        got += [bytes(f) for f in link.read_batch()]
+    assert got == [i.to_bytes(2, "big") + FRAME for i in range(40)]
+    reads, empty = counts
+    assert empty <= 12, counts  # one EAGAIN per four wake-ups at most, after the first
+    assert reads == 40 + empty
+
+
+def test_a_deep_queue_after_quiet_wakeups_is_read_whole_and_in_order(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Reads that stop early leave the rest queued (the poller reports the fd again); a
+    queue that stays deep makes each read take more, up to the batch limit."""
+    natd_side, guest = pair
+    link = TapLink(natd_side.fileno(), "t0")
+    for _ in range(8):  # quiet: one frame per wake-up, the expectation falls to 1
+        guest.send(VNET_HDR_NONE + FRAME)
+        assert len(link.read_batch()) == 1
+    guest.setblocking(False)  # a full socket buffer fails the test instead of hanging it
+    for i in range(100):
+        guest.send(VNET_HDR_NONE + i.to_bytes(2, "big") + FRAME)
+    batches = []
+    while batch := link.read_batch():
+        batches.append([int.from_bytes(f[:2], "big") for f in batch])
+    assert [n for b in batches for n in b] == list(range(100))
+    sizes = [len(b) for b in batches]
+    assert sizes[0] <= 4 and max(sizes) > 16 and len(sizes) <= 12, sizes
+
+
 def test_write_prepends_header(pair: tuple[socket.socket, socket.socket]) -> None:
     natd_side, guest = pair
     link = TapLink(natd_side.fileno(), "t0")
