@@ -29,6 +29,7 @@ class Tcb:
         "dirty",
         "dupacks",
         "eng",
+        "epoch_at",
         "fin_acked",
         "fin_first",
         "fin_seq",
@@ -46,6 +47,7 @@ class Tcb:
         "irs",
         "iss",
         "issued",
+        "k_cubic",
         "ka_probes",
         "key",
         "last_rx",
@@ -58,13 +60,17 @@ class Tcb:
         "ooo_starts",
         "opened_at",
         "out_base",
+        "prr_delivered",
+        "prr_out",
         "pseudo",
         "pto_armed",
         "rack_lost",
         "rcv_adv",
         "rcv_nxt",
         "rcv_wscale",
+        "rec_at",
         "recover",
+        "recover_fs",
         "remote_ip",
         "remote_port",
         "rto",
@@ -94,6 +100,8 @@ class Tcb:
         "target",
         "tlp_seq",
         "to_host",
+        "w_est",
+        "w_max",
         "zero_since",
     )
 
@@ -173,6 +181,18 @@ class Tcb:
         self.dupacks = 0
         self.in_recovery = False
         self.recover = iss
+        # CUBIC (RFC 9438, ``congestion``): the window before the last loss, the epoch's start
+        # (0: none yet), K, and the Reno-friendly estimate W_est, all in bytes and seconds.
+        self.w_max = 0
+        self.epoch_at = 0.0
+        self.k_cubic = 0.0
+        self.w_est = 0
+        # PRR (RFC 6937) in SACK recovery: bytes delivered and sent since it began, the flight
+        # then (RecoverFS), and when it began (for ``tcp.recovery_us``).
+        self.prr_delivered = 0
+        self.prr_out = 0
+        self.recover_fs = 0
+        self.rec_at = 0.0
         # The SACK scoreboard (RFC 6675): the guest's SACKed ranges above snd_una, sorted,
         # merged, as (start, end); and HighRxt, the end of the last retransmission in recovery.
         self.sacked: list[tuple[int, int]] = []
