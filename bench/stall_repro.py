@@ -47,6 +47,8 @@ COUNTERS = (
     "tcp.retransmits",
     "tcp.window_probes",
     "tcp.stalled",
+    "tcp.recovery_flight_kb",  # the flight at each loss, summed: ÷ fast_retransmits = mean
+    "tcp.recovery_us",  # time spent in fast recovery
 )
 
 

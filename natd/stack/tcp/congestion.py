@@ -33,27 +33,28 @@ def new_w_max(cwnd: int, w_max: int) -> int:
     return int(cwnd * (1 + BETA) / 2) if cwnd < w_max else cwnd
 
 
-def k_seconds(w_max: int, cwnd: int, mss: int) -> float:
-    """K (RFC 9438 4.2, eq. 2): the seconds the cubic takes from ``cwnd`` back to W_max."""
-    gap = (w_max - cwnd) / mss
+def k_seconds(w_max: int, cwnd: int, unit: int) -> float:
+    """K (RFC 9438 4.2, eq. 2): the seconds the cubic takes from ``cwnd`` back to W_max, with
+    the window counted in segments of ``unit`` bytes."""
+    gap = (w_max - cwnd) / unit
     return (gap / C) ** (1 / 3) if gap > 0 else 0.0
 
 
 def avoid(
-    cwnd: int, acked: int, mss: int, w_max: int, w_est: int, t: float, k: float, rtt: float
+    cwnd: int, acked: int, unit: int, w_max: int, w_est: int, t: float, k: float, rtt: float
 ) -> tuple[int, int]:
-    """Congestion avoidance on an ACK of ``acked`` bytes, ``t`` seconds into the epoch:
-    (new cwnd, new W_est). The larger of the cubic's target one RTT ahead (RFC 9438 4.2,
-    bounded to 1.5 × cwnd) and the Reno-friendly estimate (4.3) wins; growth is at least
-    one byte so a tiny ACK still moves it."""
+    """Congestion avoidance on an ACK of ``acked`` bytes, ``t`` seconds into the epoch, the
+    window counted in segments of ``unit`` bytes: (new cwnd, new W_est). The larger of the
+    cubic's target one RTT ahead (RFC 9438 4.2, bounded to 1.5 × cwnd) and the Reno-friendly
+    estimate (4.3) wins; growth is at least one byte so a tiny ACK still moves it."""
     alpha = ALPHA if w_est < w_max else 1.0
-    w_est += max(1, int(alpha * mss * acked / cwnd))
+    w_est += max(1, int(alpha * unit * acked / cwnd))
     d = t + rtt - k
-    target = w_max + int(C * d * d * d * mss)
+    target = w_max + int(C * d * d * d * unit)
     if target > cwnd + (cwnd >> 1):
         target = cwnd + (cwnd >> 1)
     if target <= w_est:
-        return (w_est if w_est > cwnd else cwnd + 1), w_est
+        return (w_est if w_est > cwnd else cwnd), w_est
     return cwnd + max(1, (target - cwnd) * acked // cwnd), w_est
 
 
