@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from tcp_helpers import M32, Guest
+from tcp_helpers import M32, GsoGuest, Guest, Out, tso_gateway
 from test_tcp_sack import MSS, flow_of, sack, timed
 from test_tcp_sack import established as sack_established
 
@@ -18,6 +18,7 @@ from natd.stack.tcp.congestion import (
     new_w_max,
     prr_sndcnt,
 )
+from natd.stack.tcp.template import GSO_MAX_PAYLOAD
 from natd.wire.tcp import ACK
 
 # -- the arithmetic ----------------------------------------------------------------------------
@@ -146,3 +147,28 @@ def test_an_rto_sets_ssthresh_once_for_the_loss_not_again_on_backoff() -> None:
     g.advance(0.5)  # backed off, still nothing: the same loss, ssthresh unchanged
     assert g.gw.counters["tcp.rto"] == 2 and f.ssthresh == int(0.7 * 20 * MSS)
     assert f.snd_una == una
+
+
+def window_growth(tso: bool) -> float:
+    """Segments of the link natd's window grows by in one RTT of congestion avoidance: the
+    guest ACKs each frame of a full window of 8 frames (64 KB each with offloads, else 1 MSS)."""
+    g = GsoGuest(tso_gateway(tso), sack=True, window=0xFFFF)
+    g.establish()
+    f = flow_of(g)
+    frame = f.frame_size()
+    f.cwnd = f.ssthresh = 8 * frame
+    f.w_max = f.cwnd  # at the last maximum: CUBIC grows like Reno, 1 segment per RTT
+    out = g.host_data(b"c" * (f.cwnd * 2))
+    assert len(out.segs) == 8 and frame == (GSO_MAX_PAYLOAD // MSS * MSS if tso else MSS)
+    before = f.cwnd
+    g.now += 0.001
+    for s in out.segs:
+        g.take(Out([s], [], []))
+        g.send(ACK)
+    assert f.srtt < 0.01 and not f.in_recovery
+    return (f.cwnd - before) / frame
+
+
+def test_with_offloads_the_window_grows_a_gso_frame_per_rtt_not_an_mss() -> None:
+    assert 0.9 < window_growth(tso=True) < 1.2  # one 64 KB frame (was 1 MSS: 1/44 of that)
+    assert 0.9 < window_growth(tso=False) < 1.2  # one MSS
