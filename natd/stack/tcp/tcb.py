@@ -80,6 +80,7 @@ class Tcb:
         "rtx_at",
         "rtx_count",
         "rtx_since",
+        "rxt_log",
         "rxt_time",
         "sack_ok",
         "sack_seen",
@@ -198,6 +199,9 @@ class Tcb:
         self.sacked: list[tuple[int, int]] = []
         self.high_rxt = iss
         self.rxt_time = 0.0  # when recovery last resent a hole
+        # Recovery's resends not yet known to have arrived: (start, end, snd_max when resent).
+        # Data above that snd_max SACKed means the resend, sent before it, was lost too.
+        self.rxt_log: list[tuple[int, int, int]] = []
         # Tail loss probe (RFC 8985 7): ``rtx_at`` is a probe timeout, not the RTO; the seq of
         # the probe in flight; the guest SACKed the probe above a hole: below it all is lost.
         self.pto_armed = False
