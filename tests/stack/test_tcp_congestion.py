@@ -172,3 +172,32 @@ def window_growth(tso: bool) -> float:
 def test_with_offloads_the_window_grows_a_gso_frame_per_rtt_not_an_mss() -> None:
     assert 0.9 < window_growth(tso=True) < 1.2  # one 64 KB frame (was 1 MSS: 1/44 of that)
     assert 0.9 < window_growth(tso=False) < 1.2  # one MSS
+
+
+def test_a_lost_resend_is_resent_once_later_data_is_sacked_without_waiting() -> None:
+    n = 20
+    g, una = grown(n)
+    f = flow_of(g)
+    # Segment 0 is lost; 1..4 are SACKed: recovery resends 0 (and PRR some new data).
+    resent: list[int] = []
+    for k in range(2, 6):
+        out = sack(g, (una + MSS, una + k * MSS))
+        resent += [s.seq for s in out.segs if s.seq == una & M32]
+    assert resent == [una & M32] and f.in_recovery
+    fence = f.rxt_log[0][2]  # what had been sent before the resend
+    assert fence == una + n * MSS
+    # That resend is lost too. Old data (sent before it) SACKed: no evidence yet, no resend.
+    out = sack(g, (una + MSS, una + 10 * MSS))
+    assert [s for s in out.segs if s.seq == una & M32] == []
+    # Then the first new segment sent after the resend is SACKed, on the same clock tick:
+    # the resend should have arrived before it, so it is resent now, not at the RTO.
+    assert f.snd_max >= fence + MSS  # PRR sent new data after the resend
+    above = (una + MSS, una + n * MSS), (fence, fence + MSS)
+    g.now += 0.0001  # far less than the 2 RTTs (20 ms) the timer-based check waits
+    out = sack(g, *above)
+    assert [s.seq for s in out.segs if s.seq == una & M32] == [una & M32]
+    assert g.gw.counters["tcp.lost_retransmits"] == 1 and g.gw.counters["tcp.rto"] == 0
+    # Its second resend arrives: one full ACK ends recovery.
+    g.ack = f.snd_max & M32
+    g.send(ACK)
+    assert not f.in_recovery and f.rxt_log == [] and g.gw.counters["tcp.rto"] == 0
