@@ -1,6 +1,8 @@
 """natd's congestion control towards the guest: CUBIC (RFC 9438) and PRR (RFC 6937).
 
-Pure arithmetic on byte counts (no I/O; ``now`` is an argument), called by ``Sender``.
+Pure arithmetic on byte counts (no I/O; ``now`` is an argument), called by ``Sender``. The
+window is counted in segments of ``unit`` bytes: the link's packet, which with offloads is one
+GSO frame of up to 64 KB (the TAP queues and loses whole frames), not one MSS.
 
 Why CUBIC rather than Reno: on a loss Reno halves the window; CUBIC keeps 0.7 of it (β) and
 grows it back either along the cubic curve around the last maximum (long RTTs) or, at the

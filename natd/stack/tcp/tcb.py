@@ -184,15 +184,11 @@ class Tcb:
         self.recover = iss
         # CUBIC (RFC 9438, ``congestion``): the window before the last loss, the epoch's start
         # (0: none yet), K, and the Reno-friendly estimate W_est, all in bytes and seconds.
-        self.w_max = 0
-        self.epoch_at = 0.0
-        self.k_cubic = 0.0
-        self.w_est = 0
+        self.w_max = self.w_est = 0
+        self.epoch_at = self.k_cubic = 0.0
         # PRR (RFC 6937) in SACK recovery: bytes delivered and sent since it began, the flight
         # then (RecoverFS), and when it began (for ``tcp.recovery_us``).
-        self.prr_delivered = 0
-        self.prr_out = 0
-        self.recover_fs = 0
+        self.prr_delivered = self.prr_out = self.recover_fs = 0
         self.rec_at = 0.0
         # The SACK scoreboard (RFC 6675): the guest's SACKed ranges above snd_una, sorted,
         # merged, as (start, end); and HighRxt, the end of the last retransmission in recovery.
