@@ -3,7 +3,7 @@
 
     sudo python3 bench/run.py [--issue14] [--runs 3] [--quick] [--only natd,slirp4netns,...]
                               [--ipv6] [--no-links] [--slirp4netns PATH] [--pasta PATH]
-                              [--passt PATH] [--seconds 5] [--out FILE]
+                              [--passt PATH] [--seconds 5] [--rows lossy] [--out FILE]
 
 The default run (``--issue14`` names it) measures every row and prints issue 14's targets table;
 ``--issue14`` adds the IPv6 rows (``--ipv6``: g→h, h→g and RR over IPv6, MTU 1500) to it. With
