@@ -3,7 +3,7 @@
 
     sudo python3 bench/run.py [--issue14] [--runs 3] [--quick] [--only natd,slirp4netns,...]
                               [--ipv6] [--no-links] [--slirp4netns PATH] [--pasta PATH]
-                              [--passt PATH] [--seconds 5] [--out FILE]
+                              [--passt PATH] [--seconds 5] [--rows lossy] [--out FILE]
 
 The default run (``--issue14`` names it) measures every row and prints issue 14's targets table;
 ``--issue14`` adds the IPv6 rows (``--ipv6``: g→h, h→g and RR over IPv6, MTU 1500) to it. With
@@ -144,6 +144,9 @@ class Bench:
                 self.res.fail(eng.name, k, f"{report.NA}{s}")
             return
         try:
+            if a.rows == "lossy":
+                self.lossy(s)  # the lossy rows alone (the setup is fresh: nothing to warm)
+                return
             single = {
                 "g2h": self._do(s, f"g2h_{mtu}", lambda: measure.iperf_tcp(r, s, a.seconds, False)),
                 "h2g": self._do(s, f"h2g_{mtu}", lambda: measure.iperf_tcp(r, s, a.seconds, True)),
@@ -253,7 +256,7 @@ class Bench:
             k = run % len(engines)
             order = engines[k:] + engines[:k]  # rotate: no engine always goes first
             self.loads.append(background_cpu())
-            for mtu in MTUS:
+            for mtu in (1500,) if self.args.rows == "lossy" else MTUS:
                 for eng in order:
                     log(f"run {run + 1}/{self.args.runs}, MTU {mtu}: {eng.name}")
                     self.one(eng, mtu)
@@ -473,6 +476,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(ALL_ENGINES),
         help="comma-separated engines (default: %(default)s)",
     )
+    p.add_argument(
+        "--rows",
+        choices=("all", "lossy"),
+        default="all",
+        help="lossy: only the lossy-link rows (MTU 1500, no links rows), e.g. for an A/B of "
+        "loss recovery against the kernel in the same runs (default: all)",
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="iperf3 TCP duration")
     p.add_argument("--udp-seconds", type=float, default=3.0)
     p.add_argument("--udp-rate", default="1G", help="iperf3 -b for the UDP loss test")
@@ -540,8 +550,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.issue14 and (a.quick or a.runs < 3):
         p.error("--issue14 wants medians of >= 3 runs: drop --quick / raise --runs")
+    if a.issue14 and a.rows != "all":
+        p.error("--issue14 measures every row: drop --rows")
     if a.issue14:
         a.ipv6 = True
+    if a.rows == "lossy":
+        a.no_links = True
     if a.quick:
         a.runs, a.seconds, a.udp_seconds, a.cps_seconds = 1, 2.0, 2.0, 2.0
     if a.passt is None and a.pasta:

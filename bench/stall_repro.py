@@ -24,7 +24,7 @@ import threading
 import time
 
 import lossy
-from engines import Natd, Setup
+from engines import Engine, Kernel, Natd, Setup
 from measure import (
     conn_rate,
     fresh_port,
@@ -47,6 +47,8 @@ COUNTERS = (
     "tcp.retransmits",
     "tcp.window_probes",
     "tcp.stalled",
+    "tcp.recovery_flight_kb",  # the flight at each loss, summed: ÷ fast_retransmits = mean
+    "tcp.recovery_us",  # time spent in fast recovery
 )
 
 
@@ -62,12 +64,13 @@ def stats(sock: str) -> dict[str, int]:
     return {k: int(v) for k, v in counters.items() if isinstance(v, int)}
 
 
-def sample_ss(ns: str, port: int, out: list[str], stop: threading.Event) -> None:
-    """The guest's view of the data connection every 0.1 s (a record, not synchronisation)."""
+def sample_ss(ns: str, match: str, out: list[str], stop: threading.Event) -> None:
+    """``ss -ti`` of the data connection every 0.1 s (a record, not synchronisation): the
+    guest's view (``dport``), or with ``--engine kernel`` the kernel sender's (``sport``)."""
     t0 = time.monotonic()
     while not stop.is_set():
         r = subprocess.run(
-            wrap(["ss", "-Htin", f"dport = :{port}"], ns),
+            wrap(["ss", "-Htin", match], ns),
             capture_output=True,
             text=True,
             timeout=10,
@@ -94,7 +97,9 @@ def longest_stall(samples: list[str]) -> float:
     return round(best, 2)
 
 
-def one(runner: Runner, setup: Setup, sock: str, seconds: float, pcap: str) -> dict[str, object]:
+def one(
+    runner: Runner, setup: Setup, sock: str | None, seconds: float, pcap: str
+) -> dict[str, object]:
     port = fresh_port()
     srv = runner.spawn(
         ["iperf3", "-s", "-1", "-B", setup.server_bind, "-p", str(port)], setup.host_ns
@@ -110,14 +115,18 @@ def one(runner: Runner, setup: Setup, sock: str, seconds: float, pcap: str) -> d
         wait_listening(runner, setup.host_ns, port)
         assert dump.stderr is not None
         dump.stderr.readline()  # "listening on tap0 ...": the capture is up
-        before = stats(sock)
-        sampler = threading.Thread(target=sample_ss, args=(setup.guest_ns, port, samples, stop))
+        before = stats(sock) if sock else {}
+        # natd has no ss: the guest's view; the kernel's sender is in the host namespace
+        ns, match = (
+            (setup.guest_ns, f"dport = :{port}") if sock else (setup.host_ns, f"sport = :{port}")
+        )
+        sampler = threading.Thread(target=sample_ss, args=(ns, match, samples, stop))
         sampler.start()
         argv = iperf_client(setup.dial, port, "-t", f"{seconds:g}", reverse=True)
         r = runner.run(argv, setup.guest_ns, timeout=seconds + 20)
         stop.set()
         sampler.join()
-        after = stats(sock)
+        after = stats(sock) if sock else {}
     finally:
         stop.set()
         runner.stop(srv)
@@ -146,6 +155,12 @@ def main() -> None:
     p.add_argument("--bad", type=float, default=0.1, help="a run under this share of the median")
     p.add_argument("--keep", default="/tmp/stall_repro", help="where a bad run's records go")
     p.add_argument("--natd-args", default="", help="extra natd arguments")
+    p.add_argument(
+        "--engine",
+        choices=("natd", "kernel"),
+        default="natd",
+        help="kernel: the veth baseline, its sender's ss -ti recorded instead of natd's counters",
+    )
     p.add_argument("--setups", type=int, default=1, help="fresh natd setups, --runs each")
     p.add_argument(
         "--warm",
@@ -153,6 +168,7 @@ def main() -> None:
         help="first what bench/run.py --quick runs before its lossy rows (16 streams "
         "each way, connection rate, UDP), then its link probe",
     )
+    p.add_argument("--show-ss", action="store_true", help="print every run's ss samples")
     p.add_argument("--g2h", action="store_true", help="a lossy g->h run before each h->g run")
     a = p.parse_args()
     # Stopped by PID (SIGTERM), or started in the background (SIGINT ignored): clean up anyway.
@@ -180,8 +196,11 @@ def main() -> None:
 
 
 def one_setup(runner: Runner, a: argparse.Namespace, results: list[int], first: int) -> None:
-    sock = runner.path("ctl.sock")
-    eng = Natd(extra=("--control", sock, *a.natd_args.split()))
+    sock: str | None = None
+    eng: Engine = Kernel()
+    if a.engine == "natd":
+        sock = runner.path("ctl.sock")
+        eng = Natd(extra=("--control", sock, *a.natd_args.split()))
     setup = eng.start(runner, 1500, fresh_port())
     if a.warm:
         for rev in (False, True):
@@ -201,6 +220,10 @@ def one_setup(runner: Runner, a: argparse.Namespace, results: list[int], first: 
             rec = {"error": str(e), "ss": []}
         got = rec.get("bytes")
         print(i, json.dumps({k: v for k, v in rec.items() if k != "ss"}), flush=True)
+        if a.show_ss:
+            samples = rec.get("ss")
+            if isinstance(samples, list):
+                print("\n".join(f"  ss {line}" for line in samples), flush=True)
         med = statistics.median(results) if results else None
         if got is None or float(rec.get("gbps", 0)) < 0.2 or (med and got < a.bad * med):
             shutil.copy(pcap, os.path.join(a.keep, f"run{i}.pcap"))
@@ -210,7 +233,8 @@ def one_setup(runner: Runner, a: argparse.Namespace, results: list[int], first: 
         if isinstance(got, int):
             results.append(got)
         os.unlink(pcap)
-    shutil.copy(runner.path(setup.log), os.path.join(a.keep, f"natd{first}.log"))
+    if setup.log:
+        shutil.copy(runner.path(setup.log), os.path.join(a.keep, f"natd{first}.log"))
     eng.stop(runner, setup)
 
 

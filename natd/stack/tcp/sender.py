@@ -1,19 +1,22 @@
 """Host → guest: what moves the host's bytes to the guest and makes sure they arrive.
 
-Sending within the guest's window and the congestion window (RFC 9293 3.8.6, RFC 5681 with
-NewReno recovery, RFC 6582), ACK processing with RTT samples (RFC 6298, Karn's rule),
-retransmission on timeout with backoff, and persist probes on a zero window.
+Sending within the guest's window and the congestion window (RFC 9293 3.8.6; RFC 5681 with
+NewReno recovery, RFC 6582; the window itself is CUBIC's, RFC 9438, see ``congestion``), ACK
+processing with RTT samples (RFC 6298, Karn's rule), retransmission on timeout with backoff,
+and persist probes on a zero window.
 
 With SACK (RFC 2018) the guest's blocks feed a scoreboard and loss recovery follows RFC 6675:
 a hole is lost once more than (DupThresh - 1) MSS or DupThresh ranges are SACKed above it,
 ``pipe`` counts what is still in the network, and each lost hole is resent as one segment —
-with offloads one GSO frame of up to 64 KB — never one MSS per round trip. The bytes wait in
+with offloads one GSO frame of up to 64 KB — never one MSS per round trip — and PRR (RFC 6937)
+paces what recovery sends down to ssthresh. The bytes wait in
 the flow's ``SendBuffer`` until the guest acknowledges them.
 """
 
 from __future__ import annotations
 
 from natd.stack.ops import TcpPause
+from natd.stack.tcp.congestion import avoid, k_seconds, loss_ssthresh, new_w_max, prr_sndcnt
 from natd.stack.tcp.constants import (
     ACK,
     CLOCK_G,
@@ -68,6 +71,7 @@ class Sender(Tcb):
                 edge = nxt + (room if room > 0 else 0)
         sent = False
         if nxt < end and nxt < edge:
+            first = nxt
             while nxt < end and nxt < edge:
                 n = end - nxt
                 if n > seg:
@@ -98,6 +102,8 @@ class Sender(Tcb):
                     nxt += 1
             self.snd_nxt = nxt
             sent = True
+            if self.in_recovery:
+                self.prr_out += nxt - first
         if self.host_eof and nxt == self.fin_seq and nxt == end and edge > end:
             if not self.guest_fin:
                 self.fin_first = True
@@ -154,12 +160,16 @@ class Sender(Tcb):
             s -= WRAP
         seg_seq = self.rcv_nxt + s
         scaled = window << self.snd_wscale
+        prr = self.in_recovery or sacks
+        before = self.sacked_bytes() if prr else 0
         news = self.on_sacks(sacks) if sacks else False
         tlp = self.tlp_seq
         if tlp and sacks and any(lo <= tlp < hi for lo, hi in self.sacked):
             # The probe's seq is SACKed: after two RTTs, what is not SACKed below it is lost
             # (RFC 8985 RACK), even when the SACK is not news (a probe of SACKed data).
             self.rack_lost = tlp
+        if news and self.rxt_log and self.sacked[-1][1] > self.rxt_log[0][2]:
+            self._lost_resends(seg_ack)
         if (
             news
             and a == 0
@@ -178,6 +188,8 @@ class Sender(Tcb):
         elif a == 0 and n == 0 and self.snd_max > una and (news or scaled == self.snd_wnd):
             # RFC 6675 2: an ACK that brings new SACK information counts as a duplicate.
             self._on_dupack(now)
+        if prr and self.in_recovery and self.recover_fs:
+            self._prr(seg_ack - una + self.sacked_bytes() - before)
         # window update (RFC 9293 3.10.7.4: SND.WL1 / SND.WL2)
         if seg_seq > self.snd_wl1 or (seg_seq == self.snd_wl1 and seg_ack >= self.snd_wl2):
             if scaled != self.snd_wnd:
@@ -224,7 +236,7 @@ class Sender(Tcb):
         # congestion control
         if self.in_recovery:
             if seg_ack >= self.recover:  # full ACK: leave fast recovery (RFC 6582)
-                self.in_recovery = False
+                self._end_recovery(now)
                 self.tlp_seq = self.rack_lost = 0
                 self.cwnd = self.ssthresh
             elif self.sack_ok:
@@ -236,8 +248,8 @@ class Sender(Tcb):
                 self.cwnd = max(self.cwnd - acked + mss, mss)
         elif self.cwnd < self.ssthresh:
             self.cwnd += acked  # slow start, byte counting (RFC 3465)
-        else:
-            self.cwnd += max(1, mss * acked // self.cwnd)
+        elif self.cwnd < self.eng.max_cwnd:
+            self._avoid(acked, now)
         if self.cwnd > self.eng.max_cwnd:
             self.cwnd = self.eng.max_cwnd
         self.dupacks = 0
@@ -341,21 +353,76 @@ class Sender(Tcb):
         """Fast retransmit / fast recovery (RFC 5681 3.2, RFC 6582; with SACK RFC 6675 5)."""
         mss = self.mss
         flight = self.snd_max - self.snd_una
-        self.ssthresh = max(flight // 2, 2 * mss)
+        self._on_loss(flight)
         self.in_recovery = True
+        self.rec_at = now
         self.recover = self.snd_max
         self.rtt_seq = 0
-        self.eng.counters["tcp.fast_retransmits"] += 1
+        counters = self.eng.counters
+        counters["tcp.fast_retransmits"] += 1
+        counters["tcp.recovery_flight_kb"] += flight >> 10
         if self.sacked:
+            # PRR (RFC 6937): from this ACK on, ``_prr`` sets cwnd to pipe + what may go.
+            self.prr_delivered = self.prr_out = 0
+            self.recover_fs = flight
             self.cwnd = self.ssthresh
             self.high_rxt = self.snd_una
             # RFC 6675 5 (4.3): the first lost hole goes now whatever pipe says; output()
             # resends the others as cwnd - pipe allows.
-            seg = GSO_MAX_PAYLOAD - GSO_MAX_PAYLOAD % mss if self.eng.tso else mss
-            self.sack_recover(seg, now, force=True)
+            self.sack_recover(self.frame_size(), now, force=True)
         else:
+            self.recover_fs = 0
             self.cwnd = self.ssthresh + 3 * mss
             self.retransmit_head()
+
+    def _end_recovery(self, now: float) -> None:
+        self.in_recovery = False
+        self.rxt_log = []
+        self.eng.counters["tcp.recovery_us"] += int((now - self.rec_at) * 1e6)
+
+    def _on_loss(self, flight: int) -> None:
+        """A congestion event (RFC 9438 4.6-4.7): ssthresh to β × flight, a new W_max, and
+        the next congestion-avoidance ACK starts a new cubic epoch."""
+        self.ssthresh = loss_ssthresh(flight, self.mss)
+        self.w_max = new_w_max(flight, self.w_max)
+        self.epoch_at = 0.0
+
+    def frame_size(self) -> int:
+        """The largest segment natd hands the link: one GSO frame of whole MSS with offloads."""
+        mss = self.mss
+        return GSO_MAX_PAYLOAD - GSO_MAX_PAYLOAD % mss if self.eng.tso else mss
+
+    def _avoid(self, acked: int, now: float) -> None:
+        """Congestion avoidance (RFC 9438 4.2-4.3) on an ACK of ``acked`` new bytes.
+
+        The window grows in the link's packets, not in MSS: with offloads the link carries
+        (and queues, and loses) whole GSO frames, so "one segment per RTT" is one frame —
+        the size the flight is cut into, at most half the window. Counted in MSS, a lost
+        64 KB frame costs 0.3 of the window and the window wins back 45 times too slowly:
+        under 1 % frame loss the flight settled at ~2 frames (issue 14)."""
+        cwnd = self.cwnd
+        unit = self.frame_size()
+        if unit > cwnd >> 1:
+            unit = cwnd >> 1 if cwnd >> 1 > self.mss else self.mss
+        if not self.epoch_at:
+            self.epoch_at = now
+            self.w_est = cwnd
+            if self.w_max < cwnd:
+                self.w_max = cwnd
+            self.k_cubic = k_seconds(self.w_max, cwnd, unit)
+        t = now - self.epoch_at
+        w_max, w_est, k = self.w_max, self.w_est, self.k_cubic
+        self.cwnd, self.w_est = avoid(cwnd, acked, unit, w_max, w_est, t, k, self.srtt)
+
+    def _prr(self, delivered: int) -> None:
+        """PRR (RFC 6937 3) on an ACK in SACK recovery that reported ``delivered`` bytes:
+        cwnd becomes pipe plus what may be sent now, so ``output`` sends just that."""
+        self.prr_delivered += delivered
+        pipe = self.lost_holes()[1]
+        self.cwnd = pipe + prr_sndcnt(
+            delivered, self.prr_delivered, self.prr_out, pipe, self.ssthresh, self.recover_fs,
+            self.mss,
+        )  # fmt: skip
 
     # -- the SACK scoreboard (RFC 6675) --------------------------------------------------------
 
@@ -405,18 +472,43 @@ class Sender(Tcb):
                 return True
         return False
 
-    def sack_recover(self, seg: int, now: float, force: bool = False) -> int:
-        """Resend the lost holes above HighRxt within cwnd - pipe, each as one segment of up
-        to ``seg`` bytes (one GSO frame with offloads); return ``pipe`` (RFC 6675 SetPipe).
-        ``force``: the first resend ignores cwnd (the fast retransmit)."""
+    def _lost_resends(self, seg_ack: int) -> None:
+        """RACK's rule for resends (RFC 8985 6.2): data sent after a resend is SACKed, so the
+        resend, sent first on a link that keeps order, should have arrived: if its bytes are
+        neither ACKed nor SACKed it was lost too; resend it from there now, not at the RTO
+        (200 ms; with 64 KB frames most of a recovery's losses were such RTOs)."""
+        top = self.sacked[-1][1]
+        keep: list[tuple[int, int, int]] = []
+        for start, end, fence in self.rxt_log:
+            if end <= seg_ack:
+                continue  # arrived
+            if fence >= top:
+                keep.append((start, end, fence))
+                continue
+            lo = start if start > seg_ack else seg_ack
+            if any(a <= lo and end <= b for a, b in self.sacked):
+                continue  # arrived
+            if lo < self.high_rxt:
+                self.high_rxt = lo
+            self.eng.counters["tcp.lost_retransmits"] += 1
+        self.rxt_log = keep
+
+    def sacked_bytes(self) -> int:
+        """The bytes the scoreboard holds SACKed."""
+        n = 0
+        for lo, hi in self.sacked:
+            n += hi - lo
+        return n
+
+    def lost_holes(self) -> tuple[list[tuple[int, int]], int]:
+        """The lost holes above HighRxt not yet resent, lowest first, and ``pipe`` (RFC 6675
+        SetPipe: what is still in the network)."""
         una = self.snd_una
         sb = self.sacked
         mss = self.mss
         limit = (DUPTHRESH - 1) * mss
         holes: list[tuple[int, int]] = []  # lost and not yet resent, lowest first
-        above = 0
-        for lo, hi in sb:
-            above += hi - lo
+        above = sacked = self.sacked_bytes()
         prev = una
         ranges = len(sb)
         hr = self.high_rxt
@@ -436,10 +528,15 @@ class Sender(Tcb):
                     lost += lo - start
             above -= hi - lo
             prev = hi
-        outstanding = self.snd_max - una
-        for lo, hi in sb:
-            outstanding -= hi - lo
-        pipe = outstanding - lost
+        return holes, self.snd_max - una - sacked - lost
+
+    def sack_recover(self, seg: int, now: float, force: bool = False) -> int:
+        """Resend the lost holes above HighRxt within cwnd - pipe, each as one segment of up
+        to ``seg`` bytes (one GSO frame with offloads); return ``pipe`` (RFC 6675 SetPipe).
+        ``force``: the first resend ignores cwnd (the fast retransmit)."""
+        holes, pipe = self.lost_holes()
+        una = self.snd_una
+        mss = self.mss
         cwnd = self.cwnd
         buf = self.sndbuf
         data_end = una + len(buf)
@@ -460,6 +557,8 @@ class Sender(Tcb):
                 self.eng.counters["tcp.sack_retransmits"] += 1
                 self.xmit(start, ACK, buf.slice(start - una, n))
                 self.rxt_time = now
+                self.rxt_log.append((start, start + n, self.snd_max))
+                self.prr_out += n
                 start += n
                 pipe += n
                 self.high_rxt = start
@@ -535,9 +634,10 @@ class Sender(Tcb):
         flight = self.snd_max - self.snd_una
         if self.in_recovery:
             eng.counters["tcp.rto_in_recovery"] += 1  # a resend lost, or a hole never seen
-        self.ssthresh = max(flight // 2, 2 * mss)
+            self._end_recovery(now)
+        if self.rtx_count == 1:
+            self._on_loss(flight)  # (a backed-off RTO resends the same loss: no new event)
         self.cwnd = mss
-        self.in_recovery = False
         self.dupacks = 0
         self.rtt_seq = 0
         self.sacked = []  # the guest may renege (RFC 2018 8): go back N from una, all of it

@@ -29,6 +29,7 @@ class Tcb:
         "dirty",
         "dupacks",
         "eng",
+        "epoch_at",
         "fin_acked",
         "fin_first",
         "fin_seq",
@@ -46,6 +47,7 @@ class Tcb:
         "irs",
         "iss",
         "issued",
+        "k_cubic",
         "ka_probes",
         "key",
         "last_rx",
@@ -58,13 +60,17 @@ class Tcb:
         "ooo_starts",
         "opened_at",
         "out_base",
+        "prr_delivered",
+        "prr_out",
         "pseudo",
         "pto_armed",
         "rack_lost",
         "rcv_adv",
         "rcv_nxt",
         "rcv_wscale",
+        "rec_at",
         "recover",
+        "recover_fs",
         "remote_ip",
         "remote_port",
         "rto",
@@ -74,6 +80,7 @@ class Tcb:
         "rtx_at",
         "rtx_count",
         "rtx_since",
+        "rxt_log",
         "rxt_time",
         "sack_ok",
         "sack_seen",
@@ -94,6 +101,8 @@ class Tcb:
         "target",
         "tlp_seq",
         "to_host",
+        "w_est",
+        "w_max",
         "zero_since",
     )
 
@@ -173,11 +182,22 @@ class Tcb:
         self.dupacks = 0
         self.in_recovery = False
         self.recover = iss
+        # CUBIC (RFC 9438, ``congestion``): the window before the last loss, the epoch's start
+        # (0: none yet), K, and the Reno-friendly estimate W_est, all in bytes and seconds.
+        self.w_max = self.w_est = 0
+        self.epoch_at = self.k_cubic = 0.0
+        # PRR (RFC 6937) in SACK recovery: bytes delivered and sent since it began, the flight
+        # then (RecoverFS), and when it began (for ``tcp.recovery_us``).
+        self.prr_delivered = self.prr_out = self.recover_fs = 0
+        self.rec_at = 0.0
         # The SACK scoreboard (RFC 6675): the guest's SACKed ranges above snd_una, sorted,
         # merged, as (start, end); and HighRxt, the end of the last retransmission in recovery.
         self.sacked: list[tuple[int, int]] = []
         self.high_rxt = iss
         self.rxt_time = 0.0  # when recovery last resent a hole
+        # Recovery's resends not yet known to have arrived: (start, end, snd_max when resent).
+        # Data above that snd_max SACKed means the resend, sent before it, was lost too.
+        self.rxt_log: list[tuple[int, int, int]] = []
         # Tail loss probe (RFC 8985 7): ``rtx_at`` is a probe timeout, not the RTO; the seq of
         # the probe in flight; the guest SACKed the probe above a hole: below it all is lost.
         self.pto_armed = False
