@@ -465,6 +465,16 @@ def write_report(
     return shown
 
 
+def _congestion_control() -> str:
+    """What the kernel's own TCP senders run (the kernel row's, iperf3's and the C peers'):
+    new namespaces inherit the host's ``tcp_congestion_control`` (read here, never changed)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip() + " (inherited by the bench's namespaces)"
+    except OSError:
+        return "?"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="repetitions per engine (default 3)")
@@ -622,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         versions[name] = eng.version()
         engines.append(eng)
     versions["iperf3"] = tool_version(["iperf3", "--version"]).split(" (")[0]
+    versions["kernel TCP congestion control"] = _congestion_control()
     interrupted = False
     prof = ""
     links_res = report.Results(engines=list(links.ENGINES))
