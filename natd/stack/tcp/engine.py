@@ -43,8 +43,8 @@ The guest never gets a SYN-ACK before the host ``connect()`` succeeded; a retran
 meanwhile is absorbed. Segments for no flow get the RFC 9293 3.10.7.1 answer (RST, never in
 reply to an RST). In a flow: sequence acceptability and challenge ACKs (RFC 5961), window
 scaling both ways and MSS from the MTU (RFC 7323, RFC 9293 3.7.1), RTO with backoff and
-Karn's rule (RFC 6298), slow start / fast retransmit / NewReno recovery (RFC 5681, RFC 6582),
-SACK when the guest offers it (RFC 2018: blocks sent from the out-of-order ranges; the guest's
+Karn's rule (RFC 6298), slow start / fast retransmit / NewReno recovery (RFC 5681, RFC 6582)
+with CUBIC's window (RFC 9438, counted in the link's packets) and PRR (RFC 6937), SACK when the guest offers it (RFC 2018: blocks sent from the out-of-order ranges; the guest's
 feed an RFC 6675 scoreboard, with tail loss probes, RFC 8985), out-of-order data held within
 the advertised window, persist probes on a zero window, and keepalive probes toward a guest
 that went silent.
@@ -80,7 +80,8 @@ Counters (``link.counters``): ``tcp.opened``, ``tcp.closed``, ``tcp.refused``,
 ``tcp.unreachable``, ``tcp.reset`` (flows ended by a reset either way), ``tcp.rst_sent``,
 ``tcp.retransmits``, ``tcp.fast_retransmits``, ``tcp.rto``, ``tcp.sack_retransmits`` (holes
 resent in SACK recovery), ``tcp.tlp_probes``, ``tcp.lost_retransmits`` (a hole resent again),
-``tcp.rto_in_recovery``, ``tcp.syn_absorbed``,
+``tcp.rto_in_recovery``, ``tcp.recovery_flight_kb`` / ``tcp.recovery_us`` (KB in flight at
+each loss, µs spent in recovery, summed), ``tcp.syn_absorbed``,
 ``tcp.challenge_acks``, ``tcp.window_probes``, ``tcp.keepalive_probes``, the memory budget's
 ``tcp.budget_pauses`` and ``tcp.budget_window_squeezes``, ``tcp.zero_window_abort.<orphan|budget>``,
 ``tcp.time_wait_reused``, ``tcp.time_wait_evicted``, ``tcp.ooo_duplicate`` and
