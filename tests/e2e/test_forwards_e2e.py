@@ -26,10 +26,12 @@ MiB = 1 << 20
 
 # HTTP server for the guest (either family, by the address it binds): /blob is SIZE random
 # bytes, /slow the same paced over ~3 s, anything else the peer address. Every answer carries
-# the peer it saw (X-Peer) and the body's sha256 (X-Sha256).
+# the peer it saw (X-Peer) and the body's sha256 (X-Sha256). With a 4th argument (a path), /slow
+# holds its last chunk back until that file exists: a transfer that is surely still running.
 HTTP_SERVER = r"""
 import hashlib, http.server, os, socket, socketserver, sys, time
 host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+release = sys.argv[4] if len(sys.argv) > 4 else None
 blob = os.urandom(size)
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -48,6 +50,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         chunk = max(1, len(body) // 60)
         for off in range(0, len(body), chunk):
+            if release and off + chunk >= len(body):
+                deadline = time.monotonic() + 60
+                while not os.path.exists(release) and time.monotonic() < deadline:
+                    time.sleep(0.02)
             self.wfile.write(body[off:off + chunk])
             self.wfile.flush()
             time.sleep(0.05)
@@ -228,18 +234,26 @@ def test_ctl_add_remove_while_a_forwarded_transfer_keeps_going(
     first = free_port()
     guest = start_guest("--forward", f"tcp::{first}-:8080", "--control", control)
     configure(guest)
-    start_server(guest, HTTP_SERVER, FIRST_LEASE, "8080", str(6 * MiB))
+    release = tmp_path / "release"  # the guest's server holds the last chunk until it exists
+    start_server(guest, HTTP_SERVER, FIRST_LEASE, "8080", str(6 * MiB), str(release))
     start_server(guest, UDP_ECHO, FIRST_LEASE, "5353")
 
-    # A slow download through the configured forward (the guest paces it over ~3 s).
+    # A slow download through the configured forward, held open until ``release`` exists.
     out = tmp_path / "slow.bin"
     hdrs = tmp_path / "slow.h"
     slow = subprocess.Popen(
         ["curl", "-sS", "--max-time", "30", "-D", str(hdrs),
          "-o", str(out), f"http://127.0.0.1:{first}/slow"],
     )  # fmt: skip
+    spec = f"tcp:127.0.0.1:{first}-{FIRST_LEASE}:8080"
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20  # until the download is through the forward
+        while time.monotonic() < deadline:
+            rows = {r["spec"]: r for r in ctl(control, "forward", "list")}
+            if rows[spec]["connections"] == 1 or slow.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert rows[spec]["connections"] == 1, rows
         added = ctl(control, "forward", "add", "tcp::0-:8080")
         assert added["source"] == "runtime" and added["port"] != 0
         udp = ctl(control, "forward", "add", "udp::0-:5353")
@@ -249,13 +263,14 @@ def test_ctl_add_remove_while_a_forwarded_transfer_keeps_going(
         assert refused.returncode != 0
         assert f"overlaps forward tcp:127.0.0.1:{first}-{FIRST_LEASE}:8080" in refused.stderr
         rows = {r["spec"]: r for r in ctl(control, "forward", "list")}
-        assert rows[f"tcp:127.0.0.1:{first}-{FIRST_LEASE}:8080"]["connections"] == 1
+        assert rows[spec]["connections"] == 1
         # Remove the forward the slow transfer came through: its listener goes, it does not.
         ctl(control, "forward", "remove", f"tcp::{first}-:8080")
         ctl(control, "forward", "remove", f"tcp:127.0.0.1:{added['port']}-{FIRST_LEASE}:8080")
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", first)) != 0
         assert slow.poll() is None, "the transfer should still be running"
+        release.touch()
         assert slow.wait(30) == 0
     finally:
         if slow.poll() is None:
