@@ -44,7 +44,8 @@ meanwhile is absorbed. Segments for no flow get the RFC 9293 3.10.7.1 answer (RS
 reply to an RST). In a flow: sequence acceptability and challenge ACKs (RFC 5961), window
 scaling both ways and MSS from the MTU (RFC 7323, RFC 9293 3.7.1), RTO with backoff and
 Karn's rule (RFC 6298), slow start / fast retransmit / NewReno recovery (RFC 5681, RFC 6582)
-with CUBIC's window (RFC 9438, counted in the link's packets) and PRR (RFC 6937), SACK when the guest offers it (RFC 2018: blocks sent from the out-of-order ranges; the guest's
+with CUBIC's window (RFC 9438, counted in the link's packets) and PRR (RFC 6937), SACK
+when the guest offers it (RFC 2018: blocks sent from the out-of-order ranges; the guest's
 feed an RFC 6675 scoreboard, with tail loss probes, RFC 8985), out-of-order data held within
 the advertised window, persist probes on a zero window, and keepalive probes toward a guest
 that went silent.
