@@ -700,6 +700,8 @@ class Gateway:
 
     def on_timer(self, now: float) -> None:
         self._now = now
+        if self.check_deadlines:
+            self._check_others(self._others)
         try:
             for engine in self._timed:
                 engine.on_timer(now)

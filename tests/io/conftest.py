@@ -4,5 +4,5 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _deadlines_checked(check_deadlines: None) -> None:
+def _deadlines_checked(check_deadlines: list[str]) -> None:
     """(``tests/conftest.py``: ``check_deadlines``)"""

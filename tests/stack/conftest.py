@@ -12,5 +12,5 @@ if _HERE not in sys.path:
 
 
 @pytest.fixture(autouse=True)
-def _deadlines_checked(check_deadlines: None) -> None:
+def _deadlines_checked(check_deadlines: list[str]) -> None:
     """Every scenario here also proves that no engine sets a timer the Gateway misses."""
