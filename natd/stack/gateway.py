@@ -81,9 +81,9 @@ class Gateway:
     """Routes guest frames to the ARP, DHCP, ICMP, TCP, UDP, DNS and ping engines."""
 
     check_deadlines = False
-    """Tests: every ``next_deadline`` also asks every engine and raises AssertionError when the
-    cached bound is later than their earliest deadline (an engine set a timer without
-    ``note_deadline``: a missed timer)."""
+    """Tests: every ``next_deadline`` and ``on_timer`` also asks every engine and raises
+    AssertionError when the cached bound is later than their earliest deadline (an engine set a
+    timer without ``note_deadline``: a missed timer)."""
 
     def __init__(self, settings: GatewaySettings, log: Any = None) -> None:
         self.settings = settings
@@ -658,10 +658,11 @@ class Gateway:
     # -- time and output ---------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """The earliest time any engine needs ``on_timer``; None when nothing is pending.
+        """When ``on_timer`` is needed next; None when nothing is pending.
 
-        Called at least once per flush (~2.4 times per round trip): TCP is asked, the other
-        engines' earliest deadline is the cached lower bound (an early wake-up only runs
+        Never later than the earliest engine deadline, but may be earlier: called at least once
+        per flush (~2.5 times per round trip), it asks TCP and reads the other engines' cached
+        lower bound, which stays put when their deadlines move later (the early wake-up runs
         ``on_timer``, which makes the bound exact again).
         """
         others = self._others
@@ -679,6 +680,7 @@ class Gateway:
             self._others = when
 
     def _earliest_other(self) -> float | None:
+        """The exact earliest deadline of the engines other than TCP (asks each one)."""
         best: float | None = None
         for next_deadline in self._deadlines:  # bound once: no attribute lookup per engine
             d = next_deadline()
