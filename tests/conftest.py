@@ -69,3 +69,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         del report.wasxfail  # an expected failure does not excuse a leak
     report.outcome = "failed"
     report.longrepr = "traffic past loopback from the root namespace:\n  " + "\n  ".join(found)
+
+
+@pytest.fixture
+def check_deadlines(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every ``Gateway.next_deadline`` also checks its cached bound against every engine.
+
+    A miss (an engine set a timer without ``note_deadline``) raises where it is found, and is
+    also remembered: raised inside an event-loop callback it might only be logged, so the test
+    fails at teardown whatever it asserted. Yields the list of misses (a test that provokes
+    one on purpose empties it).
+    """
+    from natd.stack.gateway import Gateway
+
+    misses: list[str] = []
+    check = Gateway._check_others
+
+    def recorded(self: Gateway, cached: float | None) -> None:
+        try:
+            check(self, cached)
+        except AssertionError as exc:
+            misses.append(str(exc))
+            raise
+
+    monkeypatch.setattr(Gateway, "check_deadlines", True)
+    monkeypatch.setattr(Gateway, "_check_others", recorded)
+    yield misses
+    assert not misses, "missed timers:\n  " + "\n  ".join(dict.fromkeys(misses))

@@ -18,6 +18,9 @@ from fuzzframes.frames import GW_IP, GW_MAC, fuzz_settings
 from fuzzframes.harness import Fuzzer
 from natd.stack.gateway import Gateway
 
+# Every Gateway here also checks its deadline cache (tests/conftest.py: check_deadlines).
+pytestmark = pytest.mark.usefixtures("check_deadlines")
+
 VICTIM_MAC = b"\x02\x00\x00\x00\x00\x10"
 VICTIM_IP = bytes((10, 0, 2, 15))
 ATTACKER_MAC = b"\x02\x00\x00\x00\x00\x11"

@@ -21,6 +21,9 @@ from fuzzframes import frames as fuzz
 from fuzzframes.harness import Fuzzer
 from natd.wire.dhcp import build_dhcp
 
+# Every Gateway here also checks its deadline cache (tests/conftest.py: check_deadlines).
+pytestmark = pytest.mark.usefixtures("check_deadlines")
+
 # Violations the output checks may tolerate. F1 (broadcast source answered by L2 broadcast) and F2
 # (reply larger than the MTU) were found by this harness and fixed; their regression tests follow.
 KNOWN_VIOLATIONS: frozenset[str] = frozenset()

@@ -642,6 +642,7 @@ class DhcpServer:
     def _push(self, when: float, key: bytes, ip: bytes) -> None:
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, key, ip))
+        self.link.note_deadline(when)
         if len(self._timers) > 2 * (len(self._by_key) + len(self._quarantine)) + 64:
             leases = enumerate(self._by_key.values())
             held = enumerate(self._quarantine.items())

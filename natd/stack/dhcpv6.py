@@ -260,6 +260,7 @@ class Dhcpv6Server:
                 self.on_binding(mac, ip, True)
         binding.expiry = expiry
         heapq.heappush(self._timers, (expiry, key, ip))
+        self.link.note_deadline(expiry)
         self.link.neighbours.bind(ip, mac, LEASE, now)
 
     def _remove(self, binding: _Binding) -> None:

@@ -238,6 +238,7 @@ class DnsForwarder:
         p.upstream = upstream
         p.upstream_id = uid
         p.deadline = now + self.timeout
+        self.link.note_deadline(p.deadline)
         self._by_upstream[(upstream[0], upstream[1], uid)] = p
         # A fresh id per attempt, so a late failure report for an older attempt is ignored.
         self._pending.pop(p.qid, None)

@@ -19,6 +19,7 @@ Addresses arrive as 4- or 16-byte ``bytes`` and are only formatted when an event
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from natd.stack.addresses import text as address_text
@@ -48,8 +49,10 @@ class FlowEvents:
     burst = 500.0  # events at once (a burst of short connections is still logged whole)
     summary_interval = 10.0  # seconds between "so many events suppressed" lines
 
-    def __init__(self, log: Any) -> None:
+    def __init__(self, log: Any, note_deadline: Callable[[float], None] | None = None) -> None:
         self.log = log
+        # The Gateway's ``note_deadline``: told when a summary line becomes due.
+        self._note_deadline = note_deadline
         self._bucket = TokenBucket(self.rate, self.burst)
         self._summary_due: float | None = None
         self.pending_suppressed = 0  # refused since the last summary line
@@ -76,7 +79,9 @@ class FlowEvents:
         self.suppressed += 1
         self.pending_suppressed += 1
         if self._summary_due is None:
-            self._summary_due = now + self.summary_interval
+            self._summary_due = due = now + self.summary_interval
+            if self._note_deadline is not None:
+                self._note_deadline(due)
         return False
 
     def on_timer(self, now: float) -> None:

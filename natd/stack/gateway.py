@@ -80,6 +80,11 @@ _NEW_TCP_MASK = SYN | ACK | RST | FIN  # a SYN with none of the others opens a f
 class Gateway:
     """Routes guest frames to the ARP, DHCP, ICMP, TCP, UDP, DNS and ping engines."""
 
+    check_deadlines = False
+    """Tests: every ``next_deadline`` and ``on_timer`` also asks every engine and raises
+    AssertionError when the cached bound is later than their earliest deadline (an engine set a
+    timer without ``note_deadline``: a missed timer)."""
+
     def __init__(self, settings: GatewaySettings, log: Any = None) -> None:
         self.settings = settings
         self.mac = settings.gateway_mac
@@ -92,7 +97,10 @@ class Gateway:
         )
         self.counters: Counter[str] = Counter()
         self.log: Any = log if log is not None else NullLog()
-        self.events = FlowEvents(self.log)
+        # A lower bound of the earliest deadline of every timed engine but TCP (None: none
+        # pending): exact after ``on_timer`` and reloads, lowered by ``note_deadline``.
+        self._others: float | None = None
+        self.events = FlowEvents(self.log, self.note_deadline)
         self._now = 0.0  # the latest batch's or timer's clock, for calls that have no ``now``
         # ICMP/ICMPv6 errors for natd's own refusals (policy, no route), both families, at
         # Linux's defaults (net.ipv4.icmp_msgs_per_sec 1000, icmp_msgs_burst 50): a guest
@@ -130,8 +138,12 @@ class Gateway:
         self._timed = (
             self.tcp, self.dhcp, self.udp, self.dns, self.ping, self.events, self.ndp, self.dhcpv6,
         )  # fmt: skip
-        self._deadlines = tuple(engine.next_deadline for engine in self._timed)
+        # TCP's deadline moves with nearly every segment: asked in every ``next_deadline``. The
+        # others move only on their own (rarer) events, which say so with ``note_deadline``.
+        self._tcp_deadline = self.tcp.next_deadline
+        self._deadlines = tuple(e.next_deadline for e in self._timed if e is not self.tcp)
         self._apply_limits(settings.limits)
+        self._others = self._earliest_other()
         # Denied flows already logged (LRU): a guest retrying a denied destination is counted
         # every time but logged once.
         self._denials_logged: OrderedDict[tuple[bytes, int, bytes, int], None] = OrderedDict()
@@ -158,6 +170,7 @@ class Gateway:
         if settings.policy != old.policy:
             self._decisions.clear()
             self._denials_logged.clear()  # a new policy: its denials deserve a fresh log line
+        self._others = self._earliest_other()  # e.g. a shorter udp_idle_timeout
 
     def _apply_limits(self, limits: Limits) -> None:
         """Hand the bounds to the engines that cache them (at start and on reload).
@@ -645,9 +658,29 @@ class Gateway:
     # -- time and output ---------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """The earliest time any engine needs ``on_timer``; None when nothing is pending."""
-        # Called at least once per flush (several times per TCP connection): a plain loop, no
-        # generator or list per call.
+        """When ``on_timer`` is needed next; None when nothing is pending.
+
+        Never later than the earliest engine deadline, but may be earlier: called at least once
+        per flush (~2.5 times per round trip), it asks TCP and reads the other engines' cached
+        lower bound, which stays put when their deadlines move later (the early wake-up runs
+        ``on_timer``, which makes the bound exact again).
+        """
+        others = self._others
+        if self.check_deadlines:
+            self._check_others(others)
+        tcp = self._tcp_deadline()
+        if tcp is None or (others is not None and others < tcp):
+            return others
+        return tcp
+
+    def note_deadline(self, when: float) -> None:
+        """An engine other than TCP set a timer for ``when``: lower the cached bound to it."""
+        others = self._others
+        if others is None or when < others:
+            self._others = when
+
+    def _earliest_other(self) -> float | None:
+        """The exact earliest deadline of the engines other than TCP (asks each one)."""
         best: float | None = None
         for next_deadline in self._deadlines:  # bound once: no attribute lookup per engine
             d = next_deadline()
@@ -655,10 +688,27 @@ class Gateway:
                 best = d
         return best
 
+    def _check_others(self, cached: float | None) -> None:
+        """``check_deadlines``: the cached bound is no later than any engine's deadline."""
+        for engine, next_deadline in zip(
+            (e for e in self._timed if e is not self.tcp), self._deadlines, strict=True
+        ):
+            d = next_deadline()
+            if d is not None and (cached is None or cached > d):
+                raise AssertionError(
+                    f"missed timer: {type(engine).__name__} is due at {d}, the Gateway's "
+                    f"cached deadline is {cached} (a timer set without note_deadline)"
+                )
+
     def on_timer(self, now: float) -> None:
         self._now = now
-        for engine in self._timed:
-            engine.on_timer(now)
+        if self.check_deadlines:
+            self._check_others(self._others)
+        try:
+            for engine in self._timed:
+                engine.on_timer(now)
+        finally:  # exact again, also when an engine's timer failed
+            self._others = self._earliest_other()
 
     def take_outbox(self) -> tuple[list[bytes], list[HostOp]]:
         return self.outbox.take()

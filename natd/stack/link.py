@@ -80,6 +80,15 @@ class Link(Protocol):
         """Where a guest flow to ``dst``:``port`` is re-originated on the host, or None."""
         ...
 
+    def note_deadline(self, when: float) -> None:
+        """The engine now needs ``on_timer`` at ``when`` (a new timer, or one moved earlier).
+
+        The gateway caches the earliest deadline of the engines other than TCP instead of
+        asking them in every flush: a timer set without this call may fire late or never. A
+        deadline that moves later needs no call (an early wake-up recomputes the cache).
+        """
+        ...
+
 
 class NullLog:
     """A logger that drops everything: the default when the core runs without the shell."""

@@ -227,6 +227,7 @@ class NdpResponder:
         if self._adverts < INITIAL_ADVERTS:
             interval = min(interval, INITIAL_INTERVAL)
         self._next_ra = now + interval
+        self.link.note_deadline(self._next_ra)
 
     def router_advertisement(self, dst: bytes) -> bytes:
         """The RA natd sends (an ICMPv6 message), sized to the link MTU."""

@@ -167,6 +167,7 @@ class PingEngine:
         )
         flow = PingFlow(flow_id, key, host, now, log, mac)
         self._table.add(flow)
+        self.link.note_deadline(now + self.idle_timeout)
         self.link.counters["ping.flows_opened"] += 1
         log.debug("ping.open")
         self.link.events.flow_open("icmp", flow_id, key[0], None, key[2], None, now)

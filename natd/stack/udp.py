@@ -303,6 +303,7 @@ class UdpEngine:
         log = self.link.log.bind(flow=flow_id, guest=_guest_port(key), route=key[2])
         flow = UdpFlow(flow_id, key, now, log, mac)
         self._table.add(flow)
+        self.link.note_deadline(now + self.idle_timeout)
         self.link.counters["udp.flows_opened"] += 1
         log.debug("udp.open")
         return flow
@@ -458,6 +459,7 @@ class UdpEngine:
         self._fast.clear()  # its guest's replies must now take the slow path's inbound check
         self._inbound[key] = flow
         self._inbound_by_id[flow_id] = flow
+        self.link.note_deadline(now + self.idle_timeout)
         self.link.counters["udp.forward_flows_opened"] += 1
         log.debug("udp.forward_open")
         self.link.events.flow_open(
@@ -482,6 +484,7 @@ class UdpEngine:
             f.pending = payload  # ARP/NS is on its way; the newest datagram waits for it
             f.retries = 0
             f.retry_at = now + INBOUND_RETRY
+            self.link.note_deadline(f.retry_at)
         return True
 
     def has_inbound(self, flow: int) -> bool:

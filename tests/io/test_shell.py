@@ -328,6 +328,44 @@ async def test_early_wakeup_runs_no_engine_and_rearms(
     shell.stop()
 
 
+async def test_stale_deadline_bound_wakes_once_then_none(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The real Gateway's cached bound left behind by a timer that went away (a DNS query
+    answered, a flow touched): one wake-up runs ``on_timer``, which makes the bound exact; the
+    shell then arms nothing and never spins."""
+    from natd.stack.gateway import Gateway
+    from natd.stack.settings import GatewaySettings
+
+    natd_side, _guest = pair
+    loop = asyncio.get_running_loop()
+    gateway = Gateway(GatewaySettings.for_cidr("10.0.2.0/24", ipv6=False))
+    runs: list[float] = []
+    real_on_timer = gateway.on_timer
+
+    def counting_on_timer(now: float) -> None:
+        runs.append(now)
+        real_on_timer(now)
+
+    gateway.on_timer = counting_on_timer  # type: ignore[method-assign]
+    tap = TapLink(natd_side.fileno(), "t0")
+    shell = Shell(loop, gateway, tap, RecordingLog())
+    stale = loop.time() + 0.05
+    gateway.note_deadline(stale)  # no engine has anything due then
+    shell.flush()
+    assert shell._timer_at == stale
+    deadline = loop.time() + 2.0
+    while not runs and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert len(runs) == 1 and runs[0] >= stale
+    assert gateway.next_deadline() is None and shell._timer_at is None
+    until = loop.time() + 0.2  # a spinning timer would run again and again in this time
+    while loop.time() < until:
+        await asyncio.sleep(0.02)
+    assert len(runs) == 1
+    shell.stop()
+
+
 async def test_due_deadline_served_within_the_flush(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:

@@ -278,7 +278,9 @@ def test_dns64_synthesises_aaaa_from_a_records() -> None:
     # and 0/8 are not synthesised (NAT64 would not dial them)
     assert addresses(r, "real.v4only.test.") == (["64:ff9b::c000:20a", "64:ff9b::c633:6407"], 300)
     assert not r.flags & (dns.flags.AA | dns.flags.AD) and r.edns == 0
-    assert gw.dns.pending == 0 and gw.next_deadline() is None
+    # The engine's own: the Gateway's may be earlier (a deadline that moved
+    # later is seen at the next timer run).
+    assert gw.dns.pending == 0 and gw.dns.next_deadline() is None
     assert gw.counters["dns.dns64.synthesised"] == 1 and gw.counters["dns.dns64.a_queries"] == 1
 
 
@@ -365,7 +367,9 @@ def test_dns64_a_leg_times_out_like_any_query() -> None:
     nodata = answer(op)
     gw.dns.on_upstream_answer(*RAW, nodata, 10.5)
     (a1,) = upstream_ops(gw)
-    assert (a1.host, a1.port) == RAW and gw.next_deadline() == 12.5
+    # The engine's own: the Gateway's may be earlier (a deadline that moved
+    # later is seen at the next timer run).
+    assert (a1.host, a1.port) == RAW and gw.dns.next_deadline() == 12.5
     gw.on_timer(12.5)
     (a2,) = upstream_ops(gw)  # failover to the next upstream, as for any query
     assert (a2.host, a2.port) == RAW2
