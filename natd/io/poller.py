@@ -268,11 +268,27 @@ class DatagramPoller:
                 self._epoll.unregister(fd)
 
     def close_socket(self, sock: socket.socket) -> None:
-        """Unregister, then close (never raises)."""
-        with contextlib.suppress(Exception):
-            self.unregister(sock)
+        """Forget the socket, then close it (never raises).
+
+        No ``epoll_ctl(DEL)`` (one syscall per connection): closing the last descriptor of a
+        file removes it from the epoll by itself, and the entry is gone before the number can
+        be reused. natd never dups these sockets; if the close was not the last reference
+        (``makefile``), or failed, the socket is unregistered the explicit way.
+        """
+        fd = sock.fileno()
+        entry = self._entries.get(fd) if fd >= 0 else None
+        if entry is None or entry.sock is not sock:
+            with contextlib.suppress(Exception):
+                self.unregister(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        del self._entries[fd]
         with contextlib.suppress(OSError):
             sock.close()
+        if sock.fileno() >= 0 and not self.closed:  # still open: take it out of the epoll
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
 
     def close(self) -> None:
         """Stop watching everything (the owners close their sockets) and close the epoll."""
