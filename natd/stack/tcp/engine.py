@@ -192,7 +192,10 @@ class TcpEngine:
         # id, oldest first; ``wake`` revisits them when bytes are given back, skipping a guest
         # without room at once (a hog's thousands of flows cost nothing per credit).
         self._starved: dict[bytes, dict[int, TcpFlow]] = {}
-        self._wake_at = 0.0
+        self.budget.waiting = self._starved  # credits while it is not empty set budget.wake_at
+        # ``n`` bytes of ``guest``'s left natd: give them back, wake starved flows soon (the
+        # budget's own method: ~2 credits per round trip, one call each).
+        self.credit: Callable[[bytes, int, float], None] = self.budget.credit
         self._heap: list[tuple[float, int]] = []
         self._dirty: list[TcpFlow] = []
         self._dirty_at = 0.0
@@ -249,12 +252,6 @@ class TcpEngine:
 
     # -- the memory budget -------------------------------------------------------------------
 
-    def credit(self, guest: bytes, n: int, now: float) -> None:
-        """``n`` bytes of ``guest``'s left natd: give them back, wake starved flows soon."""
-        self.budget.credit(guest, n)
-        if self._starved and not self._wake_at:
-            self._wake_at = now
-
     def starve(self, flow: TcpFlow) -> None:
         """``flow`` waits for budget room (its host reads are paused or its window squeezed)."""
         waiting = self._starved.get(flow.guest_ip)
@@ -292,8 +289,8 @@ class TcpEngine:
     def wake(self, now: float) -> None:
         """Bytes were given back: resume paused host reads and reopen squeezed windows, oldest
         first, as far as the room goes (one read's worth per resumed socket)."""
-        self._wake_at = 0.0
         budget = self.budget
+        budget.wake_at = 0.0
         step = self.resume_room()
         half = self.limit // 2
         free = budget.total - budget.used
@@ -938,7 +935,7 @@ class TcpEngine:
             for flow in dirty:
                 if flow.dirty and flow.state != CLOSED:
                     flow.flush(now)
-        if self._wake_at:
+        if self.budget.wake_at:
             self.wake(now)
 
     def arm(self, flow: TcpFlow, when: float) -> None:
@@ -960,8 +957,9 @@ class TcpEngine:
     def next_deadline(self) -> float | None:
         if self._dirty:
             return self._dirty_at
-        if self._wake_at:
-            return self._wake_at
+        wake_at = self.budget.wake_at
+        if wake_at:
+            return wake_at
         heap = self._heap
         by_id = self.by_id
         while heap:
