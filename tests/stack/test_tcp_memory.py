@@ -109,9 +109,13 @@ def test_over_budget_pauses_host_reads_below_the_flow_buffer_and_resumes_when_fr
     a = _stalled(limits, 40000)
     gw = a.gw
     b = _stalled({}, 40001, gw)
-    out = a.host_data(b"a" * 200 * KIB)
+    # (``on_host_data`` answers ``host_paused``: the shell's read loop stops on it at once)
+    assert gw.tcp.on_host_data(a.flow, b"a" * 200 * KIB, a.now) is False
+    out = a.drain()
     assert out.ops_of(TcpPause) == []  # within the budget (and far below the 1 MiB buffer)
-    out = b.host_data(b"b" * 100 * KIB)
+    assert gw.tcp.on_host_data(b.flow, b"b" * 100 * KIB, b.now) is True
+    assert gw.tcp.host_paused(b.flow) and not gw.tcp.host_paused(a.flow)
+    out = b.drain()
     assert out.ops == [TcpPause(b.flow)]  # the budget is spent: stop reading b's host socket
     assert gw.counters["tcp.budget_pauses"] == 1 and gw.tcp.budget.pauses == 1
     # nothing read is dropped: b's 100 KiB stay and go out once the guest opens its window

@@ -70,6 +70,7 @@ Host events (called by the shell's ``TcpHost``, which then calls ``shell.kick()`
   other "no route" errors → ICMP host unreachable; anything else → RST.
 * ``on_host_data(flow, data, now, eof=False)`` — bytes read from the host socket; ``eof``:
   the host's FIN was read right behind them (natd's FIN then rides on their last segment).
+  Returns ``host_paused(flow)`` after taking them (the shell's read loop asks it every read).
 * ``on_host_eof(flow, now)`` — the host half-closed; a FIN follows the buffered data.
 * ``on_host_error(flow, err, now)`` — the host socket failed or was reset: RST the guest.
 * ``on_host_accepted(flow, total, now)`` — the host kernel has taken ``total`` bytes of guest
@@ -789,11 +790,17 @@ class TcpEngine:
                 reason = "connect_timeout"
         self.close(flow, reason, now)
 
-    def on_host_data(self, flow_id: int, data: bytes, now: float, eof: bool = False) -> None:
-        """``eof``: the host's FIN was read right after ``data`` (one FIN-carrying segment)."""
+    def on_host_data(self, flow_id: int, data: bytes, now: float, eof: bool = False) -> bool:
+        """``eof``: the host's FIN was read right after ``data`` (one FIN-carrying segment).
+        Returns what ``host_paused`` would now (one call per read, not two)."""
         flow = self.by_id.get(flow_id)
-        if flow is not None and flow.state in _HOST_ACTIVE:
+        if flow is None:
+            return False
+        if flow.state in _HOST_ACTIVE:
             flow.on_host_data(data, now, eof)
+            if flow.state == CLOSED:
+                return False  # (as ``host_paused``: a flow that is gone is not paused)
+        return flow.host_paused
 
     def host_paused(self, flow_id: int) -> bool:
         """True when the flow's host socket must not be read (buffer full or budget spent)."""
