@@ -37,8 +37,9 @@ wakeup leave in one flush, with no extra loop turn between an event and the fram
 
 One poller per event loop, shared by every host side of a daemon: ``DatagramPoller.acquire(loop)``
 returns it (creating it on first use) and each user calls ``release()`` once when it shuts down;
-the last release closes the epoll. Owners unregister a socket before closing it
-(``close_socket`` does both), so a reused descriptor number never reaches the wrong handler.
+the last release closes the epoll. Owners forget a socket's entry before closing it
+(``close_socket`` does both; the close itself takes it out of the epoll), so a reused
+descriptor number never reaches the wrong handler.
 """
 
 from __future__ import annotations
