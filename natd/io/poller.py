@@ -37,8 +37,9 @@ wakeup leave in one flush, with no extra loop turn between an event and the fram
 
 One poller per event loop, shared by every host side of a daemon: ``DatagramPoller.acquire(loop)``
 returns it (creating it on first use) and each user calls ``release()`` once when it shuts down;
-the last release closes the epoll. Owners unregister a socket before closing it
-(``close_socket`` does both), so a reused descriptor number never reaches the wrong handler.
+the last release closes the epoll. Owners forget a socket's entry before closing it
+(``close_socket`` does both; the close itself takes it out of the epoll), so a reused
+descriptor number never reaches the wrong handler.
 """
 
 from __future__ import annotations
@@ -268,11 +269,27 @@ class DatagramPoller:
                 self._epoll.unregister(fd)
 
     def close_socket(self, sock: socket.socket) -> None:
-        """Unregister, then close (never raises)."""
-        with contextlib.suppress(Exception):
-            self.unregister(sock)
+        """Forget the socket, then close it (never raises).
+
+        No ``epoll_ctl(DEL)`` (one syscall per connection): closing the last descriptor of a
+        file removes it from the epoll by itself, and the entry is gone before the number can
+        be reused. natd never dups these sockets; if the close was not the last reference
+        (``makefile``), or failed, the socket is unregistered the explicit way.
+        """
+        fd = sock.fileno()
+        entry = self._entries.get(fd) if fd >= 0 else None
+        if entry is None or entry.sock is not sock:
+            with contextlib.suppress(Exception):
+                self.unregister(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        del self._entries[fd]
         with contextlib.suppress(OSError):
             sock.close()
+        if sock.fileno() >= 0 and not self.closed:  # still open: take it out of the epoll
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
 
     def close(self) -> None:
         """Stop watching everything (the owners close their sockets) and close the epoll."""

@@ -372,12 +372,12 @@ class TcpHost:
                 # (Nothing there yet, or an error: the next round sees it.)
                 with contextlib.suppress(OSError):
                     eof = not recv(1, socket.MSG_PEEK)
-            engine.on_host_data(flow, data, now, eof)
+            paused = engine.on_host_data(flow, data, now, eof)
             if eof:
                 s.eof = True
                 self._watch(s)
                 break
-            if engine.host_paused(flow):
+            if paused:
                 # Now, not at the flush: more reads would let megabytes past the budget.
                 s.paused = True
                 self._watch(s)

@@ -14,6 +14,7 @@ the core only adds and compares.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sized
 from typing import Any
 
 # Used when the settings say 0 ("size it from the machine") and no shell did: a core run by a
@@ -25,7 +26,10 @@ FALLBACK_PER_GUEST = FALLBACK_TOTAL // 4
 class Budget:
     """One global and one per-guest byte budget (guests keyed by address ``bytes``)."""
 
-    __slots__ = ("by_guest", "mark", "pauses", "peak", "per_guest", "squeezes", "total", "used")
+    __slots__ = (
+        "by_guest", "mark", "pauses", "peak", "per_guest", "squeezes", "total", "used", "waiting",
+        "wake_at",
+    )  # fmt: skip
 
     def __init__(self, total: int, per_guest: int) -> None:
         self.total = total if total > 0 else FALLBACK_TOTAL
@@ -36,13 +40,19 @@ class Budget:
         self.by_guest: dict[bytes, int] = {}
         self.pauses = 0  # host sockets paused because the budget was spent
         self.squeezes = 0  # windows advertised smaller than the flow could take, for the budget
+        # Who waits for room (the owner's table, truthy while anyone does) and, then, the time
+        # of the first credit since: when the owner should wake them (0.0: no wake due).
+        self.waiting: Sized = ()
+        self.wake_at = 0.0
 
     def resize(self, total: int, per_guest: int) -> None:
         """New limits (reload): what is held stays; only new promises follow the new bounds."""
         self.total = total if total > 0 else FALLBACK_TOTAL
         self.per_guest = per_guest if per_guest > 0 else min(FALLBACK_PER_GUEST, self.total)
 
-    def charge(self, guest: bytes, n: int) -> None:
+    def charge(self, guest: bytes, n: int) -> int:
+        """Hold ``n`` more bytes for ``guest``; the room left (``room(guest)`` after it: the
+        hot callers ask next, one call less)."""
         used = self.used + n
         self.used = used
         if used > self.mark:
@@ -50,9 +60,17 @@ class Budget:
             if used > self.peak:
                 self.peak = used
         by_guest = self.by_guest
-        by_guest[guest] = by_guest.get(guest, 0) + n
+        mine = by_guest.get(guest, 0) + n
+        by_guest[guest] = mine
+        free = self.total - used
+        mine = self.per_guest - mine
+        if mine < free:
+            free = mine
+        return free if free > 0 else 0
 
-    def credit(self, guest: bytes, n: int) -> None:
+    def credit(self, guest: bytes, n: int, now: float = 0.0) -> None:
+        """``n`` bytes of ``guest``'s left natd; if anyone waits for room, a wake is due
+        ``now`` (the TCP engine's ``credit``: one call per credit, not two)."""
         self.used -= n
         by_guest = self.by_guest
         left = by_guest.get(guest, 0) - n
@@ -60,6 +78,8 @@ class Budget:
             by_guest[guest] = left
         else:
             by_guest.pop(guest, None)
+        if self.waiting and not self.wake_at:
+            self.wake_at = now
 
     def room(self, guest: bytes) -> int:
         """Bytes ``guest`` may still be promised (0 when it or the whole budget is spent)."""

@@ -42,7 +42,7 @@ from natd.stack.tcp import TcpEngine
 from natd.stack.udp import UdpEngine
 from natd.wire import Malformed
 from natd.wire.arp import ARP_REQUEST, build_arp, parse_arp
-from natd.wire.checksum import transport_checksum
+from natd.wire.checksum import pseudo_sum, transport_checksum
 from natd.wire.ethernet import (
     BROADCAST_MAC,
     ETH_HLEN,
@@ -51,10 +51,10 @@ from natd.wire.ethernet import (
     ETHERTYPE_IPV6,
     build_ethernet,
 )
-from natd.wire.fastpath import decode_frame, decode_frame6
+from natd.wire.fastpath import FastFrame, decode_frame, decode_frame6
 from natd.wire.icmp import ICMP_ECHO_REQUEST, parse_icmp
 from natd.wire.icmpv6 import ICMPV6_ECHO_REQUEST, parse_icmpv6
-from natd.wire.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, build_ipv4, parse_ipv4
+from natd.wire.ipv4 import IPV4_HLEN, PROTO_ICMP, PROTO_TCP, PROTO_UDP, build_ipv4, parse_ipv4
 from natd.wire.ipv6 import PROTO_ICMPV6, parse_ipv6
 from natd.wire.l3 import L3, WHY_ADMIN, build_error, build_ip, l3_from_ipv4, l3_from_ipv6
 from natd.wire.ndp import ND_REDIRECT, ND_ROUTER_SOLICIT
@@ -69,6 +69,7 @@ _LIMITED_BROADCAST = b"\xff\xff\xff\xff"
 _DHCP_SERVER_PORT = 67
 _DHCPV6_SERVER_PORT = 547
 _DNS_PORT = 53
+_TTL_AT = 8  # offset of the IPv4 TTL
 _MAX_NEIGHBORS = 65536  # bounds the table even on a /8 virtual network
 _MAX_DENIALS_LOGGED = 4096  # distinct denied (guest, proto, dst, port) remembered for the log
 _MAX_DECISIONS = 8192  # cached policy verdicts per (proto, dst, port, kind); cleared when full
@@ -336,7 +337,11 @@ class Gateway:
                     and f[4] != broadcast
                     and f[2] != mac
                     and (
-                        tcp_frame(frame, f, csum, now)
+                        (
+                            tcp_frame(frame, f, csum, now)
+                            # a SYN for no flow: policy and limits, no header re-parse
+                            or (f[9] & _NEW_TCP_MASK == SYN and self._syn4(frame, f, csum, now))
+                        )
                         if f[0] == PROTO_TCP
                         else udp_frame(frame, f, csum, now)
                     )
@@ -348,6 +353,23 @@ class Gateway:
         counters["rx.frames"] += count
         # One cumulative ACK and one host write per flow per batch.
         self.tcp.end_batch(now)
+
+    def _syn4(self, frame: bytes | memoryview, f: FastFrame, csum: int, now: float) -> bool:
+        """A fast-decoded IPv4 SYN from a known neighbour that no flow took (one per
+        connection): the slow path's remaining checks (a guest source, the egress policy),
+        then the TCP engine, on an ``L3`` built from the decoded fields instead of a second
+        parse. False (IPv6, a source the slow path drops and counts): take the slow path."""
+        src = f[3]
+        if len(src) != 4 or src in self._not_guests or not self.settings.in_network(src):
+            return False
+        self.neighbours.touch(src, now)
+        dst = f[4]
+        packet = memoryview(frame)[ETH_HLEN : f[12]]
+        pseudo = pseudo_sum(src, dst, PROTO_TCP, 0)
+        ip = L3(src, dst, PROTO_TCP, packet[_TTL_AT], packet[IPV4_HLEN:], pseudo, packet)
+        if not self._egress_denied(ip, csum):
+            self.tcp.on_guest_segment(ip, now, csum, f[2])
+        return True
 
     def _receive(self, frame: bytes | memoryview, now: float, csum: int = 0) -> None:
         if len(frame) < ETH_HLEN:

@@ -510,3 +510,67 @@ def test_dns_upstream_on_uvloop_recovers_after_being_down(sockets: list[socket.s
             pump.close()
 
     run("uvloop", main)
+
+
+def test_close_socket_frees_the_number_for_a_new_socket(sockets: list[socket.socket]) -> None:
+    """``close_socket`` skips ``epoll_ctl(DEL)``: the close takes the socket out of the epoll.
+    A new socket that gets the same descriptor number hears its own datagrams, and the old
+    handler never runs again."""
+    peer = udp_socket()
+    sockets.append(peer)
+    calls: list[str] = []
+
+    def reader(name: str, sock: socket.socket) -> Callable[[], None]:
+        def on_readable() -> None:
+            calls.append(name)
+            with contextlib.suppress(BlockingIOError):
+                sock.recv(100)
+
+        return on_readable
+
+    async def main() -> None:
+        poller = DatagramPoller(asyncio.get_running_loop())
+        old = udp_socket()
+        fd = old.fileno()
+        poller.register(old, reader("old", old))
+        peer.sendto(b"x", old.getsockname())
+        assert await until(lambda: calls == ["old"])
+        peer.sendto(b"unread", old.getsockname())  # pending when it is closed
+        poller.close_socket(old)
+        assert len(poller) == 0 and old.fileno() == -1
+        new = udp_socket()
+        sockets.append(new)
+        assert new.fileno() == fd  # the lowest free number: the one just closed
+        poller.register(new, reader("new", new))
+        peer.sendto(b"y", new.getsockname())
+        assert await until(lambda: calls == ["old", "new"])
+        assert not poller._epoll.poll(0)  # nothing left for the old socket
+        poller.close()
+
+    run("uvloop", main)
+
+
+def test_close_socket_still_referenced_leaves_the_epoll(sockets: list[socket.socket]) -> None:
+    """A socket whose close is not the last reference (``makefile``) stays open: then
+    ``close_socket`` takes it out of the epoll explicitly, and its input wakes nobody."""
+    peer = udp_socket()
+    sockets.append(peer)
+    calls: list[str] = []
+
+    async def main() -> None:
+        poller = DatagramPoller(asyncio.get_running_loop())
+        sock = udp_socket()
+        file = sock.makefile("rb")
+        poller.register(sock, lambda: calls.append("read"))
+        poller.close_socket(sock)
+        assert sock.fileno() >= 0 and len(poller) == 0  # open: the file holds it
+        peer.sendto(b"x", sock.getsockname())
+        ready = select.select([sock], [], [], 2.0)[0]
+        assert ready == [sock]  # the datagram is there ...
+        assert not poller._epoll.poll(0)  # ... and the epoll does not report it
+        file.close()  # the last reference: now really closed
+        assert sock.fileno() == -1
+        poller.close()
+
+    run("uvloop", main)
+    assert calls == []

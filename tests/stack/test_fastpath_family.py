@@ -11,6 +11,7 @@ run must really have used the fast path (frames that reached ``Gateway._receive`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 from typing import Any
 
 import pytest
@@ -19,12 +20,13 @@ from helpers import RecordingLog, ip, ip6
 from natd.stack import gateway as gateway_module
 from natd.stack.gateway import Gateway
 from natd.stack.ops import TcpConnect, TcpSend, UdpSend
+from natd.stack.policy import Policy, PolicyRule
 from natd.stack.settings import GatewaySettings
 from natd.wire.checksum import pseudo_sum
 from natd.wire.ethernet import ETHERTYPE_IPV4, ETHERTYPE_IPV6, build_ethernet
 from natd.wire.ipv4 import PROTO_TCP, PROTO_UDP, build_ipv4
 from natd.wire.ipv6 import build_ipv6
-from natd.wire.tcp import ACK, FIN, PSH, SYN, build_tcp, build_tcp_options
+from natd.wire.tcp import ACK, FIN, PSH, RST, SYN, build_tcp, build_tcp_options
 from natd.wire.udp import build_udp
 from natd.wire.vnet import F_NEEDS_CSUM
 
@@ -44,6 +46,7 @@ class Run:
 
     family: int
     fast: bool
+    settings: GatewaySettings = field(default_factory=GatewaySettings)
     gw: Gateway = field(init=False)
     slow_frames: int = 0
     steps: list[tuple[list[bytes], list[Any]]] = field(default_factory=list)
@@ -51,7 +54,7 @@ class Run:
     una: int = 0  # natd's ISS + 1, once the handshake is done
 
     def __post_init__(self) -> None:
-        self.gw = Gateway(GatewaySettings(), log=RecordingLog())
+        self.gw = Gateway(self.settings, log=RecordingLog())
         self.gw.tcp._secret = b"same secret, same ISS"  # both runs pick the same ISS
         self.src, self.dst = ADDRS[self.family]
         original = self.gw._receive
@@ -231,3 +234,69 @@ def test_a_64k_tso_segment_with_a_partial_checksum_takes_the_fast_path(family: i
     sends = [op.data for op in run.steps[-1][1] if isinstance(op, TcpSend)]
     assert b"".join(sends) == data
     assert not run.gw.counters.get("drop.tcp.bad_checksum")
+
+
+DENIED = ip("203.0.113.9")
+DENY_POLICY = Policy(rules=(PolicyRule("deny", IPv4Network("203.0.113.0/24"), None, "tcp"),))
+
+
+def play_syns(run: Run) -> None:
+    """A first connection (its SYN teaches natd the guest's MAC), then SYNs from a known
+    neighbour: a new allowed one, its retransmission (absorbed while connecting), a denied one
+    (RST, counted, logged), a corrupt one, and one with the RST flag that is no SYN at all."""
+
+    def syn(sport: int, dst: bytes, flags: int = SYN) -> bytes:
+        opts = build_tcp_options(mss=1400, wscale=7, sack_permitted=True)
+        l4 = build_tcp(run.src, dst, sport, DPORT, ISS, 0, flags, 0x2000, b"", opts)
+        packet = build_ipv4(run.src, dst, PROTO_TCP, l4)
+        return build_ethernet(run.gw.mac, GUEST_MAC, ETHERTYPE_IPV4, packet)
+
+    run.feed([syn(SPORT, run.dst)])
+    run.feed([syn(SPORT + 1, run.dst)])
+    run.feed([syn(SPORT + 1, run.dst)])
+    run.feed([syn(SPORT + 2, DENIED)])
+    bad = bytearray(syn(SPORT + 3, run.dst))
+    bad[-1] ^= 0xFF
+    run.feed([bytes(bad)])
+    run.feed([syn(SPORT + 4, run.dst, SYN | RST)])
+
+
+def test_a_known_neighbours_syn_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An IPv4 SYN from a known neighbour is no longer parsed twice: the egress policy and the
+    TCP engine get an ``L3`` built from the fast decode. Frames, ops and counters are those of
+    the slow path, allowed, absorbed, denied, corrupt or not a clean SYN."""
+    settings = GatewaySettings(policy=DENY_POLICY)
+    fast = Run(4, fast=True, settings=settings)
+    play_syns(fast)
+    with monkeypatch.context() as m:
+        _no_fast_path(m)
+        slow = Run(4, fast=False, settings=settings)
+        play_syns(slow)
+    assert fast.slow_frames == 2  # the first SYN (the MAC was not known yet), the SYN|RST
+    assert slow.slow_frames == 6
+    assert outcome(fast) == outcome(slow)
+    connects = [op for _f, ops in fast.steps for op in ops if isinstance(op, TcpConnect)]
+    assert [op.port for op in connects] == [DPORT, DPORT] and len(fast.gw.tcp.flows) == 2
+    counters = fast.gw.counters
+    assert counters["tcp.syn_absorbed"] == 1
+    assert counters["policy.denied.tcp"] == 1
+    assert counters["drop.tcp.bad_checksum"] == 1
+    assert counters["drop.tcp.rst_no_flow"] == 1
+    rst = fast.steps[3][0]
+    assert len(rst) == 1 and rst[0][34 + 13] == RST | ACK  # the denied SYN's answer
+    assert [e for _level, e, _kw in fast.gw.log.records if e == "policy.denied"] == [
+        "policy.denied"
+    ]
+
+
+def test_a_syn_from_outside_the_network_still_takes_the_slow_path() -> None:
+    """A neighbour entry whose address left the network (a reload) proves nothing: its SYN
+    goes the slow way, which drops it as a bad source."""
+    run = Run(4, fast=True)
+    stray = ip("10.9.9.9")
+    run.gw.neighbors[stray] = GUEST_MAC
+    run.src = stray
+    run.feed([run.tcp(ISS, 0, SYN)])
+    assert run.slow_frames == 1
+    assert run.gw.counters["drop.ipv4.bad_source"] == 1
+    assert not run.gw.tcp.flows and run.steps[-1] == ([], [])

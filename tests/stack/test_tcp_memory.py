@@ -59,6 +59,25 @@ def test_budget_counts_per_guest_and_in_all() -> None:
     assert summary["limit"] == 100 and summary["peak"] == 100 and summary["guests"] == {}
 
 
+def test_charge_returns_the_room_and_credit_schedules_a_wake_only_for_waiters() -> None:
+    """``charge`` answers what ``room`` would after it; a credit sets ``wake_at`` (once, the
+    first credit's time) only while the owner's waiting table is not empty."""
+    b = Budget(total=100, per_guest=60)
+    a, c = b"\x0a\x00\x02\x0f", b"\x0a\x00\x02\x10"
+    assert b.charge(a, 50) == b.room(a) == 10
+    assert b.charge(c, 45) == b.room(c) == 5  # the global bound is the tighter one
+    assert b.charge(a, 20) == b.room(a) == 0  # over its own bound: none, never negative
+    b.credit(a, 10, 7.0)
+    assert b.wake_at == 0.0  # nobody waits: no wake
+    waiting: dict[bytes, dict[int, object]] = {}
+    b.waiting = waiting
+    waiting[a] = {1: object()}
+    b.credit(a, 10, 8.0)
+    b.credit(c, 5, 9.0)
+    assert b.wake_at == 8.0  # the first credit since someone waits
+    assert b.used == 90 and b.by_guest == {a: 50, c: 40}
+
+
 def test_zero_means_a_bounded_fallback_not_unlimited() -> None:
     b = Budget(0, 0)
     assert 0 < b.per_guest <= b.total < 1 << 40
@@ -90,9 +109,13 @@ def test_over_budget_pauses_host_reads_below_the_flow_buffer_and_resumes_when_fr
     a = _stalled(limits, 40000)
     gw = a.gw
     b = _stalled({}, 40001, gw)
-    out = a.host_data(b"a" * 200 * KIB)
+    # (``on_host_data`` answers ``host_paused``: the shell's read loop stops on it at once)
+    assert gw.tcp.on_host_data(a.flow, b"a" * 200 * KIB, a.now) is False
+    out = a.drain()
     assert out.ops_of(TcpPause) == []  # within the budget (and far below the 1 MiB buffer)
-    out = b.host_data(b"b" * 100 * KIB)
+    assert gw.tcp.on_host_data(b.flow, b"b" * 100 * KIB, b.now) is True
+    assert gw.tcp.host_paused(b.flow) and not gw.tcp.host_paused(a.flow)
+    out = b.drain()
     assert out.ops == [TcpPause(b.flow)]  # the budget is spent: stop reading b's host socket
     assert gw.counters["tcp.budget_pauses"] == 1 and gw.tcp.budget.pauses == 1
     # nothing read is dropped: b's 100 KiB stay and go out once the guest opens its window

@@ -70,6 +70,7 @@ Host events (called by the shell's ``TcpHost``, which then calls ``shell.kick()`
   other "no route" errors → ICMP host unreachable; anything else → RST.
 * ``on_host_data(flow, data, now, eof=False)`` — bytes read from the host socket; ``eof``:
   the host's FIN was read right behind them (natd's FIN then rides on their last segment).
+  Returns ``host_paused(flow)`` after taking them (the shell's read loop asks it every read).
 * ``on_host_eof(flow, now)`` — the host half-closed; a FIN follows the buffered data.
 * ``on_host_error(flow, err, now)`` — the host socket failed or was reset: RST the guest.
 * ``on_host_accepted(flow, total, now)`` — the host kernel has taken ``total`` bytes of guest
@@ -192,7 +193,10 @@ class TcpEngine:
         # id, oldest first; ``wake`` revisits them when bytes are given back, skipping a guest
         # without room at once (a hog's thousands of flows cost nothing per credit).
         self._starved: dict[bytes, dict[int, TcpFlow]] = {}
-        self._wake_at = 0.0
+        self.budget.waiting = self._starved  # credits while it is not empty set budget.wake_at
+        # ``n`` bytes of ``guest``'s left natd: give them back, wake starved flows soon (the
+        # budget's own method: ~2 credits per round trip, one call each).
+        self.credit: Callable[[bytes, int, float], None] = self.budget.credit
         self._heap: list[tuple[float, int]] = []
         self._dirty: list[TcpFlow] = []
         self._dirty_at = 0.0
@@ -249,12 +253,6 @@ class TcpEngine:
 
     # -- the memory budget -------------------------------------------------------------------
 
-    def credit(self, guest: bytes, n: int, now: float) -> None:
-        """``n`` bytes of ``guest``'s left natd: give them back, wake starved flows soon."""
-        self.budget.credit(guest, n)
-        if self._starved and not self._wake_at:
-            self._wake_at = now
-
     def starve(self, flow: TcpFlow) -> None:
         """``flow`` waits for budget room (its host reads are paused or its window squeezed)."""
         waiting = self._starved.get(flow.guest_ip)
@@ -292,8 +290,8 @@ class TcpEngine:
     def wake(self, now: float) -> None:
         """Bytes were given back: resume paused host reads and reopen squeezed windows, oldest
         first, as far as the room goes (one read's worth per resumed socket)."""
-        self._wake_at = 0.0
         budget = self.budget
+        budget.wake_at = 0.0
         step = self.resume_room()
         half = self.limit // 2
         free = budget.total - budget.used
@@ -792,11 +790,17 @@ class TcpEngine:
                 reason = "connect_timeout"
         self.close(flow, reason, now)
 
-    def on_host_data(self, flow_id: int, data: bytes, now: float, eof: bool = False) -> None:
-        """``eof``: the host's FIN was read right after ``data`` (one FIN-carrying segment)."""
+    def on_host_data(self, flow_id: int, data: bytes, now: float, eof: bool = False) -> bool:
+        """``eof``: the host's FIN was read right after ``data`` (one FIN-carrying segment).
+        Returns what ``host_paused`` would now (one call per read, not two)."""
         flow = self.by_id.get(flow_id)
-        if flow is not None and flow.state in _HOST_ACTIVE:
+        if flow is None:
+            return False
+        if flow.state in _HOST_ACTIVE:
             flow.on_host_data(data, now, eof)
+            if flow.state == CLOSED:
+                return False  # (as ``host_paused``: a flow that is gone is not paused)
+        return flow.host_paused
 
     def host_paused(self, flow_id: int) -> bool:
         """True when the flow's host socket must not be read (buffer full or budget spent)."""
@@ -938,7 +942,7 @@ class TcpEngine:
             for flow in dirty:
                 if flow.dirty and flow.state != CLOSED:
                     flow.flush(now)
-        if self._wake_at:
+        if self.budget.wake_at:
             self.wake(now)
 
     def arm(self, flow: TcpFlow, when: float) -> None:
@@ -960,8 +964,9 @@ class TcpEngine:
     def next_deadline(self) -> float | None:
         if self._dirty:
             return self._dirty_at
-        if self._wake_at:
-            return self._wake_at
+        wake_at = self.budget.wake_at
+        if wake_at:
+            return wake_at
         heap = self._heap
         by_id = self.by_id
         while heap:

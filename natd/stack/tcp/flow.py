@@ -293,11 +293,13 @@ class TcpFlow(Template, Sender, Receiver):
 
     def release(self, now: float) -> None:
         """Drop every buffer and give its bytes back to the budget (the flow is gone)."""
-        held = len(self.sndbuf) + (self.issued - self.accepted) + self.ooo_bytes
+        unacked = self.sndbuf.size
+        held = unacked + (self.issued - self.accepted) + self.ooo_bytes
         if held:
             self.eng.credit(self.guest_ip, held, now)
         self.accepted = self.issued
-        self.sndbuf = SendBuffer()
+        if unacked:  # (an empty buffer holds no chunks: no new one per closed flow)
+            self.sndbuf = SendBuffer()
         self.ooo_starts = []
         self.ooo_data = []
         self.ooo_bytes = 0

@@ -592,12 +592,12 @@ class Sender(Tcb):
             self.host_eof = True
             self.fin_seq = self.snd_una + self.sndbuf.size
         eng = self.eng
-        eng.budget.charge(self.guest_ip, len(data))
+        room = eng.budget.charge(self.guest_ip, len(data))
         if not self.host_paused:
             if self.sndbuf.size >= eng.limit:
                 self.host_paused = True
                 eng.emit(TcpPause(self.id))
-            elif eng.budget.room(self.guest_ip) <= 0:  # (``Budget.over``, one call less)
+            elif room <= 0:  # (``Budget.over``: the charge returned the room)
                 self.host_paused = True
                 eng.emit(TcpPause(self.id))
                 eng.budget.pauses += 1
