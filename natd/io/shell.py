@@ -73,6 +73,9 @@ class Shell:
         batch_limit: int = READ_BATCH_LIMIT,
     ) -> None:
         self.loop = loop
+        # The clock the core runs on: the loop's monotonic time (bound: host sides read it
+        # for every event they feed in).
+        self.now: Callable[[], float] = loop.time
         self.gateway = gateway
         self.link = link
         self.log = log
@@ -104,10 +107,6 @@ class Shell:
 
     # -- the contract ------------------------------------------------------------------------
 
-    def now(self) -> float:
-        """The clock the core runs on: the loop's monotonic time."""
-        return self.loop.time()
-
     def register(self, side: HostSide) -> None:
         """Route every op type in ``side.ops`` to ``side`` (the last registration wins)."""
         self.sides.append(side)
@@ -130,7 +129,7 @@ class Shell:
         if self._round_kicked:
             self._round_kicked = False
             if not self._stopped and not self._flushing:
-                self.flush()
+                self._flush(timer_ran=False)
 
     def flush(self) -> None:
         """Frames to the TAP, ops to their host sides, then re-arm the one timer."""

@@ -109,15 +109,16 @@ def make_shell(
 
 
 def count_flushes(shell: Shell) -> list[int]:
-    """Wrap ``shell.flush``: the returned one-item list counts its calls."""
+    """Wrap ``shell._flush``: the returned one-item list counts the flushes that events
+    caused (every entry point but the timer's)."""
     count = [0]
-    real_flush = shell.flush
+    real_flush = shell._flush
 
-    def counting_flush() -> None:
-        count[0] += 1
-        real_flush()
+    def counting_flush(timer_ran: bool) -> None:
+        count[0] += not timer_ran
+        real_flush(timer_ran)
 
-    shell.flush = counting_flush  # type: ignore[method-assign]
+    shell._flush = counting_flush  # type: ignore[method-assign]
     return count
 
 
