@@ -8,7 +8,7 @@ Why CUBIC rather than Reno: on a loss Reno halves the window; CUBIC keeps 0.7 of
 grows it back either along the cubic curve around the last maximum (long RTTs) or, at the
 ~100 µs RTTs of a guest's link, in the Reno-friendly region (RFC 9438 4.3) by
 α = 3(1 - β)/(1 + β) MSS per RTT — the same average as Reno under random loss, but a window
-that never drops below 0.7 of what the link held, as the kernel's CUBIC does in the baseline.
+that never drops below 0.7 of what the link held, as Linux's CUBIC does.
 
 Why PRR: entering recovery with cwnd = ssthresh and pipe = the whole flight silences the
 sender for half an RTT, then lets it burst; PRR (RFC 6937, with SSRB) sends in proportion to
