@@ -52,9 +52,13 @@ def test_sighup_does_not_stop_natd(start_guest: Callable[..., Guest]) -> None:
     guest = start_guest()
     assert guest.natd is not None
     guest.configure_static()
-    guest.natd.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.3)
-    assert guest.natd.alive()
+    natd = guest.natd
+    natd.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10  # until natd says what it made of the signal
+    while not any(str(e.get("event", "")).startswith("reload.") for e in natd.events()):
+        assert natd.alive() and time.monotonic() < deadline, natd.stderr_text()
+        time.sleep(0.05)
+    assert natd.alive()
     guest.ping(count=1)
 
 
