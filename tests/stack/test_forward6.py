@@ -20,12 +20,12 @@ from helpers import (
     GW_IP,
     GW_MAC,
     ROUTER6,
-    icmp6,
     ip,
     ip6,
     ip6_frame,
     l4_checksum6,
     make_gateway,
+    na_from_guest,
     read6,
 )
 
@@ -79,13 +79,6 @@ def check_ns(raw: bytes, target: bytes) -> None:
     assert (l4[0], l4[1]) == (135, 0)
     assert l4[8:24] == target
     assert l4[24:32] == b"\x01\x01" + GW_MAC  # source link-layer address option
-
-
-def na_from_guest(target: bytes = GUEST6, mac: bytes = GUEST_MAC) -> bytes:
-    """The guest's solicited NA to natd's fe80::2 (what Linux answers an NS with)."""
-    body = target + b"\x02\x01" + mac
-    msg = icmp6(136, 0x60000000, body, target, ROUTER6)  # solicited | override
-    return ip6_frame(msg, 58, src=target, dst=ROUTER6)
 
 
 def tcp6(

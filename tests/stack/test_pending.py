@@ -9,12 +9,10 @@ from helpers import (
     GW6,
     GW_IP,
     GW_MAC,
-    ROUTER6,
     arp_frame,
-    icmp6,
     ip,
-    ip6_frame,
     make_gateway,
+    na_from_guest,
 )
 
 from natd.stack.gateway import Gateway
@@ -45,11 +43,6 @@ def arp_reply() -> bytes:
     return arp_frame(ARP_REPLY, GUEST_MAC, GUEST, GW_MAC, GW_IP, eth_dst=GW_MAC)
 
 
-def na_reply() -> bytes:
-    msg = icmp6(136, 0x60000000, GUEST6 + b"\x02\x01" + GUEST_MAC, GUEST6, ROUTER6)
-    return ip6_frame(msg, 58, src=GUEST6, dst=ROUTER6)
-
-
 def is_arp_request_for(frame: bytes, target: bytes) -> bool:
     _dst, _src, ethertype, payload = parse_ethernet(frame)
     if ethertype != ETHERTYPE_ARP:
@@ -72,7 +65,7 @@ def test_held_packets_leave_in_order_with_the_learned_mac_when_the_guest_answers
         assert gw.send_ip(src, dst, PROTO_UDP, datagram(src, dst, n))  # held: "sent"
     (ask,) = gw.take_outbox()[0]  # one request for the three, nothing else yet
     assert is_arp_request_for(ask, dst) if family == 4 else is_ns_for(ask, dst)
-    gw.receive_frames([arp_reply() if family == 4 else na_reply()], 0.5)
+    gw.receive_frames([arp_reply() if family == 4 else na_from_guest()], 0.5)
     frames = gw.take_outbox()[0]
     assert frames == sent_to_a_known_guest(dst, src, PER_DESTINATION)
     assert all(f[:6] == GUEST_MAC for f in frames)
@@ -113,7 +106,7 @@ def test_an_unanswered_address_is_asked_three_times_then_its_packets_are_counted
     assert asks == 3  # RFC 4861 MAX_MULTICAST_SOLICIT, RETRANS_TIMER apart
     assert now == 10.0 + HOLD  # the schedule started at the timer due at once
     assert gw.counters["drop.neighbor_unresolved"] == 2
-    gw.receive_frames([arp_reply() if family == 4 else na_reply()], now + 1)
+    gw.receive_frames([arp_reply() if family == 4 else na_from_guest()], now + 1)
     assert gw.take_outbox() == ([], [])  # nothing is left to release
 
 
