@@ -34,6 +34,7 @@ from natd.stack.link import NullLog
 from natd.stack.ndp import NdpResponder
 from natd.stack.neighbours import NeighbourTable
 from natd.stack.ops import HostOp, Offloaded, Outbox
+from natd.stack.pending import NeighbourQueue
 from natd.stack.ping import PingEngine
 from natd.stack.policy import HOST, OUTSIDE, SERVICE
 from natd.stack.ratelog import TokenBucket
@@ -107,6 +108,8 @@ class Gateway:
         # Linux's defaults (net.ipv4.icmp_msgs_per_sec 1000, icmp_msgs_burst 50): a guest
         # cannot make natd answer a flood of refused packets one for one.
         self._error_bucket = TokenBucket(ERRORS_PER_SECOND, ERRORS_BURST)
+        # Packets for a guest whose MAC is being asked for; released by the table's ``learned``.
+        self.unresolved = NeighbourQueue(self.counters, self._ask, self.note_deadline)
         self.neighbours = NeighbourTable(
             self.counters,
             self.log,
@@ -114,6 +117,7 @@ class Gateway:
             idle=settings.source_guard_idle,
             max_entries=_MAX_NEIGHBORS,
             busy=self._has_flows,
+            learned=self._release,
         )
         self.neighbors: dict[bytes, bytes] = self.neighbours.macs  # address → owner MAC
         self._flow_ids = 0
@@ -138,6 +142,7 @@ class Gateway:
         # (two or more per round trip), so the stateless responders stay out of it.
         self._timed = (
             self.tcp, self.dhcp, self.udp, self.dns, self.ping, self.events, self.ndp, self.dhcpv6,
+            self.unresolved,
         )  # fmt: skip
         # TCP's deadline moves with nearly every segment: asked in every ``next_deadline``. The
         # others move only on their own (rarer) events, which say so with ``note_deadline``.
@@ -212,16 +217,14 @@ class Gateway:
         if not self.settings.ipv4:
             self.counters["tx.ipv4.off"] += 1  # e.g. a forward to an IPv4 guest: nothing sent
             return False
+        packet = build_ipv4(src, dst, proto, payload, ttl=ttl)
         if dst == _LIMITED_BROADCAST or dst == self._broadcast:
             mac = BROADCAST_MAC
         else:
             found = self.neighbors.get(dst)
             if found is None:
-                self.counters["tx.no_neighbor"] += 1
-                self.solicit(dst)
-                return False
+                return self._unresolved(dst, ETHERTYPE_IPV4, packet)
             mac = found
-        packet = build_ipv4(src, dst, proto, payload, ttl=ttl)
         self.outbox.frames.append(build_ethernet(mac, self.mac, ETHERTYPE_IPV4, packet))
         return True
 
@@ -229,13 +232,51 @@ class Gateway:
         if len(dst) == 4:
             return self.send_ipv4(src, dst, proto, payload, ttl=ttl)
         mac = self.neighbors.get(dst)
-        if mac is None:
-            self.counters["tx.no_neighbor"] += 1
-            self.ndp.solicit(dst)  # IPv6's ARP request; the caller retries, as for IPv4
-            return False
         ethertype, packet = build_ip(src, dst, proto, payload, hop_limit=ttl)
+        if mac is None:
+            return self._unresolved(dst, ethertype, packet)
         self.outbox.frames.append(build_ethernet(mac, self.mac, ethertype, packet))
         return True
+
+    def _unresolved(self, dst: bytes, ethertype: int, packet: bytes) -> bool:
+        """A packet for an address whose MAC natd does not know: hold it and ask the segment
+        (ARP request / Neighbour Solicitation) as the kernel does (``natd.stack.pending``).
+
+        True: held, it leaves when the guest answers (callers treat it as sent; TCP's own
+        retransmission still covers a guest that never answers). False: not held (an address
+        no guest can hold, or too many addresses waiting): counted ``tx.no_neighbor``, and the
+        segment is still asked, so a caller that keeps the packet may retry it later.
+        """
+        s = self.settings
+        resolvable = (
+            s.in_network(dst) and dst not in self._not_guests
+            if len(dst) == 4
+            else (s.in_network6(dst) or is_link_local(dst)) and not self.ndp.owned(dst)
+        )
+        held = self.unresolved.hold(dst, ethertype, packet, self._now) if resolvable else False
+        if held:
+            return True  # already being asked for
+        if held is False:
+            self.counters["tx.no_neighbor"] += 1
+        self._ask(dst)
+        return held is None
+
+    def _ask(self, dst: bytes) -> None:
+        """Who has ``dst``? An ARP request for IPv4, a Neighbour Solicitation for IPv6."""
+        if len(dst) == 4:
+            self.solicit(dst)
+        else:
+            self.ndp.solicit(dst)
+
+    def _release(self, addr: bytes, mac: bytes) -> None:
+        """The neighbour table learned ``addr``'s MAC: what waited for it leaves now, in order."""
+        packets = self.unresolved.release(addr)
+        if packets is None:
+            return
+        frames = self.outbox.frames
+        for ethertype, packet in packets:
+            frames.append(build_ethernet(mac, self.mac, ethertype, packet))
+        self.counters["tx.neighbor_released"] += len(packets)
 
     def send_error(
         self, guest: bytes, why: int, original: bytes | memoryview, *,

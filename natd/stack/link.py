@@ -40,8 +40,10 @@ class Link(Protocol):
     ) -> bool:
         """Frame ``payload`` (a whole L4 segment, checksummed) in IPv4 + Ethernet to ``dst``.
 
-        Returns False (and counts ``tx.no_neighbor``, and sends an ARP request) when the guest's
-        MAC is unknown.
+        When the guest's MAC is unknown the packet is held (``natd.stack.pending``) while an
+        ARP request asks for it, and leaves as soon as the guest answers: True, as if sent.
+        False (counted) when nothing was sent or held: IPv4 off, or too many addresses waiting
+        (then ``tx.no_neighbor``, and the ARP request still goes: a caller may retry).
         """
         ...
 
@@ -49,7 +51,7 @@ class Link(Protocol):
         """``send_ipv4`` for either family: IPv4 for 4-byte addresses, IPv6 for 16-byte ones.
 
         An unknown IPv6 neighbour is asked for with a Neighbour Solicitation, as an IPv4 one
-        with ARP (False is returned; the caller retries).
+        with ARP, and the packet waits for its answer the same way.
 
         What an engine uses to answer an ``L3`` view (``natd.wire.l3``) in its own family.
         """

@@ -39,6 +39,7 @@ class NeighbourTable:
     __slots__ = (
         "_busy",
         "_counters",
+        "_learned",
         "_log",
         "_reserved",
         "_seen",
@@ -59,6 +60,7 @@ class NeighbourTable:
         idle: float = 300.0,
         max_entries: int = 65536,
         busy: Callable[[bytes], bool] = lambda _ip: False,
+        learned: Callable[[bytes, bytes], None] = lambda _ip, _mac: None,
     ) -> None:
         self.guard = guard
         self.idle = idle
@@ -70,6 +72,9 @@ class NeighbourTable:
         self._seen: dict[bytes, float] = {}  # the idle clock: last slow-path sighting
         self._reserved: dict[bytes, bytes] = {}  # static lease address → its MAC
         self._busy = busy  # does the address have live flows (the fast path's activity)?
+        # Told of every address → MAC set (claim, bind, takeover): the one place a MAC is
+        # learned, so packets waiting for it (``natd.stack.pending``) can leave.
+        self._learned = learned
         self._counters = counters
         self._log = log
         self._spoof_log = BurstLog(LOG_INTERVAL)
@@ -166,6 +171,7 @@ class NeighbourTable:
         self.macs[addr] = mac
         self._why[addr] = why
         self._seen[addr] = now
+        self._learned(addr, mac)
 
     def _forget(self, addr: bytes) -> None:
         del self.macs[addr]

@@ -39,9 +39,10 @@ of the guest's family, as slirp does: ``GatewaySettings.shown_source``), and the
 to that address and port come back as ``UdpSend(flow, client_host, client_port)``, which the
 host side sends from the forward's listening socket. Inbound flows idle out like outbound ones
 (``UdpClose``) and are bounded by ``limits.max_udp_flows`` on their own (LRU). A datagram for a
-guest whose MAC is not known yet triggers an ARP request or a Neighbour Solicitation
-(``send_ip`` does) and is kept and retried ``INBOUND_RETRIES`` times, ``INBOUND_RETRY`` seconds
-apart.
+guest whose MAC is not known yet is held by the Gateway while it asks (ARP request or Neighbour
+Solicitation: ``natd.stack.pending``) and leaves when the guest answers; only when that queue
+refuses it (too many silent addresses) does the flow keep the newest datagram itself and retry
+it ``INBOUND_RETRIES`` times, ``INBOUND_RETRY`` seconds apart (a held one is never retried).
 
 Host events (called by ``natd.io.udp_host.UdpHost``)
 ----------------------------------------------------
@@ -481,7 +482,7 @@ class UdpEngine:
         f.bytes_in += len(payload)
         counters["udp.forward_rx"] += 1
         if not self._deliver(f, payload):
-            f.pending = payload  # ARP/NS is on its way; the newest datagram waits for it
+            f.pending = payload  # not even held (the neighbour queue is full): retried here
             f.retries = 0
             f.retry_at = now + INBOUND_RETRY
             self.link.note_deadline(f.retry_at)
@@ -505,8 +506,8 @@ class UdpEngine:
             self._close_inbound(f, "forward_closed", tell_host=False)
 
     def _deliver(self, f: UdpInbound, payload: bytes) -> bool:
-        """The client's datagram to the guest in the guest's family; False: its MAC is not known
-        yet (``send_ip`` asked the segment: ARP or a Neighbour Solicitation)."""
+        """The client's datagram to the guest in the guest's family (sent, or held until its MAC
+        is known); False: neither (``send_ip`` still asked the segment: ARP or an NS)."""
         segment = build_udp(f.src_ip, f.guest_ip, f.client_port, f.guest_port, payload)
         return self.link.send_ip(f.src_ip, f.guest_ip, PROTO_UDP, segment)
 

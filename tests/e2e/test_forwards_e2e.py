@@ -393,6 +393,26 @@ def test_forward_to_a_silent_guest_resets_the_client_after_the_syn_timeout(
     assert 9 < float(out[1]) < 13  # natd's inbound SYN timeout is 10 s
 
 
+def test_first_forwarded_connection_to_a_guest_natd_never_heard_from_waits_only_for_arp(
+    start_guest: Callable[..., Guest], tmp_path: Path
+) -> None:
+    """The guest has sent no IPv4 at all: natd holds the forward's SYN while it ARPs and
+    sends it on the guest's reply (counted), not a second later on its retransmission."""
+    control = str(tmp_path / "ctl.sock")
+    guest = start_guest("--forward", "tcp::0-:8080", "--control", control)
+    assert guest.natd is not None
+    configure(guest)
+    start_server(guest, HTTP_SERVER, FIRST_LEASE, "8080", "1")
+    (port,) = listening_ports(guest.natd).values()
+    t0 = time.monotonic()
+    headers, _body = curl(port, "/", tmp_path)
+    print(f"first connection to a silent guest answered in {time.monotonic() - t0:.3f}s")
+    assert headers["x-peer"].startswith(f"{GATEWAY}:")
+    counters = ctl(control, "stats")["counters"]
+    assert counters.get("tx.neighbor_released") == 1  # the SYN, held for the ARP reply
+    assert "tx.no_neighbor" not in counters
+
+
 def test_a_taken_port_exits_1_with_one_line(start_guest: Callable[..., Guest]) -> None:
     guest = start_guest(natd=False)
     with socket.socket() as squatter:

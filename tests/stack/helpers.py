@@ -345,3 +345,10 @@ def read6(raw: bytes) -> tuple[dpkt.ethernet.Ethernet, dpkt.ip6.IP6, bytes]:
     pseudo = ip.src + ip.dst + struct.pack("!I3xB", len(l4), ip.nxt)
     assert inet_checksum(pseudo + l4) == 0, "bad upper-layer checksum"
     return eth, ip, l4
+
+
+def na_from_guest(target: bytes = GUEST6, mac: bytes = GUEST_MAC) -> bytes:
+    """The guest's solicited NA to natd's fe80::2 (what Linux answers an NS with)."""
+    body = target + b"\x02\x01" + mac
+    msg = icmp6(136, 0x60000000, body, target, ROUTER6)  # solicited | override
+    return ip6_frame(msg, 58, src=target, dst=ROUTER6)

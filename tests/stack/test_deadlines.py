@@ -21,8 +21,8 @@ from natd.stack.dhcpv6 import binding_key
 from natd.stack.gateway import Gateway
 from natd.stack.ndp import INITIAL_INTERVAL
 from natd.stack.ops import DnsQuery, PingClose, UdpClose
+from natd.stack.pending import RESOLICIT
 from natd.stack.settings import GatewaySettings, Limits
-from natd.stack.udp import INBOUND_RETRY
 from natd.wire.dns import RCODE_SERVFAIL, build_query, parse_dns
 from natd.wire.icmp import ICMP_ECHO_REQUEST, build_icmp_echo
 from natd.wire.ipv4 import PROTO_UDP, parse_ipv4
@@ -85,7 +85,7 @@ def test_an_inbound_forward_flow_closes_when_idle() -> None:
     assert gw.counters["udp.idle_closed"] == 1 and not gw.udp.has_inbound(flow)
 
 
-def test_an_inbound_datagram_for_an_unknown_guest_is_retried() -> None:
+def test_an_inbound_datagram_for_an_unknown_guest_waits_for_its_arp_reply() -> None:
     gw = new_gateway(limits=Limits(udp_idle_timeout=20.0))
     flow = gw.udp.open_inbound(GUEST_IP, 5353, ip("127.0.0.1"), 41000, 1.0)
     assert flow is not None
@@ -93,13 +93,18 @@ def test_an_inbound_datagram_for_an_unknown_guest_is_retried() -> None:
     assert gw.next_deadline() == 21.0
     assert gw.udp.on_host_inbound(flow, b"question", 3.0)
     assert len(gw.take_outbox()[0]) == 1  # an ARP request; the datagram waits
-    assert gw.next_deadline() == 3.0 + INBOUND_RETRY  # earlier than the idle timer
-    gw.learn_neighbor(GUEST_IP, GUEST_MAC)
-    gw.on_timer(3.0 + INBOUND_RETRY)
+    # The held packet's schedule starts at the next timer, due at once (the latest clock).
+    assert gw.next_deadline() == 2.0
+    gw.on_timer(3.0)
+    assert gw.next_deadline() == 3.0 + RESOLICIT  # earlier than the idle timer
+    gw.learn_neighbor(GUEST_IP, GUEST_MAC)  # the guest answered: the datagram leaves now
     (frame,) = gw.take_outbox()[0]
     header, _l4 = parse_ipv4(frame[14:])
     assert header.proto == PROTO_UDP and header.dst == GUEST_IP
     assert frame.endswith(b"question")
+    gw.on_timer(3.0 + RESOLICIT)  # the early wake-up finds nothing: exact again
+    assert gw.take_outbox() == ([], [])
+    assert gw.next_deadline() == 23.0  # the flow's idle timer (its datagram came at 3.0)
 
 
 def _dns_gateway() -> Gateway:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from helpers import GW_MAC, arp_frame
 from tcp_helpers import (
     ACK,
     FIN,
     GUEST_IP,
+    GUEST_MAC,
     GW_IP,
     M32,
     RST,
@@ -19,7 +21,7 @@ from tcp_helpers import (
 
 from natd.stack.ops import TcpClose, TcpSend, TcpShutdown
 from natd.stack.tcp import state_of
-from natd.wire.arp import ARP_REQUEST, parse_arp
+from natd.wire.arp import ARP_REPLY, ARP_REQUEST, parse_arp
 from natd.wire.ethernet import ETHERTYPE_ARP, parse_ethernet
 from natd.wire.tcp import build_tcp_options
 
@@ -111,20 +113,20 @@ def test_silent_guest_gets_syn_retransmits_then_the_client_is_reset_within_a_bou
     assert not g.gw.tcp.is_open(flow)
 
 
-def test_unknown_guest_mac_is_arped_for_and_the_syn_retransmitted() -> None:
+def test_unknown_guest_mac_is_arped_for_and_the_syn_sent_as_soon_as_it_answers() -> None:
     g, flow, frames = forward_flow(known_mac=False)
-    (frame,) = frames
+    (frame,) = frames  # the ARP request; the SYN waits for the answer
     _dst, _src, ethertype, payload = parse_ethernet(frame)
     assert ethertype == ETHERTYPE_ARP
     arp = parse_arp(payload)
     assert (arp.op, arp.tpa) == (ARP_REQUEST, GUEST_IP)
-    g.gw.learn_neighbor(GUEST_IP, bytes.fromhex("525400123456"))  # the guest's ARP reply
-    syn: Seg | None = None
-    for _ in range(10):
-        out = g.advance(0.5)
-        if out.segs:
-            syn = out.only()
-            break
-    assert syn is not None and syn.flags == SYN
+    # The guest's ARP reply, at the same instant: the held SYN leaves with it, long before
+    # its 1 s retransmission timer (the clock does not move).
+    reply = arp_frame(ARP_REPLY, GUEST_MAC, GUEST_IP, GW_MAC, GW_IP, eth_dst=GW_MAC)
+    out = g.feed(reply)
+    syn = out.only()
+    assert syn.flags == SYN and (syn.src, syn.sport, syn.dport) == (GW_IP, CLIENT_PORT, GUEST_PORT)
+    assert out.frames[0][:6] == GUEST_MAC
+    assert g.gw.counters["tx.neighbor_released"] == 1
     accept(g, syn)
     assert state_of(g.gw.tcp, flow) == "ESTABLISHED"

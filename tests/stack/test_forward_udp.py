@@ -14,6 +14,7 @@ from udpdns_helpers import (
 
 from natd.stack.gateway import Gateway
 from natd.stack.ops import UdpClose, UdpSend
+from natd.stack.pending import MAX_DESTINATIONS
 from natd.stack.settings import Limits
 from natd.stack.udp import INBOUND_RETRIES, INBOUND_RETRY
 from natd.wire.arp import ARP_REQUEST, parse_arp
@@ -97,7 +98,7 @@ def test_idle_inbound_flow_is_closed_and_a_late_reply_is_not_forwarded() -> None
     assert isinstance(op, UdpSend) and op.flow != flow and op.host == bytes((127, 0, 0, 1))
 
 
-def test_unknown_guest_mac_is_arped_for_and_the_datagram_retried() -> None:
+def test_unknown_guest_mac_is_arped_for_and_the_datagram_released_by_the_reply() -> None:
     gw = new_gateway()
     flow = gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 1)), 7000, 1.0)
     assert flow is not None
@@ -107,26 +108,70 @@ def test_unknown_guest_mac_is_arped_for_and_the_datagram_retried() -> None:
     assert ethertype == ETHERTYPE_ARP
     arp = parse_arp(payload)
     assert (arp.op, arp.tpa) == (ARP_REQUEST, GUEST_IP)
-    assert gw.next_deadline() == 1.0 + INBOUND_RETRY
-    gw.learn_neighbor(GUEST_IP, GUEST_MAC)  # the guest answered the ARP
-    gw.on_timer(1.0 + INBOUND_RETRY)
+    gw.learn_neighbor(GUEST_IP, GUEST_MAC)  # the guest answered the ARP: out at once
     (frame,) = gw.take_outbox()[0]
-    assert decode_udp(frame)[3] == b"early"
+    assert frame[:6] == GUEST_MAC and decode_udp(frame)[3] == b"early"
+    for now in (1.0 + INBOUND_RETRY, 2.0, 4.0):  # held, so never retried into a duplicate
+        gw.on_timer(now)
+        assert gw.take_outbox() == ([], [])
 
 
-def test_a_guest_that_never_answers_arp_gives_up_after_the_retries() -> None:
+def test_a_guest_that_never_answers_arp_loses_the_datagram_after_three_seconds() -> None:
     gw = new_gateway()
     flow = gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 1)), 7000, 1.0)
     assert flow is not None
+    gw.receive_frames([], 1.0)
     gw.udp.on_host_inbound(flow, b"lost", 1.0)
     now = 1.0
+    while now < 5.0:
+        gw.on_timer(now)
+        now += INBOUND_RETRY
+    assert gw.counters["drop.neighbor_unresolved"] == 1
+    assert gw.counters["arp.solicit"] == 3  # RFC 4861's three, one second apart
+    assert gw.counters["drop.udp.forward_no_neighbor"] == 0  # not the fallback's retries
+    deadline = gw.next_deadline()
+    assert deadline is not None and deadline > now + 1  # only the idle timeout is left
+
+
+def fill_the_queue(gw: Gateway) -> None:
+    """Hold a packet for ``MAX_DESTINATIONS`` silent link-local IPv6 neighbours (more than an
+    IPv4 /24 has): the queue is shared by both families."""
+    for n in range(MAX_DESTINATIONS):
+        silent = bytes.fromhex("fe80" + "00" * 12) + (0x100 + n).to_bytes(2, "big")
+        assert gw.send_ip(gw.settings.gateway6, silent, 17, b"\0" * 8)
+    gw.take_outbox()
+
+
+def test_with_the_queue_full_the_datagram_is_kept_and_retried_by_the_flow() -> None:
+    """Too many silent addresses (``MAX_DESTINATIONS``): the queue refuses, and the forward's
+    own one-datagram retry (``INBOUND_RETRY``) takes over until the guest answers."""
+    gw = new_gateway()
+    fill_the_queue(gw)
+    flow = gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 1)), 7000, 1.0)
+    assert flow is not None
+    gw.take_outbox()
+    gw.udp.on_host_inbound(flow, b"kept", 1.0)
+    (request,) = gw.take_outbox()[0]  # still asked for
+    assert parse_arp(parse_ethernet(request)[3]).tpa == GUEST_IP
+    assert gw.counters["tx.no_neighbor"] == 1
+    gw.learn_neighbor(GUEST_IP, GUEST_MAC)
+    assert gw.take_outbox() == ([], [])  # nothing was held for it
+    gw.on_timer(1.0 + INBOUND_RETRY)
+    (frame,) = [f for f in gw.take_outbox()[0] if f[:6] == GUEST_MAC]
+    assert decode_udp(frame)[3] == b"kept"
+
+
+def test_with_the_queue_full_a_silent_guest_gives_up_after_the_retries() -> None:
+    gw = new_gateway()
+    fill_the_queue(gw)
+    flow = gw.udp.open_inbound(GUEST_IP, 53, bytes((127, 0, 0, 1)), 7000, 0.0)
+    assert flow is not None
+    gw.udp.on_host_inbound(flow, b"lost", 0.0)
+    now = 0.0
     for _ in range(INBOUND_RETRIES + 2):
         now += INBOUND_RETRY
         gw.on_timer(now)
     assert gw.counters["drop.udp.forward_no_neighbor"] == 1
-    assert gw.counters["arp.solicit"] == INBOUND_RETRIES + 1
-    deadline = gw.next_deadline()
-    assert deadline is not None and deadline > now + 1  # only the idle timeout is left
 
 
 def test_close_inbound_forgets_without_telling_the_host() -> None:
