@@ -253,13 +253,11 @@ class Gateway:
             if len(dst) == 4
             else (s.in_network6(dst) or is_link_local(dst)) and not self.ndp.owned(dst)
         )
-        held = self.unresolved.hold(dst, ethertype, packet, self._now) if resolvable else False
-        if held:
-            return True  # already being asked for
-        if held is False:
-            self.counters["tx.no_neighbor"] += 1
+        if resolvable and self.unresolved.hold(dst, ethertype, packet, self._now):
+            return True
+        self.counters["tx.no_neighbor"] += 1
         self._ask(dst)
-        return held is None
+        return False
 
     def _ask(self, dst: bytes) -> None:
         """Who has ``dst``? An ARP request for IPv4, a Neighbour Solicitation for IPv6."""

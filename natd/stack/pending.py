@@ -55,33 +55,31 @@ class NeighbourQueue:
         note_deadline: Callable[[float], None],
     ) -> None:
         self._counters = counters
-        self._solicit = solicit  # asks the segment again (ARP request or NS) while waiting
+        self._solicit = solicit  # asks the segment (ARP request or NS), first and again
         self._note_deadline = note_deadline
         self._waiting: dict[bytes, _Waiting] = {}
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def hold(self, addr: bytes, ethertype: int, packet: bytes, due: float) -> bool | None:
+    def hold(self, addr: bytes, ethertype: int, packet: bytes, due: float) -> bool:
         """Keep ``packet`` until ``addr``'s MAC is known (``due``: a clock no later than now,
-        when a new address's schedule is started by ``on_timer``).
-
-        True: held for an address that was already being asked for; None: held, and the address
-        is new (the caller asks the segment now); False: refused (too many addresses waiting).
+        when a new address's schedule is started by ``on_timer``); a new address is asked for
+        at once. False: refused (too many addresses waiting), nothing asked.
         """
         waiting = self._waiting.get(addr)
-        fresh = waiting is None
         if waiting is None:
             if len(self._waiting) >= MAX_DESTINATIONS:
                 return False
             waiting = self._waiting[addr] = _Waiting(due)
             self._note_deadline(waiting.next_at)
+            self._solicit(addr)
         elif len(waiting.packets) >= PER_DESTINATION:
             waiting.packets.popleft()
             self._counters["drop.neighbor_queue_overflow"] += 1
         waiting.packets.append((ethertype, packet))
         self._counters["tx.neighbor_queued"] += 1
-        return None if fresh else True
+        return True
 
     def release(self, addr: bytes) -> deque[tuple[int, bytes]] | None:
         """``addr``'s MAC is known: its waiting packets in order (None: nothing waited)."""
