@@ -201,8 +201,14 @@ class Gateway:
         return self.neighbors.get(ip)
 
     def learn_neighbor(self, ip: bytes, mac: bytes) -> None:
-        if self.settings.in_network(ip) and ip not in self._not_guests:
+        if self._guest_address(ip):
             self.neighbours.claim(ip, mac, self._now)
+
+    def _guest_address(self, ip: bytes) -> bool:
+        """Could a guest hold this IPv4 address? In the network, and not natd's own, the
+        network's or the broadcast address (natd must never learn, answer or send to those
+        as a guest: the frames would go to natd itself or to every guest on the segment)."""
+        return self.settings.in_network(ip) and ip not in self._not_guests
 
     def _has_flows(self, ip: bytes) -> bool:
         """Live flows prove a guest active even when its frames all take the fast path."""
@@ -249,7 +255,7 @@ class Gateway:
         """
         s = self.settings
         resolvable = (
-            s.in_network(dst) and dst not in self._not_guests
+            self._guest_address(dst)
             if len(dst) == 4
             else (s.in_network6(dst) or is_link_local(dst)) and not self.ndp.owned(dst)
         )
@@ -399,7 +405,7 @@ class Gateway:
         then the TCP engine, on an ``L3`` built from the decoded fields instead of a second
         parse. False (IPv6, a source the slow path drops and counts): take the slow path."""
         src = f[3]
-        if len(src) != 4 or src in self._not_guests or not self.settings.in_network(src):
+        if len(src) != 4 or not self._guest_address(src):
             return False
         self.neighbours.touch(src, now)
         dst = f[4]
@@ -469,9 +475,7 @@ class Gateway:
         if l2_broadcast or dst == _LIMITED_BROADCAST or dst == self._broadcast:
             self.counters["drop.ipv4.broadcast"] += 1
             return
-        if not self.settings.in_network(ip.src) or ip.src in self._not_guests:
-            # Never learn natd's own, the network or the broadcast address as a guest: replies
-            # to it would go to natd itself or to every guest on the segment.
+        if not self._guest_address(ip.src):
             self.counters["drop.ipv4.bad_source"] += 1
             return
         if header.total_length > self.settings.mtu and proto != PROTO_TCP:
